@@ -1,0 +1,35 @@
+# sleep2vec: the two commands a newcomer runs are `make demo` and `make test`.
+# Both create .venv, install the pinned CPU torch first (a plain `torch`
+# requirement would pull a multi-GB CUDA build), then the package.
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+WORKDIR ?= demo-workdir
+BIN := $(VENV)/bin
+
+.PHONY: install demo test test-fast bench clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip setuptools wheel
+	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	touch $@
+
+install: $(BIN)/.installed
+
+demo: install
+	$(BIN)/s2v demo --workdir $(WORKDIR)
+
+test: install
+	$(BIN)/python -m pytest tests
+
+test-fast: install
+	$(BIN)/python -m pytest tests -m "not integration"
+
+bench: install
+	for b in benchmarks/bench_*.py; do echo "== $$b"; $(BIN)/python $$b; done
+
+clean:
+	rm -rf $(VENV) $(WORKDIR) .pytest_cache

@@ -1,0 +1,168 @@
+"""The Arrow schema of the Parquet store and its conversion to model batches.
+
+One row is a window of ``epochs_per_window`` consecutive 30-s epochs of one
+night. Layout (schema version :data:`SCHEMA_VERSION`):
+
+identity
+    ``recording_id`` (str), ``subject_id`` (str), ``site`` (str; also the hive
+    partition ``site=<name>/``), ``window_index`` (int32, 0-based within the
+    night), ``start_epoch`` (int32, index of the window's first epoch in the
+    night).
+signals
+    one ``list<float16>`` column per modality in registry order, holding the
+    window flattened row-major from shape ``(epochs_per_window,
+    samples_per_epoch)``, robust-normalised per recording (dimensionless);
+    null when the modality is absent from that window.
+``present``
+    ``list<bool>`` of length 9 in registry order; ``present[k]`` is true iff
+    the column of modality ``k`` is non-null.
+``stages``
+    ``list<int8>`` of length ``epochs_per_window``: W=0 N1=1 N2=2 N3=3 REM=4,
+    -1 unknown/movement/unscored.
+metadata
+    ``age`` (float32 years, null if unknown), ``sex`` (int8: 0 female,
+    1 male, null if unknown), ``outcomes`` (``map<str, float64>``: per-night
+    outcome columns of the site's table, e.g. ``ahi``, ``hypertension``; a map
+    so that sites with different outcome columns share one schema).
+
+The schema metadata carries ``s2v.schema_version`` and
+``s2v.epochs_per_window``. Nothing from an EDF patient or recording header is
+ever part of this schema.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+
+import numpy as np
+import pyarrow as pa
+
+from s2v_core.modalities import MODALITY_KEYS, get_modality
+
+SCHEMA_VERSION = 1
+SCHEMA_VERSION_KEY = b"s2v.schema_version"
+EPOCHS_PER_WINDOW_KEY = b"s2v.epochs_per_window"
+
+#: Stage codes of the store.
+STAGE_CODES = {"W": 0, "N1": 1, "N2": 2, "N3": 3, "REM": 4}
+UNKNOWN_STAGE = -1
+STAGE_NAMES = ("W", "N1", "N2", "N3", "REM")
+
+IDENTITY_COLUMNS = ("recording_id", "subject_id", "site", "window_index", "start_epoch")
+
+
+def store_schema(epochs_per_window: int) -> pa.Schema:
+    """Return the Arrow schema of a store written with ``epochs_per_window``."""
+    if epochs_per_window < 1:
+        raise ValueError(f"epochs_per_window must be >= 1, got {epochs_per_window}")
+    fields = [
+        pa.field("recording_id", pa.string(), nullable=False),
+        pa.field("subject_id", pa.string(), nullable=False),
+        pa.field("site", pa.string(), nullable=False),
+        pa.field("window_index", pa.int32(), nullable=False),
+        pa.field("start_epoch", pa.int32(), nullable=False),
+    ]
+    fields += [pa.field(key, pa.list_(pa.float16()), nullable=True) for key in MODALITY_KEYS]
+    fields += [
+        pa.field("present", pa.list_(pa.bool_()), nullable=False),
+        pa.field("stages", pa.list_(pa.int8()), nullable=False),
+        pa.field("age", pa.float32(), nullable=True),
+        pa.field("sex", pa.int8(), nullable=True),
+        pa.field("outcomes", pa.map_(pa.string(), pa.float64()), nullable=True),
+    ]
+    metadata = {
+        SCHEMA_VERSION_KEY: str(SCHEMA_VERSION).encode(),
+        EPOCHS_PER_WINDOW_KEY: str(epochs_per_window).encode(),
+    }
+    return pa.schema(fields, metadata=metadata)
+
+
+def schema_info(schema: pa.Schema) -> tuple[int, int]:
+    """Return ``(schema_version, epochs_per_window)`` from a store schema.
+
+    Raises ``ValueError`` when the metadata is missing (not a sleep2vec store).
+    """
+    meta = schema.metadata or {}
+    if SCHEMA_VERSION_KEY not in meta or EPOCHS_PER_WINDOW_KEY not in meta:
+        raise ValueError(
+            "not a sleep2vec store: schema metadata lacks "
+            f"{SCHEMA_VERSION_KEY.decode()!r}/{EPOCHS_PER_WINDOW_KEY.decode()!r}"
+        )
+    return int(meta[SCHEMA_VERSION_KEY]), int(meta[EPOCHS_PER_WINDOW_KEY])
+
+
+def stable_id(text: str) -> int:
+    """A stable signed 63-bit integer id of ``text`` (same on every machine and run)."""
+    digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def modality_array(table: pa.Table, key: str, epochs_per_window: int) -> tuple[np.ndarray, np.ndarray]:
+    """Decode one modality column into ``(values, present)``.
+
+    Returns
+    -------
+    values : ndarray, float32, shape ``(rows, epochs_per_window, samples_per_epoch)``
+        Zeros where the modality is absent (never read them without ``present``).
+    present : ndarray, bool, shape ``(rows,)``
+    """
+    samples = get_modality(key).samples_per_epoch
+    column = table.column(key).combine_chunks()
+    rows = len(column)
+    present = ~np.asarray(column.is_null().to_numpy(zero_copy_only=False), dtype=bool)
+    out = np.zeros((rows, epochs_per_window, samples), dtype=np.float32)
+    if present.any():
+        flat = column.filter(pa.array(present)).flatten().to_numpy(zero_copy_only=False)
+        out[present] = flat.astype(np.float32).reshape(-1, epochs_per_window, samples)
+    return out, present
+
+
+def outcome_values(table: pa.Table, name: str) -> np.ndarray:
+    """Per-row float64 values of outcome ``name`` from the ``outcomes`` map (NaN if missing)."""
+    values = np.full(table.num_rows, np.nan)
+    for i, entry in enumerate(table.column("outcomes").to_pylist()):
+        if entry:
+            for key, value in entry:
+                if key == name and value is not None:
+                    values[i] = value
+    return values
+
+
+def table_to_batch(
+    table: pa.Table,
+    *,
+    modalities: Sequence[str] = MODALITY_KEYS,
+    epochs_per_window: int,
+    history_columns: Sequence[str] = (),
+) -> dict[str, np.ndarray]:
+    """Convert store rows into the numpy batch the model and loss consume.
+
+    Returns a dict with one ``float32 (B, E, S)`` array per selected modality,
+    ``present`` (``bool (B, 9)``, registry order, false for modalities not
+    selected), ``stages`` (``int64 (B, E)``), ``age`` (``float32 (B,)``, NaN
+    unknown), ``sex`` (``float32 (B,)``, NaN unknown), ``site_id`` and
+    ``night_id`` (``int64 (B,)``, stable hashes of site and recording id) and
+    ``history`` (``float32 (B, H)``, NaN unknown) for ``history_columns``.
+    """
+    batch: dict[str, np.ndarray] = {}
+    present = np.zeros((table.num_rows, len(MODALITY_KEYS)), dtype=bool)
+    for key in modalities:
+        values, mask = modality_array(table, key, epochs_per_window)
+        batch[key] = values
+        present[:, MODALITY_KEYS.index(key)] = mask
+    batch["present"] = present
+    stages = table.column("stages").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    batch["stages"] = stages.astype(np.int64).reshape(table.num_rows, epochs_per_window)
+    batch["age"] = table.column("age").to_numpy(zero_copy_only=False).astype(np.float32)
+    sex = table.column("sex").combine_chunks()
+    batch["sex"] = np.where(sex.is_null().to_numpy(zero_copy_only=False), np.nan,
+                            sex.fill_null(0).to_numpy(zero_copy_only=False)).astype(np.float32)
+    batch["site_id"] = np.array([stable_id(s) for s in table.column("site").to_pylist()], dtype=np.int64)
+    batch["night_id"] = np.array(
+        [stable_id(r) for r in table.column("recording_id").to_pylist()], dtype=np.int64
+    )
+    history = [outcome_values(table, name) for name in history_columns]
+    batch["history"] = (np.stack(history, axis=1) if history
+                        else np.zeros((table.num_rows, 0))).astype(np.float32)
+    return batch

@@ -1,0 +1,31 @@
+"""Shared fixtures: the real recordings and one local Ray instance per test module."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+#: Real recordings (read-only, never copied into the repository).
+REAL_DATA = Path(os.environ.get("S2V_REAL_DATA", REPO.parent / "shared" / "data" / "real"))
+
+
+@pytest.fixture(scope="session")
+def real_data() -> Path:
+    if not REAL_DATA.is_dir():
+        pytest.fail(f"real recordings not found at {REAL_DATA}; set S2V_REAL_DATA")
+    return REAL_DATA
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """One local Ray instance (2 CPUs) shared by the tests of a module, then shut down."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
