@@ -27,7 +27,9 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None
     else:
         num_cpus = num_cpus or os.cpu_count() or 1
         logger.info("starting a local Ray instance with %d CPUs", num_cpus)
-        ray.init(num_cpus=num_cpus, include_dashboard=False)
+        # address="local" always starts a fresh instance instead of attaching to
+        # whatever `ray start` cluster happens to run on this machine.
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False)
 
 
 def mlflow_tracking_uri(workdir: str | Path) -> str:

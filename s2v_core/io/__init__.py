@@ -1,0 +1,1 @@
+"""Readers for recordings, hypnograms, site metadata and site configs."""

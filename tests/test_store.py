@@ -1,0 +1,40 @@
+import numpy as np
+import pyarrow.dataset as ds
+import pytest
+
+from s2v_core.modalities import MODALITY_KEYS
+from s2v_core.store import SCHEMA_VERSION, schema_info, stable_id, table_to_batch
+from s2v_core.toystore import write_toy_store
+
+
+def test_toy_store_round_trips_through_the_schema(tmp_path):
+    root = write_toy_store(tmp_path / "store", sites=2, recordings_per_site=3,
+                           windows_per_recording=2, epochs_per_window=3,
+                           modalities=("eeg", "spo2", "thorax"))
+    table = ds.dataset(root, format="parquet", partitioning="hive").to_table()
+    assert table.num_rows == 12
+    assert schema_info(table.schema) == (SCHEMA_VERSION, 3)
+    batch = table_to_batch(table, modalities=("eeg", "spo2", "thorax"), epochs_per_window=3,
+                           history_columns=("hypertension",))
+    assert batch["eeg"].shape == (12, 3, 3840)
+    assert batch["spo2"].shape == (12, 3, 120)
+    assert batch["stages"].shape == (12, 3)
+    # the third night of each site lacks its last modality (thorax), and that is masked
+    thorax = batch["present"][:, MODALITY_KEYS.index("thorax")]
+    assert thorax.sum() == 8
+    assert np.all(batch["thorax"][~thorax] == 0)
+    assert not batch["present"][:, MODALITY_KEYS.index("ecg")].any()
+    assert batch["history"].shape == (12, 1)
+    assert set(np.unique(batch["history"])) <= {0.0, 1.0}
+
+
+def test_stable_id_is_stable_and_non_negative():
+    assert stable_id("site0") == stable_id("site0")
+    assert stable_id("site0") != stable_id("site1")
+    assert stable_id("x") >= 0
+
+
+def test_schema_info_rejects_foreign_parquet():
+    import pyarrow as pa
+    with pytest.raises(ValueError, match="not a sleep2vec store"):
+        schema_info(pa.schema([pa.field("a", pa.int32())]))
