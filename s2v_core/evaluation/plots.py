@@ -1,0 +1,108 @@
+"""PNG figures of an evaluation report (matplotlib, non-interactive backend)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from s2v_core.store import STAGE_NAMES, UNKNOWN_STAGE
+
+
+def _pyplot():
+    import matplotlib
+
+    # Agg writes files without a display (servers, CI, Ray workers).
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_confusion(matrix: Sequence[Sequence[int]], path: str | Path, *, title: str = "Sleep staging") -> Path:
+    """Row-normalised confusion matrix (true stage rows, predicted columns) with counts."""
+    plt = _pyplot()
+    counts = np.asarray(matrix, dtype=np.float64)
+    rows = counts.sum(axis=1, keepdims=True)
+    share = np.divide(counts, rows, out=np.zeros_like(counts), where=rows > 0)
+    fig, ax = plt.subplots(figsize=(4.5, 4))
+    image = ax.imshow(share, vmin=0, vmax=1, cmap="Blues")
+    for i in range(counts.shape[0]):
+        for j in range(counts.shape[1]):
+            ax.text(j, i, f"{share[i, j]:.2f}\n({int(counts[i, j])})", ha="center", va="center",
+                    fontsize=7, color="white" if share[i, j] > 0.5 else "black")
+    ax.set_xticks(range(len(STAGE_NAMES)), STAGE_NAMES)
+    ax.set_yticks(range(len(STAGE_NAMES)), STAGE_NAMES)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    fig.colorbar(image, ax=ax, fraction=0.046)
+    return _save(fig, path)
+
+
+def plot_hypnogram(true: np.ndarray, predicted: np.ndarray, path: str | Path, *, title: str = "") -> Path:
+    """True and predicted hypnogram of one night (one value per 30-s epoch, hours on x)."""
+    plt = _pyplot()
+    # Clinical hypnograms draw W at the top and N3 at the bottom, REM between W and N1.
+    height = {0: 4, 4: 3, 1: 2, 2: 1, 3: 0}
+    hours = np.arange(len(true)) * 30 / 3600
+    fig, axes = plt.subplots(2, 1, figsize=(8, 3.5), sharex=True, sharey=True)
+    for ax, stages, label in zip(axes, (true, predicted), ("true", "predicted")):
+        y = np.array([height.get(int(s), np.nan) for s in stages], dtype=float)
+        y[np.asarray(stages) == UNKNOWN_STAGE] = np.nan
+        ax.step(hours, y, where="post", lw=1)
+        ax.set_yticks([4, 3, 2, 1, 0], ["W", "REM", "N1", "N2", "N3"])
+        ax.set_ylabel(label)
+    axes[-1].set_xlabel("time from first window (h)")
+    axes[0].set_title(title)
+    return _save(fig, path)
+
+
+def plot_robustness(matrix: Mapping[str, Mapping[str, float]], path: str | Path, *,
+                    metrics: Sequence[str] = ("macro_f1", "kappa", "accuracy")) -> Path:
+    """Heat-map: one row per modality scenario, one column per staging metric."""
+    plt = _pyplot()
+    scenarios = list(matrix)
+    values = np.array([[matrix[s].get(m, np.nan) for m in metrics] for s in scenarios], dtype=float)
+    fig, ax = plt.subplots(figsize=(4 + 0.6 * len(metrics), 1.2 + 0.3 * len(scenarios)))
+    image = ax.imshow(values, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+    for i in range(values.shape[0]):
+        for j in range(values.shape[1]):
+            ax.text(j, i, f"{values[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                    color="black" if values[i, j] > 0.5 else "white")
+    ax.set_xticks(range(len(metrics)), metrics)
+    ax.set_yticks(range(len(scenarios)), scenarios)
+    ax.set_title("Any-subset robustness (staging, linear probe)")
+    fig.colorbar(image, ax=ax, fraction=0.046)
+    return _save(fig, path)
+
+
+def plot_label_efficiency(curves: Mapping[str, Mapping[str, Mapping]], path: str | Path, *,
+                          metric: str = "macro_f1") -> Path:
+    """Metric (mean ± sd over folds) against the fraction of labelled training nights, one line per model."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for name, by_fraction in curves.items():
+        fractions = sorted(by_fraction, key=float)
+        x = [100 * float(f) for f in fractions]
+        mean = [by_fraction[f]["summary"].get(metric, {}).get("mean", np.nan) for f in fractions]
+        sd = [by_fraction[f]["summary"].get(metric, {}).get("sd", 0.0) for f in fractions]
+        ax.errorbar(x, mean, yerr=sd, marker="o", capsize=3, label=name)
+    ax.set_xscale("log")
+    ax.set_xlabel("labelled training nights (%)")
+    ax.set_ylabel(metric)
+    ax.set_title("Label efficiency")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def _save(fig, path: str | Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
