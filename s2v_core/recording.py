@@ -1,0 +1,265 @@
+"""Decode one recording into store rows (no Ray: the ingest pipeline maps this over a cohort).
+
+``decode_recording`` reads the signal file, maps its channels to the nine
+modalities, resamples each chosen channel to the store rate, normalises it
+robustly per recording, cuts windows of ``epochs_per_window`` 30-s epochs,
+attaches the 30-s stages of the hypnogram and the site metadata, and returns
+an Arrow table that follows :func:`s2v_core.store.store_schema` exactly.
+Memory is bounded by one recording: one channel at its source rate plus the
+float16 windows of the channels done so far.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from s2v_core.io.base import ChannelHeader, UnreadableRecording
+from s2v_core.io.edf import open_signal
+from s2v_core.io.hypnogram import read_hypnogram
+from s2v_core.io.metadata import RecordingMetadata
+from s2v_core.io.site_config import SiteConfig
+from s2v_core.io.stages import align_stages, epoch_stages
+from s2v_core.modalities import EPOCH_SECONDS, MODALITIES, MODALITY_KEYS, get_modality, match_channel, normalise_label
+from s2v_core.signal import cut_windows, normalise, resample, robust_scale, window_bounds, window_quality
+from s2v_core.store import UNKNOWN_STAGE, store_schema
+
+logger = logging.getLogger(__name__)
+
+#: Sampling rates outside this range (Hz) are header errors, not recordings.
+PLAUSIBLE_RATE_HZ = (0.1, 100_000.0)
+#: A channel below store_rate / this factor cannot carry the modality's band
+#: (e.g. Sleep-EDF's 1-Hz EMG envelope is not a 128-Hz EMG).
+MIN_RATE_FACTOR = 4
+#: SpO2 and heart rate may legitimately stay constant for a whole window.
+_CONSTANT_PLAUSIBLE = {"spo2", "hr"}
+_ANNOTATION_LIKE = {"edf annotations", "bdf annotations"}
+
+
+@dataclass(frozen=True)
+class DecodedRecording:
+    """The store rows of one night and what the manifest says about it.
+
+    Parameters
+    ----------
+    table : pyarrow.Table
+        Rows following ``store_schema(epochs_per_window)``.
+    windows : int
+        Number of rows.
+    modalities : tuple of str
+        Modalities present in at least one window (registry order).
+    channels : dict of str to str
+        Modality -> channel label it was read from.
+    unknown_channels : tuple of str
+        Labels that match no modality and are not in ``ignore_channels``.
+    notes : tuple of str
+        One-line warnings (hypnogram length, NaN/flat windows, skipped channels).
+    """
+
+    table: pa.Table
+    windows: int
+    modalities: tuple[str, ...]
+    channels: dict[str, str]
+    unknown_channels: tuple[str, ...]
+    notes: tuple[str, ...]
+
+
+def choose_channels(channels: tuple[ChannelHeader, ...], site: SiteConfig
+                    ) -> tuple[dict[str, ChannelHeader], tuple[str, ...]]:
+    """Pick one channel per modality; return ``(chosen, unknown labels)``.
+
+    Preference: the site's ``[channels]`` entries in config order, then the
+    registry aliases in order, then file order.
+    """
+    site_order = {normalise_label(label): rank for rank, label in enumerate(site.channels)}
+    ignored = {normalise_label(label) for label in site.ignore_channels}
+    candidates: dict[str, list[tuple[int, int, ChannelHeader]]] = {}
+    unknown = []
+    for position, channel in enumerate(channels):
+        label = normalise_label(channel.label)
+        key = match_channel(channel.label, site.channels)
+        if key is None:
+            if label not in ignored and label not in _ANNOTATION_LIKE:
+                unknown.append(channel.label)
+            continue
+        aliases = [normalise_label(a) for a in get_modality(key).aliases]
+        rank = site_order.get(label, len(site_order) + (aliases.index(label) if label in aliases else len(aliases)))
+        candidates.setdefault(key, []).append((rank, position, channel))
+    chosen = {key: min(options, key=lambda option: option[:2])[2] for key, options in candidates.items()}
+    return chosen, tuple(unknown)
+
+
+def _stages(hypnogram: str | None, hypnogram_format: str, hypnogram_epoch_seconds: float,
+            n_epochs: int, notes: list[str]) -> np.ndarray:
+    if hypnogram is None:
+        return np.full(n_epochs, UNKNOWN_STAGE, dtype=np.int8)
+    try:
+        scored = read_hypnogram(hypnogram, format=hypnogram_format, epoch_seconds=hypnogram_epoch_seconds)
+    except (UnreadableRecording, OSError) as exc:
+        # The signals are still good data: keep them with unknown stages.
+        notes.append(f"hypnogram unreadable, stages set to -1: {exc}")
+        return np.full(n_epochs, UNKNOWN_STAGE, dtype=np.int8)
+    notes.extend(scored.notes)
+    stages, note = align_stages(epoch_stages(scored), n_epochs, source=hypnogram)
+    if note:
+        notes.append(note)
+    return stages
+
+
+def _list_column(values: np.ndarray, present: np.ndarray, arrow_type: pa.DataType) -> pa.Array:
+    """``(rows, width)`` numpy -> Arrow list column, null where ``present`` is false."""
+    rows, width = values.shape
+    offsets = pa.array(np.arange(rows + 1, dtype=np.int32) * width)
+    flat_values = np.ascontiguousarray(values.reshape(-1))
+    if arrow_type == pa.float16():
+        # Zero-copy from the buffer: pa.array() on float16 goes through pandas.
+        flat = pa.Array.from_buffers(arrow_type, flat_values.size, [None, pa.py_buffer(flat_values)])
+    else:
+        flat = pa.array(flat_values, type=arrow_type)
+    mask = None if present.all() else pa.array(~present)
+    return pa.ListArray.from_arrays(offsets, flat, mask=mask)
+
+
+def decode_recording(
+    signal_path: str,
+    *,
+    recording_id: str,
+    site: SiteConfig,
+    subject_id: str | None = None,
+    metadata: RecordingMetadata | None = None,
+    hypnogram_path: str | None = None,
+    hypnogram_problem: str | None = None,
+    epochs_per_window: int = 10,
+) -> DecodedRecording:
+    """Decode one local signal file (and its hypnogram) into store rows.
+
+    Parameters
+    ----------
+    signal_path : str
+        Local EDF/EDF+C/BDF file.
+    recording_id : str
+        Site-given recording id (never derived from header fields).
+    site : SiteConfig
+        Channel mapping, ignored channels and hypnogram settings of the site.
+    subject_id : str, optional
+        Subject of the night; default: ``metadata.subject_id`` or ``recording_id``.
+    metadata : RecordingMetadata, optional
+        Age (years), sex (0/1) and outcomes from the site table.
+    hypnogram_path : str, optional
+        Local hypnogram file; None: stages are -1.
+    hypnogram_problem : str, optional
+        Why there is no hypnogram (recorded as a note).
+    epochs_per_window : int
+        30-s epochs per store row (10 = 5 min).
+
+    Returns
+    -------
+    DecodedRecording
+
+    Raises
+    ------
+    UnreadableRecording
+        With the one-line quarantine reason: unreadable file, no usable
+        channel, implausible sampling rates, shorter than one window.
+    """
+    metadata = metadata or RecordingMetadata()
+    subject_id = subject_id or metadata.subject_id or recording_id
+    notes: list[str] = [hypnogram_problem] if hypnogram_problem else []
+    reader = open_signal(signal_path)
+    try:
+        header = reader.header
+        notes.extend(header.notes)
+        if not header.channels:
+            raise UnreadableRecording(f"{signal_path}: no signal channels (annotation-only file?)")
+        chosen, unknown = choose_channels(header.channels, site)
+        usable: dict[str, ChannelHeader] = {}
+        rejected: list[str] = []
+        for key, channel in chosen.items():
+            rate, store_rate = channel.sample_rate_hz, get_modality(key).store_rate_hz
+            if not (math.isfinite(rate) and PLAUSIBLE_RATE_HZ[0] <= rate <= PLAUSIBLE_RATE_HZ[1]):
+                rejected.append(f"{signal_path}: channel {channel.label!r} has an absurd sampling rate "
+                                f"{rate:g} Hz; {key} not used")
+            elif rate < store_rate / MIN_RATE_FACTOR:
+                rejected.append(f"{signal_path}: channel {channel.label!r} at {rate:g} Hz is below "
+                                f"{store_rate / MIN_RATE_FACTOR:g} Hz, too slow for {key}; not used")
+            else:
+                usable[key] = channel
+        notes.extend(rejected)
+        if not usable:
+            found = ", ".join(f"{c.label} ({c.sample_rate_hz:g} Hz)" for c in header.channels[:12])
+            why = ("; ".join(r.split(": ", 1)[1] for r in rejected) if rejected
+                   else f"no channel maps to a modality (found {found})")
+            raise UnreadableRecording(f"{signal_path}: no usable channel: {why}")
+        window_seconds = epochs_per_window * EPOCH_SECONDS
+        n_windows = int(header.duration_seconds // window_seconds)
+        if n_windows < 1:
+            raise UnreadableRecording(f"{signal_path}: {header.duration_seconds:g} s of signal is shorter "
+                                      f"than one window ({window_seconds} s)")
+        n_epochs = int(header.duration_seconds // EPOCH_SECONDS)
+        stages = _stages(hypnogram_path, site.hypnogram.format, site.hypnogram.epoch_seconds, n_epochs, notes)
+        columns: dict[str, pa.Array] = {}
+        present = np.zeros((n_windows, len(MODALITY_KEYS)), dtype=bool)
+        for k, modality in enumerate(MODALITIES):
+            channel = usable.get(modality.key)
+            if channel is None:
+                continue
+            values = reader.read(channel.index)
+            bounds = window_bounds(n_windows, window_seconds, channel.sample_rate_hz, values.size)
+            values = values[: bounds[-1]]
+            bad, flat = window_quality(values, bounds, constant_is_flat=modality.key not in _CONSTANT_PLAUSIBLE)
+            good = ~(bad | flat)
+            if bad.any() or flat.any():
+                notes.append(f"{signal_path}: {modality.key} ({channel.label}): {int(bad.sum())} of {n_windows} "
+                             f"windows with NaN/inf, {int(flat.sum())} flat; modality absent there")
+            if not good.any():
+                continue
+            if bad.any():
+                values = np.where(np.isfinite(values), values, np.float32(0.0))
+            per_window = int(round(window_seconds * channel.sample_rate_hz))
+            # Statistics from good windows only, so that a flat or broken stretch
+            # does not set the scale of the rest of the night.
+            good_samples = values if good.all() else np.concatenate(
+                [values[bounds[w]:bounds[w + 1]] for w in np.flatnonzero(good)])
+            center, spread = robust_scale(good_samples)
+            del good_samples
+            resampled = resample(values, channel.sample_rate_hz, modality.store_rate_hz)
+            del values
+            windows = cut_windows(normalise(resampled, center, spread), n_windows,
+                                  epochs_per_window * modality.samples_per_epoch)
+            columns[modality.key] = _list_column(windows.astype(np.float16), good, pa.float16())
+            present[:, k] = good
+            logger.debug("%s: %s from %r (%g Hz, %d samples per window at source)",
+                         recording_id, modality.key, channel.label, channel.sample_rate_hz, per_window)
+    finally:
+        reader.close()
+    if not present.any():
+        raise UnreadableRecording(f"{signal_path}: every usable channel is NaN or flat in every window "
+                                  f"({', '.join(usable)})")
+
+    schema = store_schema(epochs_per_window)
+    window_stages = stages[: n_windows * epochs_per_window].reshape(n_windows, epochs_per_window)
+    outcomes = sorted(metadata.outcomes.items())
+    data = {
+        "recording_id": pa.array([recording_id] * n_windows, pa.string()),
+        "subject_id": pa.array([subject_id] * n_windows, pa.string()),
+        "site": pa.array([site.name] * n_windows, pa.string()),
+        "window_index": pa.array(np.arange(n_windows, dtype=np.int32)),
+        "start_epoch": pa.array(np.arange(n_windows, dtype=np.int32) * epochs_per_window),
+        "present": _list_column(present, np.ones(n_windows, bool), pa.bool_()),
+        "stages": _list_column(window_stages, np.ones(n_windows, bool), pa.int8()),
+        "age": pa.array([metadata.age] * n_windows, pa.float32()),
+        "sex": pa.array([metadata.sex] * n_windows, pa.int8()),
+        "outcomes": pa.array([outcomes] * n_windows, pa.map_(pa.string(), pa.float64())),
+    }
+    for key in MODALITY_KEYS:
+        data[key] = columns.get(key, pa.nulls(n_windows, pa.list_(pa.float16())))
+    table = pa.Table.from_arrays([data[field.name] for field in schema], schema=schema)
+    modalities = tuple(key for k, key in enumerate(MODALITY_KEYS) if present[:, k].any())
+    return DecodedRecording(
+        table=table, windows=n_windows, modalities=modalities,
+        channels={key: usable[key].label for key in modalities},
+        unknown_channels=unknown, notes=tuple(notes))
