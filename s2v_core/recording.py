@@ -219,21 +219,17 @@ def decode_recording(
                 continue
             if bad.any():
                 values = np.where(np.isfinite(values), values, np.float32(0.0))
-            per_window = int(round(window_seconds * channel.sample_rate_hz))
-            # Statistics from good windows only, so that a flat or broken stretch
-            # does not set the scale of the rest of the night.
-            good_samples = values if good.all() else np.concatenate(
-                [values[bounds[w]:bounds[w + 1]] for w in np.flatnonzero(good)])
-            center, spread = robust_scale(good_samples)
-            del good_samples
             resampled = resample(values, channel.sample_rate_hz, modality.store_rate_hz)
             del values
-            windows = cut_windows(normalise(resampled, center, spread), n_windows,
-                                  epochs_per_window * modality.samples_per_epoch)
+            windows = cut_windows(resampled, n_windows, epochs_per_window * modality.samples_per_epoch)
+            # Statistics of the stored signal, from good windows only, so that a
+            # flat or broken stretch does not set the scale of the rest of the night.
+            center, spread = robust_scale(windows if good.all() else windows[good])
+            windows = normalise(windows, center, spread)
             columns[modality.key] = _list_column(windows.astype(np.float16), good, pa.float16())
             present[:, k] = good
-            logger.debug("%s: %s from %r (%g Hz, %d samples per window at source)",
-                         recording_id, modality.key, channel.label, channel.sample_rate_hz, per_window)
+            logger.debug("%s: %s from %r (%g Hz)", recording_id, modality.key, channel.label,
+                         channel.sample_rate_hz)
     finally:
         reader.close()
     if not present.any():

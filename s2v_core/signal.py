@@ -82,11 +82,12 @@ def window_quality(values: np.ndarray, bounds: np.ndarray, *, constant_is_flat: 
 
 
 def robust_scale(values: np.ndarray, *, max_samples: int = 200_000) -> tuple[float, float]:
-    """Median and robust spread (IQR / 1.349, the SD of a normal) of finite values.
+    """Median and robust spread (IQR / 1.349, the SD of a normal) of finite values (any shape).
 
     A strided subsample of at most ``max_samples`` values keeps this cheap
     on whole nights. A zero spread falls back to the SD, then to 1.
     """
+    values = values.reshape(-1)
     stride = max(1, values.size // max_samples)
     sample = values[::stride]
     sample = sample[np.isfinite(sample)]
