@@ -129,7 +129,7 @@ def find_sites(input_uri: str, *, site_config: str | None = None) -> list[tuple[
     if _is_file(fs, posixpath.join(root, SITE_CONFIG_NAME)):
         return [(_load_config(fs, posixpath.join(root, SITE_CONFIG_NAME)), input_uri)]
     children = fs.get_file_info(pafs.FileSelector(root, recursive=False))
-    subdirs = sorted(c for c in children if c.type == pafs.FileType.Directory)
+    subdirs = [c for c in children if c.type == pafs.FileType.Directory]
     direct_signals = any(c.type == pafs.FileType.File and c.base_name.lower().endswith(_SIGNAL_SUFFIXES)
                          for c in children)
     if direct_signals or not subdirs:
@@ -180,7 +180,9 @@ def discover_site(config: SiteConfig, site_uri: str, *, input_uri: str | None = 
 
     hyp = config.hypnogram
     hyp_glob = hyp.pattern.replace("{key}", "*").replace("{stem}", "*")
-    hypnogram_files = set() if hyp.format == "none" else {r for r in files if _matches(hyp_glob, r)}
+    site_files = {SITE_CONFIG_NAME} | ({config.metadata.file} if config.metadata is not None else set())
+    hypnogram_files = set() if hyp.format == "none" else {
+        r for r in files if _matches(hyp_glob, r) and r not in site_files}
     signals = sorted(r for r in files if r not in hypnogram_files
                      and any(_matches(p, r) for p in config.signals))
 
