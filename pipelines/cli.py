@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("pipelines.evaluate", "downstream evaluation: staging, outcomes, any-subset robustness"),
     "sweep": ("tune.sweep", "Ray Tune grid over width x modality count and the scaling-law fit"),
     "demo": ("pipelines.demo", "run the whole chain, small, on the embedded defaults"),
+    "submit": ("pipelines.submit", "run an s2v sub-command on a Ray cluster via `ray job submit` (token auth on)"),
 }
 
 
