@@ -188,6 +188,26 @@ def dash_weights(meta_anchor: Mapping[str, Tensor], meta_all: Mapping[str, Tenso
     return weights / mean.clamp(min=torch.finfo(weights.dtype).tiny)
 
 
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward hands on a contiguous gradient.
+
+    The similarities read the gathered embeddings through a permute, so their
+    gradient arrives with permuted strides. ``torch.distributed.nn``'s
+    all_gather backward on gloo receives into ``empty_like(grad)`` buffers
+    that keep those strides while the transport writes contiguous bytes, which
+    scrambles the gradient (seen with torch 2.13); a contiguous gradient is
+    safe with every gather.
+    """
+
+    @staticmethod
+    def forward(ctx, tensor: Tensor) -> Tensor:  # noqa: D102 - autograd plumbing
+        return tensor.view_as(tensor)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:  # noqa: D102
+        return grad.contiguous()
+
+
 def _gather_meta(meta: Mapping[str, Tensor], present: Tensor, gather: Callable[[Tensor], Tensor] | None,
                  world_size: int) -> tuple[dict[str, Tensor], dict[str, Tensor], Tensor]:
     rows, device = present.shape[0], present.device
@@ -242,7 +262,7 @@ def dash_infonce(per_modality: Mapping[str, Tensor], present: Tensor, meta: Mapp
     present = present.bool()
     local_z = torch.stack([per_modality[k] for k in keys], 1)  # (B, M, E, P)
     rows, n_mod, epochs, _ = local_z.shape
-    all_z = gather(local_z.contiguous()) if world_size > 1 else local_z
+    all_z = _ContiguousGrad.apply(gather(local_z.contiguous())) if world_size > 1 else local_z
     if all_z.shape[0] != rows * world_size:
         raise ValueError(f"dash_infonce: gathered {all_z.shape[0]} windows, expected world_size * B = "
                          f"{world_size} * {rows}; every worker must hold the same batch size")

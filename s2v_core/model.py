@@ -307,7 +307,8 @@ class SleepEncoder(nn.Module):
             where = keep[:, index].nonzero().squeeze(1)
             if where.numel() == 0:
                 continue
-            token = self.tokenizers[key](batch[key][where].to(dtype))
+            signal = batch[key] if where.numel() == rows else batch[key][where]
+            token = self.tokenizers[key](signal.to(dtype))
             tokens.append(token + self.modality_embedding.weight[index])
             owners.append((key, where))
         p_dim = self.config.projection_dim
@@ -322,7 +323,8 @@ class SleepEncoder(nn.Module):
             for key, where in owners:
                 part = projected[start:start + where.numel()]
                 start += where.numel()
-                per_modality[key] = per_modality[key].index_copy(0, where, part)
+                per_modality[key] = (part if where.numel() == rows
+                                     else per_modality[key].index_copy(0, where, part))
 
         stacked = torch.stack([per_modality[k] for k in selected])  # (M, B, E, P), zeros where absent
         counts = torch.stack([keep[:, MODALITY_KEYS.index(k)] for k in selected]).sum(0)  # (B,)
@@ -412,7 +414,7 @@ def pool_night(window_embeddings: Tensor | np.ndarray, night_ids: Any) -> tuple[
 
 
 def count_parameters(model: nn.Module, *, non_embedding: bool = True) -> int:
-    """Number of trainable parameters, the ``N`` of the scaling laws.
+    """Number of parameters (frozen ones included), the ``N`` of the scaling laws.
 
     With ``non_embedding=True`` (Kaplan et al. 2020's convention) the count
     excludes what maps inputs to tokens: the per-modality tokenizer stems,

@@ -1,0 +1,104 @@
+"""Cross-worker negatives for real: two gloo processes equal one process on the whole batch."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.distributed.nn.functional import all_gather
+
+from s2v_core.losses import dash_infonce
+from s2v_core.model import SleepEncoder, model_config
+from s2v_core.modalities import MODALITY_KEYS, get_modality
+
+WORLD_SIZE = 2
+ROWS = 8  # global batch; 4 windows per worker
+EPOCHS = 2
+KEYS = ("eeg", "spo2", "airflow")
+
+
+def make_batch() -> dict[str, torch.Tensor]:
+    """The same global batch in every process: ragged presence, shared nights, metadata gaps."""
+    generator = torch.Generator().manual_seed(11)
+    batch = {k: torch.randn(ROWS, EPOCHS, get_modality(k).samples_per_epoch, generator=generator) for k in KEYS}
+    present = torch.zeros(ROWS, len(MODALITY_KEYS), dtype=torch.bool)
+    for k in KEYS:
+        present[:, MODALITY_KEYS.index(k)] = torch.rand(ROWS, generator=generator) < 0.8
+    present[0, MODALITY_KEYS.index("eeg")] = present[0, MODALITY_KEYS.index("spo2")] = True
+    age = 20 + 60 * torch.rand(ROWS, generator=generator)
+    age[3] = float("nan")
+    batch.update(
+        present=present, age=age, sex=torch.tensor([0, 1, 0, float("nan"), 1, 1, 0, 0]),
+        # Night 3 spans both workers: its windows must not be negatives across the boundary either.
+        night_id=torch.tensor([1, 2, 3, 3, 3, 5, 6, 7]), site_id=torch.tensor([10, 10, 20, 20, 20, 30, 10, 30]),
+        history=torch.tensor([[1.0], [0.0], [1.0], [1.0], [1.0], [float("nan")], [0.0], [1.0]]),
+    )
+    return batch
+
+
+def make_model() -> SleepEncoder:
+    torch.manual_seed(0)
+    return SleepEncoder(model_config("tiny", modality_dropout=0.0), KEYS).train()
+
+
+def loss_and_gradients(batch, model, *, rank=0, world_size=1, gather=None):
+    inputs = {k: batch[k].clone().requires_grad_() for k in KEYS}
+    out = model.encode({**batch, **inputs})
+    result = dash_infonce(out.per_modality, out.present, batch, logit_scale=model.logit_scale,
+                          rank=rank, world_size=world_size, gather=gather)
+    result.loss.backward()
+    params = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    return result, {k: v.grad for k, v in inputs.items()}, params
+
+
+def worker(rank: int, init_file: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD_SIZE)
+    try:
+        per_rank = ROWS // WORLD_SIZE
+        part = slice(rank * per_rank, (rank + 1) * per_rank)
+        local = {k: v[part] for k, v in make_batch().items()}
+        model = make_model()
+        result, input_grads, params = loss_and_gradients(
+            local, model, rank=rank, world_size=WORLD_SIZE, gather=lambda t: torch.cat(all_gather(t)))
+        # What DDP/DeepSpeed do with parameter gradients: average them over workers.
+        for grad in params.values():
+            dist.all_reduce(grad)
+            grad /= WORLD_SIZE
+        torch.save({"loss": result.loss.detach(), "stats": result.stats, "inputs": input_grads,
+                    "params": params}, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(120)
+def test_two_gloo_processes_equal_one_process_on_the_concatenated_batch(tmp_path):
+    mp.spawn(worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD_SIZE, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD_SIZE)]
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        single, input_grads, params = loss_and_gradients(make_batch(), make_model())
+    finally:
+        torch.set_num_threads(threads)
+
+    mean_loss = sum(r["loss"] for r in ranks) / WORLD_SIZE
+    assert math.isfinite(single.loss.item()) and single.loss.item() > 0
+    assert torch.allclose(mean_loss, single.loss, rtol=1e-5, atol=1e-6)
+    per_rank = ROWS // WORLD_SIZE
+    for key in KEYS:
+        # gather-with-gradient sums every worker's loss gradient into the local inputs,
+        # so a worker's input gradient is world_size times that of the averaged loss.
+        spread = torch.cat([r["inputs"][key] for r in ranks]) / WORLD_SIZE
+        assert torch.allclose(spread, input_grads[key], rtol=1e-4, atol=1e-7), key
+    for name, grad in params.items():
+        for r in ranks:
+            assert torch.allclose(r["params"][name], grad, rtol=1e-4, atol=1e-6), name
+    assert all(r["stats"]["global_batch"] == ROWS for r in ranks)
+    assert sum(r["stats"]["anchors"] for r in ranks) == single.stats["anchors"]
+    assert ranks[0]["stats"]["pairs"] == single.stats["pairs"] == 3

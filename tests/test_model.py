@@ -1,0 +1,271 @@
+"""The sleep2vec encoder: named sizes, any-subset encoding, masking, checkpoints, overfitting."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import numpy as np
+import pyarrow.dataset as ds
+import pytest
+import torch
+import torch.nn.functional as F
+
+from s2v_core.losses import dash_infonce
+from s2v_core.modalities import MODALITY_KEYS, get_modality
+from s2v_core.model import (
+    ModelConfig,
+    SleepEncoder,
+    available_model_configs,
+    batch_to_tensors,
+    count_parameters,
+    load_encoder,
+    model_config,
+    pool_night,
+    save_encoder,
+)
+from s2v_core.store import table_to_batch
+from s2v_core.toystore import write_toy_store
+
+EPOCHS = 3
+
+
+def random_batch(rows: int, modalities, *, epochs: int = EPOCHS, present=None, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    batch = {key: torch.randn(rows, epochs, get_modality(key).samples_per_epoch, generator=generator)
+             for key in modalities}
+    if present is None:
+        present = torch.zeros(rows, len(MODALITY_KEYS), dtype=torch.bool)
+        for key in modalities:
+            present[:, MODALITY_KEYS.index(key)] = True
+    batch["present"] = present
+    return batch
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These models are tiny: one intra-op thread avoids OpenMP spin-waiting on busy 2-core runners."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    torch.manual_seed(0)
+    return SleepEncoder(model_config("tiny")).eval()
+
+
+# -- named sizes ----------------------------------------------------------------------------------
+
+def test_named_sizes_are_shipped_and_headed_by_their_command():
+    names = available_model_configs()
+    assert {"tiny", "small", "base", "large"} <= set(names)
+    from importlib import resources
+    for name in names:
+        text = resources.files("s2v_core").joinpath("configs", "model", f"{name}.toml").read_text()
+        assert text.startswith("# s2v pretrain"), name
+        config = model_config(name)
+        assert config.name == name and config.width % config.heads == 0
+
+
+def test_base_is_the_papers_backbone_and_sizes_grow():
+    base = model_config("base")
+    assert (base.width, base.depth) == (768, 12)
+    widths = [model_config(n).width for n in ("tiny", "small", "base", "large")]
+    assert widths == sorted(widths)
+
+
+def test_width_and_depth_overrides_keep_the_name():
+    config = model_config("tiny", width=64, depth=3, heads=None)
+    assert (config.name, config.width, config.depth, config.heads) == ("tiny", 64, 3, 2)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.width = 8
+
+
+@pytest.mark.parametrize("call, words", [
+    (lambda: model_config("huge"), ["huge", "tiny", "small", "base", "large"]),
+    (lambda: model_config("tiny", widht=64), ["widht", "width"]),
+    (lambda: model_config("tiny", width=30, heads=4), ["divisible", "heads"]),
+    (lambda: model_config("tiny", modality_dropout=1.0), ["modality_dropout"]),
+    (lambda: ModelConfig(depth=0), ["depth"]),
+])
+def test_bad_configs_are_value_errors_that_say_why(call, words):
+    with pytest.raises(ValueError) as error:
+        call()
+    assert all(word in str(error.value) for word in words)
+
+
+def test_parameter_count_is_counted_and_excludes_embeddings():
+    small, wide = SleepEncoder(model_config("tiny")), SleepEncoder(model_config("tiny", width=64))
+    everything = sum(p.numel() for p in small.parameters())
+    assert count_parameters(small, non_embedding=False) == everything
+    backbone = sum(p.numel() for m in (small.backbone, small.final_norm, small.head) for p in m.parameters())
+    assert count_parameters(small) == backbone
+    assert count_parameters(wide) > count_parameters(small)
+    # N of the scaling laws does not depend on how many tokenizers were built.
+    assert count_parameters(SleepEncoder(model_config("tiny"), ["eeg"])) == backbone
+
+
+# -- encoding any subset --------------------------------------------------------------------------
+
+SUBSETS = [("spo2",), ("eeg",), MODALITY_KEYS, ("eeg", "ecg", "airflow"), ("hr", "thorax", "emg", "eog")]
+
+
+@pytest.mark.parametrize("subset", SUBSETS, ids=lambda s: "+".join(s))
+def test_shapes_and_masking_for_random_subsets(encoder, subset):
+    rows = 6
+    generator = torch.Generator().manual_seed(len(subset))
+    present = torch.zeros(rows, len(MODALITY_KEYS), dtype=torch.bool)
+    for key in subset:
+        present[:, MODALITY_KEYS.index(key)] = torch.rand(rows, generator=generator) < 0.7
+    present[0] = False  # a window with none of the modalities
+    for key in subset:
+        present[1, MODALITY_KEYS.index(key)] = True
+    batch = random_batch(rows, subset, present=present)
+    with torch.no_grad():
+        out = encoder.encode(batch)
+    p_dim = encoder.config.projection_dim
+    assert sorted(out.per_modality) == sorted(subset)
+    assert torch.equal(out.present, present)
+    assert out.fused.shape == (rows, EPOCHS, p_dim) and out.window.shape == (rows, p_dim)
+    stack, mask = [], []
+    for key in subset:
+        z, here = out.per_modality[key], present[:, MODALITY_KEYS.index(key)]
+        assert z.shape == (rows, EPOCHS, p_dim)
+        assert torch.allclose(z[here].norm(dim=-1), torch.ones(1), atol=1e-5)
+        assert torch.all(z[~here] == 0)
+        stack.append(z)
+        mask.append(here)
+    expected = F.normalize(torch.stack(stack).sum(0), dim=-1)
+    assert torch.allclose(out.fused, expected, atol=1e-6)
+    assert torch.all(out.fused[0] == 0) and torch.all(out.window[0] == 0)
+    assert torch.allclose(out.window[1:].norm(dim=-1)[present[1:].any(1)], torch.ones(1), atol=1e-5)
+
+
+def test_an_absent_modality_contributes_nothing(encoder):
+    batch = random_batch(4, ("eeg", "ecg", "spo2"))
+    batch["present"][:, MODALITY_KEYS.index("ecg")] = torch.tensor([True, False, True, False])
+    with torch.no_grad():
+        before = encoder.encode(batch)
+        batch["ecg"][[1, 3]] = 1e3 * torch.randn(2, EPOCHS, get_modality("ecg").samples_per_epoch)
+        after = encoder.encode(batch)
+        without = encoder.encode({k: v for k, v in batch.items() if k != "ecg"})
+    assert torch.allclose(before.fused[[1, 3]], after.fused[[1, 3]])
+    # Windows 1 and 3 lack ECG, so leaving the ECG column out entirely changes nothing for them.
+    assert torch.allclose(after.fused[[1, 3]], without.fused[[1, 3]], atol=1e-6)
+
+
+def test_modalities_argument_selects_a_subset_and_windows_are_independent(encoder):
+    batch = random_batch(5, MODALITY_KEYS)
+    with torch.no_grad():
+        chosen = encoder.encode(batch, modalities=["ecg", "eeg"])
+        alone = encoder.encode({k: v[2:3] for k, v in batch.items()}, modalities=["eeg", "ecg"])
+    assert sorted(chosen.per_modality) == ["ecg", "eeg"]
+    assert chosen.present.sum().item() == 10
+    assert torch.allclose(chosen.window[2:3], alone.window, atol=1e-5)
+
+
+def test_encode_rejects_what_it_cannot_encode():
+    eeg_only = SleepEncoder(model_config("tiny"), ["eeg"]).eval()
+    batch = random_batch(2, ("eeg", "ecg"))
+    with pytest.raises(ValueError, match="not built"):
+        eeg_only.encode(batch, modalities=["ecg"])
+    with pytest.raises(ValueError, match="3840"):
+        eeg_only.encode({"eeg": torch.zeros(2, EPOCHS, 100), "present": batch["present"]})
+    with pytest.raises(ValueError, match="epochs_per_window"):
+        eeg_only.encode(random_batch(2, ("eeg",), epochs=11))
+    with pytest.raises(KeyError, match="unknown modality"):
+        SleepEncoder(model_config("tiny"), ["eeg", "ppg"])
+
+
+def test_modality_dropout_only_in_training_and_never_empties_a_window():
+    torch.manual_seed(1)
+    model = SleepEncoder(model_config("tiny", modality_dropout=0.9), ["eeg", "hr", "spo2"])
+    batch = random_batch(64, ("eeg", "hr", "spo2"))
+    batch["present"][:8] = False  # windows with nothing stay empty
+    model.train()
+    out = model.encode(batch)
+    assert not torch.any(out.present & ~batch["present"])
+    assert torch.all(out.present[8:].sum(1) >= 1) and not out.present[:8].any()
+    assert out.present.sum() < batch["present"].sum()  # something was dropped
+    model.eval()
+    assert torch.equal(model.encode(batch).present, batch["present"])
+
+
+def test_temperature_parameter_follows_the_config():
+    learnt = SleepEncoder(model_config("tiny", init_temperature=0.1))
+    fixed = SleepEncoder(model_config("tiny", learn_temperature=False))
+    assert math.isclose(learnt.logit_scale.item(), math.log(10.0), rel_tol=1e-6)
+    assert learnt.logit_scale.requires_grad and not fixed.logit_scale.requires_grad
+
+
+# -- store batches, pooling, checkpoints -----------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def toy_batch(tmp_path_factory):
+    root = write_toy_store(tmp_path_factory.mktemp("toy"), sites=2, recordings_per_site=3,
+                           windows_per_recording=2, epochs_per_window=EPOCHS, seed=3)
+    table = ds.dataset(root, format="parquet", partitioning="hive").to_table()
+    return table_to_batch(table, epochs_per_window=EPOCHS, history_columns=["hypertension"])
+
+
+def test_batch_to_tensors_keeps_dtypes_the_model_and_loss_need(toy_batch):
+    batch = batch_to_tensors(toy_batch)
+    assert batch["eeg"].dtype == torch.float32 and batch["present"].dtype == torch.bool
+    assert batch["night_id"].dtype == torch.int64 and batch["age"].dtype == torch.float32
+    assert batch["history"].shape == (12, 1)
+    with torch.no_grad():
+        out = SleepEncoder(model_config("tiny")).eval().encode(batch)
+    assert torch.equal(out.present, batch["present"])
+    assert not out.present.all()  # the toy store drops a modality in every third night
+
+
+def test_pool_night_means_the_windows_of_each_night():
+    windows = np.array([[1.0, 0.0], [0.0, 1.0], [3.0, 4.0], [1.0, 1.0]], dtype=np.float32)
+    nights, pooled = pool_night(windows, ["b", "a", "b", "a"])
+    assert list(nights) == ["a", "b"]
+    np.testing.assert_allclose(pooled[0], np.array([0.5, 1.0]) / np.linalg.norm([0.5, 1.0]), rtol=1e-6)
+    np.testing.assert_allclose(pooled[1], np.array([2.0, 2.0]) / np.linalg.norm([2.0, 2.0]), rtol=1e-6)
+    ids, as_tensor = pool_night(torch.from_numpy(windows), torch.tensor([7, 7, 7, 9]))
+    assert isinstance(as_tensor, torch.Tensor) and list(ids) == [7, 9]
+    with pytest.raises(ValueError, match="one night id per window"):
+        pool_night(windows, [1, 2])
+
+
+def test_save_and_load_round_trip(tmp_path):
+    torch.manual_seed(2)
+    model = SleepEncoder(model_config("tiny", width=16, heads=2), ["eeg", "spo2"]).eval()
+    directory = save_encoder(model, tmp_path / "ckpt")
+    described = json.loads((directory / "model_config.json").read_text())
+    assert described["modalities"] == ["eeg", "spo2"] and described["config"]["width"] == 16
+    loaded = load_encoder(directory)
+    batch = random_batch(3, ("eeg", "spo2"))
+    with torch.no_grad():
+        assert torch.equal(model.encode(batch).fused, loaded.encode(batch).fused)
+    assert loaded.config == model.config and not loaded.training
+    with pytest.raises(FileNotFoundError, match="model_config.json"):
+        load_encoder(tmp_path / "nowhere")
+
+
+# -- learning -------------------------------------------------------------------------------------
+
+def test_tiny_model_overfits_a_handful_of_windows(toy_batch):
+    torch.manual_seed(0)
+    keys = ("eeg", "ecg", "spo2", "airflow")
+    batch = batch_to_tensors({k: v[:8] for k, v in toy_batch.items() if k not in set(MODALITY_KEYS) - set(keys)})
+    model = SleepEncoder(model_config("tiny", modality_dropout=0.0), keys).train()
+    optimiser = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(15):
+        out = model.encode(batch)
+        result = dash_infonce(out.per_modality, out.present, batch, logit_scale=model.logit_scale)
+        optimiser.zero_grad()
+        result.loss.backward()
+        optimiser.step()
+        losses.append(result.loss.item())
+    # Chance is about log(number of candidates); the model must get far below it.
+    assert losses[0] > 0.5 * math.log(8)
+    assert losses[-1] < 0.2 * math.log(8)
