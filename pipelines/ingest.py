@@ -89,7 +89,8 @@ def _write_atomically(table, output: str, site: str, recording_id: str) -> None:
     fs, root = resolve(output)
     final = recording_file(root, site, recording_id)
     fs.create_dir(os.path.dirname(final), recursive=True)
-    temporary = f"{os.path.dirname(final)}/{_TEMPORARY_PREFIX}{recording_id}.{uuid.uuid4().hex}.parquet"
+    # Hidden (pyarrow and Ray skip leading dots) and not ending in .parquet (globbing readers skip it).
+    temporary = f"{os.path.dirname(final)}/{_TEMPORARY_PREFIX}{recording_id}.parquet.{uuid.uuid4().hex}"
     try:
         pq.write_table(table, temporary, filesystem=fs)
         fs.move(temporary, final)

@@ -72,8 +72,11 @@ def choose_channels(channels: tuple[ChannelHeader, ...], site: SiteConfig
                     ) -> tuple[dict[str, ChannelHeader], tuple[str, ...]]:
     """Pick one channel per modality; return ``(chosen, unknown labels)``.
 
-    Preference: the site's ``[channels]`` entries in config order, then the
-    registry aliases in order, then file order.
+    Preference: the registry aliases in registry order (the canonical
+    derivations, e.g. ``C3-M2`` before ``C4-M1``, Sleep-EDF's ``Fpz-Cz``),
+    then the site's ``[channels]`` entries in config order, then file order.
+    A site that wants another channel lists the canonical one in
+    ``ignore_channels``.
     """
     site_order = {normalise_label(label): rank for rank, label in enumerate(site.channels)}
     ignored = {normalise_label(label) for label in site.ignore_channels}
@@ -81,13 +84,15 @@ def choose_channels(channels: tuple[ChannelHeader, ...], site: SiteConfig
     unknown = []
     for position, channel in enumerate(channels):
         label = normalise_label(channel.label)
+        if label in ignored:
+            continue  # known to the site and unused, even when it would match a modality
         key = match_channel(channel.label, site.channels)
         if key is None:
-            if label not in ignored and label not in _ANNOTATION_LIKE:
+            if label not in _ANNOTATION_LIKE:
                 unknown.append(channel.label)
             continue
         aliases = [normalise_label(a) for a in get_modality(key).aliases]
-        rank = site_order.get(label, len(site_order) + (aliases.index(label) if label in aliases else len(aliases)))
+        rank = aliases.index(label) if label in aliases else len(aliases) + site_order.get(label, len(site_order))
         candidates.setdefault(key, []).append((rank, position, channel))
     chosen = {key: min(options, key=lambda option: option[:2])[2] for key, options in candidates.items()}
     return chosen, tuple(unknown)

@@ -105,14 +105,20 @@ def test_unreadable_hypnogram_keeps_the_signals(tmp_path):
     assert decoded.windows == 2 and "hypnogram unreadable" in decoded.notes[0]
 
 
-def test_site_channel_mapping_takes_precedence(tmp_path):
-    signal = write_edf(tmp_path / "r.edf", _night(600), file_type="edf")
-    site = SiteConfig(name="lab", channels={"C4-M1": "eeg", "Position": "thorax"}, ignore_channels=("Flow",))
+def test_channel_choice_registry_aliases_then_site_entries(tmp_path):
+    night = _night(600)
+    night["EEG Pz-Oz"] = night.pop("C4-M1")
+    signal = write_edf(tmp_path / "r.edf", night, file_type="edf")
     from s2v_core.io.edf import open_edf
 
-    chosen, unknown = choose_channels(open_edf(signal).header.channels, site)
-    assert chosen["eeg"].label == "C4-M1" and chosen["thorax"].label == "Position"
-    assert unknown == ()  # Flow still maps to airflow; nothing is unknown
+    channels = open_edf(signal).header.channels
+    site = SiteConfig(name="lab", channels={"EEG Pz-Oz": "eeg", "Position": "thorax"}, ignore_channels=("Flow",))
+    chosen, unknown = choose_channels(channels, site)
+    assert chosen["eeg"].label == "C3-M2" and chosen["thorax"].label == "Position"
+    assert unknown == () and "airflow" not in chosen  # ignored channels are skipped entirely
+    # ignoring the canonical derivation makes the site's own label the choice
+    site = SiteConfig(name="lab", channels={"EEG Pz-Oz": "eeg"}, ignore_channels=("C3-M2",))
+    assert choose_channels(channels, site)[0]["eeg"].label == "EEG Pz-Oz"
 
 
 def test_too_short_recording_is_quarantined(tmp_path):
