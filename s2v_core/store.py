@@ -142,7 +142,7 @@ def table_to_batch(
     ``present`` (``bool (B, 9)``, registry order, false for modalities not
     selected), ``stages`` (``int64 (B, E)``), ``age`` (``float32 (B,)``, NaN
     unknown), ``sex`` (``float32 (B,)``, NaN unknown), ``site_id`` and
-    ``night_id`` (``int64 (B,)``, stable hashes of site and recording id) and
+    ``night_id`` (``int64 (B,)``, stable hashes of the site and of site + recording id) and
     ``history`` (``float32 (B, H)``, NaN unknown) for ``history_columns``.
     """
     batch: dict[str, np.ndarray] = {}
@@ -159,8 +159,12 @@ def table_to_batch(
     batch["sex"] = np.where(sex.is_null().to_numpy(zero_copy_only=False), np.nan,
                             sex.fill_null(0).to_numpy(zero_copy_only=False)).astype(np.float32)
     batch["site_id"] = np.array([stable_id(s) for s in table.column("site").to_pylist()], dtype=np.int64)
+    # Recording ids are site-given and may repeat across sites ("1001"), so a
+    # night is identified by site and recording id together.
     batch["night_id"] = np.array(
-        [stable_id(r) for r in table.column("recording_id").to_pylist()], dtype=np.int64
+        [stable_id(f"{s}/{r}") for s, r in zip(table.column("site").to_pylist(),
+                                               table.column("recording_id").to_pylist())],
+        dtype=np.int64,
     )
     history = [outcome_values(table, name) for name in history_columns]
     batch["history"] = (np.stack(history, axis=1) if history

@@ -38,3 +38,13 @@ def test_schema_info_rejects_foreign_parquet():
     import pyarrow as pa
     with pytest.raises(ValueError, match="not a sleep2vec store"):
         schema_info(pa.schema([pa.field("a", pa.int32())]))
+
+
+def test_same_recording_id_at_two_sites_are_different_nights(tmp_path):
+    import pyarrow as pa
+    from s2v_core.toystore import toy_windows
+    rng = np.random.default_rng(0)
+    a = toy_windows(site="a", recording_id="1001", windows=1, epochs_per_window=2, modalities=("spo2",), rng=rng)
+    b = toy_windows(site="b", recording_id="1001", windows=1, epochs_per_window=2, modalities=("spo2",), rng=rng)
+    batch = table_to_batch(pa.concat_tables([a, b]), modalities=("spo2",), epochs_per_window=2)
+    assert batch["night_id"][0] != batch["night_id"][1]
