@@ -193,10 +193,10 @@ class _ContiguousGrad(torch.autograd.Function):
 
     The similarities read the gathered embeddings through a permute, so their
     gradient arrives with permuted strides. ``torch.distributed.nn``'s
-    all_gather backward on gloo receives into ``empty_like(grad)`` buffers
-    that keep those strides while the transport writes contiguous bytes, which
-    scrambles the gradient (seen with torch 2.13); a contiguous gradient is
-    safe with every gather.
+    all_gather backward on gloo scatters into ``empty_like(grad)`` buffers,
+    which keep those strides, and gloo's scatter fills non-contiguous outputs
+    wrongly (pytorch/pytorch#192920, seen here with torch 2.13): the gradients
+    come back scrambled. A contiguous gradient is safe with every gather.
     """
 
     @staticmethod
