@@ -1,0 +1,455 @@
+"""``s2v embed``: batch embedding extraction over a store (Ray Data actor pool).
+
+Usage::
+
+    s2v embed --checkpoint CKPT --data STORE --output EMB [--modalities hr,spo2,thorax]
+              [--batch-size 64] [--actors N] [--per-modality]
+
+``CKPT`` is a :func:`s2v_core.model.save_encoder` directory, a pretraining run
+directory, or an MLflow model URI / run id (resolved by
+``pipelines.model_io.load_trained_encoder``). The store is streamed through
+``map_batches`` with an actor pool: each actor loads the encoder once (CPU, or
+one GPU per actor when the cluster has GPUs) and embeds ``batch_size`` windows
+at a time in eval mode, so memory does not grow with the store.
+
+Embeddings format (``EMB/``), read back with :func:`read_embeddings`
+--------------------------------------------------------------------
+
+``EMB/windows/*.parquet`` — one row per store window that has at least one
+of the requested modalities (file order is arbitrary; sort by
+``recording_id, window_index``):
+
+=====================  ===============================================================
+``recording_id``       str, night; with ``subject_id`` (str), ``site`` (str),
+                       ``window_index`` (int32), ``start_epoch`` (int32) as in the store
+``stages``             list<int8> ``(E,)``: W=0 N1=1 N2=2 N3=3 REM=4, -1 unknown
+``age``, ``sex``       float32 years / int8 0 female 1 male, null unknown
+``outcomes``           map<str, float64>, the store's per-night outcome columns
+``present``            list<bool> ``(9,)`` registry order: modalities the encoder read
+``epoch_embedding``    list<float32> ``E*P``: fused per-epoch embedding, row-major ``(E, P)``
+``window_embedding``   list<float32> ``P``: mean of the epoch embeddings, L2-normalised
+``emb_<modality>``     list<float32> ``E*P`` per requested modality (``--per-modality``
+                       only); null where that modality is absent
+=====================  ===============================================================
+
+``EMB/nights.parquet`` — one row per night: ``recording_id``, ``subject_id``,
+``site``, ``age``, ``sex``, ``outcomes``, ``windows`` (int32), and
+``night_embedding`` (list<float32> ``P``: mean of the night's window
+embeddings, L2-normalised, :func:`s2v_core.model.pool_night`).
+
+``EMB/embed.json`` (also in the schema metadata of ``nights.parquet`` under
+``s2v.embeddings``) — ``format``, ``embedding_dim`` (P), ``epochs_per_window``
+(E), ``modalities`` (requested subset), ``per_modality``, ``encoder_source``,
+``pretrain_run_id`` (null if unknown), ``store``, ``windows``, ``nights``.
+Embeddings are unit-length (cosine geometry); they carry no signal values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+
+from s2v_core.modalities import MODALITY_KEYS, parse_modalities
+from s2v_core.store import IDENTITY_COLUMNS, schema_info
+
+logger = logging.getLogger(__name__)
+
+#: Version of the embeddings layout described in this module's docstring.
+EMBEDDINGS_FORMAT = 1
+INFO_FILE = "embed.json"
+WINDOWS_DIR = "windows"
+NIGHTS_FILE = "nights.parquet"
+METADATA_KEY = b"s2v.embeddings"
+#: Store columns carried through unchanged to every embeddings row.
+CARRIED_COLUMNS = (*IDENTITY_COLUMNS, "stages", "age", "sex", "outcomes")
+
+
+@dataclass(frozen=True)
+class EmbedSummary:
+    """What :func:`embed` wrote."""
+
+    output: str  # the EMB directory
+    windows: int  # rows of EMB/windows
+    nights: int  # rows of EMB/nights.parquet
+    embedding_dim: int  # P, the aligned-space dimension
+    epochs_per_window: int  # E, from the store
+    modalities: tuple[str, ...]  # the subset the encoder read
+    seconds: float  # wall-clock time of the whole call
+    windows_per_second: float  # windows / seconds
+
+
+@dataclass(frozen=True)
+class Embeddings:
+    """Embeddings read by :func:`read_embeddings`, windows sorted by night then window index."""
+
+    info: dict  # contents of EMB/embed.json
+    epoch: np.ndarray  # float32 (N, E, P) fused per-epoch embeddings
+    window: np.ndarray  # float32 (N, P) window embeddings
+    stages: np.ndarray  # int64 (N, E), -1 unknown
+    recording_id: np.ndarray  # str (N,)
+    subject_id: np.ndarray  # str (N,)
+    site: np.ndarray  # str (N,)
+    start_epoch: np.ndarray  # int64 (N,)
+    windows: pa.Table  # the window rows without the embedding columns (metadata, outcomes)
+    nights: pa.Table  # EMB/nights.parquet
+    night: np.ndarray  # float32 (K, P), rows of ``nights``
+    per_modality: dict[str, np.ndarray]  # key -> float32 (N, E, P), NaN where absent
+
+
+def load_encoder_spec(spec: str):
+    """Load an encoder (eval mode, CPU) from a checkpoint dir, run dir or MLflow URI / run id.
+
+    Returns ``(encoder, pretrain_run_id or None)``.
+    """
+    try:
+        from pipelines import model_io
+    except ImportError:  # the pretraining side has not provided its resolver yet
+        model_io = None
+    if model_io is not None:
+        encoder = model_io.load_trained_encoder(spec)
+        run_id = getattr(model_io, "pretrain_run_id", lambda s: None)(spec)
+        return encoder.eval(), run_id
+    from s2v_core.model import CONFIG_FILE, load_encoder
+
+    path = Path(spec)
+    if (path / CONFIG_FILE).is_file():
+        return load_encoder(path), None
+    raise FileNotFoundError(f"--checkpoint {spec!r}: expected a saved encoder directory "
+                            f"(holding {CONFIG_FILE})")
+
+
+class _EmbedActor:
+    """Ray Data actor: loads the encoder once, then embeds one batch of store rows per call."""
+
+    def __init__(self, checkpoint: str, modalities: tuple[str, ...], epochs_per_window: int,
+                 per_modality: bool, threads: int) -> None:
+        import torch
+
+        # One actor per core: more intra-op threads per actor would oversubscribe the node.
+        torch.set_num_threads(threads)
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.encoder = load_encoder_spec(checkpoint)[0].to(self.device).eval()
+        self.modalities = modalities
+        self.epochs_per_window = epochs_per_window
+        self.per_modality = per_modality
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        return embed_table(self.encoder, table, modalities=self.modalities,
+                           epochs_per_window=self.epochs_per_window, per_modality=self.per_modality,
+                           device=self.device)
+
+
+def embed_table(encoder, table: pa.Table, *, modalities: Sequence[str], epochs_per_window: int,
+                per_modality: bool = False, device: str = "cpu") -> pa.Table:
+    """Embed store rows (a ``pyarrow.Table`` in the store schema) into embeddings rows.
+
+    Rows with none of ``modalities`` present are dropped. The forward runs
+    in eval mode under ``torch.inference_mode`` (deterministic, no modality
+    dropout).
+    """
+    import torch
+
+    from s2v_core.model import batch_to_tensors
+    from s2v_core.store import table_to_batch
+
+    indices = [MODALITY_KEYS.index(k) for k in modalities]
+    present = np.array(table.column("present").to_pylist(), dtype=bool).reshape(-1, len(MODALITY_KEYS))
+    keep = present[:, indices].any(axis=1)
+    if not keep.all():
+        table = table.filter(pa.array(keep))
+    batch = table_to_batch(table, modalities=modalities, epochs_per_window=epochs_per_window)
+    with torch.inference_mode():
+        out = encoder.encode(batch_to_tensors(batch, device), modalities=list(modalities))
+    rows, epochs, dim = out.fused.shape
+    columns = {name: table.column(name) for name in CARRIED_COLUMNS}
+    columns["present"] = pa.array(out.present.cpu().numpy().tolist(), type=pa.list_(pa.bool_()))
+    columns["epoch_embedding"] = _list_column(out.fused.cpu().numpy().reshape(rows, epochs * dim))
+    columns["window_embedding"] = _list_column(out.window.cpu().numpy())
+    if per_modality:
+        used = out.present.cpu().numpy()
+        for key in modalities:
+            values = out.per_modality[key].cpu().numpy().reshape(rows, epochs * dim)
+            columns[f"emb_{key}"] = _list_column(values, mask=~used[:, MODALITY_KEYS.index(key)])
+    return pa.table(columns)
+
+
+def _list_column(values: np.ndarray, *, mask: np.ndarray | None = None) -> pa.Array:
+    """``(rows, k)`` float32 array -> ``list<float32>`` column (null where ``mask``)."""
+    values = np.ascontiguousarray(values, dtype=np.float32)
+    offsets = np.arange(0, values.size + 1, values.shape[1], dtype=np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values.ravel()),
+                                    mask=None if mask is None else pa.array(mask))
+
+
+def _store_dataset(data: str) -> tuple[pads.Dataset, int]:
+    root = Path(data)
+    if not root.exists():
+        raise FileNotFoundError(f"--data {data!r} does not exist")
+    files = sorted(str(p) for p in root.rglob("*.parquet"))
+    if not files:
+        raise ValueError(f"--data {data!r}: no Parquet files (expected STORE/site=<name>/*.parquet)")
+    dataset = pads.dataset(files, format="parquet")
+    return dataset, schema_info(dataset.schema)[1]
+
+
+def _count_usable_windows(dataset: pads.Dataset, modalities: Sequence[str]) -> int:
+    """Windows with at least one requested modality (reads only the ``present`` column)."""
+    indices = [MODALITY_KEYS.index(k) for k in modalities]
+    usable = 0
+    for batch in dataset.to_batches(columns=["present"]):
+        present = batch.column(0).flatten().to_numpy(zero_copy_only=False).reshape(-1, len(MODALITY_KEYS))
+        usable += int(present[:, indices].any(axis=1).sum())
+    return usable
+
+
+def embed(
+    checkpoint: str,
+    data: str,
+    output: str,
+    *,
+    modalities: str | Sequence[str] | None = None,
+    batch_size: int = 64,
+    num_actors: int | None = None,
+    per_modality: bool = False,
+    address: str | None = None,
+) -> EmbedSummary:
+    """Embed every window of the store ``data`` with the encoder ``checkpoint`` into ``output``.
+
+    Parameters
+    ----------
+    checkpoint : str
+        Saved encoder directory, pretraining run directory, or MLflow model URI / run id.
+    data : str
+        Store directory (``STORE/site=<name>/*.parquet``).
+    output : str
+        Embeddings directory to (re)create; layout in the module docstring.
+    modalities : str or sequence of str, optional
+        Subset the encoder reads (``"hr,spo2,thorax"``); default every modality
+        the encoder was built for. Only these store columns are read.
+    batch_size : int
+        Windows per forward pass (one window = ``E`` 30-s epochs).
+    num_actors : int, optional
+        Size of the actor pool; default one per CPU (or per GPU) of the cluster.
+    per_modality : bool
+        Also write one ``emb_<modality>`` column per requested modality.
+    address : str, optional
+        Ray cluster address; default ``RAY_ADDRESS`` or a local instance.
+
+    Raises
+    ------
+    ValueError
+        Unknown modality, a modality the encoder was not built for, or a store
+        with no window holding any of the requested modalities.
+    """
+    import ray
+
+    from pipelines.runtime import init_ray
+
+    started = time.perf_counter()
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
+    dataset, epochs_per_window = _store_dataset(data)
+    encoder, run_id = load_encoder_spec(checkpoint)
+    selected = parse_modalities(modalities) if modalities else encoder.modalities
+    missing = [k for k in selected if k not in encoder.modalities]
+    if missing:
+        raise ValueError(f"--modalities: the encoder at {checkpoint!r} has no tokenizer for "
+                         f"{', '.join(missing)}; it was built for {', '.join(encoder.modalities)}")
+    if epochs_per_window > encoder.config.epochs_per_window:
+        raise ValueError(f"--data {data!r} has windows of {epochs_per_window} epochs; the encoder "
+                         f"handles at most {encoder.config.epochs_per_window}")
+    usable = _count_usable_windows(dataset, selected)
+    if usable == 0:
+        raise ValueError(f"--data {data!r}: no window holds any of the requested modalities "
+                         f"{','.join(selected)}; nothing to embed")
+    embedding_dim = encoder.config.projection_dim
+    del encoder  # the actors load their own copy
+
+    out = _fresh_output(Path(output))
+    if Path(checkpoint).exists():  # actors may run in another working directory
+        checkpoint = str(Path(checkpoint).resolve())
+    started_ray = not ray.is_initialized()
+    init_ray(address)
+    try:
+        _run_actor_pool(checkpoint, dataset, out, modalities=selected, epochs_per_window=epochs_per_window,
+                        batch_size=batch_size, num_actors=num_actors, per_modality=per_modality,
+                        usable=usable)
+    finally:
+        if started_ray:  # leave a caller's Ray (tests, evaluate's scenarios) running
+            ray.shutdown()
+
+    info = {
+        "format": EMBEDDINGS_FORMAT, "embedding_dim": embedding_dim, "epochs_per_window": epochs_per_window,
+        "modalities": list(selected), "per_modality": per_modality, "encoder_source": str(checkpoint),
+        "pretrain_run_id": run_id, "store": str(Path(data).resolve()),
+    }
+    written, nights = _write_nights(out, info)
+    info.update(windows=written, nights=nights)
+    (out / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    seconds = time.perf_counter() - started
+    summary = EmbedSummary(output=str(out), windows=written, nights=nights, embedding_dim=embedding_dim,
+                           epochs_per_window=epochs_per_window, modalities=tuple(selected),
+                           seconds=seconds, windows_per_second=written / seconds)
+    logger.info("wrote %d window and %d night embeddings to %s in %.1f s", written, nights, out, seconds)
+    return summary
+
+
+def _fresh_output(out: Path) -> Path:
+    """Create ``out``, replacing a previous embeddings directory but nothing else."""
+    if out.exists():
+        if not (out / INFO_FILE).is_file() and not (out / WINDOWS_DIR).is_dir() and any(out.iterdir()):
+            raise ValueError(f"--output {str(out)!r} exists and is not an embeddings directory; "
+                             "refusing to replace it")
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    return out
+
+
+def _run_actor_pool(checkpoint: str, dataset: pads.Dataset, out: Path, *, modalities: tuple[str, ...],
+                    epochs_per_window: int, batch_size: int, num_actors: int | None, per_modality: bool,
+                    usable: int) -> None:
+    """Stream the store through the encoder actor pool into ``out/windows``."""
+    import ray
+
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    actors = num_actors or max(1, gpus or cpus)
+    logger.info("embedding %d windows with %d actor(s) on %s, modalities %s",
+                usable, actors, "GPU" if gpus else "CPU", ",".join(modalities))
+    # Only the requested modality columns are read from the store.
+    columns = [*CARRIED_COLUMNS, *modalities, "present"]
+    # Ray Data's list/read/write tasks each ask for one whole CPU; the actors
+    # share what is left (their real thread count is set in the actor), so a
+    # full pool can never starve the tasks that feed it.
+    actor_cpus = 0 if gpus else max(cpus - 1, 1) / actors
+    windows = ray.data.read_parquet(sorted(dataset.files), columns=columns, partitioning=None)
+    embedded = windows.map_batches(
+        _EmbedActor,
+        fn_constructor_kwargs={
+            "checkpoint": checkpoint, "modalities": tuple(modalities), "epochs_per_window": epochs_per_window,
+            "per_modality": per_modality, "threads": 1 if gpus else max(1, cpus // actors),
+        },
+        batch_size=batch_size, batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=actors),
+        num_cpus=actor_cpus, num_gpus=1 if gpus else 0,
+    )
+    embedded.write_parquet(str(out / WINDOWS_DIR))
+
+
+def _write_nights(out: Path, info: dict) -> tuple[int, int]:
+    """Pool window embeddings per night, streaming over EMB/windows; returns (windows, nights)."""
+    from s2v_core.model import pool_night
+
+    dataset = pads.dataset(str(out / WINDOWS_DIR), format="parquet")
+    meta_columns = ["recording_id", "subject_id", "site", "age", "sex", "outcomes"]
+    sums: dict[str, np.ndarray] = {}
+    counts: dict[str, int] = {}
+    first_rows: dict[str, dict] = {}
+    windows = 0
+    for batch in dataset.to_batches(columns=[*meta_columns, "window_embedding"]):
+        table = pa.Table.from_batches([batch])
+        ids = np.asarray(table.column("recording_id").to_pylist())
+        values = table.column("window_embedding").combine_chunks().flatten().to_numpy().reshape(len(ids), -1)
+        # Pool per batch (sums, not means) so that memory stays one vector per night.
+        nights, inverse = np.unique(ids, return_inverse=True)
+        for k, night in enumerate(nights):
+            chosen = inverse == k
+            sums[night] = sums.get(night, 0) + values[chosen].astype(np.float64).sum(axis=0)
+            counts[night] = counts.get(night, 0) + int(chosen.sum())
+            if night not in first_rows:
+                first_rows[night] = table.select(meta_columns).slice(int(np.argmax(chosen)), 1).to_pylist()[0]
+        windows += len(ids)
+    order = sorted(sums)
+    means = np.stack([sums[n] / counts[n] for n in order]).astype(np.float32)
+    _, pooled = pool_night(means, np.arange(len(order)))  # L2-normalise, as the model pools
+    rows = [first_rows[n] for n in order]
+    table = pa.Table.from_pylist(rows, schema=pa.schema([dataset.schema.field(c) for c in meta_columns]))
+    table = table.append_column("windows", pa.array([counts[n] for n in order], type=pa.int32()))
+    table = table.append_column("night_embedding", _list_column(pooled))
+    table = table.replace_schema_metadata({METADATA_KEY: json.dumps(info).encode()})
+    pq.write_table(table, out / NIGHTS_FILE)
+    return windows, len(order)
+
+
+def read_embeddings(path: str | os.PathLike, *, per_modality: bool = False) -> Embeddings:
+    """Read an embeddings directory written by :func:`embed` into numpy arrays.
+
+    Raises ``FileNotFoundError`` when ``path`` is not an embeddings directory.
+    """
+    root = Path(path)
+    info_path = root / INFO_FILE
+    if not info_path.is_file():
+        raise FileNotFoundError(f"--embeddings {str(path)!r}: not an embeddings directory "
+                                f"(no {INFO_FILE}; write one with `s2v embed`)")
+    info = json.loads(info_path.read_text(encoding="utf-8"))
+    if info.get("format") != EMBEDDINGS_FORMAT:
+        raise ValueError(f"{info_path}: expected embeddings format {EMBEDDINGS_FORMAT}, "
+                         f"found {info.get('format')!r}")
+    table = pads.dataset(str(root / WINDOWS_DIR), format="parquet").to_table()
+    table = table.sort_by([("recording_id", "ascending"), ("window_index", "ascending")])
+    rows, epochs, dim = table.num_rows, info["epochs_per_window"], info["embedding_dim"]
+
+    def matrix(name: str, shape: tuple[int, ...]) -> np.ndarray:
+        column = table.column(name).combine_chunks()
+        values = np.full((rows, int(np.prod(shape))), np.nan, dtype=np.float32)
+        valid = ~column.is_null().to_numpy(zero_copy_only=False)
+        if valid.any():
+            flat = column.filter(pa.array(valid)).flatten().to_numpy(zero_copy_only=False)
+            values[valid] = flat.reshape(int(valid.sum()), -1)
+        return values.reshape(rows, *shape)
+
+    nights = pq.read_table(root / NIGHTS_FILE).sort_by("recording_id")
+    embedding_columns = [c for c in table.column_names if c.endswith("_embedding") or c.startswith("emb_")]
+    stages = table.column("stages").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    return Embeddings(
+        info=info,
+        epoch=matrix("epoch_embedding", (epochs, dim)),
+        window=matrix("window_embedding", (dim,)),
+        stages=stages.astype(np.int64).reshape(rows, epochs),
+        recording_id=np.asarray(table.column("recording_id").to_pylist()),
+        subject_id=np.asarray(table.column("subject_id").to_pylist()),
+        site=np.asarray(table.column("site").to_pylist()),
+        start_epoch=table.column("start_epoch").to_numpy().astype(np.int64),
+        windows=table.drop_columns(embedding_columns),
+        nights=nights.drop_columns(["night_embedding"]),
+        night=(nights.column("night_embedding").combine_chunks().flatten().to_numpy()
+               .reshape(nights.num_rows, dim).astype(np.float32)),
+        per_modality={c[4:]: matrix(c, (epochs, dim)) for c in embedding_columns
+                      if per_modality and c.startswith("emb_")},
+    )
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True,
+                        help="saved encoder dir, pretraining run dir, or MLflow model URI / run id")
+    parser.add_argument("--data", required=True, help="store directory (STORE/site=<name>/*.parquet)")
+    parser.add_argument("--output", required=True, help="embeddings directory to write (replaced)")
+    parser.add_argument("--modalities", default=None,
+                        help="comma-separated subset the encoder reads, e.g. eeg or hr,spo2,thorax "
+                             "(default: all the encoder was built for)")
+    parser.add_argument("--batch-size", type=int, default=64, help="windows per forward pass (default 64)")
+    parser.add_argument("--actors", type=int, default=None,
+                        help="actor pool size (default: one per CPU, or per GPU when present)")
+    parser.add_argument("--per-modality", action="store_true",
+                        help="also write one emb_<modality> column per requested modality")
+    parser.add_argument("--address", default=None, help="Ray cluster address (default RAY_ADDRESS or local)")
+
+
+def run(args: argparse.Namespace) -> int:
+    summary = embed(args.checkpoint, args.data, args.output, modalities=args.modalities,
+                    batch_size=args.batch_size, num_actors=args.actors, per_modality=args.per_modality,
+                    address=args.address)
+    print(json.dumps(asdict(summary)))
+    return 0
