@@ -111,27 +111,30 @@ def _mne_agrees(path: Path, reader, skip=()):
     return checked
 
 
-def test_sleep_edf_crop_matches_mne(real_data):
+@pytest.mark.parametrize("backend", ["numpy", "pyedflib"])
+def test_sleep_edf_crop_matches_mne(real_data, backend):
     path = real_data / "SleepEDF_SC4001" / "short_psg.edf"
-    reader = open_edf(path)
-    assert reader.header.reader == "pyedflib" and reader.header.duration_seconds == 300
+    reader = open_edf(path, backend=backend)
+    assert reader.header.reader == backend and reader.header.duration_seconds == 300
     labels = {c.label: c.sample_rate_hz for c in reader.header.channels}
     assert labels["EEG Fpz-Cz"] == 100 and labels["EMG submental"] == 1
     assert _mne_agrees(path, reader) == 3
 
 
-def test_openbci_bdf_matches_mne(real_data):
+@pytest.mark.parametrize("backend", ["numpy", "pyedflib"])
+def test_openbci_bdf_matches_mne(real_data, backend):
     path = real_data / "OpenBCI_COsleep" / "multiple_annotation_chans.bdf"
-    reader = open_edf(path)
-    assert reader.header.file_type == "BDF+C" and reader.header.reader == "pyedflib"
+    reader = open_edf(path, backend=backend)
+    assert reader.header.file_type == "BDF+C" and reader.header.reader == backend
     assert len(reader.header.channels) == 19
     assert _mne_agrees(path, reader, skip=("Trigger",)) == 18  # MNE treats the BDF trigger as a stim channel
 
 
-def test_dreams_non_compliant_edf_uses_the_fallback_and_matches_mne(real_data):
+def test_dreams_non_compliant_edf_is_read_and_matches_mne(real_data):
     path = real_data / "DREAMS_Spindles" / "excerpt3.edf"
     with pytest.raises(OSError):
         pyedflib.EdfReader(str(path))  # digital min/max outside int16
+    assert open_edf(path, backend="pyedflib").header.reader == "numpy"  # the fallback
     reader = open_edf(path)
     assert reader.header.reader == "numpy"
     channels = {c.label: c for c in reader.header.channels}
@@ -158,7 +161,7 @@ def test_non_compliant_digital_range_is_read_by_the_fallback(tmp_path):
     path.write_bytes(bytes(raw))
     with pytest.raises(OSError):
         pyedflib.EdfReader(str(path))
-    reader = open_edf(path)
+    reader = open_edf(path, backend="pyedflib")
     assert reader.header.reader == "numpy"
     written = _channels()["EEG C3-M2"][1]
     np.testing.assert_allclose(reader.read(0), written, atol=0.05 * np.abs(written).max())
@@ -169,7 +172,7 @@ def test_truncated_file_reads_complete_records_with_a_note(tmp_path):
     full = path.read_bytes()
     record_bytes = (256 + 128 + 4) * 2
     path.write_bytes(full[: len(full) - 10 * record_bytes - 100])
-    reader = open_edf(path)
+    reader = open_edf(path, backend="pyedflib")
     assert reader.header.reader == "numpy" and reader.header.n_records == 49
     assert "truncated" in reader.header.notes[0] and "x.edf" in reader.header.notes[0]
     assert reader.read(0).size == 49 * 256
