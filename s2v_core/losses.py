@@ -260,7 +260,8 @@ def dash_infonce(per_modality: Mapping[str, Tensor], present: Tensor, meta: Mapp
     if not keys:
         raise ValueError("dash_infonce: per_modality is empty")
     present = present.bool()
-    local_z = torch.stack([per_modality[k] for k in keys], 1)  # (B, M, E, P)
+    # float32 similarities even when the encoder runs in bf16/fp16 (softmax over many negatives).
+    local_z = torch.stack([per_modality[k] for k in keys], 1).float()  # (B, M, E, P)
     rows, n_mod, epochs, _ = local_z.shape
     all_z = _ContiguousGrad.apply(gather(local_z.contiguous())) if world_size > 1 else local_z
     if all_z.shape[0] != rows * world_size:
@@ -282,7 +283,8 @@ def dash_infonce(per_modality: Mapping[str, Tensor], present: Tensor, meta: Mapp
 
     with torch.no_grad():
         positive = torch.zeros(rows, all_z.shape[0], dtype=torch.bool, device=present.device)
-        positive[torch.arange(rows), rank * rows + torch.arange(rows)] = True
+        local_rows = torch.arange(rows, device=present.device)
+        positive[local_rows, rank * rows + local_rows] = True
         negative = meta_local["night_id"][:, None] != meta_all["night_id"][None, :]  # (B, N)
         raw = dash_log_weights(meta_local, meta_all, config).exp() * negative
         # Normalise each anchor's weights to mean 1 over its negatives of candidate modality b.
@@ -308,8 +310,7 @@ def dash_infonce(per_modality: Mapping[str, Tensor], present: Tensor, meta: Mapp
     sim = sim[:, :, a_idx, :, b_idx]  # (K, E, B, N) via advanced indexing on dims 2 and 4
     logits = scale * sim + shift[:, None]
     log_prob = torch.log_softmax(logits, dim=-1)
-    target = (rank * rows + torch.arange(rows, device=present.device))
-    picked = log_prob[..., torch.arange(rows, device=present.device), target]  # (K, E, B)
+    picked = log_prob[..., local_rows, rank * rows + local_rows]  # positives' log-probabilities, (K, E, B)
     weight = anchor_ok[:, None, :].to(picked.dtype)
     local_sum = -(picked * weight).sum()
     loss = local_sum * world_size / global_anchors.to(local_sum.dtype)

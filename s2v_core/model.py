@@ -326,6 +326,13 @@ class SleepEncoder(nn.Module):
                 per_modality[key] = (part if where.numel() == rows
                                      else per_modality[key].index_copy(0, where, part))
 
+        if self.training and torch.is_grad_enabled():
+            # Tokenizers of modalities absent from this step (or dropped) would get no
+            # gradient, and data-parallel wrappers (DDP, DeepSpeed) expect every worker to
+            # produce the same set of gradients: an exact zero keeps every parameter in the graph.
+            touch = sum(p.view(-1)[0] for p in self.parameters() if p.requires_grad)
+            first = selected[0]
+            per_modality[first] = per_modality[first] + 0.0 * touch
         stacked = torch.stack([per_modality[k] for k in selected])  # (M, B, E, P), zeros where absent
         counts = torch.stack([keep[:, MODALITY_KEYS.index(k)] for k in selected]).sum(0)  # (B,)
         fused = stacked.sum(0) / counts.clamp(min=1).to(dtype)[:, None, None]

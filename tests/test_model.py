@@ -269,3 +269,16 @@ def test_tiny_model_overfits_a_handful_of_windows(toy_batch):
     # Chance is about log(number of candidates); the model must get far below it.
     assert losses[0] > 0.5 * math.log(8)
     assert losses[-1] < 0.2 * math.log(8)
+
+
+def test_every_parameter_gets_a_gradient_even_when_a_modality_is_absent():
+    """Data-parallel wrappers need the same set of gradients on every worker, whatever it saw."""
+    model = SleepEncoder(model_config("tiny", modality_dropout=0.0), ["eeg", "ecg", "spo2"]).train()
+    batch = random_batch(4, ("eeg", "ecg"))  # no SpO2 in this step
+    batch.update(age=torch.full((4,), 40.0), sex=torch.zeros(4), site_id=torch.zeros(4, dtype=torch.int64),
+                 night_id=torch.arange(4))
+    out = model.encode(batch)
+    dash_infonce(out.per_modality, out.present, batch, logit_scale=model.logit_scale).loss.backward()
+    missing = [name for name, p in model.named_parameters() if p.grad is None]
+    assert missing == []
+    assert all(torch.all(p.grad == 0) for p in model.tokenizers["spo2"].parameters())
