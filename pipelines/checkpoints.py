@@ -1,0 +1,104 @@
+"""Self-describing pretraining checkpoints: layout, state file, discovery.
+
+A checkpoint is one directory ``RUN_DIR/checkpoints/step_<NNNNNNNN>/`` that
+Ray Train assembles from what every worker reported at that step::
+
+    state.json        (rank 0) format, resolved config, step, seed, data position, metrics
+    encoder/          (rank 0) model_config.json + encoder.pt (s2v_core.model.save_encoder)
+    engine/state/     DeepSpeed engine: module states (rank 0) and one ZeRO optimiser
+                      shard per rank (zero_pp_rank_<r>_mp_rank_00_optim_states.pt)
+    engine/latest     DeepSpeed's pointer to the tag ``state``
+
+``encoder/`` alone is enough to embed (``pipelines.model_io``); ``engine/``
+resumes the optimiser, the LR schedule and the step exactly, and
+``state.json``'s data position lets the loop skip the micro-batches the
+checkpointed step had already consumed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+#: Version of ``state.json``; bump when its keys change meaning.
+CHECKPOINT_FORMAT = 1
+STATE_FILE = "state.json"
+ENCODER_DIR = "encoder"
+ENGINE_DIR = "engine"
+#: DeepSpeed checkpoint tag (one tag per directory: the directory is the step).
+ENGINE_TAG = "state"
+#: Ray Train experiment name: checkpoints live under RUN_DIR/checkpoints/.
+CHECKPOINTS_NAME = "checkpoints"
+
+
+@dataclass(frozen=True)
+class DataPosition:
+    """Where in the data stream an optimiser step ended.
+
+    ``epoch`` counts passes over the store (0-based); ``batches_in_epoch`` is
+    the number of micro-batches of that epoch every worker had consumed.
+    """
+
+    epoch: int = 0
+    batches_in_epoch: int = 0
+
+
+def checkpoint_dir_name(step: int) -> str:
+    """Directory name of the checkpoint written after optimiser step ``step``."""
+    return f"step_{step:08d}"
+
+
+def write_state(directory: str | Path, *, config: dict[str, Any], step: int, seed: int,
+                position: DataPosition, metrics: dict[str, float], world_size: int) -> Path:
+    """Write ``state.json`` (rank 0's part of a checkpoint) into ``directory``."""
+    state = {
+        "format": CHECKPOINT_FORMAT,
+        "step": step,
+        "seed": seed,
+        "world_size": world_size,
+        "data_position": {"epoch": position.epoch, "batches_in_epoch": position.batches_in_epoch},
+        "metrics": {k: float(v) for k, v in metrics.items()},
+        "config": config,
+    }
+    path = Path(directory) / STATE_FILE
+    path.write_text(json.dumps(state, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return path
+
+
+def read_state(checkpoint: str | Path) -> dict[str, Any]:
+    """Read and check ``state.json`` of a checkpoint directory."""
+    path = Path(checkpoint) / STATE_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{checkpoint}: not a pretraining checkpoint ({STATE_FILE} is missing)")
+    state = json.loads(path.read_text(encoding="utf-8"))
+    if state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path}: expected checkpoint format {CHECKPOINT_FORMAT}, "
+                         f"found {state.get('format')!r}")
+    return state
+
+
+def data_position(state: dict[str, Any]) -> DataPosition:
+    """The :class:`DataPosition` recorded in a checkpoint's state."""
+    position = state["data_position"]
+    return DataPosition(epoch=int(position["epoch"]), batches_in_epoch=int(position["batches_in_epoch"]))
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints of a run (those with ``state.json`` and ``encoder/``), oldest first."""
+    root = Path(run_dir) / CHECKPOINTS_NAME
+    if not root.is_dir():
+        return []
+    found = [p for p in root.glob("step_*")
+             if (p / STATE_FILE).is_file() and (p / ENCODER_DIR).is_dir()]
+    return sorted(found, key=lambda p: p.name)
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The checkpoint with the highest step in ``run_dir``, or ``None``."""
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None

@@ -1,0 +1,104 @@
+"""Find a trained encoder from whatever a user has at hand: a path, an MLflow URI or a run id.
+
+``s2v embed --checkpoint SPEC`` and the sweep call :func:`load_trained_encoder`;
+``SPEC`` may be
+
+- an encoder directory (``model_config.json`` + ``encoder.pt``),
+- a pretraining checkpoint (``RUN_DIR/checkpoints/step_*``, its ``encoder/``),
+- a run dir (``RUN_DIR/encoder``, else its latest checkpoint),
+- ``runs:/<run_id>`` or ``runs:/<run_id>/encoder`` (the encoder directory logged
+  as artifacts), ``runs:/<run_id>/model`` or ``models:/…`` (the MLflow
+  pytorch model),
+- a bare MLflow run id (32 hex characters), resolved as ``runs:/<id>/encoder``.
+
+MLflow specs use ``tracking_uri`` or else ``MLFLOW_TRACKING_URI``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from pathlib import Path
+
+from pipelines.checkpoints import ENCODER_DIR, STATE_FILE, latest_checkpoint
+from s2v_core.model import CONFIG_FILE, SleepEncoder, load_encoder
+
+_RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+#: Artifact path of the encoder directory in a pretraining MLflow run (see pipelines.pretrain).
+ENCODER_ARTIFACT = "encoder"
+
+
+def load_trained_encoder(spec: str | Path, *, tracking_uri: str | None = None) -> SleepEncoder:
+    """Load a trained :class:`~s2v_core.model.SleepEncoder` (eval mode, CPU) from ``spec``.
+
+    Raises
+    ------
+    ValueError
+        ``spec`` is none of the accepted forms (the message names it), or an
+        MLflow spec is given without a tracking URI.
+    """
+    text = str(spec)
+    path = Path(text)
+    if path.exists():
+        return load_encoder(_encoder_dir(path))
+    if text.startswith("models:/"):
+        return _load_mlflow_model(text, tracking_uri)
+    if text.startswith("runs:/"):
+        run_id, _, artifact = text[len("runs:/"):].partition("/")
+        artifact = artifact.strip("/") or ENCODER_ARTIFACT
+        if artifact == ENCODER_ARTIFACT:
+            return _load_run_encoder(run_id, tracking_uri)
+        return _load_mlflow_model(text, tracking_uri)
+    if _RUN_ID.match(text):
+        return _load_run_encoder(text, tracking_uri)
+    raise ValueError(
+        f"--checkpoint: expected an encoder/checkpoint/run directory, runs:/<run_id>[/…], models:/… "
+        f"or an MLflow run id, found {text!r} (no such path)"
+    )
+
+
+def _encoder_dir(path: Path) -> Path:
+    if (path / CONFIG_FILE).is_file():
+        return path
+    if (path / STATE_FILE).is_file() and (path / ENCODER_DIR / CONFIG_FILE).is_file():
+        return path / ENCODER_DIR
+    if (path / ENCODER_DIR / CONFIG_FILE).is_file():
+        return path / ENCODER_DIR
+    latest = latest_checkpoint(path)
+    if latest is not None:
+        return latest / ENCODER_DIR
+    raise ValueError(f"--checkpoint: {path} holds no encoder (expected {CONFIG_FILE}, a checkpoint's "
+                     f"{ENCODER_DIR}/ or a run dir with {ENCODER_DIR}/ or checkpoints/)")
+
+
+def _tracking_uri(tracking_uri: str | None, spec: str) -> str:
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        raise ValueError(f"--checkpoint {spec}: an MLflow spec needs a tracking URI; set "
+                         "MLFLOW_TRACKING_URI or pass --mlflow-uri (e.g. sqlite:///RUN_DIR/mlflow.db)")
+    return uri
+
+
+def _load_run_encoder(run_id: str, tracking_uri: str | None) -> SleepEncoder:
+    from mlflow.tracking import MlflowClient
+
+    uri = _tracking_uri(tracking_uri, run_id)
+    client = MlflowClient(tracking_uri=uri)
+    try:
+        client.get_run(run_id)
+    except Exception as exc:  # MlflowException for unknown ids; its text names the id
+        raise ValueError(f"--checkpoint: no MLflow run {run_id!r} at {uri}: {exc}") from None
+    with tempfile.TemporaryDirectory(prefix="s2v-encoder-") as directory:
+        local = client.download_artifacts(run_id, ENCODER_ARTIFACT, directory)
+        return load_encoder(local)
+
+
+def _load_mlflow_model(spec: str, tracking_uri: str | None) -> SleepEncoder:
+    import mlflow
+
+    mlflow.set_tracking_uri(_tracking_uri(tracking_uri, spec))
+    model = mlflow.pytorch.load_model(spec, map_location="cpu")
+    if not isinstance(model, SleepEncoder):
+        raise ValueError(f"--checkpoint {spec}: expected a SleepEncoder model, found {type(model).__name__}")
+    return model.eval()

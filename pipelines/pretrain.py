@@ -1,0 +1,407 @@
+"""``s2v pretrain``: DASH-InfoNCE pretraining with Ray Train + DeepSpeed over the store.
+
+Launch::
+
+    s2v pretrain --data STORE --output RUN_DIR --workers 2 --model tiny --steps 30
+    s2v pretrain --data STORE --output RUN_DIR --resume          # continue the latest checkpoint
+    ray job submit -- s2v pretrain --data s3://… --output s3://… --workers 8 --model base
+
+The entry point reads ``main(cfg)`` → :func:`setup` (validate inputs, resolve
+the config against the store, prepare the run dir and the MLflow run; no
+worker has started yet) → :func:`run` (a ``TorchTrainer`` over
+:func:`pipelines.train_loop.train_loop_per_worker`) → :func:`cleanup` (log the
+final encoder to MLflow, shut down what we started).
+
+Run dir layout::
+
+    RUN_DIR/pretrain_config.json   the resolved config (modalities filled in from the store)
+    RUN_DIR/ds_config.json         the DeepSpeed config generated from it
+    RUN_DIR/checkpoints/step_*/    Ray Train checkpoints (see pipelines.checkpoints)
+    RUN_DIR/encoder/               the final encoder (s2v_core.model.save_encoder)
+    RUN_DIR/mlflow_run.json        MLflow tracking URI and run id (a resumed run continues it)
+    RUN_DIR/mlflow.db              the default MLflow store (unless MLFLOW_TRACKING_URI is set)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipelines.checkpoints import CHECKPOINTS_NAME, ENCODER_DIR, latest_checkpoint, read_state
+from pipelines.train_config import (PretrainConfig, config_differences, config_from_dict, config_to_dict,
+                                    deepspeed_config, load_pretrain_config)
+from pipelines.train_data import StoreSummary, build_dataset, check_batch_fits, inspect_store
+from s2v_core.config import to_mapping
+from s2v_core.modalities import parse_modalities
+
+logger = logging.getLogger(__name__)
+
+CONFIG_FILE = "pretrain_config.json"
+DS_CONFIG_FILE = "ds_config.json"
+MLFLOW_RUN_FILE = "mlflow_run.json"
+FINAL_ENCODER_DIR = "encoder"
+#: Artifact path of the final encoder directory and name of the MLflow model in a run.
+MLFLOW_ENCODER_ARTIFACT = "encoder"
+MLFLOW_MODEL_NAME = "model"
+
+
+@dataclass(frozen=True)
+class PreparedRun:
+    """A validated run, ready to start workers (what :func:`setup` returns).
+
+    ``config`` is resolved: its ``modalities`` are explicit.
+    """
+
+    config: PretrainConfig
+    store: StoreSummary
+    run_dir: Path
+    on_gpu: bool
+    ds_config: dict[str, Any]
+    model_config: dict[str, Any]
+    resume_from: Path | None
+    mlflow_tracking_uri: str | None = None
+    mlflow_run_id: str | None = None
+
+
+@dataclass(frozen=True)
+class PretrainResult:
+    """What :func:`pretrain` returns.
+
+    Attributes
+    ----------
+    run_dir : Path
+    checkpoint : Path
+        The final checkpoint (``RUN_DIR/checkpoints/step_<steps>``).
+    encoder_dir : Path
+        ``RUN_DIR/encoder``: the final encoder, loadable with ``s2v_core.model.load_encoder``.
+    mlflow_run_id : str or None
+    steps : int
+        Optimiser steps done (equals ``config.steps``).
+    final_loss : float
+        DASH-InfoNCE loss of the last step, averaged over workers.
+    metrics : dict
+        The last reported metrics.
+    """
+
+    run_dir: Path
+    checkpoint: Path
+    encoder_dir: Path
+    mlflow_run_id: str | None
+    steps: int
+    final_loss: float
+    metrics: dict[str, float]
+
+
+# -- setup ------------------------------------------------------------------------------------------
+def setup(config: PretrainConfig, *, resume: bool = False, on_gpu: bool = False) -> PreparedRun:
+    """Validate everything that can be checked before a worker starts; write the run's config files.
+
+    Raises ``ValueError`` naming the option for: a store without Parquet
+    (``--data``), another schema version (``--data``), a modality absent from
+    the store (``--modalities``), a batch larger than the data
+    (``--global-batch``), and an existing run dir whose latest checkpoint was
+    written with a different config (``--resume``) or without ``--resume``
+    (``--output``).
+    """
+    if not config.data:
+        raise ValueError("--data: expected the store directory, found nothing")
+    if not config.output:
+        raise ValueError("--output: expected a run directory, found nothing")
+    modalities = parse_modalities(list(config.modalities), option="--modalities") if config.modalities else ()
+    summary = inspect_store(config.data, modalities)
+    check_batch_fits(summary, global_batch=config.global_batch, workers=config.workers)
+    resolved = dataclasses.replace(config, modalities=summary.modalities)
+    model_cfg = resolved.model_config(epochs_per_window=summary.epochs_per_window)
+
+    run_dir = Path(config.output)
+    resume_from = _check_resume(run_dir, resolved, resume=resume)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ds_config = deepspeed_config(resolved, on_gpu=on_gpu)
+    (run_dir / CONFIG_FILE).write_text(json.dumps(config_to_dict(resolved), indent=2) + "\n")
+    (run_dir / DS_CONFIG_FILE).write_text(json.dumps(ds_config, indent=2) + "\n")
+    return PreparedRun(config=resolved, store=summary, run_dir=run_dir, on_gpu=on_gpu, ds_config=ds_config,
+                       model_config=to_mapping(model_cfg), resume_from=resume_from)
+
+
+def _check_resume(run_dir: Path, config: PretrainConfig, *, resume: bool) -> Path | None:
+    checkpoints = run_dir / CHECKPOINTS_NAME
+    has_history = checkpoints.is_dir() and any(checkpoints.iterdir())
+    if not resume:
+        if has_history:
+            raise ValueError(f"--output: expected a new run directory, found checkpoints in {checkpoints}; "
+                             "pass --resume to continue that run or choose another --output")
+        return None
+    latest = latest_checkpoint(run_dir)
+    if latest is None:
+        logger.info("--resume: no checkpoint in %s yet; starting from step 0", run_dir)
+        return None
+    state = read_state(latest)
+    previous = config_from_dict(state["config"], source=str(latest / "state.json"))
+    differences = config_differences(previous, config)
+    if differences:
+        listed = "; ".join(f"{k}: checkpoint has {old!r}, this run has {new!r}"
+                           for k, (old, new) in sorted(differences.items()))
+        raise ValueError(f"--resume: expected the config of the run in {run_dir} "
+                         f"(checkpoint {latest.name}), found different values: {listed}")
+    logger.info("resuming %s from %s (step %d)", run_dir, latest.name, state["step"])
+    return latest
+
+
+def detect_gpu(config: PretrainConfig) -> bool:
+    """Whether workers get a GPU: ``device=gpu``, or ``auto`` and the Ray cluster has enough GPUs."""
+    import ray
+
+    if config.device == "cpu":
+        return False
+    gpus = ray.cluster_resources().get("GPU", 0)
+    if config.device == "gpu" and gpus < config.workers:
+        raise ValueError(f"--device gpu: expected {config.workers} GPUs in the Ray cluster, found {gpus:g}")
+    return gpus >= config.workers
+
+
+# -- MLflow (driver side; rank 0 of the workers logs the per-step metrics) -------------------------
+def start_mlflow_run(prepared: PreparedRun) -> PreparedRun:
+    """Create (or, on resume, continue) the run's MLflow run and log its params and configs."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.runtime import mlflow_tracking_uri
+
+    run_file = prepared.run_dir / MLFLOW_RUN_FILE
+    uri = mlflow_tracking_uri(prepared.run_dir)
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient(tracking_uri=uri)
+    run_id = None
+    if run_file.is_file():
+        recorded = json.loads(run_file.read_text())
+        if recorded.get("tracking_uri") == uri:
+            run_id = recorded["run_id"]
+    if run_id is None:
+        experiment = client.get_experiment_by_name(prepared.config.mlflow_experiment)
+        experiment_id = (experiment.experiment_id if experiment is not None
+                         else client.create_experiment(prepared.config.mlflow_experiment))
+        run = client.create_run(experiment_id, run_name=prepared.run_dir.name,
+                                tags={"s2v.command": "pretrain", "s2v.run_dir": str(prepared.run_dir.resolve())})
+        run_id = run.info.run_id
+        params = _flatten({"pretrain": config_to_dict(prepared.config), "model": prepared.model_config,
+                           "store": {"windows": prepared.store.windows,
+                                     "usable_windows": prepared.store.usable_windows,
+                                     "epochs_per_window": prepared.store.epochs_per_window},
+                           "derived": {"per_worker_batch": prepared.config.per_worker_batch,
+                                       "on_gpu": prepared.on_gpu}})
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        for start in range(0, len(items), 100):
+            client.log_batch(run_id, params=items[start:start + 100])
+        client.log_artifact(run_id, str(prepared.run_dir / DS_CONFIG_FILE))
+        client.log_artifact(run_id, str(prepared.run_dir / CONFIG_FILE))
+        run_file.write_text(json.dumps({"tracking_uri": uri, "run_id": run_id}, indent=2) + "\n")
+    return dataclasses.replace(prepared, mlflow_tracking_uri=uri, mlflow_run_id=run_id)
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{name}."))
+        else:
+            flat[name] = ",".join(map(str, value)) if isinstance(value, (list, tuple)) else value
+    return flat
+
+
+def log_final_model(prepared: PreparedRun, encoder_dir: Path, result_metrics: dict[str, float]) -> None:
+    """Log the final encoder: its directory as artifacts and an ``mlflow.pytorch`` model."""
+    import mlflow
+    import torch
+    from mlflow.tracking import MlflowClient
+
+    from s2v_core.model import load_encoder
+
+    client = MlflowClient(tracking_uri=prepared.mlflow_tracking_uri)
+    client.log_artifacts(prepared.mlflow_run_id, str(encoder_dir), artifact_path=MLFLOW_ENCODER_ARTIFACT)
+    mlflow.set_tracking_uri(prepared.mlflow_tracking_uri)
+    with mlflow.start_run(run_id=prepared.mlflow_run_id):
+        mlflow.pytorch.log_model(
+            load_encoder(encoder_dir), name=MLFLOW_MODEL_NAME,
+            # Explicit requirements: skips MLflow's slow import-tracing inference.
+            pip_requirements=["sleep2vec", f"torch=={torch.__version__.split('+')[0]}"],
+            # A pickled SleepEncoder (class from the installed package): its forward takes
+            # a dict of masked tensors, which the traced "pt2" format cannot export.
+            serialization_format="pickle",
+            metadata={"s2v_model_config": prepared.model_config,
+                      "s2v_modalities": list(prepared.config.modalities)},
+        )
+        mlflow.set_tag("s2v.final_loss", f"{result_metrics.get('loss', math.nan):.6f}")
+    client.set_terminated(prepared.mlflow_run_id, "FINISHED")
+
+
+# -- run --------------------------------------------------------------------------------------------
+def loop_config(prepared: PreparedRun) -> dict[str, Any]:
+    """The ``train_loop_config`` of the ``TorchTrainer``: everything the worker loop reads."""
+    mlflow = None
+    if prepared.mlflow_run_id is not None:
+        mlflow = {"tracking_uri": prepared.mlflow_tracking_uri, "run_id": prepared.mlflow_run_id}
+    return {
+        "pretrain": config_to_dict(prepared.config),
+        "model": prepared.model_config,
+        "modalities": list(prepared.config.modalities),
+        "epochs_per_window": prepared.store.epochs_per_window,
+        "ds_config": prepared.ds_config,
+        "run_dir": str(prepared.run_dir.resolve()),
+        "resume_from": str(prepared.resume_from.resolve()) if prepared.resume_from else None,
+        "mlflow": mlflow,
+    }
+
+
+def build_trainer(prepared: PreparedRun, *, callbacks: Sequence[Any] = (), storage_path: str | None = None,
+                  name: str = CHECKPOINTS_NAME):
+    """The ``TorchTrainer`` of a prepared run (Ray must be initialised).
+
+    The sweep wraps this: pass ``callbacks`` (e.g. Tune's
+    ``TuneReportCallback``) to forward the per-step metrics (``loss``,
+    ``step``, ``negatives_per_anchor``, ``windows_per_s``, ``lr``, …).
+    Checkpoints go to ``storage_path/name`` (default ``RUN_DIR/checkpoints``).
+    """
+    import ray.train
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from pipelines.train_loop import train_loop_per_worker
+
+    config = prepared.config
+    resources = {"CPU": 1, "GPU": 1} if prepared.on_gpu else {"CPU": 1}
+    dataset = build_dataset(prepared.store.files, modalities=config.modalities,
+                            history_columns=config.history_columns, seed=config.seed)
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config(prepared),
+        torch_config=TorchConfig(backend="nccl" if prepared.on_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=prepared.on_gpu,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(
+            name=name,
+            storage_path=str(Path(storage_path or prepared.run_dir).resolve()),
+            failure_config=FailureConfig(max_failures=config.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=config.keep_checkpoints),
+            callbacks=list(callbacks) or None,
+        ),
+        datasets={"train": dataset},
+        dataset_config=DataConfig(datasets_to_split=["train"]),
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """CLI entry: ``s2v pretrain …`` → :func:`pretrain`."""
+    config = config_from_args(args)
+    result = pretrain(config, resume=args.resume, address=args.address)
+    print(json.dumps({"run_dir": str(result.run_dir), "checkpoint": str(result.checkpoint),
+                      "encoder": str(result.encoder_dir), "mlflow_run_id": result.mlflow_run_id,
+                      "steps": result.steps, "final_loss": result.final_loss}))
+    return 0
+
+
+def pretrain(config: PretrainConfig, *, resume: bool = False, address: str | None = None,
+             mlflow: bool = True) -> PretrainResult:
+    """Pretrain the encoder; the Python API behind ``s2v pretrain``.
+
+    Parameters
+    ----------
+    config : PretrainConfig
+    resume : bool
+        Continue from the latest checkpoint in ``config.output`` (its config
+        must match); without it an existing run dir with checkpoints is an error.
+    address : str, optional
+        Ray cluster to use (else ``RAY_ADDRESS``, else a local instance).
+    mlflow : bool
+        Log to MLflow (params, per-step metrics from rank 0, configs, final model).
+    """
+    import ray
+
+    from pipelines.runtime import init_ray
+
+    prepared = setup(config, resume=resume)  # input errors surface before Ray starts
+    if prepared.resume_from is not None and read_state(prepared.resume_from)["step"] >= config.steps:
+        logger.info("%s already reached %d steps; nothing to train", prepared.run_dir, config.steps)
+        return cleanup(prepared, prepared.resume_from, log_model=False)
+    started_ray = not ray.is_initialized()
+    init_ray(address, num_cpus=None)
+    try:
+        on_gpu = detect_gpu(config)
+        if on_gpu:
+            prepared = setup(config, resume=resume, on_gpu=True)  # bf16 DeepSpeed config
+        if mlflow:
+            prepared = start_mlflow_run(prepared)
+        result = build_trainer(prepared).fit()
+        if result.error is not None:
+            raise result.error
+        return cleanup(prepared, Path(result.checkpoint.path))
+    finally:
+        if started_ray:
+            ray.shutdown()
+
+
+# -- cleanup ----------------------------------------------------------------------------------------
+def cleanup(prepared: PreparedRun, checkpoint: Path, *, log_model: bool = True) -> PretrainResult:
+    """Copy the final checkpoint's encoder to ``RUN_DIR/encoder``, log it to MLflow, summarise the run."""
+    state = read_state(checkpoint)
+    encoder_dir = prepared.run_dir / FINAL_ENCODER_DIR
+    if encoder_dir.exists():
+        shutil.rmtree(encoder_dir)
+    shutil.copytree(checkpoint / ENCODER_DIR, encoder_dir)
+    metrics = {k: float(v) for k, v in state["metrics"].items()}
+    if prepared.mlflow_run_id is not None and log_model:
+        log_final_model(prepared, encoder_dir, metrics)
+    return PretrainResult(run_dir=prepared.run_dir, checkpoint=checkpoint, encoder_dir=encoder_dir,
+                          mlflow_run_id=prepared.mlflow_run_id, steps=int(state["step"]),
+                          final_loss=metrics.get("loss", math.nan), metrics=metrics)
+
+
+# -- CLI --------------------------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``s2v pretrain`` (unset flags keep the ``--config`` file's or the default value)."""
+    defaults = PretrainConfig()
+    parser.add_argument("--data", help="store directory written by `s2v ingest`")
+    parser.add_argument("--output", help="run directory (checkpoints, configs, final encoder, mlflow.db)")
+    parser.add_argument("--config", help="TOML/YAML/JSON file of PretrainConfig fields; flags override it")
+    parser.add_argument("--workers", type=int, help=f"Ray Train workers (default {defaults.workers})")
+    parser.add_argument("--model", help=f"named model size (default {defaults.model})")
+    parser.add_argument("--width", type=int, help="override the model width")
+    parser.add_argument("--depth", type=int, help="override the backbone depth")
+    parser.add_argument("--modalities", help="comma-separated subset (default: all in the store)")
+    parser.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3),
+                        help=f"DeepSpeed ZeRO stage (default {defaults.zero_stage})")
+    parser.add_argument("--steps", type=int, help=f"optimiser steps (default {defaults.steps})")
+    parser.add_argument("--global-batch", type=int,
+                        help=f"windows sharing negatives across all workers per step (default {defaults.global_batch})")
+    parser.add_argument("--grad-accum", type=int, help="micro-steps per optimiser step (default 1)")
+    parser.add_argument("--lr", type=float, help=f"peak learning rate (default {defaults.lr})")
+    parser.add_argument("--seed", type=int, help=f"random seed (default {defaults.seed})")
+    parser.add_argument("--checkpoint-every", type=int,
+                        help=f"optimiser steps between checkpoints (default {defaults.checkpoint_every})")
+    parser.add_argument("--no-dash", action="store_true", help="plain InfoNCE (no DASH weighting)")
+    parser.add_argument("--device", choices=("auto", "cpu", "gpu"), help="worker device (default auto)")
+    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output")
+    parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a local instance)")
+
+
+def config_from_args(args: argparse.Namespace) -> PretrainConfig:
+    """Map parsed CLI flags (and ``--config``) onto a :class:`PretrainConfig`."""
+    overrides = {
+        "data": args.data, "output": args.output, "workers": args.workers, "model": args.model,
+        "width": args.width, "depth": args.depth, "modalities": args.modalities,
+        "zero_stage": args.zero_stage, "steps": args.steps, "global_batch": args.global_batch,
+        "grad_accum": args.grad_accum, "lr": args.lr, "seed": args.seed,
+        "checkpoint_every": args.checkpoint_every, "device": args.device,
+        "dash": False if args.no_dash else None,
+    }
+    return load_pretrain_config(args.config, **overrides)

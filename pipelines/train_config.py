@@ -1,0 +1,218 @@
+"""The pretraining run config and the DeepSpeed config generated from it.
+
+``PretrainConfig`` is the one source of truth of a pretraining run: the CLI
+and ``--config FILE`` (TOML/YAML/JSON) map onto it, the driver resolves it
+against the store (modalities, window length), and everything else is derived
+from the resolved config — the model config, the DeepSpeed config (saved as
+``RUN_DIR/ds_config.json`` and logged to MLflow), the Ray Train worker count
+and the checkpoint description.
+
+Launch::
+
+    s2v pretrain --data STORE --output RUN_DIR --workers 2 --model tiny --steps 30
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from s2v_core.config import from_mapping, load_mapping, to_mapping
+from s2v_core.losses import DashConfig
+from s2v_core.model import ModelConfig, model_config
+
+#: Fields that describe where/how a run executes, not what it computes: they
+#: may differ between a run and its ``--resume`` (e.g. more failures allowed).
+RUNTIME_FIELDS = frozenset({"data", "output", "max_failures", "fail_at_step", "mlflow_experiment"})
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """Everything a pretraining run depends on (see ``s2v pretrain --help``)."""
+
+    data: str = ""  # the Parquet store (``s2v ingest --output``); required
+    output: str = ""  # the run dir: checkpoints/, ds_config.json, mlflow.db, final encoder; required
+    workers: int = 2  # Ray Train workers (one process each, 1 CPU or 1 GPU)
+    model: str = "tiny"  # named size from s2v_core/configs/model/<name>.toml
+    width: int | None = None  # override of the model width d (None keeps the named size's)
+    depth: int | None = None  # override of the backbone depth (None keeps the named size's)
+    modalities: tuple[str, ...] = ()  # modalities to train on; () = every modality the store holds
+    steps: int = 100  # optimiser steps of the whole run (a resumed run ends at the same count)
+    global_batch: int = 16  # windows per micro-step whose negatives are shared by all workers
+    grad_accum: int = 1  # micro-steps per optimiser step (each is its own contrastive batch)
+    lr: float = 3e-4  # peak AdamW learning rate after warm-up
+    weight_decay: float = 0.05  # AdamW decoupled weight decay (CLIP/ViT-style)
+    warmup_steps: int = 10  # linear warm-up length in optimiser steps (clamped to steps)
+    min_lr_ratio: float = 0.1  # cosine floor as a fraction of lr (and warm-up start)
+    grad_clip: float = 1.0  # global gradient-norm clip; 0 disables
+    zero_stage: int = 2  # DeepSpeed ZeRO stage 0-3 (3 needs GPUs: gloo lacks reduce-scatter)
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
+    device: str = "auto"  # auto (GPU workers if the cluster has GPUs) | cpu | gpu
+    seed: int = 0  # model init, data shuffling, modality dropout
+    dash: bool = True  # DASH metadata weighting; False = plain InfoNCE (same-night masking stays)
+    history_columns: tuple[str, ...] = ()  # outcome columns used as DASH history flags
+    shuffle_buffer: int = 512  # windows in each worker's local shuffle buffer (reshuffled per epoch)
+    checkpoint_every: int = 50  # optimiser steps between checkpoints (a final one is always written)
+    keep_checkpoints: int = 2  # newest checkpoints kept in RUN_DIR/checkpoints
+    report_every: int = 1  # optimiser steps between ray.train.report/MLflow metric rows
+    max_failures: int = 1  # worker-group restarts from the latest checkpoint (Ray FailureConfig)
+    mlflow_experiment: str = "sleep2vec-pretrain"  # MLflow experiment name
+    fail_at_step: int | None = None  # TESTING AID: rank 1 (or 0) raises once at this step
+
+    def __post_init__(self) -> None:
+        positive = ("workers", "steps", "global_batch", "grad_accum", "warmup_steps",
+                    "checkpoint_every", "keep_checkpoints", "report_every", "shuffle_buffer")
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"--{_flag(name)}: expected an integer >= 1, found {value!r}")
+        for name in ("width", "depth"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"--{name}: expected an integer >= 1, found {value!r}")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"--zero-stage: expected 0, 1, 2 or 3, found {self.zero_stage!r}")
+        if self.global_batch % self.workers:
+            raise ValueError(
+                f"--global-batch: expected a multiple of --workers ({self.workers}) so every worker "
+                f"holds the same number of windows, found {self.global_batch}"
+            )
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"--precision: expected auto, bf16 or fp32, found {self.precision!r}")
+        if self.device not in ("auto", "cpu", "gpu"):
+            raise ValueError(f"--device: expected auto, cpu or gpu, found {self.device!r}")
+        if not self.lr > 0:
+            raise ValueError(f"--lr: expected a learning rate > 0, found {self.lr!r}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"min_lr_ratio: expected a value in [0, 1], found {self.min_lr_ratio!r}")
+        if self.weight_decay < 0 or self.grad_clip < 0:
+            raise ValueError("weight_decay and grad_clip must be >= 0, found "
+                             f"{self.weight_decay!r} and {self.grad_clip!r}")
+        if self.max_failures < 0:
+            raise ValueError(f"max_failures: expected an integer >= 0, found {self.max_failures!r}")
+
+    @property
+    def per_worker_batch(self) -> int:
+        """Windows each worker holds per micro-step."""
+        return self.global_batch // self.workers
+
+    def model_config(self, *, epochs_per_window: int | None = None) -> ModelConfig:
+        """The encoder architecture: the named size with ``width``/``depth`` overrides.
+
+        ``epochs_per_window`` (the store's window length) widens the position
+        embeddings when the store's windows are longer than the size's default.
+        """
+        overrides: dict[str, Any] = {"width": self.width, "depth": self.depth}
+        base = model_config(self.model)
+        if epochs_per_window is not None and epochs_per_window > base.epochs_per_window:
+            overrides["epochs_per_window"] = epochs_per_window
+        width = self.width or base.width
+        if width % base.heads:
+            # A swept width that the named size's head count does not divide:
+            # fall back to the largest divisor of width not above the default.
+            overrides["heads"] = max(h for h in range(1, base.heads + 1) if width % h == 0)
+        return model_config(self.model, **overrides)
+
+    def dash_config(self) -> DashConfig:
+        """DASH-InfoNCE constants (``dash=False`` gives plain InfoNCE)."""
+        return DashConfig(enabled=self.dash)
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def load_pretrain_config(path: str | None = None, **overrides: Any) -> PretrainConfig:
+    """Build a :class:`PretrainConfig` from an optional file plus explicit overrides.
+
+    Parameters
+    ----------
+    path : str, optional
+        TOML/YAML/JSON file whose keys are ``PretrainConfig`` fields (strict:
+        unknown keys and wrong types are errors naming the file).
+    **overrides
+        Field values that take precedence over the file (the CLI flags);
+        ``None`` values are ignored so unset flags keep the file's value.
+    """
+    data: dict[str, Any] = dict(load_mapping(path)) if path else {}
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    for key in ("modalities", "history_columns"):
+        if isinstance(data.get(key), str):
+            data[key] = [s.strip() for s in data[key].split(",") if s.strip()]
+    return from_mapping(PretrainConfig, data, source=path or "s2v pretrain")
+
+
+def config_to_dict(config: PretrainConfig) -> dict[str, Any]:
+    """JSON-serialisable form (what the Ray Train loop receives and checkpoints record)."""
+    return to_mapping(config)
+
+
+def config_from_dict(data: dict[str, Any], *, source: str = "config") -> PretrainConfig:
+    """Inverse of :func:`config_to_dict` (strict)."""
+    return from_mapping(PretrainConfig, data, source=source)
+
+
+def config_differences(old: PretrainConfig, new: PretrainConfig) -> dict[str, tuple[Any, Any]]:
+    """Fields (outside :data:`RUNTIME_FIELDS`) whose values differ: ``{name: (old, new)}``."""
+    return {
+        f.name: (getattr(old, f.name), getattr(new, f.name))
+        for f in dataclasses.fields(PretrainConfig)
+        if f.name not in RUNTIME_FIELDS and getattr(old, f.name) != getattr(new, f.name)
+    }
+
+
+def use_bf16(config: PretrainConfig, *, on_gpu: bool) -> bool:
+    """bf16 on GPU workers (``precision=auto``), fp32 on CPU workers (gloo has no bf16 gain)."""
+    if config.precision == "bf16":
+        return True
+    if config.precision == "fp32":
+        return False
+    return on_gpu
+
+
+def deepspeed_config(config: PretrainConfig, *, on_gpu: bool) -> dict[str, Any]:
+    """The DeepSpeed config of a run, derived from ``config`` only.
+
+    The optimiser (``torch.optim.AdamW``) is passed to ``deepspeed.initialize``
+    by the loop so that CPU workers never compile DeepSpeed's fused/CPU Adam
+    ops; its learning rate schedule (linear warm-up then cosine to
+    ``min_lr_ratio * lr``) is DeepSpeed's ``WarmupCosineLR``, stepped once per
+    optimiser step and saved in the engine checkpoint.
+
+    Loss scaling across workers: each worker's DASH-InfoNCE loss is
+    ``world_size * (its anchors' summed loss) / (global anchors)`` and the
+    embeddings are gathered with gradient, so DeepSpeed's mean of the
+    per-worker gradients equals the gradient of the single-process loss on
+    the concatenated global batch.
+    """
+    bf16 = use_bf16(config, on_gpu=on_gpu)
+    zero: dict[str, Any] = {"stage": config.zero_stage}
+    if config.zero_stage in (1, 2):
+        # Overlapping reduction with backward needs CUDA streams; keep it on GPUs only.
+        zero.update(overlap_comm=on_gpu, contiguous_gradients=True, reduce_scatter=on_gpu)
+    if config.zero_stage == 3:
+        zero.update(stage3_gather_16bit_weights_on_model_save=True)
+    return {
+        "train_micro_batch_size_per_gpu": config.per_worker_batch,
+        "gradient_accumulation_steps": config.grad_accum,
+        "train_batch_size": config.global_batch * config.grad_accum,
+        "gradient_clipping": float(config.grad_clip),
+        "zero_optimization": zero,
+        "bf16": {"enabled": bf16},
+        "fp16": {"enabled": False},
+        # A client torch optimizer under ZeRO is supported but flagged "untested".
+        "zero_allow_untested_optimizer": True,
+        "scheduler": {
+            "type": "WarmupCosineLR",
+            "params": {
+                "total_num_steps": config.steps,
+                "warmup_num_steps": min(config.warmup_steps, config.steps),
+                "warmup_min_ratio": config.min_lr_ratio,
+                "cos_min_ratio": config.min_lr_ratio,
+                "warmup_type": "linear",
+            },
+        },
+        "steps_per_print": 10**9,  # progress goes to MLflow, not DeepSpeed's stdout
+        "wall_clock_breakdown": False,
+    }

@@ -1,0 +1,188 @@
+"""The store as pretraining data: checks in the driver, a Ray Data dataset for the workers.
+
+Everything here that inspects the store runs in the driver with pyarrow
+alone (no Ray), so that a bad ``--data``/``--modalities``/``--global-batch``
+stops the run before any worker starts, with one message naming the option.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+
+from s2v_core.modalities import MODALITY_KEYS
+from s2v_core.store import SCHEMA_VERSION, schema_info
+
+logger = logging.getLogger(__name__)
+
+#: Columns table_to_batch reads besides the modality columns.
+BATCH_COLUMNS = ("recording_id", "site", "present", "stages", "age", "sex")
+
+
+@dataclass(frozen=True)
+class StoreSummary:
+    """What the driver learned about a store before training.
+
+    Attributes
+    ----------
+    files : tuple of str
+        The Parquet files of the store (``site=<name>/<recording>.parquet``), sorted.
+    epochs_per_window : int
+        Window length in 30-s epochs, from the schema metadata.
+    modalities : tuple of str
+        Modalities present in at least one window, registry order.
+    windows : int
+        Windows in the store.
+    usable_windows : int
+        Windows holding at least one of the selected modalities (the training rows).
+    """
+
+    files: tuple[str, ...]
+    epochs_per_window: int
+    modalities: tuple[str, ...]
+    windows: int
+    usable_windows: int
+
+
+def store_files(store: str | Path, *, option: str = "--data") -> list[Path]:
+    """The Parquet files of ``store``; ``ValueError`` naming ``option`` if there are none."""
+    root = Path(store)
+    if not root.is_dir():
+        raise ValueError(f"{option}: expected a store directory written by `s2v ingest`, "
+                         f"found no directory at {root}")
+    files = sorted(p for p in root.rglob("*.parquet") if p.is_file())
+    if not files:
+        raise ValueError(f"{option}: expected Parquet files (site=<name>/<recording>.parquet) "
+                         f"under {root}, found none")
+    return files
+
+
+def inspect_store(store: str | Path, modalities: Sequence[str] = (), *,
+                  option: str = "--data") -> StoreSummary:
+    """Check a store against the run's needs and summarise it.
+
+    Reads only the Parquet footers and the ``present`` column.
+
+    Parameters
+    ----------
+    store : path
+        Store root.
+    modalities : sequence of str
+        The selected modalities (``()`` = every modality present in the store).
+
+    Raises
+    ------
+    ValueError
+        No Parquet files; a schema version other than
+        :data:`s2v_core.store.SCHEMA_VERSION`; files disagreeing on the window
+        length; a selected modality absent from every window (naming
+        ``--modalities``).
+    """
+    files = store_files(store, option=option)
+    epochs = None
+    for path in files:
+        try:
+            version, file_epochs = schema_info(pq.read_schema(path))
+        except ValueError as exc:
+            raise ValueError(f"{option}: {path}: {exc}") from None
+        if version != SCHEMA_VERSION:
+            raise ValueError(f"{option}: {path}: expected store schema version {SCHEMA_VERSION}, "
+                             f"found {version}; re-ingest the store with this version of s2v")
+        if epochs is not None and file_epochs != epochs:
+            raise ValueError(f"{option}: {path}: expected {epochs} epochs per window like the other "
+                             f"files, found {file_epochs}")
+        epochs = file_epochs
+    present = _present_matrix(files)
+    in_store = tuple(k for i, k in enumerate(MODALITY_KEYS) if present[:, i].any())
+    selected = tuple(modalities) or in_store
+    absent = [k for k in selected if k not in in_store]
+    if absent:
+        raise ValueError(
+            f"--modalities: expected modalities present in the store {store}, "
+            f"found {', '.join(absent)} absent (the store holds {', '.join(in_store) or 'none'})"
+        )
+    columns = [MODALITY_KEYS.index(k) for k in selected]
+    usable = int(present[:, columns].any(axis=1).sum())
+    return StoreSummary(files=tuple(str(p) for p in files), epochs_per_window=int(epochs),
+                        modalities=tuple(k for k in MODALITY_KEYS if k in selected),
+                        windows=int(present.shape[0]), usable_windows=usable)
+
+
+def _present_matrix(files: Sequence[Path]) -> np.ndarray:
+    table = pads.dataset([str(f) for f in files], format="parquet").to_table(columns=["present"])
+    flat = table.column("present").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    return np.asarray(flat, dtype=bool).reshape(table.num_rows, len(MODALITY_KEYS))
+
+
+def check_batch_fits(summary: StoreSummary, *, global_batch: int, workers: int) -> None:
+    """``ValueError`` naming ``--global-batch`` when a worker's shard cannot fill one batch.
+
+    Ray Train splits the rows equally over workers (dropping the remainder),
+    and every worker drops its last incomplete batch, so a worker needs at
+    least ``global_batch / workers`` windows.
+    """
+    per_worker = global_batch // workers
+    if summary.usable_windows // workers < per_worker:
+        raise ValueError(
+            f"--global-batch: expected at most {summary.usable_windows // workers * workers} windows "
+            f"(the store has {summary.usable_windows} windows with the selected modalities, split over "
+            f"{workers} workers), found {global_batch}"
+        )
+
+
+def keep_windows_with(table: pa.Table, modalities: Sequence[str]) -> pa.Table:
+    """Rows of ``table`` in which at least one of ``modalities`` is present."""
+    keep = np.zeros(table.num_rows, dtype=bool)
+    for key in modalities:
+        keep |= ~np.asarray(table.column(key).is_null().to_numpy(zero_copy_only=False), dtype=bool)
+    return table.filter(pa.array(keep))
+
+
+def training_columns(modalities: Sequence[str], history_columns: Sequence[str]) -> list[str]:
+    """The store columns a training batch needs."""
+    columns = list(BATCH_COLUMNS) + list(modalities)
+    if history_columns:
+        columns.append("outcomes")
+    return columns
+
+
+def read_store_file(items: dict[str, np.ndarray], *, columns: Sequence[str],
+                    modalities: Sequence[str]) -> pa.Table:
+    """Ray Data UDF: read the store files named in ``items["path"]`` (needed columns, usable rows)."""
+    tables = [keep_windows_with(pq.read_table(str(path), columns=list(columns)), modalities)
+              for path in items["path"]]
+    return pa.concat_tables(tables)
+
+
+def build_dataset(files: Sequence[str], *, modalities: Sequence[str], history_columns: Sequence[str],
+                  seed: int):
+    """A streaming Ray Data dataset of the training windows.
+
+    One block per store file (one night), read lazily by a task that keeps
+    only the needed columns and the windows holding at least one selected
+    modality; the order of the files is randomised with ``seed``, and each
+    worker additionally shuffles within a local buffer reseeded per epoch
+    (see ``train_loop``).
+
+    The read tasks request no CPU: the cluster's CPUs are reserved for the
+    training workers, and 2 workers on a 2-core machine would otherwise leave
+    Ray Data a budget of zero and deadlock (``read_parquet``'s file-listing
+    step always asks for one CPU). Reading a few Parquet files is light next
+    to training.
+    """
+    import ray.data
+
+    dataset = ray.data.from_items([{"path": str(f)} for f in files], override_num_blocks=len(files))
+    # Shuffle the (tiny) file-name blocks, before any data is read.
+    dataset = dataset.randomize_block_order(seed=seed).map_batches(
+        read_store_file, batch_size=1, batch_format="numpy", num_cpus=0,
+        fn_kwargs={"columns": training_columns(modalities, history_columns), "modalities": list(modalities)},
+    )
+    return dataset

@@ -1,0 +1,304 @@
+"""The Ray Train per-worker loop: DeepSpeed + DASH-InfoNCE with cross-worker negatives.
+
+The loop reads only its ``config`` (built by :func:`pipelines.pretrain.loop_config`):
+
+``config["pretrain"]``   the resolved :class:`~pipelines.train_config.PretrainConfig` as a dict
+``config["model"]``      the :class:`~s2v_core.model.ModelConfig` as a dict
+``config["modalities"]`` the modalities the encoder is built for and trained on
+``config["epochs_per_window"]``, ``config["ds_config"]``, ``config["run_dir"]``
+``config["mlflow"]``     ``{"tracking_uri", "run_id"}`` or ``None``: where rank 0 logs metrics
+``config["resume_from"]`` a checkpoint directory to start from when Ray has none (``--resume``)
+
+Data comes from ``ray.train.get_dataset_shard("train")``; a checkpoint is
+written shard (every rank's DeepSpeed state) → barrier → ``ray.train.report``;
+a restarted worker group resumes from ``ray.train.get_checkpoint()``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipelines.checkpoints import (ENCODER_DIR, ENGINE_DIR, ENGINE_TAG, DataPosition, checkpoint_dir_name,
+                                   data_position, read_state, write_state)
+from pipelines.train_config import config_from_dict
+from s2v_core.config import from_mapping
+from s2v_core.losses import DashConfig, dash_infonce
+from s2v_core.model import ModelConfig, SleepEncoder, batch_to_tensors, save_encoder
+from s2v_core.store import table_to_batch
+
+logger = logging.getLogger(__name__)
+
+#: Per-step metrics averaged over workers before logging (NaN-aware).
+AVERAGED_STATS = ("loss", "negatives_per_anchor", "weight_same_site", "weight_other_site",
+                  "weight_same_sex", "weight_other_sex", "temperature", "pairs", "global_batch")
+#: Metric rows rank 0 buffers before writing them to MLflow in one batch.
+MLFLOW_FLUSH_ROWS = 50
+
+
+def make_gather(world_size: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Concatenate a tensor over all ranks along dim 0, in rank order.
+
+    Tensors that require grad go through ``torch.distributed.nn.functional.all_gather``,
+    whose backward sums the gradients every rank computed for this rank's
+    slice and hands them back (so each embedding gets the gradient of every
+    worker's loss terms that used it as a negative); metadata goes through a
+    plain ``all_gather``.
+    """
+    import torch.distributed as dist
+    import torch.distributed.nn.functional as dist_nn
+
+    def gather(tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.requires_grad:
+            return torch.cat(dist_nn.all_gather(tensor), dim=0)
+        parts = [torch.empty_like(tensor) for _ in range(world_size)]
+        dist.all_gather(parts, tensor)
+        return torch.cat(parts, dim=0)
+
+    return gather
+
+
+class _TimedGather:
+    """Wraps a gather function and accumulates the seconds spent in it (forward only)."""
+
+    def __init__(self, gather: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self.gather = gather
+        self.seconds = 0.0
+
+    def __call__(self, tensor: torch.Tensor) -> torch.Tensor:
+        start = time.perf_counter()
+        out = self.gather(tensor)
+        self.seconds += time.perf_counter() - start
+        return out
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    # Decay matrices only: biases, norms, embeddings' scales and the temperature
+    # are not regularised (the usual AdamW convention of GPT-2/CLIP).
+    decay, plain = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (decay if param.ndim >= 2 and "embedding" not in name else plain).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]
+
+
+def _skip_broadcast_of_scalars(model: torch.nn.Module) -> None:
+    """Keep DeepSpeed from broadcasting 0-dim parameters (``SleepEncoder.logit_scale``).
+
+    DeepSpeed 0.19's ``_broadcast_model`` views every replicated parameter as
+    ``uint8``, which raises for a 0-dim tensor. Every rank builds the model
+    from the same seed, so a scalar is identical everywhere already. DeepSpeed
+    skips parameters tagged ``ds_optim_param`` (its OptimizedLinear marker,
+    otherwise only read for parameter offload, which these configs never enable).
+    """
+    for param in model.parameters():
+        if param.ndim == 0:
+            param.ds_optim_param = True
+
+
+def _average_stats(stats: dict[str, float], world_size: int, device: torch.device) -> dict[str, float]:
+    """Mean of each stat over workers, ignoring workers where it is NaN."""
+    values = torch.tensor([stats.get(k, math.nan) for k in AVERAGED_STATS], dtype=torch.float64)
+    if world_size > 1:
+        import torch.distributed as dist
+
+        valid = ~torch.isnan(values)
+        packed = torch.stack([torch.where(valid, values, torch.zeros_like(values)), valid.double()]).to(device)
+        dist.all_reduce(packed)
+        packed = packed.cpu()
+        values = packed[0] / packed[1]  # 0/0 stays NaN: no worker had that category
+    return {k: float(v) for k, v in zip(AVERAGED_STATS, values)}
+
+
+class _MetricLog:
+    """Rank 0's buffered MLflow metric writer (no-op elsewhere or without MLflow)."""
+
+    def __init__(self, mlflow: dict[str, str] | None, enabled: bool) -> None:
+        self.client = None
+        self.rows: list[Any] = []
+        if mlflow and enabled:
+            from mlflow.tracking import MlflowClient
+
+            self.client = MlflowClient(tracking_uri=mlflow["tracking_uri"])
+            self.run_id = mlflow["run_id"]
+
+    def add(self, metrics: dict[str, float], step: int) -> None:
+        if self.client is None:
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.rows += [Metric(k, float(v), now, step) for k, v in metrics.items() if math.isfinite(v)]
+        if len(self.rows) >= MLFLOW_FLUSH_ROWS * 8:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.client is not None and self.rows:
+            for start in range(0, len(self.rows), 1000):  # MLflow's log_batch limit
+                self.client.log_batch(self.run_id, metrics=self.rows[start:start + 1000])
+            self.rows = []
+
+
+def _maybe_fail(cfg: Any, step: int, rank: int, world_size: int, run_dir: str) -> None:
+    """Testing aid: the last rank raises once, when about to run optimiser step ``fail_at_step``."""
+    if cfg.fail_at_step is None or step + 1 != cfg.fail_at_step or rank != world_size - 1:
+        return
+    marker = Path(run_dir) / f".failed_at_step_{cfg.fail_at_step}"
+    if marker.exists():
+        return
+    marker.write_text("injected failure already happened; the run resumes past it\n")
+    raise RuntimeError(f"injected failure before optimiser step {cfg.fail_at_step} (fail_at_step)")
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Train the encoder on this worker's shard until ``steps`` optimiser steps are done."""
+    import deepspeed
+    import ray.train
+    import ray.train.torch
+
+    cfg = config_from_dict(config["pretrain"], source="train loop config")
+    model_cfg = from_mapping(ModelConfig, config["model"], source="train loop config.model")
+    modalities = tuple(config["modalities"])
+    epochs_per_window = int(config["epochs_per_window"])
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+
+    # Same initial weights on every rank (DeepSpeed also broadcasts rank 0's).
+    torch.manual_seed(cfg.seed)
+    model = SleepEncoder(model_cfg, modalities)
+    _skip_broadcast_of_scalars(model)
+    optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98))
+    engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer,
+                                                   config=config["ds_config"], dist_init_required=False)
+    bf16 = bool(config["ds_config"]["bf16"]["enabled"])
+
+    step, position = 0, DataPosition()
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None and config.get("resume_from"):
+        # `--resume` on a fresh trainer: start from the run's latest checkpoint.
+        checkpoint = ray.train.Checkpoint.from_directory(config["resume_from"])
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            state = read_state(directory)
+            engine.load_checkpoint(str(Path(directory) / ENGINE_DIR), tag=ENGINE_TAG)
+            step, position = int(state["step"]), data_position(state)
+        logger.info("rank %d resumed at step %d (epoch %d, batch %d)", rank, step,
+                    position.epoch, position.batches_in_epoch)
+    # Different modality-dropout draws per rank, reproducible per (seed, rank, step).
+    torch.manual_seed(cfg.seed * 1_000_003 + rank * 7919 + step)
+
+    gather = _TimedGather(make_gather(world_size)) if world_size > 1 else None
+    dash = DashConfig(enabled=cfg.dash)
+    shard = ray.train.get_dataset_shard("train")
+    log = _MetricLog(config.get("mlflow"), enabled=rank == 0)
+    last_checkpoint_step = step
+    epoch, skip = position.epoch, position.batches_in_epoch
+    window_count, interval_start, gather_seconds = 0, time.perf_counter(), 0.0
+    micro, metrics = 0, {}
+    engine.train()
+
+    while step < cfg.steps:
+        consumed = 0
+        batches = shard.iter_batches(
+            batch_size=cfg.per_worker_batch, batch_format="pyarrow", drop_last=True,
+            local_shuffle_buffer_size=cfg.shuffle_buffer, local_shuffle_seed=cfg.seed + 7919 * epoch + rank,
+        )
+        for table in batches:
+            consumed += 1
+            if consumed <= skip:
+                continue  # already trained on before the checkpoint we resumed from
+            if micro == 0:
+                _maybe_fail(cfg, step, rank, world_size, config["run_dir"])
+            np_batch = table_to_batch(table, modalities=modalities, epochs_per_window=epochs_per_window,
+                                      history_columns=cfg.history_columns)
+            tensors = batch_to_tensors(np_batch, device)
+            out = engine(tensors)
+            meta = {k: tensors[k] for k in ("age", "sex", "site_id", "night_id", "history")}
+            result = dash_infonce({k: v.float() for k, v in out.per_modality.items()}, out.present, meta,
+                                  logit_scale=engine.module.logit_scale.float(), config=dash,
+                                  rank=rank, world_size=world_size, gather=gather)
+            engine.backward(result.loss)
+            engine.step()
+            micro += 1
+            window_count += cfg.global_batch
+            if micro < cfg.grad_accum:
+                continue
+            micro, step = 0, step + 1
+            stats = _average_stats(result.stats, world_size, device)
+            if gather is not None:
+                gather_seconds += gather.seconds
+                gather.seconds = 0.0
+            position = DataPosition(epoch=epoch, batches_in_epoch=consumed)
+            if step % cfg.report_every == 0 or step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                elapsed = time.perf_counter() - interval_start
+                metrics = {**stats, "step": float(step), "epoch": float(epoch),
+                           "optimizer_steps": float(engine.global_steps),
+                           "lr": float(scheduler.get_last_lr()[0]) if scheduler is not None else cfg.lr,
+                           "windows_per_s": window_count / max(elapsed, 1e-9),
+                           "gather_share": gather_seconds / max(elapsed, 1e-9)}
+                window_count, interval_start, gather_seconds = 0, time.perf_counter(), 0.0
+                log.add({k: v for k, v in metrics.items() if k not in ("step", "global_batch", "optimizer_steps")}, step)
+                if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                    log.flush()
+                    _save_and_report(engine, metrics, config, cfg, rank, world_size, step, position)
+                    last_checkpoint_step = step
+                else:
+                    ray.train.report(metrics)
+            if step >= cfg.steps:
+                break
+        skip = 0
+        if step < cfg.steps:
+            epoch += 1
+    if last_checkpoint_step != step:  # unreachable by construction; kept as a guard for future edits
+        _save_and_report(engine, metrics, config, cfg, rank, world_size, step, position)
+    log.flush()
+
+
+def _save_and_report(engine: Any, metrics: dict[str, float], config: dict[str, Any], cfg: Any,
+                     rank: int, world_size: int, step: int, position: DataPosition) -> None:
+    """Shard → barrier → report: every rank saves its DeepSpeed state, rank 0 the encoder and state."""
+    import ray.train
+    import torch.distributed as dist
+
+    with tempfile.TemporaryDirectory(prefix="s2v-ckpt-") as directory:
+        engine_dir = Path(directory) / ENGINE_DIR
+        (engine_dir / ENGINE_TAG).mkdir(parents=True)
+        engine.save_checkpoint(str(engine_dir), tag=ENGINE_TAG)
+        _save_encoder(engine, Path(directory) / ENCODER_DIR, rank=rank, zero_stage=cfg.zero_stage)
+        if rank == 0:
+            write_state(directory, config=config["pretrain"], step=step, seed=cfg.seed,
+                        position=position, metrics=metrics, world_size=world_size)
+        if world_size > 1:
+            dist.barrier()
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory),
+                         checkpoint_dir_name=checkpoint_dir_name(step))
+
+
+def _save_encoder(engine: Any, directory: Path, *, rank: int, zero_stage: int) -> None:
+    """Rank 0 writes the plain encoder (fp32 weights); ZeRO-3 first gathers the partitions."""
+    module = engine.module
+    if zero_stage == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+            if rank == 0:
+                save_encoder(_fp32_copy(module), directory)
+        return
+    if rank == 0:
+        save_encoder(_fp32_copy(module), directory)
+
+
+def _fp32_copy(module: SleepEncoder) -> SleepEncoder:
+    """A float32 CPU copy of the encoder (bf16 training keeps bf16 weights in the module)."""
+    copy = SleepEncoder(module.config, module.modalities)
+    copy.load_state_dict({k: v.detach().float().cpu() for k, v in module.state_dict().items()})
+    return copy
