@@ -26,7 +26,7 @@ from s2v_core.synth.night import CENTRAL, HYPOPNOEA, OBSTRUCTIVE, Night
 RESP_RATE_HZ = 32
 _CTRL = sig.CONTROL_RATE_HZ
 # Heart-rate offset (bpm) and breathing-rate factor per stage column (W, N1, N2, N3, REM, movement).
-_HR_OFFSET = (7.0, 3.0, 0.0, -3.0, 4.0, 12.0)
+_HR_OFFSET = (8.0, 3.0, 0.0, -3.0, 6.0, 12.0)
 _BREATH_FACTOR = (1.12, 1.03, 1.0, 0.96, 1.1, 1.2)
 # Irregularity of breathing (relative frequency jitter) per stage column.
 _BREATH_IRREGULARITY = (0.25, 0.12, 0.06, 0.03, 0.22, 0.3)
@@ -98,7 +98,7 @@ class Cardiorespiratory:
     def _build_heart_rate(self, column: np.ndarray) -> None:
         night, rng, fs, n = self.night, self.rng, RESP_RATE_HZ, self.samples
         offset = sig.epochs_to_control(np.asarray(_HR_OFFSET)[column], smooth_seconds=10.0)
-        drift = 3.0 * sig.shaped_noise(offset.size, _CTRL, sig.peak(0.0, 0.01), rng)
+        drift = 2.0 * sig.shaped_noise(offset.size, _CTRL, sig.peak(0.0, 0.01), rng)
         surge = np.zeros(offset.size, dtype=np.float32)
         # Arousals accelerate the heart by ~10 bpm; apnoeas slow it a little.
         sig.add_bursts(surge, night.arousal_onsets_s, night.arousal_durations_s + 6.0,

@@ -108,7 +108,7 @@ def _fragment(stages: np.ndarray, rng: np.random.Generator, *, age: float, ahi: 
     # Isolated N1 epochs inside N2 (light, unstable NREM).
     n2 = np.flatnonzero(stages == N2)
     if n2.size:
-        stages[rng.choice(n2, size=rng.poisson(0.015 * n2.size), replace=True)] = N1
+        stages[rng.choice(n2, size=rng.poisson(0.03 * n2.size), replace=True)] = N1
     # N3 bouts are interrupted by N2 epochs, more in the elderly.
     n3 = np.flatnonzero(stages == N3)
     if n3.size:

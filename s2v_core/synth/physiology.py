@@ -88,6 +88,7 @@ class Electrophysiology:
         self._sources: dict[str, np.ndarray] | None = None
         self._gaze: np.ndarray | None = None
         self._muscle: dict[int, np.ndarray] = {}
+        self._tone: dict[int, np.ndarray] = {}
 
     # -- slowly varying controls (16 Hz) ------------------------------------------------
     def _build_controls(self) -> dict[str, np.ndarray]:
@@ -134,13 +135,13 @@ class Electrophysiology:
         return np.sort(starts + self.rng.uniform(0.0, EPOCH_SECONDS - 2.0, starts.size))
 
     def _add_spindles(self, sigma: np.ndarray, young: float) -> None:
-        """Spindle envelopes: ~2.5/min in N2, fewer in N3 and N1, smaller with age."""
+        """Spindle envelopes: ~4/min in N2, fewer in N3 and N1, smaller with age."""
         rng = self.rng
-        times = np.concatenate([self._events_in(N2, rate_per_epoch=1.3),
-                                self._events_in(N3, rate_per_epoch=0.5),
+        times = np.concatenate([self._events_in(N2, rate_per_epoch=2.0),
+                                self._events_in(N3, rate_per_epoch=0.7),
                                 self._events_in(N1, rate_per_epoch=0.1)])
         durations = rng.uniform(0.5, 2.0, times.size)
-        amplitudes = rng.uniform(8.0, 22.0, times.size) * young * self.night.subject.eeg_scale
+        amplitudes = rng.uniform(10.0, 28.0, times.size) * np.sqrt(young) * self.night.subject.eeg_scale
         sig.add_bursts(sigma, times, durations, amplitudes)
         sigma += 0.8 * self.night.subject.eeg_scale  # residual sigma activity between spindles
 
@@ -248,15 +249,22 @@ class Electrophysiology:
 
     # -- muscle ----------------------------------------------------------------------
     def muscle(self, rate_hz: int) -> np.ndarray:
-        """Unit-RMS broadband muscle noise at ``rate_hz``, shared bank per rate, rolled per channel."""
-        if rate_hz not in self._muscle:
-            self._muscle[rate_hz] = sig.muscle_noise(self.seconds * rate_hz, rate_hz, self.rng)
-        shift = int(self.rng.integers(rate_hz * 5, rate_hz * 60))
-        return np.roll(self._muscle[rate_hz], shift)
+        """Unit-RMS broadband muscle noise at ``rate_hz``: a window into one bank per rate.
 
-    def emg_tone(self, rate_hz: float, samples: int) -> np.ndarray:
-        """Chin EMG RMS envelope (uV) on a ``rate_hz`` grid."""
-        return sig.to_rate(self._controls["emg"], _CTRL, rate_hz, samples)
+        Each call starts the window 5-60 s later into a longer bank, so channels get
+        noise that is independent at the scale of a muscle burst without a new draw.
+        """
+        samples = self.seconds * rate_hz
+        if rate_hz not in self._muscle:
+            self._muscle[rate_hz] = sig.muscle_noise(samples + 60 * rate_hz, rate_hz, self.rng)
+        shift = int(self.rng.integers(rate_hz * 5, rate_hz * 60))
+        return self._muscle[rate_hz][shift:shift + samples]
+
+    def emg_tone(self, rate_hz: int, samples: int) -> np.ndarray:
+        """Chin EMG RMS envelope (uV) on a ``rate_hz`` grid (cached per rate)."""
+        if rate_hz not in self._tone:
+            self._tone[rate_hz] = sig.to_rate(self._controls["emg"], _CTRL, rate_hz, samples)
+        return self._tone[rate_hz]
 
     # -- channels --------------------------------------------------------------------
     def eeg(self, location: str, rate_hz: int) -> np.ndarray:
