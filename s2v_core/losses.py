@@ -93,9 +93,11 @@ class LossOutput:
     ``pairs`` (unordered modality pairs with at least one anchor in the global
     batch), ``anchors`` (local anchors, all pairs, directions and epochs),
     ``global_batch`` (windows), ``negatives_per_anchor`` (mean over local
-    anchors), and the mean normalised weight of the negatives by category:
-    ``weight_same_site``, ``weight_other_site``, ``weight_same_sex``,
-    ``weight_other_sex`` (NaN when a category is empty).
+    anchors), and the mean weight of the negatives by category, with each
+    anchor's weights normalised to mean 1 over all other-night windows of the
+    global batch: ``weight_same_site``, ``weight_other_site``,
+    ``weight_same_sex``, ``weight_other_sex`` (NaN when a category is empty;
+    all 1 with DASH disabled).
     """
 
     loss: Tensor

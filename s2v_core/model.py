@@ -109,8 +109,10 @@ def available_model_configs() -> tuple[str, ...]:
 def model_config(name: str = "tiny", **overrides: Any) -> ModelConfig:
     """Load the named model size and apply ``overrides`` (e.g. ``width=128, depth=4``).
 
-    Raises ``ValueError`` for an unknown name (listing the available ones), an
-    unknown override key (listing the fields) or an invalid value.
+    Overrides whose value is ``None`` are ignored, so unset CLI options pass
+    straight through. Raises ``ValueError`` for an unknown name (listing the
+    available ones), an unknown override key (listing the fields) or an
+    invalid value, ``TypeError`` for a value of the wrong type.
     """
     available = available_model_configs()
     if name not in available:
@@ -142,13 +144,15 @@ class EpochTokenizer(nn.Module):
         if samples_per_epoch % _STEM_PATCH:
             raise ValueError(f"EpochTokenizer: samples_per_epoch {samples_per_epoch} is not a multiple "
                              f"of the patch length {_STEM_PATCH}")
-        layers: list[nn.Module] = [nn.Conv1d(1, channels, _STEM_PATCH, stride=_STEM_PATCH),
-                                   nn.GroupNorm(1, channels), nn.GELU()]
+        # No per-epoch normalisation in the stem: the store already scales each
+        # recording to unit robust spread, and the amplitude of an epoch relative to
+        # its night (slow waves in N3, a desaturation) is signal that a per-epoch
+        # GroupNorm/LayerNorm on the feature map would erase.
+        layers: list[nn.Module] = [nn.Conv1d(1, channels, _STEM_PATCH, stride=_STEM_PATCH), nn.GELU()]
         steps = samples_per_epoch // _STEM_PATCH
         while steps > _STEM_MAX_STEPS:
             # padding 2 with kernel 8 / stride 4 gives exactly steps / 4 outputs.
-            layers += [nn.Conv1d(channels, channels, 8, stride=_STEM_STRIDE, padding=2),
-                       nn.GroupNorm(1, channels), nn.GELU()]
+            layers += [nn.Conv1d(channels, channels, 8, stride=_STEM_STRIDE, padding=2), nn.GELU()]
             steps = math.ceil(steps / _STEM_STRIDE)
         self.samples_per_epoch = samples_per_epoch
         self.convs = nn.Sequential(*layers)

@@ -259,7 +259,7 @@ def test_tiny_model_overfits_a_handful_of_windows(toy_batch):
     model = SleepEncoder(model_config("tiny", modality_dropout=0.0), keys).train()
     optimiser = torch.optim.AdamW(model.parameters(), lr=3e-3)
     losses = []
-    for _ in range(15):
+    for _ in range(25):
         out = model.encode(batch)
         result = dash_infonce(out.per_modality, out.present, batch, logit_scale=model.logit_scale)
         optimiser.zero_grad()
@@ -282,3 +282,13 @@ def test_every_parameter_gets_a_gradient_even_when_a_modality_is_absent():
     missing = [name for name, p in model.named_parameters() if p.grad is None]
     assert missing == []
     assert all(torch.all(p.grad == 0) for p in model.tokenizers["spo2"].parameters())
+
+
+def test_an_epochs_amplitude_reaches_its_token():
+    """Amplitude relative to the night (N3 slow waves, desaturations) is signal, not nuisance."""
+    torch.manual_seed(3)
+    tokenizer = SleepEncoder(model_config("tiny"), ["eeg"]).tokenizers["eeg"]
+    epoch = torch.randn(1, 1, get_modality("eeg").samples_per_epoch)
+    with torch.no_grad():
+        quiet, loud = tokenizer(epoch), tokenizer(4.0 * epoch)
+    assert F.cosine_similarity(quiet, loud, dim=-1).item() < 0.99
