@@ -23,6 +23,7 @@ import contextlib
 import logging
 import os
 import pickle
+import resource
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -58,6 +59,9 @@ class IngestSummary:
         because a previous run finished them.
     windows : int
         Windows (store rows) written this run.
+    peak_worker_rss_mb : float
+        Largest peak resident memory of a worker process that decoded a
+        recording (MiB; 0 when nothing was decoded). Bounded by one recording.
     """
 
     store: str
@@ -66,6 +70,7 @@ class IngestSummary:
     quarantined: int
     skipped: int
     windows: int
+    peak_worker_rss_mb: float = 0.0
 
 
 @contextlib.contextmanager
@@ -130,7 +135,8 @@ def ingest_one(row: dict, *, output: str, epochs_per_window: int) -> dict:
         # Reasons name the file as the user knows it, not the worker's local copy.
         for local, relative in replacements:
             entry.reason = entry.reason.replace(local, relative)
-    return {"entry": entry.to_json()}
+    # ru_maxrss is the peak of this worker process so far, in KiB on Linux.
+    return {"entry": entry.to_json(), "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
 def _remove_stale_temporaries(fs: pafs.FileSystem, root: str) -> None:
@@ -270,6 +276,7 @@ def ingest(
 
     # run
     ok = windows = 0
+    peak_rss_mb = 0.0
     quarantined = len(rejected)
     if tasks:
         import ray
@@ -283,6 +290,7 @@ def ingest(
                 num_cpus=1, concurrency=workers)
             for done, row in enumerate(dataset.iter_rows(), start=1):
                 entry = ManifestEntry.from_json(row["entry"])
+                peak_rss_mb = max(peak_rss_mb, float(row["peak_rss_mb"]))
                 writer.append(entry)  # after the file is in place (ingest_one renamed it)
                 if entry.status == "ok":
                     ok, windows = ok + 1, windows + entry.windows
@@ -296,7 +304,7 @@ def ingest(
             if started_here:
                 ray.shutdown()
     return IngestSummary(store=output, manifest=manifest, ok=ok, quarantined=quarantined,
-                         skipped=skipped, windows=windows)
+                         skipped=skipped, windows=windows, peak_worker_rss_mb=peak_rss_mb)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -209,6 +209,7 @@ def discover_site(config: SiteConfig, site_uri: str, *, input_uri: str | None = 
                 hypnogram = prefix + found[0]
                 claimed.add(found[0])
             elif found:
+                claimed.update(found)  # claimed (not orphans), but which one is meant is unclear
                 problem = (f"{prefix}{relative}: hypnogram pattern {wanted!r} matches {len(found)} files "
                            f"({', '.join(found[:3])}); expected one")
             else:
