@@ -122,16 +122,28 @@ def _column(meta: Mapping[str, Tensor], key: str, rows: int, device: torch.devic
     return value
 
 
+def _meta_columns(meta: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """All of :data:`META_KEYS` as tensors (numpy arrays accepted), missing ones as unknown."""
+    if "night_id" not in meta:
+        raise ValueError(f"dash_infonce: meta lacks 'night_id'; expected keys {', '.join(META_KEYS)}")
+    nights = meta["night_id"]
+    device = nights.device if isinstance(nights, Tensor) else torch.device("cpu")
+    return {k: _column(meta, k, len(nights), device) for k in META_KEYS}
+
+
 def dash_log_weights(meta_anchor: Mapping[str, Tensor], meta_all: Mapping[str, Tensor],
                      config: DashConfig) -> Tensor:
-    """Unnormalised ``log w_ij`` ``(A, N)`` of anchors vs candidates (symmetric in i, j)."""
-    some = meta_anchor["night_id"]
-    rows, cols, device = len(some), len(meta_all["night_id"]), some.device
-    log_w = torch.zeros(rows, cols, device=device)
+    """Unnormalised ``log w_ij`` ``(A, N)`` of anchors vs candidates (symmetric in i, j).
+
+    Same inputs as :func:`dash_weights`; all zeros when ``config.enabled`` is false.
+    """
+    a, b = _meta_columns(meta_anchor), _meta_columns(meta_all)
+    log_w = torch.zeros(len(a["night_id"]), len(b["night_id"]), device=a["night_id"].device)
     if not config.enabled:
         return log_w
-    a = {k: _column(meta_anchor, k, rows, device) for k in META_KEYS}
-    b = {k: _column(meta_all, k, cols, device) for k in META_KEYS}
+    if a["history"].shape[1] != b["history"].shape[1]:
+        raise ValueError(f"dash_weights: anchors have {a['history'].shape[1]} history columns, "
+                         f"candidates {b['history'].shape[1]}")
 
     same_site = a["site_id"][:, None] == b["site_id"][None, :]
     log_w += torch.where(same_site, math.log(config.same_site_factor), math.log(config.other_site_factor))
@@ -146,7 +158,7 @@ def dash_log_weights(meta_anchor: Mapping[str, Tensor], meta_all: Mapping[str, T
     age_term = math.log(config.age_factor) * (2.0 * kernel - 1.0)
     log_w += torch.nan_to_num(age_term, nan=0.0)  # NaN age on either side → neutral
 
-    if a["history"].shape[1] and a["history"].shape[1] == b["history"].shape[1]:
+    if a["history"].shape[1]:
         ha, hb = a["history"], b["history"]
         known = (~torch.isnan(ha)).float() @ (~torch.isnan(hb)).float().T  # flags known on both sides
         pa, pb = (ha > config.history_threshold).float(), (hb > config.history_threshold).float()
@@ -155,9 +167,6 @@ def dash_log_weights(meta_anchor: Mapping[str, Tensor], meta_all: Mapping[str, T
         agree = pa @ pb.T + na @ nb.T
         agreement = torch.where(known > 0, agree / known.clamp(min=1), 0.5)  # 0.5 → neutral
         log_w += math.log(config.history_factor) * (2.0 * agreement - 1.0)
-    elif a["history"].shape[1] != b["history"].shape[1]:
-        raise ValueError(f"dash_weights: anchors have {a['history'].shape[1]} history columns, "
-                         f"candidates {b['history'].shape[1]}")
     return log_w
 
 
@@ -184,7 +193,8 @@ def dash_weights(meta_anchor: Mapping[str, Tensor], meta_all: Mapping[str, Tenso
     weights = dash_log_weights(meta_anchor, meta_all, config).exp()
     if not normalise:
         return weights
-    negative = meta_anchor["night_id"][:, None] != meta_all["night_id"][None, :]
+    nights_a, nights_b = _meta_columns(meta_anchor)["night_id"], _meta_columns(meta_all)["night_id"]
+    negative = nights_a[:, None] != nights_b[None, :]
     weights = weights * negative
     mean = weights.sum(1, keepdim=True) / negative.sum(1, keepdim=True).clamp(min=1)
     return weights / mean.clamp(min=torch.finfo(weights.dtype).tiny)
@@ -212,8 +222,8 @@ class _ContiguousGrad(torch.autograd.Function):
 
 def _gather_meta(meta: Mapping[str, Tensor], present: Tensor, gather: Callable[[Tensor], Tensor] | None,
                  world_size: int) -> tuple[dict[str, Tensor], dict[str, Tensor], Tensor]:
-    rows, device = present.shape[0], present.device
-    local = {k: _column(meta, k, rows, device) for k in META_KEYS}
+    rows = present.shape[0]
+    local = {k: _column(meta, k, rows, present.device) for k in META_KEYS}
     if world_size == 1:
         return local, local, present
     # Two collectives: one float block (age, sex, present, history), one int64 block (ids).
