@@ -1,0 +1,474 @@
+"""``s2v sweep``: a Ray Tune grid over encoder width (x depth) x modality count (x data fraction).
+
+    s2v sweep --data STORE --widths 32,64,128 --modality-counts 2,3,5,9 --output SWEEP_DIR \\
+              [--depths 2,4] [--data-fractions 0.5,1] [--anchor eeg] [--steps 30] [--resume]
+
+setup
+    Validate the options against the store, split its subjects into a
+    training and a held-out validation side (a seeded hash of
+    ``subject_id``: no subject on both sides), choose the modality subsets
+    (nested prefixes of one seeded permutation that starts with ``--anchor``,
+    so a larger M only *adds* modalities) and plan one trial per grid point,
+    with its non-embedding parameter count N. Split stores are directories
+    of links to the store's files under ``SWEEP_DIR/splits/``.
+run
+    One Tune trial per grid point (:mod:`tune.trial`): a ``TorchTrainer``
+    pretraining run for a fixed number of steps on the training side, then
+    the held-out DASH-InfoNCE loss and the staging probe's macro-F1 on the
+    validation side. Following Ray Train V2's Tune integration, the Tune
+    trainable is a function that launches the ``TorchTrainer`` (a Trainer is
+    no longer passed to ``Tuner`` directly). Failed trials are retried once,
+    then recorded with their error; ``--resume`` restores the Tune experiment
+    and skips finished trials.
+cleanup
+    ``scaling.json`` and ``scaling.png`` (:mod:`tune.scaling`), logged with
+    the fit's headline numbers to the parent MLflow run under which every
+    trial is a nested run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow.dataset as ds
+
+from s2v_core.modalities import MODALITY_KEYS, parse_modalities
+from s2v_core.store import stable_id
+
+logger = logging.getLogger(__name__)
+
+#: Sub-directory of SWEEP_DIR holding the Tune experiment (what ``--resume`` restores).
+TUNE_NAME = "tune"
+#: Sweep bookkeeping: the resolved config and the parent MLflow run id.
+STATE_FILE = "sweep.json"
+#: Append-only log of trial start/finish events (one JSON object per line).
+TRIAL_LOG = "trial_log.jsonl"
+#: MLflow experiment of the sweep runs.
+EXPERIMENT = "s2v-sweep"
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """Everything a sweep needs; ``s2v sweep`` options map one to one."""
+
+    data: str  # the Parquet store (``s2v ingest`` output)
+    output: str  # SWEEP_DIR: splits, Tune experiment, scaling.json/png, mlflow.db
+    widths: tuple[int, ...]  # encoder widths d (the N axis)
+    modality_counts: tuple[int, ...]  # numbers of pretraining modalities (the M axis); >= 2
+    depths: tuple[int, ...] = ()  # backbone depths; empty = the model size's own depth
+    data_fractions: tuple[float, ...] = (1.0,)  # fractions of the training recordings (nested)
+    anchor: str | None = None  # modality every subset contains (e.g. "eeg")
+    model: str = "tiny"  # named model size the widths/depths override
+    steps: int = 30  # optimiser steps per trial: the fixed compute budget
+    global_batch: int = 8  # windows per step over all workers of a trial
+    workers_per_trial: int = 1  # Ray Train workers per trial (1 CPU each, as in s2v pretrain)
+    cpus_per_trial: float = 1.0  # CPUs of the trial process itself (launch + validation pass)
+    max_concurrent: int = 0  # trials at once; 0 = as many as the cluster fits
+    validation_fraction: float = 0.25  # share of subjects held out for validation
+    validation_batch: int = 32  # windows per validation-loss batch (negatives scale with it)
+    seed: int = 0  # seeds subsets, the split, the data fractions, training and the bootstrap
+    max_failures: int = 1  # retries of a failed trial before it is recorded as failed
+    bootstrap: int = 200  # bootstrap refits for the exponents' intervals
+
+    def __post_init__(self) -> None:
+        for option, values in (("--widths", self.widths), ("--modality-counts", self.modality_counts),
+                               ("--depths", self.depths)):
+            bad = [v for v in values if not isinstance(v, int) or isinstance(v, bool) or v < 1]
+            if bad:
+                raise ValueError(f"{option}: expected positive integers, found {bad}")
+            if len(set(values)) != len(values):
+                raise ValueError(f"{option}: value listed twice in {list(values)}")
+        if not self.widths or not self.modality_counts:
+            raise ValueError("--widths and --modality-counts need at least one value each")
+        if min(self.modality_counts) < 2:
+            raise ValueError(
+                f"--modality-counts: found {min(self.modality_counts)}; the contrastive objective aligns "
+                "pairs of modalities, so a trial needs at least 2 (with 1 there is nothing to align)"
+            )
+        bad = [f for f in self.data_fractions if not 0.0 < f <= 1.0]
+        if bad or not self.data_fractions:
+            raise ValueError(f"--data-fractions: expected values in (0, 1], found {list(self.data_fractions)}")
+        for option, value in (("--steps", self.steps), ("--global-batch", self.global_batch),
+                              ("--workers-per-trial", self.workers_per_trial),
+                              ("--validation-batch", self.validation_batch)):
+            if value < 1:
+                raise ValueError(f"{option}: expected an integer >= 1, found {value}")
+        if self.global_batch % self.workers_per_trial:
+            raise ValueError(f"--global-batch {self.global_batch} is not divisible by "
+                             f"--workers-per-trial {self.workers_per_trial}")
+        if not self.cpus_per_trial > 0:
+            raise ValueError(f"--cpus-per-trial: expected > 0, found {self.cpus_per_trial}")
+        if self.max_concurrent < 0:
+            raise ValueError(f"--max-concurrent: expected >= 0, found {self.max_concurrent}")
+        if not 0.0 < self.validation_fraction < 1.0:
+            raise ValueError(f"--validation-fraction: expected a value in (0, 1), found {self.validation_fraction}")
+        if self.anchor is not None:
+            parse_modalities(self.anchor, option="--anchor")
+
+
+# -- setup: what the store holds, the split, the subsets, the plan ------------------------------------
+
+def store_files(store: str | Path) -> list[tuple[str, str, str]]:
+    """``(path, subject_id, recording_id)`` of each Parquet file of ``store``, sorted by path.
+
+    Raises ``FileNotFoundError`` for a missing store, ``ValueError`` for one
+    without Parquet files.
+    """
+    store = Path(store)
+    if not store.is_dir():
+        raise FileNotFoundError(f"--data: store {store} does not exist")
+    files = sorted(str(p) for p in store.rglob("*.parquet"))
+    if not files:
+        raise ValueError(f"--data: {store} holds no .parquet files (not a sleep2vec store?)")
+    out = []
+    for path in files:
+        table = ds.dataset(path, format="parquet").head(1, columns=["subject_id", "recording_id"])
+        if table.num_rows:
+            out.append((path, table.column("subject_id")[0].as_py(), table.column("recording_id")[0].as_py()))
+    return out
+
+
+def store_modalities(store: str | Path) -> tuple[str, ...]:
+    """Modalities present in at least one window of ``store`` (registry order)."""
+    dataset = ds.dataset(str(store), format="parquet", partitioning="hive")
+    seen = np.zeros(len(MODALITY_KEYS), dtype=bool)
+    for batch in dataset.to_batches(columns=["present"]):
+        flags = batch.column("present").flatten().to_numpy(zero_copy_only=False)
+        seen |= flags.reshape(-1, len(MODALITY_KEYS)).any(axis=0)
+    return tuple(k for k, s in zip(MODALITY_KEYS, seen) if s)
+
+
+def modality_subsets(available, counts, *, anchor: str | None = None, seed: int = 0) -> dict[int, tuple[str, ...]]:
+    """One modality subset per count: nested prefixes of a seeded permutation of ``available``.
+
+    The permutation starts with ``anchor`` when given, so every subset holds
+    it; nesting makes the M axis add modalities instead of swapping them,
+    which is what the ``B * M**-beta`` term assumes. Subsets are returned in
+    registry order.
+    """
+    available = tuple(available)
+    if anchor is not None and anchor not in available:
+        raise ValueError(f"--anchor: {anchor!r} is not in the store, which holds {', '.join(available)}")
+    too_many = [c for c in counts if c > len(available)]
+    if too_many:
+        raise ValueError(f"--modality-counts: {too_many} exceed the {len(available)} modalities present "
+                         f"in the store ({', '.join(available)})")
+    rest = [k for k in available if k != anchor]
+    order = ([anchor] if anchor else []) + [rest[i] for i in np.random.default_rng(seed).permutation(len(rest))]
+    return {c: tuple(k for k in MODALITY_KEYS if k in order[:c]) for c in counts}
+
+
+def split_subjects(files, *, validation_fraction: float, seed: int = 0):
+    """Subject-disjoint ``(train_files, validation_files)`` by a seeded hash of ``subject_id``.
+
+    A subject is held out when ``stable_id(f"{seed}/{subject_id}")`` falls in
+    the lowest ``validation_fraction`` of the hash range. Both sides keep at
+    least one subject (the lowest/highest hash is moved if needed), so tiny
+    stores still give a split.
+    """
+    subjects = sorted({subject for _, subject, _ in files})
+    if len(subjects) < 2:
+        raise ValueError(f"--data: a subject-disjoint validation split needs >= 2 subjects, found {len(subjects)}")
+    score = {s: (stable_id(f"{seed}/{s}") % 1_000_003) / 1_000_003 for s in subjects}
+    held = {s for s in subjects if score[s] < validation_fraction}
+    ranked = sorted(subjects, key=score.get)
+    if not held:
+        held = {ranked[0]}
+    if len(held) == len(subjects):
+        held.discard(ranked[-1])
+    train = [f for f in files if f[1] not in held]
+    validation = [f for f in files if f[1] in held]
+    return train, validation
+
+
+def fraction_files(train_files, fraction: float, *, seed: int = 0):
+    """The first ``ceil(fraction * n)`` training recordings in a seeded hash order (nested in fraction)."""
+    ranked = sorted(train_files, key=lambda f: stable_id(f"{seed}/fraction/{f[2]}"))
+    return sorted(ranked[:max(1, math.ceil(fraction * len(ranked)))])
+
+
+def link_store(files, root: Path, store: Path) -> Path:
+    """A store at ``root`` made of symbolic links to ``files`` (same ``site=...`` layout)."""
+    root.mkdir(parents=True, exist_ok=True)
+    for path, _, _ in files:
+        target = root / Path(path).resolve().relative_to(store.resolve())
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if not target.exists():
+            target.symlink_to(Path(path).resolve())
+    return root
+
+
+def plan_trials(cfg: SweepConfig) -> tuple[list[dict], dict]:
+    """Validate ``cfg`` against its store, write the split stores, return ``(trials, split_summary)``."""
+    import torch
+
+    from s2v_core.model import SleepEncoder, count_parameters, model_config
+
+    store, output = Path(cfg.data).resolve(), Path(cfg.output).resolve()
+    files = store_files(store)
+    subsets = modality_subsets(store_modalities(store), cfg.modality_counts, anchor=cfg.anchor, seed=cfg.seed)
+    train, validation = split_subjects(files, validation_fraction=cfg.validation_fraction, seed=cfg.seed)
+    splits = output / "splits"
+    validation_store = link_store(validation, splits / "validation", store)
+    fraction_stores = {f: link_store(fraction_files(train, f, seed=cfg.seed), splits / f"train-f{f:g}", store)
+                       for f in cfg.data_fractions}
+    depths = cfg.depths or (model_config(cfg.model).depth,)
+    trials = []
+    for fraction in cfg.data_fractions:
+        for width in cfg.widths:
+            for depth in depths:
+                config = model_config(cfg.model, width=width, depth=depth)  # ValueError names the field
+                for count in cfg.modality_counts:
+                    torch.manual_seed(0)
+                    n_params = count_parameters(SleepEncoder(config, subsets[count]), non_embedding=True)
+                    key = f"w{width}-d{depth}-m{count}-f{fraction:g}"
+                    trials.append({
+                        "key": key, "width": width, "depth": depth, "modality_count": count,
+                        "modalities": list(subsets[count]), "data_fraction": fraction, "n_params": n_params,
+                        "train_store": str(fraction_stores[fraction]), "validation_store": str(validation_store),
+                    })
+    summary = {
+        "train_subjects": len({s for _, s, _ in train}), "validation_subjects": len({s for _, s, _ in validation}),
+        "train_recordings": len(train), "validation_recordings": len(validation),
+        "modality_subsets": {str(c): list(m) for c, m in subsets.items()},
+    }
+    return trials, summary
+
+
+# -- run ---------------------------------------------------------------------------------------------
+
+def sweep(cfg: SweepConfig, *, resume: bool = False, address: str | None = None,
+          num_cpus: int | None = None) -> dict:
+    """Run (or resume) the sweep described by ``cfg`` and return the scaling report.
+
+    Parameters
+    ----------
+    cfg : SweepConfig
+        The grid, budgets and resources (see the dataclass for units).
+    resume : bool
+        Restore the Tune experiment under ``cfg.output`` instead of starting
+        it; finished trials are kept, unfinished and errored ones run again.
+    address : str, optional
+        Ray cluster to join (else ``RAY_ADDRESS``, else a local instance).
+    num_cpus : int, optional
+        CPUs of a local Ray instance (default: all cores).
+
+    Returns
+    -------
+    dict
+        The content of ``SWEEP_DIR/scaling.json``, plus ``interrupted`` (true
+        when Tune stopped before every trial ended; resume with ``resume=True``).
+    """
+    import mlflow
+    from ray import tune
+
+    from pipelines.runtime import init_ray, mlflow_tracking_uri
+    from tune.scaling import write_report
+    from tune.trial import SweepMLflowCallback, run_trial
+
+    output = Path(cfg.output).resolve()
+    state_path = output / STATE_FILE
+    experiment_path = output / TUNE_NAME
+    if resume and not state_path.is_file():
+        raise FileNotFoundError(f"--resume: {state_path} does not exist; no sweep was started in {output}")
+    if not resume and experiment_path.exists():
+        raise ValueError(f"--output: {output} already holds a sweep; pass --resume to continue it "
+                         "or choose another directory")
+    trials, split = plan_trials(cfg)
+    tracking_uri = mlflow_tracking_uri(output)
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+    if resume:
+        state = json.loads(state_path.read_text())
+        saved = json.loads(json.dumps(state["config"]))
+        current = json.loads(json.dumps(asdict(cfg)))
+        changed = sorted(k for k in current if k != "max_concurrent" and saved.get(k) != current[k])
+        if changed:
+            raise ValueError(
+                f"--resume: options differ from the sweep in {output}: "
+                + "; ".join(f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in changed)
+                + " (resume with the original options, or start a new --output)"
+            )
+        parent_id = state["parent_run_id"]
+        client.update_run(parent_id, status="RUNNING")
+    else:
+        experiment = client.get_experiment_by_name(EXPERIMENT)
+        experiment_id = experiment.experiment_id if experiment else client.create_experiment(EXPERIMENT)
+        parent = client.create_run(experiment_id, run_name=f"sweep-{output.name}", tags={"s2v.kind": "sweep"})
+        parent_id = parent.info.run_id
+        for key, value in _flat_params(cfg).items():
+            client.log_param(parent_id, key, value)
+        state = {"config": asdict(cfg), "parent_run_id": parent_id, "split": split}
+        state_path.write_text(json.dumps(state, indent=2) + "\n")
+
+    settings = {"output": str(output), "model": cfg.model, "steps": cfg.steps,
+                "global_batch": cfg.global_batch, "workers": cfg.workers_per_trial,
+                "validation_batch": cfg.validation_batch, "seed": cfg.seed}
+    init_ray(address, num_cpus=num_cpus)
+    concurrent = cfg.max_concurrent or default_concurrency(cfg)
+    # The trial process launches its TorchTrainer, waits, then runs the
+    # validation pass; the Train workers ask for their own CPUs.
+    trainable = tune.with_resources(run_trial, {"cpu": cfg.cpus_per_trial})
+    callbacks = [SweepMLflowCallback(tracking_uri=tracking_uri, experiment_name=EXPERIMENT,
+                                     tags={"mlflow.parentRunId": parent_id, "s2v.kind": "sweep-trial"})]
+    run_config = tune.RunConfig(
+        name=TUNE_NAME, storage_path=str(output), callbacks=callbacks,
+        failure_config=tune.FailureConfig(max_failures=cfg.max_failures), verbose=1,
+    )
+    if resume:
+        if not tune.Tuner.can_restore(str(experiment_path)):
+            raise FileNotFoundError(f"--resume: no Tune experiment to restore at {experiment_path}")
+        # The run config (callbacks, failure config) comes back from Tune's
+        # saved tuner state; only the trainable is given again.
+        tuner = tune.Tuner.restore(str(experiment_path), trainable, resume_errored=True)
+    else:
+        tuner = tune.Tuner(
+            trainable, param_space=_param_space(trials, settings), run_config=run_config,
+            tune_config=tune.TuneConfig(max_concurrent_trials=concurrent,
+                                        trial_dirname_creator=lambda t: t.config["trial"]["key"]),
+        )
+    grid = tuner.fit()
+    records = collect_records(grid, trials)
+    interrupted = any(r["status"] == "unfinished" for r in records)
+    report = write_report(output, records, bootstrap=cfg.bootstrap, seed=cfg.seed,
+                          mlflow_run_id=parent_id, tracking_uri=tracking_uri)
+    client.set_terminated(parent_id, status="KILLED" if interrupted else "FINISHED")
+    if interrupted:
+        logger.warning("sweep interrupted with %d unfinished trial(s); continue with --resume",
+                       sum(r["status"] == "unfinished" for r in records))
+    return {**report, "interrupted": interrupted}
+
+
+def default_concurrency(cfg: SweepConfig) -> int:
+    """Trials that fit the cluster's CPUs at once: each holds its own CPUs plus 1 per worker.
+
+    Tune starts a trial as soon as its own (driver) resources are free, but
+    the ``TorchTrainer`` inside asks for its workers later; without a cap,
+    trials could take every CPU and wait forever for their workers.
+    """
+    import ray
+
+    total = ray.cluster_resources().get("CPU", 1.0)
+    per_trial = cfg.cpus_per_trial + cfg.workers_per_trial
+    if per_trial > total:
+        raise ValueError(f"--workers-per-trial {cfg.workers_per_trial} (1 CPU each) plus --cpus-per-trial "
+                         f"{cfg.cpus_per_trial:g} needs {per_trial:g} CPUs; the cluster has {total:g}")
+    return max(1, int(total // per_trial))
+
+
+def _param_space(trials: list[dict], settings: dict) -> dict:
+    from ray import tune
+
+    # One grid axis over explicit trial dicts: the subsets and N are computed
+    # up front, and the grid need not be a full Cartesian product.
+    return {"trial": tune.grid_search(trials), "settings": settings}
+
+
+def collect_records(grid, trials: list[dict]) -> list[dict]:
+    """One flat record per planned trial from a Tune ``ResultGrid``.
+
+    Results are matched to the plan by trial directory (named after the
+    trial key); a planned trial without a result, or whose result has
+    neither metrics nor an error (Tune was interrupted), is ``unfinished``.
+    """
+    by_key = {Path(result.path).name: result for result in grid if result.path}
+    records = []
+    for trial in trials:
+        record = {k: v for k, v in trial.items() if k not in ("train_store", "validation_store")}
+        result = by_key.get(trial["key"])
+        metrics = (result.metrics or {}) if result is not None else {}
+        if result is not None and result.error is not None:
+            record.update(status="failed", error=f"{type(result.error).__name__}: {result.error}"[-2000:])
+        elif "val_loss" in metrics:
+            record["status"] = "finished"
+        else:
+            record["status"] = "unfinished"
+        for key in ("val_loss", "staging_macro_f1", "train_loss", "train_seconds", "steps",
+                    "validation_windows", "trial_id"):
+            if key in metrics:
+                record[key] = metrics[key]
+        records.append(record)
+    return records
+
+
+def _flat_params(cfg: SweepConfig) -> dict[str, str]:
+    return {k: (",".join(map(str, v)) if isinstance(v, tuple) else str(v)) for k, v in asdict(cfg).items()}
+
+
+# -- CLI -------------------------------------------------------------------------------------------
+
+def _ints(option: str):
+    def parse(text: str) -> tuple[int, ...]:
+        try:
+            return tuple(int(v) for v in text.split(",") if v.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{option}: expected comma-separated integers, found {text!r}") from None
+    return parse
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--data-fractions: expected comma-separated numbers, found {text!r}") from None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    defaults = SweepConfig(data="", output="", widths=(1,), modality_counts=(2,))
+    parser.add_argument("--data", required=True, help="the Parquet store (s2v ingest output)")
+    parser.add_argument("--output", required=True, help="SWEEP_DIR for splits, Tune state, scaling.json/png")
+    parser.add_argument("--widths", required=True, type=_ints("--widths"), help="encoder widths, e.g. 32,64,128")
+    parser.add_argument("--modality-counts", required=True, type=_ints("--modality-counts"),
+                        help="numbers of pretraining modalities, e.g. 2,3,5,9 (>= 2)")
+    parser.add_argument("--depths", type=_ints("--depths"), default=(), help="backbone depths (default: the model's)")
+    parser.add_argument("--data-fractions", type=_floats, default=defaults.data_fractions,
+                        help="fractions of the training recordings, e.g. 0.25,1")
+    parser.add_argument("--anchor", default=None, help="modality every subset contains, e.g. eeg")
+    parser.add_argument("--model", default=defaults.model, help="named model size the widths override")
+    parser.add_argument("--steps", type=int, default=defaults.steps, help="optimiser steps per trial")
+    parser.add_argument("--global-batch", type=int, default=defaults.global_batch, help="windows per step")
+    parser.add_argument("--workers-per-trial", type=int, default=defaults.workers_per_trial,
+                        help="Ray Train workers per trial (1 CPU each)")
+    parser.add_argument("--cpus-per-trial", type=float, default=defaults.cpus_per_trial,
+                        help="CPUs of each trial's own process (launch + validation), besides its workers")
+    parser.add_argument("--max-concurrent", type=int, default=defaults.max_concurrent,
+                        help="trials at once (0: as many as fit)")
+    parser.add_argument("--validation-fraction", type=float, default=defaults.validation_fraction,
+                        help="share of subjects held out")
+    parser.add_argument("--max-failures", type=int, default=defaults.max_failures, help="retries per trial")
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--resume", action="store_true", help="continue the sweep in --output")
+    parser.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or local)")
+    parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray instance")
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = SweepConfig(
+        data=args.data, output=args.output, widths=args.widths, modality_counts=args.modality_counts,
+        depths=args.depths, data_fractions=args.data_fractions,
+        anchor=parse_modalities(args.anchor, option="--anchor")[0] if args.anchor else None,
+        model=args.model, steps=args.steps, global_batch=args.global_batch,
+        workers_per_trial=args.workers_per_trial, cpus_per_trial=args.cpus_per_trial,
+        max_concurrent=args.max_concurrent, validation_fraction=args.validation_fraction,
+        max_failures=args.max_failures, seed=args.seed,
+    )
+    import ray
+
+    try:
+        report = sweep(cfg, resume=args.resume, address=args.address, num_cpus=args.num_cpus)
+    finally:
+        if ray.is_initialized() and not (args.address or os.environ.get("RAY_ADDRESS")):
+            ray.shutdown()
+    fit = report.get("fit", {})
+    summary = {"scaling_json": str(Path(cfg.output) / "scaling.json"), **report["counts"],
+               "alpha": fit.get("params", {}).get("alpha"), "beta": fit.get("params", {}).get("beta"),
+               "extrapolation_relative_error": report.get("extrapolation", {}).get("relative_error"),
+               "fit_error": fit.get("error")}
+    print(json.dumps(summary, indent=2))
+    return 130 if report["interrupted"] else 0
