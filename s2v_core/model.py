@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from s2v_core.config import from_mapping, to_mapping
-from s2v_core.modalities import MODALITY_KEYS, get_modality
+from s2v_core.modalities import MODALITY_KEYS, get_modality, parse_modalities
 
 logger = logging.getLogger(__name__)
 
@@ -207,6 +207,8 @@ class SleepEncoder(nn.Module):
         super().__init__()
         if not isinstance(config, ModelConfig):
             raise TypeError(f"SleepEncoder: expected a ModelConfig, found {type(config).__name__}")
+        if isinstance(modalities, str):  # "eeg,ecg" must not become a set of letters
+            modalities = parse_modalities(modalities, option="SleepEncoder(modalities=…)")
         wanted = set(modalities)
         for key in wanted:
             get_modality(key)  # KeyError naming the valid keys
@@ -247,6 +249,8 @@ class SleepEncoder(nn.Module):
             return selected
         if isinstance(modalities, str):
             modalities = [m.strip() for m in modalities.split(",") if m.strip()]
+        if not modalities:
+            raise ValueError("encode: modalities is empty; pass None to encode every modality in the batch")
         unknown = [m for m in modalities if m not in self.modalities]
         if unknown:
             raise ValueError(f"encode: modality {', '.join(map(repr, unknown))} was not built into this "

@@ -177,8 +177,11 @@ def test_encode_rejects_what_it_cannot_encode():
         eeg_only.encode({"eeg": torch.zeros(2, EPOCHS, 100), "present": batch["present"]})
     with pytest.raises(ValueError, match="epochs_per_window"):
         eeg_only.encode(random_batch(2, ("eeg",), epochs=11))
+    with pytest.raises(ValueError, match="empty"):
+        eeg_only.encode(batch, modalities=[])
     with pytest.raises(KeyError, match="unknown modality"):
         SleepEncoder(model_config("tiny"), ["eeg", "ppg"])
+    assert SleepEncoder(model_config("tiny"), "ecg,eeg").modalities == ("eeg", "ecg")
 
 
 def test_modality_dropout_only_in_training_and_never_empties_a_window():
