@@ -40,7 +40,8 @@ embeddings, L2-normalised, :func:`s2v_core.model.pool_night`).
 ``EMB/embed.json`` (also in the schema metadata of ``nights.parquet`` under
 ``s2v.embeddings``) — ``format``, ``embedding_dim`` (P), ``epochs_per_window``
 (E), ``modalities`` (requested subset), ``per_modality``, ``encoder_source``,
-``pretrain_run_id`` (null if unknown), ``store``, ``windows``, ``nights``.
+``pretrain_run_id`` and ``pretrain_tracking_uri`` (the pretraining MLflow run,
+null if unknown), ``store``, ``windows``, ``nights``.
 Embeddings are unit-length (cosine geometry); they carry no signal values.
 """
 
@@ -72,6 +73,8 @@ INFO_FILE = "embed.json"
 WINDOWS_DIR = "windows"
 NIGHTS_FILE = "nights.parquet"
 METADATA_KEY = b"s2v.embeddings"
+#: Written by ``s2v pretrain`` in its run directory: ``{"tracking_uri", "run_id"}``.
+PRETRAIN_RUN_FILE = "mlflow_run.json"
 #: Store columns carried through unchanged to every embeddings row.
 CARRIED_COLUMNS = (*IDENTITY_COLUMNS, "stages", "age", "sex", "outcomes")
 
@@ -111,23 +114,41 @@ class Embeddings:
 def load_encoder_spec(spec: str):
     """Load an encoder (eval mode, CPU) from a checkpoint dir, run dir or MLflow URI / run id.
 
-    Returns ``(encoder, pretrain_run_id or None)``.
+    Returns ``(encoder, pretrain_run)`` where ``pretrain_run`` is
+    ``{"run_id", "tracking_uri"}`` of the pretraining MLflow run when it can
+    be found (``RUN_DIR/mlflow_run.json`` above a checkpoint path, or the run
+    id of a ``runs:/`` spec), else ``None``.
     """
     try:
-        from pipelines import model_io
-    except ImportError:  # the pretraining side has not provided its resolver yet
-        model_io = None
-    if model_io is not None:
-        encoder = model_io.load_trained_encoder(spec)
-        run_id = getattr(model_io, "pretrain_run_id", lambda s: None)(spec)
-        return encoder.eval(), run_id
-    from s2v_core.model import CONFIG_FILE, load_encoder
+        from pipelines.model_io import load_trained_encoder
+    except ImportError:  # an older tree without the pretraining side's resolver
+        load_trained_encoder = None
+    if load_trained_encoder is not None:
+        encoder = load_trained_encoder(spec)
+    else:
+        from s2v_core.model import CONFIG_FILE, load_encoder
 
+        if not (Path(spec) / CONFIG_FILE).is_file():
+            raise FileNotFoundError(f"--checkpoint {spec!r}: expected a saved encoder directory "
+                                    f"(holding {CONFIG_FILE})")
+        encoder = load_encoder(spec)
+    return encoder.eval(), _pretrain_run(str(spec))
+
+
+def _pretrain_run(spec: str) -> dict | None:
+    """The pretraining MLflow run behind ``spec``, if it can be told (see load_encoder_spec)."""
     path = Path(spec)
-    if (path / CONFIG_FILE).is_file():
-        return load_encoder(path), None
-    raise FileNotFoundError(f"--checkpoint {spec!r}: expected a saved encoder directory "
-                            f"(holding {CONFIG_FILE})")
+    if path.exists():
+        for folder in [path.resolve(), *path.resolve().parents][:5]:
+            record = folder / PRETRAIN_RUN_FILE
+            if record.is_file():
+                data = json.loads(record.read_text(encoding="utf-8"))
+                return {"run_id": data.get("run_id"), "tracking_uri": data.get("tracking_uri")}
+        return None
+    run_id = spec[len("runs:/"):].split("/")[0] if spec.startswith("runs:/") else spec
+    if len(run_id) == 32 and all(c in "0123456789abcdef" for c in run_id):
+        return {"run_id": run_id, "tracking_uri": os.environ.get("MLFLOW_TRACKING_URI")}
+    return None
 
 
 class _EmbedActor:
@@ -261,7 +282,7 @@ def embed(
     if batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
     dataset, epochs_per_window = _store_dataset(data)
-    encoder, run_id = load_encoder_spec(checkpoint)
+    encoder, pretrain_run = load_encoder_spec(checkpoint)
     selected = parse_modalities(modalities) if modalities else encoder.modalities
     missing = [k for k in selected if k not in encoder.modalities]
     if missing:
@@ -293,7 +314,8 @@ def embed(
     info = {
         "format": EMBEDDINGS_FORMAT, "embedding_dim": embedding_dim, "epochs_per_window": epochs_per_window,
         "modalities": list(selected), "per_modality": per_modality, "encoder_source": str(checkpoint),
-        "pretrain_run_id": run_id, "store": str(Path(data).resolve()),
+        "pretrain_run_id": (pretrain_run or {}).get("run_id"),
+        "pretrain_tracking_uri": (pretrain_run or {}).get("tracking_uri"), "store": str(Path(data).resolve()),
     }
     written, nights = _write_nights(out, info)
     info.update(windows=written, nights=nights)

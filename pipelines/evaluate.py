@@ -1,0 +1,495 @@
+"""``s2v evaluate``: downstream evaluation of embeddings written by ``s2v embed``.
+
+Usage::
+
+    s2v evaluate --embeddings EMB --task staging --report out/REPORT.json [--folds 5]
+    s2v evaluate --embeddings EMB --task outcome:ahi --report out/REPORT.json
+    s2v evaluate --embeddings EMB --task site --report out/REPORT.json
+    # staging extras that need the store and the encoder:
+    s2v evaluate --embeddings EMB --task staging --report out/REPORT.json \\
+        --data STORE --checkpoint CKPT --robustness [--scenarios only:eeg,wearable] \\
+        --label-efficiency --peer yasa
+
+Tasks
+    ``staging``: a linear probe and a bi-GRU temporal head over the epoch
+    embeddings of a window (W/N1/N2/N3/REM; macro-F1, Cohen's kappa,
+    accuracy, per-class F1, confusion matrix) against a majority-class floor.
+    ``outcome:COLUMN``: a per-night target from the store's ``outcomes`` map
+    (or ``age``/``sex``); 0/1 targets -> AUROC/AUPRC, others -> MAE/R².
+    ``site``: how well the site is predicted from the night and window
+    embeddings (the DASH shortcut check), next to the staging macro-F1 of the
+    same embeddings, so that two encoders can be compared on one line.
+Every figure comes from subject-grouped k-fold cross-validation (no subject
+in both train and test), as mean ± sd over folds; unknown stages (-1) are
+neither trained on nor scored.
+
+Staging options
+    ``--robustness`` embeds the store once per modality scenario (``only:<m>``,
+    ``without:<m>``, ``psg``, ``home_sleep_test``, ``wearable``,
+    ``eeg_headband``) into ``REPORT_DIR/robustness/<scenario>/`` (reused when
+    already there for the same encoder) and scores the linear probe on each,
+    with the same subject-to-fold assignment; ``--label-efficiency`` trains the
+    probe on 1 %, 10 % and 100 % of the training nights next to an encoder of
+    the same configuration trained from scratch on the same labels;
+    ``--peer yasa`` scores YASA's pretrained stager on the nights with EEG.
+
+Output: ``REPORT.json`` (every figure and the protocol that produced it),
+PNG plots beside it, and an MLflow run with both as artifacts, tagged
+``s2v.pretrain_run_id`` and nested under the pretraining run when that run is
+known (``MLFLOW_TRACKING_URI``, else the pretraining run's store, else
+``REPORT_DIR/mlflow.db``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as pads
+
+from pipelines.embed import Embeddings, embed, read_embeddings
+from s2v_core.evaluation import plots
+from s2v_core.evaluation.folds import Fold, grouped_folds
+from s2v_core.evaluation.probes import (
+    cross_validate_outcome,
+    cross_validate_site,
+    cross_validate_staging,
+    label_efficiency,
+    linear_staging_probe,
+    majority_staging,
+    temporal_staging_probe,
+)
+from s2v_core.evaluation.scenarios import robustness_scenarios
+from s2v_core.store import STAGE_NAMES, UNKNOWN_STAGE, outcome_values
+
+logger = logging.getLogger(__name__)
+
+REPORT_FORMAT = 1
+MLFLOW_EXPERIMENT = "sleep2vec-evaluate"
+#: Fractions of labelled training nights of the label-efficiency curve.
+LABEL_FRACTIONS = (0.01, 0.1, 1.0)
+
+
+def evaluate(
+    embeddings: str,
+    task: str,
+    report: str,
+    *,
+    folds: int = 5,
+    seed: int = 0,
+    heads: Sequence[str] = ("linear", "temporal"),
+    data: str | None = None,
+    checkpoint: str | None = None,
+    robustness: bool = False,
+    scenarios: Sequence[str] | None = None,
+    label_efficiency_curve: bool = False,
+    scratch_steps: int = 100,
+    peer: str | None = None,
+    mlflow_parent_run_id: str | None = None,
+    log_to_mlflow: bool = True,
+    address: str | None = None,
+) -> dict:
+    """Evaluate ``embeddings`` on ``task`` and write ``report`` (JSON) with plots beside it.
+
+    Parameters
+    ----------
+    embeddings : str
+        Directory written by ``s2v embed``.
+    task : str
+        ``"staging"``, ``"outcome:<column>"`` or ``"site"``.
+    report : str
+        Path of ``REPORT.json``; plots go to its directory.
+    folds, seed : int
+        Subject-grouped k-fold cross-validation and its shuffle seed.
+    heads : sequence of str
+        Staging heads: ``"linear"`` and/or ``"temporal"``.
+    data, checkpoint : str, optional
+        Store and encoder; needed by ``robustness``, ``label_efficiency_curve`` and ``peer``.
+    robustness : bool
+        Add the any-subset robustness matrix (``scenarios`` selects some).
+    label_efficiency_curve : bool
+        Add the label-efficiency curve against a from-scratch encoder
+        (``scratch_steps`` optimiser steps per fit).
+    peer : {"yasa"}, optional
+        Add YASA's pretrained staging on the nights that have EEG.
+    mlflow_parent_run_id : str, optional
+        MLflow run to nest the evaluation under (default: the pretraining run).
+    log_to_mlflow : bool
+        Log the report and plots as an MLflow run.
+
+    Returns
+    -------
+    dict
+        The report, as written to ``report``.
+    """
+    emb = read_embeddings(embeddings)
+    report_path = Path(report)
+    report_path.parent.mkdir(parents=True, exist_ok=True)
+    kind, _, column = task.partition(":")
+    if kind not in ("staging", "outcome", "site") or (kind == "outcome") != bool(column):
+        raise ValueError(f"--task: expected staging, outcome:COLUMN or site, found {task!r}")
+    extras = robustness or label_efficiency_curve or peer
+    if extras and kind != "staging":
+        raise ValueError("--robustness, --label-efficiency and --peer apply to --task staging only")
+    if (robustness or label_efficiency_curve) and not (data and checkpoint):
+        raise ValueError("--robustness and --label-efficiency need --data STORE and --checkpoint CKPT")
+    if peer and (peer != "yasa" or not data):
+        raise ValueError(f"--peer: only 'yasa' is available and it needs --data STORE; found {peer!r}")
+    unknown_heads = set(heads) - {"linear", "temporal"}
+    if unknown_heads or not heads:
+        raise ValueError(f"--heads: expected linear and/or temporal, found {','.join(heads) or 'nothing'}")
+
+    result: dict = {
+        "report_format": REPORT_FORMAT, "task": task,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "embeddings": {"path": str(Path(embeddings).resolve()), **emb.info},
+        "protocol": {"folds": folds, "seed": seed, "grouping": "subject_id",
+                     "cv": "subject-grouped k-fold (GroupKFold / StratifiedGroupKFold, shuffled)",
+                     "summary": "mean and sample sd over test folds", "unknown_stage": "excluded"},
+        "plots": [],
+    }
+    if kind == "staging":
+        _check_labels(emb, embeddings)
+        window_folds = grouped_folds(emb.subject_id, folds=folds, seed=seed)
+        result["staging"] = _staging(emb, window_folds, heads, seed, report_path.parent, result["plots"])
+        if label_efficiency_curve:
+            result["label_efficiency"] = _label_efficiency(emb, window_folds, data, checkpoint, seed,
+                                                           scratch_steps, report_path.parent, result["plots"])
+        if robustness:
+            result["robustness"] = _robustness(emb, window_folds, data, checkpoint, scenarios, seed,
+                                               report_path.parent, result["plots"], address)
+        if peer:
+            result["peer"] = {"yasa": _yasa_peer(emb, window_folds, data, seed)}
+    elif kind == "outcome":
+        target = _night_target(emb, column)
+        result["outcome"] = {"column": column, **cross_validate_outcome(
+            emb.night, target, np.asarray(emb.nights.column("subject_id").to_pylist()), folds=folds, seed=seed)}
+    else:
+        result["site"] = _site(emb, folds, seed)
+    result["mlflow"] = _log_mlflow(result, report_path, emb.info, mlflow_parent_run_id) if log_to_mlflow else None
+    report_path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    logger.info("wrote %s", report_path)
+    return result
+
+
+def _check_labels(emb: Embeddings, path: str) -> None:
+    if not (emb.stages != UNKNOWN_STAGE).any():
+        raise ValueError(f"--task staging: the embeddings {path!r} carry no sleep stage labels "
+                         "(every stage is -1); the store was ingested without hypnograms")
+
+
+def _staging(emb: Embeddings, folds: list[Fold], heads: Sequence[str], seed: int,
+             out_dir: Path, plot_paths: list[str]) -> dict:
+    stages = emb.stages
+    scored = stages[stages != UNKNOWN_STAGE]
+    section = {
+        "n_windows": int(len(stages)), "n_epochs_scored": int(scored.size),
+        "n_subjects": int(len(np.unique(emb.subject_id))), "n_nights": int(len(np.unique(emb.recording_id))),
+        "class_counts": {name: int((scored == i).sum()) for i, name in enumerate(STAGE_NAMES)},
+        "majority": majority_staging(stages, folds),
+        "heads": {"linear": "StandardScaler + LogisticRegression per epoch",
+                  "temporal": "1-layer bi-GRU (hidden 32) over the window's epochs, Adam 300 steps"},
+    }
+    probes = {"linear": lambda: linear_staging_probe(emb.epoch, stages, seed=seed),
+              "temporal": lambda: temporal_staging_probe(emb.epoch, stages, seed=seed)}
+    for head in heads:
+        logger.info("staging: %s head on %d folds", head, len(folds))
+        outcome = cross_validate_staging(probes[head](), stages, folds)
+        predictions = outcome.pop("predictions")
+        section[head] = outcome
+        plot_paths.append(str(plots.plot_confusion(outcome["pooled"]["confusion"], out_dir / f"confusion_{head}.png",
+                                                   title=f"Sleep staging, {head} head (out-of-fold)")))
+        if head == heads[0]:
+            night = _longest_night(emb)
+            rows = np.flatnonzero(emb.recording_id == night)
+            plot_paths.append(str(plots.plot_hypnogram(
+                stages[rows].ravel(), predictions[rows].ravel(), out_dir / "hypnogram.png",
+                title=f"{night}: true vs {head} head (out-of-fold)")))
+    return section
+
+
+def _longest_night(emb: Embeddings) -> str:
+    nights, counts = np.unique(emb.recording_id, return_counts=True)
+    return str(nights[np.argmax(counts)])
+
+
+def _night_target(emb: Embeddings, column: str) -> np.ndarray:
+    nights = emb.nights
+    if column in ("age", "sex"):
+        values = nights.column(column).to_numpy(zero_copy_only=False)
+        return np.asarray(values, dtype=np.float64)
+    values = outcome_values(nights, column)
+    if np.isnan(values).all():
+        available = sorted({k for entry in nights.column("outcomes").to_pylist() if entry for k, _ in entry})
+        raise ValueError(f"--task outcome:{column}: no night has outcome {column!r}; "
+                         f"available: {', '.join(['age', 'sex', *available])}")
+    return values
+
+
+def _site(emb: Embeddings, folds: int, seed: int) -> dict:
+    night_subjects = np.asarray(emb.nights.column("subject_id").to_pylist())
+    night_sites = np.asarray(emb.nights.column("site").to_pylist())
+    section = {
+        "night": cross_validate_site(emb.night, night_sites, night_subjects, folds=folds, seed=seed),
+        "window": cross_validate_site(emb.window, emb.site, emb.subject_id, folds=folds, seed=seed),
+        "claim": "lower site predictability at equal staging quality means fewer site shortcuts",
+    }
+    if (emb.stages != UNKNOWN_STAGE).any():
+        window_folds = grouped_folds(emb.subject_id, folds=folds, seed=seed)
+        staging = cross_validate_staging(linear_staging_probe(emb.epoch, emb.stages, seed=seed),
+                                         emb.stages, window_folds)
+        section["staging_linear"] = staging["summary"]
+    return section
+
+
+def _fold_of_subject(emb: Embeddings, folds: list[Fold]) -> dict[str, int]:
+    return {subject: k for k, fold in enumerate(folds) for subject in np.unique(emb.subject_id[fold.test])}
+
+
+def _same_folds(subjects: np.ndarray, fold_of: dict[str, int], count: int) -> list[Fold]:
+    """Folds over other rows that keep every subject in the fold it had in the main embeddings."""
+    assigned = np.array([fold_of.get(s, -1) for s in subjects])
+    if (assigned < 0).any():
+        raise ValueError("scenario embeddings hold subjects absent from --embeddings; embed the same store")
+    rows = np.arange(len(subjects))
+    return [Fold(train=rows[assigned != k], test=rows[assigned == k]) for k in range(count)]
+
+
+def _robustness(emb: Embeddings, folds: list[Fold], data: str, checkpoint: str, names: Sequence[str] | None,
+                seed: int, out_dir: Path, plot_paths: list[str], address: str | None) -> dict:
+    import ray
+
+    from pipelines.runtime import init_ray
+
+    chosen = robustness_scenarios(emb.info["modalities"], names=names)
+    fold_of = _fold_of_subject(emb, folds)
+    started_ray = not ray.is_initialized()
+    matrix, windows = {}, {}
+    try:
+        for name, subset in chosen.items():
+            path = out_dir / "robustness" / name.replace(":", "_")
+            if not _reusable(path, subset, checkpoint):
+                init_ray(address)
+                try:
+                    embed(checkpoint, data, str(path), modalities=list(subset), address=address)
+                except ValueError as exc:  # no window holds this subset: a gap in the matrix, not a crash
+                    logger.warning("robustness scenario %s skipped: %s", name, exc)
+                    continue
+            scenario = read_embeddings(path)
+            scenario_folds = _same_folds(scenario.subject_id, fold_of, len(folds))
+            if any(len(f.test) == 0 or len(f.train) == 0 for f in scenario_folds):
+                logger.warning("robustness scenario %s skipped: a fold has no windows", name)
+                continue
+            logger.info("robustness: scoring %s (%s)", name, ",".join(subset))
+            outcome = cross_validate_staging(linear_staging_probe(scenario.epoch, scenario.stages, seed=seed),
+                                             scenario.stages, scenario_folds)
+            matrix[name] = {metric: outcome["summary"][metric]["mean"] for metric in ("macro_f1", "kappa", "accuracy")}
+            matrix[name].update({f"{metric}_sd": outcome["summary"][metric]["sd"] for metric in ("macro_f1", "kappa")})
+            windows[name] = int(len(scenario.stages))
+    finally:
+        if started_ray and ray.is_initialized():
+            ray.shutdown()
+    if matrix:
+        plot_paths.append(str(plots.plot_robustness(matrix, out_dir / "robustness.png")))
+    return {"head": "linear", "scenarios": {n: list(s) for n, s in chosen.items()}, "matrix": matrix,
+            "n_windows": windows, "embeddings_dir": str(out_dir / "robustness")}
+
+
+def _reusable(path: Path, subset: Sequence[str], checkpoint: str) -> bool:
+    info_path = path / "embed.json"
+    if not info_path.is_file():
+        return False
+    info = json.loads(info_path.read_text(encoding="utf-8"))
+    source = str(Path(checkpoint).resolve()) if Path(checkpoint).exists() else checkpoint
+    return info.get("modalities") == list(subset) and info.get("encoder_source") == source
+
+
+def _store_rows(emb: Embeddings, data: str, columns: Sequence[str]) -> pa.Table:
+    """Store rows of ``columns`` in the order of the embeddings' windows (night, window index)."""
+    files = sorted(str(p) for p in Path(data).rglob("*.parquet"))
+    if not files:
+        raise ValueError(f"--data {data!r}: no Parquet files")
+    dataset = pads.dataset(files, format="parquet")
+    wanted = pa.array(np.unique(emb.recording_id).tolist())
+    needed = ["recording_id", "site", "window_index", *[c for c in columns if c not in ("recording_id", "site")]]
+    table = dataset.to_table(columns=needed, filter=pads.field("recording_id").isin(wanted))
+    keys = [f"{s}\x00{r}\x00{w}" for s, r, w in zip(table.column("site").to_pylist(),
+                                                   table.column("recording_id").to_pylist(),
+                                                   table.column("window_index").to_pylist())]
+    position = {k: i for i, k in enumerate(keys)}
+    wanted_keys = [f"{s}\x00{r}\x00{w}" for s, r, w in zip(emb.site, emb.recording_id,
+                                                          emb.windows.column("window_index").to_pylist())]
+    missing = [k for k in wanted_keys if k not in position]
+    if missing:
+        raise ValueError(f"--data {data!r} lacks {len(missing)} windows of the embeddings "
+                         f"(e.g. {missing[0].replace(chr(0), '/')}); pass the store they were embedded from")
+    return table.take(pa.array([position[k] for k in wanted_keys]))
+
+
+def _label_efficiency(emb: Embeddings, folds: list[Fold], data: str, checkpoint: str, seed: int,
+                      steps: int, out_dir: Path, plot_paths: list[str]) -> dict:
+    from pipelines.embed import load_encoder_spec
+    from s2v_core.evaluation.scratch import scratch_staging_probe
+    from s2v_core.store import table_to_batch
+
+    encoder, _ = load_encoder_spec(checkpoint)
+    modalities = tuple(emb.info["modalities"])
+    # The from-scratch model reads the raw signals of exactly the embedded windows.
+    table = _store_rows(emb, data, [*modalities, "subject_id", "present", "stages", "age", "sex", "outcomes"])
+    signals = table_to_batch(table, modalities=modalities, epochs_per_window=emb.info["epochs_per_window"])
+    probes = {
+        "linear_probe_pretrained": linear_staging_probe(emb.epoch, emb.stages, seed=seed),
+        "supervised_from_scratch": scratch_staging_probe(signals, emb.stages, config=encoder.config,
+                                                         modalities=modalities, seed=seed, steps=steps),
+    }
+    curves = label_efficiency(probes, emb.stages, emb.recording_id, folds, fractions=LABEL_FRACTIONS, seed=seed)
+    plot_paths.append(str(plots.plot_label_efficiency(curves, out_dir / "label_efficiency.png")))
+    return {"fractions": list(LABEL_FRACTIONS), "unit": "fraction of labelled training nights per fold",
+            "scratch_model": {"config": encoder.config.name, "width": encoder.config.width,
+                              "depth": encoder.config.depth, "modalities": list(modalities),
+                              "steps": steps, "optimiser": "AdamW lr 1e-3, 16 windows per step"},
+            "curves": curves}
+
+
+def _yasa_peer(emb: Embeddings, folds: list[Fold], data: str, seed: int) -> dict:
+    from s2v_core.evaluation.metrics import staging_metrics, summarise
+    from s2v_core.evaluation.peer import MIN_EPOCHS, NOMINAL_UV, yasa_stages
+    from s2v_core.store import modality_array
+
+    table = _store_rows(emb, data, ["eeg", "eog", "emg", "start_epoch", "age", "sex"])
+    epochs = emb.info["epochs_per_window"]
+    signals = {k: modality_array(table, k, epochs) for k in ("eeg", "eog", "emg")}
+    predicted = np.full(emb.stages.shape, UNKNOWN_STAGE, dtype=np.int64)
+    for night in np.unique(emb.recording_id):
+        rows = np.flatnonzero((emb.recording_id == night) & signals["eeg"][1])
+        if len(rows) * epochs < MIN_EPOCHS or np.any(np.diff(emb.start_epoch[rows]) != epochs):
+            continue  # YASA stages whole contiguous nights of at least 5 min
+        extra = {k: signals[k][0][rows].reshape(-1, signals[k][0].shape[-1])
+                 for k in ("eog", "emg") if signals[k][1][rows].all()}
+        age, sex = table.column("age")[int(rows[0])].as_py(), table.column("sex")[int(rows[0])].as_py()
+        staged = yasa_stages(signals["eeg"][0][rows].reshape(-1, signals["eeg"][0].shape[-1]), **extra,
+                             age=age, male=None if sex is None else bool(sex))
+        predicted[rows] = staged.reshape(len(rows), epochs)
+    covered = (predicted != UNKNOWN_STAGE).all(axis=1)
+    if not covered.any():
+        return {"available": False, "reason": "no night with >= 5 min of contiguous EEG windows"}
+    per_fold_yasa, per_fold_probe = [], []
+    probe = linear_staging_probe(emb.epoch, emb.stages, seed=seed)
+    for fold in folds:
+        test = fold.test[covered[fold.test]]
+        if len(test) == 0 or not (emb.stages[test] != UNKNOWN_STAGE).any():
+            continue
+        per_fold_yasa.append({k: v for k, v in staging_metrics(emb.stages[test], predicted[test]).items()
+                              if k != "confusion"})
+        per_fold_probe.append({k: v for k, v in staging_metrics(emb.stages[test], probe(fold.train, test)).items()
+                               if k != "confusion"})
+    return {"available": True, "n_windows": int(covered.sum()), "yasa": summarise(per_fold_yasa),
+            "linear_probe_same_windows": summarise(per_fold_probe), "per_fold_yasa": per_fold_yasa,
+            "caveat": f"store signals are robust-normalised; rescaled to nominal amplitudes {NOMINAL_UV} µV "
+                      "before YASA, whose classifier was trained on raw µV"}
+
+
+def _log_mlflow(result: dict, report_path: Path, info: dict, parent_run_id: str | None) -> dict:
+    import os
+
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.runtime import mlflow_tracking_uri
+
+    uri = (os.environ.get("MLFLOW_TRACKING_URI") or info.get("pretrain_tracking_uri")
+           or mlflow_tracking_uri(report_path.parent))
+    client = MlflowClient(tracking_uri=uri)
+    pretrain_run_id = info.get("pretrain_run_id")
+    link = parent_run_id or pretrain_run_id
+    experiment_id = None
+    if link:
+        try:
+            experiment_id = client.get_run(link).info.experiment_id
+        except Exception as exc:  # MlflowException: the run is not in this tracking store
+            if parent_run_id:
+                raise ValueError(f"--mlflow-parent-run-id {parent_run_id!r}: no such run at {uri}") from exc
+            logger.warning("pretraining run %s not found at %s; logging an unlinked run", link, uri)
+            link = None
+    if experiment_id is None:
+        found = client.get_experiment_by_name(MLFLOW_EXPERIMENT)
+        experiment_id = found.experiment_id if found else client.create_experiment(MLFLOW_EXPERIMENT)
+    tags = {"s2v.task": result["task"], "s2v.embeddings": result["embeddings"]["path"]}
+    if pretrain_run_id:
+        tags["s2v.pretrain_run_id"] = pretrain_run_id
+    if link:
+        tags["mlflow.parentRunId"] = link
+    run = client.create_run(experiment_id, tags=tags, run_name=f"evaluate-{result['task'].replace(':', '-')}")
+    run_id = run.info.run_id
+    client.log_param(run_id, "folds", result["protocol"]["folds"])
+    client.log_param(run_id, "seed", result["protocol"]["seed"])
+    for name, value in _flat_metrics(result):
+        client.log_metric(run_id, name, value)
+    logged = {"tracking_uri": uri, "run_id": run_id, "parent_run_id": link, "pretrain_run_id": pretrain_run_id}
+    report_path.write_text(json.dumps({**result, "mlflow": logged}, indent=2) + "\n", encoding="utf-8")
+    client.log_artifact(run_id, str(report_path))
+    for path in result["plots"]:
+        client.log_artifact(run_id, path, artifact_path="plots")
+    client.set_terminated(run_id, "FINISHED")
+    mlflow.set_tracking_uri(uri)
+    return logged
+
+
+def _flat_metrics(node, prefix: str = ""):
+    """``(name, value)`` for every fold mean/sd in the report (MLflow metric names)."""
+    if isinstance(node, dict):
+        if "mean" in node and isinstance(node["mean"], (int, float)):
+            yield prefix, float(node["mean"])
+            yield f"{prefix}.sd", float(node.get("sd", 0.0))
+            return
+        for key, value in node.items():
+            if key in ("per_fold", "embeddings", "protocol", "plots"):
+                continue
+            name = f"{prefix}.{key}" if prefix else str(key)
+            if key == "matrix" and isinstance(value, dict):
+                for scenario, metrics in value.items():
+                    for metric, number in metrics.items():
+                        yield f"{name}.{scenario.replace(':', '_')}.{metric}", float(number)
+                continue
+            yield from _flat_metrics(value, name)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--embeddings", required=True, help="embeddings directory written by `s2v embed`")
+    parser.add_argument("--task", required=True, help="staging | outcome:COLUMN (e.g. outcome:ahi) | site")
+    parser.add_argument("--report", required=True, help="REPORT.json to write; plots go beside it")
+    parser.add_argument("--folds", type=int, default=5, help="subject-grouped CV folds (default 5)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of folds and probes (default 0)")
+    parser.add_argument("--heads", default="linear,temporal", help="staging heads (default linear,temporal)")
+    parser.add_argument("--data", default=None, help="store (for --robustness, --label-efficiency, --peer)")
+    parser.add_argument("--checkpoint", default=None, help="encoder (for --robustness, --label-efficiency)")
+    parser.add_argument("--robustness", action="store_true", help="add the any-subset robustness matrix")
+    parser.add_argument("--scenarios", default=None,
+                        help="comma-separated robustness scenarios, e.g. only:eeg,without:ecg,wearable "
+                             "(default: every single modality, all-but-one and device scenario)")
+    parser.add_argument("--label-efficiency", action="store_true",
+                        help="add the 1/10/100%% label-efficiency curve against a from-scratch encoder")
+    parser.add_argument("--scratch-steps", type=int, default=100, help="optimiser steps per from-scratch fit")
+    parser.add_argument("--peer", default=None, choices=["yasa"], help="add a reference peer (YASA staging)")
+    parser.add_argument("--mlflow-parent-run-id", default=None, help="MLflow run to nest under")
+    parser.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
+    parser.add_argument("--address", default=None, help="Ray cluster address for --robustness embeddings")
+
+
+def run(args: argparse.Namespace) -> int:
+    result = evaluate(
+        args.embeddings, args.task, args.report, folds=args.folds, seed=args.seed,
+        heads=tuple(h.strip() for h in args.heads.split(",") if h.strip()), data=args.data,
+        checkpoint=args.checkpoint, robustness=args.robustness,
+        scenarios=[s.strip() for s in args.scenarios.split(",")] if args.scenarios else None,
+        label_efficiency_curve=args.label_efficiency, scratch_steps=args.scratch_steps, peer=args.peer,
+        mlflow_parent_run_id=args.mlflow_parent_run_id, log_to_mlflow=not args.no_mlflow, address=args.address,
+    )
+    print(json.dumps({"report": args.report, "task": result["task"], "mlflow": result["mlflow"]}))
+    return 0
