@@ -183,12 +183,17 @@ class EncoderOutput:
         zero for a window with no modality.
     window : Tensor ``(B, P)``
         Mean of ``fused`` over the epochs of the window, re-normalised.
+    logit_scale : Tensor, scalar, optional
+        The encoder's ``log(1/temperature)`` as computed in this forward pass
+        (gradient flows to ``SleepEncoder.logit_scale``); prefer it to the
+        parameter when a wrapper partitions parameters (DeepSpeed ZeRO-3).
     """
 
     per_modality: dict[str, Tensor]
     present: Tensor
     fused: Tensor
     window: Tensor
+    logit_scale: Tensor | None = None
 
 
 class SleepEncoder(nn.Module):
@@ -317,7 +322,8 @@ class SleepEncoder(nn.Module):
                 continue
             signal = batch[key] if where.numel() == rows else batch[key][where]
             token = self.tokenizers[key](signal.to(dtype))
-            tokens.append(token + self.modality_embedding.weight[index])
+            # Through the embedding's forward, not .weight[…], so that ZeRO-3 gathers it.
+            tokens.append(token + self.modality_embedding(torch.tensor(index, device=token.device)))
             owners.append((key, where))
         p_dim = self.config.projection_dim
         device = present_in.device
@@ -338,15 +344,21 @@ class SleepEncoder(nn.Module):
             # Tokenizers of modalities absent from this step (or dropped) would get no
             # gradient, and data-parallel wrappers (DDP, DeepSpeed) expect every worker to
             # produce the same set of gradients: an exact zero keeps every parameter in the graph.
-            touch = sum(p.view(-1)[0] for p in self.parameters() if p.requires_grad)
-            first = selected[0]
-            per_modality[first] = per_modality[first] + 0.0 * touch
+            encoded = {key for key, _ in owners}
+            idle = ([p for key in self.modalities if key not in encoded for p in self.tokenizers[key].parameters()]
+                    if tokens else [p for p in self.parameters() if p.requires_grad])
+            if idle:
+                first = selected[0]
+                per_modality[first] = per_modality[first] + 0.0 * sum(p.sum() for p in idle)
         stacked = torch.stack([per_modality[k] for k in selected])  # (M, B, E, P), zeros where absent
         counts = torch.stack([keep[:, MODALITY_KEYS.index(k)] for k in selected]).sum(0)  # (B,)
         fused = stacked.sum(0) / counts.clamp(min=1).to(dtype)[:, None, None]
         fused = F.normalize(fused, dim=-1)  # zero rows stay zero
         window = F.normalize(fused.mean(dim=1), dim=-1)
-        return EncoderOutput(per_modality=per_modality, present=keep, fused=fused, window=window)
+        # A fresh tensor made inside forward, so the temperature can be read safely
+        # even when a wrapper (DeepSpeed ZeRO-3) partitions parameters outside it.
+        return EncoderOutput(per_modality=per_modality, present=keep, fused=fused, window=window,
+                             logit_scale=self.logit_scale * 1.0)
 
     forward = encode
 

@@ -203,6 +203,9 @@ def test_temperature_parameter_follows_the_config():
     fixed = SleepEncoder(model_config("tiny", learn_temperature=False))
     assert math.isclose(learnt.logit_scale.item(), math.log(10.0), rel_tol=1e-6)
     assert learnt.logit_scale.requires_grad and not fixed.logit_scale.requires_grad
+    out = learnt.encode(random_batch(2, MODALITY_KEYS))
+    out.logit_scale.backward()  # the forward's copy feeds the parameter's gradient
+    assert out.logit_scale.item() == learnt.logit_scale.item() and learnt.logit_scale.grad.item() == 1.0
 
 
 # -- store batches, pooling, checkpoints -----------------------------------------------------------
