@@ -279,22 +279,8 @@ def embed(
     from pipelines.runtime import init_ray
 
     started = time.perf_counter()
-    if batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
-    dataset, epochs_per_window = _store_dataset(data)
     encoder, pretrain_run = load_encoder_spec(checkpoint)
-    selected = parse_modalities(modalities) if modalities else encoder.modalities
-    missing = [k for k in selected if k not in encoder.modalities]
-    if missing:
-        raise ValueError(f"--modalities: the encoder at {checkpoint!r} has no tokenizer for "
-                         f"{', '.join(missing)}; it was built for {', '.join(encoder.modalities)}")
-    if epochs_per_window > encoder.config.epochs_per_window:
-        raise ValueError(f"--data {data!r} has windows of {epochs_per_window} epochs; the encoder "
-                         f"handles at most {encoder.config.epochs_per_window}")
-    usable = _count_usable_windows(dataset, selected)
-    if usable == 0:
-        raise ValueError(f"--data {data!r}: no window holds any of the requested modalities "
-                         f"{','.join(selected)}; nothing to embed")
+    dataset, epochs_per_window, selected, usable = _prepare(encoder, data, modalities, batch_size, checkpoint)
     embedding_dim = encoder.config.projection_dim
     del encoder  # the actors load their own copy
 
@@ -311,21 +297,87 @@ def embed(
         if started_ray:  # leave a caller's Ray (tests, evaluate's scenarios) running
             ray.shutdown()
 
-    info = {
+    info = _info(embedding_dim, epochs_per_window, selected, per_modality, checkpoint, pretrain_run, data)
+    return _finish(out, info, started)
+
+
+def embed_local(
+    encoder,
+    data: str,
+    output: str,
+    *,
+    modalities: str | Sequence[str] | None = None,
+    batch_size: int = 64,
+    per_modality: bool = False,
+    source: str = "in-process encoder",
+) -> EmbedSummary:
+    """:func:`embed` in this process, without Ray, for notebooks, tests and small stores.
+
+    Same output layout; ``encoder`` is a loaded :class:`~s2v_core.model.SleepEncoder`
+    and ``source`` is recorded as its ``encoder_source``. Streams the store
+    one ``batch_size`` batch at a time.
+    """
+    started = time.perf_counter()
+    dataset, epochs_per_window, selected, _ = _prepare(encoder, data, modalities, batch_size, source)
+    encoder.eval()
+    out = _fresh_output(Path(output))
+    (out / WINDOWS_DIR).mkdir()
+    writer = None
+    try:
+        for batch in dataset.to_batches(columns=[*CARRIED_COLUMNS, *selected, "present"], batch_size=batch_size):
+            table = embed_table(encoder, pa.Table.from_batches([batch]), modalities=selected,
+                                epochs_per_window=epochs_per_window, per_modality=per_modality)
+            if table.num_rows == 0:
+                continue
+            writer = writer or pq.ParquetWriter(out / WINDOWS_DIR / "part-0.parquet", table.schema)
+            writer.write_table(table)
+    finally:
+        if writer is not None:
+            writer.close()
+    info = _info(encoder.config.projection_dim, epochs_per_window, selected, per_modality, source, None, data)
+    return _finish(out, info, started)
+
+
+def _prepare(encoder, data: str, modalities, batch_size: int, source: str):
+    """Validate the request; returns ``(dataset, epochs_per_window, modalities, usable windows)``."""
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
+    dataset, epochs_per_window = _store_dataset(data)
+    selected = parse_modalities(modalities) if modalities else encoder.modalities
+    missing = [k for k in selected if k not in encoder.modalities]
+    if missing:
+        raise ValueError(f"--modalities: the encoder at {source!r} has no tokenizer for "
+                         f"{', '.join(missing)}; it was built for {', '.join(encoder.modalities)}")
+    if epochs_per_window > encoder.config.epochs_per_window:
+        raise ValueError(f"--data {data!r} has windows of {epochs_per_window} epochs; the encoder "
+                         f"handles at most {encoder.config.epochs_per_window}")
+    usable = _count_usable_windows(dataset, selected)
+    if usable == 0:
+        raise ValueError(f"--data {data!r}: no window holds any of the requested modalities "
+                         f"{','.join(selected)}; nothing to embed")
+    return dataset, epochs_per_window, tuple(selected), usable
+
+
+def _info(embedding_dim: int, epochs_per_window: int, modalities: Sequence[str], per_modality: bool,
+          source: str, pretrain_run: dict | None, data: str) -> dict:
+    return {
         "format": EMBEDDINGS_FORMAT, "embedding_dim": embedding_dim, "epochs_per_window": epochs_per_window,
-        "modalities": list(selected), "per_modality": per_modality, "encoder_source": str(checkpoint),
+        "modalities": list(modalities), "per_modality": per_modality, "encoder_source": str(source),
         "pretrain_run_id": (pretrain_run or {}).get("run_id"),
         "pretrain_tracking_uri": (pretrain_run or {}).get("tracking_uri"), "store": str(Path(data).resolve()),
     }
+
+
+def _finish(out: Path, info: dict, started: float) -> EmbedSummary:
+    """Pool the nights, write embed.json and summarise."""
     written, nights = _write_nights(out, info)
     info.update(windows=written, nights=nights)
     (out / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
     seconds = time.perf_counter() - started
-    summary = EmbedSummary(output=str(out), windows=written, nights=nights, embedding_dim=embedding_dim,
-                           epochs_per_window=epochs_per_window, modalities=tuple(selected),
-                           seconds=seconds, windows_per_second=written / seconds)
     logger.info("wrote %d window and %d night embeddings to %s in %.1f s", written, nights, out, seconds)
-    return summary
+    return EmbedSummary(output=str(out), windows=written, nights=nights, embedding_dim=info["embedding_dim"],
+                        epochs_per_window=info["epochs_per_window"], modalities=tuple(info["modalities"]),
+                        seconds=seconds, windows_per_second=written / seconds)
 
 
 def _fresh_output(out: Path) -> Path:
