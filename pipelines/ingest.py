@@ -25,6 +25,7 @@ import os
 import pickle
 import resource
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ from pipelines.runtime import init_ray
 from s2v_core.io.base import UnreadableRecording
 from s2v_core.io.discovery import RecordingSource, discover_site, find_sites, fingerprint, resolve
 from s2v_core.io.metadata import RecordingMetadata
+from s2v_core.modalities import EPOCH_SECONDS
 from s2v_core.recording import decode_recording
 from s2v_core.store import schema_info
 
@@ -214,6 +216,47 @@ def plan(inputs: list[str], *, site_config: str | None, finished: list[ManifestE
     return tasks, rejected, skipped
 
 
+MLFLOW_EXPERIMENT = "s2v-ingest"
+
+
+def _log_mlflow(uri: str, summary: IngestSummary, *, inputs: list[str], epochs_per_window: int,
+                workers: int | None, seconds: float) -> str:
+    """Log one ingest run (counts, throughput, the manifest) to MLflow; return the run id.
+
+    Only counts, paths and the manifest are logged: the manifest holds no
+    header PHI, so neither does the run.
+    """
+    from pathlib import Path
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    found = client.get_experiment_by_name(MLFLOW_EXPERIMENT)
+    if found is not None:
+        experiment_id = found.experiment_id
+    else:
+        # Next to a local SQLite store, not in whatever the current directory is.
+        location = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri() \
+            if uri.startswith("sqlite:///") else None
+        experiment_id = client.create_experiment(MLFLOW_EXPERIMENT, artifact_location=location)
+    run_id = client.create_run(experiment_id, run_name="ingest").info.run_id
+    for name, value in {"inputs": ",".join(inputs), "output": summary.store,
+                        "epochs_per_window": epochs_per_window, "workers": workers or "auto"}.items():
+        client.log_param(run_id, name, value)
+    hours = summary.windows * epochs_per_window * EPOCH_SECONDS / 3600
+    metrics = {"ok": summary.ok, "quarantined": summary.quarantined, "skipped": summary.skipped,
+               "windows": summary.windows, "recording_hours": hours, "seconds": seconds,
+               "hours_per_s": hours / seconds if seconds > 0 else 0.0,
+               "peak_worker_rss_mb": summary.peak_worker_rss_mb}
+    for name, value in metrics.items():
+        client.log_metric(run_id, name, float(value))
+    manifest = summary.manifest.removeprefix("file://")
+    if "://" not in manifest and os.path.exists(manifest):
+        client.log_artifact(run_id, manifest)
+    client.set_terminated(run_id, "FINISHED")
+    return run_id
+
+
 def ingest(
     inputs: list[str],
     output: str,
@@ -223,6 +266,7 @@ def ingest(
     address: str | None = None,
     num_cpus: int | None = None,
     workers: int | None = None,
+    mlflow_tracking_uri: str | None = None,
 ) -> IngestSummary:
     """Ingest the recordings under ``inputs`` into the store at ``output``.
 
@@ -243,6 +287,9 @@ def ingest(
     workers : int, optional
         Most recordings decoded at the same time (default: as many as Ray has CPUs).
         Memory per worker is bounded by one recording.
+    mlflow_tracking_uri : str, optional
+        Log the run (counts, hours per second, the manifest) to this MLflow
+        store; default ``MLFLOW_TRACKING_URI`` if set, else no MLflow run.
 
     Returns
     -------
@@ -258,6 +305,7 @@ def ingest(
         raise ValueError(f"workers: expected >= 1, found {workers}")
 
     # setup
+    started = time.perf_counter()
     fs, root = resolve(output)
     fs.create_dir(root, recursive=True)
     _remove_stale_temporaries(fs, root)
@@ -303,8 +351,14 @@ def ingest(
             # cleanup
             if started_here:
                 ray.shutdown()
-    return IngestSummary(store=output, manifest=manifest, ok=ok, quarantined=quarantined,
-                         skipped=skipped, windows=windows, peak_worker_rss_mb=peak_rss_mb)
+    summary = IngestSummary(store=output, manifest=manifest, ok=ok, quarantined=quarantined,
+                            skipped=skipped, windows=windows, peak_worker_rss_mb=peak_rss_mb)
+    tracking_uri = mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if tracking_uri:
+        run_id = _log_mlflow(tracking_uri, summary, inputs=inputs, epochs_per_window=epochs_per_window,
+                             workers=workers, seconds=time.perf_counter() - started)
+        logger.info("MLflow run %s at %s", run_id, tracking_uri)
+    return summary
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -316,12 +370,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     parser.add_argument("--num-cpus", type=int, help="CPUs of a local Ray (default: all cores)")
     parser.add_argument("--workers", type=int, help="recordings decoded at the same time (default: Ray CPUs)")
+    parser.add_argument("--mlflow-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else no MLflow run)")
 
 
 def run(args: argparse.Namespace) -> int:
     summary = ingest(args.input, args.output, site_config=args.site_config,
                      epochs_per_window=args.epochs_per_window, address=args.address,
-                     num_cpus=args.num_cpus, workers=args.workers)
+                     num_cpus=args.num_cpus, workers=args.workers, mlflow_tracking_uri=args.mlflow_uri)
     print(f"ingested {summary.ok} recordings ({summary.windows} windows), "
           f"quarantined {summary.quarantined}, skipped {summary.skipped} already in the store")
     print(f"store:    {summary.store}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -177,12 +178,14 @@ def test_rerun_skips_finished_and_recovers_from_a_crash(store, cohort):
         ingest([str(cohort)], str(out), epochs_per_window=5)
 
 
-def test_synthetic_cohort_through_the_cli_is_deidentified(ray_local, tmp_path, capsys, caplog):
+def test_synthetic_cohort_through_the_cli_is_deidentified(ray_local, tmp_path, capsys, caplog, monkeypatch):
     from s2v_core.synth import write_cohort
 
     cohort = write_cohort(tmp_path / "cohort", sites=6, recordings_per_site=1, hours=0.5, seed=3)
     assert cohort.phi
     out = tmp_path / "store"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    (tmp_path / "mlruns").mkdir()
     caplog.set_level("DEBUG")
     assert s2v(["ingest", "--input", str(tmp_path / "cohort"), "--output", str(out), "--epochs-per-window", "5"]) == 0
     printed = capsys.readouterr()
@@ -192,8 +195,14 @@ def test_synthetic_cohort_through_the_cli_is_deidentified(ray_local, tmp_path, c
     assert {line["site"] for line in manifest.values()} == {s.name for s in cohort.sites}
     dataset = _dataset(out)
     assert dataset.to_table().num_rows == sum(line["windows"] for line in manifest.values()) == 6 * 12
-    # De-identification: no byte of any output (store, manifest, printed text, logs) carries header PHI.
-    blobs = [p.read_bytes() for p in out.rglob("*") if p.is_file()]
+    from mlflow.tracking import MlflowClient
+
+    [run] = MlflowClient(tracking_uri=os.environ["MLFLOW_TRACKING_URI"]).search_runs(
+        [MlflowClient(tracking_uri=os.environ["MLFLOW_TRACKING_URI"]).get_experiment_by_name("s2v-ingest").experiment_id])
+    assert run.data.metrics["ok"] == 6 and run.data.metrics["hours_per_s"] > 0
+    assert list((tmp_path / "mlruns" / "mlartifacts").rglob("manifest.jsonl"))
+    # De-identification: no byte of any output (store, manifest, MLflow, printed text, logs) carries header PHI.
+    blobs = [p.read_bytes() for folder in (out, tmp_path / "mlruns") for p in folder.rglob("*") if p.is_file()]
     blobs += [printed.out.encode(), printed.err.encode(), caplog.text.encode()]
     for secret in set(cohort.phi) | {FAKE_PATIENT}:
         for blob in blobs:
