@@ -344,6 +344,8 @@ def ingest(
                     ok, windows = ok + 1, windows + entry.windows
                     logger.info("[%d/%d] %s/%s: %d windows, %s", done, len(tasks), entry.site,
                                 entry.recording_id, entry.windows, ",".join(entry.modalities))
+                    if entry.reason:
+                        logger.warning("%s/%s: %s", entry.site, entry.recording_id, entry.reason)
                 else:
                     quarantined += 1
                     logger.warning("[%d/%d] quarantined: %s", done, len(tasks), entry.reason)

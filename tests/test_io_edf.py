@@ -28,7 +28,8 @@ def write_edf(path: Path, channels: dict[str, tuple[float, np.ndarray]], *, file
     digital = (-8388608, 8388607) if file_type.startswith("bdf") else (-32768, 32767)
     writer = pyedflib.EdfWriter(str(path), len(channels), file_type=kinds[file_type])
     try:
-        writer.setDatarecordDuration(record_seconds)
+        if record_seconds != 1:  # pyedflib's default is 1 s and it warns when forced
+            writer.setDatarecordDuration(record_seconds)
         headers = []
         for label, (rate, values) in channels.items():
             low, high = float(np.floor(np.min(values))), float(np.ceil(np.max(values)))
