@@ -38,15 +38,15 @@ _UNKNOWN = -1
 #: Central-derivation RMS amplitude (uV) of each rhythm per stage, young adult.
 #: Columns follow (W, N1, N2, N3, REM, movement); slow/delta of N2/N3 are scaled by depth.
 STAGE_AMPLITUDE_UV: dict[str, tuple[float, ...]] = {
-    "slow": (2.0, 3.0, 6.0, 10.0, 2.5, 8.0),
-    "delta": (4.0, 6.5, 11.0, 14.0, 5.5, 10.0),
+    "slow": (2.0, 3.0, 6.0, 8.0, 2.5, 8.0),
+    "delta": (4.0, 6.5, 11.0, 12.0, 5.5, 10.0),
     "theta": (3.5, 7.5, 6.0, 6.0, 7.0, 6.0),
     "alpha": (9.0, 2.5, 1.8, 1.5, 3.0, 5.0),
     "beta": (4.0, 2.5, 1.8, 1.4, 2.8, 6.0),
     "background": (6.0, 7.0, 8.0, 8.5, 5.5, 10.0),
 }
 #: Extra slow/delta amplitude (uV) per unit of slow-wave depth in N2/N3.
-DEPTH_AMPLITUDE_UV = {"slow": 48.0, "delta": 22.0}
+DEPTH_AMPLITUDE_UV = {"slow": 26.0, "delta": 12.0}
 #: Chin EMG RMS tone (uV) per stage: atonia in REM.
 EMG_TONE_UV = (18.0, 10.0, 7.0, 6.0, 2.0, 45.0)
 #: Location gains of the shared sources (scalp topography).
@@ -279,7 +279,7 @@ class Electrophysiology:
         """A horizontal EOG derivation in uV: eye movements (polarity by side) + frontal EEG."""
         samples = self.seconds * rate_hz
         polarity = -1.0 if side == "right" else 1.0
-        brain = polarity * self.gaze() + 0.7 * self.cortex("frontal")
+        brain = polarity * self.gaze() + 0.6 * self.cortex("frontal")
         out = sig.resample(brain, BRAIN_RATE_HZ, rate_hz, samples)
         out += 0.3 * self.emg_tone(rate_hz, samples) * self.muscle(rate_hz)
         return out
