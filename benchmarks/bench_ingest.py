@@ -62,6 +62,7 @@ def make_base(workdir: Path, hours: float) -> dict[str, Path]:
 
 def make_cohort(base: dict[str, Path], out: Path, recordings: int) -> list[Path]:
     """``recordings`` distinct copies of the base nights, alternating archetypes, as site directories."""
+    shutil.rmtree(out, ignore_errors=True)
     signals = []
     for site, folder in base.items():
         target = out / site

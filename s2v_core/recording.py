@@ -24,7 +24,7 @@ from s2v_core.io.hypnogram import read_hypnogram
 from s2v_core.io.metadata import RecordingMetadata
 from s2v_core.io.site_config import SiteConfig
 from s2v_core.io.stages import align_stages, epoch_stages
-from s2v_core.modalities import EPOCH_SECONDS, MODALITIES, MODALITY_KEYS, get_modality, match_channel, normalise_label
+from s2v_core.modalities import EPOCH_SECONDS, MODALITY_KEYS, get_modality, match_channel, normalise_label
 from s2v_core.signal import cut_windows, normalise, resample, robust_scale, window_bounds, window_quality
 from s2v_core.store import UNKNOWN_STAGE, store_schema
 
@@ -129,6 +129,75 @@ def _list_column(values: np.ndarray, present: np.ndarray, arrow_type: pa.DataTyp
     return pa.ListArray.from_arrays(offsets, flat, mask=mask)
 
 
+def _usable_channels(chosen: dict[str, ChannelHeader], signal_path: str
+                     ) -> tuple[dict[str, ChannelHeader], list[str]]:
+    """Drop channels whose sampling rate is implausible or too slow for their modality."""
+    usable, rejected = {}, []
+    for key, channel in chosen.items():
+        rate, store_rate = channel.sample_rate_hz, get_modality(key).store_rate_hz
+        if not (math.isfinite(rate) and PLAUSIBLE_RATE_HZ[0] <= rate <= PLAUSIBLE_RATE_HZ[1]):
+            rejected.append(f"{signal_path}: channel {channel.label!r} has an absurd sampling rate "
+                            f"{rate:g} Hz; {key} not used")
+        elif rate < store_rate / MIN_RATE_FACTOR:
+            rejected.append(f"{signal_path}: channel {channel.label!r} at {rate:g} Hz is below "
+                            f"{store_rate / MIN_RATE_FACTOR:g} Hz, too slow for {key}; not used")
+        else:
+            usable[key] = channel
+    return usable, rejected
+
+
+def _modality_windows(values: np.ndarray, channel: ChannelHeader, key: str, n_windows: int,
+                      epochs_per_window: int, notes: list[str], source: str
+                      ) -> tuple[np.ndarray, np.ndarray] | None:
+    """One channel -> ``(float16 windows (n_windows, E * samples_per_epoch), good mask)``.
+
+    Windows with NaN/inf or a flat signal are marked not good (the modality
+    is absent there, with a note); None when no window is good.
+    """
+    modality = get_modality(key)
+    bounds = window_bounds(n_windows, epochs_per_window * EPOCH_SECONDS, channel.sample_rate_hz, values.size)
+    values = values[: bounds[-1]]
+    bad, flat = window_quality(values, bounds, constant_is_flat=key not in _CONSTANT_PLAUSIBLE)
+    good = ~(bad | flat)
+    if bad.any() or flat.any():
+        notes.append(f"{source}: {key} ({channel.label}): {int(bad.sum())} of {n_windows} windows with "
+                     f"NaN/inf, {int(flat.sum())} flat; modality absent there")
+    if not good.any():
+        return None
+    if bad.any():
+        values = np.where(np.isfinite(values), values, np.float32(0.0))
+    resampled = resample(values, channel.sample_rate_hz, modality.store_rate_hz)
+    windows = cut_windows(resampled, n_windows, epochs_per_window * modality.samples_per_epoch)
+    # Statistics of the stored signal, from good windows only, so that a flat
+    # or broken stretch does not set the scale of the rest of the night.
+    center, spread = robust_scale(windows if good.all() else windows[good])
+    return normalise(windows, center, spread).astype(np.float16), good
+
+
+def _store_table(columns: dict[str, pa.Array], present: np.ndarray, stages: np.ndarray, *, recording_id: str,
+                 subject_id: str, site: str, metadata: RecordingMetadata, epochs_per_window: int) -> pa.Table:
+    """Assemble the rows of one night in the exact order and types of ``store_schema``."""
+    n_windows = present.shape[0]
+    everywhere = np.ones(n_windows, dtype=bool)
+    window_stages = stages[: n_windows * epochs_per_window].reshape(n_windows, epochs_per_window)
+    data = {
+        "recording_id": pa.array([recording_id] * n_windows, pa.string()),
+        "subject_id": pa.array([subject_id] * n_windows, pa.string()),
+        "site": pa.array([site] * n_windows, pa.string()),
+        "window_index": pa.array(np.arange(n_windows, dtype=np.int32)),
+        "start_epoch": pa.array(np.arange(n_windows, dtype=np.int32) * epochs_per_window),
+        "present": _list_column(present, everywhere, pa.bool_()),
+        "stages": _list_column(window_stages, everywhere, pa.int8()),
+        "age": pa.array([metadata.age] * n_windows, pa.float32()),
+        "sex": pa.array([metadata.sex] * n_windows, pa.int8()),
+        "outcomes": pa.array([sorted(metadata.outcomes.items())] * n_windows, pa.map_(pa.string(), pa.float64())),
+    }
+    for key in MODALITY_KEYS:
+        data[key] = columns.get(key, pa.nulls(n_windows, pa.list_(pa.float16())))
+    schema = store_schema(epochs_per_window)
+    return pa.Table.from_arrays([data[field.name] for field in schema], schema=schema)
+
+
 def decode_recording(
     signal_path: str,
     *,
@@ -172,7 +241,6 @@ def decode_recording(
         channel, implausible sampling rates, shorter than one window.
     """
     metadata = metadata or RecordingMetadata()
-    subject_id = subject_id or metadata.subject_id or recording_id
     notes: list[str] = [hypnogram_problem] if hypnogram_problem else []
     reader = open_signal(signal_path)
     try:
@@ -181,18 +249,7 @@ def decode_recording(
         if not header.channels:
             raise UnreadableRecording(f"{signal_path}: no signal channels (annotation-only file?)")
         chosen, unknown = choose_channels(header.channels, site)
-        usable: dict[str, ChannelHeader] = {}
-        rejected: list[str] = []
-        for key, channel in chosen.items():
-            rate, store_rate = channel.sample_rate_hz, get_modality(key).store_rate_hz
-            if not (math.isfinite(rate) and PLAUSIBLE_RATE_HZ[0] <= rate <= PLAUSIBLE_RATE_HZ[1]):
-                rejected.append(f"{signal_path}: channel {channel.label!r} has an absurd sampling rate "
-                                f"{rate:g} Hz; {key} not used")
-            elif rate < store_rate / MIN_RATE_FACTOR:
-                rejected.append(f"{signal_path}: channel {channel.label!r} at {rate:g} Hz is below "
-                                f"{store_rate / MIN_RATE_FACTOR:g} Hz, too slow for {key}; not used")
-            else:
-                usable[key] = channel
+        usable, rejected = _usable_channels(chosen, signal_path)
         notes.extend(rejected)
         if not usable:
             found = ", ".join(f"{c.label} ({c.sample_rate_hz:g} Hz)" for c in header.channels[:12])
@@ -208,57 +265,24 @@ def decode_recording(
         stages = _stages(hypnogram_path, site.hypnogram.format, site.hypnogram.epoch_seconds, n_epochs, notes)
         columns: dict[str, pa.Array] = {}
         present = np.zeros((n_windows, len(MODALITY_KEYS)), dtype=bool)
-        for k, modality in enumerate(MODALITIES):
-            channel = usable.get(modality.key)
-            if channel is None:
+        for k, key in enumerate(MODALITY_KEYS):
+            if key not in usable:
                 continue
-            values = reader.read(channel.index)
-            bounds = window_bounds(n_windows, window_seconds, channel.sample_rate_hz, values.size)
-            values = values[: bounds[-1]]
-            bad, flat = window_quality(values, bounds, constant_is_flat=modality.key not in _CONSTANT_PLAUSIBLE)
-            good = ~(bad | flat)
-            if bad.any() or flat.any():
-                notes.append(f"{signal_path}: {modality.key} ({channel.label}): {int(bad.sum())} of {n_windows} "
-                             f"windows with NaN/inf, {int(flat.sum())} flat; modality absent there")
-            if not good.any():
-                continue
-            if bad.any():
-                values = np.where(np.isfinite(values), values, np.float32(0.0))
-            resampled = resample(values, channel.sample_rate_hz, modality.store_rate_hz)
-            del values
-            windows = cut_windows(resampled, n_windows, epochs_per_window * modality.samples_per_epoch)
-            # Statistics of the stored signal, from good windows only, so that a
-            # flat or broken stretch does not set the scale of the rest of the night.
-            center, spread = robust_scale(windows if good.all() else windows[good])
-            windows = normalise(windows, center, spread)
-            columns[modality.key] = _list_column(windows.astype(np.float16), good, pa.float16())
-            present[:, k] = good
-            logger.debug("%s: %s from %r (%g Hz)", recording_id, modality.key, channel.label,
-                         channel.sample_rate_hz)
+            # One channel at a time: memory stays at one channel plus the float16 windows so far.
+            decoded = _modality_windows(reader.read(usable[key].index), usable[key], key, n_windows,
+                                        epochs_per_window, notes, signal_path)
+            if decoded is not None:
+                windows, good = decoded
+                columns[key] = _list_column(windows, good, pa.float16())
+                present[:, k] = good
     finally:
         reader.close()
     if not present.any():
         raise UnreadableRecording(f"{signal_path}: every usable channel is NaN or flat in every window "
                                   f"({', '.join(usable)})")
-
-    schema = store_schema(epochs_per_window)
-    window_stages = stages[: n_windows * epochs_per_window].reshape(n_windows, epochs_per_window)
-    outcomes = sorted(metadata.outcomes.items())
-    data = {
-        "recording_id": pa.array([recording_id] * n_windows, pa.string()),
-        "subject_id": pa.array([subject_id] * n_windows, pa.string()),
-        "site": pa.array([site.name] * n_windows, pa.string()),
-        "window_index": pa.array(np.arange(n_windows, dtype=np.int32)),
-        "start_epoch": pa.array(np.arange(n_windows, dtype=np.int32) * epochs_per_window),
-        "present": _list_column(present, np.ones(n_windows, bool), pa.bool_()),
-        "stages": _list_column(window_stages, np.ones(n_windows, bool), pa.int8()),
-        "age": pa.array([metadata.age] * n_windows, pa.float32()),
-        "sex": pa.array([metadata.sex] * n_windows, pa.int8()),
-        "outcomes": pa.array([outcomes] * n_windows, pa.map_(pa.string(), pa.float64())),
-    }
-    for key in MODALITY_KEYS:
-        data[key] = columns.get(key, pa.nulls(n_windows, pa.list_(pa.float16())))
-    table = pa.Table.from_arrays([data[field.name] for field in schema], schema=schema)
+    table = _store_table(columns, present, stages, recording_id=recording_id,
+                         subject_id=subject_id or metadata.subject_id or recording_id, site=site.name,
+                         metadata=metadata, epochs_per_window=epochs_per_window)
     modalities = tuple(key for k, key in enumerate(MODALITY_KEYS) if present[:, k].any())
     return DecodedRecording(
         table=table, windows=n_windows, modalities=modalities,
