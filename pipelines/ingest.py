@@ -128,7 +128,11 @@ def ingest_one(row: dict, *, output: str, epochs_per_window: int) -> dict:
         entry.status, entry.windows = "ok", decoded.windows
         entry.modalities, entry.channels = list(decoded.modalities), decoded.channels
         entry.unknown_channels = list(decoded.unknown_channels)
-        entry.reason = "; ".join(decoded.notes) or None
+        notes = list(decoded.notes)
+        if not source.key_matched:
+            notes.insert(0, f"{source.source}: file name does not match key_regex {source.site.key_regex!r}; "
+                            f"recording_id is a stable hash of the path")
+        entry.reason = "; ".join(notes) or None
     except UnreadableRecording as exc:
         entry.reason = str(exc)
     except Exception as exc:  # noqa: BLE001 - a bad recording must never stop the run
@@ -165,9 +169,9 @@ def plan(inputs: list[str], *, site_config: str | None, finished: list[ManifestE
          ) -> tuple[list[tuple[RecordingSource, str]], list[ManifestEntry], int]:
     """Discover recordings; return ``(tasks, quarantined entries, skipped count)``.
 
-    Duplicates (a recording id seen before, or the same content fingerprint),
-    files whose name does not match ``key_regex`` and hypnograms that no signal
-    claims are quarantined here, before any decoding.
+    Duplicates (a recording id seen before, or the same content fingerprint)
+    and hypnograms that no signal claims are quarantined here, before any
+    decoding.
     """
     done = {(e.site, e.recording_id, e.source) for e in finished}
     seen_ids = {e.recording_id: e.source for e in finished}
@@ -183,9 +187,7 @@ def plan(inputs: list[str], *, site_config: str | None, finished: list[ManifestE
                     continue
                 entry = ManifestEntry(recording_id=source.recording_id, site=config.name,
                                       source=source.source, status="quarantined")
-                if source.recording_id is None:
-                    entry.reason = f"{source.source}: file name does not match key_regex {config.key_regex!r}"
-                elif source.size_bytes >= _MIN_FINGERPRINT_BYTES:
+                if source.size_bytes >= _MIN_FINGERPRINT_BYTES:
                     # Files too small to be EDF are left to the reader, which says what is wrong with them.
                     fs, path = resolve(source.signal_uri)
                     try:

@@ -58,7 +58,9 @@ def test_a_site_directory_with_site_toml(site):
     assert by_source["night2/SC4002E0-PSG.edf"].hypnogram is None
     assert "no hypnogram matching" in by_source["SC4003E0-PSG.edf"].hypnogram_problem
     assert by_source["SC4003E0-PSG.edf"].metadata.age is None
-    assert by_source["notes-PSG.edf"].recording_id is None
+    unkeyed = by_source["notes-PSG.edf"]
+    assert not unkeyed.key_matched and unkeyed.recording_id.startswith("clinic-")
+    assert discover_site(config, uri)[0][-1].recording_id == unkeyed.recording_id  # stable
     assert sorted(o.source for o in orphans) == ["SC4009EX-Hypnogram.edf"]
 
 

@@ -51,8 +51,11 @@ class RecordingSource:
         The input (local path or URI) the recording was found under.
     source : str
         Signal file path relative to ``input_uri`` (``/``-separated).
-    recording_id : str or None
-        Site-given recording key (``key_regex``); None when the name does not match.
+    recording_id : str
+        Site-given recording key (``key_regex``), or, when the file name does
+        not match it, a stable hash of the site and path (``<site>-<16 hex>``).
+    key_matched : bool
+        False when ``recording_id`` is the hash fallback (no metadata row then).
     size_bytes : int
         Size of the signal file.
     hypnogram : str or None
@@ -66,11 +69,12 @@ class RecordingSource:
     site: SiteConfig
     input_uri: str
     source: str
-    recording_id: str | None
+    recording_id: str
     size_bytes: int
     hypnogram: str | None
     hypnogram_problem: str | None
     metadata: RecordingMetadata
+    key_matched: bool = True
 
     @property
     def signal_uri(self) -> str:
@@ -218,11 +222,18 @@ def discover_site(config: SiteConfig, site_uri: str, *, input_uri: str | None = 
         if config.metadata is not None and key is not None and row is None:
             logger.warning("site %s: no metadata row for recording %s", config.name, key)
         sources.append(RecordingSource(
-            site=config, input_uri=input_uri, source=prefix + relative, recording_id=key,
+            site=config, input_uri=input_uri, source=prefix + relative,
+            recording_id=key if key is not None else hashed_recording_id(config.name, relative),
             size_bytes=files[relative], hypnogram=hypnogram, hypnogram_problem=problem,
-            metadata=row or RecordingMetadata()))
+            metadata=row or RecordingMetadata(), key_matched=key is not None))
     orphans = [OrphanHypnogram(config.name, input_uri, prefix + r) for r in sorted(hypnogram_files - claimed)]
     return sources, orphans
+
+
+def hashed_recording_id(site: str, relative_path: str) -> str:
+    """A stable recording id from the site and the path (for files without a site-given key)."""
+    digest = hashlib.blake2b(f"{site}/{relative_path}".encode("utf-8"), digest_size=8).hexdigest()
+    return f"{site}-{digest}"
 
 
 def fingerprint(fs: pafs.FileSystem, path: str, size: int, *, samples: int = 16,
