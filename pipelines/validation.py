@@ -1,0 +1,91 @@
+"""Validation contrastive loss of a trained encoder on held-out windows (single process).
+
+The sweep scores each trial by this number on a held-out, subject-disjoint
+store: the pretraining objective (DASH-InfoNCE) in eval mode (no modality
+dropout), over fixed batches taken in store order, so every encoder is
+scored on the same problem with the same number of negatives.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.dataset as pads
+import torch
+
+from pipelines.train_data import keep_windows_with, store_files
+from s2v_core.losses import DashConfig, dash_infonce
+from s2v_core.model import SleepEncoder, batch_to_tensors
+from s2v_core.store import schema_info, table_to_batch
+
+
+def evaluate_contrastive_loss(
+    encoder: SleepEncoder,
+    data: pa.Table | str | Path,
+    *,
+    modalities: Sequence[str] | None = None,
+    batch_size: int = 16,
+    history_columns: Sequence[str] = (),
+    dash: DashConfig = DashConfig(),
+) -> dict[str, float]:
+    """Mean DASH-InfoNCE per anchor of ``encoder`` over ``data``.
+
+    Parameters
+    ----------
+    encoder : SleepEncoder
+        Put in eval mode; its weights are not changed.
+    data : pyarrow.Table or path
+        Store rows (``s2v_core.store`` schema), or a store directory.
+    modalities : sequence of str, optional
+        Modalities to align (default: the encoder's). Windows holding none of
+        them are skipped.
+    batch_size : int
+        Windows per contrastive batch (fixes the negatives per anchor); the
+        last incomplete batch is dropped unless it is the only one.
+    history_columns, dash
+        As in pretraining.
+
+    Returns
+    -------
+    dict
+        ``loss`` (mean over all anchors of all batches), ``negatives_per_anchor``,
+        ``batches``, ``windows``.
+    """
+    if batch_size < 2:
+        raise ValueError(f"batch_size: expected at least 2 windows (one positive, one negative), found {batch_size}")
+    selected = tuple(modalities or encoder.modalities)
+    table = _read(data) if not isinstance(data, pa.Table) else data
+    epochs_per_window = schema_info(table.schema)[1]
+    table = keep_windows_with(table, selected)
+    if table.num_rows < 2:
+        raise ValueError(f"evaluate_contrastive_loss: expected at least 2 windows with "
+                         f"{', '.join(selected)}, found {table.num_rows}")
+    starts = list(range(0, max(table.num_rows - batch_size, 0) + 1, batch_size))
+    total, anchors, negatives = 0.0, 0.0, 0.0
+    encoder.eval()
+    with torch.no_grad():
+        for start in starts:
+            rows = table.slice(start, batch_size)
+            batch = batch_to_tensors(table_to_batch(rows, modalities=selected, epochs_per_window=epochs_per_window,
+                                                    history_columns=history_columns))
+            out = encoder.encode(batch, modalities=selected)
+            meta = {k: batch[k] for k in ("age", "sex", "site_id", "night_id", "history")}
+            result = dash_infonce(out.per_modality, out.present, meta, logit_scale=encoder.logit_scale,
+                                  config=dash)
+            count = result.stats.get("anchors", 0.0)
+            total += float(result.loss) * count
+            negatives += result.stats.get("negatives_per_anchor", 0.0) * count
+            anchors += count
+    if anchors == 0:
+        raise ValueError(f"evaluate_contrastive_loss: no window holds two of {', '.join(selected)}; "
+                         "nothing to align")
+    return {"loss": total / anchors, "negatives_per_anchor": negatives / anchors,
+            "batches": float(len(starts)), "windows": float(min(table.num_rows, len(starts) * batch_size))}
+
+
+def _read(store: str | Path) -> pa.Table:
+    files = store_files(store, option="data")
+    # The files carry their own `site` column: no hive partition column on top.
+    return pads.dataset([str(f) for f in files], format="parquet").to_table()
