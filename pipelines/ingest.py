@@ -306,6 +306,11 @@ def ingest(
     if workers is not None and workers < 1:
         raise ValueError(f"workers: expected >= 1, found {workers}")
 
+    for input_uri in inputs:  # before creating anything at the output
+        fs, path = resolve(input_uri)
+        if fs.get_file_info(path).type != pafs.FileType.Directory:
+            raise FileNotFoundError(f"--input {input_uri}: not a directory")
+
     # setup
     started = time.perf_counter()
     fs, root = resolve(output)
