@@ -186,7 +186,8 @@ def embed_table(encoder, table: pa.Table, *, modalities: Sequence[str], epochs_p
     from s2v_core.store import table_to_batch
 
     indices = [MODALITY_KEYS.index(k) for k in modalities]
-    present = np.array(table.column("present").to_pylist(), dtype=bool).reshape(-1, len(MODALITY_KEYS))
+    present = (table.column("present").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+               .astype(bool).reshape(-1, len(MODALITY_KEYS)))
     keep = present[:, indices].any(axis=1)
     if not keep.all():
         table = table.filter(pa.array(keep))

@@ -18,7 +18,8 @@ Tasks
     (or ``age``/``sex``); 0/1 targets -> AUROC/AUPRC, others -> MAE/R².
     ``site``: how well the site is predicted from the night and window
     embeddings (the DASH shortcut check), next to the staging macro-F1 of the
-    same embeddings, so that two encoders can be compared on one line.
+    same embeddings; ``--compare EMB2`` scores a second encoder's embeddings
+    of the same store (DASH vs plain InfoNCE) with the same folds.
 Every figure comes from subject-grouped k-fold cross-validation (no subject
 in both train and test), as mean ± sd over folds; unknown stages (-1) are
 neither trained on nor scored.
@@ -91,6 +92,7 @@ def evaluate(
     label_efficiency_curve: bool = False,
     scratch_steps: int = 100,
     peer: str | None = None,
+    compare: str | None = None,
     mlflow_parent_run_id: str | None = None,
     log_to_mlflow: bool = True,
     address: str | None = None,
@@ -118,6 +120,9 @@ def evaluate(
         (``scratch_steps`` optimiser steps per fit).
     peer : {"yasa"}, optional
         Add YASA's pretrained staging on the nights that have EEG.
+    compare : str, optional
+        ``site`` task: a second embeddings directory of the same store (e.g. a
+        plain-InfoNCE encoder next to a DASH one) scored with the same folds.
     mlflow_parent_run_id : str, optional
         MLflow run to nest the evaluation under (default: the pretraining run).
     log_to_mlflow : bool
@@ -139,6 +144,8 @@ def evaluate(
         raise ValueError("--robustness, --label-efficiency and --peer apply to --task staging only")
     if (robustness or label_efficiency_curve) and not (data and checkpoint):
         raise ValueError("--robustness and --label-efficiency need --data STORE and --checkpoint CKPT")
+    if compare and kind != "site":
+        raise ValueError("--compare applies to --task site only")
     if peer and (peer != "yasa" or not data):
         raise ValueError(f"--peer: only 'yasa' is available and it needs --data STORE; found {peer!r}")
     unknown_heads = set(heads) - {"linear", "temporal"}
@@ -172,6 +179,13 @@ def evaluate(
             emb.night, target, np.asarray(emb.nights.column("subject_id").to_pylist()), folds=folds, seed=seed)}
     else:
         result["site"] = _site(emb, folds, seed)
+        if compare:
+            # Same folds and probes on a second encoder's embeddings of the same store
+            # (e.g. plain InfoNCE next to DASH): the shortcut comparison on one line.
+            other = read_embeddings(compare)
+            result["site_compare"] = {"embeddings": str(Path(compare).resolve()),
+                                      "encoder_source": other.info.get("encoder_source"),
+                                      **_site(other, folds, seed)}
     result["mlflow"] = _log_mlflow(result, report_path, emb.info, mlflow_parent_run_id) if log_to_mlflow else None
     report_path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     logger.info("wrote %s", report_path)
@@ -477,6 +491,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="add the 1/10/100%% label-efficiency curve against a from-scratch encoder")
     parser.add_argument("--scratch-steps", type=int, default=100, help="optimiser steps per from-scratch fit")
     parser.add_argument("--peer", default=None, choices=["yasa"], help="add a reference peer (YASA staging)")
+    parser.add_argument("--compare", default=None,
+                        help="site task: a second embeddings dir of the same store to score side by side")
     parser.add_argument("--mlflow-parent-run-id", default=None, help="MLflow run to nest under")
     parser.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
     parser.add_argument("--address", default=None, help="Ray cluster address for --robustness embeddings")
@@ -489,6 +505,7 @@ def run(args: argparse.Namespace) -> int:
         checkpoint=args.checkpoint, robustness=args.robustness,
         scenarios=[s.strip() for s in args.scenarios.split(",")] if args.scenarios else None,
         label_efficiency_curve=args.label_efficiency, scratch_steps=args.scratch_steps, peer=args.peer,
+        compare=args.compare,
         mlflow_parent_run_id=args.mlflow_parent_run_id, log_to_mlflow=not args.no_mlflow, address=args.address,
     )
     print(json.dumps({"report": args.report, "task": result["task"], "mlflow": result["mlflow"]}))

@@ -77,10 +77,13 @@ def test_outcome_and_site_tasks(setup, tmp_path):
     assert "auprc" in hypertension["outcome"]["per_fold"][0]
     age = evaluate(str(setup["emb"]), "outcome:age", str(tmp_path / "age.json"), folds=3, log_to_mlflow=False)
     assert age["outcome"]["n_nights"] == 6
-    site = evaluate(str(setup["emb"]), "site", str(tmp_path / "site.json"), folds=3, log_to_mlflow=False)
+    site = evaluate(str(setup["emb"]), "site", str(tmp_path / "site.json"), folds=3, log_to_mlflow=False,
+                    compare=str(setup["emb"]))
     assert site["site"]["night"]["sites"] == ["site0", "site1"]
     assert site["site"]["window"]["chance_balanced"] == 0.5
     assert "macro_f1" in site["site"]["staging_linear"]
+    # The same embeddings compared with themselves give the same figures (same folds, same probes).
+    assert site["site_compare"]["night"]["summary"] == site["site"]["night"]["summary"]
 
 
 def test_bad_inputs_give_one_clear_message(setup, tmp_path, capsys):
