@@ -135,6 +135,35 @@ def test_heart_rate_and_site_mains_read_back_with_pyedflib(psg):
         assert psd[np.argmin(np.abs(freqs - 60.0))] > 20 * np.median(psd[(freqs > 50) & (freqs < 58)])
 
 
+def _events(path, concept: str) -> list[tuple[float, float]]:
+    return [(float(e.findtext("Start")), float(e.findtext("Duration")))
+            for e in ET.parse(path).getroot().iter("ScoredEvent") if e.findtext("EventConcept") == concept]
+
+
+def test_obstructive_apnoea_stops_airflow_while_effort_goes_on_out_of_phase(psg):
+    checked = 0
+    for recording in psg.recordings:
+        with pyedflib.EdfReader(str(recording.signal_path)) as reader:
+            labels = reader.getSignalLabels()
+            flow, thorax, abdomen = (reader.readSignal(labels.index(n)) for n in ("NEW AIR", "THOR RES", "ABDO RES"))
+            rate = reader.getSampleFrequency(labels.index("NEW AIR"))
+        others = [e for name in ("Obstructive apnea", "Central apnea", "Hypopnea")
+                  for e in _events(recording.hypnogram_path, f"{name}|{name}")]
+        for onset, duration in _events(recording.hypnogram_path, "Obstructive apnea|Obstructive apnea"):
+            during = slice(int((onset + 3) * rate), int((onset + duration - 2) * rate))
+            before = slice(int((onset - 40) * rate), int((onset - 10) * rate))
+            # Compare with undisturbed breathing: no other event (or its recovery) in the 60 s before.
+            if onset < 60 or any(onset - 60 < start + length < onset for start, length in others):
+                continue
+            assert flow[during].std() < 0.3 * flow[before].std()
+            assert thorax[during].std() > 0.5 * thorax[before].std()
+            # Paradoxical breathing: thorax and abdomen move against each other.
+            assert np.corrcoef(thorax[during], abdomen[during])[0, 1] < 0 < np.corrcoef(
+                thorax[before], abdomen[before])[0, 1]
+            checked += 1
+    assert checked >= 3
+
+
 def _desaturations(spo2: np.ndarray, rate: float) -> int:
     """Oxygen desaturation events: drops of >= 3 % below the preceding 2-min maximum (probe-off excluded)."""
     per_second = spo2[:: int(rate)]

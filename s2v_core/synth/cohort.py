@@ -177,7 +177,10 @@ def _render(spec: ChannelSpec, archetype: SiteArchetype, night: Night, electro: 
         values = values + sig.mains(samples, rate, archetype.mains_hz, archetype.mains_uv * scale, rng)
     if kind in _ELECTRO:
         _add_artefacts(values, rate, night, archetype, rng)
-    return (values * spec.gain + spec.offset).astype(np.float32)
+    values = np.asarray(values, dtype=np.float32)
+    values *= np.float32(spec.gain)
+    values += np.float32(spec.offset)
+    return values
 
 
 def _add_artefacts(values: np.ndarray, rate: int, night: Night, archetype: SiteArchetype,

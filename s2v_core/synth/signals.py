@@ -121,7 +121,7 @@ def resample(x: np.ndarray, from_hz: int, to_hz: int, samples: int) -> np.ndarra
     """Band-limited (polyphase, anti-aliased) resampling, trimmed/padded to ``samples``."""
     if from_hz != to_hz:
         ratio = Fraction(int(to_hz), int(from_hz))
-        x = sps.resample_poly(x, ratio.numerator, ratio.denominator).astype(np.float32)
+        x = sps.resample_poly(x, ratio.numerator, ratio.denominator)
     if x.size < samples:
         x = np.pad(x, (0, samples - x.size), mode="edge")
     return x[:samples].astype(np.float32, copy=False)
@@ -152,10 +152,12 @@ def mains(samples: int, rate_hz: int, mains_hz: int, amplitude: float, rng: np.r
     period = rate_hz // np.gcd(rate_hz, mains_hz)
     one = np.sin(2 * np.pi * mains_hz * np.arange(period) / rate_hz + rng.uniform(0, 2 * np.pi))
     wave = np.tile(one.astype(np.float32), samples // period + 1)[:samples]
-    seconds = samples // rate_hz
-    t = np.arange(seconds * CONTROL_RATE_HZ) / CONTROL_RATE_HZ
-    drift = 1.0 + 0.5 * np.sin(2 * np.pi * t / rng.uniform(600, 2400) + rng.uniform(0, 2 * np.pi))
-    return amplitude * wave * to_rate(drift.astype(np.float32), CONTROL_RATE_HZ, rate_hz, samples)
+    # Amplitude drifts over tens of minutes (loads switching on and off): one value per second.
+    seconds = -(-samples // rate_hz)
+    t = np.arange(seconds, dtype=np.float32)
+    drift = amplitude * (1.0 + 0.5 * np.sin(2 * np.pi * t / rng.uniform(600, 2400) + rng.uniform(0, 2 * np.pi)))
+    wave *= np.repeat(drift.astype(np.float32), rate_hz)[:samples]
+    return wave
 
 
 def place_waveforms(samples: int, rate_hz: float, onsets_s: np.ndarray, template: np.ndarray,

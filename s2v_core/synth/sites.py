@@ -18,7 +18,7 @@ light, temperature, snore), which the site config lists as ignored.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 #: Generators a channel can be filled by.
 CHANNEL_KINDS = (
@@ -139,7 +139,6 @@ class SiteArchetype:
     equipment: str = "PSG"
     # Probability per channel and night of a flat (disconnected) segment.
     flat_segment_probability: float = 0.15
-    extra: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.signal_format not in ("edf", "bdf"):
