@@ -212,3 +212,16 @@ def test_cli_writes_a_cohort_and_rejects_bad_options(tmp_path, capsys):
     assert s2v(["synth", str(tmp_path / "one"), "--sites", "1", "--recordings-per-site", "1", "--hours", "0.02",
                 "--archetypes", "psg_512"]) == 0
     assert (tmp_path / "one" / "psg_512" / "SN001.edf").is_file()
+
+
+def test_rewriting_refuses_a_site_directory_with_other_files(tmp_path):
+    write_cohort(tmp_path, sites=1, recordings_per_site=2, hours=0.02, seed=0)
+    write_cohort(tmp_path, sites=1, recordings_per_site=2, hours=0.02, seed=0)  # same files: overwritten
+    # One night fewer would leave a stale recording behind for the ingest to pick up.
+    with pytest.raises(ValueError, match="shhs1-200002"):
+        write_cohort(tmp_path, sites=1, recordings_per_site=1, hours=0.02, seed=0)
+    with pytest.raises(ValueError, match="at most 200 recordings"):
+        write_cohort(tmp_path / "big", sites=3, recordings_per_site=201, hours=0.02)
+    assert not (tmp_path / "big").exists()  # nothing written when any site would fail
+    with pytest.raises(ValueError, match="hours"):
+        write_cohort(tmp_path / "short", hours=0.001)

@@ -238,15 +238,40 @@ def _names(archetype: SiteArchetype, recording: int, rng: np.random.Generator) -
             "letter": _HYPNOGRAM_LETTERS[int(rng.integers(len(_HYPNOGRAM_LETTERS)))]}
 
 
+def _check_site_directory(directory: Path, archetype: SiteArchetype, *, site_index: int, recordings: int,
+                          seed: int) -> list[dict[str, object]]:
+    """File-name fields of every recording; refuse a directory holding files this run would not write."""
+    if recordings > archetype.max_recordings:
+        raise ValueError(f"recordings_per_site: the {archetype.key} naming convention holds at most "
+                         f"{archetype.max_recordings} recordings, found {recordings}")
+    all_names = [_names(archetype, r, _stream(seed, site_index, r, 2)) for r in range(recordings)]
+    planned = {archetype.signal_name.format(**n) for n in all_names}
+    planned |= {archetype.hypnogram_name.format(**n) for n in all_names}
+    planned |= {archetype.metadata.file, "site.toml"}
+    if directory.is_dir():
+        # A stale recording of an earlier, larger run would be ingested as part of the site.
+        foreign = sorted(p.name for p in directory.iterdir() if p.name not in planned)
+        if foreign:
+            raise ValueError(f"{directory}: expected an empty or earlier `s2v synth` site directory, found "
+                             f"other files ({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}); "
+                             "remove them or write to another OUT")
+    return all_names
+
+
 def write_site(directory: Path, name: str, archetype: SiteArchetype, *, site_index: int,
                recordings: int, hours: float, seed: int) -> SiteSummary:
-    """Write one site (signals, hypnograms, metadata, site.toml) into ``directory``."""
+    """Write one site (signals, hypnograms, metadata, site.toml) into ``directory``.
+
+    Files of an earlier run with the same names are overwritten; any other file
+    in ``directory`` is an error (it would be ingested as part of the site).
+    """
+    all_names = _check_site_directory(directory, archetype, site_index=site_index, recordings=recordings,
+                                      seed=seed)
     directory.mkdir(parents=True, exist_ok=True)
     epochs = max(int(round(hours * 3600 / EPOCH_SECONDS)), 1)
     summaries, rows = [], []
     persons: dict[int, tuple] = {}
-    for recording in range(recordings):
-        names = _names(archetype, recording, _stream(seed, site_index, recording, 2))
+    for recording, names in enumerate(all_names):
         subject_index = recording // archetype.population.nights_per_subject
         if subject_index not in persons:  # nights of one subject share age, sex and BMI
             persons[subject_index] = _draw_person(archetype, _stream(seed, site_index, 10_000 + subject_index, 0))
@@ -336,6 +361,8 @@ def write_cohort(
     root = Path(out)
     chosen = resolve_archetypes(sites, archetypes)
     names = site_names(tuple(a.key for a in chosen))
+    for index, (name, archetype) in enumerate(zip(names, chosen)):  # check every site before writing any
+        _check_site_directory(root / name, archetype, site_index=index, recordings=recordings_per_site, seed=seed)
     started = time.perf_counter()
     written = []
     for index, (name, archetype) in enumerate(zip(names, chosen)):

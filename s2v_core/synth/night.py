@@ -61,7 +61,25 @@ class Subject:
 
 
 def draw_subject(*, age: float, sex: int, ahi: float, rng: np.random.Generator) -> Subject:
-    """Draw the physiological traits of a subject of given age, sex and AHI."""
+    """Draw the physiological traits of a subject of given age, sex and AHI.
+
+    Parameters
+    ----------
+    age : float
+        Age in years.
+    sex : int
+        0 female, 1 male.
+    ahi : float
+        Apnoea-hypopnoea index in events per hour of sleep.
+    rng : numpy.random.Generator
+        Source of randomness.
+
+    Returns
+    -------
+    Subject
+        Resting heart rate (bpm), breathing rate (breaths/min), SpO2 baseline (%),
+        EEG amplitude factor, alpha and spindle frequencies (Hz).
+    """
     return Subject(
         age=float(age),
         sex=int(sex),

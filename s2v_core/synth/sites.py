@@ -136,6 +136,8 @@ class SiteArchetype:
     hypnogram_pattern: str
     # Subject ids start here (SHHS ids are 2000xx, MESA 4 digits, ...).
     first_subject_id: int = 1
+    # Most recordings per site the naming convention can hold (SC4{subject:02d}{night}: 100 subjects x 2).
+    max_recordings: int = 999
     equipment: str = "PSG"
     # Probability per channel and night of a flat (disconnected) segment.
     flat_segment_probability: float = 0.15
@@ -196,6 +198,7 @@ SHHS_LIKE = SiteArchetype(
     key_regex=r"^shhs1-(?P<key>\d+)$",
     hypnogram_pattern="{stem}-nsrr.xml",
     first_subject_id=200001,
+    max_recordings=99999,
     equipment="Compumedics_P",
 )
 
@@ -236,6 +239,7 @@ MESA_LIKE = SiteArchetype(
     key_regex=r"^mesa-sleep-(?P<key>\d+)$",
     hypnogram_pattern="{stem}-nsrr.xml",
     first_subject_id=1001,
+    max_recordings=8999,
     equipment="Somte_PSG",
 )
 
@@ -268,6 +272,7 @@ SLEEPEDF_LIKE = SiteArchetype(
     key_regex=r"^(?P<key>SC4\d{3})E0-PSG$",
     hypnogram_pattern="{key}E?-Hypnogram.edf",
     first_subject_id=0,
+    max_recordings=200,
     equipment="Ambulatory_recorder",
 )
 
@@ -300,6 +305,7 @@ HST_LIKE = SiteArchetype(
     key_regex=r"^(?P<key>HST\d{5})$",
     hypnogram_pattern="{key}_staging.edf",
     first_subject_id=1,
+    max_recordings=99999,
     equipment="HST_typeIII",
 )
 
