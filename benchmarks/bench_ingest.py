@@ -94,8 +94,15 @@ def make_cohort(base: dict[str, Path], out: Path, recordings: int) -> list[Path]
     return signals
 
 
-def _progress(message: str) -> None:
+_LOAD: dict[str, float] = {}
+
+
+def _progress(message: str, stage: str | None = None) -> None:
     print(f"[bench_ingest] {message}", file=sys.stderr, flush=True)
+    if stage:
+        # The 1-min load average after each stage: the machine may be shared, and
+        # the ratios are only as fair as the load was steady across stages.
+        _LOAD[stage] = round(os.getloadavg()[0], 1)
 
 
 def hours_of(signals: list[Path]) -> float:
@@ -176,16 +183,17 @@ def main() -> None:
         large_signals = make_cohort(base, workdir / f"cohort{large}", large)
         small_signals = make_cohort(base, workdir / f"cohort{small}", small)
         hours = hours_of(small_signals)
+        _progress("cohorts ready", "start")
         raw_s = raw_read(small_signals)
-        _progress(f"raw read: {raw_s:.1f} s for {hours:g} h")
+        _progress(f"raw read: {raw_s:.1f} s for {hours:g} h", "raw_read")
         mne_s = mne_loop(small_signals, workdir / "mne_out")
-        _progress(f"MNE loop: {mne_s:.1f} s")
+        _progress(f"MNE loop: {mne_s:.1f} s", "mne_loop")
         one_s, startup_1, rss_1 = s2v_run(small_signals, workdir / f"cohort{small}", workdir / "store1", 1)
-        _progress(f"s2v ingest, 1 worker: {one_s:.1f} s")
+        _progress(f"s2v ingest, 1 worker: {one_s:.1f} s", "s2v_1_worker")
         two_s, startup_2, rss_small = s2v_run(small_signals, workdir / f"cohort{small}", workdir / "store2", 2)
-        _progress(f"s2v ingest, 2 workers: {two_s:.1f} s")
+        _progress(f"s2v ingest, 2 workers: {two_s:.1f} s", "s2v_2_workers")
         big_s, _, rss_large = s2v_run(large_signals, workdir / f"cohort{large}", workdir / "store3", 2)
-        _progress(f"s2v ingest, 2 workers, {large} recordings: {big_s:.1f} s")
+        _progress(f"s2v ingest, 2 workers, {large} recordings: {big_s:.1f} s", "s2v_2_workers_large")
         result = {
             "nights": f"{small} x {args.hours:g} h synthetic PSG ({', '.join(ARCHETYPES)}; 512/256 Hz EEG)",
             "recording_hours": round(hours, 3),
@@ -202,6 +210,7 @@ def main() -> None:
             "peak_rss_mb_per_worker": {str(small): round(rss_small, 1), str(large): round(rss_large, 1)},
             "peak_rss_mb_1_worker": round(rss_1, 1),
             "ray_startup_s_excluded": round(max(startup_1, startup_2), 2),
+            "load_average_after_stage": dict(_LOAD),
             "seconds": {"raw_read": round(raw_s, 2), "mne_loop": round(mne_s, 2), "s2v_1_worker": round(one_s, 2),
                         "s2v_2_workers": round(two_s, 2), f"s2v_2_workers_{large}": round(big_s, 2)},
         }
