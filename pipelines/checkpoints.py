@@ -10,9 +10,12 @@ Ray Train assembles from what every worker reported at that step::
     engine/latest     DeepSpeed's pointer to the tag ``state``
 
 ``encoder/`` alone is enough to embed (``pipelines.model_io``); ``engine/``
-resumes the optimiser, the LR schedule and the step exactly, and
-``state.json``'s data position lets the loop skip the micro-batches the
-checkpointed step had already consumed.
+resumes the weights, the optimiser, the LR schedule and the step exactly, and
+``state.json``'s data position lets the loop skip the micro-batches of the
+epoch that the checkpointed steps had already consumed. The position is
+exact in count (a resumed run trains on the rest of the epoch, then on full
+epochs) but not in identity: Ray Data hands blocks to workers as they ask,
+so which windows a worker skips may differ from those it saw before.
 """
 
 from __future__ import annotations

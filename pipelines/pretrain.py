@@ -37,6 +37,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -289,7 +290,8 @@ def build_trainer(prepared: PreparedRun, *, callbacks: Sequence[Any] = (), stora
     config = prepared.config
     resources = {"CPU": 1, "GPU": 1} if prepared.on_gpu else {"CPU": 1}
     dataset = build_dataset(prepared.store.files, modalities=config.modalities,
-                            history_columns=config.history_columns, seed=config.seed)
+                            history_columns=config.history_columns, seed=config.seed,
+                            readers=config.workers)
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config(prepared),
@@ -342,7 +344,13 @@ def pretrain(config: PretrainConfig, *, resume: bool = False, address: str | Non
         logger.info("%s already reached %d steps; nothing to train", prepared.run_dir, config.steps)
         return cleanup(prepared, prepared.resume_from, log_model=False)
     started_ray = not ray.is_initialized()
-    init_ray(address, num_cpus=None)
+    cpus = os.cpu_count() or 1
+    if started_ray and not (address or os.environ.get("RAY_ADDRESS")) and config.workers > cpus:
+        # A local instance with fewer CPUs than workers would wait forever for
+        # the worker group; oversubscribe the cores instead, and say so.
+        logger.warning("--workers %d on a %d-core machine: workers will share cores", config.workers, cpus)
+        cpus = config.workers
+    init_ray(address, num_cpus=cpus)
     try:
         on_gpu = detect_gpu(config)
         if on_gpu:

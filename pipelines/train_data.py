@@ -162,7 +162,7 @@ def read_store_file(items: dict[str, np.ndarray], *, columns: Sequence[str],
 
 
 def build_dataset(files: Sequence[str], *, modalities: Sequence[str], history_columns: Sequence[str],
-                  seed: int):
+                  seed: int, readers: int = 2):
     """A streaming Ray Data dataset of the training windows.
 
     One block per store file (one night), read lazily by a task that keeps
@@ -175,7 +175,9 @@ def build_dataset(files: Sequence[str], *, modalities: Sequence[str], history_co
     training workers, and 2 workers on a 2-core machine would otherwise leave
     Ray Data a budget of zero and deadlock (``read_parquet``'s file-listing
     step always asks for one CPU). Reading a few Parquet files is light next
-    to training.
+    to training. Zero-CPU tasks are not limited by the scheduler, so at most
+    ``readers`` of them run at once (without a cap Ray starts a worker
+    process per file).
     """
     import ray.data
 
@@ -183,6 +185,7 @@ def build_dataset(files: Sequence[str], *, modalities: Sequence[str], history_co
     # Shuffle the (tiny) file-name blocks, before any data is read.
     dataset = dataset.randomize_block_order(seed=seed).map_batches(
         read_store_file, batch_size=1, batch_format="numpy", num_cpus=0,
+        compute=ray.data.TaskPoolStrategy(size=max(1, readers)),
         fn_kwargs={"columns": training_columns(modalities, history_columns), "modalities": list(modalities)},
     )
     return dataset

@@ -255,6 +255,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     ray.train.report(metrics)
             if step >= cfg.steps:
                 break
+        if consumed == 0:
+            # The driver checks that every worker's shard fills a batch; if the
+            # store shrank since, stop instead of spinning on empty epochs.
+            raise RuntimeError(f"worker {rank}: epoch {epoch} yielded no batch of {cfg.per_worker_batch} "
+                               "windows; the store has fewer windows than --global-batch needs")
         skip = 0
         if step < cfg.steps:
             epoch += 1
