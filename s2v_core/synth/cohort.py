@@ -95,8 +95,8 @@ class CohortSummary:
 
     @property
     def files(self) -> tuple[Path, ...]:
-        """Every file written, sorted."""
-        return tuple(sorted(p for p in self.root.rglob("*") if p.is_file()))
+        """Every file of the written site directories, sorted."""
+        return tuple(sorted(p for s in self.sites for p in s.directory.iterdir() if p.is_file()))
 
     @property
     def phi(self) -> tuple[str, ...]:
