@@ -178,6 +178,8 @@ def test_fake_patient_header_is_written_and_never_reaches_tables(cohort):
                 assert reader.getBirthdate().upper() == identity.birthdate_text.replace("-", " ")
             header = recording.signal_path.read_bytes()[8:256].decode("ascii")  # BDF byte 0 is 0xFF
             assert identity.patient_name in header and identity.birthdate_text in header
+            if recording.hypnogram_path.suffix == ".edf":  # scoring exports repeat the patient fields
+                assert identity.patient_name in recording.hypnogram_path.read_bytes()[8:88].decode("ascii")
             names.add(identity.patient_name)
     assert len(names) > 1
     texts = [p for p in cohort.files if p.suffix in (".csv", ".toml", ".xml")]

@@ -285,7 +285,7 @@ def write_site(directory: Path, name: str, archetype: SiteArchetype, *, site_ind
         data = render_channels(archetype, night, rng)
         write_signals(signal_path, archetype.channels, data, file_format=archetype.signal_format,
                       identity=identity, equipment=archetype.equipment)
-        _write_hypnogram(hypnogram_path, archetype, night, identity.start)
+        _write_hypnogram(hypnogram_path, archetype, night, identity)
         config = SiteConfig(name=name, key_regex=archetype.key_regex)
         key = config.recording_key(signal_path)
         subject_id = f"P{names['subject']:03d}" if archetype.key == "wearable_like" else str(names["subject"])
@@ -306,10 +306,11 @@ def write_site(directory: Path, name: str, archetype: SiteArchetype, *, site_ind
                        metadata_path=metadata_path, recordings=tuple(summaries))
 
 
-def _write_hypnogram(path: Path, archetype: SiteArchetype, night: Night, start: dt.datetime) -> None:
+def _write_hypnogram(path: Path, archetype: SiteArchetype, night: Night, identity: HeaderIdentity) -> None:
     style = archetype.hypnogram_style
+    start = identity.start
     if style in ("edf_rk", "edf_aasm"):
-        write_edf_hypnogram(path, night.hypnogram, style=style, start=start)
+        write_edf_hypnogram(path, night.hypnogram, style=style, identity=identity)
     elif style == "nsrr_xml":
         label = next((c.label for c in archetype.channels if c.kind == "spo2"), "SpO2")
         airflow = next((c.label for c in archetype.channels if c.kind == "airflow"), "Airflow")

@@ -143,11 +143,18 @@ def _runs(codes: np.ndarray) -> list[tuple[int, int, int]]:
     return [(int(codes[a]), int(a), int(b - a)) for a, b in zip(starts, stops)]
 
 
-def write_edf_hypnogram(path: Path, hypnogram: NightHypnogram, *, style: str, start: dt.datetime) -> None:
-    """Annotation-only EDF+ hypnogram: ``edf_rk`` (Sleep-EDF wording, runs merged) or ``edf_aasm``."""
+def write_edf_hypnogram(path: Path, hypnogram: NightHypnogram, *, style: str, identity: HeaderIdentity) -> None:
+    """Annotation-only EDF+ hypnogram: ``edf_rk`` (Sleep-EDF wording, runs merged) or ``edf_aasm``.
+
+    Like real scoring exports, the header repeats the recording's patient fields.
+    """
     writer = pyedflib.EdfWriter(str(path), 0, file_type=pyedflib.FILETYPE_EDFPLUS)
     try:
-        writer.setStartdatetime(start)
+        writer.setStartdatetime(identity.start)
+        writer.setPatientName(identity.patient_name)
+        writer.setPatientCode(identity.patient_code)
+        writer.setBirthdate(identity.birthdate)
+        writer.setSex(identity.sex)
         seconds = hypnogram.epochs * EPOCH_SECONDS
         if style == "edf_rk":
             for code, first, count in _runs(hypnogram.rk_stages()):
