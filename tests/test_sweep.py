@@ -98,7 +98,7 @@ def test_plan_has_one_trial_per_grid_point_with_growing_parameter_counts(store, 
 # -- the real thing --------------------------------------------------------------------------------
 
 @pytest.mark.integration
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(1200)
 def test_two_by_two_sweep_logs_nested_runs_and_writes_the_report(store, tmp_path, ray_local, monkeypatch):
     import mlflow
 

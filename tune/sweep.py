@@ -338,6 +338,12 @@ def sweep(cfg: SweepConfig, *, resume: bool = False, address: str | None = None,
     interrupted = any(r["status"] == "unfinished" for r in records)
     report = write_report(output, records, bootstrap=cfg.bootstrap, seed=cfg.seed,
                           mlflow_run_id=parent_id, tracking_uri=tracking_uri)
+    # Trials Tune stopped mid-way (interrupt) leave their child run open; a
+    # resumed trial gets a new one, so close these as KILLED.
+    experiment_id = client.get_run(parent_id).info.experiment_id
+    for child in client.search_runs([experiment_id], filter_string=(
+            f"tags.mlflow.parentRunId = '{parent_id}' and attributes.status = 'RUNNING'")):
+        client.set_terminated(child.info.run_id, status="KILLED")
     client.set_terminated(parent_id, status="KILLED" if interrupted else "FINISHED")
     if interrupted:
         logger.warning("sweep interrupted with %d unfinished trial(s); continue with --resume",
