@@ -207,3 +207,38 @@ def test_synthetic_cohort_through_the_cli_is_deidentified(ray_local, tmp_path, c
     for secret in set(cohort.phi) | {FAKE_PATIENT}:
         for blob in blobs:
             assert secret.encode() not in blob and secret.upper().encode() not in blob
+
+
+def test_real_recordings_through_the_pipeline(ray_local, real_data, tmp_path):
+    """DREAMS (non-compliant EDF, 5-s text hypnogram) and the Sleep-EDF crop, read in place."""
+    dreams = tmp_path / "dreams.toml"
+    dreams.write_text(
+        'name = "dreams"\nsignals = ["excerpt3.edf"]\n'
+        'ignore_channels = ["FP1-A1", "EOG2-A1", "POS", "PHONO", "PULSE", "hypnogram", "hypnogram_aut"]\n'
+        '[channels]\n"C3-A1" = "eeg"\n"O1-A1" = "eeg"\n"EOG1-A1" = "eog"\n"EMG1" = "emg"\n"NAF1" = "airflow"\n'
+        '"VTH" = "thorax"\n"VAB" = "abdomen"\n"SAO2" = "spo2"\n"PR" = "hr"\n'
+        '[hypnogram]\nformat = "dreams_txt"\npattern = "Hypnogram_{stem}.txt"\nepoch_seconds = 5.0\n')
+    sleepedf = tmp_path / "sleepedf.toml"
+    sleepedf.write_text('name = "sleepedf"\nsignals = ["short_psg.edf"]\nkey_regex = "^(?P<key>short_psg)$"\n'
+                        '[hypnogram]\npattern = "SC4001EC-Hypnogram.edf"\n')
+    out = tmp_path / "store"
+    first = ingest([str(real_data / "DREAMS_Spindles")], str(out), site_config=str(dreams), epochs_per_window=5)
+    second = ingest([str(real_data / "SleepEDF_SC4001")], str(out), site_config=str(sleepedf), epochs_per_window=5)
+    assert (first.ok, second.ok) == (1, 1)
+    manifest = _manifest(out)
+    excerpt = manifest["excerpt3.edf"]
+    assert excerpt["status"] == "ok" and excerpt["windows"] == 12 and len(excerpt["modalities"]) == 9
+    assert excerpt["channels"]["eeg"] == "C3-A1" and excerpt["unknown_channels"] == ["event_pneumo",
+                                                                                      "event_pneumo_aut",
+                                                                                      "event_neuro"]
+    # the other excerpts' hypnograms have no signal here: listed, not lost silently
+    orphans = [s for s, line in manifest.items() if s.startswith("Hypnogram_") and line["status"] == "quarantined"]
+    assert len(orphans) == 7
+    crop = manifest["short_psg.edf"]
+    assert crop["windows"] == 2 and crop["modalities"] == ["eeg", "eog"] and "longer than the signal" in crop["reason"]
+    table = _dataset(out).to_table()
+    stages = table_to_batch(table.filter(pads.field("recording_id") == "excerpt3").sort_by("window_index"),
+                            epochs_per_window=5)["stages"].reshape(-1)
+    assert len(stages) == 60 and 3 in stages.tolist() and -1 not in stages.tolist()
+    crop_stages = table_to_batch(table.filter(pads.field("recording_id") == "short_psg"), epochs_per_window=5)
+    assert (crop_stages["stages"] == 0).all()
