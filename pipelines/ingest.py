@@ -5,9 +5,8 @@ Launch::
     s2v ingest --input COHORT/ --output STORE/ [--site-config site.toml] [--epochs-per-window 10]
 
 Reads top to bottom: ``setup`` (store directory, stale temporary files,
-manifest compaction) -> ``plan`` (discover sites and recordings, skip finished
-ones, quarantine duplicates, orphan hypnograms and unkeyed files in the
-driver) -> ``run`` (Ray Data maps :func:`ingest_one` over the recordings, one
+site discovery, manifest compaction) -> ``plan`` (skip finished recordings,
+quarantine duplicates and orphan hypnograms in the driver) -> ``run`` (Ray Data maps :func:`ingest_one` over the recordings, one
 recording per task, each writing its own Parquet file atomically) ->
 ``cleanup`` (shut down a Ray instance this call started).
 
@@ -165,39 +164,47 @@ def _check_store_layout(fs: pafs.FileSystem, root: str, finished: list[ManifestE
                          f"{existing}; use {existing} or a new --output")
 
 
-def plan(inputs: list[str], *, site_config: str | None, finished: list[ManifestEntry]
-         ) -> tuple[list[tuple[RecordingSource, str]], list[ManifestEntry], int]:
-    """Discover recordings; return ``(tasks, quarantined entries, skipped count)``.
+def discover(inputs: list[str], *, site_config: str | None) -> list[tuple[str, list[RecordingSource], list]]:
+    """``(site name, signal sources, orphan hypnograms)`` of every site under ``inputs``."""
+    sites = []
+    for input_uri in inputs:
+        for config, site_uri in find_sites(input_uri, site_config=site_config):
+            sources, orphans = discover_site(config, site_uri, input_uri=input_uri)
+            logger.info("site %s: %d signal files in %s", config.name, len(sources), site_uri)
+            sites.append((config.name, sources, orphans))
+    return sites
 
-    Duplicates (a recording id seen before, or the same content fingerprint)
-    and hypnograms that no signal claims are quarantined here, before any
-    decoding.
+
+def plan(sites: list[tuple[str, list[RecordingSource], list]], *, finished: list[ManifestEntry]
+         ) -> tuple[list[tuple[RecordingSource, str]], list[ManifestEntry], int]:
+    """Choose what to decode; return ``(tasks, quarantined entries, skipped count)``.
+
+    Recordings with an ``ok`` line in ``finished`` are skipped. Duplicates (a
+    recording id seen before, or the same content fingerprint) and hypnograms
+    that no signal claims are quarantined here, before any decoding.
     """
     done = {(e.site, e.recording_id, e.source) for e in finished}
     seen_ids = {e.recording_id: e.source for e in finished}
     seen_hashes = {e.content_hash: e.source for e in finished if e.content_hash}
     candidates, rejected, skipped = [], [], 0
-    for input_uri in inputs:
-        for config, site_uri in find_sites(input_uri, site_config=site_config):
-            sources, orphans = discover_site(config, site_uri, input_uri=input_uri)
-            logger.info("site %s: %d signal files in %s", config.name, len(sources), site_uri)
-            for source in sources:
-                if (config.name, source.recording_id, source.source) in done:
-                    skipped += 1
-                    continue
-                entry = ManifestEntry(recording_id=source.recording_id, site=config.name,
-                                      source=source.source, status="quarantined")
-                if source.size_bytes >= _MIN_FINGERPRINT_BYTES:
-                    # Files too small to be EDF are left to the reader, which says what is wrong with them.
-                    fs, path = resolve(source.signal_uri)
-                    try:
-                        entry.content_hash = fingerprint(fs, path, source.size_bytes)
-                    except OSError as exc:
-                        entry.reason = f"{source.source}: cannot read ({exc})"
-                candidates.append((source, entry))
-            rejected += [ManifestEntry(recording_id=None, site=o.site, source=o.source, status="quarantined",
-                                       reason=f"{o.source}: hypnogram with no matching signal file")
-                         for o in orphans]
+    for site, sources, orphans in sites:
+        for source in sources:
+            if (site, source.recording_id, source.source) in done:
+                skipped += 1
+                continue
+            entry = ManifestEntry(recording_id=source.recording_id, site=site, source=source.source,
+                                  status="quarantined")
+            if source.size_bytes >= _MIN_FINGERPRINT_BYTES:
+                # Files too small to be EDF are left to the reader, which says what is wrong with them.
+                fs, path = resolve(source.signal_uri)
+                try:
+                    entry.content_hash = fingerprint(fs, path, source.size_bytes)
+                except OSError as exc:
+                    entry.reason = f"{source.source}: cannot read ({exc})"
+            candidates.append((source, entry))
+        rejected += [ManifestEntry(recording_id=None, site=o.site, source=o.source, status="quarantined",
+                                   reason=f"{o.source}: hypnogram with no matching signal file")
+                     for o in orphans]
     # Among duplicates keep the copy that has a hypnogram and a metadata row, then the first by path.
     candidates.sort(key=lambda c: (c[0].hypnogram is None, c[0].metadata == RecordingMetadata(), c[0].source))
     tasks = []
@@ -313,16 +320,18 @@ def ingest(
 
     # setup
     started = time.perf_counter()
+    sites = discover(inputs, site_config=site_config)  # config errors surface before the store is touched
     fs, root = resolve(output)
     fs.create_dir(root, recursive=True)
     _remove_stale_temporaries(fs, root)
-    finished = compact_manifest(fs, root)
+    kept = compact_manifest(fs, root, redo_sites={name for name, _, _ in sites})
+    finished = [e for e in kept if e.status == "ok" and e.recording_id]
     _check_store_layout(fs, root, finished, epochs_per_window)
     writer = ManifestWriter(fs, root)
     manifest = f"{output.rstrip('/')}/{MANIFEST_NAME}"
 
     # plan
-    tasks, rejected, skipped = plan(inputs, site_config=site_config, finished=finished)
+    tasks, rejected, skipped = plan(sites, finished=finished)
     for entry in rejected:
         logger.warning("quarantined: %s", entry.reason)
         writer.append(entry)

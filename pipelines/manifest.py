@@ -9,8 +9,9 @@ duplicate recordings). Nothing from EDF headers beyond channel labels.
 
 A line is appended only after the recording's Parquet file is in place, so
 an ``ok`` line always points at a complete file. On a re-run the manifest is
-compacted first: ``ok`` lines whose file exists are kept (those recordings
-are skipped), everything else is retried and gets a fresh line.
+compacted first: for the sites of the run, ``ok`` lines whose file exists
+are kept (those recordings are skipped) and everything else is retried and
+gets a fresh line; lines of other sites stay as they are.
 """
 
 from __future__ import annotations
@@ -70,19 +71,25 @@ def read_manifest(fs: pafs.FileSystem, store_root: str) -> list[ManifestEntry]:
     return entries
 
 
-def compact_manifest(fs: pafs.FileSystem, store_root: str) -> list[ManifestEntry]:
-    """Keep only ``ok`` entries whose Parquet file exists; return them.
+def compact_manifest(fs: pafs.FileSystem, store_root: str, *, redo_sites: set[str]) -> list[ManifestEntry]:
+    """Drop the lines of ``redo_sites`` that this run will redo; return the lines kept.
 
-    The manifest is rewritten through a temporary file and a rename so that a
-    crash here leaves either the old or the new manifest, never half of one.
+    Lines of those sites are kept only when they are ``ok`` and their Parquet
+    file exists (those recordings are skipped); quarantined lines are dropped
+    because the run re-examines those files and writes fresh lines. Lines of
+    other sites (other inputs ingested into the same store) are kept as they
+    are. The manifest is rewritten through a temporary file and a rename, so
+    a crash here leaves either the old or the new manifest, never half of one.
     """
     kept = []
     for entry in read_manifest(fs, store_root):
-        if entry.status != "ok" or not entry.recording_id:
-            continue
-        target = recording_file(store_root, entry.site, entry.recording_id)
-        if fs.get_file_info(target).type == pafs.FileType.File:
-            kept.append(entry)
+        if entry.site in redo_sites:
+            if entry.status != "ok" or not entry.recording_id:
+                continue
+            target = recording_file(store_root, entry.site, entry.recording_id)
+            if fs.get_file_info(target).type != pafs.FileType.File:
+                continue
+        kept.append(entry)
     path = f"{store_root}/{MANIFEST_NAME}"
     temporary = f"{store_root}/.{MANIFEST_NAME}.{uuid.uuid4().hex}"
     with fs.open_output_stream(temporary) as stream:
