@@ -17,10 +17,11 @@ Embeddings format (``EMB/``), read back with :func:`read_embeddings`
 
 ``EMB/windows/*.parquet`` — one row per store window that has at least one
 of the requested modalities (file order is arbitrary; sort by
-``recording_id, window_index``):
+``site, recording_id, window_index``):
 
 =====================  ===============================================================
-``recording_id``       str, night; with ``subject_id`` (str), ``site`` (str),
+``recording_id``       str, night (unique with ``site``: sites may reuse ids); with
+                       ``subject_id`` (str), ``site`` (str),
                        ``window_index`` (int32), ``start_epoch`` (int32) as in the store
 ``stages``             list<int8> ``(E,)``: W=0 N1=1 N2=2 N3=3 REM=4, -1 unknown
 ``age``, ``sex``       float32 years / int8 0 female 1 male, null unknown
@@ -102,6 +103,7 @@ class Embeddings:
     window: np.ndarray  # float32 (N, P) window embeddings
     stages: np.ndarray  # int64 (N, E), -1 unknown
     recording_id: np.ndarray  # str (N,)
+    night_id: np.ndarray  # str (N,) "site/recording_id": a night (sites may reuse recording ids)
     subject_id: np.ndarray  # str (N,)
     site: np.ndarray  # str (N,)
     start_epoch: np.ndarray  # int64 (N,)
@@ -435,7 +437,8 @@ def _write_nights(out: Path, info: dict) -> tuple[int, int]:
     windows = 0
     for batch in dataset.to_batches(columns=[*meta_columns, "window_embedding"]):
         table = pa.Table.from_batches([batch])
-        ids = np.asarray(table.column("recording_id").to_pylist())
+        ids = np.asarray([f"{s}/{r}" for s, r in zip(table.column("site").to_pylist(),
+                                                      table.column("recording_id").to_pylist())])
         values = table.column("window_embedding").combine_chunks().flatten().to_numpy().reshape(len(ids), -1)
         # Pool per batch (sums, not means) so that memory stays one vector per night.
         nights, inverse = np.unique(ids, return_inverse=True)
@@ -473,7 +476,7 @@ def read_embeddings(path: str | os.PathLike, *, per_modality: bool = False) -> E
         raise ValueError(f"{info_path}: expected embeddings format {EMBEDDINGS_FORMAT}, "
                          f"found {info.get('format')!r}")
     table = pads.dataset(str(root / WINDOWS_DIR), format="parquet").to_table()
-    table = table.sort_by([("recording_id", "ascending"), ("window_index", "ascending")])
+    table = table.sort_by([("site", "ascending"), ("recording_id", "ascending"), ("window_index", "ascending")])
     rows, epochs, dim = table.num_rows, info["epochs_per_window"], info["embedding_dim"]
 
     def matrix(name: str, shape: tuple[int, ...]) -> np.ndarray:
@@ -485,7 +488,7 @@ def read_embeddings(path: str | os.PathLike, *, per_modality: bool = False) -> E
             values[valid] = flat.reshape(int(valid.sum()), -1)
         return values.reshape(rows, *shape)
 
-    nights = pq.read_table(root / NIGHTS_FILE).sort_by("recording_id")
+    nights = pq.read_table(root / NIGHTS_FILE).sort_by([("site", "ascending"), ("recording_id", "ascending")])
     embedding_columns = [c for c in table.column_names if c.endswith("_embedding") or c.startswith("emb_")]
     stages = table.column("stages").combine_chunks().flatten().to_numpy(zero_copy_only=False)
     return Embeddings(
@@ -494,6 +497,8 @@ def read_embeddings(path: str | os.PathLike, *, per_modality: bool = False) -> E
         window=matrix("window_embedding", (dim,)),
         stages=stages.astype(np.int64).reshape(rows, epochs),
         recording_id=np.asarray(table.column("recording_id").to_pylist()),
+        night_id=np.asarray([f"{s}/{r}" for s, r in zip(table.column("site").to_pylist(),
+                                                         table.column("recording_id").to_pylist())]),
         subject_id=np.asarray(table.column("subject_id").to_pylist()),
         site=np.asarray(table.column("site").to_pylist()),
         start_epoch=table.column("start_epoch").to_numpy().astype(np.int64),

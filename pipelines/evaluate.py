@@ -204,7 +204,7 @@ def _staging(emb: Embeddings, folds: list[Fold], heads: Sequence[str], seed: int
     scored = stages[stages != UNKNOWN_STAGE]
     section = {
         "n_windows": int(len(stages)), "n_epochs_scored": int(scored.size),
-        "n_subjects": int(len(np.unique(emb.subject_id))), "n_nights": int(len(np.unique(emb.recording_id))),
+        "n_subjects": int(len(np.unique(emb.subject_id))), "n_nights": int(len(np.unique(emb.night_id))),
         "class_counts": {name: int((scored == i).sum()) for i, name in enumerate(STAGE_NAMES)},
         "majority": majority_staging(stages, folds),
         "heads": {"linear": "StandardScaler + LogisticRegression per epoch",
@@ -221,7 +221,7 @@ def _staging(emb: Embeddings, folds: list[Fold], heads: Sequence[str], seed: int
                                                    title=f"Sleep staging, {head} head (out-of-fold)")))
         if head == heads[0]:
             night = _longest_night(emb)
-            rows = np.flatnonzero(emb.recording_id == night)
+            rows = np.flatnonzero(emb.night_id == night)
             plot_paths.append(str(plots.plot_hypnogram(
                 stages[rows].ravel(), predictions[rows].ravel(), out_dir / "hypnogram.png",
                 title=f"{night}: true vs {head} head (out-of-fold)")))
@@ -229,7 +229,7 @@ def _staging(emb: Embeddings, folds: list[Fold], heads: Sequence[str], seed: int
 
 
 def _longest_night(emb: Embeddings) -> str:
-    nights, counts = np.unique(emb.recording_id, return_counts=True)
+    nights, counts = np.unique(emb.night_id, return_counts=True)
     return str(nights[np.argmax(counts)])
 
 
@@ -362,7 +362,7 @@ def _label_efficiency(emb: Embeddings, folds: list[Fold], data: str, checkpoint:
         "supervised_from_scratch": scratch_staging_probe(signals, emb.stages, config=encoder.config,
                                                          modalities=modalities, seed=seed, steps=steps),
     }
-    curves = label_efficiency(probes, emb.stages, emb.recording_id, folds, fractions=LABEL_FRACTIONS, seed=seed)
+    curves = label_efficiency(probes, emb.stages, emb.night_id, folds, fractions=LABEL_FRACTIONS, seed=seed)
     plot_paths.append(str(plots.plot_label_efficiency(curves, out_dir / "label_efficiency.png")))
     return {"fractions": list(LABEL_FRACTIONS), "unit": "fraction of labelled training nights per fold",
             "scratch_model": {"config": encoder.config.name, "width": encoder.config.width,
@@ -380,8 +380,8 @@ def _yasa_peer(emb: Embeddings, folds: list[Fold], data: str, seed: int) -> dict
     epochs = emb.info["epochs_per_window"]
     signals = {k: modality_array(table, k, epochs) for k in ("eeg", "eog", "emg")}
     predicted = np.full(emb.stages.shape, UNKNOWN_STAGE, dtype=np.int64)
-    for night in np.unique(emb.recording_id):
-        rows = np.flatnonzero((emb.recording_id == night) & signals["eeg"][1])
+    for night in np.unique(emb.night_id):
+        rows = np.flatnonzero((emb.night_id == night) & signals["eeg"][1])
         if len(rows) * epochs < MIN_EPOCHS or np.any(np.diff(emb.start_epoch[rows]) != epochs):
             continue  # YASA stages whole contiguous nights of at least 5 min
         extra = {k: signals[k][0][rows].reshape(-1, signals[k][0].shape[-1])
