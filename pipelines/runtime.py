@@ -27,9 +27,28 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None
     else:
         num_cpus = num_cpus or os.cpu_count() or 1
         logger.info("starting a local Ray instance with %d CPUs", num_cpus)
-        # address="local" always starts a fresh instance instead of attaching to
-        # whatever `ray start` cluster happens to run on this machine.
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False)
+        start_local_ray(num_cpus=num_cpus, include_dashboard=False)
+
+
+def start_local_ray(*, num_cpus: int, attempts: int = 3, **init_kwargs) -> None:
+    """Start a fresh local Ray instance, retrying a start-up that timed out.
+
+    ``address="local"`` always starts a new instance instead of attaching to
+    whatever ``ray start`` cluster happens to run on this machine. On an
+    oversubscribed machine the raylet can miss Ray's fixed start-up deadline;
+    that failure leaves nothing behind, so it is retried a few times.
+    """
+    import ray
+
+    for attempt in range(1, attempts + 1):
+        try:
+            ray.init(address="local", num_cpus=num_cpus, **init_kwargs)
+            return
+        except Exception as exc:  # Ray raises a bare Exception for this
+            if "timed out during startup" not in str(exc) or attempt == attempts:
+                raise
+            logger.warning("Ray start-up timed out (attempt %d of %d); retrying", attempt, attempts)
+            ray.shutdown()
 
 
 def mlflow_tracking_uri(workdir: str | Path) -> str:

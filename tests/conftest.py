@@ -24,8 +24,10 @@ def ray_local():
     """One local Ray instance (2 CPUs) shared by the tests of a module, then shut down."""
     import ray
 
+    from pipelines.runtime import start_local_ray
+
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    start_local_ray(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
