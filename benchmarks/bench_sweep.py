@@ -14,7 +14,9 @@ width's loss predicted by the next-largest width's loss at the same M);
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -47,7 +49,9 @@ def main() -> None:
                       steps=args.steps, global_batch=args.global_batch, anchor="eeg")
     started = time.monotonic()
     try:
-        report = sweep(cfg, num_cpus=args.num_cpus)
+        # Tune prints its progress table to stdout; keep stdout for the one JSON object.
+        with contextlib.redirect_stdout(sys.stderr):
+            report = sweep(cfg, num_cpus=args.num_cpus)
     finally:
         ray.shutdown()
     elapsed = time.monotonic() - started
