@@ -94,6 +94,7 @@ def plot_report(report: dict, path: str | Path) -> Path:
     """Draw ``scaling.png`` from a report of :func:`build_report` and return its path."""
     # Figure without pyplot: no global backend state in a library.
     from matplotlib.figure import Figure
+    from matplotlib.ticker import NullFormatter
 
     points = [t for t in report["trials"] if t.get("status") == "finished" and _finite(t.get(LOSS_KEY))
               and t["data_fraction"] == report["fit_subset"]["data_fraction"]]
@@ -110,6 +111,7 @@ def plot_report(report: dict, path: str | Path) -> Path:
         if curve is not None:
             left.plot(*curve, "-", color=colour, alpha=0.8)
     left.set_xscale("log")
+    left.xaxis.set_minor_formatter(NullFormatter())  # labelled minor ticks overlap on a short range
     left.set_xlabel("non-embedding parameters N")
     left.set_ylabel("validation contrastive loss (nats)")
     left.set_title(_title(joint, "loss vs parameters"))
