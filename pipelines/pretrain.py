@@ -321,7 +321,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def pretrain(config: PretrainConfig, *, resume: bool = False, address: str | None = None,
-             mlflow: bool = True) -> PretrainResult:
+             mlflow: bool = True, callbacks: Sequence[Any] = ()) -> PretrainResult:
     """Pretrain the encoder; the Python API behind ``s2v pretrain``.
 
     Parameters
@@ -334,6 +334,9 @@ def pretrain(config: PretrainConfig, *, resume: bool = False, address: str | Non
         Ray cluster to use (else ``RAY_ADDRESS``, else a local instance).
     mlflow : bool
         Log to MLflow (params, per-step metrics from rank 0, configs, final model).
+    callbacks : sequence
+        Ray Train callbacks, e.g. Tune's ``TuneReportCallback()`` when a sweep
+        trial calls this function (Ray is then already initialised and stays up).
     """
     import ray
 
@@ -357,7 +360,7 @@ def pretrain(config: PretrainConfig, *, resume: bool = False, address: str | Non
             prepared = setup(config, resume=resume, on_gpu=True)  # bf16 DeepSpeed config
         if mlflow:
             prepared = start_mlflow_run(prepared)
-        result = build_trainer(prepared).fit()
+        result = build_trainer(prepared, callbacks=callbacks).fit()
         if result.error is not None:
             raise result.error
         return cleanup(prepared, Path(result.checkpoint.path))

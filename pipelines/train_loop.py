@@ -90,18 +90,49 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str,
     return [{"params": decay, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]
 
 
-def _skip_broadcast_of_scalars(model: torch.nn.Module) -> None:
-    """Keep DeepSpeed from broadcasting 0-dim parameters (``SleepEncoder.logit_scale``).
+class ContrastiveStep(torch.nn.Module):
+    """The module DeepSpeed wraps: the encoder's forward plus its logit scale, in one call.
 
-    DeepSpeed 0.19's ``_broadcast_model`` views every replicated parameter as
-    ``uint8``, which raises for a 0-dim tensor. Every rank builds the model
-    from the same seed, so a scalar is identical everywhere already. DeepSpeed
-    skips parameters tagged ``ds_optim_param`` (its OptimizedLinear marker,
-    otherwise only read for parameter offload, which these configs never enable).
+    ZeRO-3 materialises a parameter only while a module that uses it runs;
+    the loss needs ``logit_scale`` outside ``SleepEncoder.forward``, so this
+    wrapper reads it in its own forward and declares it there as an external
+    parameter. For other stages it is a plain pass-through.
     """
-    for param in model.parameters():
-        if param.ndim == 0:
-            param.ds_optim_param = True
+
+    def __init__(self, encoder: SleepEncoder, *, zero_stage: int) -> None:
+        super().__init__()
+        self.encoder = encoder
+        if zero_stage == 3:
+            import deepspeed
+
+            deepspeed.zero.register_external_parameter(self, encoder.logit_scale)
+            # The encoder indexes its embedding tables' weights instead of calling
+            # them, so ZeRO-3 would never gather them for the encoder's forward.
+            for child in encoder.children():
+                if isinstance(child, torch.nn.Embedding):
+                    deepspeed.zero.register_external_parameter(encoder, child.weight)
+
+    def forward(self, batch: dict[str, Any]) -> tuple[Any, torch.Tensor]:
+        # A computed 0-dim copy: it stays valid after ZeRO-3 re-partitions the parameter.
+        scale = self.encoder.logit_scale.float().reshape(()) * 1.0
+        return self.encoder(batch), scale
+
+
+def _promote_scalar_parameters(model: torch.nn.Module) -> None:
+    """Turn 0-dim parameters (``SleepEncoder.logit_scale``) into 1-element ones, in place.
+
+    DeepSpeed 0.19 assumes every parameter has a dimension: it broadcasts
+    parameters as ``uint8`` views at start-up and in ZeRO-3 partitioning, and
+    ZeRO-0 copies reduced gradients back through 1-d buffers; all of them
+    raise for a 0-dim tensor. The loop reads the scale back as a 0-dim view
+    and :func:`_fp32_copy` restores the original shapes when it writes the
+    encoder, so saved encoders are unchanged.
+    """
+    for module in model.modules():
+        for name, param in list(module._parameters.items()):
+            if param is not None and param.ndim == 0:
+                module._parameters[name] = torch.nn.Parameter(param.detach().reshape(1),
+                                                              requires_grad=param.requires_grad)
 
 
 def _average_stats(stats: dict[str, float], world_size: int, device: torch.device) -> dict[str, float]:
@@ -174,12 +205,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     # Same initial weights on every rank (DeepSpeed also broadcasts rank 0's).
     torch.manual_seed(cfg.seed)
-    model = SleepEncoder(model_cfg, modalities)
-    _skip_broadcast_of_scalars(model)
+    encoder = SleepEncoder(model_cfg, modalities)
+    _promote_scalar_parameters(encoder)
+    model = ContrastiveStep(encoder, zero_stage=cfg.zero_stage)
     optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98))
     engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer,
                                                    config=config["ds_config"], dist_init_required=False)
-    bf16 = bool(config["ds_config"]["bf16"]["enabled"])
 
     step, position = 0, DataPosition()
     checkpoint = ray.train.get_checkpoint()
@@ -221,10 +252,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             np_batch = table_to_batch(table, modalities=modalities, epochs_per_window=epochs_per_window,
                                       history_columns=cfg.history_columns)
             tensors = batch_to_tensors(np_batch, device)
-            out = engine(tensors)
+            out, logit_scale = engine(tensors)
             meta = {k: tensors[k] for k in ("age", "sex", "site_id", "night_id", "history")}
             result = dash_infonce({k: v.float() for k, v in out.per_modality.items()}, out.present, meta,
-                                  logit_scale=engine.module.logit_scale.float(), config=dash,
+                                  logit_scale=logit_scale, config=dash,
                                   rank=rank, world_size=world_size, gather=gather)
             engine.backward(result.loss)
             engine.step()
@@ -290,11 +321,11 @@ def _save_and_report(engine: Any, metrics: dict[str, float], config: dict[str, A
 
 def _save_encoder(engine: Any, directory: Path, *, rank: int, zero_stage: int) -> None:
     """Rank 0 writes the plain encoder (fp32 weights); ZeRO-3 first gathers the partitions."""
-    module = engine.module
+    module = engine.module.encoder
     if zero_stage == 3:
         import deepspeed
 
-        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+        with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None):
             if rank == 0:
                 save_encoder(_fp32_copy(module), directory)
         return
@@ -305,5 +336,7 @@ def _save_encoder(engine: Any, directory: Path, *, rank: int, zero_stage: int) -
 def _fp32_copy(module: SleepEncoder) -> SleepEncoder:
     """A float32 CPU copy of the encoder (bf16 training keeps bf16 weights in the module)."""
     copy = SleepEncoder(module.config, module.modalities)
-    copy.load_state_dict({k: v.detach().float().cpu() for k, v in module.state_dict().items()})
+    shapes = {k: v.shape for k, v in copy.state_dict().items()}
+    # reshape: undo _promote_scalar_parameters (1-element → 0-dim).
+    copy.load_state_dict({k: v.detach().float().cpu().reshape(shapes[k]) for k, v in module.state_dict().items()})
     return copy
