@@ -411,7 +411,10 @@ def _run_actor_pool(checkpoint: str, dataset: pads.Dataset, out: Path, *, modali
     # share what is left (their real thread count is set in the actor), so a
     # full pool can never starve the tasks that feed it.
     actor_cpus = 0 if gpus else max(cpus - 1, 1) / actors
-    windows = ray.data.read_parquet(sorted(dataset.files), columns=columns, partitioning=None)
+    # Ray Data merges small files into few blocks, and one block feeds one actor:
+    # ask for at least a file's worth and four per actor so the whole pool works.
+    windows = ray.data.read_parquet(sorted(dataset.files), columns=columns, partitioning=None,
+                                    override_num_blocks=max(4 * actors, len(dataset.files)))
     embedded = windows.map_batches(
         _EmbedActor,
         fn_constructor_kwargs={
