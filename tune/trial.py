@@ -7,12 +7,13 @@ with ``s2v pretrain``'s own :func:`pipelines.pretrain.build_trainer`
 trial's MLflow run), then loads the trained encoder and computes
 
 ``val_loss``
-    DASH-InfoNCE (the pretraining objective, default :class:`DashConfig`)
-    on the validation store in eval mode, in fixed batches of
-    ``validation_batch`` windows taken in store order, averaged over
-    anchors. The batch size fixes the number of negatives, so every trial of
-    a sweep is scored on the same problem. Pairs are those among the
-    trial's own modalities.
+    :func:`pipelines.validation.evaluate_contrastive_loss`: DASH-InfoNCE
+    (the pretraining objective, default :class:`DashConfig`) on the
+    validation store in eval mode, in fixed batches of ``validation_batch``
+    windows taken in store order, averaged over anchors. The batch size
+    fixes the number of negatives, so every trial of a sweep is scored on
+    the same problem. Pairs are those among the trial's own modalities, so
+    a larger M also averages over more (and harder) pairs.
 ``staging_macro_f1``
     The evaluation package's linear staging probe
     (:func:`s2v_core.evaluation.probes.linear_staging_probe` through
@@ -113,12 +114,12 @@ def validate_encoder(encoder_dir, *, train_store: str, validation_store: str, mo
 
     from s2v_core.evaluation.metrics import staging_metrics
     from s2v_core.evaluation.probes import linear_staging_probe
-    from s2v_core.losses import dash_infonce
+    from pipelines.validation import evaluate_contrastive_loss
     from s2v_core.model import batch_to_tensors, load_encoder
     from s2v_core.store import schema_info, table_to_batch
 
     model = load_encoder(encoder_dir).eval()
-    sums, anchors = 0.0, 0.0
+    loss = evaluate_contrastive_loss(model, validation_store, modalities=modalities, batch_size=validation_batch)
     embeddings, stages = {}, {}
     for side, store in (("train", train_store), ("validation", validation_store)):
         dataset = ds.dataset(store, format="parquet", partitioning="hive")
@@ -133,14 +134,7 @@ def validate_encoder(encoder_dir, *, train_store: str, validation_store: str, mo
                 out = model.encode(batch)
                 fused.append(out.fused.numpy())
                 labels.append(batch["stages"].numpy())
-                if side == "validation":
-                    result = dash_infonce(out.per_modality, out.present, batch, logit_scale=model.logit_scale)
-                    sums += result.stats["loss"] * result.stats["anchors"]
-                    anchors += result.stats["anchors"]
         embeddings[side], stages[side] = np.concatenate(fused), np.concatenate(labels)
-    if anchors == 0:
-        raise ValueError(f"validation store {validation_store} has no window with two of "
-                         f"{', '.join(modalities)}; cannot compute a contrastive loss")
     rows = {side: len(stages[side]) for side in stages}
     train_rows, test_rows = np.arange(rows["train"]), rows["train"] + np.arange(rows["validation"])
     all_embeddings = np.concatenate([embeddings["train"], embeddings["validation"]])
@@ -150,7 +144,7 @@ def validate_encoder(encoder_dir, *, train_store: str, validation_store: str, mo
     # which needs folds that cover every row, so the one fold is scored directly.
     predicted = linear_staging_probe(all_embeddings, all_stages, seed=seed)(train_rows, test_rows)
     scores = staging_metrics(all_stages[test_rows], predicted)
-    return {"val_loss": sums / anchors, "staging_macro_f1": float(scores["macro_f1"]),
+    return {"val_loss": loss["loss"], "staging_macro_f1": float(scores["macro_f1"]),
             "validation_windows": rows["validation"]}
 
 
