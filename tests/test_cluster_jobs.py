@@ -11,6 +11,7 @@ the cluster is stopped even when a check fails.
 from __future__ import annotations
 
 import json
+import math
 import os
 import secrets
 import shutil
@@ -35,7 +36,7 @@ RAY = BIN / "ray"
 #: object store per node: the machine is shared, and the jobs here are small
 OBJECT_STORE_BYTES = 400 * 1024**2
 #: tries per node: a raylet that misses Ray's fixed registration deadline on a busy machine is restarted
-START_ATTEMPTS = 3
+START_ATTEMPTS = 4
 
 
 def free_port() -> int:
@@ -65,6 +66,14 @@ class LocalCluster:
             RAY_AUTH_MODE="token",
             RAY_AUTH_TOKEN=self.token,
             RAY_USAGE_STATS_ENABLED="0",
+            # A busy 2-core machine starts Python agents and workers slowly;
+            # Ray's defaults (15 s for the agents' ports, 60 s for a worker to
+            # register) then abort a healthy node.
+            RAY_agent_register_timeout_ms="180000",
+            RAY_worker_register_timeout_seconds="180",
+            # no idle Python workers started ahead of need while a node boots
+            RAY_enable_worker_prestart="0",
+            RAY_prestart_worker_first_driver="0",
             # `s2v` of this venv is what the job entrypoints run
             PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
         )
@@ -89,7 +98,6 @@ class LocalCluster:
             "--node-ip-address=127.0.0.1",
             "--num-cpus=1",
             f"--object-store-memory={OBJECT_STORE_BYTES}",
-            f"--temp-dir={self.temp_dir / 'ray'}",
             "--disable-usage-stats",
         ]
         for _ in range(START_ATTEMPTS):
@@ -102,13 +110,21 @@ class LocalCluster:
                 f"--dashboard-port={dashboard_port}",  # binds 127.0.0.1 (Ray's default)
                 f"--ray-client-server-port={free_port()}",
                 '--resources={"node_a": 1}',
+                f"--temp-dir={self.temp_dir / 'a'}",
             ]
-            if self._start_node("head", [*common, *head], ready=self._dashboard_ready):
+            if self._start_node("head", [*common, *head], ready=lambda: len(self.alive_nodes()) == 1):
                 break
         else:
             raise RuntimeError(f"the head node did not start:\n{self.log('head')}")
         for _ in range(START_ATTEMPTS):
-            worker = [f"--address={self.gcs_address}", '--resources={"node_b": 1}']
+            # Its own temp dir, as on a real machine: nodes sharing one would
+            # share the unpacked job working_dir, and the worker's runtime-env
+            # agent deletes it under the running driver once its tasks end.
+            worker = [
+                f"--address={self.gcs_address}",
+                '--resources={"node_b": 1}',
+                f"--temp-dir={self.temp_dir / 'b'}",
+            ]
             if self._start_node("worker", [*common, *worker], ready=lambda: len(self.alive_nodes()) == 2):
                 break
         else:
@@ -173,12 +189,6 @@ class LocalCluster:
             # the process group was created for this node only (start_new_session)
             os.killpg(process.pid, signal.SIGKILL)
             process.wait(timeout=30)
-
-    def _dashboard_ready(self) -> bool:
-        try:
-            return self.api("/api/version", token=self.token)[0] == 200
-        except OSError:
-            return False
 
     @staticmethod
     def _node_ports() -> list[str]:
@@ -256,3 +266,74 @@ def test_submission_with_a_wrong_token_is_refused(cluster):
     assert cluster.api("/api/jobs/", token="wrong")[0] == 403
     submitted = json.loads(cluster.api("/api/jobs/", token=cluster.token)[1])
     assert not any("should never run" in job["entrypoint"] for job in submitted)
+
+
+# -- the pipelines as jobs -------------------------------------------------------
+
+
+def mlflow_runs(jobs_dir: Path, experiment_name: str) -> list:
+    """Runs of one experiment in the SQLite store the jobs were given."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{jobs_dir / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name(experiment_name)
+    assert experiment is not None, f"no MLflow experiment {experiment_name!r} in {jobs_dir / 'mlflow.db'}"
+    return client.search_runs([experiment.experiment_id])
+
+
+@pytest.fixture(scope="module")
+def jobs_dir(tmp_path_factory):
+    """Shared outputs of the chained jobs (synth → ingest → pretrain) and their MLflow store."""
+    return tmp_path_factory.mktemp("jobs")
+
+
+def test_synth_job(cluster, jobs_dir):
+    job = ["synth", str(jobs_dir / "raw"), "--sites", "2", "--recordings-per-site", "2", "--hours", "0.25"]
+    result = s2v_submit(cluster, jobs_dir, job, submission_id="s2v-synth", timeout=300)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    assert len([p for p in (jobs_dir / "raw").iterdir() if p.is_dir()]) == 2
+
+
+def test_ingest_job(cluster, jobs_dir):
+    sites = sorted(p for p in (jobs_dir / "raw").iterdir() if p.is_dir())
+    store = jobs_dir / "store"
+    job = ["ingest", *[arg for site in sites for arg in ("--input", str(site))], "--output", str(store)]
+    result = s2v_submit(cluster, jobs_dir, job, submission_id="s2v-ingest", timeout=420)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    manifest = [json.loads(line) for line in (store / "manifest.jsonl").read_text().splitlines()]
+    assert len(manifest) == 4 and all(entry["status"] == "ok" for entry in manifest), manifest
+    assert sorted(p.name for p in store.glob("site=*")) == sorted(f"site={site.name}" for site in sites)
+    assert len(list(store.glob("site=*/*.parquet"))) == 4
+    (run,) = mlflow_runs(jobs_dir, "s2v-ingest")
+    assert run.info.status == "FINISHED" and run.data.metrics["ok"] == 4
+
+
+def test_pretrain_job_with_workers_on_two_nodes(cluster, jobs_dir):
+    run_dir = jobs_dir / "pretrain"
+    job = [
+        "pretrain", "--data", str(jobs_dir / "store"), "--output", str(run_dir),
+        "--workers", "2", "--model", "tiny", "--steps", "3", "--global-batch", "8",
+        "--checkpoint-every", "3", "--device", "cpu",
+    ]  # fmt: skip
+    result = s2v_submit(cluster, jobs_dir, job, submission_id="s2v-pretrain", timeout=600)
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-4000:]
+    assert (run_dir / "encoder").is_dir()
+    assert list((run_dir / "checkpoints").glob("*step*"))
+    # Each node offers one CPU and each worker takes one: the two Ray Train
+    # workers must have run on different nodes. Ask the cluster where they ran.
+    status, body = cluster.api(
+        "/api/v0/actors?limit=1000&detail=true&filter_keys=class_name&filter_predicates=%3D"
+        "&filter_values=RayTrainWorker",
+        token=cluster.token,
+    )
+    assert status == 200, body[:500]
+    workers = json.loads(body)["data"]["result"]["result"]
+    node_ids = {actor["node_id"] for actor in workers}
+    head_and_worker = {node["node_id"] for node in cluster.alive_nodes()}
+    assert len(workers) == 2 and node_ids == head_and_worker, workers
+    # MLflow: the run went to the store passed through MLFLOW_TRACKING_URI,
+    # with the metrics rank 0 logged from whichever node it ran on.
+    (run,) = mlflow_runs(jobs_dir, "sleep2vec-pretrain")
+    assert run.info.status == "FINISHED"
+    assert math.isfinite(run.data.metrics["loss"])
+    assert not (run_dir / "mlflow.db").exists()  # nothing fell back to a local store

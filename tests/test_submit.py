@@ -97,7 +97,8 @@ def test_token_auth_is_on_by_default(tmp_path):
     assert env["RAY_AUTH_MODE"] == "token"
     token_file = tmp_path / "token"
     token_file.write_text("t")
-    assert client_environment({"HOME": str(tmp_path), "RAY_AUTH_TOKEN_PATH": str(token_file)})["RAY_AUTH_MODE"] == "token"
+    env = client_environment({"HOME": str(tmp_path), "RAY_AUTH_TOKEN_PATH": str(token_file)})
+    assert env["RAY_AUTH_MODE"] == "token"
 
 
 def test_missing_token_is_an_error_before_anything_is_sent(tmp_path):
