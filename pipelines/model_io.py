@@ -97,8 +97,10 @@ def _load_run_encoder(run_id: str, tracking_uri: str | None) -> SleepEncoder:
 def _load_mlflow_model(spec: str, tracking_uri: str | None) -> SleepEncoder:
     import mlflow
 
-    mlflow.set_tracking_uri(_tracking_uri(tracking_uri, spec))
-    model = mlflow.pytorch.load_model(spec, map_location="cpu")
+    from pipelines.pretrain import tracking_uri_scope
+
+    with tracking_uri_scope(_tracking_uri(tracking_uri, spec)):
+        model = mlflow.pytorch.load_model(spec, map_location="cpu")
     if not isinstance(model, SleepEncoder):
         raise ValueError(f"--checkpoint {spec}: expected a SleepEncoder model, found {type(model).__name__}")
     return model.eval()

@@ -33,13 +33,14 @@ Run dir layout::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
 import math
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -179,14 +180,12 @@ def detect_gpu(config: PretrainConfig) -> bool:
 # -- MLflow (driver side; rank 0 of the workers logs the per-step metrics) -------------------------
 def start_mlflow_run(prepared: PreparedRun) -> PreparedRun:
     """Create (or, on resume, continue) the run's MLflow run and log its params and configs."""
-    import mlflow
     from mlflow.tracking import MlflowClient
 
     from pipelines.runtime import mlflow_tracking_uri
 
     run_file = prepared.run_dir / MLFLOW_RUN_FILE
     uri = mlflow_tracking_uri(prepared.run_dir)
-    mlflow.set_tracking_uri(uri)
     client = MlflowClient(tracking_uri=uri)
     run_id = None
     if run_file.is_file():
@@ -228,6 +227,24 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+@contextlib.contextmanager
+def tracking_uri_scope(uri: str) -> Iterator[None]:
+    """Point MLflow's fluent API at ``uri`` for a block, then restore it.
+
+    ``mlflow.set_tracking_uri`` also exports ``MLFLOW_TRACKING_URI``; left
+    set, the next run in this process (a sweep, a test, a benchmark) would
+    log into this run's store instead of its own.
+    """
+    import mlflow
+
+    previous = os.environ.get("MLFLOW_TRACKING_URI")  # set_tracking_uri keeps the two in step
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous)  # None unsets both the global and the variable
+
+
 def log_final_model(prepared: PreparedRun, encoder_dir: Path, result_metrics: dict[str, float]) -> None:
     """Log the final encoder: its directory as artifacts and an ``mlflow.pytorch`` model."""
     import mlflow
@@ -238,8 +255,7 @@ def log_final_model(prepared: PreparedRun, encoder_dir: Path, result_metrics: di
 
     client = MlflowClient(tracking_uri=prepared.mlflow_tracking_uri)
     client.log_artifacts(prepared.mlflow_run_id, str(encoder_dir), artifact_path=MLFLOW_ENCODER_ARTIFACT)
-    mlflow.set_tracking_uri(prepared.mlflow_tracking_uri)
-    with mlflow.start_run(run_id=prepared.mlflow_run_id):
+    with tracking_uri_scope(prepared.mlflow_tracking_uri), mlflow.start_run(run_id=prepared.mlflow_run_id):
         mlflow.pytorch.log_model(
             load_encoder(encoder_dir), name=MLFLOW_MODEL_NAME,
             # Explicit requirements: skips MLflow's slow import-tracing inference.

@@ -147,3 +147,24 @@ def test_mlflow_spec_needs_a_tracking_uri(monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     with pytest.raises(ValueError, match="MLFLOW_TRACKING_URI"):
         load_trained_encoder("0123456789abcdef0123456789abcdef")
+
+
+@pytest.mark.integration
+def test_mlflow_logging_leaves_the_tracking_uri_of_the_process_alone(store, tmp_path, monkeypatch):
+    """Two runs in one process (a sweep, the benchmark) each log into their own store."""
+    import os
+
+    from pipelines.pretrain import cleanup, start_mlflow_run
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    run_ids = []
+    for name in ("first", "second"):
+        prepared = start_mlflow_run(setup(PretrainConfig(data=str(store), output=str(tmp_path / name),
+                                                         workers=2, global_batch=8)))
+        checkpoint = _fake_checkpoint(prepared.run_dir, prepared.config, 1)
+        save_encoder(SleepEncoder(model_config("tiny"), ("eeg", "ecg", "hr")), checkpoint / ENCODER_DIR)
+        cleanup(prepared, checkpoint)
+        assert "MLFLOW_TRACKING_URI" not in os.environ
+        assert prepared.mlflow_tracking_uri.endswith(f"{name}/mlflow.db")
+        run_ids.append(prepared.mlflow_run_id)
+    assert load_trained_encoder(run_ids[1], tracking_uri=f"sqlite:///{tmp_path / 'second' / 'mlflow.db'}")
