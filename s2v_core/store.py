@@ -92,6 +92,45 @@ def schema_info(schema: pa.Schema) -> tuple[int, int]:
     return int(meta[SCHEMA_VERSION_KEY]), int(meta[EPOCHS_PER_WINDOW_KEY])
 
 
+def store_files(root: str) -> tuple[list[str], "pyarrow.fs.FileSystem"]:
+    """The Parquet files of the store at ``root`` (a path or a URI pyarrow understands).
+
+    Only ``*.parquet`` files count: the root also holds ``manifest.jsonl``, and
+    ingest's in-flight temporaries are hidden (dot-prefixed) files. Returns the
+    sorted file paths and the filesystem they live on. Raises
+    ``FileNotFoundError`` when ``root`` does not exist and ``ValueError`` when
+    it holds no Parquet file.
+    """
+    import pyarrow.fs as pafs
+
+    filesystem, path = pafs.FileSystem.from_uri(root) if "://" in str(root) else (
+        pafs.LocalFileSystem(), str(root))
+    if filesystem.get_file_info(path).type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"store {root} does not exist")
+    infos = filesystem.get_file_info(pafs.FileSelector(path, recursive=True))
+    files = sorted(
+        info.path for info in infos
+        if info.type == pafs.FileType.File and info.base_name.endswith(".parquet")
+        and not info.base_name.startswith((".", "_"))
+    )
+    if not files:
+        raise ValueError(f"store {root}: no Parquet files (expected {root}/site=<name>/<recording>.parquet)")
+    return files, filesystem
+
+
+def open_store(root: str):
+    """A ``pyarrow.dataset.Dataset`` over the store's Parquet files (see :func:`store_files`).
+
+    Use this rather than ``pyarrow.dataset.dataset(root)``, which would also
+    try to read ``manifest.jsonl`` as Parquet. The files carry their own
+    ``site`` column, so no hive partitioning is applied on top.
+    """
+    import pyarrow.dataset as pads
+
+    files, filesystem = store_files(root)
+    return pads.dataset(files, format="parquet", filesystem=filesystem)
+
+
 def stable_id(text: str) -> int:
     """A stable signed 63-bit integer id of ``text`` (same on every machine and run)."""
     digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()

@@ -10,6 +10,7 @@ depends on the epoch's stage (so stages can be probed).
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -79,12 +80,17 @@ def write_toy_store(
 ) -> Path:
     """Write a toy store under ``root`` (``site=<name>/<recording>.parquet``) and return it.
 
+    Like a store written by ``s2v ingest``, the root also holds
+    ``manifest.jsonl`` (one ``ok`` line per recording), so readers of the
+    store are tested against a root that is not only Parquet files.
+
     Ages, sexes and outcomes (``ahi``, ``hypertension``) vary per night;
     every third night of a site lacks the last selected modality, so the
     ``present`` mask is exercised.
     """
     root = Path(root)
     rng = np.random.default_rng(seed)
+    manifest = []
     for s in range(sites):
         site = f"site{s}"
         (root / f"site={site}").mkdir(parents=True, exist_ok=True)
@@ -104,4 +110,11 @@ def write_toy_store(
                 rng=rng,
             )
             pq.write_table(table, root / f"site={site}" / f"{recording_id}.parquet")
+            manifest.append({
+                "recording_id": recording_id, "site": site, "source": f"toy/{recording_id}",
+                "status": "ok", "reason": None, "windows": windows_per_recording,
+                "modalities": list(night_modalities),
+            })
+    with open(root / "manifest.jsonl", "w", encoding="utf-8") as handle:
+        handle.writelines(json.dumps(entry) + "\n" for entry in manifest)
     return root

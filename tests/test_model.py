@@ -7,7 +7,6 @@ import json
 import math
 
 import numpy as np
-import pyarrow.dataset as ds
 import pytest
 import torch
 import torch.nn.functional as F
@@ -25,7 +24,7 @@ from s2v_core.model import (
     pool_night,
     save_encoder,
 )
-from s2v_core.store import table_to_batch
+from s2v_core.store import open_store, table_to_batch
 from s2v_core.toystore import write_toy_store
 
 EPOCHS = 3
@@ -214,7 +213,7 @@ def test_temperature_parameter_follows_the_config():
 def toy_batch(tmp_path_factory):
     root = write_toy_store(tmp_path_factory.mktemp("toy"), sites=2, recordings_per_site=3,
                            windows_per_recording=2, epochs_per_window=EPOCHS, seed=3)
-    table = ds.dataset(root, format="parquet", partitioning="hive").to_table()
+    table = open_store(str(root)).to_table()
     return table_to_batch(table, epochs_per_window=EPOCHS, history_columns=["hypertension"])
 
 

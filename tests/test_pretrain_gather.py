@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-import pyarrow.dataset as pads
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -11,7 +10,7 @@ import torch.multiprocessing as mp
 from pipelines.train_loop import make_gather
 from s2v_core.losses import dash_infonce
 from s2v_core.model import SleepEncoder, batch_to_tensors, model_config
-from s2v_core.store import table_to_batch
+from s2v_core.store import open_store, table_to_batch
 from s2v_core.toystore import write_toy_store
 
 MODALITIES = ("eeg", "ecg", "hr")
@@ -49,7 +48,7 @@ def _worker(rank, world_size, init_file, batch, results):
 def test_two_process_gradient_equals_single_process_gradient(tmp_path):
     store = write_toy_store(tmp_path / "store", sites=2, recordings_per_site=4, windows_per_recording=2,
                             epochs_per_window=4, modalities=MODALITIES, seed=3)
-    table = pads.dataset(str(store), format="parquet", partitioning=None).to_table().slice(0, 8)
+    table = open_store(str(store)).to_table().slice(0, 8)
     batch = batch_to_tensors(table_to_batch(table, modalities=MODALITIES, epochs_per_window=4))
     single, single_grads = _loss_and_grads(batch, 0, 1, None)
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import math
 
-import pyarrow.dataset as pads
 import pytest
 import torch
 
 from pipelines.validation import evaluate_contrastive_loss
 from s2v_core.model import SleepEncoder, model_config
+from s2v_core.store import open_store
 from s2v_core.toystore import write_toy_store
 
 
@@ -32,7 +32,7 @@ def test_loss_is_deterministic_and_near_chance_for_a_random_encoder(store):
 
 def test_accepts_a_table_and_a_modality_subset(store):
     encoder = SleepEncoder(model_config("tiny"), ("eeg", "ecg", "hr"))
-    table = pads.dataset(str(store), format="parquet", partitioning=None).to_table()
+    table = open_store(str(store)).to_table()
     result = evaluate_contrastive_loss(encoder, table, modalities=("eeg", "ecg"), batch_size=6)
     assert result["batches"] == 4 and math.isfinite(result["loss"])
 

@@ -1,9 +1,8 @@
 import numpy as np
-import pyarrow.dataset as ds
 import pytest
 
 from s2v_core.modalities import MODALITY_KEYS
-from s2v_core.store import SCHEMA_VERSION, schema_info, stable_id, table_to_batch
+from s2v_core.store import SCHEMA_VERSION, open_store, schema_info, stable_id, store_files, table_to_batch
 from s2v_core.toystore import write_toy_store
 
 
@@ -11,7 +10,7 @@ def test_toy_store_round_trips_through_the_schema(tmp_path):
     root = write_toy_store(tmp_path / "store", sites=2, recordings_per_site=3,
                            windows_per_recording=2, epochs_per_window=3,
                            modalities=("eeg", "spo2", "thorax"))
-    table = ds.dataset(root, format="parquet", partitioning="hive").to_table()
+    table = open_store(str(root)).to_table()
     assert table.num_rows == 12
     assert schema_info(table.schema) == (SCHEMA_VERSION, 3)
     batch = table_to_batch(table, modalities=("eeg", "spo2", "thorax"), epochs_per_window=3,
@@ -48,3 +47,17 @@ def test_same_recording_id_at_two_sites_are_different_nights(tmp_path):
     b = toy_windows(site="b", recording_id="1001", windows=1, epochs_per_window=2, modalities=("spo2",), rng=rng)
     batch = table_to_batch(pa.concat_tables([a, b]), modalities=("spo2",), epochs_per_window=2)
     assert batch["night_id"][0] != batch["night_id"][1]
+
+
+def test_store_files_skip_the_manifest_and_hidden_temporaries(tmp_path):
+    root = write_toy_store(tmp_path / "store", sites=1, recordings_per_site=2, windows_per_recording=1,
+                           epochs_per_window=2, modalities=("spo2",))
+    (root / "site=site0" / ".site0-r009.parquet.tmp-1").write_bytes(b"partial")
+    files, _ = store_files(str(root))
+    assert [f.rsplit("/", 1)[1] for f in files] == ["site0-r000.parquet", "site0-r001.parquet"]
+    assert (root / "manifest.jsonl").is_file()
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        store_files(str(tmp_path / "missing"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no Parquet files"):
+        store_files(str(tmp_path / "empty"))

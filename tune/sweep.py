@@ -137,7 +137,8 @@ def store_files(store: str | Path) -> list[tuple[str, str, str]]:
 
 def store_modalities(store: str | Path) -> tuple[str, ...]:
     """Modalities present in at least one window of ``store`` (registry order)."""
-    dataset = ds.dataset(str(store), format="parquet", partitioning="hive")
+    # The Parquet files only: a store root also holds manifest.jsonl.
+    dataset = ds.dataset([path for path, _, _ in store_files(store)], format="parquet")
     seen = np.zeros(len(MODALITY_KEYS), dtype=bool)
     for batch in dataset.to_batches(columns=["present"]):
         flags = batch.column("present").flatten().to_numpy(zero_copy_only=False)
