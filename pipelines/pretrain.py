@@ -14,10 +14,9 @@ final encoder to MLflow, shut down what we started).
 
 DeepSpeed on CPU workers: the optimiser is ``torch.optim.AdamW`` (so DeepSpeed's
 CPU/fused Adam ops are never compiled), bf16 is off and the process group is
-gloo. DeepSpeed still JIT-builds one op, ``deepspeed_shm_comm``, the first
-time an engine starts on a machine (about 1-2 minutes on 2 cores); the build
-is cached in ``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``)
-and later runs load it in well under a second — cache that directory in CI.
+gloo. DeepSpeed's one remaining CPU op, ``deepspeed_shm_comm`` (a shared-memory
+inference all-reduce that training never calls), is marked incompatible so it
+is not JIT-compiled: nothing is built on a fresh machine.
 On GPUs the backend is NCCL and ``precision=auto`` selects bf16.
 
 Run dir layout::

@@ -189,6 +189,20 @@ def _maybe_fail(cfg: Any, step: int, rank: int, world_size: int, run_dir: str) -
     raise RuntimeError(f"injected failure before optimiser step {cfg.fail_at_step} (fail_at_step)")
 
 
+def _skip_shm_comm_build() -> None:
+    """Keep DeepSpeed from JIT-compiling ``deepspeed_shm_comm`` on CPU workers.
+
+    That op only speeds up ``inference_all_reduce`` on one host; training
+    all-reduces through gloo. Building it costs minutes on a fresh machine, and
+    a build killed mid-way leaves a lock file in the torch extensions cache on
+    which every later run waits forever (seen here). DeepSpeed skips ops marked
+    incompatible, so mark it so.
+    """
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Train the encoder on this worker's shard until ``steps`` optimiser steps are done."""
     import deepspeed
@@ -209,6 +223,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     _promote_scalar_parameters(encoder)
     model = ContrastiveStep(encoder, zero_stage=cfg.zero_stage)
     optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98))
+    if device.type == "cpu":
+        _skip_shm_comm_build()
     engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer,
                                                    config=config["ds_config"], dist_init_required=False)
 
