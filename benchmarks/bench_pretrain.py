@@ -32,12 +32,13 @@ MODALITIES = ("eeg", "ecg", "hr", "spo2")
 def bare_loop(store: Path, *, model: str, global_batch: int, steps: int, warmup: int, seed: int) -> float:
     """(a): windows/s of a plain single-process torch loop on the same model and batch."""
     from pipelines.train_config import PretrainConfig
+    from pipelines.train_data import store_files
     from s2v_core.losses import DashConfig, dash_infonce
     from s2v_core.model import SleepEncoder, batch_to_tensors
     from s2v_core.store import table_to_batch
 
     # The files carry their own `site` column: no hive partition column on top.
-    table = pads.dataset(str(store), format="parquet", partitioning=None).to_table()
+    table = pads.dataset([str(f) for f in store_files(store)], format="parquet").to_table()
     epochs = 4
     torch.manual_seed(seed)
     encoder = SleepEncoder(PretrainConfig(model=model).model_config(epochs_per_window=epochs), MODALITIES)
