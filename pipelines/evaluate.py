@@ -412,7 +412,6 @@ def _yasa_peer(emb: Embeddings, folds: list[Fold], data: str, seed: int) -> dict
 def _log_mlflow(result: dict, report_path: Path, info: dict, parent_run_id: str | None) -> dict:
     import os
 
-    import mlflow
     from mlflow.tracking import MlflowClient
 
     from pipelines.runtime import mlflow_tracking_uri
@@ -451,7 +450,9 @@ def _log_mlflow(result: dict, report_path: Path, info: dict, parent_run_id: str 
     for path in result["plots"]:
         client.log_artifact(run_id, path, artifact_path="plots")
     client.set_terminated(run_id, "FINISHED")
-    mlflow.set_tracking_uri(uri)
+    # No mlflow.set_tracking_uri here: MLflow 3 exports it as MLFLOW_TRACKING_URI,
+    # and every later run in this process (a pretraining run, another test)
+    # would silently log into this store instead of its own.
     return logged
 
 

@@ -1,6 +1,7 @@
 """s2v evaluate: report structure, grouped CV figures, MLflow logging and clear errors."""
 
 import json
+import os
 import shutil
 
 import numpy as np
@@ -45,6 +46,9 @@ def test_staging_report_beats_majority_and_is_logged_under_the_pretraining_run(s
     (emb / "embed.json").write_text(json.dumps({**info, "pretrain_run_id": pretrain, "pretrain_tracking_uri": uri}))
 
     report = evaluate(str(emb), "staging", str(tmp_path / "out" / "REPORT.json"), folds=3)
+    # Logging must not point the rest of the process at this store (MLflow 3's
+    # set_tracking_uri exports MLFLOW_TRACKING_URI; a later pretraining run would follow it).
+    assert "MLFLOW_TRACKING_URI" not in os.environ
     assert json.loads((tmp_path / "out" / "REPORT.json").read_text()) == report
     staging = report["staging"]
     assert staging["n_subjects"] == 6 and staging["n_epochs_scored"] == 96
