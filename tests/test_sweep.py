@@ -118,7 +118,10 @@ def test_two_by_two_sweep_logs_nested_runs_and_writes_the_report(store, tmp_path
     assert {"trials", "fit", "fits_by_modality_count", "fits_by_width", "extrapolation"} <= set(saved)
     # Two widths and two counts cannot identify a power law with an offset: said, not crashed.
     assert "only 4 points" in saved["fit"]["error"]
-    assert all("distinct value" in f["error"] for f in saved["fits_by_modality_count"].values())
+    # Per modality count only two widths: too few points (or distinct values) for L(N).
+    assert saved["fits_by_modality_count"]
+    assert all("only 2 points" in f["error"] or "distinct value" in f["error"]
+               for f in saved["fits_by_modality_count"].values())
     assert (output / "scaling.png").stat().st_size > 1000
 
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{output / 'mlflow.db'}")
