@@ -12,9 +12,9 @@ Ray Train assembles from what every worker reported at that step::
 ``encoder/`` alone is enough to embed (``pipelines.model_io``); ``engine/``
 resumes the weights, the optimiser, the LR schedule and the step exactly, and
 ``state.json``'s data position lets the loop skip the micro-batches of the
-epoch that the checkpointed steps had already consumed. The position is
-exact in count (a resumed run trains on the rest of the epoch, then on full
-epochs) but not in identity: Ray Data hands blocks to workers as they ask,
+pass that the checkpointed steps had already consumed. The position is
+exact in count (a resumed run trains on the rest of the pass, then on full
+passes) but not in identity: Ray Data hands blocks to workers as they ask,
 so which windows a worker skips may differ from those it saw before.
 """
 
@@ -43,12 +43,16 @@ CHECKPOINTS_NAME = "checkpoints"
 class DataPosition:
     """Where in the data stream an optimiser step ended.
 
-    ``epoch`` counts passes over the store (0-based); ``batches_in_epoch`` is
-    the number of micro-batches of that epoch every worker had consumed.
+    ``epoch`` counts passes of the training stream (0-based), each of which
+    visits the store ``store_repeats`` times (``pipelines.train_data.store_repeats``);
+    ``batches_in_epoch`` is the number of micro-batches of that pass every
+    worker had consumed. A resumed run builds its stream with the recorded
+    ``store_repeats``, so the position means the same thing after a resume.
     """
 
     epoch: int = 0
     batches_in_epoch: int = 0
+    store_repeats: int = 1
 
 
 def checkpoint_dir_name(step: int) -> str:
@@ -64,7 +68,8 @@ def write_state(directory: str | Path, *, config: dict[str, Any], step: int, see
         "step": step,
         "seed": seed,
         "world_size": world_size,
-        "data_position": {"epoch": position.epoch, "batches_in_epoch": position.batches_in_epoch},
+        "data_position": {"epoch": position.epoch, "batches_in_epoch": position.batches_in_epoch,
+                          "store_repeats": position.store_repeats},
         "metrics": {k: float(v) for k, v in metrics.items()},
         "config": config,
     }
@@ -88,7 +93,9 @@ def read_state(checkpoint: str | Path) -> dict[str, Any]:
 def data_position(state: dict[str, Any]) -> DataPosition:
     """The :class:`DataPosition` recorded in a checkpoint's state."""
     position = state["data_position"]
-    return DataPosition(epoch=int(position["epoch"]), batches_in_epoch=int(position["batches_in_epoch"]))
+    # Checkpoints written before passes repeated the store have no store_repeats: 1.
+    return DataPosition(epoch=int(position["epoch"]), batches_in_epoch=int(position["batches_in_epoch"]),
+                        store_repeats=int(position.get("store_repeats", 1)))
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:

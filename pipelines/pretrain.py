@@ -44,10 +44,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipelines.checkpoints import CHECKPOINTS_NAME, ENCODER_DIR, latest_checkpoint, read_state
+from pipelines.checkpoints import CHECKPOINTS_NAME, ENCODER_DIR, data_position, latest_checkpoint, read_state
 from pipelines.train_config import (PretrainConfig, config_differences, config_from_dict, config_to_dict,
                                     deepspeed_config, load_pretrain_config)
-from pipelines.train_data import StoreSummary, build_dataset, check_batch_fits, inspect_store
+from pipelines.train_data import StoreSummary, build_dataset, check_batch_fits, inspect_store, store_repeats
 from s2v_core.config import to_mapping
 from s2v_core.modalities import parse_modalities
 
@@ -76,6 +76,7 @@ class PreparedRun:
     ds_config: dict[str, Any]
     model_config: dict[str, Any]
     resume_from: Path | None
+    store_repeats: int = 1
     mlflow_tracking_uri: str | None = None
     mlflow_run_id: str | None = None
 
@@ -132,12 +133,19 @@ def setup(config: PretrainConfig, *, resume: bool = False, on_gpu: bool = False)
 
     run_dir = Path(config.output)
     resume_from = _check_resume(run_dir, resolved, resume=resume)
+    if resume_from is not None:
+        # The recorded pass layout, so that the checkpoint's data position means the same.
+        repeats = data_position(read_state(resume_from)).store_repeats
+    else:
+        repeats = store_repeats(summary.usable_windows, steps=resolved.steps,
+                                windows_per_step=resolved.global_batch * resolved.grad_accum)
     run_dir.mkdir(parents=True, exist_ok=True)
     ds_config = deepspeed_config(resolved, on_gpu=on_gpu)
     (run_dir / CONFIG_FILE).write_text(json.dumps(config_to_dict(resolved), indent=2) + "\n")
     (run_dir / DS_CONFIG_FILE).write_text(json.dumps(ds_config, indent=2) + "\n")
     return PreparedRun(config=resolved, store=summary, run_dir=run_dir, on_gpu=on_gpu, ds_config=ds_config,
-                       model_config=to_mapping(model_cfg), resume_from=resume_from)
+                       model_config=to_mapping(model_cfg), resume_from=resume_from,
+                       store_repeats=repeats)
 
 
 def _check_resume(run_dir: Path, config: PretrainConfig, *, resume: bool) -> Path | None:
@@ -283,6 +291,7 @@ def loop_config(prepared: PreparedRun) -> dict[str, Any]:
         "ds_config": prepared.ds_config,
         "run_dir": str(prepared.run_dir.resolve()),
         "resume_from": str(prepared.resume_from.resolve()) if prepared.resume_from else None,
+        "store_repeats": prepared.store_repeats,
         "mlflow": mlflow,
     }
 
@@ -306,7 +315,7 @@ def build_trainer(prepared: PreparedRun, *, callbacks: Sequence[Any] = (), stora
     resources = {"CPU": 1, "GPU": 1} if prepared.on_gpu else {"CPU": 1}
     dataset = build_dataset(prepared.store.files, modalities=config.modalities,
                             history_columns=config.history_columns, seed=config.seed,
-                            readers=config.workers)
+                            repeats=prepared.store_repeats, nights_per_block=config.nights_per_block, readers=config.workers)
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config(prepared),
@@ -413,7 +422,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--depth", type=int, help="override the backbone depth")
     parser.add_argument("--modalities", help="comma-separated subset (default: all in the store)")
     parser.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3),
-                        help=f"DeepSpeed ZeRO stage (default {defaults.zero_stage})")
+                        help="DeepSpeed ZeRO stage (default: 2 on GPU workers, 0 on CPU workers)")
     parser.add_argument("--steps", type=int, help=f"optimiser steps (default {defaults.steps})")
     parser.add_argument("--global-batch", type=int,
                         help=f"windows sharing negatives across all workers per step (default {defaults.global_batch})")

@@ -24,7 +24,8 @@ from s2v_core.model import ModelConfig, model_config
 
 #: Fields that describe where/how a run executes, not what it computes: they
 #: may differ between a run and its ``--resume`` (e.g. more failures allowed).
-RUNTIME_FIELDS = frozenset({"data", "output", "max_failures", "fail_at_step", "mlflow_experiment"})
+RUNTIME_FIELDS = frozenset({"data", "output", "max_failures", "fail_at_step", "mlflow_experiment",
+                            "log_every", "report_every", "progress_seconds"})
 
 
 @dataclass(frozen=True)
@@ -46,23 +47,35 @@ class PretrainConfig:
     warmup_steps: int = 10  # linear warm-up length in optimiser steps (clamped to steps)
     min_lr_ratio: float = 0.1  # cosine floor as a fraction of lr (and warm-up start)
     grad_clip: float = 1.0  # global gradient-norm clip; 0 disables
-    zero_stage: int = 2  # DeepSpeed ZeRO stage 0-3 (3 needs GPUs: gloo lacks reduce-scatter)
+    # DeepSpeed ZeRO stage 0-3; None = 2 on GPU workers, 0 on CPU workers, where
+    # ZeRO-2's gradient bucketing cost ~20 % of a step (bench_pretrain) and the
+    # memory it saves is not what limits a CPU run.
+    zero_stage: int | None = None
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
     device: str = "auto"  # auto (GPU workers if the cluster has GPUs) | cpu | gpu
     seed: int = 0  # model init, data shuffling, modality dropout
     dash: bool = True  # DASH metadata weighting; False = plain InfoNCE (same-night masking stays)
     history_columns: tuple[str, ...] = ()  # outcome columns used as DASH history flags
-    shuffle_buffer: int = 512  # windows in each worker's local shuffle buffer (reshuffled per epoch)
+    # Store files (nights) each read task mixes into one shuffled block, so that a
+    # batch holds windows of many nights (a night's windows are masked as negatives).
+    nights_per_block: int = 16
+    shuffle_buffer: int = 0  # windows in an extra per-worker shuffle buffer, reseeded per pass; 0 = none
     checkpoint_every: int = 50  # optimiser steps between checkpoints (a final one is always written)
     keep_checkpoints: int = 2  # newest checkpoints kept in RUN_DIR/checkpoints
-    report_every: int = 1  # optimiser steps between ray.train.report/MLflow metric rows
+    log_every: int = 1  # optimiser steps between metric rows rank 0 sends to MLflow (buffered, cheap)
+    # Optimiser steps between metric-only ray.train.report calls; 0 = report with
+    # checkpoints only. Ray Train V2 hands each report to its controller, which
+    # polls workers every 2 s (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S), so a report
+    # blocks a step for up to 2 s: per-step reports made a `tiny` run 100x slower.
+    report_every: int = 0
+    progress_seconds: float = 30.0  # seconds between rank 0's progress log lines (0 = none)
     max_failures: int = 1  # worker-group restarts from the latest checkpoint (Ray FailureConfig)
     mlflow_experiment: str = "sleep2vec-pretrain"  # MLflow experiment name
     fail_at_step: int | None = None  # TESTING AID: rank 1 (or 0) raises once at this step
 
     def __post_init__(self) -> None:
         positive = ("workers", "steps", "global_batch", "grad_accum", "warmup_steps",
-                    "checkpoint_every", "keep_checkpoints", "report_every", "shuffle_buffer")
+                    "checkpoint_every", "keep_checkpoints", "log_every", "nights_per_block")
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -71,7 +84,7 @@ class PretrainConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"--{name}: expected an integer >= 1, found {value!r}")
-        if self.zero_stage not in (0, 1, 2, 3):
+        if self.zero_stage not in (None, 0, 1, 2, 3):
             raise ValueError(f"--zero-stage: expected 0, 1, 2 or 3, found {self.zero_stage!r}")
         if self.global_batch % self.workers:
             raise ValueError(
@@ -89,6 +102,13 @@ class PretrainConfig:
         if self.weight_decay < 0 or self.grad_clip < 0:
             raise ValueError("weight_decay and grad_clip must be >= 0, found "
                              f"{self.weight_decay!r} and {self.grad_clip!r}")
+        if not isinstance(self.shuffle_buffer, int) or isinstance(self.shuffle_buffer, bool) or self.shuffle_buffer < 0:
+            raise ValueError(f"shuffle_buffer: expected an integer >= 0 (0 = none), found {self.shuffle_buffer!r}")
+        if not isinstance(self.report_every, int) or isinstance(self.report_every, bool) or self.report_every < 0:
+            raise ValueError(f"report_every: expected an integer >= 0 (0 = with checkpoints only), "
+                             f"found {self.report_every!r}")
+        if not self.progress_seconds >= 0:
+            raise ValueError(f"progress_seconds: expected a number >= 0, found {self.progress_seconds!r}")
         if self.max_failures < 0:
             raise ValueError(f"max_failures: expected an integer >= 0, found {self.max_failures!r}")
 
@@ -171,6 +191,13 @@ def use_bf16(config: PretrainConfig, *, on_gpu: bool) -> bool:
     return on_gpu
 
 
+def zero_stage(config: PretrainConfig, *, on_gpu: bool) -> int:
+    """The ZeRO stage a run uses: ``config.zero_stage``, or 2 on GPU workers and 0 on CPU ones."""
+    if config.zero_stage is not None:
+        return config.zero_stage
+    return 2 if on_gpu else 0
+
+
 def deepspeed_config(config: PretrainConfig, *, on_gpu: bool) -> dict[str, Any]:
     """The DeepSpeed config of a run, derived from ``config`` only.
 
@@ -187,11 +214,12 @@ def deepspeed_config(config: PretrainConfig, *, on_gpu: bool) -> dict[str, Any]:
     the concatenated global batch.
     """
     bf16 = use_bf16(config, on_gpu=on_gpu)
-    zero: dict[str, Any] = {"stage": config.zero_stage}
-    if config.zero_stage in (1, 2):
+    stage = zero_stage(config, on_gpu=on_gpu)
+    zero: dict[str, Any] = {"stage": stage}
+    if stage in (1, 2):
         # Overlapping reduction with backward needs CUDA streams; keep it on GPUs only.
         zero.update(overlap_comm=on_gpu, contiguous_gradients=True, reduce_scatter=on_gpu)
-    if config.zero_stage == 3:
+    if stage == 3:
         zero.update(stage3_gather_16bit_weights_on_model_save=True)
     return {
         "train_micro_batch_size_per_gpu": config.per_worker_batch,

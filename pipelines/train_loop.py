@@ -6,6 +6,7 @@ The loop reads only its ``config`` (built by :func:`pipelines.pretrain.loop_conf
 ``config["model"]``      the :class:`~s2v_core.model.ModelConfig` as a dict
 ``config["modalities"]`` the modalities the encoder is built for and trained on
 ``config["epochs_per_window"]``, ``config["ds_config"]``, ``config["run_dir"]``
+``config["store_repeats"]`` copies of the store in one pass of the dataset shard (the loop's epoch)
 ``config["mlflow"]``     ``{"tracking_uri", "run_id"}`` or ``None``: where rank 0 logs metrics
 ``config["resume_from"]`` a checkpoint directory to start from when Ray has none (``--resume``)
 
@@ -77,6 +78,22 @@ class _TimedGather:
         out = self.gather(tensor)
         self.seconds += time.perf_counter() - start
         return out
+
+
+def forward_backward(engine: Any, tensors: dict[str, Any], *, dash: DashConfig, rank: int, world_size: int,
+                     gather: Callable[[torch.Tensor], torch.Tensor] | None) -> Any:
+    """A micro-step's gradient: encode the local batch, DASH-InfoNCE against the global batch, backward.
+
+    The caller then runs ``engine.step()`` (every micro-step: DeepSpeed
+    applies the optimiser at the end of each ``gradient_accumulation_steps``
+    window). Returns the loss result (``loss``, ``stats``).
+    """
+    out, logit_scale = engine(tensors)
+    meta = {k: tensors[k] for k in ("age", "sex", "site_id", "night_id", "history")}
+    result = dash_infonce({k: v.float() for k, v in out.per_modality.items()}, out.present, meta,
+                          logit_scale=logit_scale, config=dash, rank=rank, world_size=world_size, gather=gather)
+    engine.backward(result.loss)
+    return result
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -178,6 +195,29 @@ class _MetricLog:
             self.rows = []
 
 
+class _Progress:
+    """Rank 0's progress line every ``every_seconds`` (the driver shows worker output)."""
+
+    def __init__(self, steps: int, *, every_seconds: float) -> None:
+        self.steps, self.every_seconds = steps, every_seconds
+        self.last = time.monotonic()
+        if every_seconds > 0 and not logger.handlers and logger.getEffectiveLevel() > logging.INFO:
+            # A Ray worker process configures no logging for our loggers; the
+            # loop owns this process, so it gives its progress logger a handler.
+            handler = logging.StreamHandler()
+            handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
+            logger.addHandler(handler)
+            logger.setLevel(logging.INFO)
+
+    def maybe_log(self, step: int, metrics: dict[str, float]) -> None:
+        now = time.monotonic()
+        if self.every_seconds <= 0 or (now - self.last < self.every_seconds and step != self.steps):
+            return
+        self.last = now
+        logger.info("step %d/%d  loss %.4f  lr %.2e  %.1f windows/s", step, self.steps,
+                    metrics.get("loss", math.nan), metrics.get("lr", math.nan), metrics.get("windows_per_s", 0.0))
+
+
 def _maybe_fail(cfg: Any, step: int, rank: int, world_size: int, run_dir: str) -> None:
     """Testing aid: the last rank raises once, when about to run optimiser step ``fail_at_step``."""
     if cfg.fail_at_step is None or step + 1 != cfg.fail_at_step or rank != world_size - 1:
@@ -203,9 +243,30 @@ def _skip_shm_comm_build() -> None:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
+def build_engine(model_cfg: ModelConfig, modalities: tuple[str, ...], *, cfg: Any, ds_config: dict[str, Any],
+                 on_cpu: bool) -> tuple[Any, Any]:
+    """The DeepSpeed engine (and LR scheduler) around a freshly initialised encoder.
+
+    Needs an initialised ``torch.distributed`` process group (Ray Train's).
+    Every rank starts from the same weights (seeded; DeepSpeed also
+    broadcasts rank 0's); the ZeRO stage is ``ds_config``'s.
+    """
+    import deepspeed
+
+    torch.manual_seed(cfg.seed)
+    encoder = SleepEncoder(model_cfg, modalities)
+    _promote_scalar_parameters(encoder)
+    model = ContrastiveStep(encoder, zero_stage=int(ds_config["zero_optimization"]["stage"]))
+    optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98))
+    if on_cpu:
+        _skip_shm_comm_build()
+    engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
+                                                   dist_init_required=False)
+    return engine, scheduler
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Train the encoder on this worker's shard until ``steps`` optimiser steps are done."""
-    import deepspeed
     import ray.train
     import ray.train.torch
 
@@ -217,16 +278,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     rank, world_size = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
 
-    # Same initial weights on every rank (DeepSpeed also broadcasts rank 0's).
-    torch.manual_seed(cfg.seed)
-    encoder = SleepEncoder(model_cfg, modalities)
-    _promote_scalar_parameters(encoder)
-    model = ContrastiveStep(encoder, zero_stage=cfg.zero_stage)
-    optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98))
-    if device.type == "cpu":
-        _skip_shm_comm_build()
-    engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer,
-                                                   config=config["ds_config"], dist_init_required=False)
+    engine, scheduler = build_engine(model_cfg, modalities, cfg=cfg, ds_config=config["ds_config"],
+                                     on_cpu=device.type == "cpu")
+    zero_stage = int(config["ds_config"]["zero_optimization"]["stage"])  # resolved for the device
 
     step, position = 0, DataPosition()
     checkpoint = ray.train.get_checkpoint()
@@ -247,7 +301,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     dash = DashConfig(enabled=cfg.dash)
     shard = ray.train.get_dataset_shard("train")
     log = _MetricLog(config.get("mlflow"), enabled=rank == 0)
+    progress = _Progress(cfg.steps, every_seconds=cfg.progress_seconds if rank == 0 else 0.0)
     last_checkpoint_step = step
+    store_repeats = int(config["store_repeats"])  # copies of the store in one pass (`epoch`) of the shard
     epoch, skip = position.epoch, position.batches_in_epoch
     window_count, interval_start, gather_seconds = 0, time.perf_counter(), 0.0
     micro, metrics = 0, {}
@@ -257,7 +313,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         consumed = 0
         batches = shard.iter_batches(
             batch_size=cfg.per_worker_batch, batch_format="pyarrow", drop_last=True,
-            local_shuffle_buffer_size=cfg.shuffle_buffer, local_shuffle_seed=cfg.seed + 7919 * epoch + rank,
+            local_shuffle_buffer_size=cfg.shuffle_buffer or None,
+            local_shuffle_seed=cfg.seed + 7919 * epoch + rank if cfg.shuffle_buffer else None,
         )
         for table in batches:
             consumed += 1
@@ -267,56 +324,57 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 _maybe_fail(cfg, step, rank, world_size, config["run_dir"])
             np_batch = table_to_batch(table, modalities=modalities, epochs_per_window=epochs_per_window,
                                       history_columns=cfg.history_columns)
-            tensors = batch_to_tensors(np_batch, device)
-            out, logit_scale = engine(tensors)
-            meta = {k: tensors[k] for k in ("age", "sex", "site_id", "night_id", "history")}
-            result = dash_infonce({k: v.float() for k, v in out.per_modality.items()}, out.present, meta,
-                                  logit_scale=logit_scale, config=dash,
-                                  rank=rank, world_size=world_size, gather=gather)
-            engine.backward(result.loss)
+            result = forward_backward(engine, batch_to_tensors(np_batch, device), dash=dash,
+                                      rank=rank, world_size=world_size, gather=gather)
             engine.step()
             micro += 1
             window_count += cfg.global_batch
             if micro < cfg.grad_accum:
                 continue
             micro, step = 0, step + 1
-            stats = _average_stats(result.stats, world_size, device)
             if gather is not None:
                 gather_seconds += gather.seconds
                 gather.seconds = 0.0
-            position = DataPosition(epoch=epoch, batches_in_epoch=consumed)
-            if step % cfg.report_every == 0 or step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            position = DataPosition(epoch=epoch, batches_in_epoch=consumed, store_repeats=store_repeats)
+            checkpoint_now = step % cfg.checkpoint_every == 0 or step == cfg.steps
+            report_now = cfg.report_every > 0 and step % cfg.report_every == 0
+            if step % cfg.log_every == 0 or checkpoint_now or report_now:
+                # Every rank takes part in the stats all-reduce, on the same steps.
+                stats = _average_stats(result.stats, world_size, device)
                 elapsed = time.perf_counter() - interval_start
-                metrics = {**stats, "step": float(step), "epoch": float(epoch),
+                metrics = {**stats, "step": float(step), "epoch": float(epoch * store_repeats),
                            "optimizer_steps": float(engine.global_steps),
                            "lr": float(scheduler.get_last_lr()[0]) if scheduler is not None else cfg.lr,
                            "windows_per_s": window_count / max(elapsed, 1e-9),
                            "gather_share": gather_seconds / max(elapsed, 1e-9)}
-                window_count, interval_start, gather_seconds = 0, time.perf_counter(), 0.0
+                window_count, gather_seconds = 0, 0.0
                 log.add({k: v for k, v in metrics.items() if k not in ("step", "global_batch", "optimizer_steps")}, step)
-                if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                progress.maybe_log(step, metrics)
+                if checkpoint_now:
                     log.flush()
-                    _save_and_report(engine, metrics, config, cfg, rank, world_size, step, position)
+                    _save_and_report(engine, metrics, config, cfg, rank, world_size, step, position, zero_stage)
                     last_checkpoint_step = step
-                else:
+                elif report_now:
                     ray.train.report(metrics)
+                # Checkpoint and report time is charged to no interval: windows_per_s is the training rate.
+                interval_start = time.perf_counter()
             if step >= cfg.steps:
                 break
         if consumed == 0:
             # The driver checks that every worker's shard fills a batch; if the
             # store shrank since, stop instead of spinning on empty epochs.
-            raise RuntimeError(f"worker {rank}: epoch {epoch} yielded no batch of {cfg.per_worker_batch} "
+            raise RuntimeError(f"worker {rank}: pass {epoch} yielded no batch of {cfg.per_worker_batch} "
                                "windows; the store has fewer windows than --global-batch needs")
         skip = 0
         if step < cfg.steps:
             epoch += 1
     if last_checkpoint_step != step:  # unreachable by construction; kept as a guard for future edits
-        _save_and_report(engine, metrics, config, cfg, rank, world_size, step, position)
+        _save_and_report(engine, metrics, config, cfg, rank, world_size, step, position, zero_stage)
     log.flush()
 
 
 def _save_and_report(engine: Any, metrics: dict[str, float], config: dict[str, Any], cfg: Any,
-                     rank: int, world_size: int, step: int, position: DataPosition) -> None:
+                     rank: int, world_size: int, step: int, position: DataPosition, zero_stage: int) -> None:
     """Shard → barrier → report: every rank saves its DeepSpeed state, rank 0 the encoder and state."""
     import ray.train
     import torch.distributed as dist
@@ -325,7 +383,7 @@ def _save_and_report(engine: Any, metrics: dict[str, float], config: dict[str, A
         engine_dir = Path(directory) / ENGINE_DIR
         (engine_dir / ENGINE_TAG).mkdir(parents=True)
         engine.save_checkpoint(str(engine_dir), tag=ENGINE_TAG)
-        _save_encoder(engine, Path(directory) / ENCODER_DIR, rank=rank, zero_stage=cfg.zero_stage)
+        _save_encoder(engine, Path(directory) / ENCODER_DIR, rank=rank, zero_stage=zero_stage)
         if rank == 0:
             write_state(directory, config=config["pretrain"], step=step, seed=cfg.seed,
                         position=position, metrics=metrics, world_size=world_size)
