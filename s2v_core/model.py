@@ -31,7 +31,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -163,12 +163,17 @@ class EpochTokenizer(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         n, epochs, samples = x.shape
         features = self.convs(x.reshape(n * epochs, 1, samples))
-        return self.out(features.flatten(1)).reshape(n, epochs, -1)
+        tokens = self.out(features.flatten(1))
+        return tokens.reshape(n, epochs, tokens.shape[-1])  # explicit width: n may be 0
 
 
-@dataclass
-class EncoderOutput:
+class EncoderOutput(NamedTuple):
     """What :meth:`SleepEncoder.encode` returns (all embeddings L2-normalised).
+
+    A named tuple rather than a dataclass so that wrappers which hook module
+    outputs can reach its tensors: DeepSpeed ZeRO-3 re-gathers a module's
+    parameters for backward through hooks on the tensors of its output, and
+    it walks tuples, lists and dicts only.
 
     Attributes
     ----------
@@ -318,8 +323,9 @@ class SleepEncoder(nn.Module):
         for key in selected:
             index = MODALITY_KEYS.index(key)
             where = keep[:, index].nonzero().squeeze(1)
-            if where.numel() == 0:
-                continue
+            # A modality absent from every window still runs its tokenizer, on zero
+            # rows: ZeRO-3 gathers each module's parameters collectively as it runs,
+            # so every rank must run the same modules in the same order.
             signal = batch[key] if where.numel() == rows else batch[key][where]
             token = self.tokenizers[key](signal.to(dtype))
             # Through the embedding's forward, not .weight[…], so that ZeRO-3 gathers it.
@@ -329,24 +335,21 @@ class SleepEncoder(nn.Module):
         device = present_in.device
         per_modality = {key: torch.zeros(rows, epochs, p_dim, device=device, dtype=dtype)
                         for key in selected}
-        if tokens:
-            hidden = torch.cat(tokens) + self.position_embedding[:epochs]
-            hidden = self.final_norm(self.backbone(self.token_dropout(hidden)))
-            projected = F.normalize(self.head(hidden), dim=-1)
-            start = 0
-            for key, where in owners:
-                part = projected[start:start + where.numel()]
-                start += where.numel()
-                per_modality[key] = (part if where.numel() == rows
-                                     else per_modality[key].index_copy(0, where, part))
+        hidden = torch.cat(tokens) + self.position_embedding[:epochs]
+        hidden = self.final_norm(self.backbone(self.token_dropout(hidden)))
+        projected = F.normalize(self.head(hidden), dim=-1)
+        start = 0
+        for key, where in owners:
+            part = projected[start:start + where.numel()]
+            start += where.numel()
+            per_modality[key] = (part if where.numel() == rows
+                                 else per_modality[key].index_copy(0, where, part))
 
         if self.training and torch.is_grad_enabled():
-            # Tokenizers of modalities absent from this step (or dropped) would get no
+            # Tokenizers of built modalities this call does not encode would get no
             # gradient, and data-parallel wrappers (DDP, DeepSpeed) expect every worker to
             # produce the same set of gradients: an exact zero keeps every parameter in the graph.
-            encoded = {key for key, _ in owners}
-            idle = ([p for key in self.modalities if key not in encoded for p in self.tokenizers[key].parameters()]
-                    if tokens else [p for p in self.parameters() if p.requires_grad])
+            idle = [p for key in self.modalities if key not in selected for p in self.tokenizers[key].parameters()]
             if idle:
                 first = selected[0]
                 per_modality[first] = per_modality[first] + 0.0 * sum(p.sum() for p in idle)

@@ -108,3 +108,19 @@ def test_resume_of_a_finished_run_trains_nothing_and_a_changed_config_is_refused
 
     with pytest.raises(ValueError, match="--resume: .*global_batch"):
         pretrain(dataclasses.replace(config, global_batch=4), resume=True)
+
+
+def test_zero3_checkpoints_resume_after_a_failure(ray_local, store, tmp_path):
+    """ZeRO-3 partitions the parameters themselves: its checkpoints must still restart the run."""
+    config = PretrainConfig(data=str(store), output=str(tmp_path / "z3"), workers=WORKERS, model="tiny",
+                            steps=6, global_batch=GLOBAL_BATCH, checkpoint_every=3, zero_stage=3,
+                            fail_at_step=5)
+    result = pretrain(config)
+    assert result.steps == 6 and (result.run_dir / ".failed_at_step_5").is_file()
+    assert read_state(result.checkpoint)["metrics"]["optimizer_steps"] == 6
+    engine_files = {p.name for p in (result.checkpoint / ENGINE_DIR / "state").iterdir()}
+    # ZeRO-3 writes each rank's parameter partition along with its optimiser shard.
+    assert {f"zero_pp_rank_{r}_mp_rank_00_model_states.pt" for r in range(WORKERS)} <= engine_files
+    with torch.no_grad():
+        window = load_trained_encoder(result.run_dir).encode(_window_batch(store)).window
+    assert torch.isfinite(window).all() and window.abs().sum() > 0
