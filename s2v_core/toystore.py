@@ -15,10 +15,9 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from s2v_core.modalities import EPOCH_SECONDS, MODALITY_KEYS, get_modality
-from s2v_core.store import store_schema
+from s2v_core.store import store_schema, write_store_file
 
 
 def toy_windows(
@@ -109,7 +108,7 @@ def write_toy_store(
                 outcomes={"ahi": ahi, "hypertension": float(ahi > 15)},
                 rng=rng,
             )
-            pq.write_table(table, root / f"site={site}" / f"{recording_id}.parquet")
+            write_store_file(table, root / f"site={site}" / f"{recording_id}.parquet")
             manifest.append({
                 "recording_id": recording_id, "site": site, "source": f"toy/{recording_id}",
                 "status": "ok", "reason": None, "windows": windows_per_recording,
