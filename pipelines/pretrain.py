@@ -315,7 +315,8 @@ def build_trainer(prepared: PreparedRun, *, callbacks: Sequence[Any] = (), stora
     resources = {"CPU": 1, "GPU": 1} if prepared.on_gpu else {"CPU": 1}
     dataset = build_dataset(prepared.store.files, modalities=config.modalities,
                             history_columns=config.history_columns, seed=config.seed,
-                            repeats=prepared.store_repeats, nights_per_block=config.nights_per_block, readers=config.workers)
+                            repeats=prepared.store_repeats, nights_per_block=config.nights_per_block,
+                            readers=config.workers * config.readers_per_worker)
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config(prepared),

@@ -25,7 +25,7 @@ from s2v_core.model import ModelConfig, model_config
 #: Fields that describe where/how a run executes, not what it computes: they
 #: may differ between a run and its ``--resume`` (e.g. more failures allowed).
 RUNTIME_FIELDS = frozenset({"data", "output", "max_failures", "fail_at_step", "mlflow_experiment",
-                            "log_every", "report_every", "progress_seconds"})
+                            "log_every", "report_every", "progress_seconds", "readers_per_worker"})
 
 
 @dataclass(frozen=True)
@@ -60,6 +60,9 @@ class PretrainConfig:
     # batch holds windows of many nights (a night's windows are masked as negatives).
     nights_per_block: int = 16
     shuffle_buffer: int = 0  # windows in an extra per-worker shuffle buffer, reseeded per pass; 0 = none
+    # Concurrent store-reading tasks per training worker. They ask for no CPU (the
+    # workers hold the cores); raise it on nodes whose spare cores can read ahead.
+    readers_per_worker: int = 1
     checkpoint_every: int = 50  # optimiser steps between checkpoints (a final one is always written)
     keep_checkpoints: int = 2  # newest checkpoints kept in RUN_DIR/checkpoints
     log_every: int = 1  # optimiser steps between metric rows rank 0 sends to MLflow (buffered, cheap)
@@ -75,7 +78,7 @@ class PretrainConfig:
 
     def __post_init__(self) -> None:
         positive = ("workers", "steps", "global_batch", "grad_accum", "warmup_steps",
-                    "checkpoint_every", "keep_checkpoints", "log_every", "nights_per_block")
+                    "checkpoint_every", "keep_checkpoints", "log_every", "nights_per_block", "readers_per_worker")
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
