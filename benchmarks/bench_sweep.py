@@ -1,8 +1,10 @@
 """A small scaling sweep end to end; prints one JSON object.
 
     .venv/bin/python benchmarks/bench_sweep.py [--workdir DIR] [--widths 8,16,32,64] [--modality-counts 2,3,5]
+    .venv/bin/python benchmarks/bench_sweep.py --data STORE ...   # e.g. an ingested `s2v synth` cohort
 
-Writes a toy store (:func:`s2v_core.toystore.write_toy_store`), runs
+Writes a toy store (:func:`s2v_core.toystore.write_toy_store`) unless
+``--data`` names a store, runs
 :func:`tune.sweep.sweep` over widths x modality counts on a local Ray, and
 prints the fitted exponents with their intervals, the goodness of fit, the
 extrapolation error to the largest width and, as its baseline measured in
@@ -27,6 +29,8 @@ import numpy as np
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", default=None, help="where the store and SWEEP_DIR go (default: a temp dir)")
+    parser.add_argument("--data", default=None, help="an existing store to sweep on (default: a toy store)")
+    parser.add_argument("--anchor", default="eeg", help="modality every subset holds")
     parser.add_argument("--widths", default="8,16,32,64")
     parser.add_argument("--modality-counts", default="2,3,5")
     parser.add_argument("--steps", type=int, default=40)
@@ -40,13 +44,13 @@ def main() -> None:
     from tune.sweep import SweepConfig, sweep
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="s2v-bench-sweep-"))
-    store = write_toy_store(workdir / "store", sites=3, recordings_per_site=4, windows_per_recording=6,
-                            epochs_per_window=4, modalities=("eeg", "eog", "emg", "ecg", "hr", "spo2"),
-                            seed=0)
+    store = Path(args.data) if args.data else write_toy_store(
+        workdir / "store", sites=3, recordings_per_site=4, windows_per_recording=6, epochs_per_window=4,
+        modalities=("eeg", "eog", "emg", "ecg", "hr", "spo2"), seed=0)
     cfg = SweepConfig(data=str(store), output=str(workdir / "sweep"),
                       widths=tuple(int(v) for v in args.widths.split(",")),
                       modality_counts=tuple(int(v) for v in args.modality_counts.split(",")),
-                      steps=args.steps, global_batch=args.global_batch, anchor="eeg")
+                      steps=args.steps, global_batch=args.global_batch, anchor=args.anchor)
     started = time.monotonic()
     try:
         # Tune prints its progress table to stdout; keep stdout for the one JSON object.
@@ -66,8 +70,10 @@ def main() -> None:
     law_error = extrapolation.get("relative_error")
     print(json.dumps({
         "benchmark": "sweep",
+        "store": "toy" if not args.data else str(store),
         "grid": {"widths": list(cfg.widths), "modality_counts": list(cfg.modality_counts),
-                 "steps": cfg.steps, "global_batch": cfg.global_batch},
+                 "steps": cfg.steps, "global_batch": cfg.global_batch, "anchor": cfg.anchor},
+        "reference_modalities": report.get("trials", [{}])[0].get("reference_modalities"),
         "trials": report["counts"],
         "seconds": round(elapsed, 1),
         "fit": {k: fit.get(k) for k in ("law", "params", "ci", "r2_log", "rmse_log", "error") if k in fit},

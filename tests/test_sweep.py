@@ -92,6 +92,10 @@ def test_plan_has_one_trial_per_grid_point_with_growing_parameter_counts(store, 
     full = list(Path(by[(16, 1, 2, 1.0)]["train_store"]).rglob("*.parquet"))
     assert 0 < len(half) < len(full)
     assert {p.name for p in half} <= {p.name for p in full}
+    # Every trial is scored on the smallest subset, which every (nested) subset holds.
+    smallest = summary["modality_subsets"]["2"]
+    assert summary["reference_modalities"] == smallest
+    assert all(t["reference_modalities"] == smallest and set(smallest) <= set(t["modalities"]) for t in trials)
     assert summary["train_subjects"] + summary["validation_subjects"] == 6
 
 
@@ -113,6 +117,9 @@ def test_two_by_two_sweep_logs_nested_runs_and_writes_the_report(store, tmp_path
     for trial in report["trials"]:
         assert trial["status"] == "finished"
         assert trial["val_loss"] > 0 and 0.0 <= trial["staging_macro_f1"] <= 1.0
+        assert trial["val_loss_own"] > 0 and 0.0 <= trial["staging_macro_f1_own"] <= 1.0
+        if trial["modality_count"] == 2:  # own modalities = the reference ones: the same numbers
+            assert trial["val_loss_own"] == pytest.approx(trial["val_loss"])
         assert trial["steps"] == 3
     saved = json.loads((output / "scaling.json").read_text())
     assert {"trials", "fit", "fits_by_modality_count", "fits_by_width", "extrapolation"} <= set(saved)
@@ -131,6 +138,9 @@ def test_two_by_two_sweep_logs_nested_runs_and_writes_the_report(store, tmp_path
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent_id]
     assert len(children) == 4
     assert all(r.info.status == "FINISHED" and "val_loss" in r.data.metrics for r in children)
+    for child in children:  # rank 0 logged every training step into the trial's own run
+        steps = {m.step for m in client.get_metric_history(child.info.run_id, "lr")}
+        assert {1, 2, 3} <= steps, child.data.tags.get("trial_name")
     assert {r.data.params["trial/width"] for r in children} == {"16", "32"}
     assert client.get_run(parent_id).info.status == "FINISHED"
     assert {a.path for a in client.list_artifacts(parent_id)} >= {"scaling.json", "scaling.png"}

@@ -113,7 +113,7 @@ def plot_report(report: dict, path: str | Path) -> Path:
     left.set_xscale("log")
     left.xaxis.set_minor_formatter(NullFormatter())  # labelled minor ticks overlap on a short range
     left.set_xlabel("non-embedding parameters N")
-    left.set_ylabel("validation contrastive loss (nats)")
+    left.set_ylabel("validation loss, reference pairs (nats)")
     left.set_title(_title(joint, "loss vs parameters"))
     if counts:
         left.legend(fontsize=8)
@@ -130,7 +130,7 @@ def plot_report(report: dict, path: str | Path) -> Path:
             right.plot(grid, _joint(joint, np.full_like(grid, sel[0]["n_params"]), grid), "-",
                        color=colour, alpha=0.8)
     right.set_xlabel("modality count M")
-    right.set_ylabel("validation contrastive loss (nats)")
+    right.set_ylabel("validation loss, reference pairs (nats)")
     right.set_title("loss vs modality count (lines: joint fit)")
     if models:
         right.legend(fontsize=8)

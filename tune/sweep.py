@@ -69,6 +69,7 @@ class SweepConfig:
     steps: int = 30  # optimiser steps per trial: the fixed compute budget
     global_batch: int = 8  # windows per step over all workers of a trial
     workers_per_trial: int = 1  # Ray Train workers per trial (1 CPU each, as in s2v pretrain)
+    device: str = "auto"  # trial workers: auto (GPUs when the cluster has one per worker) | cpu | gpu
     cpus_per_trial: float = 1.0  # CPUs of the trial process itself (launch + validation pass)
     max_concurrent: int = 0  # trials at once; 0 = as many as the cluster fits
     validation_fraction: float = 0.25  # share of subjects held out for validation
@@ -103,6 +104,8 @@ class SweepConfig:
         if self.global_batch % self.workers_per_trial:
             raise ValueError(f"--global-batch {self.global_batch} is not divisible by "
                              f"--workers-per-trial {self.workers_per_trial}")
+        if self.device not in ("auto", "cpu", "gpu"):
+            raise ValueError(f"--device: expected auto, cpu or gpu, found {self.device!r}")
         if not self.cpus_per_trial > 0:
             raise ValueError(f"--cpus-per-trial: expected > 0, found {self.cpus_per_trial}")
         if self.max_concurrent < 0:
@@ -233,12 +236,14 @@ def plan_trials(cfg: SweepConfig) -> tuple[list[dict], dict]:
                     trials.append({
                         "key": key, "width": width, "depth": depth, "modality_count": count,
                         "modalities": list(subsets[count]), "data_fraction": fraction, "n_params": n_params,
+                        "reference_modalities": list(subsets[min(cfg.modality_counts)]),
                         "train_store": str(fraction_stores[fraction]), "validation_store": str(validation_store),
                     })
     summary = {
         "train_subjects": len({s for _, s, _ in train}), "validation_subjects": len({s for _, s, _ in validation}),
         "train_recordings": len(train), "validation_recordings": len(validation),
         "modality_subsets": {str(c): list(m) for c, m in subsets.items()},
+        "reference_modalities": list(subsets[min(cfg.modality_counts)]),
     }
     return trials, summary
 
@@ -309,8 +314,9 @@ def sweep(cfg: SweepConfig, *, resume: bool = False, address: str | None = None,
         state_path.write_text(json.dumps(state, indent=2) + "\n")
 
     settings = {"output": str(output), "model": cfg.model, "steps": cfg.steps,
-                "global_batch": cfg.global_batch, "workers": cfg.workers_per_trial,
-                "validation_batch": cfg.validation_batch, "seed": cfg.seed}
+                "global_batch": cfg.global_batch, "workers": cfg.workers_per_trial, "device": cfg.device,
+                "validation_batch": cfg.validation_batch, "seed": cfg.seed,
+                "mlflow": {"tracking_uri": tracking_uri, "parent_run_id": parent_id, "experiment": EXPERIMENT}}
     init_ray(address, num_cpus=num_cpus)
     concurrent = cfg.max_concurrent or default_concurrency(cfg)
     # The trial process launches its TorchTrainer, waits, then runs the
@@ -353,7 +359,7 @@ def sweep(cfg: SweepConfig, *, resume: bool = False, address: str | None = None,
 
 
 def default_concurrency(cfg: SweepConfig) -> int:
-    """Trials that fit the cluster's CPUs at once: each holds its own CPUs plus 1 per worker.
+    """Trials that fit the cluster at once: each holds its own CPUs plus 1 CPU (or 1 GPU) per worker.
 
     Tune starts a trial as soon as its own (driver) resources are free, but
     the ``TorchTrainer`` inside asks for its workers later; without a cap,
@@ -361,12 +367,21 @@ def default_concurrency(cfg: SweepConfig) -> int:
     """
     import ray
 
-    total = ray.cluster_resources().get("CPU", 1.0)
+    resources = ray.cluster_resources()
+    total, gpus = resources.get("CPU", 1.0), resources.get("GPU", 0.0)
+    on_gpu = cfg.device == "gpu" or (cfg.device == "auto" and gpus >= cfg.workers_per_trial)
+    if cfg.device == "gpu" and gpus < cfg.workers_per_trial:
+        raise ValueError(f"--device gpu: a trial's {cfg.workers_per_trial} workers need as many GPUs; "
+                         f"the cluster has {gpus:g}")
+    # GPU workers hold 1 CPU each too (s2v pretrain's resources_per_worker).
     per_trial = cfg.cpus_per_trial + cfg.workers_per_trial
     if per_trial > total:
         raise ValueError(f"--workers-per-trial {cfg.workers_per_trial} (1 CPU each) plus --cpus-per-trial "
                          f"{cfg.cpus_per_trial:g} needs {per_trial:g} CPUs; the cluster has {total:g}")
-    return max(1, int(total // per_trial))
+    fit = int(total // per_trial)
+    if on_gpu:
+        fit = min(fit, int(gpus // cfg.workers_per_trial))
+    return max(1, fit)
 
 
 def _param_space(trials: list[dict], settings: dict) -> dict:
@@ -396,8 +411,8 @@ def collect_records(grid, trials: list[dict]) -> list[dict]:
             record["status"] = "finished"
         else:
             record["status"] = "unfinished"
-        for key in ("val_loss", "staging_macro_f1", "train_loss", "train_seconds", "steps",
-                    "validation_windows", "trial_id"):
+        for key in ("val_loss", "val_loss_own", "staging_macro_f1", "staging_macro_f1_own", "train_loss",
+                    "train_seconds", "steps", "validation_windows", "trial_id"):
             if key in metrics:
                 record[key] = metrics[key]
         records.append(record)
@@ -442,6 +457,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--global-batch", type=int, default=defaults.global_batch, help="windows per step")
     parser.add_argument("--workers-per-trial", type=int, default=defaults.workers_per_trial,
                         help="Ray Train workers per trial (1 CPU each)")
+    parser.add_argument("--device", choices=("auto", "cpu", "gpu"), default=defaults.device,
+                        help="trial workers' device (auto: GPUs when the cluster has one per worker)")
     parser.add_argument("--cpus-per-trial", type=float, default=defaults.cpus_per_trial,
                         help="CPUs of each trial's own process (launch + validation), besides its workers")
     parser.add_argument("--max-concurrent", type=int, default=defaults.max_concurrent,
@@ -461,7 +478,7 @@ def run(args: argparse.Namespace) -> int:
         depths=args.depths, data_fractions=args.data_fractions,
         anchor=parse_modalities(args.anchor, option="--anchor")[0] if args.anchor else None,
         model=args.model, steps=args.steps, global_batch=args.global_batch,
-        workers_per_trial=args.workers_per_trial, cpus_per_trial=args.cpus_per_trial,
+        workers_per_trial=args.workers_per_trial, device=args.device, cpus_per_trial=args.cpus_per_trial,
         max_concurrent=args.max_concurrent, validation_fraction=args.validation_fraction,
         max_failures=args.max_failures, seed=args.seed,
     )
