@@ -33,11 +33,15 @@ ever part of this schema.
 from __future__ import annotations
 
 import hashlib
+import json
+import posixpath
 from collections.abc import Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 
+from s2v_core.io.discovery import resolve
 from s2v_core.modalities import MODALITY_KEYS, get_modality
 
 SCHEMA_VERSION = 1
@@ -108,21 +112,33 @@ def schema_info(schema: pa.Schema) -> tuple[int, int]:
     return int(meta[SCHEMA_VERSION_KEY]), int(meta[EPOCHS_PER_WINDOW_KEY])
 
 
-def store_files(root: str) -> tuple[list[str], "pyarrow.fs.FileSystem"]:
+#: A store subset is a JSON file ``{"store": ROOT, "files": [paths relative to ROOT]}`` whose
+#: name ends in this suffix: some of a store's Parquet files, readable wherever a store is
+#: (the sweep's training and validation sides; links cannot point into object storage).
+SUBSET_SUFFIX = ".subset.json"
+
+
+class EmptyStoreError(ValueError):
+    """A store (or store subset) that exists but holds no Parquet file."""
+
+
+def store_files(root: str) -> tuple[list[str], pafs.FileSystem]:
     """The Parquet files of the store at ``root`` (a path or a URI pyarrow understands).
 
     Only ``*.parquet`` files count: the root also holds ``manifest.jsonl``, and
-    ingest's in-flight temporaries are hidden (dot-prefixed) files. Returns the
-    sorted file paths and the filesystem they live on. Raises
-    ``FileNotFoundError`` when ``root`` does not exist and ``ValueError`` when
-    it holds no Parquet file.
+    ingest's in-flight temporaries are hidden (dot-prefixed) files. ``root``
+    may also be a store subset (a file ending in :data:`SUBSET_SUFFIX`, see
+    :func:`write_store_subset`). Returns the sorted file paths on the
+    filesystem they live on (absolute paths for a local store, bucket-prefixed
+    keys for ``s3://``/``gs://``) and that filesystem. Raises
+    ``FileNotFoundError`` when ``root`` does not exist and
+    :class:`EmptyStoreError` (a ``ValueError``) when it holds no Parquet file.
     """
-    import pyarrow.fs as pafs
-
-    filesystem, path = pafs.FileSystem.from_uri(root) if "://" in str(root) else (
-        pafs.LocalFileSystem(), str(root))
+    filesystem, path = resolve(str(root))
     if filesystem.get_file_info(path).type == pafs.FileType.NotFound:
         raise FileNotFoundError(f"store {root} does not exist")
+    if path.endswith(SUBSET_SUFFIX):
+        return _subset_files(filesystem, path, root)
     infos = filesystem.get_file_info(pafs.FileSelector(path, recursive=True))
     files = sorted(
         info.path for info in infos
@@ -130,8 +146,40 @@ def store_files(root: str) -> tuple[list[str], "pyarrow.fs.FileSystem"]:
         and not info.base_name.startswith((".", "_"))
     )
     if not files:
-        raise ValueError(f"store {root}: no Parquet files (expected {root}/site=<name>/<recording>.parquet)")
+        raise EmptyStoreError(f"store {root}: no Parquet files (expected {root}/site=<name>/<recording>.parquet)")
     return files, filesystem
+
+
+def _subset_files(filesystem: pafs.FileSystem, path: str, root: str) -> tuple[list[str], pafs.FileSystem]:
+    with filesystem.open_input_stream(path) as stream:
+        subset = json.loads(stream.read().decode("utf-8"))
+    if not subset.get("files"):
+        raise EmptyStoreError(f"store {root}: no Parquet files (the subset of {subset.get('store')} lists none)")
+    store_filesystem, store = resolve(subset["store"])
+    return sorted(f"{store}/{name}" for name in subset["files"]), store_filesystem
+
+
+def write_store_subset(where: str, *, store: str, files: Sequence[str]) -> str:
+    """Write a store subset: the ``files`` (paths from :func:`store_files`) of ``store``.
+
+    ``where`` is a local path or a URI ending in :data:`SUBSET_SUFFIX`. The
+    files are recorded relative to the store's root, along with the store's
+    location, so that the subset reads the same from every node. Returns ``where``.
+    """
+    if not str(where).endswith(SUBSET_SUFFIX):
+        raise ValueError(f"store subset {where}: expected a name ending in {SUBSET_SUFFIX}")
+    _, root = resolve(str(store))
+    relative = [posixpath.relpath(f, root) for f in files]
+    outside = [f for f, r in zip(files, relative) if r.startswith("..")]
+    if outside:
+        raise ValueError(f"store subset {where}: expected files of the store {store}, found {outside[0]}")
+    # Local stores are recorded by absolute path: the subset may be read from another directory.
+    location = str(store) if "://" in str(store) else root
+    filesystem, path = resolve(str(where))
+    filesystem.create_dir(posixpath.dirname(path), recursive=True)
+    with filesystem.open_output_stream(path) as stream:
+        stream.write((json.dumps({"store": location, "files": relative}, indent=1) + "\n").encode("utf-8"))
+    return str(where)
 
 
 def open_store(root: str):

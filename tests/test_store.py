@@ -79,3 +79,21 @@ def test_store_files_keep_signals_plain_encoded_and_round_trip(tmp_path):
     # Dictionary pages of float16 samples decoded 4-5x slower than plain ones.
     assert all("RLE_DICTIONARY" not in encodings[k] for k in MODALITY_KEYS)
     assert "RLE_DICTIONARY" in encodings["recording_id"]
+
+
+def test_a_store_subset_reads_as_the_files_it_lists(tmp_path):
+    from s2v_core.store import EmptyStoreError, write_store_subset
+
+    root = write_toy_store(tmp_path / "store", sites=2, recordings_per_site=2, windows_per_recording=1,
+                           epochs_per_window=2, modalities=("spo2",))
+    files, _ = store_files(str(root))
+    subset = write_store_subset(str(tmp_path / "splits" / "train.subset.json"), store=str(root), files=files[1:3])
+    assert store_files(subset)[0] == files[1:3]
+    assert open_store(subset).count_rows() == 2
+    with pytest.raises(ValueError, match="expected a name ending in .subset.json"):
+        write_store_subset(str(tmp_path / "train.json"), store=str(root), files=files)
+    with pytest.raises(ValueError, match="expected files of the store"):
+        write_store_subset(str(tmp_path / "x.subset.json"), store=str(root / "site=site0"), files=files)
+    empty = write_store_subset(str(tmp_path / "empty.subset.json"), store=str(root), files=[])
+    with pytest.raises(EmptyStoreError, match="no Parquet files"):
+        store_files(empty)
