@@ -16,15 +16,25 @@ pass that the checkpointed steps had already consumed. The position is
 exact in count (a resumed run trains on the rest of the pass, then on full
 passes) but not in identity: Ray Data hands blocks to workers as they ask,
 so which windows a worker skips may differ from those it saw before.
+
+``RUN_DIR`` may be a local path or a URI (``s3://…``): :func:`read_state`,
+:func:`list_checkpoints` and :func:`latest_checkpoint` read through
+``pyarrow.fs`` and name checkpoints in the form ``RUN_DIR`` was given in.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import posixpath
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import pyarrow.fs as pafs
+
+from pipelines.runtime import file_type, join, read_text
+from s2v_core.io.discovery import resolve
 
 logger = logging.getLogger(__name__)
 
@@ -79,11 +89,11 @@ def write_state(directory: str | Path, *, config: dict[str, Any], step: int, see
 
 
 def read_state(checkpoint: str | Path) -> dict[str, Any]:
-    """Read and check ``state.json`` of a checkpoint directory."""
-    path = Path(checkpoint) / STATE_FILE
-    if not path.is_file():
+    """Read and check ``state.json`` of a checkpoint directory (a path or a URI)."""
+    path = join(checkpoint, STATE_FILE)
+    if file_type(path) != pafs.FileType.File:
         raise FileNotFoundError(f"{checkpoint}: not a pretraining checkpoint ({STATE_FILE} is missing)")
-    state = json.loads(path.read_text(encoding="utf-8"))
+    state = json.loads(read_text(path))
     if state.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path}: expected checkpoint format {CHECKPOINT_FORMAT}, "
                          f"found {state.get('format')!r}")
@@ -98,17 +108,25 @@ def data_position(state: dict[str, Any]) -> DataPosition:
                         store_repeats=int(position.get("store_repeats", 1)))
 
 
-def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Complete checkpoints of a run (those with ``state.json`` and ``encoder/``), oldest first."""
-    root = Path(run_dir) / CHECKPOINTS_NAME
-    if not root.is_dir():
-        return []
-    found = [p for p in root.glob("step_*")
-             if (p / STATE_FILE).is_file() and (p / ENCODER_DIR).is_dir()]
-    return sorted(found, key=lambda p: p.name)
+def list_checkpoints(run_dir: str | Path) -> list[str]:
+    """Complete checkpoints of a run (those with ``state.json`` and ``encoder/``), oldest first.
+
+    Each is ``RUN_DIR/checkpoints/step_<NNNNNNNN>`` in the form ``run_dir`` has
+    (a path, or a URI with its options).
+    """
+    filesystem, root = resolve(str(run_dir))
+    root = f"{root}/{CHECKPOINTS_NAME}"
+    infos = filesystem.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
+    kinds = {info.path: info.type for info in infos}
+    names = sorted(info.base_name for info in infos if info.type == pafs.FileType.Directory
+                   and info.base_name.startswith("step_") and posixpath.dirname(info.path) == root)
+    complete = [name for name in names
+                if kinds.get(f"{root}/{name}/{STATE_FILE}") == pafs.FileType.File
+                and kinds.get(f"{root}/{name}/{ENCODER_DIR}") == pafs.FileType.Directory]
+    return [join(run_dir, CHECKPOINTS_NAME, name) for name in complete]
 
 
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
+def latest_checkpoint(run_dir: str | Path) -> str | None:
     """The checkpoint with the highest step in ``run_dir``, or ``None``."""
     found = list_checkpoints(run_dir)
     return found[-1] if found else None

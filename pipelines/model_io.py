@@ -6,6 +6,8 @@
 - an encoder directory (``model_config.json`` + ``encoder.pt``),
 - a pretraining checkpoint (``RUN_DIR/checkpoints/step_*``, its ``encoder/``),
 - a run dir (``RUN_DIR/encoder``, else its latest checkpoint),
+
+  each a local path or a URI (``s3://…``, read through ``pyarrow.fs``),
 - ``runs:/<run_id>`` or ``runs:/<run_id>/encoder`` (the encoder directory logged
   as artifacts), ``runs:/<run_id>/model`` or ``models:/…`` (the MLflow
   pytorch model),
@@ -21,7 +23,10 @@ import re
 import tempfile
 from pathlib import Path
 
-from pipelines.checkpoints import ENCODER_DIR, STATE_FILE, latest_checkpoint
+import pyarrow.fs as pafs
+
+from pipelines.checkpoints import ENCODER_DIR, latest_checkpoint
+from pipelines.runtime import file_type, is_uri, join, local_directory
 from s2v_core.model import CONFIG_FILE, SleepEncoder, load_encoder
 
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -39,9 +44,9 @@ def load_trained_encoder(spec: str | Path, *, tracking_uri: str | None = None) -
         MLflow spec is given without a tracking URI.
     """
     text = str(spec)
-    path = Path(text)
-    if path.exists():
-        return load_encoder(_encoder_dir(path))
+    if is_uri(text) or Path(text).exists():
+        with local_directory(_encoder_dir(text)) as directory:
+            return load_encoder(directory)
     if text.startswith("models:/"):
         return _load_mlflow_model(text, tracking_uri)
     if text.startswith("runs:/"):
@@ -58,17 +63,17 @@ def load_trained_encoder(spec: str | Path, *, tracking_uri: str | None = None) -
     )
 
 
-def _encoder_dir(path: Path) -> Path:
-    if (path / CONFIG_FILE).is_file():
-        return path
-    if (path / STATE_FILE).is_file() and (path / ENCODER_DIR / CONFIG_FILE).is_file():
-        return path / ENCODER_DIR
-    if (path / ENCODER_DIR / CONFIG_FILE).is_file():
-        return path / ENCODER_DIR
-    latest = latest_checkpoint(path)
+def _encoder_dir(location: str) -> str:
+    """The encoder directory of an encoder dir, a checkpoint or a run dir (a path or a URI)."""
+    if file_type(join(location, CONFIG_FILE)) == pafs.FileType.File:
+        return location
+    # A checkpoint, or a run dir with its final encoder.
+    if file_type(join(location, ENCODER_DIR, CONFIG_FILE)) == pafs.FileType.File:
+        return join(location, ENCODER_DIR)
+    latest = latest_checkpoint(location)
     if latest is not None:
-        return latest / ENCODER_DIR
-    raise ValueError(f"--checkpoint: {path} holds no encoder (expected {CONFIG_FILE}, a checkpoint's "
+        return join(latest, ENCODER_DIR)
+    raise ValueError(f"--checkpoint: {location} holds no encoder (expected {CONFIG_FILE}, a checkpoint's "
                      f"{ENCODER_DIR}/ or a run dir with {ENCODER_DIR}/ or checkpoints/)")
 
 

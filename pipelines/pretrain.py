@@ -27,6 +27,12 @@ Run dir layout::
     RUN_DIR/encoder/               the final encoder (s2v_core.model.save_encoder)
     RUN_DIR/mlflow_run.json        MLflow tracking URI and run id (a resumed run continues it)
     RUN_DIR/mlflow.db              the default MLflow store (unless MLFLOW_TRACKING_URI is set)
+
+``--data`` and ``--output`` are local paths or URIs (``s3://…``, ``gs://…``):
+the store is read and the run dir written through ``pyarrow.fs``, and Ray
+Train writes the checkpoints to the run dir's filesystem. A run dir at a URI
+cannot hold ``mlflow.db`` (SQLite needs a local file), so it needs
+``MLFLOW_TRACKING_URI``; without it the run stops before Ray starts.
 """
 
 from __future__ import annotations
@@ -38,17 +44,21 @@ import json
 import logging
 import math
 import os
-import shutil
+import posixpath
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
+import pyarrow.fs as pafs
+
 from pipelines.checkpoints import CHECKPOINTS_NAME, ENCODER_DIR, data_position, latest_checkpoint, read_state
+from pipelines.runtime import (absolute, check_mlflow_store, file_type, is_uri, join, local_directory, read_text,
+                               replace_directory, write_text)
 from pipelines.train_config import (PretrainConfig, config_differences, config_from_dict, config_to_dict,
                                     deepspeed_config, load_pretrain_config)
 from pipelines.train_data import StoreSummary, build_dataset, check_batch_fits, inspect_store, store_repeats
 from s2v_core.config import to_mapping
+from s2v_core.io.discovery import resolve
 from s2v_core.modalities import parse_modalities
 
 logger = logging.getLogger(__name__)
@@ -60,22 +70,26 @@ FINAL_ENCODER_DIR = "encoder"
 #: Artifact path of the final encoder directory and name of the MLflow model in a run.
 MLFLOW_ENCODER_ARTIFACT = "encoder"
 MLFLOW_MODEL_NAME = "model"
+#: Ray Train's own record of a run's checkpoints, in RUN_DIR/checkpoints/: a run restarted
+#: with the same storage and name resumes from its latest entry.
+RAY_TRAIN_SNAPSHOT = "checkpoint_manager_snapshot.json"
 
 
 @dataclass(frozen=True)
 class PreparedRun:
     """A validated run, ready to start workers (what :func:`setup` returns).
 
-    ``config`` is resolved: its ``modalities`` are explicit.
+    ``config`` is resolved: its ``modalities`` are explicit. ``run_dir`` and
+    ``resume_from`` are locations: absolute local paths, or URIs as given.
     """
 
     config: PretrainConfig
     store: StoreSummary
-    run_dir: Path
+    run_dir: str
     on_gpu: bool
     ds_config: dict[str, Any]
     model_config: dict[str, Any]
-    resume_from: Path | None
+    resume_from: str | None
     store_repeats: int = 1
     mlflow_tracking_uri: str | None = None
     mlflow_run_id: str | None = None
@@ -87,11 +101,14 @@ class PretrainResult:
 
     Attributes
     ----------
-    run_dir : Path
-    checkpoint : Path
+    run_dir : str
+        The run dir: an absolute local path, or the URI ``--output`` gave.
+    checkpoint : str
         The final checkpoint (``RUN_DIR/checkpoints/step_<steps>``).
-    encoder_dir : Path
-        ``RUN_DIR/encoder``: the final encoder, loadable with ``s2v_core.model.load_encoder``.
+    encoder_dir : str
+        ``RUN_DIR/encoder``: the final encoder, loadable with
+        :func:`pipelines.model_io.load_trained_encoder` (and, when local,
+        ``s2v_core.model.load_encoder``).
     mlflow_run_id : str or None
     steps : int
         Optimiser steps done (equals ``config.steps``).
@@ -101,9 +118,9 @@ class PretrainResult:
         The last reported metrics.
     """
 
-    run_dir: Path
-    checkpoint: Path
-    encoder_dir: Path
+    run_dir: str
+    checkpoint: str
+    encoder_dir: str
     mlflow_run_id: str | None
     steps: int
     final_loss: float
@@ -131,7 +148,7 @@ def setup(config: PretrainConfig, *, resume: bool = False, on_gpu: bool = False)
     resolved = dataclasses.replace(config, modalities=summary.modalities)
     model_cfg = resolved.model_config(epochs_per_window=summary.epochs_per_window)
 
-    run_dir = Path(config.output)
+    run_dir = absolute(config.output)
     resume_from = _check_resume(run_dir, resolved, resume=resume)
     if resume_from is not None:
         # The recorded pass layout, so that the checkpoint's data position means the same.
@@ -139,18 +156,18 @@ def setup(config: PretrainConfig, *, resume: bool = False, on_gpu: bool = False)
     else:
         repeats = store_repeats(summary.usable_windows, steps=resolved.steps,
                                 windows_per_step=resolved.global_batch * resolved.grad_accum)
-    run_dir.mkdir(parents=True, exist_ok=True)
     ds_config = deepspeed_config(resolved, on_gpu=on_gpu)
-    (run_dir / CONFIG_FILE).write_text(json.dumps(config_to_dict(resolved), indent=2) + "\n")
-    (run_dir / DS_CONFIG_FILE).write_text(json.dumps(ds_config, indent=2) + "\n")
+    write_text(join(run_dir, CONFIG_FILE), json.dumps(config_to_dict(resolved), indent=2) + "\n")
+    write_text(join(run_dir, DS_CONFIG_FILE), json.dumps(ds_config, indent=2) + "\n")
     return PreparedRun(config=resolved, store=summary, run_dir=run_dir, on_gpu=on_gpu, ds_config=ds_config,
                        model_config=to_mapping(model_cfg), resume_from=resume_from,
                        store_repeats=repeats)
 
 
-def _check_resume(run_dir: Path, config: PretrainConfig, *, resume: bool) -> Path | None:
-    checkpoints = run_dir / CHECKPOINTS_NAME
-    has_history = checkpoints.is_dir() and any(checkpoints.iterdir())
+def _check_resume(run_dir: str, config: PretrainConfig, *, resume: bool) -> str | None:
+    checkpoints = join(run_dir, CHECKPOINTS_NAME)
+    filesystem, path = resolve(checkpoints)
+    has_history = bool(filesystem.get_file_info(pafs.FileSelector(path, allow_not_found=True)))
     if not resume:
         if has_history:
             raise ValueError(f"--output: expected a new run directory, found checkpoints in {checkpoints}; "
@@ -160,15 +177,21 @@ def _check_resume(run_dir: Path, config: PretrainConfig, *, resume: bool) -> Pat
     if latest is None:
         logger.info("--resume: no checkpoint in %s yet; starting from step 0", run_dir)
         return None
+    name = posixpath.basename(resolve(latest)[1])
     state = read_state(latest)
-    previous = config_from_dict(state["config"], source=str(latest / "state.json"))
+    previous = config_from_dict(state["config"], source=join(latest, "state.json"))
     differences = config_differences(previous, config)
     if differences:
         listed = "; ".join(f"{k}: checkpoint has {old!r}, this run has {new!r}"
                            for k, (old, new) in sorted(differences.items()))
         raise ValueError(f"--resume: expected the config of the run in {run_dir} "
-                         f"(checkpoint {latest.name}), found different values: {listed}")
-    logger.info("resuming %s from %s (step %d)", run_dir, latest.name, state["step"])
+                         f"(checkpoint {name}), found different values: {listed}")
+    if is_uri(run_dir) and file_type(join(checkpoints, RAY_TRAIN_SNAPSHOT)) != pafs.FileType.File:
+        # The loop's own resume handoff (loop_config's resume_from) opens local directories only.
+        raise ValueError(f"--resume: expected Ray Train's record of the run ({RAY_TRAIN_SNAPSHOT}) next to "
+                         f"checkpoint {name} in {checkpoints}, found none; a run dir at a URI resumes "
+                         "only through that record (copy the run to a local --output to resume it)")
+    logger.info("resuming %s from %s (step %d)", run_dir, name, state["step"])
     return latest
 
 
@@ -191,20 +214,20 @@ def start_mlflow_run(prepared: PreparedRun) -> PreparedRun:
 
     from pipelines.runtime import mlflow_tracking_uri
 
-    run_file = prepared.run_dir / MLFLOW_RUN_FILE
+    run_file = join(prepared.run_dir, MLFLOW_RUN_FILE)
     uri = mlflow_tracking_uri(prepared.run_dir)
     client = MlflowClient(tracking_uri=uri)
     run_id = None
-    if run_file.is_file():
-        recorded = json.loads(run_file.read_text())
+    if file_type(run_file) == pafs.FileType.File:
+        recorded = json.loads(read_text(run_file))
         if recorded.get("tracking_uri") == uri:
             run_id = recorded["run_id"]
     if run_id is None:
         experiment = client.get_experiment_by_name(prepared.config.mlflow_experiment)
         experiment_id = (experiment.experiment_id if experiment is not None
                          else client.create_experiment(prepared.config.mlflow_experiment))
-        run = client.create_run(experiment_id, run_name=prepared.run_dir.name,
-                                tags={"s2v.command": "pretrain", "s2v.run_dir": str(prepared.run_dir.resolve())})
+        run = client.create_run(experiment_id, run_name=posixpath.basename(resolve(prepared.run_dir)[1]),
+                                tags={"s2v.command": "pretrain", "s2v.run_dir": prepared.run_dir})
         run_id = run.info.run_id
         params = _flatten({"pretrain": config_to_dict(prepared.config), "model": prepared.model_config,
                            "store": {"windows": prepared.store.windows,
@@ -217,9 +240,10 @@ def start_mlflow_run(prepared: PreparedRun) -> PreparedRun:
         items = [Param(k, str(v)[:6000]) for k, v in params.items()]
         for start in range(0, len(items), 100):
             client.log_batch(run_id, params=items[start:start + 100])
-        client.log_artifact(run_id, str(prepared.run_dir / DS_CONFIG_FILE))
-        client.log_artifact(run_id, str(prepared.run_dir / CONFIG_FILE))
-        run_file.write_text(json.dumps({"tracking_uri": uri, "run_id": run_id}, indent=2) + "\n")
+        # The same JSON as the run dir's files, logged from memory: the run dir may be a URI.
+        client.log_dict(run_id, prepared.ds_config, DS_CONFIG_FILE)
+        client.log_dict(run_id, config_to_dict(prepared.config), CONFIG_FILE)
+        write_text(run_file, json.dumps({"tracking_uri": uri, "run_id": run_id}, indent=2) + "\n")
     return dataclasses.replace(prepared, mlflow_tracking_uri=uri, mlflow_run_id=run_id)
 
 
@@ -252,8 +276,11 @@ def tracking_uri_scope(uri: str) -> Iterator[None]:
         mlflow.set_tracking_uri(previous)  # None unsets both the global and the variable
 
 
-def log_final_model(prepared: PreparedRun, encoder_dir: Path, result_metrics: dict[str, float]) -> None:
-    """Log the final encoder: its directory as artifacts and an ``mlflow.pytorch`` model."""
+def log_final_model(prepared: PreparedRun, encoder_dir: str, result_metrics: dict[str, float]) -> None:
+    """Log the final encoder: its directory as artifacts and an ``mlflow.pytorch`` model.
+
+    ``encoder_dir`` is a local directory (MLflow and ``torch.load`` read local files).
+    """
     import mlflow
     import torch
     from mlflow.tracking import MlflowClient
@@ -261,7 +288,7 @@ def log_final_model(prepared: PreparedRun, encoder_dir: Path, result_metrics: di
     from s2v_core.model import load_encoder
 
     client = MlflowClient(tracking_uri=prepared.mlflow_tracking_uri)
-    client.log_artifacts(prepared.mlflow_run_id, str(encoder_dir), artifact_path=MLFLOW_ENCODER_ARTIFACT)
+    client.log_artifacts(prepared.mlflow_run_id, encoder_dir, artifact_path=MLFLOW_ENCODER_ARTIFACT)
     with tracking_uri_scope(prepared.mlflow_tracking_uri), mlflow.start_run(run_id=prepared.mlflow_run_id):
         mlflow.pytorch.log_model(
             load_encoder(encoder_dir), name=MLFLOW_MODEL_NAME,
@@ -289,8 +316,10 @@ def loop_config(prepared: PreparedRun) -> dict[str, Any]:
         "modalities": list(prepared.config.modalities),
         "epochs_per_window": prepared.store.epochs_per_window,
         "ds_config": prepared.ds_config,
-        "run_dir": str(prepared.run_dir.resolve()),
-        "resume_from": str(prepared.resume_from.resolve()) if prepared.resume_from else None,
+        "run_dir": prepared.run_dir,
+        # The loop opens this as a local directory; a run dir at a URI resumes from Ray
+        # Train's record of the run instead (setup checked that it is there).
+        "resume_from": prepared.resume_from if not is_uri(prepared.run_dir) else None,
         "store_repeats": prepared.store_repeats,
         "mlflow": mlflow,
     }
@@ -303,7 +332,9 @@ def build_trainer(prepared: PreparedRun, *, callbacks: Sequence[Any] = (), stora
     The sweep wraps this: pass ``callbacks`` (e.g. Tune's
     ``TuneReportCallback``) to forward the per-step metrics (``loss``,
     ``step``, ``negatives_per_anchor``, ``windows_per_s``, ``lr``, …).
-    Checkpoints go to ``storage_path/name`` (default ``RUN_DIR/checkpoints``).
+    Checkpoints go to ``storage_path/name`` (default ``RUN_DIR/checkpoints``), a
+    path or a URI: Ray Train gets its filesystem explicitly, so URI options
+    such as ``endpoint_override`` hold for every checkpoint upload.
     """
     import ray.train
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
@@ -313,8 +344,9 @@ def build_trainer(prepared: PreparedRun, *, callbacks: Sequence[Any] = (), stora
 
     config = prepared.config
     resources = {"CPU": 1, "GPU": 1} if prepared.on_gpu else {"CPU": 1}
-    dataset = build_dataset(prepared.store.files, modalities=config.modalities,
-                            history_columns=config.history_columns, seed=config.seed,
+    storage_filesystem, storage = resolve(storage_path or prepared.run_dir)
+    dataset = build_dataset(prepared.store.files, filesystem=prepared.store.filesystem,
+                            modalities=config.modalities, history_columns=config.history_columns, seed=config.seed,
                             repeats=prepared.store_repeats, nights_per_block=config.nights_per_block,
                             readers=config.workers * config.readers_per_worker)
     return TorchTrainer(
@@ -325,7 +357,8 @@ def build_trainer(prepared: PreparedRun, *, callbacks: Sequence[Any] = (), stora
                                      resources_per_worker=resources),
         run_config=RunConfig(
             name=name,
-            storage_path=str(Path(storage_path or prepared.run_dir).resolve()),
+            storage_path=storage,
+            storage_filesystem=storage_filesystem,
             failure_config=FailureConfig(max_failures=config.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=config.keep_checkpoints),
             callbacks=list(callbacks) or None,
@@ -367,6 +400,8 @@ def pretrain(config: PretrainConfig, *, resume: bool = False, address: str | Non
 
     from pipelines.runtime import init_ray
 
+    if mlflow:  # a run dir at a URI needs MLFLOW_TRACKING_URI: say so before anything is written
+        check_mlflow_store(config.output, option="--output")
     prepared = setup(config, resume=resume)  # input errors surface before Ray starts
     if prepared.resume_from is not None and read_state(prepared.resume_from)["step"] >= config.steps:
         logger.info("%s already reached %d steps; nothing to train", prepared.run_dir, config.steps)
@@ -388,23 +423,28 @@ def pretrain(config: PretrainConfig, *, resume: bool = False, address: str | Non
         result = build_trainer(prepared, callbacks=callbacks).fit()
         if result.error is not None:
             raise result.error
-        return cleanup(prepared, Path(result.checkpoint.path))
+        # Ray names the checkpoint by its path on the run dir's filesystem (no URI scheme).
+        return cleanup(prepared, join(prepared.run_dir, CHECKPOINTS_NAME,
+                                      posixpath.basename(result.checkpoint.path)))
     finally:
         if started_ray:
             ray.shutdown()
 
 
 # -- cleanup ----------------------------------------------------------------------------------------
-def cleanup(prepared: PreparedRun, checkpoint: Path, *, log_model: bool = True) -> PretrainResult:
-    """Copy the final checkpoint's encoder to ``RUN_DIR/encoder``, log it to MLflow, summarise the run."""
+def cleanup(prepared: PreparedRun, checkpoint: str | os.PathLike, *, log_model: bool = True) -> PretrainResult:
+    """Copy the final checkpoint's encoder to ``RUN_DIR/encoder``, log it to MLflow, summarise the run.
+
+    ``checkpoint`` is a location (a path or a URI) in the run dir.
+    """
+    checkpoint = str(checkpoint)
     state = read_state(checkpoint)
-    encoder_dir = prepared.run_dir / FINAL_ENCODER_DIR
-    if encoder_dir.exists():
-        shutil.rmtree(encoder_dir)
-    shutil.copytree(checkpoint / ENCODER_DIR, encoder_dir)
+    encoder_dir = join(prepared.run_dir, FINAL_ENCODER_DIR)
+    replace_directory(join(checkpoint, ENCODER_DIR), encoder_dir)
     metrics = {k: float(v) for k, v in state["metrics"].items()}
     if prepared.mlflow_run_id is not None and log_model:
-        log_final_model(prepared, encoder_dir, metrics)
+        with local_directory(encoder_dir) as local_encoder:
+            log_final_model(prepared, local_encoder, metrics)
     return PretrainResult(run_dir=prepared.run_dir, checkpoint=checkpoint, encoder_dir=encoder_dir,
                           mlflow_run_id=prepared.mlflow_run_id, steps=int(state["step"]),
                           final_loss=metrics.get("loss", math.nan), metrics=metrics)
@@ -414,8 +454,9 @@ def cleanup(prepared: PreparedRun, checkpoint: Path, *, log_model: bool = True) 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``s2v pretrain`` (unset flags keep the ``--config`` file's or the default value)."""
     defaults = PretrainConfig()
-    parser.add_argument("--data", help="store directory written by `s2v ingest`")
-    parser.add_argument("--output", help="run directory (checkpoints, configs, final encoder, mlflow.db)")
+    parser.add_argument("--data", help="store written by `s2v ingest` (a path or a URI, e.g. s3://bucket/store)")
+    parser.add_argument("--output", help="run directory (checkpoints, configs, final encoder, mlflow.db): "
+                                         "a path or a URI (then MLFLOW_TRACKING_URI is required)")
     parser.add_argument("--config", help="TOML/YAML/JSON file of PretrainConfig fields; flags override it")
     parser.add_argument("--workers", type=int, help=f"Ray Train workers (default {defaults.workers})")
     parser.add_argument("--model", help=f"named model size (default {defaults.model})")

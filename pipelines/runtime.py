@@ -1,10 +1,26 @@
-"""Shared runtime set-up for the pipelines: Ray connection and MLflow store."""
+"""Shared runtime set-up for the pipelines: Ray connection, MLflow store, storage locations.
+
+A *location* is what a user passes as ``--data``/``--output``/``--checkpoint``:
+a local path or a URI pyarrow understands (``s3://bucket/key``, ``gs://…``,
+with options such as ``?endpoint_override=host:port&scheme=http``). The
+helpers here read and write small files and directories at either through
+``pyarrow.fs``; bulk data (Parquet, checkpoints) goes through pyarrow and Ray
+with the filesystem that :func:`s2v_core.io.discovery.resolve` returns.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import posixpath
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+
+import pyarrow.fs as pafs
+
+from s2v_core.io.discovery import resolve
 
 logger = logging.getLogger(__name__)
 
@@ -51,12 +67,94 @@ def start_local_ray(*, num_cpus: int, attempts: int = 3, **init_kwargs) -> None:
             ray.shutdown()
 
 
-def mlflow_tracking_uri(workdir: str | Path) -> str:
+def is_uri(location: str | Path) -> bool:
+    """Whether ``location`` names remote storage (``s3://``, ``gs://``…) rather than a local path."""
+    text = str(location)
+    return "://" in text and not text.startswith("file://")
+
+
+def absolute(location: str | Path) -> str:
+    """A local path made absolute (as recorded in run metadata); a URI as given."""
+    return str(location) if is_uri(location) else resolve(str(location))[1]
+
+
+def join(location: str | Path, *names: str) -> str:
+    """``location`` with ``names`` appended to its path, keeping a URI's ``?options``."""
+    text = str(location)
+    base, mark, options = text.partition("?") if is_uri(text) else (text, "", "")
+    return "/".join([base.rstrip("/"), *names]) + mark + options
+
+
+def file_type(location: str | Path) -> pafs.FileType:
+    """``pyarrow.fs.FileType`` of what is at ``location`` (``NotFound`` when nothing is)."""
+    filesystem, path = resolve(str(location))
+    return filesystem.get_file_info(path).type
+
+
+def read_text(location: str | Path) -> str:
+    """The UTF-8 text of the file at ``location``."""
+    filesystem, path = resolve(str(location))
+    with filesystem.open_input_stream(path) as stream:
+        return stream.read().decode("utf-8")
+
+
+def write_text(location: str | Path, text: str) -> None:
+    """Write ``text`` (UTF-8) to the file at ``location``, creating its directory."""
+    filesystem, path = resolve(str(location))
+    filesystem.create_dir(posixpath.dirname(path), recursive=True)
+    with filesystem.open_output_stream(path) as stream:
+        stream.write(text.encode("utf-8"))
+
+
+def replace_directory(source: str | Path, destination: str | Path) -> None:
+    """Make ``destination`` a copy of the directory ``source`` (either a path or a URI)."""
+    source_fs, source_path = resolve(str(source))
+    destination_fs, destination_path = resolve(str(destination))
+    if destination_fs.get_file_info(destination_path).type != pafs.FileType.NotFound:
+        destination_fs.delete_dir(destination_path)
+    destination_fs.create_dir(destination_path, recursive=True)
+    pafs.copy_files(source_path, destination_path, source_filesystem=source_fs,
+                    destination_filesystem=destination_fs)
+
+
+@contextlib.contextmanager
+def local_directory(location: str | Path) -> Iterator[str]:
+    """A local path holding the directory at ``location``: itself, or a temporary download of it.
+
+    For what only reads local files (``torch.load``, MLflow's ``log_artifacts``);
+    meant for small directories such as a saved encoder.
+    """
+    if not is_uri(location):
+        yield resolve(str(location))[1]
+        return
+    with tempfile.TemporaryDirectory(prefix="s2v-download-") as directory:
+        replace_directory(location, directory)
+        yield directory
+
+
+def check_mlflow_store(workdir: str | Path, *, option: str) -> None:
+    """``ValueError`` naming ``option`` when MLflow's default store would have to live at a URI.
+
+    The default store is a SQLite file in the command's output directory,
+    and SQLite needs a local file: with a URI output, ``MLFLOW_TRACKING_URI``
+    must name a tracking server (or another store) instead.
+    """
+    if is_uri(workdir) and not os.environ.get("MLFLOW_TRACKING_URI"):
+        raise ValueError(
+            f"{option} {workdir}: MLflow's default store is a SQLite file in the output directory, "
+            "which cannot live at a URI; set MLFLOW_TRACKING_URI (e.g. http://mlflow-server:5000) "
+            f"or give a local {option}"
+        )
+
+
+def mlflow_tracking_uri(workdir: str | Path, *, option: str = "--output") -> str:
     """``MLFLOW_TRACKING_URI`` if set, else a SQLite store ``WORKDIR/mlflow.db``.
 
     MLflow 3 would otherwise default to ``sqlite:///mlflow.db`` in whatever the
-    current directory is; every run names its store explicitly instead.
+    current directory is; every run names its store explicitly instead. A
+    ``workdir`` at a URI needs ``MLFLOW_TRACKING_URI`` (see :func:`check_mlflow_store`).
     """
+    check_mlflow_store(workdir, option=option)
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
         return uri

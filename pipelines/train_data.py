@@ -3,6 +3,8 @@
 Everything here that inspects the store runs in the driver with pyarrow
 alone (no Ray), so that a bad ``--data``/``--modalities``/``--global-batch``
 stops the run before any worker starts, with one message naming the option.
+A store is a local path or a URI (``s3://…``; see :func:`s2v_core.store.store_files`),
+or a store subset; the read tasks get its filesystem along with the file paths.
 """
 
 from __future__ import annotations
@@ -16,8 +18,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pads
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from s2v_core import store as core_store
 from s2v_core.modalities import MODALITY_KEYS
 from s2v_core.store import SCHEMA_VERSION, schema_info
 
@@ -34,7 +38,8 @@ class StoreSummary:
     Attributes
     ----------
     files : tuple of str
-        The Parquet files of the store (``site=<name>/<recording>.parquet``), sorted.
+        The Parquet files of the store (``site=<name>/<recording>.parquet``), sorted,
+        as paths on ``filesystem``.
     epochs_per_window : int
         Window length in 30-s epochs, from the schema metadata.
     modalities : tuple of str
@@ -43,6 +48,8 @@ class StoreSummary:
         Windows in the store.
     usable_windows : int
         Windows holding at least one of the selected modalities (the training rows).
+    filesystem : pyarrow.fs.FileSystem
+        Where ``files`` are (local, S3, GCS…).
     """
 
     files: tuple[str, ...]
@@ -50,19 +57,27 @@ class StoreSummary:
     modalities: tuple[str, ...]
     windows: int
     usable_windows: int
+    filesystem: pafs.FileSystem
 
 
-def store_files(store: str | Path, *, option: str = "--data") -> list[Path]:
-    """The Parquet files of ``store``; ``ValueError`` naming ``option`` if there are none."""
-    root = Path(store)
-    if not root.is_dir():
-        raise ValueError(f"{option}: expected a store directory written by `s2v ingest`, "
-                         f"found no directory at {root}")
-    files = sorted(p for p in root.rglob("*.parquet") if p.is_file())
-    if not files:
+def open_store(store: str | Path, *, option: str = "--data") -> pads.FileSystemDataset:
+    """:func:`s2v_core.store.open_store` with a ``ValueError`` naming ``option`` for a missing or empty store.
+
+    The dataset's ``files`` and ``filesystem`` say where the Parquet files are.
+    """
+    try:
+        return core_store.open_store(str(store))
+    except FileNotFoundError:
+        raise ValueError(f"{option}: expected a store written by `s2v ingest` (a directory or a URI), "
+                         f"found no directory at {store}") from None
+    except core_store.EmptyStoreError:
         raise ValueError(f"{option}: expected Parquet files (site=<name>/<recording>.parquet) "
-                         f"under {root}, found none")
-    return files
+                         f"under {store}, found none") from None
+
+
+def store_files(store: str | Path, *, option: str = "--data") -> list[str]:
+    """The Parquet files of ``store`` as paths on its filesystem (plain paths for a local store)."""
+    return open_store(store, option=option).files
 
 
 def inspect_store(store: str | Path, modalities: Sequence[str] = (), *,
@@ -86,11 +101,12 @@ def inspect_store(store: str | Path, modalities: Sequence[str] = (), *,
         length; a selected modality absent from every window (naming
         ``--modalities``).
     """
-    files = store_files(store, option=option)
+    dataset = open_store(store, option=option)
+    files, filesystem = dataset.files, dataset.filesystem
     epochs = None
     for path in files:
         try:
-            version, file_epochs = schema_info(pq.read_schema(path))
+            version, file_epochs = schema_info(pq.read_schema(path, filesystem=filesystem))
         except ValueError as exc:
             raise ValueError(f"{option}: {path}: {exc}") from None
         if version != SCHEMA_VERSION:
@@ -100,7 +116,7 @@ def inspect_store(store: str | Path, modalities: Sequence[str] = (), *,
             raise ValueError(f"{option}: {path}: expected {epochs} epochs per window like the other "
                              f"files, found {file_epochs}")
         epochs = file_epochs
-    present = _present_matrix(files)
+    present = _present_matrix(dataset)
     in_store = tuple(k for i, k in enumerate(MODALITY_KEYS) if present[:, i].any())
     selected = tuple(modalities) or in_store
     absent = [k for k in selected if k not in in_store]
@@ -111,13 +127,13 @@ def inspect_store(store: str | Path, modalities: Sequence[str] = (), *,
         )
     columns = [MODALITY_KEYS.index(k) for k in selected]
     usable = int(present[:, columns].any(axis=1).sum())
-    return StoreSummary(files=tuple(str(p) for p in files), epochs_per_window=int(epochs),
+    return StoreSummary(files=tuple(files), epochs_per_window=int(epochs),
                         modalities=tuple(k for k in MODALITY_KEYS if k in selected),
-                        windows=int(present.shape[0]), usable_windows=usable)
+                        windows=int(present.shape[0]), usable_windows=usable, filesystem=filesystem)
 
 
-def _present_matrix(files: Sequence[Path]) -> np.ndarray:
-    table = pads.dataset([str(f) for f in files], format="parquet").to_table(columns=["present"])
+def _present_matrix(dataset: pads.Dataset) -> np.ndarray:
+    table = dataset.to_table(columns=["present"])
     flat = table.column("present").combine_chunks().flatten().to_numpy(zero_copy_only=False)
     return np.asarray(flat, dtype=bool).reshape(table.num_rows, len(MODALITY_KEYS))
 
@@ -154,9 +170,14 @@ def training_columns(modalities: Sequence[str], history_columns: Sequence[str]) 
     return columns
 
 
-def read_store_files(items: dict[str, np.ndarray], *, columns: Sequence[str],
-                    modalities: Sequence[str], seed: int | None = None) -> pa.Table:
+def read_store_files(items: dict[str, np.ndarray], *, columns: Sequence[str], modalities: Sequence[str],
+                     seed: int | None = None, filesystem: pafs.FileSystem | None = None) -> pa.Table:
     """Ray Data UDF: read the store files named in ``items["path"]`` (needed columns, usable rows).
+
+    The paths are on ``filesystem`` (default: local paths or full URIs). It is
+    passed as an object rather than re-derived from a URI per file: that keeps
+    the store URI's options (``endpoint_override`` …) and skips a bucket-region
+    lookup per file.
 
     With ``seed`` (training), the rows of the group are returned in a random
     order drawn from ``seed`` and the group's first ``items["slot"]``: a night's
@@ -165,7 +186,7 @@ def read_store_files(items: dict[str, np.ndarray], *, columns: Sequence[str],
     negatives), so the reader mixes the nights of its group here, off the
     training workers.
     """
-    tables = [keep_windows_with(pq.read_table(str(path), columns=list(columns)), modalities)
+    tables = [keep_windows_with(pq.read_table(str(path), columns=list(columns), filesystem=filesystem), modalities)
               for path in items["path"]]
     table = pa.concat_tables(tables)
     if seed is not None and table.num_rows > 1:
@@ -211,7 +232,8 @@ def pass_order(files: Sequence[str], *, repeats: int, seed: int) -> list[str]:
 
 
 def build_dataset(files: Sequence[str], *, modalities: Sequence[str], history_columns: Sequence[str],
-                  seed: int, repeats: int = 1, nights_per_block: int = 16, readers: int = 2):
+                  seed: int, repeats: int = 1, nights_per_block: int = 16, readers: int = 2,
+                  filesystem: pafs.FileSystem | None = None):
     """A streaming Ray Data dataset of the training windows: one pass of the loop.
 
     One block per ``nights_per_block`` store files (nights), read lazily by a
@@ -219,7 +241,8 @@ def build_dataset(files: Sequence[str], *, modalities: Sequence[str], history_co
     one selected modality, and mixes the windows of its nights in a seeded
     order (:func:`read_store_files`); a pass visits the store ``repeats``
     times (see :func:`store_repeats`), each time in its own seeded file
-    order. Workers may add a local shuffle buffer (``shuffle_buffer``).
+    order. Workers may add a local shuffle buffer (``shuffle_buffer``). The
+    ``files`` are paths on ``filesystem`` (:attr:`StoreSummary.filesystem`).
 
     The read tasks request no CPU: the cluster's CPUs are reserved for the
     training workers, and 2 workers on a 2-core machine would otherwise leave
@@ -238,6 +261,6 @@ def build_dataset(files: Sequence[str], *, modalities: Sequence[str], history_co
         read_store_files, batch_size=nights_per_block, batch_format="numpy", num_cpus=0,
         compute=ray.data.TaskPoolStrategy(size=max(1, readers)),
         fn_kwargs={"columns": training_columns(modalities, history_columns), "modalities": list(modalities),
-                   "seed": seed},
+                   "seed": seed, "filesystem": filesystem},
     )
     return dataset

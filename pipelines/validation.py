@@ -12,10 +12,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.dataset as pads
 import torch
 
-from pipelines.train_data import keep_windows_with, store_files
+from pipelines.train_data import keep_windows_with, open_store
 from s2v_core.losses import DashConfig, dash_infonce
 from s2v_core.model import SleepEncoder, batch_to_tensors
 from s2v_core.store import schema_info, table_to_batch
@@ -37,7 +36,7 @@ def evaluate_contrastive_loss(
     encoder : SleepEncoder
         Put in eval mode; its weights are not changed.
     data : pyarrow.Table or path
-        Store rows (``s2v_core.store`` schema), or a store directory.
+        Store rows (``s2v_core.store`` schema), or a store (a path, a URI or a store subset).
     modalities : sequence of str, optional
         Modalities to align (default: the encoder's). Windows holding none of
         them are skipped.
@@ -56,7 +55,7 @@ def evaluate_contrastive_loss(
     if batch_size < 2:
         raise ValueError(f"batch_size: expected at least 2 windows (one positive, one negative), found {batch_size}")
     selected = tuple(modalities or encoder.modalities)
-    table = _read(data) if not isinstance(data, pa.Table) else data
+    table = open_store(data, option="data").to_table() if not isinstance(data, pa.Table) else data
     epochs_per_window = schema_info(table.schema)[1]
     table = keep_windows_with(table, selected)
     if table.num_rows < 2:
@@ -83,9 +82,3 @@ def evaluate_contrastive_loss(
                          "nothing to align")
     return {"loss": total / anchors, "negatives_per_anchor": negatives / anchors,
             "batches": float(len(starts)), "windows": float(min(table.num_rows, len(starts) * batch_size))}
-
-
-def _read(store: str | Path) -> pa.Table:
-    files = store_files(store, option="data")
-    # The files carry their own `site` column: no hive partition column on top.
-    return pads.dataset([str(f) for f in files], format="parquet").to_table()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -34,9 +35,9 @@ def test_setup_resolves_modalities_and_writes_the_run_configs(store, tmp_path):
     prepared = setup(config_for(store, tmp_path))
     assert prepared.config.modalities == ("eeg", "ecg", "hr")
     assert prepared.store.epochs_per_window == 4 and prepared.store.usable_windows == 24
-    saved = json.loads((prepared.run_dir / CONFIG_FILE).read_text())
+    saved = json.loads((Path(prepared.run_dir) / CONFIG_FILE).read_text())
     assert saved["modalities"] == ["eeg", "ecg", "hr"]
-    ds = json.loads((prepared.run_dir / DS_CONFIG_FILE).read_text())
+    ds = json.loads((Path(prepared.run_dir) / DS_CONFIG_FILE).read_text())
     assert ds["train_micro_batch_size_per_gpu"] == 4 and ds["bf16"]["enabled"] is False
     assert prepared.resume_from is None
 
@@ -77,7 +78,7 @@ def test_batch_larger_than_the_data_names_global_batch(store, tmp_path):
 
 
 def _fake_checkpoint(run_dir, config, step):
-    directory = run_dir / "checkpoints" / checkpoint_dir_name(step)
+    directory = Path(run_dir) / "checkpoints" / checkpoint_dir_name(step)
     (directory / ENCODER_DIR).mkdir(parents=True)
     write_state(directory, config=config_to_dict(config), step=step, seed=config.seed,
                 position=DataPosition(epoch=1, batches_in_epoch=2), metrics={"loss": 1.0}, world_size=2)
@@ -92,7 +93,7 @@ def test_resume_with_a_different_config_names_resume(store, tmp_path):
     with pytest.raises(ValueError, match="--output: expected a new run directory"):
         setup(config_for(store, tmp_path))
     resumed = setup(config_for(store, tmp_path, max_failures=3), resume=True)
-    assert resumed.resume_from == first.run_dir / "checkpoints" / checkpoint_dir_name(5)
+    assert resumed.resume_from == str(Path(first.run_dir) / "checkpoints" / checkpoint_dir_name(5))
 
 
 def test_cli_prints_one_clean_error_line(tmp_path, capsys):
@@ -108,8 +109,8 @@ def test_checkpoint_state_round_trip_and_latest(tmp_path):
     for step in (3, 12, 6):
         _fake_checkpoint(tmp_path, config, step)
     (tmp_path / "checkpoints" / "step_00000099").mkdir()  # incomplete (no state.json): ignored
-    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000003", "step_00000006", "step_00000012"]
-    latest = latest_checkpoint(tmp_path)
+    assert [Path(p).name for p in list_checkpoints(tmp_path)] == ["step_00000003", "step_00000006", "step_00000012"]
+    latest = Path(latest_checkpoint(tmp_path))
     state = read_state(latest)
     assert state["step"] == 12 and state["config"]["data"] == "S"
     assert data_position(state) == DataPosition(epoch=1, batches_in_epoch=2)

@@ -8,6 +8,8 @@ step-15 checkpoint and the run still ends at exactly 30 optimiser steps.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -45,12 +47,12 @@ def trained(ray_local, store, tmp_path_factory):
 def test_run_survives_a_worker_failure_and_ends_at_the_full_step_count(trained):
     config, result = trained
     assert result.steps == STEPS
-    assert (result.run_dir / f".failed_at_step_{FAIL_AT}").is_file()  # the failure did happen
+    assert (Path(result.run_dir) / f".failed_at_step_{FAIL_AT}").is_file()  # the failure did happen
     state = read_state(result.checkpoint)
     assert state["step"] == STEPS and state["metrics"]["optimizer_steps"] == STEPS  # DeepSpeed's own count
-    names = [p.name for p in list_checkpoints(result.run_dir)]
+    names = [Path(p).name for p in list_checkpoints(result.run_dir)]
     assert names == [f"step_{s:08d}" for s in range(5, STEPS + 1, 5)]
-    engine_files = {p.name for p in (result.checkpoint / ENGINE_DIR / "state").iterdir()}
+    engine_files = {p.name for p in (Path(result.checkpoint) / ENGINE_DIR / "state").iterdir()}
     # ZeRO-2 shards the optimiser state: one file per rank, merged from both workers.
     assert {f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(WORKERS)} <= engine_files
 
@@ -59,7 +61,7 @@ def test_loss_falls_and_negatives_are_global(trained):
     from mlflow.tracking import MlflowClient
 
     config, result = trained
-    client = MlflowClient(tracking_uri=f"sqlite:///{result.run_dir.resolve() / 'mlflow.db'}")
+    client = MlflowClient(tracking_uri=f"sqlite:///{Path(result.run_dir) / 'mlflow.db'}")
     history = sorted(client.get_metric_history(result.mlflow_run_id, "loss"), key=lambda m: m.step)
     steps = [m.step for m in history]
     assert steps == list(range(1, STEPS + 1))  # once per step, no duplicates from the restart
@@ -87,7 +89,7 @@ def _window_batch(store, count=3):
 
 def test_logged_model_loads_and_embeds_a_window(trained, store):
     _, result = trained
-    uri = f"sqlite:///{result.run_dir.resolve() / 'mlflow.db'}"
+    uri = f"sqlite:///{Path(result.run_dir) / 'mlflow.db'}"
     batch = _window_batch(store)
     reference = load_trained_encoder(result.run_dir)
     for spec in (result.mlflow_run_id, f"runs:/{result.mlflow_run_id}/{MLFLOW_MODEL_NAME}"):
@@ -116,9 +118,9 @@ def test_zero3_checkpoints_resume_after_a_failure(ray_local, store, tmp_path):
                             steps=6, global_batch=GLOBAL_BATCH, checkpoint_every=3, zero_stage=3,
                             fail_at_step=5)
     result = pretrain(config)
-    assert result.steps == 6 and (result.run_dir / ".failed_at_step_5").is_file()
+    assert result.steps == 6 and (Path(result.run_dir) / ".failed_at_step_5").is_file()
     assert read_state(result.checkpoint)["metrics"]["optimizer_steps"] == 6
-    engine_files = {p.name for p in (result.checkpoint / ENGINE_DIR / "state").iterdir()}
+    engine_files = {p.name for p in (Path(result.checkpoint) / ENGINE_DIR / "state").iterdir()}
     # ZeRO-3 writes each rank's parameter partition along with its optimiser shard.
     assert {f"zero_pp_rank_{r}_mp_rank_00_model_states.pt" for r in range(WORKERS)} <= engine_files
     with torch.no_grad():

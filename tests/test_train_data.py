@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -67,7 +68,7 @@ def test_a_resumed_run_keeps_the_pass_layout_it_was_checkpointed_with(store, tmp
     config = PretrainConfig(data=str(store), output=str(tmp_path / "run"), workers=2, global_batch=8, steps=20)
     first = setup(config)
     assert first.store_repeats == store_repeats(48, windows_per_step=8, steps=20) == 5
-    directory = first.run_dir / "checkpoints" / checkpoint_dir_name(4)
+    directory = Path(first.run_dir) / "checkpoints" / checkpoint_dir_name(4)
     (directory / "encoder").mkdir(parents=True)
     write_state(directory, config=config_to_dict(first.config), step=4, seed=0, metrics={"loss": 1.0},
                 position=DataPosition(epoch=0, batches_in_epoch=4, store_repeats=3), world_size=2)
