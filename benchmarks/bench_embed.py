@@ -24,7 +24,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import pyarrow.dataset as pads
 import torch
 
 
@@ -45,7 +44,7 @@ def main() -> None:
     from pipelines.embed import CARRIED_COLUMNS, embed
     from s2v_core.model import SleepEncoder, batch_to_tensors, model_config, save_encoder
     from s2v_core.modalities import MODALITY_KEYS
-    from s2v_core.store import table_to_batch
+    from s2v_core.store import open_store, table_to_batch
     from s2v_core.toystore import write_toy_store
 
     logging.basicConfig(level=logging.WARNING)
@@ -59,8 +58,7 @@ def main() -> None:
         encoder = SleepEncoder(model_config(args.model)).eval()
         checkpoint = save_encoder(encoder, root / "encoder")
 
-        files = sorted(str(p) for p in store.rglob("*.parquet"))
-        table = pads.dataset(files, format="parquet").to_table(columns=[*CARRIED_COLUMNS, *MODALITY_KEYS, "present"])
+        table = open_store(str(store)).to_table(columns=[*CARRIED_COLUMNS, *MODALITY_KEYS, "present"])
         batches = [batch_to_tensors(table_to_batch(table.slice(start, args.batch_size),
                                                    epochs_per_window=args.epochs_per_window))
                    for start in range(0, table.num_rows, args.batch_size)]

@@ -10,7 +10,9 @@ directory, or an MLflow model URI / run id (resolved by
 ``pipelines.model_io.load_trained_encoder``). The store is streamed through
 ``map_batches`` with an actor pool: each actor loads the encoder once (CPU, or
 one GPU per actor when the cluster has GPUs) and embeds ``batch_size`` windows
-at a time in eval mode, so memory does not grow with the store.
+at a time in eval mode, so memory does not grow with the store. ``CKPT``,
+``STORE`` and ``EMB`` may each be a local path or a URI (``s3://…``, ``gs://…``):
+everything is read and written through ``pyarrow.fs``.
 
 Embeddings format (``EMB/``), read back with :func:`read_embeddings`
 --------------------------------------------------------------------
@@ -52,7 +54,7 @@ import argparse
 import json
 import logging
 import os
-import shutil
+import posixpath
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -61,8 +63,12 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pads
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from pipelines.runtime import absolute, is_uri
+from pipelines.train_data import open_store
+from s2v_core.io.discovery import resolve
 from s2v_core.modalities import MODALITY_KEYS, parse_modalities
 from s2v_core.store import IDENTITY_COLUMNS, schema_info
 
@@ -84,7 +90,7 @@ CARRIED_COLUMNS = (*IDENTITY_COLUMNS, "stages", "age", "sex", "outcomes")
 class EmbedSummary:
     """What :func:`embed` wrote."""
 
-    output: str  # the EMB directory
+    output: str  # the EMB directory (a path or a URI, as given)
     windows: int  # rows of EMB/windows
     nights: int  # rows of EMB/nights.parquet
     embedding_dim: int  # P, the aligned-space dimension
@@ -139,13 +145,17 @@ def load_encoder_spec(spec: str):
 
 def _pretrain_run(spec: str) -> dict | None:
     """The pretraining MLflow run behind ``spec``, if it can be told (see load_encoder_spec)."""
-    path = Path(spec)
-    if path.exists():
-        for folder in [path.resolve(), *path.resolve().parents][:5]:
-            record = folder / PRETRAIN_RUN_FILE
-            if record.is_file():
-                data = json.loads(record.read_text(encoding="utf-8"))
+    if is_uri(spec) or Path(spec).exists():
+        filesystem, folder = resolve(spec)
+        for _ in range(5):  # RUN_DIR/checkpoints/step_*/encoder is four levels below the run dir
+            record = f"{folder.rstrip('/')}/{PRETRAIN_RUN_FILE}"
+            if filesystem.get_file_info(record).type == pafs.FileType.File:
+                with filesystem.open_input_stream(record) as stream:
+                    data = json.loads(stream.read().decode("utf-8"))
                 return {"run_id": data.get("run_id"), "tracking_uri": data.get("tracking_uri")}
+            folder = posixpath.dirname(folder.rstrip("/"))
+            if not folder.strip("/"):
+                break
         return None
     run_id = spec[len("runs:/"):].split("/")[0] if spec.startswith("runs:/") else spec
     if len(run_id) == 32 and all(c in "0123456789abcdef" for c in run_id):
@@ -217,17 +227,6 @@ def _list_column(values: np.ndarray, *, mask: np.ndarray | None = None) -> pa.Ar
                                     mask=None if mask is None else pa.array(mask))
 
 
-def _store_dataset(data: str) -> tuple[pads.Dataset, int]:
-    root = Path(data)
-    if not root.exists():
-        raise FileNotFoundError(f"--data {data!r} does not exist")
-    files = sorted(str(p) for p in root.rglob("*.parquet"))
-    if not files:
-        raise ValueError(f"--data {data!r}: no Parquet files (expected STORE/site=<name>/*.parquet)")
-    dataset = pads.dataset(files, format="parquet")
-    return dataset, schema_info(dataset.schema)[1]
-
-
 def _count_usable_windows(dataset: pads.Dataset, modalities: Sequence[str]) -> int:
     """Windows with at least one requested modality (reads only the ``present`` column)."""
     indices = [MODALITY_KEYS.index(k) for k in modalities]
@@ -256,9 +255,9 @@ def embed(
     checkpoint : str
         Saved encoder directory, pretraining run directory, or MLflow model URI / run id.
     data : str
-        Store directory (``STORE/site=<name>/*.parquet``).
+        Store (``STORE/site=<name>/*.parquet``): a path or a URI.
     output : str
-        Embeddings directory to (re)create; layout in the module docstring.
+        Embeddings directory to (re)create, a path or a URI; layout in the module docstring.
     modalities : str or sequence of str, optional
         Subset the encoder reads (``"hr,spo2,thorax"``); default every modality
         the encoder was built for. Only these store columns are read.
@@ -287,7 +286,7 @@ def embed(
     embedding_dim = encoder.config.projection_dim
     del encoder  # the actors load their own copy
 
-    out = _fresh_output(Path(output))
+    out = _fresh_output(output)
     if Path(checkpoint).exists():  # actors may run in another working directory
         checkpoint = str(Path(checkpoint).resolve())
     started_ray = not ray.is_initialized()
@@ -301,7 +300,7 @@ def embed(
             ray.shutdown()
 
     info = _info(embedding_dim, epochs_per_window, selected, per_modality, checkpoint, pretrain_run, data)
-    return _finish(out, info, started)
+    return _finish(out, output, info, started)
 
 
 def embed_local(
@@ -323,8 +322,9 @@ def embed_local(
     started = time.perf_counter()
     dataset, epochs_per_window, selected, _ = _prepare(encoder, data, modalities, batch_size, source)
     encoder.eval()
-    out = _fresh_output(Path(output))
-    (out / WINDOWS_DIR).mkdir()
+    out = _fresh_output(output)
+    filesystem, root = out
+    filesystem.create_dir(f"{root}/{WINDOWS_DIR}")
     writer = None
     try:
         for batch in dataset.to_batches(columns=[*CARRIED_COLUMNS, *selected, "present"], batch_size=batch_size):
@@ -332,20 +332,22 @@ def embed_local(
                                 epochs_per_window=epochs_per_window, per_modality=per_modality)
             if table.num_rows == 0:
                 continue
-            writer = writer or pq.ParquetWriter(out / WINDOWS_DIR / "part-0.parquet", table.schema)
+            writer = writer or pq.ParquetWriter(f"{root}/{WINDOWS_DIR}/part-0.parquet", table.schema,
+                                                filesystem=filesystem)
             writer.write_table(table)
     finally:
         if writer is not None:
             writer.close()
     info = _info(encoder.config.projection_dim, epochs_per_window, selected, per_modality, source, None, data)
-    return _finish(out, info, started)
+    return _finish(out, output, info, started)
 
 
 def _prepare(encoder, data: str, modalities, batch_size: int, source: str):
     """Validate the request; returns ``(dataset, epochs_per_window, modalities, usable windows)``."""
     if batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
-    dataset, epochs_per_window = _store_dataset(data)
+    dataset = open_store(data)
+    epochs_per_window = schema_info(dataset.schema)[1]
     selected = parse_modalities(modalities) if modalities else encoder.modalities
     missing = [k for k in selected if k not in encoder.modalities]
     if missing:
@@ -367,36 +369,45 @@ def _info(embedding_dim: int, epochs_per_window: int, modalities: Sequence[str],
         "format": EMBEDDINGS_FORMAT, "embedding_dim": embedding_dim, "epochs_per_window": epochs_per_window,
         "modalities": list(modalities), "per_modality": per_modality, "encoder_source": str(source),
         "pretrain_run_id": (pretrain_run or {}).get("run_id"),
-        "pretrain_tracking_uri": (pretrain_run or {}).get("tracking_uri"), "store": str(Path(data).resolve()),
+        "pretrain_tracking_uri": (pretrain_run or {}).get("tracking_uri"), "store": absolute(data),
     }
 
 
-def _finish(out: Path, info: dict, started: float) -> EmbedSummary:
+def _finish(out: tuple[pafs.FileSystem, str], output: str, info: dict, started: float) -> EmbedSummary:
     """Pool the nights, write embed.json and summarise."""
+    filesystem, root = out
     written, nights = _write_nights(out, info)
     info.update(windows=written, nights=nights)
-    (out / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    with filesystem.open_output_stream(f"{root}/{INFO_FILE}") as stream:
+        stream.write((json.dumps(info, indent=2) + "\n").encode("utf-8"))
     seconds = time.perf_counter() - started
-    logger.info("wrote %d window and %d night embeddings to %s in %.1f s", written, nights, out, seconds)
-    return EmbedSummary(output=str(out), windows=written, nights=nights, embedding_dim=info["embedding_dim"],
+    logger.info("wrote %d window and %d night embeddings to %s in %.1f s", written, nights, output, seconds)
+    return EmbedSummary(output=str(output), windows=written, nights=nights, embedding_dim=info["embedding_dim"],
                         epochs_per_window=info["epochs_per_window"], modalities=tuple(info["modalities"]),
                         seconds=seconds, windows_per_second=written / seconds)
 
 
-def _fresh_output(out: Path) -> Path:
-    """Create ``out``, replacing a previous embeddings directory but nothing else."""
-    if out.exists():
-        if not (out / INFO_FILE).is_file() and not (out / WINDOWS_DIR).is_dir() and any(out.iterdir()):
-            raise ValueError(f"--output {str(out)!r} exists and is not an embeddings directory; "
+def _fresh_output(output: str) -> tuple[pafs.FileSystem, str]:
+    """Create ``output`` (a path or a URI), replacing a previous embeddings directory but nothing else.
+
+    Returns its filesystem and its path there.
+    """
+    filesystem, root = resolve(str(output))
+    if filesystem.get_file_info(root).type != pafs.FileType.NotFound:
+        kinds = {info.base_name: info.type for info in filesystem.get_file_info(pafs.FileSelector(root))}
+        is_embeddings = (kinds.get(INFO_FILE) == pafs.FileType.File
+                         or kinds.get(WINDOWS_DIR) == pafs.FileType.Directory)
+        if kinds and not is_embeddings:
+            raise ValueError(f"--output {str(output)!r} exists and is not an embeddings directory; "
                              "refusing to replace it")
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
-    return out
+        filesystem.delete_dir(root)
+    filesystem.create_dir(root, recursive=True)
+    return filesystem, root
 
 
-def _run_actor_pool(checkpoint: str, dataset: pads.Dataset, out: Path, *, modalities: tuple[str, ...],
-                    epochs_per_window: int, batch_size: int, num_actors: int | None, per_modality: bool,
-                    usable: int) -> None:
+def _run_actor_pool(checkpoint: str, dataset: pads.Dataset, out: tuple[pafs.FileSystem, str], *,
+                    modalities: tuple[str, ...], epochs_per_window: int, batch_size: int,
+                    num_actors: int | None, per_modality: bool, usable: int) -> None:
     """Stream the store through the encoder actor pool into ``out/windows``."""
     import ray
 
@@ -413,8 +424,8 @@ def _run_actor_pool(checkpoint: str, dataset: pads.Dataset, out: Path, *, modali
     actor_cpus = 0 if gpus else max(cpus - 1, 1) / actors
     # Ray Data merges small files into few blocks, and one block feeds one actor:
     # ask for at least a file's worth and four per actor so the whole pool works.
-    windows = ray.data.read_parquet(sorted(dataset.files), columns=columns, partitioning=None,
-                                    override_num_blocks=max(4 * actors, len(dataset.files)))
+    windows = ray.data.read_parquet(sorted(dataset.files), filesystem=dataset.filesystem, columns=columns,
+                                    partitioning=None, override_num_blocks=max(4 * actors, len(dataset.files)))
     embedded = windows.map_batches(
         _EmbedActor,
         fn_constructor_kwargs={
@@ -425,14 +436,16 @@ def _run_actor_pool(checkpoint: str, dataset: pads.Dataset, out: Path, *, modali
         compute=ray.data.ActorPoolStrategy(size=actors),
         num_cpus=actor_cpus, num_gpus=1 if gpus else 0,
     )
-    embedded.write_parquet(str(out / WINDOWS_DIR))
+    filesystem, root = out
+    embedded.write_parquet(f"{root}/{WINDOWS_DIR}", filesystem=filesystem)
 
 
-def _write_nights(out: Path, info: dict) -> tuple[int, int]:
+def _write_nights(out: tuple[pafs.FileSystem, str], info: dict) -> tuple[int, int]:
     """Pool window embeddings per night, streaming over EMB/windows; returns (windows, nights)."""
     from s2v_core.model import pool_night
 
-    dataset = pads.dataset(str(out / WINDOWS_DIR), format="parquet")
+    filesystem, root = out
+    dataset = pads.dataset(f"{root}/{WINDOWS_DIR}", format="parquet", filesystem=filesystem)
     meta_columns = ["recording_id", "subject_id", "site", "age", "sex", "outcomes"]
     sums: dict[str, np.ndarray] = {}
     counts: dict[str, int] = {}
@@ -460,25 +473,26 @@ def _write_nights(out: Path, info: dict) -> tuple[int, int]:
     table = table.append_column("windows", pa.array([counts[n] for n in order], type=pa.int32()))
     table = table.append_column("night_embedding", _list_column(pooled))
     table = table.replace_schema_metadata({METADATA_KEY: json.dumps(info).encode()})
-    pq.write_table(table, out / NIGHTS_FILE)
+    pq.write_table(table, f"{root}/{NIGHTS_FILE}", filesystem=filesystem)
     return windows, len(order)
 
 
 def read_embeddings(path: str | os.PathLike, *, per_modality: bool = False) -> Embeddings:
-    """Read an embeddings directory written by :func:`embed` into numpy arrays.
+    """Read an embeddings directory (a path or a URI) written by :func:`embed` into numpy arrays.
 
     Raises ``FileNotFoundError`` when ``path`` is not an embeddings directory.
     """
-    root = Path(path)
-    info_path = root / INFO_FILE
-    if not info_path.is_file():
+    filesystem, root = resolve(str(path))
+    info_path = f"{root}/{INFO_FILE}"
+    if filesystem.get_file_info(info_path).type != pafs.FileType.File:
         raise FileNotFoundError(f"--embeddings {str(path)!r}: not an embeddings directory "
                                 f"(no {INFO_FILE}; write one with `s2v embed`)")
-    info = json.loads(info_path.read_text(encoding="utf-8"))
+    with filesystem.open_input_stream(info_path) as stream:
+        info = json.loads(stream.read().decode("utf-8"))
     if info.get("format") != EMBEDDINGS_FORMAT:
-        raise ValueError(f"{info_path}: expected embeddings format {EMBEDDINGS_FORMAT}, "
+        raise ValueError(f"{path}/{INFO_FILE}: expected embeddings format {EMBEDDINGS_FORMAT}, "
                          f"found {info.get('format')!r}")
-    table = pads.dataset(str(root / WINDOWS_DIR), format="parquet").to_table()
+    table = pads.dataset(f"{root}/{WINDOWS_DIR}", format="parquet", filesystem=filesystem).to_table()
     table = table.sort_by([("site", "ascending"), ("recording_id", "ascending"), ("window_index", "ascending")])
     rows, epochs, dim = table.num_rows, info["epochs_per_window"], info["embedding_dim"]
 
@@ -491,7 +505,8 @@ def read_embeddings(path: str | os.PathLike, *, per_modality: bool = False) -> E
             values[valid] = flat.reshape(int(valid.sum()), -1)
         return values.reshape(rows, *shape)
 
-    nights = pq.read_table(root / NIGHTS_FILE).sort_by([("site", "ascending"), ("recording_id", "ascending")])
+    nights = pq.read_table(f"{root}/{NIGHTS_FILE}", filesystem=filesystem)
+    nights = nights.sort_by([("site", "ascending"), ("recording_id", "ascending")])
     embedding_columns = [c for c in table.column_names if c.endswith("_embedding") or c.startswith("emb_")]
     stages = table.column("stages").combine_chunks().flatten().to_numpy(zero_copy_only=False)
     return Embeddings(
@@ -516,9 +531,10 @@ def read_embeddings(path: str | os.PathLike, *, per_modality: bool = False) -> E
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True,
-                        help="saved encoder dir, pretraining run dir, or MLflow model URI / run id")
-    parser.add_argument("--data", required=True, help="store directory (STORE/site=<name>/*.parquet)")
-    parser.add_argument("--output", required=True, help="embeddings directory to write (replaced)")
+                        help="saved encoder dir or pretraining run dir (a path or a URI), "
+                             "or MLflow model URI / run id")
+    parser.add_argument("--data", required=True, help="store (STORE/site=<name>/*.parquet; a path or a URI)")
+    parser.add_argument("--output", required=True, help="embeddings directory to write, replaced (a path or a URI)")
     parser.add_argument("--modalities", default=None,
                         help="comma-separated subset the encoder reads, e.g. eeg or hr,spo2,thorax "
                              "(default: all the encoder was built for)")

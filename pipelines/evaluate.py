@@ -55,6 +55,8 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 
 from pipelines.embed import Embeddings, embed, read_embeddings
+from pipelines.runtime import absolute
+from pipelines.train_data import open_store
 from s2v_core.evaluation import plots
 from s2v_core.evaluation.folds import Fold, grouped_folds
 from s2v_core.evaluation.probes import (
@@ -155,7 +157,7 @@ def evaluate(
     result: dict = {
         "report_format": REPORT_FORMAT, "task": task,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "embeddings": {"path": str(Path(embeddings).resolve()), **emb.info},
+        "embeddings": {"path": absolute(embeddings), **emb.info},
         "protocol": {"folds": folds, "seed": seed, "grouping": "subject_id",
                      "cv": "subject-grouped k-fold (GroupKFold / StratifiedGroupKFold, shuffled)",
                      "summary": "mean and sample sd over test folds", "unknown_stage": "excluded"},
@@ -183,7 +185,7 @@ def evaluate(
             # Same folds and probes on a second encoder's embeddings of the same store
             # (e.g. plain InfoNCE next to DASH): the shortcut comparison on one line.
             other = read_embeddings(compare)
-            result["site_compare"] = {"embeddings": str(Path(compare).resolve()),
+            result["site_compare"] = {"embeddings": absolute(compare),
                                       "encoder_source": other.info.get("encoder_source"),
                                       **_site(other, folds, seed)}
     result["mlflow"] = _log_mlflow(result, report_path, emb.info, mlflow_parent_run_id) if log_to_mlflow else None
@@ -326,10 +328,7 @@ def _reusable(path: Path, subset: Sequence[str], checkpoint: str) -> bool:
 
 def _store_rows(emb: Embeddings, data: str, columns: Sequence[str]) -> pa.Table:
     """Store rows of ``columns`` in the order of the embeddings' windows (night, window index)."""
-    files = sorted(str(p) for p in Path(data).rglob("*.parquet"))
-    if not files:
-        raise ValueError(f"--data {data!r}: no Parquet files")
-    dataset = pads.dataset(files, format="parquet")
+    dataset = open_store(data)
     wanted = pa.array(np.unique(emb.recording_id).tolist())
     needed = ["recording_id", "site", "window_index", *[c for c in columns if c not in ("recording_id", "site")]]
     table = dataset.to_table(columns=needed, filter=pads.field("recording_id").isin(wanted))
@@ -476,13 +475,15 @@ def _flat_metrics(node, prefix: str = ""):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--embeddings", required=True, help="embeddings directory written by `s2v embed`")
+    parser.add_argument("--embeddings", required=True,
+                        help="embeddings directory written by `s2v embed` (a path or a URI)")
     parser.add_argument("--task", required=True, help="staging | outcome:COLUMN (e.g. outcome:ahi) | site")
     parser.add_argument("--report", required=True, help="REPORT.json to write; plots go beside it")
     parser.add_argument("--folds", type=int, default=5, help="subject-grouped CV folds (default 5)")
     parser.add_argument("--seed", type=int, default=0, help="seed of folds and probes (default 0)")
     parser.add_argument("--heads", default="linear,temporal", help="staging heads (default linear,temporal)")
-    parser.add_argument("--data", default=None, help="store (for --robustness, --label-efficiency, --peer)")
+    parser.add_argument("--data", default=None,
+                        help="store, a path or a URI (for --robustness, --label-efficiency, --peer)")
     parser.add_argument("--checkpoint", default=None, help="encoder (for --robustness, --label-efficiency)")
     parser.add_argument("--robustness", action="store_true", help="add the any-subset robustness matrix")
     parser.add_argument("--scenarios", default=None,
