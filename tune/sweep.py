@@ -9,8 +9,11 @@ setup
     ``subject_id``: no subject on both sides), choose the modality subsets
     (nested prefixes of one seeded permutation that starts with ``--anchor``,
     so a larger M only *adds* modalities) and plan one trial per grid point,
-    with its non-embedding parameter count N. Split stores are directories
-    of links to the store's files under ``SWEEP_DIR/splits/``.
+    with its non-embedding parameter count N. The split sides are store
+    subsets (:func:`s2v_core.store.write_store_subset`: lists of the store's
+    files) under ``SWEEP_DIR/splits/``, so the store itself may be a URI.
+    ``SWEEP_DIR`` is a local path (on a cluster, storage every node mounts):
+    Tune's state, the trial log and the default MLflow store live there.
 run
     One Tune trial per grid point (:mod:`tune.trial`): a ``TorchTrainer``
     pretraining run for a fixed number of steps on the training side, then
@@ -37,10 +40,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow.dataset as ds
 
+from pipelines.runtime import is_uri
+from pipelines.train_data import open_store
 from s2v_core.modalities import MODALITY_KEYS, parse_modalities
-from s2v_core.store import stable_id
+from s2v_core.store import SUBSET_SUFFIX, stable_id, write_store_subset
 
 logger = logging.getLogger(__name__)
 
@@ -58,8 +62,8 @@ EXPERIMENT = "s2v-sweep"
 class SweepConfig:
     """Everything a sweep needs; ``s2v sweep`` options map one to one."""
 
-    data: str  # the Parquet store (``s2v ingest`` output)
-    output: str  # SWEEP_DIR: splits, Tune experiment, scaling.json/png, mlflow.db
+    data: str  # the Parquet store (``s2v ingest`` output): a path or a URI
+    output: str  # SWEEP_DIR: splits, Tune experiment, scaling.json/png, mlflow.db; a local/shared path
     widths: tuple[int, ...]  # encoder widths d (the N axis)
     modality_counts: tuple[int, ...]  # numbers of pretraining modalities (the M axis); >= 2
     depths: tuple[int, ...] = ()  # backbone depths; empty = the model size's own depth
@@ -79,6 +83,12 @@ class SweepConfig:
     bootstrap: int = 200  # bootstrap refits for the exponents' intervals
 
     def __post_init__(self) -> None:
+        if is_uri(self.output):
+            raise ValueError(
+                f"--output: expected a local directory or a path on storage every node mounts (Tune's state, "
+                f"the trial log and the MLflow store live there), found the URI {self.output}; "
+                "the store (--data) may be a URI"
+            )
         for option, values in (("--widths", self.widths), ("--modality-counts", self.modality_counts),
                                ("--depths", self.depths)):
             bad = [v for v in values if not isinstance(v, int) or isinstance(v, bool) or v < 1]
@@ -121,27 +131,22 @@ class SweepConfig:
 def store_files(store: str | Path) -> list[tuple[str, str, str]]:
     """``(path, subject_id, recording_id)`` of each Parquet file of ``store``, sorted by path.
 
-    Raises ``FileNotFoundError`` for a missing store, ``ValueError`` for one
-    without Parquet files.
+    ``store`` is a path or a URI; the paths are on its filesystem. Raises
+    ``ValueError`` naming ``--data`` for a missing store or one without
+    Parquet files.
     """
-    store = Path(store)
-    if not store.is_dir():
-        raise FileNotFoundError(f"--data: store {store} does not exist")
-    files = sorted(str(p) for p in store.rglob("*.parquet"))
-    if not files:
-        raise ValueError(f"--data: {store} holds no .parquet files (not a sleep2vec store?)")
     out = []
-    for path in files:
-        table = ds.dataset(path, format="parquet").head(1, columns=["subject_id", "recording_id"])
+    for fragment in open_store(store).get_fragments():
+        table = fragment.head(1, columns=["subject_id", "recording_id"])
         if table.num_rows:
-            out.append((path, table.column("subject_id")[0].as_py(), table.column("recording_id")[0].as_py()))
+            out.append((fragment.path, table.column("subject_id")[0].as_py(),
+                        table.column("recording_id")[0].as_py()))
     return out
 
 
 def store_modalities(store: str | Path) -> tuple[str, ...]:
     """Modalities present in at least one window of ``store`` (registry order)."""
-    # The Parquet files only: a store root also holds manifest.jsonl.
-    dataset = ds.dataset([path for path, _, _ in store_files(store)], format="parquet")
+    dataset = open_store(store)
     seen = np.zeros(len(MODALITY_KEYS), dtype=bool)
     for batch in dataset.to_batches(columns=["present"]):
         flags = batch.column("present").flatten().to_numpy(zero_copy_only=False)
@@ -198,31 +203,23 @@ def fraction_files(train_files, fraction: float, *, seed: int = 0):
     return sorted(ranked[:max(1, math.ceil(fraction * len(ranked)))])
 
 
-def link_store(files, root: Path, store: Path) -> Path:
-    """A store at ``root`` made of symbolic links to ``files`` (same ``site=...`` layout)."""
-    root.mkdir(parents=True, exist_ok=True)
-    for path, _, _ in files:
-        target = root / Path(path).resolve().relative_to(store.resolve())
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if not target.exists():
-            target.symlink_to(Path(path).resolve())
-    return root
-
-
 def plan_trials(cfg: SweepConfig) -> tuple[list[dict], dict]:
     """Validate ``cfg`` against its store, write the split stores, return ``(trials, split_summary)``."""
     import torch
 
     from s2v_core.model import SleepEncoder, count_parameters, model_config
 
-    store, output = Path(cfg.data).resolve(), Path(cfg.output).resolve()
-    files = store_files(store)
-    subsets = modality_subsets(store_modalities(store), cfg.modality_counts, anchor=cfg.anchor, seed=cfg.seed)
+    splits = Path(cfg.output).resolve() / "splits"
+    files = store_files(cfg.data)
+    subsets = modality_subsets(store_modalities(cfg.data), cfg.modality_counts, anchor=cfg.anchor, seed=cfg.seed)
     train, validation = split_subjects(files, validation_fraction=cfg.validation_fraction, seed=cfg.seed)
-    splits = output / "splits"
-    validation_store = link_store(validation, splits / "validation", store)
-    fraction_stores = {f: link_store(fraction_files(train, f, seed=cfg.seed), splits / f"train-f{f:g}", store)
-                       for f in cfg.data_fractions}
+
+    def side(name: str, chosen) -> str:
+        return write_store_subset(str(splits / f"{name}{SUBSET_SUFFIX}"), store=cfg.data,
+                                  files=[path for path, _, _ in chosen])
+
+    validation_store = side("validation", validation)
+    fraction_stores = {f: side(f"train-f{f:g}", fraction_files(train, f, seed=cfg.seed)) for f in cfg.data_fractions}
     depths = cfg.depths or (model_config(cfg.model).depth,)
     trials = []
     for fraction in cfg.data_fractions:
@@ -443,8 +440,9 @@ def _floats(text: str) -> tuple[float, ...]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = SweepConfig(data="", output="", widths=(1,), modality_counts=(2,))
-    parser.add_argument("--data", required=True, help="the Parquet store (s2v ingest output)")
-    parser.add_argument("--output", required=True, help="SWEEP_DIR for splits, Tune state, scaling.json/png")
+    parser.add_argument("--data", required=True, help="the Parquet store (s2v ingest output; a path or a URI)")
+    parser.add_argument("--output", required=True,
+                        help="SWEEP_DIR for splits, Tune state, scaling.json/png: a local or shared-mount path")
     parser.add_argument("--widths", required=True, type=_ints("--widths"), help="encoder widths, e.g. 32,64,128")
     parser.add_argument("--modality-counts", required=True, type=_ints("--modality-counts"),
                         help="numbers of pretraining modalities, e.g. 2,3,5,9 (>= 2)")

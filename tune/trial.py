@@ -178,11 +178,9 @@ def validate_encoder(encoder_dir, *, train_store: str, validation_store: str, mo
 
 def _read_sorted(store: str):
     """A (split) store's rows in night, window order."""
-    import pyarrow.dataset as ds
+    from pipelines.train_data import open_store
 
-    from pipelines.train_data import store_files
-
-    table = ds.dataset([str(p) for p in store_files(store)], format="parquet").to_table()
+    table = open_store(store).to_table()
     return table.sort_by([("site", "ascending"), ("recording_id", "ascending"), ("window_index", "ascending")])
 
 
