@@ -2,8 +2,9 @@
 
 The sweep scores each trial by this number on a held-out, subject-disjoint
 store: the pretraining objective (DASH-InfoNCE) in eval mode (no modality
-dropout), over fixed batches taken in store order, so every encoder is
-scored on the same problem with the same number of negatives.
+dropout), over fixed batches cut from one seeded order of the windows that
+mixes nights, so every encoder is scored on the same problem with the same
+negatives.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import torch
 
@@ -28,6 +30,7 @@ def evaluate_contrastive_loss(
     batch_size: int = 16,
     history_columns: Sequence[str] = (),
     dash: DashConfig = DashConfig(),
+    shuffle_seed: int = 0,
 ) -> dict[str, float]:
     """Mean DASH-InfoNCE per anchor of ``encoder`` over ``data``.
 
@@ -45,6 +48,8 @@ def evaluate_contrastive_loss(
         last incomplete batch is dropped unless it is the only one.
     history_columns, dash
         As in pretraining.
+    shuffle_seed : int
+        Seed of the fixed order in which windows are cut into batches.
 
     Returns
     -------
@@ -58,6 +63,12 @@ def evaluate_contrastive_loss(
     table = open_store(data, option="data").to_table() if not isinstance(data, pa.Table) else data
     epochs_per_window = schema_info(table.schema)[1]
     table = keep_windows_with(table, selected)
+    # A night's windows are consecutive in the store: batches in store order would
+    # hold one or two nights, whose windows are masked as each other's negatives,
+    # so the loss would depend on night length. Batches mix nights in one fixed,
+    # seeded order instead (the same for every encoder scored on this data).
+    order = np.random.default_rng(shuffle_seed).permutation(table.num_rows)
+    table = table.take(pa.array(order))
     if table.num_rows < 2:
         raise ValueError(f"evaluate_contrastive_loss: expected at least 2 windows with "
                          f"{', '.join(selected)}, found {table.num_rows}")

@@ -44,3 +44,15 @@ def test_rejects_unusable_input(store):
         evaluate_contrastive_loss(encoder, store, batch_size=1)
     with pytest.raises(ValueError, match="nothing to align"):
         evaluate_contrastive_loss(encoder, store, modalities=("eeg",), batch_size=4)
+
+
+def test_batches_mix_nights_longer_than_a_batch(tmp_path):
+    """Nights of 16 windows, batches of 8: in store order every batch would be one night, no negatives."""
+    store = write_toy_store(tmp_path / "long", sites=2, recordings_per_site=2, windows_per_recording=16,
+                            epochs_per_window=2, modalities=("eeg", "ecg"), seed=3)
+    encoder = SleepEncoder(model_config("tiny"), ("eeg", "ecg"))
+    result = evaluate_contrastive_loss(encoder, store, batch_size=8)
+    # 4 nights mixed at random: about 3/4 of the other 7 windows of a batch are other nights'.
+    assert result["negatives_per_anchor"] > 3.5
+    assert evaluate_contrastive_loss(encoder, store, batch_size=8) == result
+    assert evaluate_contrastive_loss(encoder, store, batch_size=8, shuffle_seed=1) != result

@@ -408,7 +408,8 @@ def collect_records(grid, trials: list[dict]) -> list[dict]:
             record["status"] = "finished"
         else:
             record["status"] = "unfinished"
-        for key in ("val_loss", "val_loss_own", "staging_macro_f1", "staging_macro_f1_own", "train_loss",
+        for key in ("val_loss", "val_loss_own", "val_negatives_per_anchor", "staging_macro_f1",
+                    "staging_macro_f1_own", "train_loss",
                     "train_seconds", "steps", "validation_windows", "trial_id"):
             if key in metrics:
                 record[key] = metrics[key]

@@ -10,9 +10,9 @@ trial's MLflow run), then loads the trained encoder and computes
     :func:`pipelines.validation.evaluate_contrastive_loss`: DASH-InfoNCE
     (the pretraining objective, default :class:`DashConfig`) on the
     validation store in eval mode, in fixed batches of ``validation_batch``
-    windows taken in store order, averaged over anchors, over the pairs of
-    the sweep's *reference modalities* (the smallest subset, which every
-    trial's nested subset contains). Batch size, windows and pairs are the
+    windows cut from one seeded order that mixes nights, averaged over
+    anchors, over the pairs of the sweep's *reference modalities* (the
+    smallest subset, which every trial's nested subset contains). Batch size, windows and pairs are the
     same for every trial, so every trial is scored on the same problem and a
     larger M can only help by what the extra modalities taught the encoder.
 ``val_loss_own``
@@ -172,7 +172,8 @@ def validate_encoder(encoder_dir, *, train_store: str, validation_store: str, mo
     with torch.no_grad():
         f1_own = _staging_f1(model, tables, modalities, batch_size=validation_batch, seed=seed)
         f1_shared = _staging_f1(model, tables, reference, batch_size=validation_batch, seed=seed)
-    return {"val_loss": shared["loss"], "val_loss_own": own["loss"], "staging_macro_f1": f1_shared,
+    return {"val_loss": shared["loss"], "val_loss_own": own["loss"],
+            "val_negatives_per_anchor": shared["negatives_per_anchor"], "staging_macro_f1": f1_shared,
             "staging_macro_f1_own": f1_own, "validation_windows": tables["validation"].num_rows}
 
 
