@@ -7,9 +7,11 @@ fits the laws of :mod:`s2v_core.scaling` on the finished trials and writes
     ``trials`` (every trial, failed ones with their error), ``fit`` (the
     joint law ``L(N, M)``), ``fits_by_modality_count`` (``L(N)`` at each M),
     ``fits_by_width`` (``L(M)`` at each width/depth), ``extrapolation``
-    (fit without the largest model, predict it) and ``fit_subset`` (which
-    trials entered the fits). A fit that the data cannot support is recorded
-    as ``{"error": "..."}`` instead of failing the report.
+    (fit without the largest model, predict it), ``downstream`` (the joint
+    law and its extrapolation fitted to the staging probe's error,
+    ``1 - staging_macro_f1``) and ``fit_subset`` (which trials entered the
+    fits). A fit that the data cannot support is recorded as
+    ``{"error": "..."}`` instead of failing the report.
 ``SWEEP_DIR/scaling.png``
     Left: validation loss against non-embedding parameters, one colour per
     modality count, with the fitted curves. Right: loss against modality
@@ -31,6 +33,8 @@ logger = logging.getLogger(__name__)
 
 #: Trial record keys (see :func:`tune.sweep.sweep`): the loss the law is fitted to.
 LOSS_KEY = "val_loss"
+#: The downstream figure the same law is also fitted to (as ``1 - macro-F1``).
+DOWNSTREAM_KEY = "staging_macro_f1"
 
 
 def build_report(trials: list[dict], *, bootstrap: int = 200, seed: int = 0) -> dict:
@@ -87,7 +91,27 @@ def build_report(trials: list[dict], *, bootstrap: int = 200, seed: int = 0) -> 
     }
     report["extrapolation"] = _try(lambda: extrapolation_check(losses, n_params=n, modality_counts=m,
                                                                seed=seed))
+    report["downstream"] = _downstream_fit(points, n, m, bootstrap=bootstrap, seed=seed)
     return report
+
+
+def _downstream_fit(points: list[dict], n: np.ndarray, m: np.ndarray, *, bootstrap: int, seed: int) -> dict:
+    """The joint law fitted to the staging probe's error, ``1 - staging_macro_f1``, of the same trials.
+
+    The contrastive loss measures alignment of the reference pairs; whether
+    more modalities or parameters give a better *representation* shows in
+    what a linear probe can read from it, so the same law is fitted to the
+    probe's error as a second view (it is not the headline fit).
+    """
+    f1 = np.array([t.get(DOWNSTREAM_KEY, np.nan) for t in points], dtype=float)
+    out: dict = {"metric": f"1 - {DOWNSTREAM_KEY}", "trials": int(np.isfinite(f1).sum())}
+    if not np.isfinite(f1).all():
+        out["error"] = f"{DOWNSTREAM_KEY} is missing or not finite for {int((~np.isfinite(f1)).sum())} trial(s)"
+        return out
+    error = 1.0 - f1
+    out["fit"] = _try(lambda: fit_scaling_law(error, n_params=n, modality_counts=m, bootstrap=bootstrap, seed=seed))
+    out["extrapolation"] = _try(lambda: extrapolation_check(error, n_params=n, modality_counts=m, seed=seed))
+    return out
 
 
 def plot_report(report: dict, path: str | Path) -> Path:
@@ -184,6 +208,10 @@ def headline_metrics(report: dict) -> dict[str, float]:
         out["fit_r2_log"] = fit["r2_log"]
     if "relative_error" in report.get("extrapolation", {}):
         out["extrapolation_relative_error"] = report["extrapolation"]["relative_error"]
+    downstream = report.get("downstream", {}).get("fit", {})
+    for name in ("alpha", "beta"):
+        if name in downstream.get("params", {}):
+            out[f"downstream_fit_{name}"] = downstream["params"][name]
     return {k: float(v) for k, v in out.items() if _finite(v)}
 
 
