@@ -52,7 +52,7 @@ from typing import Any
 import pyarrow.fs as pafs
 
 from pipelines.checkpoints import CHECKPOINTS_NAME, ENCODER_DIR, data_position, latest_checkpoint, read_state
-from pipelines.runtime import (absolute, check_mlflow_store, file_type, is_uri, join, local_directory, read_text,
+from pipelines.runtime import (absolute, check_mlflow_store, file_type, join, local_directory, read_text,
                                replace_directory, write_text)
 from pipelines.train_config import (PretrainConfig, config_differences, config_from_dict, config_to_dict,
                                     deepspeed_config, load_pretrain_config)
@@ -70,9 +70,6 @@ FINAL_ENCODER_DIR = "encoder"
 #: Artifact path of the final encoder directory and name of the MLflow model in a run.
 MLFLOW_ENCODER_ARTIFACT = "encoder"
 MLFLOW_MODEL_NAME = "model"
-#: Ray Train's own record of a run's checkpoints, in RUN_DIR/checkpoints/: a run restarted
-#: with the same storage and name resumes from its latest entry.
-RAY_TRAIN_SNAPSHOT = "checkpoint_manager_snapshot.json"
 
 
 @dataclass(frozen=True)
@@ -186,11 +183,6 @@ def _check_resume(run_dir: str, config: PretrainConfig, *, resume: bool) -> str 
                            for k, (old, new) in sorted(differences.items()))
         raise ValueError(f"--resume: expected the config of the run in {run_dir} "
                          f"(checkpoint {name}), found different values: {listed}")
-    if is_uri(run_dir) and file_type(join(checkpoints, RAY_TRAIN_SNAPSHOT)) != pafs.FileType.File:
-        # The loop's own resume handoff (loop_config's resume_from) opens local directories only.
-        raise ValueError(f"--resume: expected Ray Train's record of the run ({RAY_TRAIN_SNAPSHOT}) next to "
-                         f"checkpoint {name} in {checkpoints}, found none; a run dir at a URI resumes "
-                         "only through that record (copy the run to a local --output to resume it)")
     logger.info("resuming %s from %s (step %d)", run_dir, name, state["step"])
     return latest
 
@@ -317,9 +309,7 @@ def loop_config(prepared: PreparedRun) -> dict[str, Any]:
         "epochs_per_window": prepared.store.epochs_per_window,
         "ds_config": prepared.ds_config,
         "run_dir": prepared.run_dir,
-        # The loop opens this as a local directory; a run dir at a URI resumes from Ray
-        # Train's record of the run instead (setup checked that it is there).
-        "resume_from": prepared.resume_from if not is_uri(prepared.run_dir) else None,
+        "resume_from": prepared.resume_from,
         "store_repeats": prepared.store_repeats,
         "mlflow": mlflow,
     }

@@ -25,11 +25,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs as pafs
 import torch
 
 from pipelines.checkpoints import (ENCODER_DIR, ENGINE_DIR, ENGINE_TAG, DataPosition, checkpoint_dir_name,
                                    data_position, read_state, write_state)
+from pipelines.runtime import file_type, join, write_text
 from pipelines.train_config import config_from_dict
+from s2v_core.io.discovery import resolve
 from s2v_core.config import from_mapping
 from s2v_core.losses import DashConfig, dash_infonce
 from s2v_core.model import ModelConfig, SleepEncoder, batch_to_tensors, save_encoder
@@ -222,10 +225,10 @@ def _maybe_fail(cfg: Any, step: int, rank: int, world_size: int, run_dir: str) -
     """Testing aid: the last rank raises once, when about to run optimiser step ``fail_at_step``."""
     if cfg.fail_at_step is None or step + 1 != cfg.fail_at_step or rank != world_size - 1:
         return
-    marker = Path(run_dir) / f".failed_at_step_{cfg.fail_at_step}"
-    if marker.exists():
+    marker = join(run_dir, f".failed_at_step_{cfg.fail_at_step}")  # run_dir may be a URI
+    if file_type(marker) != pafs.FileType.NotFound:
         return
-    marker.write_text("injected failure already happened; the run resumes past it\n")
+    write_text(marker, "injected failure already happened; the run resumes past it\n")
     raise RuntimeError(f"injected failure before optimiser step {cfg.fail_at_step} (fail_at_step)")
 
 
@@ -286,7 +289,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None and config.get("resume_from"):
         # `--resume` on a fresh trainer: start from the run's latest checkpoint.
-        checkpoint = ray.train.Checkpoint.from_directory(config["resume_from"])
+        filesystem, path = resolve(config["resume_from"])  # a local path or a URI
+        checkpoint = ray.train.Checkpoint(path, filesystem=filesystem)
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             state = read_state(directory)

@@ -245,6 +245,11 @@ def test_rayjob_entrypoints_are_real_s2v_commands(path, doc):
         assert args.workers <= total_gpus, f"{path}: {args.workers} training workers but {total_gpus} GPUs"
     if command == "sweep":
         assert args.cpus_per_trial <= largest_cpus, f"{path}: a trial worker must fit one worker pod"
+        # SWEEP_DIR holds Tune's state and the trials' run dirs: a path every pod mounts.
+        for name, group, _ in groups(cluster_spec(doc)):
+            (container,) = [c for c in group["template"]["spec"]["containers"] if c["name"].startswith("ray-")]
+            mounts = [m["mountPath"].rstrip("/") + "/" for m in container.get("volumeMounts", [])]
+            assert any(args.output.startswith(m) for m in mounts), f"{path}:{name}: --output not on a mounted volume"
     if command in {"ingest", "sweep"}:
         assert total_gpus == 0, f"{path}: {command} runs on CPU workers only"
 

@@ -76,7 +76,7 @@ def log_event(output: str, key: str, event: str, **extra) -> None:
 
 # -- training --------------------------------------------------------------------------------------
 
-def pretrain_trial(trial: dict, settings: dict) -> tuple[Path, dict]:
+def pretrain_trial(trial: dict, settings: dict) -> tuple[str, dict]:
     """Pretrain one grid point with ``s2v pretrain``'s trainer; return ``(encoder_dir, last_metrics)``.
 
     The run is :func:`pipelines.pretrain.setup` → :func:`~pipelines.pretrain.build_trainer`
