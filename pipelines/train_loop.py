@@ -21,6 +21,7 @@ import logging
 import math
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,14 @@ AVERAGED_STATS = ("loss", "negatives_per_anchor", "weight_same_site", "weight_ot
                   "weight_same_sex", "weight_other_sex", "temperature", "pairs", "global_batch")
 #: Metric rows rank 0 buffers before writing them to MLflow in one batch.
 MLFLOW_FLUSH_ROWS = 50
+
+
+# torch 2.13 deprecates torch.distributed.nn.functional.all_gather (every step would
+# warn); its suggested replacement has not been checked against the two-process
+# gradient tests (tests/test_pretrain_gather.py, test_losses_distributed.py), so
+# the loop keeps the checked one and silences just this warning.
+warnings.filterwarnings("ignore", message=r"torch\.distributed\.nn\.functional\.all_gather is deprecated",
+                        category=FutureWarning)
 
 
 def make_gather(world_size: int) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -214,7 +223,9 @@ class _Progress:
 
     def maybe_log(self, step: int, metrics: dict[str, float]) -> None:
         now = time.monotonic()
-        if self.every_seconds <= 0 or (now - self.last < self.every_seconds and step != self.steps):
+        # The first step too: the user sees that training started (and at what rate).
+        due = step in (1, self.steps) or now - self.last >= self.every_seconds
+        if self.every_seconds <= 0 or not due:
             return
         self.last = now
         logger.info("step %d/%d  loss %.4f  lr %.2e  %.1f windows/s", step, self.steps,
