@@ -164,10 +164,17 @@ def _pretrain_run(spec: str) -> dict | None:
 
 
 class _EmbedActor:
-    """Ray Data actor: loads the encoder once, then embeds one batch of store rows per call."""
+    """Ray Data actor: loads the encoder once, then reads and embeds whole store files.
+
+    Each call gets a batch of file paths and returns only their embeddings:
+    the raw signals (~0.3 MB a window with every modality) never travel
+    through the object store, which on a small machine cost more than the
+    forward pass (``benchmarks/bench_embed.py``).
+    """
 
     def __init__(self, checkpoint: str, modalities: tuple[str, ...], epochs_per_window: int,
-                 per_modality: bool, threads: int) -> None:
+                 per_modality: bool, threads: int, columns: list[str], filesystem: pafs.FileSystem,
+                 batch_size: int) -> None:
         import torch
 
         # One actor per core: more intra-op threads per actor would oversubscribe the node.
@@ -177,11 +184,17 @@ class _EmbedActor:
         self.modalities = modalities
         self.epochs_per_window = epochs_per_window
         self.per_modality = per_modality
+        self.columns, self.filesystem, self.batch_size = columns, filesystem, batch_size
 
-    def __call__(self, table: pa.Table) -> pa.Table:
-        return embed_table(self.encoder, table, modalities=self.modalities,
-                           epochs_per_window=self.epochs_per_window, per_modality=self.per_modality,
-                           device=self.device)
+    def __call__(self, items: dict[str, np.ndarray]) -> pa.Table:
+        parts = []
+        for path in items["path"]:
+            night = pq.read_table(str(path), columns=self.columns, filesystem=self.filesystem)
+            parts += [embed_table(self.encoder, night.slice(start, self.batch_size), modalities=self.modalities,
+                                  epochs_per_window=self.epochs_per_window, per_modality=self.per_modality,
+                                  device=self.device)
+                      for start in range(0, night.num_rows, self.batch_size)]
+        return pa.concat_tables(parts)
 
 
 def embed_table(encoder, table: pa.Table, *, modalities: Sequence[str], epochs_per_window: int,
@@ -418,21 +431,20 @@ def _run_actor_pool(checkpoint: str, dataset: pads.Dataset, out: tuple[pafs.File
                 usable, actors, "GPU" if gpus else "CPU", ",".join(modalities))
     # Only the requested modality columns are read from the store.
     columns = [*CARRIED_COLUMNS, *modalities, "present"]
-    # Ray Data's list/read/write tasks each ask for one whole CPU; the actors
-    # share what is left (their real thread count is set in the actor), so a
-    # full pool can never starve the tasks that feed it.
+    # Ray Data's write tasks each ask for one whole CPU; the actors share what
+    # is left (their real thread count is set in the actor), so a full pool
+    # can never starve the tasks that drain it.
     actor_cpus = 0 if gpus else max(cpus - 1, 1) / actors
-    # Ray Data merges small files into few blocks, and one block feeds one actor:
-    # ask for at least a file's worth and four per actor so the whole pool works.
-    windows = ray.data.read_parquet(sorted(dataset.files), filesystem=dataset.filesystem, columns=columns,
-                                    partitioning=None, override_num_blocks=max(4 * actors, len(dataset.files)))
-    embedded = windows.map_batches(
+    # One block per night: the actors read the files themselves (see _EmbedActor).
+    files = sorted(dataset.files)
+    embedded = ray.data.from_items([{"path": f} for f in files], override_num_blocks=len(files)).map_batches(
         _EmbedActor,
         fn_constructor_kwargs={
             "checkpoint": checkpoint, "modalities": tuple(modalities), "epochs_per_window": epochs_per_window,
             "per_modality": per_modality, "threads": 1 if gpus else max(1, cpus // actors),
+            "columns": columns, "filesystem": dataset.filesystem, "batch_size": batch_size,
         },
-        batch_size=batch_size, batch_format="pyarrow",
+        batch_size=1, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=actors),
         num_cpus=actor_cpus, num_gpus=1 if gpus else 0,
     )
