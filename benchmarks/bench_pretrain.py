@@ -34,7 +34,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import pyarrow.dataset as pads
 import torch
 
 MODALITIES = ("eeg", "ecg", "hr", "spo2")
@@ -44,13 +43,12 @@ EPOCHS_PER_WINDOW = 10
 def bare_loop(store: Path, *, model: str, global_batch: int, steps: int, warmup: int, seed: int) -> dict:
     """(a): a plain single-process torch loop on the same model and batch."""
     from pipelines.train_config import PretrainConfig
-    from pipelines.train_data import store_files
+    from pipelines.train_data import open_store
     from s2v_core.losses import DashConfig, dash_infonce
     from s2v_core.model import SleepEncoder, batch_to_tensors
     from s2v_core.store import table_to_batch
 
-    # The files carry their own `site` column: no hive partition column on top.
-    table = pads.dataset([str(f) for f in store_files(store)], format="parquet").to_table()
+    table = open_store(store).to_table()
     # Windows in a random order, as the framework's readers mix nights.
     table = table.take(torch.randperm(table.num_rows, generator=torch.Generator().manual_seed(seed)).numpy())
     torch.manual_seed(seed)

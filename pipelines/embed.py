@@ -66,7 +66,7 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from pipelines.runtime import absolute, is_uri
+from pipelines.runtime import absolute, file_type, is_uri, join, read_text, write_text
 from pipelines.train_data import open_store
 from s2v_core.io.discovery import resolve
 from s2v_core.modalities import MODALITY_KEYS, parse_modalities
@@ -388,11 +388,9 @@ def _info(embedding_dim: int, epochs_per_window: int, modalities: Sequence[str],
 
 def _finish(out: tuple[pafs.FileSystem, str], output: str, info: dict, started: float) -> EmbedSummary:
     """Pool the nights, write embed.json and summarise."""
-    filesystem, root = out
     written, nights = _write_nights(out, info)
     info.update(windows=written, nights=nights)
-    with filesystem.open_output_stream(f"{root}/{INFO_FILE}") as stream:
-        stream.write((json.dumps(info, indent=2) + "\n").encode("utf-8"))
+    write_text(join(output, INFO_FILE), json.dumps(info, indent=2) + "\n")
     seconds = time.perf_counter() - started
     logger.info("wrote %d window and %d night embeddings to %s in %.1f s", written, nights, output, seconds)
     return EmbedSummary(output=str(output), windows=written, nights=nights, embedding_dim=info["embedding_dim"],
@@ -495,12 +493,11 @@ def read_embeddings(path: str | os.PathLike, *, per_modality: bool = False) -> E
     Raises ``FileNotFoundError`` when ``path`` is not an embeddings directory.
     """
     filesystem, root = resolve(str(path))
-    info_path = f"{root}/{INFO_FILE}"
-    if filesystem.get_file_info(info_path).type != pafs.FileType.File:
+    info_path = join(path, INFO_FILE)
+    if file_type(info_path) != pafs.FileType.File:
         raise FileNotFoundError(f"--embeddings {str(path)!r}: not an embeddings directory "
                                 f"(no {INFO_FILE}; write one with `s2v embed`)")
-    with filesystem.open_input_stream(info_path) as stream:
-        info = json.loads(stream.read().decode("utf-8"))
+    info = json.loads(read_text(info_path))
     if info.get("format") != EMBEDDINGS_FORMAT:
         raise ValueError(f"{path}/{INFO_FILE}: expected embeddings format {EMBEDDINGS_FORMAT}, "
                          f"found {info.get('format')!r}")

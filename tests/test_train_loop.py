@@ -11,7 +11,7 @@ import torch
 import torch.multiprocessing as mp
 
 from pipelines.train_config import PretrainConfig, deepspeed_config
-from pipelines.train_data import store_files
+from pipelines.train_data import open_store
 from pipelines.train_loop import _save_encoder, build_engine, forward_backward, make_gather
 from s2v_core.losses import DashConfig
 from s2v_core.model import batch_to_tensors, load_encoder, model_config
@@ -31,14 +31,13 @@ def _free_port() -> int:
 
 
 def _worker(rank: int, port: int, store: str, out_dir: str) -> None:
-    import pyarrow.dataset as pads
     from deepspeed.utils import safe_get_full_grad
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(WORLD_SIZE))
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE)
-    table = pads.dataset([str(p) for p in store_files(store)], format="parquet").to_table()
+    table = open_store(store).to_table()
     # Dropout off so that every stage sees the same computation; 4 windows per rank and step.
     model_cfg = model_config("tiny", modality_dropout=0.0, dropout=0.0, epochs_per_window=4)
     for stage in STAGES:
