@@ -13,6 +13,7 @@ from torch.distributed.nn.functional import all_gather
 from s2v_core.losses import dash_infonce
 from s2v_core.model import SleepEncoder, model_config
 from s2v_core.modalities import MODALITY_KEYS, get_modality
+from tests.gloo_workers import finish_worker
 
 WORLD_SIZE = 2
 ROWS = 8  # global batch; 4 windows per worker
@@ -70,8 +71,10 @@ def worker(rank: int, init_file: str, out_dir: str) -> None:
             grad /= WORLD_SIZE
         torch.save({"loss": result.loss.detach(), "stats": result.stats, "inputs": input_grads,
                     "params": params}, f"{out_dir}/rank{rank}.pt")
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    finish_worker()
 
 
 @pytest.mark.integration

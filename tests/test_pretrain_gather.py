@@ -13,6 +13,7 @@ from s2v_core.losses import dash_infonce
 from s2v_core.model import SleepEncoder, batch_to_tensors, model_config
 from s2v_core.store import open_store, table_to_batch
 from s2v_core.toystore import write_toy_store
+from tests.gloo_workers import finish_worker
 
 MODALITIES = ("eeg", "ecg", "hr")
 
@@ -37,12 +38,12 @@ def _worker(rank, world_size, init_file, batch, results):
     for grad in grads.values():  # what DeepSpeed/DDP do: average gradients over ranks
         torch.distributed.all_reduce(grad)
         grad /= world_size
-    loss = torch.tensor([float(result.loss)])
+    loss = torch.tensor([float(result.loss.detach())])
     torch.distributed.all_reduce(loss)
     if rank == 0:
         results.put((float(loss) / world_size, result.stats["negatives_per_anchor"],
                      {k: v.numpy() for k, v in grads.items()}))
-    torch.distributed.destroy_process_group()
+    finish_worker()
 
 
 @pytest.mark.integration

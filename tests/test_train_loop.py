@@ -17,6 +17,7 @@ from s2v_core.losses import DashConfig
 from s2v_core.model import batch_to_tensors, load_encoder, model_config
 from s2v_core.store import table_to_batch
 from s2v_core.toystore import write_toy_store
+from tests.gloo_workers import finish_worker
 
 MODALITIES = ("eeg", "ecg", "hr")
 WORLD_SIZE = 2
@@ -59,7 +60,7 @@ def _worker(rank: int, port: int, store: str, out_dir: str) -> None:
             engine.step()
         _save_encoder(engine, Path(out_dir) / f"stage{stage}", rank=rank, zero_stage=stage)
         torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+    finish_worker()
 
 
 @pytest.mark.integration
