@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 
 from pipelines.manifest import (MANIFEST_NAME, ManifestEntry, ManifestWriter, compact_manifest,
                                 recording_file)
-from pipelines.runtime import init_ray
+from pipelines.runtime import file_type, init_ray, join, read_text
 from s2v_core.io.base import UnreadableRecording
 from s2v_core.io.discovery import RecordingSource, discover_site, find_sites, fingerprint, resolve
 from s2v_core.io.metadata import RecordingMetadata
@@ -259,9 +259,8 @@ def _log_mlflow(uri: str, summary: IngestSummary, *, inputs: list[str], epochs_p
                "peak_worker_rss_mb": summary.peak_worker_rss_mb}
     for name, value in metrics.items():
         client.log_metric(run_id, name, float(value))
-    manifest = summary.manifest.removeprefix("file://")
-    if "://" not in manifest and os.path.exists(manifest):
-        client.log_artifact(run_id, manifest)
+    if file_type(summary.manifest) == pafs.FileType.File:
+        client.log_text(run_id, read_text(summary.manifest), MANIFEST_NAME)
     client.set_terminated(run_id, "FINISHED")
     return run_id
 
@@ -328,7 +327,7 @@ def ingest(
     finished = [e for e in kept if e.status == "ok" and e.recording_id]
     _check_store_layout(fs, root, finished, epochs_per_window)
     writer = ManifestWriter(fs, root)
-    manifest = f"{output.rstrip('/')}/{MANIFEST_NAME}"
+    manifest = join(output, MANIFEST_NAME)
 
     # plan
     tasks, rejected, skipped = plan(sites, finished=finished)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
+from s2v_core.io.discovery import join as discovery_join
 from s2v_core.io.discovery import resolve
 
 logger = logging.getLogger(__name__)
@@ -80,9 +81,7 @@ def absolute(location: str | Path) -> str:
 
 def join(location: str | Path, *names: str) -> str:
     """``location`` with ``names`` appended to its path, keeping a URI's ``?options``."""
-    text = str(location)
-    base, mark, options = text.partition("?") if is_uri(text) else (text, "", "")
-    return "/".join([base.rstrip("/"), *names]) + mark + options
+    return discovery_join(str(location), *names)
 
 
 def file_type(location: str | Path) -> pafs.FileType:

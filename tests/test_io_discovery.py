@@ -7,7 +7,7 @@ import shutil
 import pyarrow.fs as pafs
 import pytest
 
-from s2v_core.io.discovery import discover_site, find_sites, fingerprint, resolve
+from s2v_core.io.discovery import discover_site, find_sites, fingerprint, join, resolve
 
 SITE_TOML = '''name = "clinic"
 signals = ["*-PSG.edf"]
@@ -101,6 +101,14 @@ def test_uris_work_like_paths(site):
     assert sources[0].signal_uri.startswith("file://")
     fs, path = resolve(sources[0].signal_uri)
     assert isinstance(fs, pafs.LocalFileSystem) and fs.get_file_info(path).type == pafs.FileType.File
+
+
+def test_joined_uris_keep_their_options_after_the_path():
+    base = "s3://bucket/cohort?endpoint_override=10.0.0.5:9000&scheme=http"
+    assert join(base, "shhs", "a.edf") == "s3://bucket/cohort/shhs/a.edf?endpoint_override=10.0.0.5:9000&scheme=http"
+    assert resolve(join(base, "shhs/a.edf"))[1] == "bucket/cohort/shhs/a.edf"
+    assert join("/data/cohort/", "shhs/a.edf") == "/data/cohort/shhs/a.edf"
+    assert join(base, "") == join(base) == base
 
 
 def test_fingerprint_finds_copies_not_edits(tmp_path):

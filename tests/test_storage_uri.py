@@ -211,3 +211,31 @@ def test_pretrain_and_embed_read_and_write_s3(s3, s3_store, ray_local, tmp_path,
     assert summary.windows == emb.window.shape[0] == inspect_store(s3_store).usable_windows
     assert emb.info["pretrain_run_id"] == result.mlflow_run_id and emb.info["store"] == s3_store
     np.testing.assert_allclose(np.linalg.norm(emb.night, axis=1), 1.0, rtol=1e-5)
+
+
+@pytest.mark.integration
+def test_ingest_reads_sites_from_s3_and_writes_the_store_there(s3, ray_local, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.ingest import ingest
+    from s2v_core.synth import write_cohort
+
+    cohort = write_cohort(tmp_path / "cohort", sites=2, recordings_per_site=1, hours=0.5, seed=4)
+    inputs = [s3.upload(tmp_path / "cohort", "cohort")]  # a parent of site directories, options and all
+    output = s3.uri("stores/ingested")
+    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    summary = ingest(inputs, output, epochs_per_window=5, mlflow_tracking_uri=tracking_uri)
+    assert (summary.ok, summary.quarantined, summary.windows) == (2, 0, 24)
+    assert summary.manifest == s3.uri("stores/ingested/manifest.jsonl")
+    lines = [json.loads(line) for line in s3.fs.open_input_stream(
+        f"{BUCKET}/stores/ingested/manifest.jsonl").read().decode().splitlines()]
+    assert sorted(line["site"] for line in lines) == sorted(site.name for site in cohort.sites)
+    assert {line["status"] for line in lines} == {"ok"}
+    assert inspect_store(output).windows == 24
+    client = MlflowClient(tracking_uri=tracking_uri)
+    [run] = client.search_runs([client.get_experiment_by_name("s2v-ingest").experiment_id])
+    assert run.data.params["output"] == output and "manifest.jsonl" in {a.path for a in client.list_artifacts(
+        run.info.run_id)}
+    # A second run finds the finished recordings in the manifest on s3 and decodes nothing.
+    again = ingest(inputs, output, epochs_per_window=5)
+    assert (again.ok, again.skipped) == (0, 2)

@@ -34,9 +34,17 @@ def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
     return pafs.FileSystem.from_uri(uri)
 
 
-def join(base_uri: str, relative: str) -> str:
-    """``base_uri`` joined with a ``/``-separated relative path (keeps the URI scheme)."""
-    return base_uri.rstrip("/") + "/" + relative if relative else base_uri
+def join(base_uri: str, *relative: str) -> str:
+    """``base_uri`` with ``/``-separated relative parts appended to its path.
+
+    A URI keeps its scheme and its ``?options`` (``s3://b/in?endpoint_override=h:9000``
+    joined with ``site/a.edf`` is ``s3://b/in/site/a.edf?endpoint_override=h:9000``).
+    """
+    parts = [part for part in relative if part]
+    if not parts:
+        return base_uri
+    base, mark, options = base_uri.partition("?") if "://" in base_uri else (base_uri, "", "")
+    return "/".join([base.rstrip("/"), *parts]) + mark + options
 
 
 @dataclass(frozen=True)
