@@ -69,6 +69,10 @@ def test_store_modalities_and_subsets_are_nested_reproducible_and_anchored(store
     assert [len(s) for s in subsets.values()] == [2, 3, 5]
     with pytest.raises(ValueError, match="--modality-counts: \\[6\\] exceed"):
         modality_subsets(available, (2, 6))
+    # Several anchors start the order as given: the smallest subset, every trial's score, is that pair.
+    for seed in range(4):
+        paired = modality_subsets(available, (2, 3, 5), anchor="hr,ecg", seed=seed)
+        assert paired[2] == ("ecg", "hr") and set(paired[2]) < set(paired[3]) < set(paired[5])
 
 
 def test_split_is_subject_disjoint_seeded_and_never_empty(store):

@@ -1,14 +1,14 @@
 """``s2v sweep``: a Ray Tune grid over encoder width (x depth) x modality count (x data fraction).
 
     s2v sweep --data STORE --widths 32,64,128 --modality-counts 2,3,5,9 --output SWEEP_DIR \\
-              [--depths 2,4] [--data-fractions 0.5,1] [--anchor eeg] [--steps 30] [--resume]
+              [--depths 2,4] [--data-fractions 0.5,1] [--anchor eeg[,ecg]] [--steps 30] [--resume]
 
 setup
     Validate the options against the store, split its subjects into a
     training and a held-out validation side (a seeded hash of
     ``subject_id``: no subject on both sides), choose the modality subsets
-    (nested prefixes of one seeded permutation that starts with ``--anchor``,
-    so a larger M only *adds* modalities) and plan one trial per grid point,
+    (nested prefixes of one seeded permutation that starts with the
+    ``--anchor`` modalities, so a larger M only *adds* modalities) and plan one trial per grid point,
     with its non-embedding parameter count N. The split sides are store
     subsets (:func:`s2v_core.store.write_store_subset`: lists of the store's
     files) under ``SWEEP_DIR/splits/``, so the store itself may be a URI.
@@ -68,7 +68,7 @@ class SweepConfig:
     modality_counts: tuple[int, ...]  # numbers of pretraining modalities (the M axis); >= 2
     depths: tuple[int, ...] = ()  # backbone depths; empty = the model size's own depth
     data_fractions: tuple[float, ...] = (1.0,)  # fractions of the training recordings (nested)
-    anchor: str | None = None  # modality every subset contains (e.g. "eeg")
+    anchor: str | None = None  # first modalities of the nested order, comma-separated ("eeg", "hr,ecg")
     model: str = "tiny"  # named model size the widths/depths override
     steps: int = 30  # optimiser steps per trial: the fixed compute budget
     global_batch: int = 8  # windows per step over all workers of a trial
@@ -123,7 +123,15 @@ class SweepConfig:
         if not 0.0 < self.validation_fraction < 1.0:
             raise ValueError(f"--validation-fraction: expected a value in (0, 1), found {self.validation_fraction}")
         if self.anchor is not None:
-            parse_modalities(self.anchor, option="--anchor")
+            parse_modalities(self.anchor, option="--anchor")  # unknown or repeated names
+
+
+def anchor_modalities(anchor: str | None) -> tuple[str, ...]:
+    """The ``--anchor`` modalities in the order given (``"hr,ecg"`` -> ``("hr", "ecg")``)."""
+    if not anchor:
+        return ()
+    parse_modalities(anchor, option="--anchor")
+    return tuple(name.strip().lower() for name in anchor.split(",") if name.strip())
 
 
 # -- setup: what the store holds, the split, the subsets, the plan ------------------------------------
@@ -157,20 +165,24 @@ def store_modalities(store: str | Path) -> tuple[str, ...]:
 def modality_subsets(available, counts, *, anchor: str | None = None, seed: int = 0) -> dict[int, tuple[str, ...]]:
     """One modality subset per count: nested prefixes of a seeded permutation of ``available``.
 
-    The permutation starts with ``anchor`` when given, so every subset holds
-    it; nesting makes the M axis add modalities instead of swapping them,
-    which is what the ``B * M**-beta`` term assumes. Subsets are returned in
-    registry order.
+    The order starts with the ``anchor`` modalities as given (``"hr,ecg"``),
+    the rest follow in a seeded permutation; so every subset of at least that
+    many modalities holds them, and the smallest subset, on which every trial
+    is scored, is the anchor pair when the smallest count is 2. Nesting makes
+    the M axis add modalities instead of swapping them, which is what the
+    ``B * M**-beta`` term assumes. Subsets are returned in registry order.
     """
     available = tuple(available)
-    if anchor is not None and anchor not in available:
-        raise ValueError(f"--anchor: {anchor!r} is not in the store, which holds {', '.join(available)}")
+    anchors = anchor_modalities(anchor)
+    for name in anchors:
+        if name not in available:
+            raise ValueError(f"--anchor: {name!r} is not in the store, which holds {', '.join(available)}")
     too_many = [c for c in counts if c > len(available)]
     if too_many:
         raise ValueError(f"--modality-counts: {too_many} exceed the {len(available)} modalities present "
                          f"in the store ({', '.join(available)})")
-    rest = [k for k in available if k != anchor]
-    order = ([anchor] if anchor else []) + [rest[i] for i in np.random.default_rng(seed).permutation(len(rest))]
+    rest = [k for k in available if k not in anchors]
+    order = [*anchors, *(rest[i] for i in np.random.default_rng(seed).permutation(len(rest)))]
     return {c: tuple(k for k in MODALITY_KEYS if k in order[:c]) for c in counts}
 
 
@@ -450,7 +462,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--depths", type=_ints("--depths"), default=(), help="backbone depths (default: the model's)")
     parser.add_argument("--data-fractions", type=_floats, default=defaults.data_fractions,
                         help="fractions of the training recordings, e.g. 0.25,1")
-    parser.add_argument("--anchor", default=None, help="modality every subset contains, e.g. eeg")
+    parser.add_argument("--anchor", default=None,
+                        help="modalities that start the nested order, e.g. eeg, or hr,ecg to score every trial "
+                             "on that pair (default: a seeded order)")
     parser.add_argument("--model", default=defaults.model, help="named model size the widths override")
     parser.add_argument("--steps", type=int, default=defaults.steps, help="optimiser steps per trial")
     parser.add_argument("--global-batch", type=int, default=defaults.global_batch, help="windows per step")
@@ -475,7 +489,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = SweepConfig(
         data=args.data, output=args.output, widths=args.widths, modality_counts=args.modality_counts,
         depths=args.depths, data_fractions=args.data_fractions,
-        anchor=parse_modalities(args.anchor, option="--anchor")[0] if args.anchor else None,
+        anchor=",".join(anchor_modalities(args.anchor)) or None,
         model=args.model, steps=args.steps, global_batch=args.global_batch,
         workers_per_trial=args.workers_per_trial, device=args.device, cpus_per_trial=args.cpus_per_trial,
         max_concurrent=args.max_concurrent, validation_fraction=args.validation_fraction,
