@@ -146,10 +146,10 @@ def setup(config: PretrainConfig, *, resume: bool = False, on_gpu: bool = False)
     model_cfg = resolved.model_config(epochs_per_window=summary.epochs_per_window)
 
     run_dir = absolute(config.output)
-    resume_from = _check_resume(run_dir, resolved, resume=resume)
-    if resume_from is not None:
+    resume_from, resume_state = _check_resume(run_dir, resolved, resume=resume)
+    if resume_state is not None:
         # The recorded pass layout, so that the checkpoint's data position means the same.
-        repeats = data_position(read_state(resume_from)).store_repeats
+        repeats = data_position(resume_state).store_repeats
     else:
         repeats = store_repeats(summary.usable_windows, steps=resolved.steps,
                                 windows_per_step=resolved.global_batch * resolved.grad_accum)
@@ -161,7 +161,9 @@ def setup(config: PretrainConfig, *, resume: bool = False, on_gpu: bool = False)
                        store_repeats=repeats)
 
 
-def _check_resume(run_dir: str, config: PretrainConfig, *, resume: bool) -> str | None:
+def _check_resume(run_dir: str, config: PretrainConfig, *,
+                  resume: bool) -> tuple[str | None, dict[str, Any] | None]:
+    """The checkpoint to resume from and its state (``None, None`` for a fresh start)."""
     checkpoints = join(run_dir, CHECKPOINTS_NAME)
     filesystem, path = resolve(checkpoints)
     has_history = bool(filesystem.get_file_info(pafs.FileSelector(path, allow_not_found=True)))
@@ -169,11 +171,11 @@ def _check_resume(run_dir: str, config: PretrainConfig, *, resume: bool) -> str 
         if has_history:
             raise ValueError(f"--output: expected a new run directory, found checkpoints in {checkpoints}; "
                              "pass --resume to continue that run or choose another --output")
-        return None
+        return None, None
     latest = latest_checkpoint(run_dir)
     if latest is None:
         logger.info("--resume: no checkpoint in %s yet; starting from step 0", run_dir)
-        return None
+        return None, None
     name = posixpath.basename(resolve(latest)[1])
     state = read_state(latest)
     previous = config_from_dict(state["config"], source=join(latest, "state.json"))
@@ -184,7 +186,7 @@ def _check_resume(run_dir: str, config: PretrainConfig, *, resume: bool) -> str 
         raise ValueError(f"--resume: expected the config of the run in {run_dir} "
                          f"(checkpoint {name}), found different values: {listed}")
     logger.info("resuming %s from %s (step %d)", run_dir, name, state["step"])
-    return latest
+    return latest, state
 
 
 def detect_gpu(config: PretrainConfig) -> bool:

@@ -224,6 +224,7 @@ def plan_trials(cfg: SweepConfig) -> tuple[list[dict], dict]:
     splits = Path(cfg.output).resolve() / "splits"
     files = store_files(cfg.data)
     subsets = modality_subsets(store_modalities(cfg.data), cfg.modality_counts, anchor=cfg.anchor, seed=cfg.seed)
+    reference = list(subsets[min(cfg.modality_counts)])  # every trial's subset holds the smallest
     train, validation = split_subjects(files, validation_fraction=cfg.validation_fraction, seed=cfg.seed)
 
     def side(name: str, chosen) -> str:
@@ -245,14 +246,14 @@ def plan_trials(cfg: SweepConfig) -> tuple[list[dict], dict]:
                     trials.append({
                         "key": key, "width": width, "depth": depth, "modality_count": count,
                         "modalities": list(subsets[count]), "data_fraction": fraction, "n_params": n_params,
-                        "reference_modalities": list(subsets[min(cfg.modality_counts)]),
+                        "reference_modalities": reference,
                         "train_store": str(fraction_stores[fraction]), "validation_store": str(validation_store),
                     })
     summary = {
         "train_subjects": len({s for _, s, _ in train}), "validation_subjects": len({s for _, s, _ in validation}),
         "train_recordings": len(train), "validation_recordings": len(validation),
         "modality_subsets": {str(c): list(m) for c, m in subsets.items()},
-        "reference_modalities": list(subsets[min(cfg.modality_counts)]),
+        "reference_modalities": reference,
     }
     return trials, summary
 
