@@ -17,6 +17,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("pipelines.synth", "write a synthetic multi-site PSG cohort (EDF/BDF + hypnograms + metadata)"),
     "ingest": ("pipelines.ingest", "stream recordings into the Parquet store of windowed epochs (Ray Data)"),
+    "split": ("pipelines.split", "show or assign the subject-level train/val/test split of a store"),
     "pretrain": ("pipelines.pretrain", "contrastive DASH-InfoNCE pretraining (Ray Train + DeepSpeed)"),
     "embed": ("pipelines.embed", "batch embedding extraction over a store (Ray Data)"),
     "evaluate": ("pipelines.evaluate", "downstream evaluation: staging, outcomes, any-subset robustness"),

@@ -40,6 +40,7 @@ from s2v_core.io.discovery import RecordingSource, discover_site, find_sites, fi
 from s2v_core.io.metadata import RecordingMetadata
 from s2v_core.modalities import EPOCH_SECONDS
 from s2v_core.recording import decode_recording
+from s2v_core.splits import ensure_splits
 from s2v_core.store import schema_info, write_store_file
 
 logger = logging.getLogger(__name__)
@@ -370,6 +371,10 @@ def ingest(
                 ray.shutdown()
     summary = IngestSummary(store=output, manifest=manifest, ok=ok, quarantined=quarantined,
                             skipped=skipped, windows=windows, peak_worker_rss_mb=peak_rss_mb)
+    if ok + skipped:
+        # Every subject gets a split the moment the store has nights (s2v_core.splits):
+        # later nights and sites never move the subjects already assigned.
+        ensure_splits(output)
     tracking_uri = mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if tracking_uri:
         run_id = _log_mlflow(tracking_uri, summary, inputs=inputs, epochs_per_window=epochs_per_window,

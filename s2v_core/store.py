@@ -195,6 +195,37 @@ def open_store(root: str):
     return pads.dataset(files, format="parquet", filesystem=filesystem)
 
 
+def split_files(root: str, splits: Sequence[str]) -> tuple[list[str], pafs.FileSystem]:
+    """The Parquet files (nights) of ``root`` whose subject is in one of ``splits``.
+
+    The split of each subject comes from the store's ``splits.json``
+    (:mod:`s2v_core.splits`); a store without one raises
+    :class:`s2v_core.splits.MissingSplitsError` naming the command that adds
+    it. Reads only the ``site`` and ``subject_id`` columns. Returns the sorted
+    paths and their filesystem, like :func:`store_files` (the list may be empty).
+    """
+    from s2v_core.splits import assign_splits, read_splits, select_splits
+
+    wanted = set(select_splits(splits, option="splits"))
+    config = read_splits(root)
+    files, filesystem = store_files(root)
+    import pyarrow.dataset as pads
+
+    table = pads.dataset(files, format="parquet", filesystem=filesystem).to_table(
+        columns=["site", "subject_id", "__filename"])
+    assigned = assign_splits(table.column("site").to_pylist(), table.column("subject_id").to_pylist(), config)
+    keep = {str(f) for f, s in zip(table.column("__filename").to_pylist(), assigned) if s in wanted}
+    return [f for f in files if f in keep], filesystem
+
+
+def row_splits(table: pa.Table, root: str) -> np.ndarray:
+    """The split (``train``/``val``/``test``) of each row of ``table`` (needs ``site`` and ``subject_id``)."""
+    from s2v_core.splits import assign_splits, read_splits
+
+    return assign_splits(table.column("site").to_pylist(), table.column("subject_id").to_pylist(),
+                         read_splits(root))
+
+
 def stable_id(text: str) -> int:
     """A stable signed 63-bit integer id of ``text`` (same on every machine and run)."""
     digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()

@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 
 from s2v_core.modalities import EPOCH_SECONDS, MODALITY_KEYS, get_modality
+from s2v_core.splits import SplitConfig, write_splits
 from s2v_core.store import store_schema, write_store_file
 
 
@@ -76,6 +77,8 @@ def write_toy_store(
     epochs_per_window: int = 4,
     modalities: tuple[str, ...] = MODALITY_KEYS,
     seed: int = 0,
+    val_per_site: int = 0,
+    test_per_site: int = 0,
 ) -> Path:
     """Write a toy store under ``root`` (``site=<name>/<recording>.parquet``) and return it.
 
@@ -85,11 +88,15 @@ def write_toy_store(
 
     Ages, sexes and outcomes (``ahi``, ``hypertension``) vary per night;
     every third night of a site lacks the last selected modality, so the
-    ``present`` mask is exercised.
+    ``present`` mask is exercised. Every night is its own subject; the store's
+    ``splits.json`` assigns them explicitly: the last ``test_per_site`` nights
+    of each site to ``test``, the ``val_per_site`` before them to ``val``, the
+    rest to ``train``.
     """
     root = Path(root)
     rng = np.random.default_rng(seed)
     manifest = []
+    assigned = []
     for s in range(sites):
         site = f"site{s}"
         (root / f"site={site}").mkdir(parents=True, exist_ok=True)
@@ -109,6 +116,9 @@ def write_toy_store(
                 rng=rng,
             )
             write_store_file(table, root / f"site={site}" / f"{recording_id}.parquet")
+            from_end = recordings_per_site - r
+            split = "test" if from_end <= test_per_site else "val" if from_end <= test_per_site + val_per_site else "train"
+            assigned.append((site, table.column("subject_id")[0].as_py(), split))
             manifest.append({
                 "recording_id": recording_id, "site": site, "source": f"toy/{recording_id}",
                 "status": "ok", "reason": None, "windows": windows_per_recording,
@@ -116,4 +126,5 @@ def write_toy_store(
             })
     with open(root / "manifest.jsonl", "w", encoding="utf-8") as handle:
         handle.writelines(json.dumps(entry) + "\n" for entry in manifest)
+    write_splits(str(root), SplitConfig(assigned=tuple(assigned)))
     return root
