@@ -18,6 +18,7 @@ MLflow specs use ``tracking_uri`` or else ``MLFLOW_TRACKING_URI``.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import tempfile
@@ -28,6 +29,7 @@ import pyarrow.fs as pafs
 from pipelines.checkpoints import ENCODER_DIR, latest_checkpoint
 from pipelines.runtime import file_type, is_uri, join, local_directory
 from s2v_core.model import CONFIG_FILE, SleepEncoder, load_encoder
+from s2v_core.splits import TRAINING_RECORD_FILE, read_training_record
 
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 #: Artifact path of the encoder directory in a pretraining MLflow run (see pipelines.pretrain).
@@ -61,6 +63,30 @@ def load_trained_encoder(spec: str | Path, *, tracking_uri: str | None = None) -
         f"--checkpoint: expected an encoder/checkpoint/run directory, runs:/<run_id>[/…], models:/… "
         f"or an MLflow run id, found {text!r} (no such path)"
     )
+
+
+def training_record(spec: str | Path, *, tracking_uri: str | None = None) -> dict | None:
+    """Which store and subjects pretrained the encoder behind ``spec`` (``None`` when unrecorded).
+
+    ``s2v pretrain`` writes the record (:data:`s2v_core.splits.TRAINING_RECORD_FILE`)
+    beside every encoder it saves, so it travels with the encoder directory and its
+    MLflow artifacts; ``models:/`` specs carry none.
+    """
+    text = str(spec)
+    if is_uri(text) or Path(text).exists():
+        return read_training_record(_encoder_dir(text))
+    run_id = text[len("runs:/"):].split("/")[0] if text.startswith("runs:/") else text
+    if not _RUN_ID.match(run_id):
+        return None
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=_tracking_uri(tracking_uri, text))
+    with tempfile.TemporaryDirectory(prefix="s2v-record-") as directory:
+        try:
+            local = client.download_artifacts(run_id, f"{ENCODER_ARTIFACT}/{TRAINING_RECORD_FILE}", directory)
+        except Exception:  # MlflowException/OSError: an encoder logged before records existed
+            return None
+        return json.loads(Path(local).read_text(encoding="utf-8"))
 
 
 def _encoder_dir(location: str) -> str:

@@ -60,6 +60,8 @@ from pipelines.train_data import StoreSummary, build_dataset, check_batch_fits, 
 from s2v_core.config import to_mapping
 from s2v_core.io.discovery import resolve
 from s2v_core.modalities import parse_modalities
+from s2v_core.splits import record_use, split_record
+from s2v_core.store import split_files
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +92,10 @@ class PreparedRun:
     store_repeats: int = 1
     mlflow_tracking_uri: str | None = None
     mlflow_run_id: str | None = None
+    #: Store files of the held-out ``val`` subjects scored during the run (empty: no validation).
+    validation_files: tuple[str, ...] = ()
+    #: Which store and subjects train the encoder (written beside every saved encoder).
+    training_record: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -140,8 +146,15 @@ def setup(config: PretrainConfig, *, resume: bool = False, on_gpu: bool = False)
     if not config.output:
         raise ValueError("--output: expected a run directory, found nothing")
     modalities = parse_modalities(list(config.modalities), option="--modalities") if config.modalities else ()
-    summary = inspect_store(config.data, modalities)
+    summary = inspect_store(config.data, modalities, splits=config.train_splits)
     check_batch_fits(summary, global_batch=config.global_batch, workers=config.workers)
+    validation_files: tuple[str, ...] = ()
+    if "val" in config.train_splits:
+        logger.warning("--train-splits includes val: no held-out validation during this run")
+    else:
+        validation_files = tuple(split_files(config.data, ["val"])[0])
+        if not validation_files:
+            logger.warning("the store %s has no val subject: no held-out validation during this run", config.data)
     resolved = dataclasses.replace(config, modalities=summary.modalities)
     model_cfg = resolved.model_config(epochs_per_window=summary.epochs_per_window)
 
@@ -156,9 +169,10 @@ def setup(config: PretrainConfig, *, resume: bool = False, on_gpu: bool = False)
     ds_config = deepspeed_config(resolved, on_gpu=on_gpu)
     write_text(join(run_dir, CONFIG_FILE), json.dumps(config_to_dict(resolved), indent=2) + "\n")
     write_text(join(run_dir, DS_CONFIG_FILE), json.dumps(ds_config, indent=2) + "\n")
+    record = {**split_record(config.data, config.train_splits), "store": absolute(config.data)}
     return PreparedRun(config=resolved, store=summary, run_dir=run_dir, on_gpu=on_gpu, ds_config=ds_config,
                        model_config=to_mapping(model_cfg), resume_from=resume_from,
-                       store_repeats=repeats)
+                       store_repeats=repeats, validation_files=validation_files, training_record=record)
 
 
 def _check_resume(run_dir: str, config: PretrainConfig, *,
@@ -314,6 +328,8 @@ def loop_config(prepared: PreparedRun) -> dict[str, Any]:
         "resume_from": prepared.resume_from,
         "store_repeats": prepared.store_repeats,
         "mlflow": mlflow,
+        "validation": {"files": list(prepared.validation_files), "filesystem": prepared.store.filesystem},
+        "training_record": prepared.training_record,
     }
 
 
@@ -412,6 +428,7 @@ def pretrain(config: PretrainConfig, *, resume: bool = False, address: str | Non
             prepared = setup(config, resume=resume, on_gpu=True)  # bf16 DeepSpeed config
         if mlflow:
             prepared = start_mlflow_run(prepared)
+        _record_split_use(prepared)
         result = build_trainer(prepared, callbacks=callbacks).fit()
         if result.error is not None:
             raise result.error
@@ -421,6 +438,15 @@ def pretrain(config: PretrainConfig, *, resume: bool = False, address: str | Non
     finally:
         if started_ray:
             ray.shutdown()
+
+
+def _record_split_use(prepared: PreparedRun) -> None:
+    """Add the run to the store's ``used_by`` (so ``s2v split --reassign`` can refuse); best effort."""
+    try:
+        record_use(prepared.config.data, prepared.run_dir)
+    except OSError as exc:  # a read-only shared store: the run still knows its splits
+        logger.warning("could not record this run in %s's splits.json (%s); `s2v split --reassign` "
+                       "will not know that this run used the current assignment", prepared.config.data, exc)
 
 
 # -- cleanup ----------------------------------------------------------------------------------------
@@ -466,6 +492,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint-every", type=int,
                         help=f"optimiser steps between checkpoints (default {defaults.checkpoint_every})")
     parser.add_argument("--no-dash", action="store_true", help="plain InfoNCE (no DASH weighting)")
+    parser.add_argument("--train-splits",
+                        help="subject splits to pretrain on (default train; see `s2v split`). "
+                             "train,val,test uses every night and leaves nothing held out")
+    parser.add_argument("--validate-every", type=int,
+                        help=f"steps between held-out validations on val subjects, 0 = at the end only "
+                             f"(default {defaults.validate_every})")
     parser.add_argument("--device", choices=("auto", "cpu", "gpu"), help="worker device (default auto)")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output")
     parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a local instance)")
@@ -480,5 +512,6 @@ def config_from_args(args: argparse.Namespace) -> PretrainConfig:
         "grad_accum": args.grad_accum, "lr": args.lr, "seed": args.seed,
         "checkpoint_every": args.checkpoint_every, "device": args.device,
         "dash": False if args.no_dash else None,
+        "train_splits": args.train_splits, "validate_every": args.validate_every,
     }
     return load_pretrain_config(args.config, **overrides)

@@ -25,7 +25,8 @@ from s2v_core.model import ModelConfig, model_config
 #: Fields that describe where/how a run executes, not what it computes: they
 #: may differ between a run and its ``--resume`` (e.g. more failures allowed).
 RUNTIME_FIELDS = frozenset({"data", "output", "max_failures", "fail_at_step", "mlflow_experiment",
-                            "log_every", "report_every", "progress_seconds", "readers_per_worker"})
+                            "log_every", "report_every", "progress_seconds", "readers_per_worker",
+                            "validate_every", "validation_epochs"})
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,14 @@ class PretrainConfig:
     width: int | None = None  # override of the model width d (None keeps the named size's)
     depth: int | None = None  # override of the backbone depth (None keeps the named size's)
     modalities: tuple[str, ...] = ()  # modalities to train on; () = every modality the store holds
+    # Subject splits (STORE/splits.json) whose nights pretraining learns on. The
+    # default keeps val and test subjects unseen; "train,val,test" makes a
+    # deployment model from every night, and then nothing is held out.
+    train_splits: tuple[str, ...] = ("train",)
+    validate_every: int = 100  # optimiser steps between held-out validations (0 = at the end only)
+    # Held-out sample size in 30-s epochs (512 windows of 10 epochs): read once, held in
+    # memory by the validating worker, scored at every validation.
+    validation_epochs: int = 5120
     steps: int = 100  # optimiser steps of the whole run (a resumed run ends at the same count)
     global_batch: int = 16  # windows per micro-step whose negatives are shared by all workers
     grad_accum: int = 1  # micro-steps per optimiser step (each is its own contrastive batch)
@@ -87,6 +96,13 @@ class PretrainConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"--{name}: expected an integer >= 1, found {value!r}")
+        for name in ("validate_every", "validation_epochs"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"--{_flag(name)}: expected an integer >= 0, found {value!r}")
+        from s2v_core.splits import select_splits
+
+        select_splits(self.train_splits, option="--train-splits")
         if self.zero_stage not in (None, 0, 1, 2, 3):
             raise ValueError(f"--zero-stage: expected 0, 1, 2 or 3, found {self.zero_stage!r}")
         if self.global_batch % self.workers:
@@ -160,7 +176,7 @@ def load_pretrain_config(path: str | None = None, **overrides: Any) -> PretrainC
     """
     data: dict[str, Any] = dict(load_mapping(path)) if path else {}
     data.update({k: v for k, v in overrides.items() if v is not None})
-    for key in ("modalities", "history_columns"):
+    for key in ("modalities", "history_columns", "train_splits"):
         if isinstance(data.get(key), str):
             data[key] = [s.strip() for s in data[key].split(",") if s.strip()]
     return from_mapping(PretrainConfig, data, source=path or "s2v pretrain")

@@ -81,10 +81,11 @@ def store_files(store: str | Path, *, option: str = "--data") -> list[str]:
 
 
 def inspect_store(store: str | Path, modalities: Sequence[str] = (), *,
-                  option: str = "--data") -> StoreSummary:
+                  option: str = "--data", splits: Sequence[str] | None = None) -> StoreSummary:
     """Check a store against the run's needs and summarise it.
 
-    Reads only the Parquet footers and the ``present`` column.
+    Reads only the Parquet footers and the ``present`` column (and, with
+    ``splits``, the ``site`` and ``subject_id`` columns).
 
     Parameters
     ----------
@@ -92,6 +93,9 @@ def inspect_store(store: str | Path, modalities: Sequence[str] = (), *,
         Store root.
     modalities : sequence of str
         The selected modalities (``()`` = every modality present in the store).
+    splits : sequence of str, optional
+        Keep only the nights of subjects in these splits (``STORE/splits.json``);
+        a store without splits raises a ``ValueError`` naming ``s2v split``.
 
     Raises
     ------
@@ -102,6 +106,12 @@ def inspect_store(store: str | Path, modalities: Sequence[str] = (), *,
         ``--modalities``).
     """
     dataset = open_store(store, option=option)
+    if splits is not None:
+        chosen, _ = core_store.split_files(str(store), splits)
+        if not chosen:
+            raise ValueError(f"{option}: the store {store} has no night of a subject in the "
+                             f"{'/'.join(splits)} split(s); see `s2v split --data {store}`")
+        dataset = pads.dataset(chosen, format="parquet", filesystem=dataset.filesystem)
     files, filesystem = dataset.files, dataset.filesystem
     epochs = None
     for path in files:

@@ -17,6 +17,7 @@ a restarted worker group resumes from ``ray.train.get_checkpoint()``.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import tempfile
@@ -33,10 +34,12 @@ from pipelines.checkpoints import (ENCODER_DIR, ENGINE_DIR, ENGINE_TAG, DataPosi
                                    data_position, read_state, write_state)
 from pipelines.runtime import file_type, join, write_text
 from pipelines.train_config import config_from_dict
+from pipelines.validation import HeldOutValidator
 from s2v_core.io.discovery import resolve
 from s2v_core.config import from_mapping
 from s2v_core.losses import DashConfig, dash_infonce
 from s2v_core.model import ModelConfig, SleepEncoder, batch_to_tensors, save_encoder
+from s2v_core.splits import TRAINING_RECORD_FILE
 from s2v_core.store import table_to_batch
 
 logger = logging.getLogger(__name__)
@@ -224,12 +227,45 @@ class _Progress:
     def maybe_log(self, step: int, metrics: dict[str, float]) -> None:
         now = time.monotonic()
         # The first step too: the user sees that training started (and at what rate).
-        due = step in (1, self.steps) or now - self.last >= self.every_seconds
+        due = step in (1, self.steps) or now - self.last >= self.every_seconds or "val/loss_ratio_mean" in metrics
         if self.every_seconds <= 0 or not due:
             return
         self.last = now
-        logger.info("step %d/%d  loss %.4f  lr %.2e  %.1f windows/s", step, self.steps,
-                    metrics.get("loss", math.nan), metrics.get("lr", math.nan), metrics.get("windows_per_s", 0.0))
+        held_out = ""
+        if "val/loss_ratio_mean" in metrics:
+            held_out = (f"  held-out loss/chance {metrics['val/loss_ratio_mean']:.3f}"
+                        f"  top-1 {metrics['val/top1_over_chance_mean']:.1f}x chance")
+        logger.info("step %d/%d  loss %.4f  lr %.2e  %.1f windows/s%s", step, self.steps,
+                    metrics.get("loss", math.nan), metrics.get("lr", math.nan), metrics.get("windows_per_s", 0.0),
+                    held_out)
+
+
+def _validation_due(cfg: Any, step: int) -> bool:
+    return step == cfg.steps or (cfg.validate_every > 0 and step % cfg.validate_every == 0)
+
+
+def _validator(config: dict[str, Any], cfg: Any, modalities: tuple[str, ...], epochs_per_window: int, *,
+               rank: int, zero_stage: int) -> HeldOutValidator | None:
+    """The held-out validator of the workers that validate (rank 0; every rank under ZeRO-3).
+
+    ZeRO-3 gathers parameters collectively in every forward, so there all
+    ranks run the same validation forwards; otherwise rank 0 validates alone
+    while the others wait at the next collective.
+    """
+    spec = config.get("validation") or {}
+    if not spec.get("files") or (rank != 0 and zero_stage != 3):
+        return None
+    return HeldOutValidator(spec["files"], spec.get("filesystem"), modalities=modalities,
+                            epochs_per_window=epochs_per_window, max_epochs=cfg.validation_epochs,
+                            batch_size=cfg.global_batch, seed=cfg.seed)
+
+
+def _validate(validator: HeldOutValidator | None, engine: Any, device: torch.device, *, rank: int,
+              zero_stage: int) -> dict[str, float]:
+    if validator is None:
+        return {}
+    figures = validator(engine.module.encoder, device=device)
+    return figures if rank == 0 else {}
 
 
 def _maybe_fail(cfg: Any, step: int, rank: int, world_size: int, run_dir: str) -> None:
@@ -322,6 +358,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     epoch, skip = position.epoch, position.batches_in_epoch
     window_count, interval_start, gather_seconds = 0, time.perf_counter(), 0.0
     micro, metrics = 0, {}
+    validator = _validator(config, cfg, modalities, epochs_per_window, rank=rank, zero_stage=zero_stage)
     engine.train()
 
     while step < cfg.steps:
@@ -363,6 +400,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                            "windows_per_s": window_count / max(elapsed, 1e-9),
                            "gather_share": gather_seconds / max(elapsed, 1e-9)}
                 window_count, gather_seconds = 0, 0.0
+                if _validation_due(cfg, step):
+                    metrics.update(_validate(validator, engine, device, rank=rank, zero_stage=zero_stage))
                 log.add({k: v for k, v in metrics.items() if k not in ("step", "global_batch", "optimizer_steps")}, step)
                 progress.maybe_log(step, metrics)
                 if checkpoint_now:
@@ -399,6 +438,10 @@ def _save_and_report(engine: Any, metrics: dict[str, float], config: dict[str, A
         (engine_dir / ENGINE_TAG).mkdir(parents=True)
         engine.save_checkpoint(str(engine_dir), tag=ENGINE_TAG)
         _save_encoder(engine, Path(directory) / ENCODER_DIR, rank=rank, zero_stage=zero_stage)
+        if rank == 0 and config.get("training_record"):
+            # Which store and subjects trained this encoder: `s2v evaluate` refuses to call them unseen.
+            (Path(directory) / ENCODER_DIR / TRAINING_RECORD_FILE).write_text(
+                json.dumps(config["training_record"], indent=1) + "\n", encoding="utf-8")
         if rank == 0:
             write_state(directory, config=config["pretrain"], step=step, seed=cfg.seed,
                         position=position, metrics=metrics, world_size=world_size)

@@ -1,25 +1,111 @@
-"""Validation contrastive loss of a trained encoder on held-out windows (single process).
+"""Held-out validation of an encoder: is it learning what transfers to unseen subjects?
 
-The sweep scores each trial by this number on a held-out, subject-disjoint
-store: the pretraining objective (DASH-InfoNCE) in eval mode (no modality
-dropout), over fixed batches cut from one seeded order of the windows that
-mixes nights, so every encoder is scored on the same problem with the same
-negatives.
+:class:`HeldOutValidator` is what ``s2v pretrain`` runs every
+``--validate-every`` steps and at the end, on windows of the ``val``
+subjects (never trained on): per modality pair, the contrastive loss next to
+its chance level and cross-modal retrieval top-1/top-5 next to chance
+(:mod:`s2v_core.evaluation.alignment`). The windows are read once, a seeded
+sample that mixes nights, so every validation of a run scores the same problem.
+
+:func:`evaluate_contrastive_loss` is the sweep's score: the pretraining
+objective (DASH-InfoNCE) in eval mode over fixed batches cut from one seeded
+order of the windows that mixes nights, so every trial is scored on the same
+problem with the same negatives.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 import torch
 
-from pipelines.train_data import keep_windows_with, open_store
+from pipelines.train_data import keep_windows_with, open_store, training_columns
+from s2v_core.evaluation.alignment import AlignmentMeter, all_pairs, summarise_pairs
 from s2v_core.losses import DashConfig, dash_infonce
 from s2v_core.model import SleepEncoder, batch_to_tensors
+from s2v_core.modalities import MODALITY_KEYS
 from s2v_core.store import schema_info, table_to_batch
+
+#: Prefix of the held-out figures in a run's metrics (MLflow keys ``val/...``).
+PREFIX = "val"
+
+
+class HeldOutValidator:
+    """Alignment of an encoder on a fixed sample of held-out windows (see the module docstring).
+
+    Parameters
+    ----------
+    files : sequence of str
+        Store files of the held-out subjects (paths on ``filesystem``).
+    filesystem : pyarrow.fs.FileSystem, optional
+    modalities : sequence of str
+        The modalities trained on; every pair of them present in the sample is scored.
+    epochs_per_window : int
+    max_epochs : int
+        Cap on the sample, in epochs (``max_epochs // epochs_per_window`` windows),
+        so long windows do not multiply the memory held between validations.
+    batch_size : int
+        Windows per contrastive batch (the training global batch: the same chance level).
+    seed : int
+        Seed of the sample and of its order.
+    """
+
+    def __init__(self, files: Sequence[str], filesystem: pafs.FileSystem | None, *, modalities: Sequence[str],
+                 epochs_per_window: int, max_epochs: int, batch_size: int, seed: int = 0) -> None:
+        self.modalities = tuple(k for k in MODALITY_KEYS if k in set(modalities))
+        self.batch_size = max(2, int(batch_size))
+        self.epochs_per_window = epochs_per_window
+        tables = [keep_windows_with(pq.read_table(str(f), columns=training_columns(self.modalities, ()),
+                                                  filesystem=filesystem), self.modalities) for f in files]
+        table = pa.concat_tables(tables) if tables else None
+        self.windows = 0
+        self.batches: list[dict[str, Any]] = []
+        if table is None or table.num_rows < 2:
+            return
+        order = np.random.default_rng(seed).permutation(table.num_rows)[: max(2, max_epochs // epochs_per_window)]
+        table = table.take(pa.array(order))
+        batch = table_to_batch(table, modalities=self.modalities, epochs_per_window=epochs_per_window)
+        for key in self.modalities:  # half the memory held between validations
+            batch[key] = batch[key].astype(np.float16)
+        self.windows = table.num_rows
+        for start in range(0, self.windows, self.batch_size):
+            rows = slice(start, min(start + self.batch_size, self.windows))
+            if rows.stop - rows.start >= 2:
+                self.batches.append({k: v[rows] for k, v in batch.items()})
+        present = batch["present"]
+        self.pairs = [(a, b) for a, b in all_pairs(self.modalities)
+                      if (present[:, MODALITY_KEYS.index(a)] & present[:, MODALITY_KEYS.index(b)]).any()]
+
+    def __bool__(self) -> bool:
+        return bool(self.batches) and bool(self.pairs)
+
+    def __call__(self, encoder: SleepEncoder, *, device: torch.device | str = "cpu") -> dict[str, float]:
+        """Flat metrics ``val/<pair>/<figure>`` plus ``val/loss_ratio_mean``, ``val/top1_over_chance_mean``."""
+        if not self:
+            return {}
+        was_training = encoder.training
+        encoder.eval()
+        meter = AlignmentMeter(self.pairs, scale=float(encoder.logit_scale.detach().float().exp().reshape(())))
+        try:
+            with torch.no_grad():
+                for batch in self.batches:
+                    tensors = batch_to_tensors(batch, device)
+                    out = encoder.encode(tensors, modalities=self.modalities)
+                    meter.add(out.per_modality, out.present, tensors["night_id"])
+        finally:
+            encoder.train(was_training)
+        figures = meter.result()
+        flat = {f"{PREFIX}/{pair}/{name}": value for pair, values in figures.items() for name, value in values.items()
+                if name in ("loss", "chance_loss", "loss_ratio", "top1", "top5", "chance_top1", "top1_over_chance", "n")}
+        flat.update({f"{PREFIX}/{k}": v for k, v in summarise_pairs(figures).items()})
+        flat[f"{PREFIX}/windows"] = float(self.windows)
+        return flat
 
 
 def evaluate_contrastive_loss(
