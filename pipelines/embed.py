@@ -25,6 +25,8 @@ of the requested modalities (file order is arbitrary; sort by
 ``recording_id``       str, night (unique with ``site``: sites may reuse ids); with
                        ``subject_id`` (str), ``site`` (str),
                        ``window_index`` (int32), ``start_epoch`` (int32) as in the store
+``split``              str: the subject's split in the store (``train``/``val``/``test``,
+                       ``STORE/splits.json``)
 ``stages``             list<int8> ``(E,)``: W=0 N1=1 N2=2 N3=3 REM=4, -1 unknown
 ``age``, ``sex``       float32 years / int8 0 female 1 male, null unknown
 ``outcomes``           map<str, float64>, the store's per-night outcome columns
@@ -36,7 +38,7 @@ of the requested modalities (file order is arbitrary; sort by
 =====================  ===============================================================
 
 ``EMB/nights.parquet`` — one row per night: ``recording_id``, ``subject_id``,
-``site``, ``age``, ``sex``, ``outcomes``, ``windows`` (int32), and
+``site``, ``split``, ``age``, ``sex``, ``outcomes``, ``windows`` (int32), and
 ``night_embedding`` (list<float32> ``P``: mean of the night's window
 embeddings, L2-normalised, :func:`s2v_core.model.pool_night`).
 
@@ -44,7 +46,11 @@ embeddings, L2-normalised, :func:`s2v_core.model.pool_night`).
 ``s2v.embeddings``) — ``format``, ``embedding_dim`` (P), ``epochs_per_window``
 (E), ``modalities`` (requested subset), ``per_modality``, ``encoder_source``,
 ``pretrain_run_id`` and ``pretrain_tracking_uri`` (the pretraining MLflow run,
-null if unknown), ``store``, ``windows``, ``nights``.
+null if unknown), ``store``, ``store_splits`` (the store's id and split
+assignment, :func:`s2v_core.splits.split_record`), ``encoder_training`` (the
+store and splits that pretrained the encoder, null if unrecorded: ``s2v
+evaluate`` uses the two to refuse scoring subjects the encoder saw),
+``windows``, ``nights``.
 Embeddings are unit-length (cosine geometry); they carry no signal values.
 """
 
@@ -70,12 +76,13 @@ from pipelines.runtime import absolute, file_type, is_uri, join, read_text, writ
 from pipelines.train_data import open_store
 from s2v_core.io.discovery import resolve
 from s2v_core.modalities import MODALITY_KEYS, parse_modalities
+from s2v_core.splits import SPLIT_NAMES, SplitConfig, assign_splits, read_splits, split_record
 from s2v_core.store import IDENTITY_COLUMNS, schema_info
 
 logger = logging.getLogger(__name__)
 
 #: Version of the embeddings layout described in this module's docstring.
-EMBEDDINGS_FORMAT = 1
+EMBEDDINGS_FORMAT = 2
 INFO_FILE = "embed.json"
 WINDOWS_DIR = "windows"
 NIGHTS_FILE = "nights.parquet"
@@ -111,6 +118,7 @@ class Embeddings:
     recording_id: np.ndarray  # str (N,)
     night_id: np.ndarray  # str (N,) "site/recording_id": a night (sites may reuse recording ids)
     subject_id: np.ndarray  # str (N,)
+    split: np.ndarray  # str (N,) the subject's split: train / val / test
     site: np.ndarray  # str (N,)
     start_epoch: np.ndarray  # int64 (N,)
     windows: pa.Table  # the window rows without the embedding columns (metadata, outcomes)
@@ -174,7 +182,7 @@ class _EmbedActor:
 
     def __init__(self, checkpoint: str, modalities: tuple[str, ...], epochs_per_window: int,
                  per_modality: bool, threads: int, columns: list[str], filesystem: pafs.FileSystem,
-                 batch_size: int) -> None:
+                 batch_size: int, splits: SplitConfig) -> None:
         import torch
 
         # One actor per core: more intra-op threads per actor would oversubscribe the node.
@@ -185,25 +193,26 @@ class _EmbedActor:
         self.epochs_per_window = epochs_per_window
         self.per_modality = per_modality
         self.columns, self.filesystem, self.batch_size = columns, filesystem, batch_size
+        self.splits = splits
 
     def __call__(self, items: dict[str, np.ndarray]) -> pa.Table:
         parts = []
         for path in items["path"]:
             night = pq.read_table(str(path), columns=self.columns, filesystem=self.filesystem)
             parts += [embed_table(self.encoder, night.slice(start, self.batch_size), modalities=self.modalities,
-                                  epochs_per_window=self.epochs_per_window, per_modality=self.per_modality,
-                                  device=self.device)
+                                  epochs_per_window=self.epochs_per_window, splits=self.splits,
+                                  per_modality=self.per_modality, device=self.device)
                       for start in range(0, night.num_rows, self.batch_size)]
         return pa.concat_tables(parts)
 
 
 def embed_table(encoder, table: pa.Table, *, modalities: Sequence[str], epochs_per_window: int,
-                per_modality: bool = False, device: str = "cpu") -> pa.Table:
+                splits: SplitConfig, per_modality: bool = False, device: str = "cpu") -> pa.Table:
     """Embed store rows (a ``pyarrow.Table`` in the store schema) into embeddings rows.
 
     Rows with none of ``modalities`` present are dropped. The forward runs
     in eval mode under ``torch.inference_mode`` (deterministic, no modality
-    dropout).
+    dropout). ``splits`` is the store's assignment (each row's ``split``).
     """
     import torch
 
@@ -221,6 +230,8 @@ def embed_table(encoder, table: pa.Table, *, modalities: Sequence[str], epochs_p
         out = encoder.encode(batch_to_tensors(batch, device), modalities=list(modalities))
     rows, epochs, dim = out.fused.shape
     columns = {name: table.column(name) for name in CARRIED_COLUMNS}
+    columns["split"] = pa.array(assign_splits(table.column("site").to_pylist(),
+                                              table.column("subject_id").to_pylist(), splits).tolist(), pa.string())
     columns["present"] = pa.array(out.present.cpu().numpy().tolist(), type=pa.list_(pa.bool_()))
     columns["epoch_embedding"] = _list_column(out.fused.cpu().numpy().reshape(rows, epochs * dim))
     columns["window_embedding"] = _list_column(out.window.cpu().numpy())
@@ -297,6 +308,9 @@ def embed(
     encoder, pretrain_run = load_encoder_spec(checkpoint)
     dataset, epochs_per_window, selected, usable = _prepare(encoder, data, modalities, batch_size, checkpoint)
     embedding_dim = encoder.config.projection_dim
+    from pipelines.model_io import training_record
+
+    record = training_record(checkpoint)
     del encoder  # the actors load their own copy
 
     out = _fresh_output(output)
@@ -307,12 +321,12 @@ def embed(
     try:
         _run_actor_pool(checkpoint, dataset, out, modalities=selected, epochs_per_window=epochs_per_window,
                         batch_size=batch_size, num_actors=num_actors, per_modality=per_modality,
-                        usable=usable)
+                        usable=usable, splits=read_splits(data))
     finally:
         if started_ray:  # leave a caller's Ray (tests, evaluate's scenarios) running
             ray.shutdown()
 
-    info = _info(embedding_dim, epochs_per_window, selected, per_modality, checkpoint, pretrain_run, data)
+    info = _info(embedding_dim, epochs_per_window, selected, per_modality, checkpoint, pretrain_run, data, record)
     return _finish(out, output, info, started)
 
 
@@ -325,12 +339,14 @@ def embed_local(
     batch_size: int = 64,
     per_modality: bool = False,
     source: str = "in-process encoder",
+    training: dict | None = None,
 ) -> EmbedSummary:
     """:func:`embed` in this process, without Ray, for notebooks, tests and small stores.
 
     Same output layout; ``encoder`` is a loaded :class:`~s2v_core.model.SleepEncoder`
-    and ``source`` is recorded as its ``encoder_source``. Streams the store
-    one ``batch_size`` batch at a time.
+    and ``source`` is recorded as its ``encoder_source``, ``training`` as its
+    ``encoder_training`` (the record of what pretrained it; ``None`` = unknown).
+    Streams the store one ``batch_size`` batch at a time.
     """
     started = time.perf_counter()
     dataset, epochs_per_window, selected, _ = _prepare(encoder, data, modalities, batch_size, source)
@@ -338,11 +354,12 @@ def embed_local(
     out = _fresh_output(output)
     filesystem, root = out
     filesystem.create_dir(f"{root}/{WINDOWS_DIR}")
+    splits = read_splits(data)
     writer = None
     try:
         for batch in dataset.to_batches(columns=[*CARRIED_COLUMNS, *selected, "present"], batch_size=batch_size):
             table = embed_table(encoder, pa.Table.from_batches([batch]), modalities=selected,
-                                epochs_per_window=epochs_per_window, per_modality=per_modality)
+                                epochs_per_window=epochs_per_window, splits=splits, per_modality=per_modality)
             if table.num_rows == 0:
                 continue
             writer = writer or pq.ParquetWriter(f"{root}/{WINDOWS_DIR}/part-0.parquet", table.schema,
@@ -351,7 +368,8 @@ def embed_local(
     finally:
         if writer is not None:
             writer.close()
-    info = _info(encoder.config.projection_dim, epochs_per_window, selected, per_modality, source, None, data)
+    info = _info(encoder.config.projection_dim, epochs_per_window, selected, per_modality, source, None, data,
+                 training)
     return _finish(out, output, info, started)
 
 
@@ -377,12 +395,13 @@ def _prepare(encoder, data: str, modalities, batch_size: int, source: str):
 
 
 def _info(embedding_dim: int, epochs_per_window: int, modalities: Sequence[str], per_modality: bool,
-          source: str, pretrain_run: dict | None, data: str) -> dict:
+          source: str, pretrain_run: dict | None, data: str, training: dict | None) -> dict:
     return {
         "format": EMBEDDINGS_FORMAT, "embedding_dim": embedding_dim, "epochs_per_window": epochs_per_window,
         "modalities": list(modalities), "per_modality": per_modality, "encoder_source": str(source),
         "pretrain_run_id": (pretrain_run or {}).get("run_id"),
         "pretrain_tracking_uri": (pretrain_run or {}).get("tracking_uri"), "store": absolute(data),
+        "store_splits": split_record(data, SPLIT_NAMES), "encoder_training": training,
     }
 
 
@@ -418,7 +437,7 @@ def _fresh_output(output: str) -> tuple[pafs.FileSystem, str]:
 
 def _run_actor_pool(checkpoint: str, dataset: pads.Dataset, out: tuple[pafs.FileSystem, str], *,
                     modalities: tuple[str, ...], epochs_per_window: int, batch_size: int,
-                    num_actors: int | None, per_modality: bool, usable: int) -> None:
+                    num_actors: int | None, per_modality: bool, usable: int, splits: SplitConfig) -> None:
     """Stream the store through the encoder actor pool into ``out/windows``."""
     import ray
 
@@ -440,7 +459,7 @@ def _run_actor_pool(checkpoint: str, dataset: pads.Dataset, out: tuple[pafs.File
         fn_constructor_kwargs={
             "checkpoint": checkpoint, "modalities": tuple(modalities), "epochs_per_window": epochs_per_window,
             "per_modality": per_modality, "threads": 1 if gpus else max(1, cpus // actors),
-            "columns": columns, "filesystem": dataset.filesystem, "batch_size": batch_size,
+            "columns": columns, "filesystem": dataset.filesystem, "batch_size": batch_size, "splits": splits,
         },
         batch_size=1, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=actors),
@@ -456,7 +475,7 @@ def _write_nights(out: tuple[pafs.FileSystem, str], info: dict) -> tuple[int, in
 
     filesystem, root = out
     dataset = pads.dataset(f"{root}/{WINDOWS_DIR}", format="parquet", filesystem=filesystem)
-    meta_columns = ["recording_id", "subject_id", "site", "age", "sex", "outcomes"]
+    meta_columns = ["recording_id", "subject_id", "site", "split", "age", "sex", "outcomes"]
     sums: dict[str, np.ndarray] = {}
     counts: dict[str, int] = {}
     first_rows: dict[str, dict] = {}
@@ -527,6 +546,7 @@ def read_embeddings(path: str | os.PathLike, *, per_modality: bool = False) -> E
         night_id=np.asarray([f"{s}/{r}" for s, r in zip(table.column("site").to_pylist(),
                                                          table.column("recording_id").to_pylist())]),
         subject_id=np.asarray(table.column("subject_id").to_pylist()),
+        split=np.asarray(table.column("split").to_pylist()),
         site=np.asarray(table.column("site").to_pylist()),
         start_epoch=table.column("start_epoch").to_numpy().astype(np.int64),
         windows=table.drop_columns(embedding_columns),

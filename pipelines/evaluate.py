@@ -20,16 +20,24 @@ Tasks
     embeddings (the DASH shortcut check), next to the staging macro-F1 of the
     same embeddings; ``--compare EMB2`` scores a second encoder's embeddings
     of the same store (DASH vs plain InfoNCE) with the same folds.
-Every figure comes from subject-grouped k-fold cross-validation (no subject
-in both train and test), as mean ± sd over folds; unknown stages (-1) are
-neither trained on nor scored.
+Protocol (stated in every report): by default **held-out** — probes fit on
+the ``train`` and ``val`` subjects of the store's split (``s2v split``) and
+every figure is measured on its ``test`` subjects, whom the encoder never
+saw; evaluate refuses when the encoder was pretrained on the test subjects,
+or when what pretrained it is unknown. ``--transductive`` scores anyway, with
+subject-grouped k-fold cross-validation over every subject (mean ± sd over
+folds), and the report says the encoder saw those subjects. Unknown stages
+(-1) are neither trained on nor scored.
 
 Staging options
     ``--robustness`` embeds the store once per modality scenario (``only:<m>``,
     ``without:<m>``, ``psg``, ``home_sleep_test``, ``wearable``,
     ``eeg_headband``) into ``REPORT_DIR/robustness/<scenario>/`` (reused when
-    already there for the same encoder) and scores the linear probe on each,
-    with the same subject-to-fold assignment; ``--label-efficiency`` trains the
+    already there for the same encoder) and scores, with the same subjects on
+    each side, two linear probes per scenario: one retrained on the scenario's
+    embeddings, and the probe trained on the full embeddings applied unchanged
+    to the scenario's (a sensor dropping out at inference), with the share of
+    the full probe's kappa that survives; ``--label-efficiency`` trains the
     probe on 1 %, 10 % and 100 % of the training nights next to an encoder of
     the same configuration trained from scratch on the same labels;
     ``--peer yasa`` scores YASA's pretrained stager on the nights with EEG.
@@ -58,8 +66,10 @@ from pipelines.embed import Embeddings, embed, read_embeddings
 from pipelines.runtime import absolute
 from pipelines.train_data import open_store
 from s2v_core.evaluation import plots
-from s2v_core.evaluation.folds import Fold, grouped_folds
+from s2v_core.evaluation.folds import Fold, grouped_folds, held_out_fold
 from s2v_core.evaluation.probes import (
+    fit_linear_stager,
+    predict_stages,
     cross_validate_outcome,
     cross_validate_site,
     cross_validate_staging,
@@ -69,11 +79,13 @@ from s2v_core.evaluation.probes import (
     temporal_staging_probe,
 )
 from s2v_core.evaluation.scenarios import robustness_scenarios
+from s2v_core.evaluation.metrics import staging_metrics, summarise
+from s2v_core.splits import seen_splits
 from s2v_core.store import STAGE_NAMES, UNKNOWN_STAGE, outcome_values
 
 logger = logging.getLogger(__name__)
 
-REPORT_FORMAT = 1
+REPORT_FORMAT = 2
 MLFLOW_EXPERIMENT = "sleep2vec-evaluate"
 #: Fractions of labelled training nights of the label-efficiency curve.
 LABEL_FRACTIONS = (0.01, 0.1, 1.0)
@@ -92,12 +104,12 @@ def evaluate(
     robustness: bool = False,
     scenarios: Sequence[str] | None = None,
     label_efficiency_curve: bool = False,
-    scratch_steps: int = 100,
     peer: str | None = None,
     compare: str | None = None,
     mlflow_parent_run_id: str | None = None,
     log_to_mlflow: bool = True,
     address: str | None = None,
+    transductive: bool = False,
 ) -> dict:
     """Evaluate ``embeddings`` on ``task`` and write ``report`` (JSON) with plots beside it.
 
@@ -110,7 +122,7 @@ def evaluate(
     report : str
         Path of ``REPORT.json``; plots go to its directory.
     folds, seed : int
-        Subject-grouped k-fold cross-validation and its shuffle seed.
+        Subject-grouped k-fold cross-validation (``transductive`` only) and the seed of folds and probes.
     heads : sequence of str
         Staging heads: ``"linear"`` and/or ``"temporal"``.
     data, checkpoint : str, optional
@@ -118,8 +130,9 @@ def evaluate(
     robustness : bool
         Add the any-subset robustness matrix (``scenarios`` selects some).
     label_efficiency_curve : bool
-        Add the label-efficiency curve against a from-scratch encoder
-        (``scratch_steps`` optimiser steps per fit).
+        Add the label-efficiency curve against a from-scratch encoder trained
+        end to end (a budget that grows with its labels, early stopping on
+        ``val`` subjects).
     peer : {"yasa"}, optional
         Add YASA's pretrained staging on the nights that have EEG.
     compare : str, optional
@@ -129,6 +142,9 @@ def evaluate(
         MLflow run to nest the evaluation under (default: the pretraining run).
     log_to_mlflow : bool
         Log the report and plots as an MLflow run.
+    transductive : bool
+        Score every subject with k-fold cross-validation, including subjects
+        the encoder was pretrained on (refused otherwise).
 
     Returns
     -------
@@ -154,22 +170,23 @@ def evaluate(
     if unknown_heads or not heads:
         raise ValueError(f"--heads: expected linear and/or temporal, found {','.join(heads) or 'nothing'}")
 
+    protocol = check_protocol(emb, embeddings, transductive=transductive, folds=folds, seed=seed)
     result: dict = {
         "report_format": REPORT_FORMAT, "task": task,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "embeddings": {"path": absolute(embeddings), **emb.info},
-        "protocol": {"folds": folds, "seed": seed, "grouping": "subject_id",
-                     "cv": "subject-grouped k-fold (GroupKFold / StratifiedGroupKFold, shuffled)",
-                     "summary": "mean and sample sd over test folds", "unknown_stage": "excluded"},
+        "protocol": protocol,
         "plots": [],
     }
+    night_splits = None if transductive else np.asarray(emb.nights.column("split").to_pylist())
     if kind == "staging":
         _check_labels(emb, embeddings)
-        window_folds = grouped_folds(emb.subject_id, folds=folds, seed=seed)
+        window_folds = (grouped_folds(emb.subject_id, folds=folds, seed=seed) if transductive
+                        else [held_out_fold(emb.split)])
         result["staging"] = _staging(emb, window_folds, heads, seed, report_path.parent, result["plots"])
         if label_efficiency_curve:
             result["label_efficiency"] = _label_efficiency(emb, window_folds, data, checkpoint, seed,
-                                                           scratch_steps, report_path.parent, result["plots"])
+                                                           report_path.parent, result["plots"])
         if robustness:
             result["robustness"] = _robustness(emb, window_folds, data, checkpoint, scenarios, seed,
                                                report_path.parent, result["plots"], address)
@@ -178,20 +195,57 @@ def evaluate(
     elif kind == "outcome":
         target = _night_target(emb, column)
         result["outcome"] = {"column": column, **cross_validate_outcome(
-            emb.night, target, np.asarray(emb.nights.column("subject_id").to_pylist()), folds=folds, seed=seed)}
+            emb.night, target, np.asarray(emb.nights.column("subject_id").to_pylist()), folds=folds, seed=seed,
+            splits=night_splits)}
     else:
-        result["site"] = _site(emb, folds, seed)
+        result["site"] = _site(emb, folds, seed, transductive=transductive)
         if compare:
             # Same folds and probes on a second encoder's embeddings of the same store
             # (e.g. plain InfoNCE next to DASH): the shortcut comparison on one line.
             other = read_embeddings(compare)
+            check_protocol(other, compare, transductive=transductive, folds=folds, seed=seed)
             result["site_compare"] = {"embeddings": absolute(compare),
                                       "encoder_source": other.info.get("encoder_source"),
-                                      **_site(other, folds, seed)}
+                                      **_site(other, folds, seed, transductive=transductive)}
     result["mlflow"] = _log_mlflow(result, report_path, emb.info, mlflow_parent_run_id) if log_to_mlflow else None
     report_path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     logger.info("wrote %s", report_path)
     return result
+
+
+def check_protocol(emb: Embeddings, path: str, *, transductive: bool, folds: int, seed: int) -> dict:
+    """Who trained the encoder, who fits the probes, who is scored; refuse to score seen subjects.
+
+    Raises ``ValueError`` (unless ``transductive``) when the encoder was
+    pretrained on the store's test subjects, or when what pretrained it is
+    unknown (an encoder saved before training records existed).
+    """
+    record = emb.info.get("encoder_training")
+    seen = seen_splits(record, emb.info.get("store_splits") or {})
+    pretrained_on = ("unknown" if seen is None else "another store" if seen == ()
+                     else f"the {'/'.join(seen)} subjects of this store")
+    if transductive:
+        return {"mode": "transductive", "encoder_pretrained_on": pretrained_on, "encoder_training": record,
+                "probe_fitted_on": "the other folds' subjects", "scored": "every subject, out of fold",
+                "folds": folds, "seed": seed, "grouping": "subject_id",
+                "cv": "subject-grouped k-fold (GroupKFold / StratifiedGroupKFold, shuffled)",
+                "summary": "mean and sd over test folds", "unknown_stage": "excluded",
+                "caveat": "the encoder may have been pretrained on the scored subjects"}
+    if seen is None:
+        raise ValueError(f"--embeddings {path!r}: what pretrained the encoder is unknown (its directory has no "
+                         f"training record: saved before this version, or not by `s2v pretrain`), so its "
+                         f"test subjects cannot be called unseen; pass --transductive to score anyway")
+    if "test" in seen:
+        raise ValueError(f"--embeddings {path!r}: the encoder was pretrained on the {'/'.join(seen)} subjects "
+                         f"of this store, test subjects included; scoring them would not measure transfer. "
+                         f"Pretrain with --train-splits train, or pass --transductive to score anyway")
+    counts = {name: int(len(np.unique(emb.subject_id[emb.split == name]))) for name in ("train", "val", "test")}
+    return {"mode": "held-out", "encoder_pretrained_on": pretrained_on, "encoder_training": record,
+            "probe_fitted_on": f"train and val subjects ({counts['train']} + {counts['val']})",
+            "early_stopping_on": "val subjects", "scored": f"test subjects ({counts['test']}), never seen by "
+                                                           "the encoder or the probes",
+            "subjects": counts, "seed": seed, "unknown_stage": "excluded",
+            "summary": "one held-out fold: mean is the test figure, sd 0"}
 
 
 def _check_labels(emb: Embeddings, path: str) -> None:
@@ -222,7 +276,7 @@ def _staging(emb: Embeddings, folds: list[Fold], heads: Sequence[str], seed: int
         plot_paths.append(str(plots.plot_confusion(outcome["pooled"]["confusion"], out_dir / f"confusion_{head}.png",
                                                    title=f"Sleep staging, {head} head (out-of-fold)")))
         if head == heads[0]:
-            night = _longest_night(emb)
+            night = _longest_night(emb, np.concatenate([fold.test for fold in folds]))
             rows = np.flatnonzero(emb.night_id == night)
             plot_paths.append(str(plots.plot_hypnogram(
                 stages[rows].ravel(), predictions[rows].ravel(), out_dir / "hypnogram.png",
@@ -230,8 +284,8 @@ def _staging(emb: Embeddings, folds: list[Fold], heads: Sequence[str], seed: int
     return section
 
 
-def _longest_night(emb: Embeddings) -> str:
-    nights, counts = np.unique(emb.night_id, return_counts=True)
+def _longest_night(emb: Embeddings, scored: np.ndarray) -> str:
+    nights, counts = np.unique(emb.night_id[scored], return_counts=True)
     return str(nights[np.argmax(counts)])
 
 
@@ -248,33 +302,60 @@ def _night_target(emb: Embeddings, column: str) -> np.ndarray:
     return values
 
 
-def _site(emb: Embeddings, folds: int, seed: int) -> dict:
+def _site(emb: Embeddings, folds: int, seed: int, *, transductive: bool) -> dict:
     night_subjects = np.asarray(emb.nights.column("subject_id").to_pylist())
     night_sites = np.asarray(emb.nights.column("site").to_pylist())
+    night_splits = None if transductive else np.asarray(emb.nights.column("split").to_pylist())
     section = {
-        "night": cross_validate_site(emb.night, night_sites, night_subjects, folds=folds, seed=seed),
-        "window": cross_validate_site(emb.window, emb.site, emb.subject_id, folds=folds, seed=seed),
+        "night": cross_validate_site(emb.night, night_sites, night_subjects, folds=folds, seed=seed,
+                                     splits=night_splits),
+        "window": cross_validate_site(emb.window, emb.site, emb.subject_id, folds=folds, seed=seed,
+                                      splits=None if transductive else emb.split),
         "claim": "lower site predictability at equal staging quality means fewer site shortcuts",
     }
     if (emb.stages != UNKNOWN_STAGE).any():
-        window_folds = grouped_folds(emb.subject_id, folds=folds, seed=seed)
+        window_folds = (grouped_folds(emb.subject_id, folds=folds, seed=seed) if transductive
+                        else [held_out_fold(emb.split)])
         staging = cross_validate_staging(linear_staging_probe(emb.epoch, emb.stages, seed=seed),
                                          emb.stages, window_folds)
         section["staging_linear"] = staging["summary"]
     return section
 
 
-def _fold_of_subject(emb: Embeddings, folds: list[Fold]) -> dict[str, int]:
-    return {subject: k for k, fold in enumerate(folds) for subject in np.unique(emb.subject_id[fold.test])}
+def _scenario_folds(emb: Embeddings, scenario: Embeddings, folds: list[Fold]) -> list[Fold]:
+    """The folds of ``emb`` carried over to another embedding of the same windows, subject by subject."""
+    side = np.full(len(emb.subject_id), "", dtype=object)
+    result = []
+    for fold in folds:
+        side[:] = ""
+        side[fold.train] = "train"
+        side[fold.test] = "test"
+        of_subject = dict(zip(emb.subject_id, side))
+        if set(scenario.subject_id) - set(of_subject):
+            raise ValueError("scenario embeddings hold subjects absent from --embeddings; embed the same store")
+        assigned = np.array([of_subject[s] for s in scenario.subject_id])
+        rows = np.arange(len(assigned))
+        val = None
+        if fold.val is not None:
+            val_subjects = set(emb.subject_id[fold.val])
+            val = rows[np.isin(scenario.subject_id, list(val_subjects))]
+        result.append(Fold(train=rows[assigned == "train"], test=rows[assigned == "test"], val=val))
+    return result
 
 
-def _same_folds(subjects: np.ndarray, fold_of: dict[str, int], count: int) -> list[Fold]:
-    """Folds over other rows that keep every subject in the fold it had in the main embeddings."""
-    assigned = np.array([fold_of.get(s, -1) for s in subjects])
-    if (assigned < 0).any():
-        raise ValueError("scenario embeddings hold subjects absent from --embeddings; embed the same store")
-    rows = np.arange(len(subjects))
-    return [Fold(train=rows[assigned != k], test=rows[assigned == k]) for k in range(count)]
+def _full_probe_on_subset(emb: Embeddings, scenario: Embeddings, folds: list[Fold], scenario_folds: list[Fold],
+                          seed: int) -> dict:
+    """The probe trained on the full embeddings, applied unchanged to the scenario's test windows."""
+    per_fold = []
+    for fold, scenario_fold in zip(folds, scenario_folds):
+        model = fit_linear_stager(emb.epoch, emb.stages, fold.train, seed=seed)
+        rows = scenario_fold.test
+        if len(rows) == 0 or not (scenario.stages[rows] != UNKNOWN_STAGE).any():
+            continue
+        metrics = staging_metrics(scenario.stages[rows], predict_stages(model, scenario.epoch[rows]))
+        metrics.pop("confusion")
+        per_fold.append(metrics)
+    return summarise(per_fold) if per_fold else {}
 
 
 def _robustness(emb: Embeddings, folds: list[Fold], data: str, checkpoint: str, names: Sequence[str] | None,
@@ -284,9 +365,10 @@ def _robustness(emb: Embeddings, folds: list[Fold], data: str, checkpoint: str, 
     from pipelines.runtime import init_ray
 
     chosen = robustness_scenarios(emb.info["modalities"], names=names)
-    fold_of = _fold_of_subject(emb, folds)
     started_ray = not ray.is_initialized()
-    matrix, windows = {}, {}
+    matrix, full_probe, windows = {}, {}, {}
+    full_kappa = cross_validate_staging(linear_staging_probe(emb.epoch, emb.stages, seed=seed), emb.stages,
+                                        folds)["summary"]["kappa"]["mean"]
     try:
         for name, subset in chosen.items():
             path = out_dir / "robustness" / name.replace(":", "_")
@@ -298,7 +380,7 @@ def _robustness(emb: Embeddings, folds: list[Fold], data: str, checkpoint: str, 
                     logger.warning("robustness scenario %s skipped: %s", name, exc)
                     continue
             scenario = read_embeddings(path)
-            scenario_folds = _same_folds(scenario.subject_id, fold_of, len(folds))
+            scenario_folds = _scenario_folds(emb, scenario, folds)
             if any(len(f.test) == 0 or len(f.train) == 0 for f in scenario_folds):
                 logger.warning("robustness scenario %s skipped: a fold has no windows", name)
                 continue
@@ -307,6 +389,13 @@ def _robustness(emb: Embeddings, folds: list[Fold], data: str, checkpoint: str, 
                                              scenario.stages, scenario_folds)
             matrix[name] = {metric: outcome["summary"][metric]["mean"] for metric in ("macro_f1", "kappa", "accuracy")}
             matrix[name].update({f"{metric}_sd": outcome["summary"][metric]["sd"] for metric in ("macro_f1", "kappa")})
+            unchanged = _full_probe_on_subset(emb, scenario, folds, scenario_folds, seed)
+            if unchanged:
+                kappa = unchanged["kappa"]["mean"]
+                full_probe[name] = {"macro_f1": unchanged["macro_f1"]["mean"], "kappa": kappa,
+                                    "accuracy": unchanged["accuracy"]["mean"],
+                                    # kappa's chance level is 0: the share of the full probe's margin kept.
+                                    "kappa_margin_kept": kappa / full_kappa if full_kappa > 0 else float("nan")}
             windows[name] = int(len(scenario.stages))
     finally:
         if started_ray and ray.is_initialized():
@@ -314,6 +403,10 @@ def _robustness(emb: Embeddings, folds: list[Fold], data: str, checkpoint: str, 
     if matrix:
         plot_paths.append(str(plots.plot_robustness(matrix, out_dir / "robustness.png")))
     return {"head": "linear", "scenarios": {n: list(s) for n, s in chosen.items()}, "matrix": matrix,
+            "full_probe_kappa": full_kappa,
+            "matrix_full_probe": full_probe,
+            "matrix_note": "matrix: a probe retrained on each scenario's embeddings; matrix_full_probe: the probe "
+                           "trained on the full embeddings applied unchanged (a sensor lost at inference)",
             "n_windows": windows, "embeddings_dir": str(out_dir / "robustness")}
 
 
@@ -346,7 +439,7 @@ def _store_rows(emb: Embeddings, data: str, columns: Sequence[str]) -> pa.Table:
 
 
 def _label_efficiency(emb: Embeddings, folds: list[Fold], data: str, checkpoint: str, seed: int,
-                      steps: int, out_dir: Path, plot_paths: list[str]) -> dict:
+                      out_dir: Path, plot_paths: list[str]) -> dict:
     from pipelines.embed import load_encoder_spec
     from s2v_core.evaluation.scratch import scratch_staging_probe
     from s2v_core.store import table_to_batch
@@ -359,14 +452,16 @@ def _label_efficiency(emb: Embeddings, folds: list[Fold], data: str, checkpoint:
     probes = {
         "linear_probe_pretrained": linear_staging_probe(emb.epoch, emb.stages, seed=seed),
         "supervised_from_scratch": scratch_staging_probe(signals, emb.stages, config=encoder.config,
-                                                         modalities=modalities, seed=seed, steps=steps),
+                                                         modalities=modalities, seed=seed),
     }
     curves = label_efficiency(probes, emb.stages, emb.night_id, folds, fractions=LABEL_FRACTIONS, seed=seed)
     plot_paths.append(str(plots.plot_label_efficiency(curves, out_dir / "label_efficiency.png")))
     return {"fractions": list(LABEL_FRACTIONS), "unit": "fraction of labelled training nights per fold",
             "scratch_model": {"config": encoder.config.name, "width": encoder.config.width,
                               "depth": encoder.config.depth, "modalities": list(modalities),
-                              "steps": steps, "optimiser": "AdamW lr 1e-3, 16 windows per step"},
+                              "budget": "20 passes over its labelled windows (100-3000 steps of 16 windows), "
+                                        "early stopping on val subjects' macro-F1 (patience 5 of 20 checks)",
+                              "optimiser": "AdamW lr 1e-3"},
             "curves": curves}
 
 
@@ -400,7 +495,7 @@ def _yasa_peer(emb: Embeddings, folds: list[Fold], data: str, seed: int) -> dict
             continue
         per_fold_yasa.append({k: v for k, v in staging_metrics(emb.stages[test], predicted[test]).items()
                               if k != "confusion"})
-        per_fold_probe.append({k: v for k, v in staging_metrics(emb.stages[test], probe(fold.train, test)).items()
+        per_fold_probe.append({k: v for k, v in staging_metrics(emb.stages[test], probe(fold.train, test, fold.val)).items()
                                if k != "confusion"})
     return {"available": True, "n_windows": int(covered.sum()), "yasa": summarise(per_fold_yasa),
             "linear_probe_same_windows": summarise(per_fold_probe), "per_fold_yasa": per_fold_yasa,
@@ -439,7 +534,8 @@ def _log_mlflow(result: dict, report_path: Path, info: dict, parent_run_id: str 
         tags["mlflow.parentRunId"] = link
     run = client.create_run(experiment_id, tags=tags, run_name=f"evaluate-{result['task'].replace(':', '-')}")
     run_id = run.info.run_id
-    client.log_param(run_id, "folds", result["protocol"]["folds"])
+    client.log_param(run_id, "protocol", result["protocol"]["mode"])
+    client.log_param(run_id, "folds", result["protocol"].get("folds", 1))
     client.log_param(run_id, "seed", result["protocol"]["seed"])
     for name, value in _flat_metrics(result):
         client.log_metric(run_id, name, value)
@@ -479,7 +575,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="embeddings directory written by `s2v embed` (a path or a URI)")
     parser.add_argument("--task", required=True, help="staging | outcome:COLUMN (e.g. outcome:ahi) | site")
     parser.add_argument("--report", required=True, help="REPORT.json to write; plots go beside it")
-    parser.add_argument("--folds", type=int, default=5, help="subject-grouped CV folds (default 5)")
+    parser.add_argument("--folds", type=int, default=5,
+                        help="subject-grouped CV folds of --transductive scoring (default 5)")
+    parser.add_argument("--transductive", action="store_true",
+                        help="score every subject by k-fold CV, including subjects the encoder was pretrained "
+                             "on (the report says so); default: fit on train/val subjects, score test subjects")
     parser.add_argument("--seed", type=int, default=0, help="seed of folds and probes (default 0)")
     parser.add_argument("--heads", default="linear,temporal", help="staging heads (default linear,temporal)")
     parser.add_argument("--data", default=None,
@@ -491,7 +591,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: every single modality, all-but-one and device scenario)")
     parser.add_argument("--label-efficiency", action="store_true",
                         help="add the 1/10/100%% label-efficiency curve against a from-scratch encoder")
-    parser.add_argument("--scratch-steps", type=int, default=100, help="optimiser steps per from-scratch fit")
     parser.add_argument("--peer", default=None, choices=["yasa"], help="add a reference peer (YASA staging)")
     parser.add_argument("--compare", default=None,
                         help="site task: a second embeddings dir of the same store to score side by side")
@@ -506,7 +605,7 @@ def run(args: argparse.Namespace) -> int:
         heads=tuple(h.strip() for h in args.heads.split(",") if h.strip()), data=args.data,
         checkpoint=args.checkpoint, robustness=args.robustness,
         scenarios=[s.strip() for s in args.scenarios.split(",")] if args.scenarios else None,
-        label_efficiency_curve=args.label_efficiency, scratch_steps=args.scratch_steps, peer=args.peer,
+        label_efficiency_curve=args.label_efficiency, peer=args.peer, transductive=args.transductive,
         compare=args.compare,
         mlflow_parent_run_id=args.mlflow_parent_run_id, log_to_mlflow=not args.no_mlflow, address=args.address,
     )

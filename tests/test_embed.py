@@ -11,6 +11,7 @@ import torch
 from pipelines.embed import embed, embed_local, embed_table, load_encoder_spec, read_embeddings
 from s2v_core.model import SleepEncoder, model_config, save_encoder
 from s2v_core.modalities import MODALITY_KEYS
+from s2v_core.splits import SplitConfig
 from s2v_core.toystore import write_toy_store
 
 EPOCHS = 4
@@ -37,7 +38,7 @@ def _store_table(store):
 def test_embedding_rows_have_documented_shapes_and_are_deterministic(store, encoder_dir):
     encoder, _ = load_encoder_spec(str(encoder_dir))
     table = _store_table(store)
-    out = embed_table(encoder, table, modalities=MODALITY_KEYS, epochs_per_window=EPOCHS, per_modality=True)
+    out = embed_table(encoder, table, modalities=MODALITY_KEYS, epochs_per_window=EPOCHS, splits=SplitConfig(), per_modality=True)
     dim = encoder.config.projection_dim
     assert out.num_rows == table.num_rows
     epoch = np.array(out.column("epoch_embedding").to_pylist(), dtype=np.float32)
@@ -46,19 +47,19 @@ def test_embedding_rows_have_documented_shapes_and_are_deterministic(store, enco
     assert out.column("stages").to_pylist() == table.column("stages").to_pylist()
     # Toy nights r002 lack their last modality: its per-modality column is null there.
     assert out.column("emb_abdomen").null_count == table.column("abdomen").null_count > 0
-    again = embed_table(encoder, table, modalities=MODALITY_KEYS, epochs_per_window=EPOCHS)
+    again = embed_table(encoder, table, modalities=MODALITY_KEYS, epochs_per_window=EPOCHS, splits=SplitConfig())
     assert again.column("epoch_embedding").equals(out.column("epoch_embedding"))
     # The same window embedded inside a different batch gives the same embedding.
-    alone = embed_table(encoder, table.slice(5, 1), modalities=MODALITY_KEYS, epochs_per_window=EPOCHS)
+    alone = embed_table(encoder, table.slice(5, 1), modalities=MODALITY_KEYS, epochs_per_window=EPOCHS, splits=SplitConfig())
     np.testing.assert_allclose(alone.column("epoch_embedding")[0].as_py(), epoch[5], atol=1e-5)
 
 
 def test_modality_subset_changes_inputs_not_output_shape(store, encoder_dir):
     encoder, _ = load_encoder_spec(str(encoder_dir))
     table = _store_table(store)
-    eeg = embed_table(encoder, table, modalities=("eeg",), epochs_per_window=EPOCHS)
-    wearable = embed_table(encoder, table, modalities=("hr", "spo2", "thorax"), epochs_per_window=EPOCHS)
-    full = embed_table(encoder, table, modalities=MODALITY_KEYS, epochs_per_window=EPOCHS)
+    eeg = embed_table(encoder, table, modalities=("eeg",), epochs_per_window=EPOCHS, splits=SplitConfig())
+    wearable = embed_table(encoder, table, modalities=("hr", "spo2", "thorax"), epochs_per_window=EPOCHS, splits=SplitConfig())
+    full = embed_table(encoder, table, modalities=MODALITY_KEYS, epochs_per_window=EPOCHS, splits=SplitConfig())
     for out in (eeg, wearable):
         assert out.schema.field("epoch_embedding").type == full.schema.field("epoch_embedding").type
         assert len(out.column("epoch_embedding")[0].as_py()) == len(full.column("epoch_embedding")[0].as_py())
@@ -68,7 +69,7 @@ def test_modality_subset_changes_inputs_not_output_shape(store, encoder_dir):
     noisy = table.set_column(table.schema.get_field_index("ecg"), "ecg",
                              pa.array([[np.float16(1e3)] * len(r) if r else None
                                        for r in table.column("ecg").to_pylist()], pa.list_(pa.float16())))
-    assert embed_table(encoder, noisy, modalities=("eeg",), epochs_per_window=EPOCHS).column(
+    assert embed_table(encoder, noisy, modalities=("eeg",), epochs_per_window=EPOCHS, splits=SplitConfig()).column(
         "epoch_embedding").equals(eeg.column("epoch_embedding"))
 
 
@@ -81,7 +82,10 @@ def test_embed_local_writes_the_documented_layout(store, encoder_dir, tmp_path):
     np.testing.assert_allclose(np.linalg.norm(emb.night, axis=1), 1.0, rtol=1e-5)
     info = json.loads((tmp_path / "emb" / "embed.json").read_text())
     assert info["modalities"] == ["ecg", "spo2"] and info["epochs_per_window"] == EPOCHS
-    assert set(emb.nights.column_names) >= {"recording_id", "subject_id", "site", "age", "sex", "outcomes"}
+    assert set(emb.nights.column_names) >= {"recording_id", "subject_id", "site", "split", "age", "sex", "outcomes"}
+    # Every window carries its subject's split; the store's assignment is recorded with the embeddings.
+    assert set(emb.split) == {"train"} and info["store_splits"]["store_id"]
+    assert info["encoder_training"] is None  # an in-process encoder of unknown provenance
 
 
 def test_bad_inputs_give_one_clear_message(store, encoder_dir, tmp_path, monkeypatch, capsys):

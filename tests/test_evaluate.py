@@ -1,4 +1,4 @@
-"""s2v evaluate: report structure, grouped CV figures, MLflow logging and clear errors."""
+"""s2v evaluate: held-out protocol, report structure, MLflow logging and clear errors."""
 
 import json
 import os
@@ -13,19 +13,33 @@ import torch
 from pipelines.embed import embed_local, read_embeddings
 from pipelines.evaluate import evaluate
 from s2v_core.model import SleepEncoder, model_config, save_encoder
+from s2v_core.splits import TRAINING_RECORD_FILE, split_record
 from s2v_core.toystore import write_toy_store
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("evaluate")
-    store = write_toy_store(root / "store", sites=2, recordings_per_site=3, windows_per_recording=4,
-                            epochs_per_window=4, seed=2)
+    # Per site: 2 train, 1 val, 1 test subject (one night each).
+    store = write_toy_store(root / "store", sites=2, recordings_per_site=4, windows_per_recording=4,
+                            epochs_per_window=4, seed=2, val_per_site=1, test_per_site=1)
     torch.manual_seed(0)
     encoder = SleepEncoder(model_config("tiny"))
     checkpoint = save_encoder(encoder, root / "encoder")
-    embed_local(encoder, str(store), str(root / "emb"), source=str(checkpoint))
+    # What `s2v pretrain` writes beside its encoders: pretrained on the train subjects.
+    record = {**split_record(str(store), ["train"]), "store": str(store)}
+    (checkpoint / TRAINING_RECORD_FILE).write_text(json.dumps(record))
+    embed_local(encoder, str(store), str(root / "emb"), source=str(checkpoint), training=record)
     return {"root": root, "store": store, "checkpoint": checkpoint, "emb": root / "emb"}
+
+
+def _with_training(setup, tmp_path, record):
+    """A copy of the embeddings whose encoder was pretrained as ``record`` says."""
+    emb = tmp_path / "emb-copy"
+    shutil.copytree(setup["emb"], emb)
+    info = json.loads((emb / "embed.json").read_text())
+    (emb / "embed.json").write_text(json.dumps({**info, "encoder_training": record}))
+    return str(emb)
 
 
 @pytest.fixture(autouse=True)
@@ -45,22 +59,26 @@ def test_staging_report_beats_majority_and_is_logged_under_the_pretraining_run(s
     info = json.loads((emb / "embed.json").read_text())
     (emb / "embed.json").write_text(json.dumps({**info, "pretrain_run_id": pretrain, "pretrain_tracking_uri": uri}))
 
-    report = evaluate(str(emb), "staging", str(tmp_path / "out" / "REPORT.json"), folds=3)
+    report = evaluate(str(emb), "staging", str(tmp_path / "out" / "REPORT.json"))
     # Logging must not point the rest of the process at this store (MLflow 3's
     # set_tracking_uri exports MLFLOW_TRACKING_URI; a later pretraining run would follow it).
     assert "MLFLOW_TRACKING_URI" not in os.environ
     assert json.loads((tmp_path / "out" / "REPORT.json").read_text()) == report
     staging = report["staging"]
-    assert staging["n_subjects"] == 6 and staging["n_epochs_scored"] == 96
+    assert staging["n_subjects"] == 8 and staging["n_epochs_scored"] == 128
+    # Held out: probes fit on the 6 train/val subjects, figures come from the 2 test subjects only.
+    protocol = report["protocol"]
+    assert protocol["mode"] == "held-out" and protocol["subjects"] == {"train": 4, "val": 2, "test": 2}
+    assert protocol["encoder_pretrained_on"] == "the train subjects of this store"
     majority = staging["majority"]["summary"]["macro_f1"]["mean"]
     for head in ("linear", "temporal"):
-        assert len(staging[head]["per_fold"]) == 3
+        assert len(staging[head]["per_fold"]) == 1
+        assert sum(map(sum, staging[head]["pooled"]["confusion"])) == 2 * 4 * 4  # 2 test nights x 4 windows x 4
         assert set(staging[head]["summary"]) >= {"macro_f1", "kappa", "accuracy"}
         assert set(staging[head]["pooled"]["per_class_f1"]) == {"W", "N1", "N2", "N3", "REM"}
         assert np.array(staging[head]["pooled"]["confusion"]).shape == (5, 5)
     # Even an untrained encoder keeps the toy stage signal (carrier frequency) partly separable.
     assert staging["linear"]["summary"]["macro_f1"]["mean"] > majority + 0.1
-    assert report["protocol"]["grouping"] == "subject_id"
     assert {p.split("/")[-1] for p in report["plots"]} == {"confusion_linear.png", "confusion_temporal.png",
                                                            "hypnogram.png"}
     run = client.get_run(report["mlflow"]["run_id"])
@@ -72,16 +90,36 @@ def test_staging_report_beats_majority_and_is_logged_under_the_pretraining_run(s
     assert "REPORT.json" in artifacts and "plots" in artifacts
 
 
+def test_scoring_subjects_the_encoder_saw_is_refused_unless_transductive(setup, tmp_path):
+    seen = _with_training(setup, tmp_path, {**split_record(str(setup["store"]), ["train", "val", "test"]),
+                                            "store": str(setup["store"])})
+    with pytest.raises(ValueError, match=r"pretrained on the train/val/test subjects .* --transductive"):
+        evaluate(seen, "staging", str(tmp_path / "r.json"), log_to_mlflow=False)
+    unknown = _with_training(setup, tmp_path / "u", None)
+    with pytest.raises(ValueError, match=r"what pretrained the encoder is unknown .* --transductive"):
+        evaluate(unknown, "outcome:ahi", str(tmp_path / "r.json"), log_to_mlflow=False)
+    report = evaluate(seen, "staging", str(tmp_path / "r.json"), folds=3, heads=("linear",), log_to_mlflow=False,
+                      transductive=True)
+    assert report["protocol"]["mode"] == "transductive" and "caveat" in report["protocol"]
+    assert len(report["staging"]["linear"]["per_fold"]) == 3
+    # An encoder pretrained on another store has seen none of these subjects.
+    other = write_toy_store(tmp_path / "other", sites=1, recordings_per_site=2, windows_per_recording=1)
+    elsewhere = _with_training(setup, tmp_path / "e", {**split_record(str(other), ["train", "val", "test"]),
+                                                       "store": str(other)})
+    report = evaluate(elsewhere, "staging", str(tmp_path / "r.json"), heads=("linear",), log_to_mlflow=False)
+    assert report["protocol"]["encoder_pretrained_on"] == "another store"
+
+
 def test_outcome_and_site_tasks(setup, tmp_path):
-    ahi = evaluate(str(setup["emb"]), "outcome:ahi", str(tmp_path / "ahi.json"), folds=3, log_to_mlflow=False)
+    ahi = evaluate(str(setup["emb"]), "outcome:ahi", str(tmp_path / "ahi.json"), log_to_mlflow=False)
     assert ahi["outcome"]["kind"] == "regression" and set(ahi["outcome"]["summary"]) >= {"mae", "r2"}
-    hypertension = evaluate(str(setup["emb"]), "outcome:hypertension", str(tmp_path / "ht.json"), folds=3,
-                            log_to_mlflow=False)
+    hypertension = evaluate(str(setup["emb"]), "outcome:hypertension", str(tmp_path / "ht.json"),
+                            log_to_mlflow=False, transductive=True, folds=3)
     assert hypertension["outcome"]["kind"] == "classification"
     assert "auprc" in hypertension["outcome"]["per_fold"][0]
-    age = evaluate(str(setup["emb"]), "outcome:age", str(tmp_path / "age.json"), folds=3, log_to_mlflow=False)
-    assert age["outcome"]["n_nights"] == 6
-    site = evaluate(str(setup["emb"]), "site", str(tmp_path / "site.json"), folds=3, log_to_mlflow=False,
+    age = evaluate(str(setup["emb"]), "outcome:age", str(tmp_path / "age.json"), log_to_mlflow=False)
+    assert age["outcome"]["n_nights"] == 8 and len(age["outcome"]["per_fold"]) == 1
+    site = evaluate(str(setup["emb"]), "site", str(tmp_path / "site.json"), log_to_mlflow=False,
                     compare=str(setup["emb"]))
     assert site["site"]["night"]["sites"] == ["site0", "site1"]
     assert site["site"]["window"]["chance_balanced"] == 0.5
@@ -98,8 +136,8 @@ def test_bad_inputs_give_one_clear_message(setup, tmp_path, capsys):
         evaluate(emb, "sleepiness", str(tmp_path / "r.json"), log_to_mlflow=False)
     with pytest.raises(ValueError, match="need --data STORE and --checkpoint"):
         evaluate(emb, "staging", str(tmp_path / "r.json"), robustness=True, log_to_mlflow=False)
-    with pytest.raises(ValueError, match="needs at least 7 subjects, found 6"):
-        evaluate(emb, "staging", str(tmp_path / "r.json"), folds=7, log_to_mlflow=False)
+    with pytest.raises(ValueError, match="needs at least 9 subjects, found 8"):
+        evaluate(emb, "staging", str(tmp_path / "r.json"), folds=9, log_to_mlflow=False, transductive=True)
     unlabelled = tmp_path / "unlabelled"
     shutil.copytree(setup["emb"], unlabelled)
     part = next((unlabelled / "windows").glob("*.parquet"))
@@ -117,16 +155,20 @@ def test_bad_inputs_give_one_clear_message(setup, tmp_path, capsys):
 
 @pytest.mark.integration
 def test_label_efficiency_robustness_and_yasa_peer(setup, tmp_path, ray_local):
-    report = evaluate(str(setup["emb"]), "staging", str(tmp_path / "REPORT.json"), folds=3, heads=("linear",),
+    report = evaluate(str(setup["emb"]), "staging", str(tmp_path / "REPORT.json"), heads=("linear",),
                       data=str(setup["store"]), checkpoint=str(setup["checkpoint"]), label_efficiency_curve=True,
-                      scratch_steps=5, robustness=True, scenarios=["only:eeg", "wearable"], peer="yasa",
-                      log_to_mlflow=False)
+                      robustness=True, scenarios=["only:eeg", "wearable"], peer="yasa", log_to_mlflow=False)
     curves = report["label_efficiency"]["curves"]
     assert set(curves) == {"linear_probe_pretrained", "supervised_from_scratch"}
     assert set(curves["supervised_from_scratch"]) == {"0.01", "0.1", "1.0"}
-    assert curves["linear_probe_pretrained"]["0.01"]["train_nights"] == [1, 1, 1]
+    # Label fractions draw from the 4 train nights only: the 2 val nights stay whole for early stopping.
+    assert curves["linear_probe_pretrained"]["0.01"]["train_nights"] == [1]
+    assert curves["linear_probe_pretrained"]["1.0"]["train_nights"] == [4]
     matrix = report["robustness"]["matrix"]
     assert set(matrix) == {"only:eeg", "wearable"}
+    # The full-PSG probe applied unchanged to each subset, next to the retrained one.
+    unchanged = report["robustness"]["matrix_full_probe"]
+    assert set(unchanged) == {"only:eeg", "wearable"} and all(-1 <= unchanged[s]["kappa"] <= 1 for s in unchanged)
     assert report["robustness"]["scenarios"]["wearable"] == ["hr", "spo2", "thorax"]
     assert all(0 <= matrix[s]["macro_f1"] <= 1 for s in matrix)
     scenario = read_embeddings(tmp_path / "robustness" / "only_eeg")

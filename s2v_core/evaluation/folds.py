@@ -14,10 +14,39 @@ import numpy as np
 
 @dataclass(frozen=True)
 class Fold:
-    """Row indices of one cross-validation fold."""
+    """Row indices of one fold: fit on ``train``, score ``test``.
+
+    ``val`` (optional) are rows inside ``train`` that a model with a
+    training budget may hold out to choose when to stop (early stopping);
+    a probe without one fits on all of ``train``.
+    """
 
     train: np.ndarray
     test: np.ndarray
+    val: np.ndarray | None = None
+
+
+def held_out_fold(splits: np.ndarray) -> Fold:
+    """The held-out protocol as one fold: fit on ``train`` and ``val`` subjects, score ``test`` subjects.
+
+    ``splits`` is each row's subject split (``train``/``val``/``test``,
+    :mod:`s2v_core.splits`). ``Fold.val`` are the ``val`` rows, for early stopping.
+
+    Raises
+    ------
+    ValueError
+        When no row is a ``test`` subject or none can be fitted on.
+    """
+    splits = np.asarray(splits)
+    rows = np.arange(len(splits))
+    test = rows[splits == "test"]
+    train = rows[(splits == "train") | (splits == "val")]
+    if len(test) == 0:
+        raise ValueError("held-out evaluation: no window belongs to a test subject "
+                         "(see `s2v split --data STORE`); nothing to score")
+    if len(train) == 0:
+        raise ValueError("held-out evaluation: no window belongs to a train or val subject; nothing to fit on")
+    return Fold(train=train, test=test, val=rows[splits == "val"])
 
 
 def grouped_folds(

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from s2v_core.evaluation.folds import Fold, grouped_folds, subsample_groups
+from s2v_core.evaluation.folds import Fold, grouped_folds, held_out_fold, subsample_groups
 from s2v_core.evaluation.metrics import (
     N_STAGES,
     binary_metrics,
@@ -33,8 +33,9 @@ from s2v_core.store import UNKNOWN_STAGE
 
 logger = logging.getLogger(__name__)
 
-#: ``fit_predict(train_rows, test_rows) -> stage predictions (len(test_rows), E)``
-StagingProbe = Callable[[np.ndarray, np.ndarray], np.ndarray]
+#: ``fit_predict(train_rows, test_rows, val_rows=None) -> stage predictions (len(test_rows), E)``;
+#: ``val_rows`` (a subset of nothing else: rows held out of training) serve early stopping.
+StagingProbe = Callable[..., np.ndarray]
 
 
 def _linear_model(seed: int, *, max_iter: int = 1000, regression: bool = False):
@@ -46,6 +47,35 @@ def _linear_model(seed: int, *, max_iter: int = 1000, regression: bool = False):
     # L2 penalty of the probe should treat them alike.
     head = Ridge(alpha=1.0) if regression else LogisticRegression(max_iter=max_iter, random_state=seed)
     return make_pipeline(StandardScaler(), head)
+
+
+def fit_linear_stager(epoch_embeddings: np.ndarray, stages: np.ndarray, rows: np.ndarray, *, seed: int = 0,
+                      max_train_epochs: int = 100_000):
+    """Fit the per-epoch logistic-regression stager on ``rows`` of ``(N, E, P)`` embeddings.
+
+    Returns a fitted scikit-learn pipeline, or the single stage code when the
+    training rows hold fewer than two stages (a tiny label fraction may).
+    """
+    dim = epoch_embeddings.shape[-1]
+    x = epoch_embeddings[rows].reshape(-1, dim)
+    y = stages[rows].reshape(-1)
+    known = np.flatnonzero(y != UNKNOWN_STAGE)
+    if known.size > max_train_epochs:
+        known = np.random.default_rng(seed).choice(known, size=max_train_epochs, replace=False)
+    classes = np.unique(y[known])
+    if classes.size < 2:
+        return int(classes[0]) if classes.size else 0
+    return _linear_model(seed).fit(x[known], y[known])
+
+
+def predict_stages(model, epoch_embeddings: np.ndarray) -> np.ndarray:
+    """Stage codes ``(N, E)`` of :func:`fit_linear_stager`'s model for ``(N, E, P)`` embeddings."""
+    windows, epochs, dim = epoch_embeddings.shape
+    if isinstance(model, int):
+        return np.full((windows, epochs), model, dtype=np.int64)
+    if windows == 0:
+        return np.zeros((0, epochs), dtype=np.int64)
+    return model.predict(epoch_embeddings.reshape(-1, dim)).reshape(windows, epochs).astype(np.int64)
 
 
 def linear_staging_probe(
@@ -61,21 +91,10 @@ def linear_staging_probe(
     ``max_train_epochs`` randomly chosen training epochs are used, which keeps
     the probe's cost bounded on large stores.
     """
-    windows, epochs, dim = epoch_embeddings.shape
 
-    def fit_predict(train_rows: np.ndarray, test_rows: np.ndarray) -> np.ndarray:
-        x = epoch_embeddings[train_rows].reshape(-1, dim)
-        y = stages[train_rows].reshape(-1)
-        known = np.flatnonzero(y != UNKNOWN_STAGE)
-        if known.size > max_train_epochs:
-            known = np.random.default_rng(seed).choice(known, size=max_train_epochs, replace=False)
-        x_test = epoch_embeddings[test_rows].reshape(-1, dim)
-        classes = np.unique(y[known])
-        if classes.size < 2:  # a tiny label fraction may hold a single stage
-            value = classes[0] if classes.size else 0
-            return np.full((len(test_rows), epochs), value, dtype=np.int64)
-        model = _linear_model(seed).fit(x[known], y[known])
-        return model.predict(x_test).reshape(len(test_rows), epochs).astype(np.int64)
+    def fit_predict(train_rows: np.ndarray, test_rows: np.ndarray, val_rows: np.ndarray | None = None) -> np.ndarray:
+        model = fit_linear_stager(epoch_embeddings, stages, train_rows, seed=seed, max_train_epochs=max_train_epochs)
+        return predict_stages(model, epoch_embeddings[test_rows])
 
     return fit_predict
 
@@ -126,7 +145,7 @@ def temporal_staging_probe(
     cross-entropy ignores unknown stages.
     """
 
-    def fit_predict(train_rows: np.ndarray, test_rows: np.ndarray) -> np.ndarray:
+    def fit_predict(train_rows: np.ndarray, test_rows: np.ndarray, val_rows: np.ndarray | None = None) -> np.ndarray:
         with single_thread_torch():
             return _fit_predict(train_rows, test_rows)
 
@@ -173,12 +192,13 @@ def cross_validate_staging(
     predictions = np.full(stages.shape, UNKNOWN_STAGE, dtype=np.int64)
     per_fold = []
     for fold in folds:
-        predicted = probe(fold.train, fold.test)
+        predicted = probe(fold.train, fold.test, fold.val)
         predictions[fold.test] = predicted
         metrics = staging_metrics(stages[fold.test], predicted)
         metrics.pop("confusion")
         per_fold.append(metrics)
-    matrix = confusion(stages, predictions)
+    scored = np.unique(np.concatenate([fold.test for fold in folds]))  # a held-out fold scores only its test rows
+    matrix = confusion(stages[scored], predictions[scored])
     return {
         "per_fold": per_fold,
         "summary": summarise(per_fold),
@@ -209,14 +229,16 @@ def label_efficiency(
     """Staging metrics of each probe trained on a fraction of the training nights.
 
     The same nights are drawn for every probe (same ``seed`` per fold and
-    fraction), so the curves compare models on identical labels. Returns
+    fraction), so the curves compare models on identical labels. A fold's
+    ``val`` rows are never among the drawn training nights: they stay whole
+    for the probes that stop early on them. Returns
     ``{probe: {fraction: {"summary": …, "per_fold": …, "train_nights": [..]}}}``.
     """
     out: dict[str, dict] = {name: {} for name in probes}
     for fraction in fractions:
-        subsets = [subsample_groups(f.train, nights, fraction=fraction, seed=seed + i)
-                   for i, f in enumerate(folds)]
-        reduced = [Fold(train=s, test=f.test) for s, f in zip(subsets, folds)]
+        pools = [f.train if f.val is None else np.setdiff1d(f.train, f.val) for f in folds]
+        subsets = [subsample_groups(pool, nights, fraction=fraction, seed=seed + i) for i, pool in enumerate(pools)]
+        reduced = [Fold(train=s, test=f.test, val=f.val) for s, f in zip(subsets, folds)]
         train_nights = [int(len(np.unique(nights[s]))) for s in subsets]
         for name, probe in probes.items():
             logger.info("label efficiency: %s on %.0f%% of training nights", name, 100 * fraction)
@@ -233,11 +255,15 @@ def cross_validate_outcome(
     *,
     folds: int = 5,
     seed: int = 0,
+    splits: np.ndarray | None = None,
 ) -> dict:
     """Per-night outcome probe: logistic regression for 0/1 targets, ridge regression otherwise.
 
     Nights with a missing target (NaN) are dropped first. A 0/1 target is
     scored by AUROC/AUPRC, any other by MAE (unit of the target) and R².
+    With ``splits`` (each night's subject split) the probe fits on train/val
+    subjects and scores test subjects (:func:`~s2v_core.evaluation.folds.held_out_fold`);
+    otherwise subject-grouped ``folds``-fold cross-validation.
     """
     target = np.asarray(target, dtype=np.float64)
     keep = ~np.isnan(target)
@@ -247,7 +273,8 @@ def cross_validate_outcome(
     binary = set(np.unique(target)) <= {0.0, 1.0}
     if binary and len(np.unique(target)) < 2:
         raise ValueError(f"a binary outcome needs both classes; every night has value {target[0]:g}")
-    split = grouped_folds(subjects, folds=folds, seed=seed, labels=target if binary else None)
+    split = ([held_out_fold(np.asarray(splits)[keep])] if splits is not None
+             else grouped_folds(subjects, folds=folds, seed=seed, labels=target if binary else None))
     per_fold = []
     for fold in split:
         model = _linear_model(seed, regression=not binary)
@@ -271,13 +298,15 @@ def cross_validate_site(
     *,
     folds: int = 5,
     seed: int = 0,
+    splits: np.ndarray | None = None,
 ) -> dict:
     """How well the recording site is predicted from embeddings (the DASH shortcut check).
 
     A multinomial logistic regression on subject-grouped, site-stratified
-    folds; reports accuracy, balanced accuracy and the chance levels (majority
-    site share, ``1 / n_sites``). Lower is better for an encoder meant to
-    ignore site shortcuts.
+    folds (or, with ``splits``, fitted on train/val subjects and scored on
+    test subjects); reports accuracy, balanced accuracy and the chance levels
+    (majority site share, ``1 / n_sites``). Lower is better for an encoder
+    meant to ignore site shortcuts.
     """
     from sklearn.metrics import balanced_accuracy_score
 
@@ -285,7 +314,8 @@ def cross_validate_site(
     names, codes = np.unique(sites, return_inverse=True)
     if len(names) < 2:
         raise ValueError(f"the site probe needs at least 2 sites; the embeddings hold only {names.tolist()}")
-    split = grouped_folds(subjects, folds=folds, seed=seed, labels=codes)
+    split = ([held_out_fold(splits)] if splits is not None
+             else grouped_folds(subjects, folds=folds, seed=seed, labels=codes))
     per_fold = []
     for fold in split:
         model = _linear_model(seed)
