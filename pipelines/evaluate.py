@@ -222,8 +222,9 @@ def check_protocol(emb: Embeddings, path: str, *, transductive: bool, folds: int
     """
     record = emb.info.get("encoder_training")
     seen = seen_splits(record, emb.info.get("store_splits") or {})
-    pretrained_on = ("unknown" if seen is None else "another store" if seen == ()
-                     else f"the {'/'.join(seen)} subjects of this store")
+    same_store = record is not None and record.get("store_id") == (emb.info.get("store_splits") or {}).get("store_id")
+    pretrained_on = ("unknown" if seen is None else f"the {'/'.join(seen)} subjects of this store" if seen
+                     else "no subject of this store" if same_store else "another store")
     if transductive:
         return {"mode": "transductive", "encoder_pretrained_on": pretrained_on, "encoder_training": record,
                 "probe_fitted_on": "the other folds' subjects", "scored": "every subject, out of fold",
@@ -419,8 +420,11 @@ def _reusable(path: Path, subset: Sequence[str], checkpoint: str) -> bool:
     return info.get("modalities") == list(subset) and info.get("encoder_source") == source
 
 
-def _store_rows(emb: Embeddings, data: str, columns: Sequence[str]) -> pa.Table:
-    """Store rows of ``columns`` in the order of the embeddings' windows (night, window index)."""
+def store_rows(emb: Embeddings, data: str, columns: Sequence[str]) -> pa.Table:
+    """Store rows of ``columns`` in the order of the embeddings' windows (night, window index).
+
+    Raises ``ValueError`` naming ``--data`` when the store lacks a window of the embeddings.
+    """
     dataset = open_store(data)
     wanted = pa.array(np.unique(emb.recording_id).tolist())
     needed = ["recording_id", "site", "window_index", *[c for c in columns if c not in ("recording_id", "site")]]
@@ -447,7 +451,7 @@ def _label_efficiency(emb: Embeddings, folds: list[Fold], data: str, checkpoint:
     encoder, _ = load_encoder_spec(checkpoint)
     modalities = tuple(emb.info["modalities"])
     # The from-scratch model reads the raw signals of exactly the embedded windows.
-    table = _store_rows(emb, data, [*modalities, "subject_id", "present", "stages", "age", "sex", "outcomes"])
+    table = store_rows(emb, data, [*modalities, "subject_id", "present", "stages", "age", "sex", "outcomes"])
     signals = table_to_batch(table, modalities=modalities, epochs_per_window=emb.info["epochs_per_window"])
     probes = {
         "linear_probe_pretrained": linear_staging_probe(emb.epoch, emb.stages, seed=seed),
@@ -470,7 +474,7 @@ def _yasa_peer(emb: Embeddings, folds: list[Fold], data: str, seed: int) -> dict
     from s2v_core.evaluation.peer import MIN_EPOCHS, NOMINAL_UV, yasa_stages
     from s2v_core.store import modality_array
 
-    table = _store_rows(emb, data, ["eeg", "eog", "emg", "start_epoch", "age", "sex"])
+    table = store_rows(emb, data, ["eeg", "eog", "emg", "start_epoch", "age", "sex"])
     epochs = emb.info["epochs_per_window"]
     signals = {k: modality_array(table, k, epochs) for k in ("eeg", "eog", "emg")}
     predicted = np.full(emb.stages.shape, UNKNOWN_STAGE, dtype=np.int64)

@@ -47,17 +47,21 @@ class HeldOutValidator:
     modalities : sequence of str
         The modalities trained on; every pair of them present in the sample is scored.
     epochs_per_window : int
-    max_epochs : int
+    max_epochs : int or None
         Cap on the sample, in epochs (``max_epochs // epochs_per_window`` windows),
-        so long windows do not multiply the memory held between validations.
+        so long windows do not multiply the memory held between validations;
+        ``None`` keeps every window.
     batch_size : int
         Windows per contrastive batch (the training global batch: the same chance level).
     seed : int
         Seed of the sample and of its order.
+    pairs : sequence of (str, str), optional
+        The pairs to score (default: every pair of ``modalities`` the sample holds).
     """
 
     def __init__(self, files: Sequence[str], filesystem: pafs.FileSystem | None, *, modalities: Sequence[str],
-                 epochs_per_window: int, max_epochs: int, batch_size: int, seed: int = 0) -> None:
+                 epochs_per_window: int, max_epochs: int | None, batch_size: int, seed: int = 0,
+                 pairs: Sequence[tuple[str, str]] | None = None) -> None:
         self.modalities = tuple(k for k in MODALITY_KEYS if k in set(modalities))
         self.batch_size = max(2, int(batch_size))
         self.epochs_per_window = epochs_per_window
@@ -68,7 +72,9 @@ class HeldOutValidator:
         self.batches: list[dict[str, Any]] = []
         if table is None or table.num_rows < 2:
             return
-        order = np.random.default_rng(seed).permutation(table.num_rows)[: max(2, max_epochs // epochs_per_window)]
+        order = np.random.default_rng(seed).permutation(table.num_rows)
+        if max_epochs is not None:
+            order = order[: max(2, max_epochs // epochs_per_window)]
         table = table.take(pa.array(order))
         batch = table_to_batch(table, modalities=self.modalities, epochs_per_window=epochs_per_window)
         for key in self.modalities:  # half the memory held between validations
@@ -79,14 +85,25 @@ class HeldOutValidator:
             if rows.stop - rows.start >= 2:
                 self.batches.append({k: v[rows] for k, v in batch.items()})
         present = batch["present"]
-        self.pairs = [(a, b) for a, b in all_pairs(self.modalities)
-                      if (present[:, MODALITY_KEYS.index(a)] & present[:, MODALITY_KEYS.index(b)]).any()]
+        candidates = all_pairs(self.modalities) if pairs is None else [tuple(p) for p in pairs]
+        self.pairs = [(a, b) for a, b in candidates if a in self.modalities and b in self.modalities
+                      and (present[:, MODALITY_KEYS.index(a)] & present[:, MODALITY_KEYS.index(b)]).any()]
 
     def __bool__(self) -> bool:
         return bool(self.batches) and bool(self.pairs)
 
     def __call__(self, encoder: SleepEncoder, *, device: torch.device | str = "cpu") -> dict[str, float]:
         """Flat metrics ``val/<pair>/<figure>`` plus ``val/loss_ratio_mean``, ``val/top1_over_chance_mean``."""
+        figures = self.figures(encoder, device=device)
+        flat = {f"{PREFIX}/{pair}/{name}": value for pair, values in figures.items() for name, value in values.items()
+                if name in ("loss", "chance_loss", "loss_ratio", "top1", "top5", "chance_top1", "top1_over_chance", "n")}
+        if flat:
+            flat.update({f"{PREFIX}/{k}": v for k, v in summarise_pairs(figures).items()})
+            flat[f"{PREFIX}/windows"] = float(self.windows)
+        return flat
+
+    def figures(self, encoder: SleepEncoder, *, device: torch.device | str = "cpu") -> dict[str, dict[str, float]]:
+        """Per pair ``"a-b"``: the figures of :meth:`s2v_core.evaluation.alignment.AlignmentMeter.result`."""
         if not self:
             return {}
         was_training = encoder.training
@@ -100,12 +117,7 @@ class HeldOutValidator:
                     meter.add(out.per_modality, out.present, tensors["night_id"])
         finally:
             encoder.train(was_training)
-        figures = meter.result()
-        flat = {f"{PREFIX}/{pair}/{name}": value for pair, values in figures.items() for name, value in values.items()
-                if name in ("loss", "chance_loss", "loss_ratio", "top1", "top5", "chance_top1", "top1_over_chance", "n")}
-        flat.update({f"{PREFIX}/{k}": v for k, v in summarise_pairs(figures).items()})
-        flat[f"{PREFIX}/windows"] = float(self.windows)
-        return flat
+        return meter.result()
 
 
 def evaluate_contrastive_loss(

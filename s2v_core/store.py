@@ -232,12 +232,14 @@ def stable_id(text: str) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
-def modality_array(table: pa.Table, key: str, epochs_per_window: int) -> tuple[np.ndarray, np.ndarray]:
+def modality_array(table: pa.Table, key: str, epochs_per_window: int, *,
+                   dtype: type = np.float32) -> tuple[np.ndarray, np.ndarray]:
     """Decode one modality column into ``(values, present)``.
 
     Returns
     -------
-    values : ndarray, float32, shape ``(rows, epochs_per_window, samples_per_epoch)``
+    values : ndarray, ``dtype`` (float32; float16 halves the memory of large
+        in-memory sets), shape ``(rows, epochs_per_window, samples_per_epoch)``
         Zeros where the modality is absent (never read them without ``present``).
     present : ndarray, bool, shape ``(rows,)``
     """
@@ -245,10 +247,10 @@ def modality_array(table: pa.Table, key: str, epochs_per_window: int) -> tuple[n
     column = table.column(key).combine_chunks()
     rows = len(column)
     present = ~np.asarray(column.is_null().to_numpy(zero_copy_only=False), dtype=bool)
-    out = np.zeros((rows, epochs_per_window, samples), dtype=np.float32)
+    out = np.zeros((rows, epochs_per_window, samples), dtype=dtype)
     if present.any():
         flat = column.filter(pa.array(present)).flatten().to_numpy(zero_copy_only=False)
-        out[present] = flat.astype(np.float32).reshape(-1, epochs_per_window, samples)
+        out[present] = flat.astype(dtype, copy=False).reshape(-1, epochs_per_window, samples)
     return out, present
 
 
@@ -269,10 +271,11 @@ def table_to_batch(
     modalities: Sequence[str] = MODALITY_KEYS,
     epochs_per_window: int,
     history_columns: Sequence[str] = (),
+    signal_dtype: type = np.float32,
 ) -> dict[str, np.ndarray]:
     """Convert store rows into the numpy batch the model and loss consume.
 
-    Returns a dict with one ``float32 (B, E, S)`` array per selected modality,
+    Returns a dict with one ``signal_dtype (B, E, S)`` array per selected modality,
     ``present`` (``bool (B, 9)``, registry order, false for modalities not
     selected), ``stages`` (``int64 (B, E)``), ``age`` (``float32 (B,)``, NaN
     unknown), ``sex`` (``float32 (B,)``, NaN unknown), ``site_id`` and
@@ -282,7 +285,7 @@ def table_to_batch(
     batch: dict[str, np.ndarray] = {}
     present = np.zeros((table.num_rows, len(MODALITY_KEYS)), dtype=bool)
     for key in modalities:
-        values, mask = modality_array(table, key, epochs_per_window)
+        values, mask = modality_array(table, key, epochs_per_window, dtype=signal_dtype)
         batch[key] = values
         present[:, MODALITY_KEYS.index(key)] = mask
     batch["present"] = present

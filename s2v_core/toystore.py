@@ -36,6 +36,8 @@ def toy_windows(
     """One night of ``windows`` toy windows as a store table."""
     schema = store_schema(epochs_per_window)
     stages = rng.integers(0, 5, size=(windows, epochs_per_window)).astype(np.int8)
+    # One latent envelope per window and epoch, shared by every modality of that window.
+    envelopes = rng.normal(size=(windows, epochs_per_window))
     columns: dict[str, list] = {
         "recording_id": [recording_id] * windows,
         "subject_id": [recording_id.split("-night")[0]] * windows,
@@ -52,7 +54,7 @@ def toy_windows(
         t = np.arange(samples) / modality.store_rate_hz
         rows = []
         for w in range(windows):
-            envelope = rng.normal(size=epochs_per_window)  # shared by all modalities of window w
+            envelope = envelopes[w]
             signal = np.empty((epochs_per_window, samples), dtype=np.float32)
             for e in range(epochs_per_window):
                 freq = (0.5 + stages[w, e]) * min(modality.store_rate_hz / 16.0, 2.0)

@@ -173,7 +173,9 @@ class AlignmentMeter:
 
 def summarise_pairs(figures: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
     """Means over pairs of the loss ratio and top-1 over chance (the progress line's figures)."""
-    if not figures:
-        return {"loss_ratio_mean": math.nan, "top1_over_chance_mean": math.nan}
-    return {"loss_ratio_mean": float(np.mean([f["loss_ratio"] for f in figures.values()])),
-            "top1_over_chance_mean": float(np.mean([f["top1_over_chance"] for f in figures.values()]))}
+    def mean(name: str) -> float:
+        # A pair whose batches held one night only has no negatives: no chance level, no ratio.
+        values = [f[name] for f in figures.values() if math.isfinite(f[name])]
+        return float(np.mean(values)) if values else math.nan
+
+    return {"loss_ratio_mean": mean("loss_ratio"), "top1_over_chance_mean": mean("top1_over_chance")}

@@ -38,7 +38,8 @@ logger = logging.getLogger(__name__)
 StagingProbe = Callable[..., np.ndarray]
 
 
-def _linear_model(seed: int, *, max_iter: int = 1000, regression: bool = False):
+def _linear_model(seed: int, *, max_iter: int = 1000, regression: bool = False, impute: bool = False):
+    from sklearn.impute import SimpleImputer
     from sklearn.linear_model import LogisticRegression, Ridge
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
@@ -46,15 +47,20 @@ def _linear_model(seed: int, *, max_iter: int = 1000, regression: bool = False):
     # Standardisation first: embedding dimensions differ in scale and the
     # L2 penalty of the probe should treat them alike.
     head = Ridge(alpha=1.0) if regression else LogisticRegression(max_iter=max_iter, random_state=seed)
+    if impute:
+        # Features of absent modalities are NaN: the training mean plus a missing-value indicator.
+        return make_pipeline(SimpleImputer(strategy="mean", add_indicator=True, keep_empty_features=True),
+                             StandardScaler(), head)
     return make_pipeline(StandardScaler(), head)
 
 
 def fit_linear_stager(epoch_embeddings: np.ndarray, stages: np.ndarray, rows: np.ndarray, *, seed: int = 0,
-                      max_train_epochs: int = 100_000):
+                      max_train_epochs: int = 100_000, impute: bool = False):
     """Fit the per-epoch logistic-regression stager on ``rows`` of ``(N, E, P)`` embeddings.
 
     Returns a fitted scikit-learn pipeline, or the single stage code when the
     training rows hold fewer than two stages (a tiny label fraction may).
+    ``impute`` handles NaN inputs (hand-crafted features of absent modalities).
     """
     dim = epoch_embeddings.shape[-1]
     x = epoch_embeddings[rows].reshape(-1, dim)
@@ -65,7 +71,7 @@ def fit_linear_stager(epoch_embeddings: np.ndarray, stages: np.ndarray, rows: np
     classes = np.unique(y[known])
     if classes.size < 2:
         return int(classes[0]) if classes.size else 0
-    return _linear_model(seed).fit(x[known], y[known])
+    return _linear_model(seed, impute=impute).fit(x[known], y[known])
 
 
 def predict_stages(model, epoch_embeddings: np.ndarray) -> np.ndarray:
@@ -84,16 +90,19 @@ def linear_staging_probe(
     *,
     seed: int = 0,
     max_train_epochs: int = 100_000,
+    impute: bool = False,
 ) -> StagingProbe:
     """A per-epoch logistic-regression probe over ``epoch_embeddings`` ``(N, E, P)``.
 
     Unknown stages (-1) are excluded from training. At most
     ``max_train_epochs`` randomly chosen training epochs are used, which keeps
-    the probe's cost bounded on large stores.
+    the probe's cost bounded on large stores. ``impute`` fills NaN inputs
+    (see :func:`fit_linear_stager`).
     """
 
     def fit_predict(train_rows: np.ndarray, test_rows: np.ndarray, val_rows: np.ndarray | None = None) -> np.ndarray:
-        model = fit_linear_stager(epoch_embeddings, stages, train_rows, seed=seed, max_train_epochs=max_train_epochs)
+        model = fit_linear_stager(epoch_embeddings, stages, train_rows, seed=seed, max_train_epochs=max_train_epochs,
+                                  impute=impute)
         return predict_stages(model, epoch_embeddings[test_rows])
 
     return fit_predict
