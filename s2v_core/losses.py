@@ -256,7 +256,15 @@ def dash_infonce(per_modality: Mapping[str, Tensor], present: Tensor, meta: Mapp
     keys = [k for k in MODALITY_KEYS if k in per_modality]
     if not keys:
         raise ValueError("dash_infonce: per_modality is empty")
-    present = present.bool()
+    # float32 similarities even inside a bf16/fp16 autocast region (softmax over many negatives).
+    with torch.autocast(device_type=present.device.type, enabled=False):
+        return _infonce(per_modality, keys, present.bool(), meta, logit_scale=logit_scale, config=config,
+                        rank=rank, world_size=world_size, gather=gather, epoch_chunk=epoch_chunk)
+
+
+def _infonce(per_modality: Mapping[str, Tensor], keys: list[str], present: Tensor, meta: Mapping[str, Tensor], *,
+             logit_scale: Tensor, config: DashConfig | PaperDashConfig, rank: int, world_size: int,
+             gather: Callable[[Tensor], Tensor] | None, epoch_chunk: int | None) -> LossOutput:
     local_z = torch.stack([per_modality[k] for k in keys], 1).float()  # (B, M, E, P)
     rows, n_mod, epochs, _ = local_z.shape
     all_z = _ContiguousGrad.apply(gather(local_z.contiguous())) if world_size > 1 else local_z
@@ -298,7 +306,7 @@ def dash_infonce(per_modality: Mapping[str, Tensor], present: Tensor, meta: Mapp
             part = (q[start:start + chunk], partner_k[start:start + chunk], partner_shift, margin, scale, anchor,
                     offset)
             if chunk < epochs:
-                local_sum = local_sum + checkpoint(_chunk_loss, *part, use_reentrant=False)
+                local_sum = local_sum + checkpoint(_chunk_loss, *part, use_reentrant=False, preserve_rng_state=False)
             else:
                 local_sum = local_sum + _chunk_loss(*part)
     local_anchors, global_anchors = local_anchors * epochs, global_anchors * epochs

@@ -397,3 +397,11 @@ def test_bad_options_are_errors():
         dash_infonce(z, present, meta, logit_scale=torch.tensor(1.0), epoch_chunk=0)
     with pytest.raises(TypeError, match="DashConfig"):
         dash_infonce(z, present, meta, logit_scale=torch.tensor(1.0), config={"enabled": True})
+
+
+def test_similarities_stay_float32_inside_a_bf16_autocast_region():
+    z, present, meta = make_case(8, seed=3)
+    plain = dash_infonce(z, present, meta, logit_scale=torch.tensor(2.5))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = dash_infonce(z, present, meta, logit_scale=torch.tensor(2.5))
+    assert mixed.loss.dtype == torch.float32 and torch.allclose(mixed.loss, plain.loss, atol=1e-6)
