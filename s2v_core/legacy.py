@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import re
 
-import torch
 from torch import Tensor, nn
 
 from s2v_core.tokenizers import STEM_KERNEL, STEM_PATCH, STEM_STRIDE, stem_steps

@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from s2v_core.heads import LinearHead, MaskedBatchNorm, SimCLRHead, build_head
-from tests.gloo_workers import finish_worker
+from tests.gloo_workers import run_in_group
 
 
 def test_statistics_ignore_invalid_rows_and_each_group_is_a_batchnorm_call():
@@ -82,12 +82,10 @@ def head_step(x, valid, target, *, world_size=1, reducer=None):
 
 
 def worker(rank: int, init_file: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD_SIZE)
-    try:
+    def body():
         from torch.distributed.nn.functional import all_reduce
 
-        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=FutureWarning)  # torch 2.13 deprecates it; still checked here
         part = slice(rank * ROWS, (rank + 1) * ROWS)
         x, valid, target = (t[:, part] for t in make_case())
         out, grads, running = head_step(x, valid, target, world_size=WORLD_SIZE, reducer=all_reduce)
@@ -95,10 +93,8 @@ def worker(rank: int, init_file: str, out_dir: str) -> None:
             dist.all_reduce(grad)
             grad /= WORLD_SIZE
         torch.save({"out": out, "grads": grads, "running": running}, f"{out_dir}/rank{rank}.pt")
-    except BaseException:
-        dist.destroy_process_group()
-        raise
-    finish_worker()
+
+    run_in_group(rank, WORLD_SIZE, init_file, body)
 
 
 @pytest.mark.integration

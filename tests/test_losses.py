@@ -62,23 +62,34 @@ def raw_weight(meta, i, j, config: DashConfig) -> float:
     return w if config.enabled else 1.0
 
 
+def negative_terms(meta, present, i, b, config):
+    """Candidates j != i of anchor i for modality b, each with (log w_ij, margin_ij), by either formula."""
+    nights = meta["night_id"].tolist()
+    rows = len(nights)
+    if isinstance(config, PaperDashConfig):  # every window holding b, same night included (tiny weight, margin)
+        w, _ = paper_dash_weights(meta, meta, config, candidates=present[:, b])
+        return {j: (math.log(max(w[i, j].item(), 1e-6)), config.same_night_margin * (nights[j] == nights[i]))
+                for j in range(rows) if j != i and present[j, b]}
+    negatives = [j for j in range(rows) if present[j, b] and nights[j] != nights[i]]
+    raw = {j: raw_weight(meta, i, j, config) for j in negatives}
+    mean = sum(raw.values()) / max(len(raw), 1)
+    return {j: (math.log(raw[j] / mean), 0.0) for j in negatives}
+
+
 def loop_reference(z, present, meta, scale, config=DashConfig()) -> torch.Tensor:
     """The loss anchor by anchor with Python loops: slow, obvious, independent of the vectorised code."""
     keys = [k for k in MODALITY_KEYS if k in z]
     rows, epochs = next(iter(z.values())).shape[:2]
-    nights = meta["night_id"].tolist()
     terms = []
     for a, b in itertools.permutations(keys, 2):
         ca, cb = MODALITY_KEYS.index(a), MODALITY_KEYS.index(b)
         for i in range(rows):
             if not (present[i, ca] and present[i, cb]):
                 continue
-            negatives = [j for j in range(rows) if present[j, cb] and nights[j] != nights[i]]
-            raw = {j: raw_weight(meta, i, j, config) for j in negatives}
-            mean = sum(raw.values()) / max(len(raw), 1)
+            negatives = negative_terms(meta, present, i, cb, config)
             for e in range(epochs):
                 logits = [scale * (z[a][i, e] @ z[b][i, e])]
-                logits += [scale * (z[a][i, e] @ z[b][j, e]) + math.log(raw[j] / mean) for j in negatives]
+                logits += [scale * (z[a][i, e] @ z[b][j, e] - margin) + log_w for j, (log_w, margin) in negatives.items()]
                 terms.append(-(logits[0] - torch.logsumexp(torch.stack(logits), 0)))
     return torch.stack(terms).mean()
 
@@ -313,34 +324,12 @@ def test_world_size_errors_are_explicit():
 
 # -- the authors' formula, chunking, local negatives, statistics ------------------------------------
 
-def paper_loop_reference(z, present, meta, scale, config=PaperDashConfig()) -> torch.Tensor:
-    """The paper-formula loss anchor by anchor: candidates are every window holding b, same night included."""
-    keys = [k for k in MODALITY_KEYS if k in z]
-    rows, epochs = next(iter(z.values())).shape[:2]
-    nights = meta["night_id"].tolist()
-    terms = []
-    for a, b in itertools.permutations(keys, 2):
-        ca, cb = MODALITY_KEYS.index(a), MODALITY_KEYS.index(b)
-        w, _ = paper_dash_weights(meta, meta, config, candidates=present[:, cb])
-        for i in range(rows):
-            if not (present[i, ca] and present[i, cb]):
-                continue
-            others = [j for j in range(rows) if j != i and present[j, cb]]
-            for e in range(epochs):
-                logits = [scale * (z[a][i, e] @ z[b][i, e])]
-                for j in others:
-                    margin = config.same_night_margin if nights[j] == nights[i] else 0.0
-                    logits.append(scale * (z[a][i, e] @ z[b][j, e] - margin) + math.log(max(w[i, j].item(), 1e-6)))
-                terms.append(-(logits[0] - torch.logsumexp(torch.stack(logits), 0)))
-    return torch.stack(terms).mean()
-
-
 @pytest.mark.parametrize("seed", [0, 1])
 def test_paper_formula_equals_its_loop_reference(seed):
     z, present, meta = make_case(10, seed=seed)
     scale = torch.tensor(math.log(1 / 0.2))
     out = dash_infonce(z, present, meta, logit_scale=scale, config=PaperDashConfig())
-    assert torch.allclose(out.loss, paper_loop_reference(z, present, meta, scale.exp()), atol=1e-5)
+    assert torch.allclose(out.loss, loop_reference(z, present, meta, scale.exp(), PaperDashConfig()), atol=1e-5)
     # Same-night windows stay candidates (with a tiny weight), so there are more of them than in the project's.
     project = dash_infonce(z, present, meta, logit_scale=scale)
     assert out.stats["negatives_per_anchor"] > project.stats["negatives_per_anchor"]

@@ -14,10 +14,11 @@ import torch.multiprocessing as mp
 
 from pipelines.train_config import PretrainConfig
 from s2v_core.dash import DashConfig, PaperDashConfig
+from s2v_core.modalities import MODALITY_KEYS
 from s2v_core.losses import dash_infonce
 from s2v_core.model import ModelConfig, SleepEncoder, model_config
 from s2v_core.objective import Objective, available_objectives, draw_pair, load_objective
-from tests.gloo_workers import finish_worker
+from tests.gloo_workers import run_in_group
 from tests.test_model import random_batch
 
 
@@ -116,18 +117,13 @@ def test_draw_pair_is_a_deterministic_uniform_pair_in_registry_order():
 
 
 def pair_worker(rank: int, init_file: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    try:
-        modalities = ("eeg", "eog", "emg", "ecg", "hr", "spo2", "airflow", "thorax", "abdomen")
-        pairs = [draw_pair(modalities, seed=7, step=step) for step in range(50)]
+    def body():
+        pairs = [draw_pair(MODALITY_KEYS, seed=7, step=step) for step in range(50)]
         everyone = [None, None]
         dist.all_gather_object(everyone, pairs)
         torch.save(everyone, f"{out_dir}/rank{rank}.pt")
-    except BaseException:
-        dist.destroy_process_group()
-        raise
-    finish_worker()
+
+    run_in_group(rank, 2, init_file, body)
 
 
 @pytest.mark.integration
