@@ -392,7 +392,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             report_now = cfg.report_every > 0 and step % cfg.report_every == 0
             if step % cfg.log_every == 0 or checkpoint_now or report_now:
                 # Every rank takes part in the stats all-reduce, on the same steps.
-                stats = _average_stats(result.stats, world_size, device)
+                stats = _average_stats(result.to_floats(), world_size, device)  # one device read per log
                 elapsed = time.perf_counter() - interval_start
                 metrics = {**stats, "step": float(step), "epoch": float(epoch * store_repeats),
                            "optimizer_steps": float(engine.global_steps),

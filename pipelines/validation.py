@@ -182,9 +182,10 @@ def evaluate_contrastive_loss(
             meta = {k: batch[k] for k in ("age", "sex", "site_id", "night_id", "history")}
             result = dash_infonce(out.per_modality, out.present, meta, logit_scale=encoder.logit_scale,
                                   config=dash)
-            count = result.stats.get("anchors", 0.0)
-            total += float(result.loss) * count
-            negatives += result.stats.get("negatives_per_anchor", 0.0) * count
+            stats = result.to_floats()
+            count = stats.get("anchors", 0.0)
+            total += stats["loss"] * count
+            negatives += stats.get("negatives_per_anchor", 0.0) * count
             anchors += count
     if anchors == 0:
         raise ValueError(f"evaluate_contrastive_loss: no window holds two of {', '.join(selected)}; "

@@ -65,7 +65,7 @@ def _check_type(value: Any, annotation: Any, where: str) -> Any:
             return tuple(_check_type(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
         if len(args) != len(value):
             raise TypeError(f"{where}: expected {len(args)} items, found {len(value)}")
-        return tuple(_check_type(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(args, value)))
+        return tuple(_check_type(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
     if origin in (dict, Mapping) or annotation is dict:
         if not isinstance(value, Mapping):
             raise TypeError(f"{where}: expected a mapping, found {type(value).__name__}")

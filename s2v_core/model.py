@@ -3,33 +3,35 @@
 Data flow for one window of ``E`` consecutive 30-s epochs::
 
     modality m, epoch e  (samples_per_epoch(m) samples at the store rate)
-        │ tokenizer[m]: strided 1-D conv stem → one ``width``-dim token
-        │ + modality embedding[m] + position embedding[e]
+        │ tokenizer[m] (``conv`` stem or the authors' ``mlp``) → one ``width``-dim token
+        │ [training, mask_rate > 0: a fraction of tokens replaced by mask embedding[m]]
+        │ + modality embedding[m] (+ position embedding[e] when ``position = "absolute"``)
         ▼
     shared transformer backbone over the E tokens of (window, modality)
-        │ final LayerNorm → projection head → L2 normalisation
+        │ (rotary positions inside attention when ``position = "rotary"``), final LayerNorm
+        ▼
+    hidden states (B, E, width)  ── the features for downstream models
+        │ projection head (``linear`` or ``simclr``) → L2 normalisation
         ▼
     per-modality epoch embedding (B, E, projection_dim)
-        │ mean over the modalities present in the window, re-normalised
+        │ mean over the modalities present in the window (re-normalised)
         ▼
     fused epoch embedding (B, E, P) → window embedding (B, P) → night (pool_night)
 
 Each modality's sequence goes through the backbone on its own (no attention
 across modalities): the contrastive objective aligns modalities of the same
 window, and letting one modality attend to another would let the model copy
-the answer instead of learning it. A missing modality is never encoded; it is
-simply left out of the fused mean (no zeros pretending to be signal).
+the answer instead of learning it. A missing modality contributes nothing:
+its rows are encoded from zeros (every row of a selected modality is encoded,
+so that no shape depends on the data and the step needs no host-device
+synchronisation) and then masked out of every output and statistic.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
-import tomllib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
-from importlib import resources
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -38,137 +40,27 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+# ModelConfig and the named sizes live in s2v_core.architecture; re-exported here, where callers import them.
+from s2v_core.architecture import ModelConfig, available_model_configs, model_config  # noqa: F401
+from s2v_core.backbone import Backbone
 from s2v_core.config import from_mapping, to_mapping
+from s2v_core.heads import MaskedBatchNorm, Reducer, build_head
+from s2v_core.legacy import FORMAT1, convert_format1_state
 from s2v_core.modalities import MODALITY_KEYS, get_modality, parse_modalities
+from s2v_core.tokenizers import build_tokenizer
 
 logger = logging.getLogger(__name__)
 
 #: Format version of ``model_config.json`` written by :func:`save_encoder`.
-ENCODER_FORMAT = 1
+#: 2: tokenizers as GEMMs, a written-out backbone, tokenizer/position/head choices.
+#: 1 (read only, converted on load): ``nn.Conv1d`` stems, ``nn.TransformerEncoder``.
+ENCODER_FORMAT = 2
 CONFIG_FILE = "model_config.json"
 WEIGHTS_FILE = "encoder.pt"
 
-#: First stem layer: non-overlapping patches of 8 samples (62.5 ms at 128 Hz,
-#: 0.5 s at 16 Hz, 2 s at 4 Hz), a linear map that cuts the activation volume
-#: of the following layers eightfold — the stems dominate the CPU cost.
-_STEM_PATCH = 8
-#: Then strided convolutions (kernel 8, stride 4) until an epoch is at most
-#: 32 steps long: 3840 samples → 480 → 120 → 30, 480 → 60 → 15, 120 → 15.
-_STEM_MAX_STEPS = 32
-_STEM_STRIDE = 4
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """Architecture of a :class:`SleepEncoder` (named sizes live in ``configs/model/*.toml``)."""
-
-    name: str = "tiny"  # the named size this config came from (overrides keep the name)
-    width: int = 32  # token and backbone width d; the scaling sweeps vary it
-    depth: int = 2  # number of transformer layers in the shared backbone
-    heads: int = 2  # attention heads; width must be divisible by heads
-    mlp_ratio: float = 2.0  # feed-forward hidden size = mlp_ratio * width (4.0 in ViT/BERT)
-    dropout: float = 0.0  # dropout in attention/MLP/tokens; 0 keeps CPU tests deterministic
-    projection_dim: int = 32  # dimension of the aligned space the loss and embeddings live in
-    modality_dropout: float = 0.25  # P(drop a present modality of a window) in training, never all
-    epochs_per_window: int = 10  # max sequence length (position embeddings); the store default
-    init_temperature: float = 0.07  # InfoNCE temperature at init (CLIP's value)
-    learn_temperature: bool = True  # learn log(1/temperature) as in CLIP, else keep it fixed
-    stem_channels: int = 8  # channels of the conv stems; tokenizer cost grows with it
-
-    def __post_init__(self) -> None:
-        positive = ("width", "depth", "heads", "projection_dim", "epochs_per_window", "stem_channels")
-        for field_name in positive:
-            value = getattr(self, field_name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"model config {self.name!r}: {field_name} must be an integer >= 1, "
-                                 f"found {value!r}")
-        if self.width % self.heads:
-            raise ValueError(f"model config {self.name!r}: width {self.width} is not divisible by "
-                             f"heads {self.heads}; override heads too (e.g. heads=1)")
-        if not self.mlp_ratio > 0:
-            raise ValueError(f"model config {self.name!r}: mlp_ratio must be > 0, found {self.mlp_ratio}")
-        for field_name in ("dropout", "modality_dropout"):
-            value = getattr(self, field_name)
-            if not 0.0 <= value < 1.0:
-                raise ValueError(f"model config {self.name!r}: {field_name} must be in [0, 1), "
-                                 f"found {value}")
-        if not self.init_temperature > 0:
-            raise ValueError(f"model config {self.name!r}: init_temperature must be > 0, "
-                             f"found {self.init_temperature}")
-
-
-def _config_dir():
-    return resources.files("s2v_core").joinpath("configs", "model")
-
-
-def available_model_configs() -> tuple[str, ...]:
-    """Names of the shipped model sizes (``configs/model/<name>.toml``), sorted."""
-    return tuple(sorted(p.name[:-5] for p in _config_dir().iterdir() if p.name.endswith(".toml")))
-
-
-def model_config(name: str = "tiny", **overrides: Any) -> ModelConfig:
-    """Load the named model size and apply ``overrides`` (e.g. ``width=128, depth=4``).
-
-    Overrides whose value is ``None`` are ignored, so unset CLI options pass
-    straight through. Raises ``ValueError`` for an unknown name (listing the
-    available ones), an unknown override key (listing the fields) or an
-    invalid value, ``TypeError`` for a value of the wrong type.
-    """
-    available = available_model_configs()
-    if name not in available:
-        raise ValueError(f"unknown model config {name!r}; expected one of {', '.join(available)}")
-    source = f"s2v_core/configs/model/{name}.toml"
-    data = tomllib.loads(_config_dir().joinpath(f"{name}.toml").read_text(encoding="utf-8"))
-    data.setdefault("name", name)
-    known = {f.name for f in fields(ModelConfig)}
-    unknown = sorted(set(overrides) - known)
-    if unknown:
-        raise ValueError(f"model config {name!r}: unknown override(s) {', '.join(unknown)}; "
-                         f"expected some of {', '.join(sorted(known))}")
-    data.update({k: v for k, v in overrides.items() if v is not None})
-    return from_mapping(ModelConfig, data, source=source)
-
-
-class EpochTokenizer(nn.Module):
-    """One 30-s epoch of one modality → one ``width``-dim token.
-
-    A patch layer (kernel = stride = 8 samples) followed by strided 1-D
-    convolutions (kernel 8, stride 4) that downsample the epoch until it is at
-    most 32 steps long (3 layers in all for 128 Hz signals, 2 for 16 Hz, 1 for
-    4 Hz); the flattened feature map is linearly mapped to ``width``.
-    Input ``(n, E, samples_per_epoch)``, output ``(n, E, width)``.
-    """
-
-    def __init__(self, samples_per_epoch: int, width: int, channels: int) -> None:
-        super().__init__()
-        if samples_per_epoch % _STEM_PATCH:
-            raise ValueError(f"EpochTokenizer: samples_per_epoch {samples_per_epoch} is not a multiple "
-                             f"of the patch length {_STEM_PATCH}")
-        # No per-epoch normalisation in the stem: the store already scales each
-        # recording to unit robust spread, and the amplitude of an epoch relative to
-        # its night (slow waves in N3, a desaturation) is signal that a per-epoch
-        # GroupNorm/LayerNorm on the feature map would erase.
-        layers: list[nn.Module] = [nn.Conv1d(1, channels, _STEM_PATCH, stride=_STEM_PATCH), nn.GELU()]
-        steps = samples_per_epoch // _STEM_PATCH
-        while steps > _STEM_MAX_STEPS:
-            # padding 2 with kernel 8 / stride 4 gives exactly steps / 4 outputs.
-            layers += [nn.Conv1d(channels, channels, 8, stride=_STEM_STRIDE, padding=2), nn.GELU()]
-            steps = math.ceil(steps / _STEM_STRIDE)
-        self.samples_per_epoch = samples_per_epoch
-        self.convs = nn.Sequential(*layers)
-        with torch.no_grad():
-            flat = self.convs(torch.zeros(1, 1, samples_per_epoch)).numel()
-        self.out = nn.Sequential(nn.Linear(flat, width), nn.LayerNorm(width))
-
-    def forward(self, x: Tensor) -> Tensor:
-        n, epochs, samples = x.shape
-        features = self.convs(x.reshape(n * epochs, 1, samples))
-        tokens = self.out(features.flatten(1))
-        return tokens.reshape(n, epochs, tokens.shape[-1])  # explicit width: n may be 0
-
 
 class EncoderOutput(NamedTuple):
-    """What :meth:`SleepEncoder.encode` returns (all embeddings L2-normalised).
+    """What :meth:`SleepEncoder.encode` returns.
 
     A named tuple rather than a dataclass so that wrappers which hook module
     outputs can reach its tensors: DeepSpeed ZeRO-3 re-gathers a module's
@@ -178,8 +70,8 @@ class EncoderOutput(NamedTuple):
     Attributes
     ----------
     per_modality : dict of str to Tensor ``(B, E, P)``
-        Projection of each encoded modality; rows where the modality is absent
-        (see ``present``) are zero and must be ignored.
+        L2-normalised projection of each encoded modality; rows where the
+        modality is absent (see ``present``) are zero and must be ignored.
     present : Tensor ``(B, 9)`` bool
         Registry-order mask of the modalities actually used, after selection
         and (in training) modality dropout.
@@ -192,6 +84,15 @@ class EncoderOutput(NamedTuple):
         The encoder's ``log(1/temperature)`` as computed in this forward pass
         (gradient flows to ``SleepEncoder.logit_scale``); prefer it to the
         parameter when a wrapper partitions parameters (DeepSpeed ZeRO-3).
+    hidden : dict of str to Tensor ``(B, E, width)``, optional
+        Backbone output (after the final LayerNorm, before the head) of each
+        encoded modality; zero rows where the modality is absent. The
+        features downstream models should start from (``--features hidden``).
+    fused_hidden : Tensor ``(B, E, width)``, optional
+        Mean of ``hidden`` over the present modalities (not normalised); zero
+        for a window with no modality.
+    window_hidden : Tensor ``(B, width)``, optional
+        Mean of ``fused_hidden`` over the epochs of the window.
     """
 
     per_modality: dict[str, Tensor]
@@ -199,6 +100,9 @@ class EncoderOutput(NamedTuple):
     fused: Tensor
     window: Tensor
     logit_scale: Tensor | None = None
+    hidden: dict[str, Tensor] | None = None
+    fused_hidden: Tensor | None = None
+    window_hidden: Tensor | None = None
 
 
 class SleepEncoder(nn.Module):
@@ -228,26 +132,58 @@ class SleepEncoder(nn.Module):
         self.modalities: tuple[str, ...] = tuple(k for k in MODALITY_KEYS if k in wanted)
         width = config.width
         self.tokenizers = nn.ModuleDict({
-            key: EpochTokenizer(get_modality(key).samples_per_epoch, width, config.stem_channels)
+            key: build_tokenizer(config.tokenizer, get_modality(key).samples_per_epoch, config)
             for key in self.modalities
         })
         # Indexed by registry position so that checkpoints of encoders built on
         # different subsets share the meaning of each row.
         self.modality_embedding = nn.Embedding(len(MODALITY_KEYS), width)
-        self.position_embedding = nn.Parameter(torch.zeros(config.epochs_per_window, width))
         nn.init.normal_(self.modality_embedding.weight, std=0.02)
-        nn.init.normal_(self.position_embedding, std=0.02)
+        if config.position == "absolute":
+            self.position_embedding = nn.Parameter(torch.zeros(config.epochs_per_window, width))
+            nn.init.normal_(self.position_embedding, std=0.02)
+        if config.mask_tokens:
+            # One learned token per modality (registry-indexed), initialised to ones as
+            # the authors do: the scale of a LayerNorm-ed token.
+            self.mask_embedding = nn.Embedding(len(MODALITY_KEYS), width)
+            nn.init.ones_(self.mask_embedding.weight)
         self.token_dropout = nn.Dropout(config.dropout)
-        layer = nn.TransformerEncoderLayer(
-            width, config.heads, dim_feedforward=int(round(config.mlp_ratio * width)),
-            dropout=config.dropout, activation="gelu", batch_first=True, norm_first=True,
-        )
-        self.backbone = nn.TransformerEncoder(layer, config.depth, enable_nested_tensor=False)
-        self.final_norm = nn.LayerNorm(width)
-        self.head = nn.Linear(width, config.projection_dim)
+        self.backbone = Backbone(width, config.depth, config.heads, int(round(config.mlp_ratio * width)),
+                                 config.dropout, rotary=config.position == "rotary")
+        self.head = build_head(config.head, width, config.projection_dim)
         # log(1/temperature), CLIP's parametrisation: positive and well scaled.
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / config.init_temperature)),
+        self.logit_scale = nn.Parameter(torch.log(torch.tensor(1.0 / config.init_temperature)),
                                         requires_grad=config.learn_temperature)
+        # Registry positions on the module's device: embedding rows are looked up
+        # without a host-to-device copy per call.
+        self.register_buffer("registry_index", torch.arange(len(MODALITY_KEYS)), persistent=False)
+
+    # -- options the training pipeline sets ----------------------------------------------------------
+    def set_batchnorm_reducer(self, reducer: Reducer | None) -> int:
+        """Synchronise the head's BatchNorm statistics over ranks (see :mod:`s2v_core.heads`).
+
+        ``reducer`` sums a tensor over all ranks with gradient (e.g.
+        ``torch.distributed.nn.functional.all_reduce``); ``None`` keeps per-rank
+        statistics. Returns the number of BatchNorm layers it was set on (0 for
+        the linear head).
+        """
+        layers = [m for m in self.modules() if isinstance(m, MaskedBatchNorm)]
+        for layer in layers:
+            layer.set_reducer(reducer)
+        return len(layers)
+
+    def compile_blocks(self, **options: Any) -> SleepEncoder:
+        """``torch.compile`` each tokenizer, the backbone and the head in place (keys unchanged).
+
+        Unlike compiling :meth:`encode` as a whole, whose graph depends on which
+        modalities a step encodes (a recompile per random pair), each block's
+        graph depends only on shapes. ``options`` go to ``nn.Module.compile``.
+        """
+        for tokenizer in self.tokenizers.values():
+            tokenizer.compile(**options)
+        self.backbone.compile(**options)
+        self.head.compile(**options)
+        return self
 
     # -- selection and dropout ------------------------------------------------------------------
     def _select(self, batch: Mapping[str, Tensor], modalities: Sequence[str] | None) -> tuple[str, ...]:
@@ -272,20 +208,30 @@ class SleepEncoder(nn.Module):
         return tuple(k for k in self.modalities if k in set(modalities))
 
     def _drop_modalities(self, keep: Tensor) -> Tensor:
-        """Drop each used modality with probability ``modality_dropout``, never all of a window."""
+        """Drop each used modality with probability ``modality_dropout``, never all of a window.
+
+        A window that would lose every modality keeps one uniformly chosen
+        present modality. The rescue is computed for every window and applied
+        where needed, so nothing depends on the draw on the host.
+        """
         p = self.config.modality_dropout
-        draw = torch.rand(keep.shape, device=keep.device)
-        kept = keep & (draw >= p)
+        kept = keep & (torch.rand(keep.shape, device=keep.device) >= p)
         emptied = keep.any(dim=1) & ~kept.any(dim=1)
-        if emptied.any():
-            # Keep one uniformly chosen present modality of each emptied window.
-            scores = torch.rand(keep.shape, device=keep.device).masked_fill(~keep, -1.0)
-            rescue = F.one_hot(scores.argmax(dim=1), keep.shape[1]).bool()
-            kept = kept | (rescue & emptied[:, None])
-        return kept
+        scores = torch.rand(keep.shape, device=keep.device).masked_fill(~keep, -1.0)
+        rescue = torch.arange(keep.shape[1], device=keep.device) == scores.argmax(dim=1, keepdim=True)
+        return kept | (rescue & emptied[:, None])
+
+    def _masking(self, mask_rate: float) -> bool:
+        if not 0.0 <= mask_rate < 1.0:
+            raise ValueError(f"encode: mask_rate must be in [0, 1), found {mask_rate!r}")
+        if mask_rate > 0 and not self.config.mask_tokens:
+            raise ValueError(f"encode: mask_rate {mask_rate} needs an encoder built with mask_tokens=True "
+                             f"(model config {self.config.name!r} has mask_tokens=False)")
+        return mask_rate > 0 and self.training
 
     # -- forward ----------------------------------------------------------------------------------
-    def encode(self, batch: Mapping[str, Tensor], modalities: Sequence[str] | None = None) -> EncoderOutput:
+    def encode(self, batch: Mapping[str, Tensor], modalities: Sequence[str] | None = None, *,
+               mask_rate: float = 0.0) -> EncoderOutput:
         """Encode whatever modalities of ``batch`` are present.
 
         Parameters
@@ -297,12 +243,17 @@ class SleepEncoder(nn.Module):
             (bool ``(B, 9)``, registry order). Other keys are ignored.
         modalities : sequence of str, optional
             Subset to encode; default every built modality found in ``batch``.
+        mask_rate : float
+            In training, the probability that a token (one epoch of one
+            modality) is replaced by its modality's learned mask embedding
+            after the tokenizer (the authors use 0.15). Needs ``mask_tokens``;
+            ignored in eval mode.
 
         Returns
         -------
         EncoderOutput
-            Per-modality, fused per-epoch and window embeddings. In training
-            mode modality dropout is applied to the ``present`` mask first.
+            Hidden states, per-modality, fused per-epoch and window embeddings.
+            In training mode modality dropout is applied to ``present`` first.
         """
         selected = self._select(batch, modalities)
         present_in = batch["present"]
@@ -311,59 +262,74 @@ class SleepEncoder(nn.Module):
                              f"found {tuple(present_in.shape)}")
         present_in = present_in.bool()
         rows, epochs = self._check_shapes(batch, selected, present_in.shape[0])
+        masking = self._masking(mask_rate)
         keep = torch.zeros_like(present_in)
         for key in selected:
             index = MODALITY_KEYS.index(key)
             keep[:, index] = present_in[:, index]
         if self.training and self.config.modality_dropout > 0:
             keep = self._drop_modalities(keep)
+        valid = torch.stack([keep[:, MODALITY_KEYS.index(k)] for k in selected])  # (M, B)
 
-        dtype = self.position_embedding.dtype
-        tokens, owners = [], []
-        for key in selected:
+        dtype = self.modality_embedding.weight.dtype
+        # Through the embeddings' forward, not .weight[…], so that ZeRO-3 gathers them.
+        modality_rows = self.modality_embedding(self.registry_index)  # (9, width)
+        mask_rows = self.mask_embedding(self.registry_index) if self.config.mask_tokens else None
+        tokens = []
+        for m, key in enumerate(selected):
             index = MODALITY_KEYS.index(key)
-            where = keep[:, index].nonzero().squeeze(1)
-            # A modality absent from every window still runs its tokenizer, on zero
-            # rows: ZeRO-3 gathers each module's parameters collectively as it runs,
-            # so every rank must run the same modules in the same order.
-            signal = batch[key] if where.numel() == rows else batch[key][where]
-            token = self.tokenizers[key](signal.to(dtype))
-            # Through the embedding's forward, not .weight[…], so that ZeRO-3 gathers it.
-            tokens.append(token + self.modality_embedding(torch.tensor(index, device=token.device)))
-            owners.append((key, where))
-        p_dim = self.config.projection_dim
-        device = present_in.device
-        per_modality = {key: torch.zeros(rows, epochs, p_dim, device=device, dtype=dtype)
-                        for key in selected}
-        hidden = torch.cat(tokens) + self.position_embedding[:epochs]
-        hidden = self.final_norm(self.backbone(self.token_dropout(hidden)))
-        projected = F.normalize(self.head(hidden), dim=-1)
-        start = 0
-        for key, where in owners:
-            part = projected[start:start + where.numel()]
-            start += where.numel()
-            per_modality[key] = (part if where.numel() == rows
-                                 else per_modality[key].index_copy(0, where, part))
-
+            # Every row is encoded; absent rows from zeros (whatever the batch holds
+            # there, e.g. NaN, must not reach a weight gradient).
+            signal = torch.where(valid[m][:, None, None], batch[key], 0.0).to(dtype)
+            token = self.tokenizers[key](signal)
+            if masking:
+                drawn = torch.rand(rows, epochs, device=token.device) < mask_rate
+                token = torch.where(drawn[..., None], mask_rows[index].to(token.dtype), token)
+            tokens.append(token + modality_rows[index])
+        x = torch.cat(tokens)  # (M * B, E, width): every modality's sequences in one backbone call
+        if self.config.position == "absolute":
+            x = x + self.position_embedding[:epochs]
+        count = len(selected)
+        hidden = self.backbone(self.token_dropout(x)).view(count, rows, epochs, -1)
+        row_valid = valid[:, :, None].expand(count, rows, epochs).reshape(count, rows * epochs)
+        projected = self.head(hidden.reshape(count, rows * epochs, -1), row_valid)
+        projected = F.normalize(projected, dim=-1).view(count, rows, epochs, -1)
+        here = valid[:, :, None, None]
+        projected = torch.where(here, projected, 0.0)
+        hidden = torch.where(here, hidden, 0.0)
         if self.training and torch.is_grad_enabled():
-            # Tokenizers of built modalities this call does not encode would get no
-            # gradient, and data-parallel wrappers (DDP, DeepSpeed) expect every worker to
-            # produce the same set of gradients: an exact zero keeps every parameter in the graph.
-            idle = [p for key in self.modalities if key not in selected for p in self.tokenizers[key].parameters()]
-            if idle:
-                first = selected[0]
-                per_modality[first] = per_modality[first] + 0.0 * sum(p.sum() for p in idle)
-        stacked = torch.stack([per_modality[k] for k in selected])  # (M, B, E, P), zeros where absent
-        counts = torch.stack([keep[:, MODALITY_KEYS.index(k)] for k in selected]).sum(0)  # (B,)
-        fused = stacked.sum(0) / counts.clamp(min=1).to(dtype)[:, None, None]
-        fused = F.normalize(fused, dim=-1)  # zero rows stay zero
-        window = F.normalize(fused.mean(dim=1), dim=-1)
+            projected = projected + self._zero_for_unused(selected, x, mask_rows if not masking else None)
+
+        counts = valid.sum(0).clamp(min=1)  # (B,)
+        fused = F.normalize(projected.sum(0) / counts.to(projected.dtype)[:, None, None], dim=-1)
+        window = F.normalize(fused.mean(dim=1), dim=-1)  # zero rows stay zero
+        fused_hidden = hidden.sum(0) / counts.to(hidden.dtype)[:, None, None]
         # A fresh tensor made inside forward, so the temperature can be read safely
         # even when a wrapper (DeepSpeed ZeRO-3) partitions parameters outside it.
-        return EncoderOutput(per_modality=per_modality, present=keep, fused=fused, window=window,
-                             logit_scale=self.logit_scale * 1.0)
+        return EncoderOutput(per_modality={k: projected[m] for m, k in enumerate(selected)}, present=keep,
+                             fused=fused, window=window, logit_scale=self.logit_scale * 1.0,
+                             hidden={k: hidden[m] for m, k in enumerate(selected)},
+                             fused_hidden=fused_hidden, window_hidden=fused_hidden.mean(dim=1))
 
     forward = encode
+
+    def _zero_for_unused(self, selected: tuple[str, ...], x: Tensor, mask_rows: Tensor | None) -> Tensor:
+        """An exact zero that puts every parameter this step did not use into the graph.
+
+        Data-parallel wrappers (DDP, DeepSpeed) expect every worker to produce
+        the same set of gradients, and ZeRO-3 gathers each module's parameters
+        collectively as it runs, so every rank must run the same modules in the
+        same order: tokenizers of modalities this step does not encode run on
+        one zero epoch, an unused mask embedding is summed.
+        """
+        zero = x.new_zeros(())
+        for key in self.modalities:
+            if key not in selected:
+                samples = get_modality(key).samples_per_epoch
+                zero = zero + self.tokenizers[key](x.new_zeros(1, 1, samples)).sum()
+        if mask_rows is not None:
+            zero = zero + mask_rows.sum()
+        return zero * 0.0
 
     def _check_shapes(self, batch: Mapping[str, Tensor], selected: tuple[str, ...], rows: int) -> tuple[int, int]:
         epochs = None
@@ -378,9 +344,10 @@ class SleepEncoder(nn.Module):
             elif x.shape[1] != epochs:
                 raise ValueError(f"encode: {key} has {x.shape[1]} epochs per window, other modalities "
                                  f"have {epochs}")
-        if epochs > self.config.epochs_per_window:
+        if self.config.position == "absolute" and epochs > self.config.epochs_per_window:
             raise ValueError(f"encode: windows of {epochs} epochs exceed the model's epochs_per_window "
-                             f"{self.config.epochs_per_window}; build the model with a larger value")
+                             f"{self.config.epochs_per_window} (absolute positions); build the model with "
+                             f"a larger value or with position='rotary'")
         return rows, epochs
 
 
@@ -447,18 +414,18 @@ def count_parameters(model: nn.Module, *, non_embedding: bool = True) -> int:
     """Number of parameters (frozen ones included), the ``N`` of the scaling laws.
 
     With ``non_embedding=True`` (Kaplan et al. 2020's convention) the count
-    excludes what maps inputs to tokens: the per-modality tokenizer stems,
-    the modality and position embeddings, and the temperature. What remains
-    is the shared backbone, its final norm and the projection head, so ``N``
-    does not change with the number of modalities a model was built for.
+    excludes what maps inputs to tokens: the per-modality tokenizers, the
+    modality, mask and position embeddings, and the temperature. What remains
+    is the shared backbone (with its final norm) and the projection head, so
+    ``N`` does not change with the number of modalities a model was built for.
     """
-    excluded = ("tokenizers.", "modality_embedding.", "position_embedding", "logit_scale")
+    excluded = ("tokenizers.", "modality_embedding.", "mask_embedding.", "position_embedding", "logit_scale")
     return sum(param.numel() for name, param in model.named_parameters()
                if not (non_embedding and name.startswith(excluded)))
 
 
 def save_encoder(model: SleepEncoder, directory: str | Path) -> Path:
-    """Write ``model_config.json`` (config + modalities) and ``encoder.pt`` (state dict) to ``directory``."""
+    """Write ``model_config.json`` (format, config, modalities) and ``encoder.pt`` (state dict) to ``directory``."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     description = {"format": ENCODER_FORMAT, "config": to_mapping(model.config),
@@ -469,17 +436,26 @@ def save_encoder(model: SleepEncoder, directory: str | Path) -> Path:
 
 
 def load_encoder(directory: str | Path, *, map_location: Any = "cpu") -> SleepEncoder:
-    """Rebuild a :class:`SleepEncoder` written by :func:`save_encoder` (weights loaded, eval mode)."""
+    """Rebuild a :class:`SleepEncoder` written by :func:`save_encoder` (weights loaded, eval mode).
+
+    Encoders of format 1 (written before tokenizer/position/head choices
+    existed) are converted on load by :func:`s2v_core.legacy.convert_format1_state`
+    and encode exactly as before; any other format is a ``ValueError`` naming it.
+    """
     directory = Path(directory)
     config_path = directory / CONFIG_FILE
     if not config_path.is_file():
         raise FileNotFoundError(f"load_encoder: {config_path} does not exist (not a saved encoder)")
     description = json.loads(config_path.read_text(encoding="utf-8"))
-    if description.get("format") != ENCODER_FORMAT:
-        raise ValueError(f"load_encoder: {config_path}: expected format {ENCODER_FORMAT}, "
-                         f"found {description.get('format')!r}")
+    version = description.get("format")
+    if version not in (FORMAT1, ENCODER_FORMAT):
+        raise ValueError(f"load_encoder: {config_path}: encoder format {version!r} is not readable by this "
+                         f"version; expected format {ENCODER_FORMAT} (or {FORMAT1}, converted on load)")
     config = from_mapping(ModelConfig, description["config"], source=str(config_path))
     model = SleepEncoder(config, description["modalities"])
     state = torch.load(directory / WEIGHTS_FILE, map_location=map_location, weights_only=True)
+    if version == FORMAT1:
+        logger.info("load_encoder: converting format-1 encoder %s to format %d", directory, ENCODER_FORMAT)
+        state = convert_format1_state(state)
     model.load_state_dict(state)
     return model.eval()

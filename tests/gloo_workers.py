@@ -5,6 +5,9 @@ from __future__ import annotations
 import os
 import sys
 
+from collections.abc import Callable
+
+import torch
 import torch.distributed as dist
 
 
@@ -23,3 +26,20 @@ def finish_worker() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+def run_in_group(rank: int, world_size: int, init_file: str, body: Callable[[], None]) -> None:
+    """Join a gloo group of ``world_size`` through ``init_file``, run ``body()``, then :func:`finish_worker`.
+
+    One intra-op thread per worker (two workers share the runner's cores). A
+    ``body`` that raises destroys the group and re-raises, so its traceback
+    reaches the test.
+    """
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        body()
+    except BaseException:
+        dist.destroy_process_group()
+        raise
+    finish_worker()

@@ -56,3 +56,16 @@ def test_load_mapping_reads_toml_yaml_json(tmp_path):
         load_mapping(tmp_path / "a.ini")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_mapping(tmp_path / "missing.toml")
+
+
+@dataclass(frozen=True)
+class Pair:
+    betas: tuple[float, int] = (0.9, 1)
+
+
+def test_fixed_length_tuples_check_each_item_against_its_type():
+    assert from_mapping(Pair, {"betas": [0.5, 2]}).betas == (0.5, 2)
+    with pytest.raises(TypeError, match=r"cfg\.betas\[1\]: expected an integer"):
+        from_mapping(Pair, {"betas": [0.5, 2.5]}, source="cfg")
+    with pytest.raises(TypeError, match="expected 2 items"):
+        from_mapping(Pair, {"betas": [0.5]}, source="cfg")

@@ -10,7 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from s2v_core.losses import DashConfig, LossOutput, dash_infonce, dash_log_weights, dash_weights
+from s2v_core.losses import (DashConfig, LossOutput, PaperDashConfig, dash_infonce, dash_log_weights, dash_weights,
+                             paper_dash_weights)
 from s2v_core.modalities import MODALITY_KEYS
 
 KEYS = ("eeg", "ecg", "spo2")
@@ -61,23 +62,34 @@ def raw_weight(meta, i, j, config: DashConfig) -> float:
     return w if config.enabled else 1.0
 
 
+def negative_terms(meta, present, i, b, config):
+    """Candidates j != i of anchor i for modality b, each with (log w_ij, margin_ij), by either formula."""
+    nights = meta["night_id"].tolist()
+    rows = len(nights)
+    if isinstance(config, PaperDashConfig):  # every window holding b, same night included (tiny weight, margin)
+        w, _ = paper_dash_weights(meta, meta, config, candidates=present[:, b])
+        return {j: (math.log(max(w[i, j].item(), 1e-6)), config.same_night_margin * (nights[j] == nights[i]))
+                for j in range(rows) if j != i and present[j, b]}
+    negatives = [j for j in range(rows) if present[j, b] and nights[j] != nights[i]]
+    raw = {j: raw_weight(meta, i, j, config) for j in negatives}
+    mean = sum(raw.values()) / max(len(raw), 1)
+    return {j: (math.log(raw[j] / mean), 0.0) for j in negatives}
+
+
 def loop_reference(z, present, meta, scale, config=DashConfig()) -> torch.Tensor:
     """The loss anchor by anchor with Python loops: slow, obvious, independent of the vectorised code."""
     keys = [k for k in MODALITY_KEYS if k in z]
     rows, epochs = next(iter(z.values())).shape[:2]
-    nights = meta["night_id"].tolist()
     terms = []
     for a, b in itertools.permutations(keys, 2):
         ca, cb = MODALITY_KEYS.index(a), MODALITY_KEYS.index(b)
         for i in range(rows):
             if not (present[i, ca] and present[i, cb]):
                 continue
-            negatives = [j for j in range(rows) if present[j, cb] and nights[j] != nights[i]]
-            raw = {j: raw_weight(meta, i, j, config) for j in negatives}
-            mean = sum(raw.values()) / max(len(raw), 1)
+            negatives = negative_terms(meta, present, i, cb, config)
             for e in range(epochs):
                 logits = [scale * (z[a][i, e] @ z[b][i, e])]
-                logits += [scale * (z[a][i, e] @ z[b][j, e]) + math.log(raw[j] / mean) for j in negatives]
+                logits += [scale * (z[a][i, e] @ z[b][j, e] - margin) + log_w for j, (log_w, margin) in negatives.items()]
                 terms.append(-(logits[0] - torch.logsumexp(torch.stack(logits), 0)))
     return torch.stack(terms).mean()
 
@@ -266,13 +278,14 @@ def run_ranks(world_size: int, work):
     return results
 
 
+@pytest.mark.parametrize("config", [DashConfig(), PaperDashConfig()], ids=["project", "paper"])
 @pytest.mark.parametrize("world_size", [2, 4])
-def test_faked_gather_equals_the_single_process_loss_and_gradients(world_size):
+def test_faked_gather_equals_the_single_process_loss_and_gradients(world_size, config):
     rows = 12
     z, present, meta = make_case(rows, seed=7)  # ragged presence: ranks hold unequal numbers of anchors
     full = {k: v.clone().requires_grad_() for k, v in z.items()}
     scale_single = torch.tensor(2.2, requires_grad=True)
-    single = dash_infonce(full, present, meta, logit_scale=scale_single)
+    single = dash_infonce(full, present, meta, logit_scale=scale_single, config=config)
     single.loss.backward()
 
     shared = {k: v.clone().requires_grad_() for k, v in z.items()}
@@ -283,7 +296,7 @@ def test_faked_gather_equals_the_single_process_loss_and_gradients(world_size):
         part = slice(rank * per_rank, (rank + 1) * per_rank)
         return dash_infonce({k: v[part] for k, v in shared.items()}, present[part],
                             {k: v[part] for k, v in meta.items()}, logit_scale=scales[rank],
-                            rank=rank, world_size=world_size, gather=gather)
+                            rank=rank, world_size=world_size, gather=gather, config=config)
 
     outs: list[LossOutput] = run_ranks(world_size, work)
     mean_loss = torch.stack([o.loss for o in outs]).mean()
@@ -307,3 +320,77 @@ def test_world_size_errors_are_explicit():
     with pytest.raises(ValueError, match="same batch size"):
         dash_infonce(z, present, meta, logit_scale=torch.tensor(1.0), rank=0, world_size=2,
                      gather=lambda t: torch.cat([t, t[:1]]))
+
+
+# -- the authors' formula, chunking, local negatives, statistics ------------------------------------
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_paper_formula_equals_its_loop_reference(seed):
+    z, present, meta = make_case(10, seed=seed)
+    scale = torch.tensor(math.log(1 / 0.2))
+    out = dash_infonce(z, present, meta, logit_scale=scale, config=PaperDashConfig())
+    assert torch.allclose(out.loss, loop_reference(z, present, meta, scale.exp(), PaperDashConfig()), atol=1e-5)
+    # Same-night windows stay candidates (with a tiny weight), so there are more of them than in the project's.
+    project = dash_infonce(z, present, meta, logit_scale=scale)
+    assert out.stats["negatives_per_anchor"] > project.stats["negatives_per_anchor"]
+
+
+@pytest.mark.parametrize("config", [DashConfig(), PaperDashConfig()], ids=["project", "paper"])
+def test_chunked_loss_equals_the_unchunked_loss_and_gradient(config):
+    z, present, meta = make_case(8, epochs=7, seed=9)
+    results = []
+    for chunk in (None, 3, 1):
+        leaves = {k: v.clone().requires_grad_() for k, v in z.items()}
+        scale = torch.tensor(2.0, requires_grad=True)
+        out = dash_infonce(leaves, present, meta, logit_scale=scale, config=config, epoch_chunk=chunk)
+        out.loss.backward()
+        results.append((out.loss.detach(), {k: v.grad for k, v in leaves.items()}, scale.grad))
+    for loss, grads, scale_grad in results[1:]:
+        assert torch.allclose(loss, results[0][0], atol=1e-6)
+        assert torch.allclose(scale_grad, results[0][2], atol=1e-6)
+        for k in grads:
+            assert torch.allclose(grads[k], results[0][1][k], atol=1e-6)
+
+
+def test_local_negatives_score_each_worker_on_its_own_batch_without_a_collective():
+    z, present, meta = make_case(12, seed=2)
+
+    def refuse(tensor):
+        raise AssertionError("local negatives must not gather")
+
+    for rank in range(2):
+        part = slice(rank * 6, (rank + 1) * 6)
+        local = dash_infonce({k: v[part] for k, v in z.items()}, present[part],
+                             {k: v[part] for k, v in meta.items()}, logit_scale=torch.tensor(2.0),
+                             rank=rank, world_size=2, gather=refuse, negatives="local")
+        alone = dash_infonce({k: v[part] for k, v in z.items()}, present[part],
+                             {k: v[part] for k, v in meta.items()}, logit_scale=torch.tensor(2.0))
+        assert torch.equal(local.loss, alone.loss) and local.stats["global_batch"] == 6
+
+
+def test_statistics_are_tensors_read_in_one_transfer():
+    z, present, meta = make_case(8, seed=1)
+    out = dash_infonce(z, present, meta, logit_scale=torch.tensor(2.0))
+    assert all(isinstance(v, torch.Tensor) and v.ndim == 0 for v in out.stats.values())
+    floats = out.to_floats()
+    assert set(floats) == set(out.stats) and all(type(v) is float for v in floats.values())
+    assert floats["loss"] == pytest.approx(out.loss.item())
+    assert LossOutput(loss=out.loss, stats={}).to_floats() == {}
+
+
+def test_bad_options_are_errors():
+    z, present, meta = make_case(4)
+    with pytest.raises(ValueError, match="negatives"):
+        dash_infonce(z, present, meta, logit_scale=torch.tensor(1.0), negatives="everyone")
+    with pytest.raises(ValueError, match="epoch_chunk"):
+        dash_infonce(z, present, meta, logit_scale=torch.tensor(1.0), epoch_chunk=0)
+    with pytest.raises(TypeError, match="DashConfig"):
+        dash_infonce(z, present, meta, logit_scale=torch.tensor(1.0), config={"enabled": True})
+
+
+def test_similarities_stay_float32_inside_a_bf16_autocast_region():
+    z, present, meta = make_case(8, seed=3)
+    plain = dash_infonce(z, present, meta, logit_scale=torch.tensor(2.5))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = dash_infonce(z, present, meta, logit_scale=torch.tensor(2.5))
+    assert mixed.loss.dtype == torch.float32 and torch.allclose(mixed.loss, plain.loss, atol=1e-6)

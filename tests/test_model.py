@@ -101,7 +101,7 @@ def test_parameter_count_is_counted_and_excludes_embeddings():
     small, wide = SleepEncoder(model_config("tiny")), SleepEncoder(model_config("tiny", width=64))
     everything = sum(p.numel() for p in small.parameters())
     assert count_parameters(small, non_embedding=False) == everything
-    backbone = sum(p.numel() for m in (small.backbone, small.final_norm, small.head) for p in m.parameters())
+    backbone = sum(p.numel() for m in (small.backbone, small.head) for p in m.parameters())
     assert count_parameters(small) == backbone
     assert count_parameters(wide) > count_parameters(small)
     # N of the scaling laws does not depend on how many tokenizers were built.
@@ -297,3 +297,116 @@ def test_an_epochs_amplitude_reaches_its_token():
     with torch.no_grad():
         quiet, loud = tokenizer(epoch), tokenizer(4.0 * epoch)
     assert F.cosine_similarity(quiet, loud, dim=-1).item() < 0.99
+
+
+# -- features, masking, long context ------------------------------------------------------------------
+
+def paper_model(modalities=("eeg", "ecg", "hr"), **overrides):
+    options = dict(tokenizer="mlp", position="rotary", head="simclr", mask_tokens=True, modality_dropout=0.0)
+    options.update(overrides)
+    return SleepEncoder(model_config("tiny", **options), modalities)
+
+
+def test_hidden_states_are_returned_per_modality_and_fused_over_present_ones(encoder):
+    batch = random_batch(4, ("eeg", "ecg", "spo2"))
+    batch["present"][1, MODALITY_KEYS.index("ecg")] = False
+    batch["present"][3] = False
+    with torch.no_grad():
+        out = encoder.encode(batch)
+    width = encoder.config.width
+    assert out.hidden["eeg"].shape == (4, EPOCHS, width) and out.window_hidden.shape == (4, width)
+    assert torch.all(out.hidden["ecg"][1] == 0) and torch.all(out.fused_hidden[3] == 0)
+    expected = (out.hidden["eeg"][1] + out.hidden["spo2"][1]) / 2
+    assert torch.allclose(out.fused_hidden[1], expected, atol=1e-6)
+    assert torch.allclose(out.window_hidden, out.fused_hidden.mean(1))
+    # The projection is the head's, on those hidden states.
+    assert torch.allclose(out.per_modality["eeg"][0], F.normalize(encoder.head(out.hidden["eeg"][0]), dim=-1),
+                          atol=1e-6)
+
+
+def test_token_masking_replaces_the_requested_fraction_and_trains_the_mask_token():
+    torch.manual_seed(4)
+    model = paper_model(("eeg", "hr")).train()
+    batch = random_batch(40, ("eeg", "hr"), epochs=10)
+    tokens = {}
+    for key in ("eeg", "hr"):
+        model.tokenizers[key].register_forward_hook(lambda m, i, o, key=key: tokens.__setitem__(key, o))
+    # Capture what the backbone receives: tokens plus modality embedding.
+    seen = []
+    model.backbone.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    out = model.encode(batch, mask_rate=0.15)
+    received = seen[0].view(2, 40, 10, -1)
+    masked = []
+    for m, key in enumerate(("eeg", "hr")):
+        index = MODALITY_KEYS.index(key)
+        expected_mask = model.mask_embedding.weight[index] + model.modality_embedding.weight[index]
+        is_mask = torch.isclose(received[m], expected_mask, atol=1e-6).all(-1)
+        unmasked = torch.isclose(received[m], tokens[key] + model.modality_embedding.weight[index], atol=1e-6).all(-1)
+        assert torch.all(is_mask ^ unmasked)
+        masked.append(is_mask.float().mean().item())
+    # 400 tokens per modality: a binomial(400, 0.15) fraction lies in [0.09, 0.21] with p > 0.999.
+    assert all(0.09 < rate < 0.21 for rate in masked), masked
+    meta = {"night_id": torch.arange(40), "site_id": torch.zeros(40, dtype=torch.int64)}
+    dash_infonce(out.per_modality, out.present, meta, logit_scale=out.logit_scale).loss.backward()
+    grad = model.mask_embedding.weight.grad
+    assert grad[MODALITY_KEYS.index("eeg")].abs().sum() > 0 and grad[MODALITY_KEYS.index("spo2")].abs().sum() == 0
+    model.eval()
+    with torch.no_grad():  # eval mode: nothing is masked
+        assert torch.equal(model.encode(batch, mask_rate=0.15).fused, model.encode(batch).fused)
+    with pytest.raises(ValueError, match="mask_tokens"):
+        SleepEncoder(model_config("tiny"), ("eeg",)).encode(random_batch(2, ("eeg",)), mask_rate=0.15)
+
+
+def test_a_rotary_encoder_trained_on_10_epoch_windows_encodes_a_120_epoch_sequence():
+    torch.manual_seed(5)
+    keys = ("eeg", "hr")
+    model = paper_model(keys, mask_tokens=False).train()
+    optimiser = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    batch = random_batch(6, keys, epochs=10)
+    meta = {"night_id": torch.arange(6), "site_id": torch.zeros(6, dtype=torch.int64)}
+    for _ in range(3):
+        out = model.encode(batch)
+        loss = dash_infonce(out.per_modality, out.present, meta, logit_scale=out.logit_scale).loss
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    model.eval()
+    night = random_batch(2, keys, epochs=120, seed=9)
+    with torch.no_grad():
+        out = model.encode(night)
+        alone = model.encode({k: (v[:, 40:50] if k in keys else v) for k, v in night.items()})
+    assert out.fused.shape == (2, 120, model.config.projection_dim) and torch.isfinite(out.fused).all()
+    assert out.window_hidden.shape == (2, model.config.width)
+    # Context matters: an epoch seen inside the night is not encoded as in a 10-epoch window alone.
+    assert not torch.allclose(out.fused[:, 40:50], alone.fused, atol=1e-3)
+    absolute = SleepEncoder(model_config("tiny"), keys).eval()
+    with pytest.raises(ValueError, match="epochs_per_window"):
+        absolute.encode(night)
+
+
+def test_simclr_encoder_round_trips_with_its_batchnorm_statistics(tmp_path):
+    torch.manual_seed(7)
+    model = paper_model().train()
+    model.encode(random_batch(5, ("eeg", "ecg", "hr")))  # moves the running statistics
+    model.eval()
+    loaded = load_encoder(save_encoder(model, tmp_path / "enc"))
+    batch = random_batch(3, ("eeg", "ecg", "hr"), seed=2)
+    with torch.no_grad():
+        assert torch.equal(model.encode(batch).fused, loaded.encode(batch).fused)
+    assert torch.equal(loaded.head.bn1.running_mean, model.head.bn1.running_mean)
+    assert model.set_batchnorm_reducer(None) == 2 and encoder_reducer_count() == 0
+
+
+def encoder_reducer_count():
+    return SleepEncoder(model_config("tiny"), ("eeg",)).set_batchnorm_reducer(lambda t: t)
+
+
+def test_compiled_blocks_keep_weights_and_outputs():
+    model = paper_model(("eeg", "hr")).eval()
+    batch = random_batch(2, ("eeg", "hr"))
+    with torch.no_grad():
+        before = model.encode(batch).fused
+        keys = set(model.state_dict())
+        model.compile_blocks(backend="eager")
+        after = model.encode(batch).fused
+    assert set(model.state_dict()) == keys and torch.allclose(before, after, atol=1e-6)

@@ -41,7 +41,7 @@ def _worker(rank, world_size, init_file, batch, results):
     loss = torch.tensor([float(result.loss.detach())])
     torch.distributed.all_reduce(loss)
     if rank == 0:
-        results.put((float(loss) / world_size, result.stats["negatives_per_anchor"],
+        results.put((float(loss) / world_size, result.to_floats()["negatives_per_anchor"],
                      {k: v.numpy() for k, v in grads.items()}))
     finish_worker()
 

@@ -70,8 +70,11 @@ def test_loss_falls_and_negatives_are_global(trained):
     negatives = [m.value for m in client.get_metric_history(result.mlflow_run_id, "negatives_per_anchor")]
     per_worker = GLOBAL_BATCH // WORKERS
     # Candidates come from the global batch (minus windows of the anchor's own night and
-    # windows whose candidate modality was dropped), more than one worker's batch could offer.
-    assert all(per_worker - 1 < n <= GLOBAL_BATCH - 1 for n in negatives)
+    # windows whose candidate modality was dropped): on average more than one worker's batch
+    # could offer. A single step can fall below (modality dropout removes a quarter of the
+    # candidates at random; one step in 30 did at 6.7 < 7), so the bound is on the mean.
+    assert all(0 < n <= GLOBAL_BATCH - 1 for n in negatives)
+    assert np.mean(negatives) > per_worker - 1
     for key in ("windows_per_s", "lr", "weight_same_site", "weight_other_site", "temperature"):
         assert client.get_metric_history(result.mlflow_run_id, key), key
     run = client.get_run(result.mlflow_run_id)
