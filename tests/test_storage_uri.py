@@ -231,6 +231,8 @@ def test_ingest_reads_sites_from_s3_and_writes_the_store_there(s3, ray_local, tm
         f"{BUCKET}/stores/ingested/manifest.jsonl").read().decode().splitlines()]
     assert sorted(line["site"] for line in lines) == sorted(site.name for site in cohort.sites)
     assert {line["status"] for line in lines} == {"ok"}
+    # Written as one part per run and merged once, not rewritten per line; no part is left.
+    assert s3.kind("stores/ingested/_manifest") == pafs.FileType.NotFound
     assert inspect_store(output).windows == 24
     client = MlflowClient(tracking_uri=tracking_uri)
     [run] = client.search_runs([client.get_experiment_by_name("s2v-ingest").experiment_id])
