@@ -66,7 +66,7 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from pipelines.runtime import absolute, file_type, is_uri, join, read_text, write_text
+from pipelines.runtime import absolute, file_type, is_uri, join, read_text, redact, write_text
 from pipelines.train_data import open_store
 from s2v_core.io.discovery import resolve
 from s2v_core.modalities import MODALITY_KEYS, parse_modalities
@@ -380,9 +380,10 @@ def _info(embedding_dim: int, epochs_per_window: int, modalities: Sequence[str],
           source: str, pretrain_run: dict | None, data: str) -> dict:
     return {
         "format": EMBEDDINGS_FORMAT, "embedding_dim": embedding_dim, "epochs_per_window": epochs_per_window,
-        "modalities": list(modalities), "per_modality": per_modality, "encoder_source": str(source),
+        "modalities": list(modalities), "per_modality": per_modality, "encoder_source": redact(str(source)),
         "pretrain_run_id": (pretrain_run or {}).get("run_id"),
-        "pretrain_tracking_uri": (pretrain_run or {}).get("tracking_uri"), "store": absolute(data),
+        "pretrain_tracking_uri": redact((pretrain_run or {}).get("tracking_uri") or "") or None,
+        "store": redact(absolute(data)),
     }
 
 

@@ -39,6 +39,17 @@ __all__ = ["redact"]  # re-exported: the pipelines' one way to make a location s
 logger = logging.getLogger(__name__)
 
 
+def redact_values(data):
+    """``data`` (nested dicts, lists, strings) with :func:`redact` applied to every string in it."""
+    if isinstance(data, str):
+        return redact(data)
+    if isinstance(data, dict):
+        return {key: redact_values(value) for key, value in data.items()}
+    if isinstance(data, (list, tuple)):
+        return type(data)(redact_values(value) for value in data)
+    return data
+
+
 class RedactingFilter(logging.Filter):
     """A logging filter that removes credentials in URIs from every record (see :func:`redact`)."""
 
