@@ -100,6 +100,35 @@ def test_runtime_env_ships_the_checkout_without_heavy_or_private_files():
     assert built["env_vars"]["MLFLOW_TRACKING_URI"] == "http://127.0.0.1:5000"
 
 
+def test_no_patient_data_or_work_folder_is_uploaded_with_a_job(tmp_path):
+    """Ray's own packaging of a working dir the README's commands have filled, with the shipped excludes."""
+    import zipfile
+
+    from ray._private.runtime_env.packaging import _zip_files
+
+    shipped = {"pipelines/ingest.py", "s2v_core/io/edf.py", "cluster/runtime_env.yaml", "README.md",
+               "pyproject.toml", "tune/sweep.py", "s2v_core/store.py"}
+    private = {"night.edf", "NIGHT.EDF", "cohort/shhs/shhs1-200001.edf", "raw/x.bdf", "raw/x.rec",
+               "annotations/shhs1-200001-nsrr.xml", "datasets/shhs1-dataset.csv", "subjects.tsv",
+               "links.csv", "pseudonym.key", "store/manifest.jsonl", "store/site=a/0123456789abcdef.parquet",
+               "runs/tiny/state.json", "emb/embed.json", "emb-wearable/embed.json", "reports/staging.json",
+               "sweep/scaling.json", "demo-workdir/store/x.parquet", "mlflow.db", "mlruns/0/meta.yaml",
+               "mlartifacts/s2v-ingest/r/artifacts/manifest.jsonl"}
+    for name in shipped | private:
+        (tmp_path / "work" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "work" / name).write_text("x")
+    excludes = load_documents(CLUSTER / "runtime_env.yaml")[0]["excludes"]
+    _zip_files(str(tmp_path / "work"), excludes, str(tmp_path / "job.zip"), include_gitignore=False)
+    with zipfile.ZipFile(tmp_path / "job.zip") as archive:
+        uploaded = {name for name in archive.namelist() if not name.endswith("/")}
+    assert uploaded == shipped
+    assert launcher_excludes() == excludes  # the launcher's rsync skips the same
+
+
+def launcher_excludes() -> list[str]:
+    return load_documents(CLUSTER / "aws.yaml")[0]["rsync_exclude"]
+
+
 # -- cluster launcher (AWS) ---------------------------------------------------
 
 
