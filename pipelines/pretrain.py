@@ -52,7 +52,8 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
-from pipelines.checkpoints import CHECKPOINTS_NAME, ENCODER_DIR, data_position, latest_checkpoint, read_state
+from pipelines.checkpoints import (CHECKPOINTS_NAME, ENCODER_DIR, data_position, incomplete_checkpoints,
+                                  latest_checkpoint, read_state)
 from pipelines.runtime import (absolute, check_mlflow_store, file_type, join, local_directory, mlflow_experiment,
                                read_text, redact, redact_values, replace_directory, write_text)
 from pipelines.train_config import (PretrainConfig, config_differences, config_from_dict, config_to_dict,
@@ -175,8 +176,13 @@ def _check_resume(run_dir: str, config: PretrainConfig, *,
                              "pass --resume to continue that run or choose another --output")
         return None, None
     latest = latest_checkpoint(run_dir)
+    for skipped, problems in incomplete_checkpoints(run_dir):
+        if latest is None or skipped > latest:  # step_<NNNNNNNN>: names sort by step
+            logger.warning("--resume: skipping %s, an incomplete checkpoint (%s); resuming from %s",
+                           posixpath.basename(resolve(skipped)[1]), "; ".join(problems),
+                           posixpath.basename(resolve(latest)[1]) if latest else "step 0")
     if latest is None:
-        logger.info("--resume: no checkpoint in %s yet; starting from step 0", redact(run_dir))
+        logger.info("--resume: no complete checkpoint in %s yet; starting from step 0", redact(run_dir))
         return None, None
     name = posixpath.basename(resolve(latest)[1])
     state = read_state(latest)
