@@ -281,6 +281,14 @@ def test_rayjob_entrypoints_are_real_s2v_commands(path, doc):
             assert any(args.output.startswith(m) for m in mounts), f"{path}:{name}: --output not on a mounted volume"
     if command in {"ingest", "sweep"}:
         assert total_gpus == 0, f"{path}: {command} runs on CPU workers only"
+    if command == "ingest":
+        # The ingest driver runs on the head: the pseudonym key comes from a Secret mounted there.
+        head = next(group for _, group, is_head in groups(cluster_spec(doc)) if is_head)["template"]["spec"]
+        (container,) = [c for c in head["containers"] if c["name"].startswith("ray-")]
+        mounts = {m["mountPath"].rstrip("/") + "/": m["name"] for m in container.get("volumeMounts", [])}
+        assert args.pseudonym_key_file, f"{path}: ingest needs --pseudonym-key-file (the same key for every run)"
+        [volume] = [mounts[m] for m in mounts if args.pseudonym_key_file.startswith(m)]
+        assert "secret" in next(v for v in head["volumes"] if v["name"] == volume), f"{path}: mount it from a Secret"
 
 
 # -- the documented commands --------------------------------------------------
