@@ -116,8 +116,8 @@ def rewrite_manifest(fs: pafs.FileSystem, store_root: str, entries: Iterable[Man
     with fs.open_output_stream(temporary) as stream:
         stream.write("".join(e.to_json() + "\n" for e in entries).encode("utf-8"))
     fs.move(temporary, path)
-    for part in parts:
-        fs.delete_file(part)
+    if parts:
+        fs.delete_dir(f"{store_root}/{PARTS_DIR}")  # with its parts (and an object store's directory marker)
 
 
 class ManifestWriter:
