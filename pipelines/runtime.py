@@ -63,6 +63,8 @@ class RedactingFilter(logging.Filter):
 
 def process_alive(pid: int) -> bool:
     """Whether process ``pid`` exists on this host."""
+    if pid <= 0:
+        return False  # os.kill(0 or -1, ...) would address process groups, not one process
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

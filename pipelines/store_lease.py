@@ -25,6 +25,8 @@ from collections.abc import Iterator
 
 import pyarrow.fs as pafs
 
+from pipelines.runtime import process_alive
+
 logger = logging.getLogger(__name__)
 
 LEASE_NAME = ".ingest-lease.json"
@@ -50,22 +52,12 @@ def _read(fs: pafs.FileSystem, path: str) -> dict | None:
         raise
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's process: alive
-    return True
-
-
 def is_stale(lease: dict, *, now: float | None = None) -> bool:
     """Whether ``lease`` no longer protects the store: expired, or its process is gone from this host."""
     now = time.time() if now is None else now
     if float(lease.get("expires", 0)) < now:
         return True
-    return lease.get("host") == socket.gethostname() and not _alive(int(lease.get("pid", -1)))
+    return lease.get("host") == socket.gethostname() and not process_alive(int(lease.get("pid", -1)))
 
 
 def _write(fs: pafs.FileSystem, path: str, lease: dict, *, exclusive: bool) -> None:
