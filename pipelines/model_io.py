@@ -120,7 +120,7 @@ def _load_mlflow_model(spec: str, tracking_uri: str | None, *, allow_pickle: boo
         raise ValueError(
             f"--checkpoint {spec}: an MLflow pytorch model is a pickle, and loading one runs whatever code its "
             "author put in it; use runs:/<run_id> (the weights-only encoder every pretraining run logs) or, for a "
-            "model you trust, pass --allow-pickle-model")
+            "model you trust, allow pickles explicitly (s2v embed --allow-pickle-model)")
     import mlflow
 
     from pipelines.pretrain import tracking_uri_scope
