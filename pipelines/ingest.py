@@ -159,7 +159,7 @@ def run_tasks(tasks: list[Task], *, output: str, epochs_per_window: int, limits:
             items = [{"task": pickle.dumps(t.source), "entry": t.entry.to_json()} for t in members]
             with warnings.catch_warnings():
                 # Ray 2.60 has no named parameter for a task's retries; the ray_remote_args
-                # form is deprecated for 2.64 (tests/test_ingest_failures.py notices when
+                # form is deprecated for 2.64 (tests/test_ingest_lifecycle.py notices when
                 # the limit stops holding).
                 warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
                 datasets.append(ray.data.from_items(items, override_num_blocks=len(items)).map(
@@ -178,7 +178,7 @@ def run_tasks(tasks: list[Task], *, output: str, epochs_per_window: int, limits:
     remove_orphaned_copies()  # copies of remote inputs left by the dead workers of this node
 
 
-# -- cleanup ----------------------------------------------------------------------------------------
+# -- the entry point: setup -> plan -> run -> cleanup ---------------------------------------------------
 def ingest(
     inputs: list[str],
     output: str,
@@ -212,8 +212,9 @@ def ingest(
     num_cpus : int, optional
         CPUs of a local Ray started here (default: all cores).
     workers : int, optional
-        Most recordings decoded at the same time (default: as many as Ray's
-        CPUs and memory allow). Memory per worker is bounded by one recording.
+        Most recordings decoded at the same time per memory class (default: as
+        many as Ray's CPUs and memory allow). Memory per worker is bounded by
+        one recording, and reserved from its header (duration x fastest rate).
     mlflow_tracking_uri : str, optional
         Log the run (counts, hours per second, the manifest) to this MLflow
         store; default ``MLFLOW_TRACKING_URI`` if set, else no MLflow run.

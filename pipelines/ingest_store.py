@@ -120,7 +120,8 @@ def erase_unlisted(fs: pafs.FileSystem, root: str, sites: set[str]) -> int:
     """Delete windows files of ``sites`` that no ``ok`` manifest line points at (``--prune``)."""
     state: dict[tuple[str, str], str] = {}
     for entry in read_manifest(fs, root):
-        if entry.recording_id:
+        # Quarantined lines are skipped: a duplicate shares its id with the ok line it duplicates.
+        if entry.recording_id and entry.status != "quarantined":
             state[(entry.site, entry.recording_id)] = entry.status
     erased = 0
     for site in sites:

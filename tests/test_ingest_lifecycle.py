@@ -88,18 +88,19 @@ def test_copies_of_remote_inputs_left_by_dead_workers_are_removed(tmp_path):
 
 def test_changed_deleted_and_pruned_inputs(ray_local, tmp_path):
     cohort = tmp_path / "cohort"
-    site = _site(cohort, "lab", {"a.edf": 1, "b.edf": 2, "c.edf": 3})
+    # sub/c.edf has c.edf's key: a duplicate, quarantined, whose line must not erase c's windows
+    site = _site(cohort, "lab", {"a.edf": 1, "b.edf": 2, "c.edf": 3, "sub/c.edf": 4})
     store, links = tmp_path / "store", tmp_path / "links.csv"
     first = ingest([str(cohort)], str(store), epochs_per_window=10, link_table=str(links))
-    ids = {path: row["recording_id"] for path, row in _links(links).items()}
-    assert first.ok == 3
+    ids = {path: row["recording_id"] for path, row in _links(links).items() if path != "lab/sub/c.edf"}
+    assert (first.ok, first.quarantined) == (3, 1)
     files = {path: store / "site=lab" / f"{rid}.parquet" for path, rid in ids.items()}
     before = {path: file.read_bytes() for path, file in files.items()}
     # a.edf is replaced by another recording, b.edf is deleted, c.edf stays
     write_edf(site / "a.edf", _night(SECONDS + 300, seed=11), file_type="edf")
     (site / "b.edf").unlink()
     second = ingest([str(cohort)], str(store), epochs_per_window=10)
-    assert (second.ok, second.skipped, second.stale, second.withdrawn) == (1, 1, 1, 0)
+    assert (second.ok, second.skipped, second.stale, second.withdrawn, second.quarantined) == (1, 1, 1, 0, 1)
     assert files["lab/a.edf"].read_bytes() != before["lab/a.edf"]  # decoded again
     assert open_store(str(store)).to_table(filter=pads.field("recording_id") == ids["lab/a.edf"]).num_rows == 3
     assert files["lab/b.edf"].read_bytes() == before["lab/b.edf"]  # kept until --prune
@@ -117,6 +118,7 @@ def test_changed_deleted_and_pruned_inputs(ray_local, tmp_path):
     orphan.write_bytes(files["lab/c.edf"].read_bytes())
     ingest([str(cohort)], str(store), epochs_per_window=10, prune=True)
     assert not orphan.exists() and [line["status"] for line in _lines(store)].count("withdrawn") == 1
+    assert files["lab/c.edf"].read_bytes() == before["lab/c.edf"]  # the duplicate's line erased nothing
 
 
 def test_ids_readers_would_hide_and_ids_shared_by_sites(ray_local, tmp_path):
