@@ -9,6 +9,11 @@ Ray Train assembles from what every worker reported at that step::
                       shard per rank (zero_pp_rank_<r>_mp_rank_00_optim_states.pt)
     engine/latest     DeepSpeed's pointer to the tag ``state``
 
+A checkpoint counts as complete only with all of these, every rank's shard
+included (:func:`checkpoint_problems`); a directory a dying worker left
+half-uploaded is listed by :func:`incomplete_checkpoints` and skipped by
+:func:`latest_checkpoint`, so ``--resume`` falls back to the newest complete one.
+
 ``encoder/`` alone is enough to embed (``pipelines.model_io``); ``engine/``
 resumes the weights, the optimiser, the LR schedule and the step exactly, and
 ``state.json``'s data position lets the loop skip the micro-batches of the
@@ -33,7 +38,7 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
-from pipelines.runtime import file_type, join, read_text
+from pipelines.runtime import file_type, join, read_text, redact_values
 from s2v_core.io.discovery import resolve
 
 logger = logging.getLogger(__name__)
@@ -81,7 +86,8 @@ def write_state(directory: str | Path, *, config: dict[str, Any], step: int, see
         "data_position": {"epoch": position.epoch, "batches_in_epoch": position.batches_in_epoch,
                           "store_repeats": position.store_repeats},
         "metrics": {k: float(v) for k, v in metrics.items()},
-        "config": config,
+        # Locations as they may be shown: no credentials of a URI (data/output are not compared on resume).
+        "config": redact_values(config),
     }
     path = Path(directory) / STATE_FILE
     path.write_text(json.dumps(state, indent=2, sort_keys=True) + "\n", encoding="utf-8")
@@ -108,25 +114,107 @@ def data_position(state: dict[str, Any]) -> DataPosition:
                         store_repeats=int(position.get("store_repeats", 1)))
 
 
+#: DeepSpeed's files in ``engine/<tag>/``: the module states of rank 0 (ZeRO 0-2) or of every
+#: rank (ZeRO-3), and one optimiser shard per rank (ZeRO 1-3).
+_MODEL_STATES = "mp_rank_00_model_states.pt"
+_RANK_MODEL_STATES = "zero_pp_rank_{rank}_mp_rank_00_model_states.pt"
+_RANK_OPTIMISER_STATES = "zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
+
+
+def checkpoint_problems(files: dict[str, int], *, world_size: int | None, zero_stage: int | None) -> list[str]:
+    """What keeps a checkpoint directory from being complete (empty list: complete).
+
+    Parameters
+    ----------
+    files : dict of str to int
+        ``{path relative to the checkpoint: size in bytes}`` of its files.
+    world_size : int or None
+        Ranks that wrote it (``state.json``); None when the state is unreadable.
+    zero_stage : int or None
+        The run's ZeRO stage (``RUN_DIR/ds_config.json``); None: unknown, then
+        optimiser shards are required of every rank as soon as one rank has one.
+
+    Ray Train assembles a checkpoint from what each worker uploads; a worker
+    that died mid-upload leaves a directory with ``state.json`` and part of the
+    rest, which must not count (``--resume`` would fail on it).
+    """
+    from s2v_core.model import CONFIG_FILE, WEIGHTS_FILE
+
+    problems = [f"no {name}" for name in (STATE_FILE, f"{ENCODER_DIR}/{CONFIG_FILE}", f"{ENCODER_DIR}/{WEIGHTS_FILE}")
+                if not files.get(name)]
+    if not files.get(f"{ENGINE_DIR}/latest"):
+        problems.append(f"no {ENGINE_DIR}/latest (DeepSpeed's pointer to its state)")
+    if world_size is None:
+        return problems + [f"{STATE_FILE} unreadable"]
+    engine = f"{ENGINE_DIR}/{ENGINE_TAG}/"
+    names = [name[len(engine):] for name, size in files.items() if name.startswith(engine) and size]
+
+    def has(ending: str) -> bool:
+        # By ending: DeepSpeed prefixes some optimisers' shards (bf16_zero_pp_rank_...).
+        return any(name.endswith(ending) for name in names)
+
+    ranks = range(world_size)
+    if zero_stage == 3 or (zero_stage is None and has(_RANK_MODEL_STATES.format(rank=0))):
+        problems += [f"no module states of rank {r}" for r in ranks if not has(_RANK_MODEL_STATES.format(rank=r))]
+    elif not has(_MODEL_STATES):
+        problems.append("no module states")
+    if (zero_stage or 0) >= 1 or any(has(_RANK_OPTIMISER_STATES.format(rank=r)) for r in ranks):
+        problems += [f"no optimiser shard of rank {r}" for r in ranks
+                     if not has(_RANK_OPTIMISER_STATES.format(rank=r))]
+    return problems
+
+
+def _zero_stage(filesystem: pafs.FileSystem, run_root: str) -> int | None:
+    path = f"{run_root}/ds_config.json"
+    if filesystem.get_file_info(path).type != pafs.FileType.File:
+        return None
+    with filesystem.open_input_stream(path) as stream:
+        try:
+            return int(json.loads(stream.read().decode("utf-8"))["zero_optimization"]["stage"])
+        except (ValueError, KeyError, TypeError):
+            return None
+
+
+def _survey(run_dir: str | Path) -> list[tuple[str, list[str]]]:
+    """``(checkpoint location, problems)`` of every ``step_*`` directory of a run, oldest first."""
+    filesystem, run_root = resolve(str(run_dir))
+    root = f"{run_root}/{CHECKPOINTS_NAME}"
+    infos = filesystem.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
+    names = sorted(info.base_name for info in infos if info.type == pafs.FileType.Directory
+                   and info.base_name.startswith("step_") and posixpath.dirname(info.path) == root)
+    zero_stage = _zero_stage(filesystem, run_root)
+    surveyed = []
+    for name in names:
+        prefix = f"{root}/{name}/"
+        files = {info.path[len(prefix):]: info.size for info in infos
+                 if info.type == pafs.FileType.File and info.path.startswith(prefix)}
+        world_size = None
+        if files.get(STATE_FILE):
+            with filesystem.open_input_stream(prefix + STATE_FILE) as stream:
+                try:
+                    world_size = int(json.loads(stream.read().decode("utf-8"))["world_size"])
+                except (ValueError, KeyError, TypeError):
+                    world_size = None
+        surveyed.append((join(run_dir, CHECKPOINTS_NAME, name),
+                         checkpoint_problems(files, world_size=world_size, zero_stage=zero_stage)))
+    return surveyed
+
+
 def list_checkpoints(run_dir: str | Path) -> list[str]:
-    """Complete checkpoints of a run (those with ``state.json`` and ``encoder/``), oldest first.
+    """Complete checkpoints of a run, oldest first (see :func:`checkpoint_problems`).
 
     Each is ``RUN_DIR/checkpoints/step_<NNNNNNNN>`` in the form ``run_dir`` has
     (a path, or a URI with its options).
     """
-    filesystem, root = resolve(str(run_dir))
-    root = f"{root}/{CHECKPOINTS_NAME}"
-    infos = filesystem.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
-    kinds = {info.path: info.type for info in infos}
-    names = sorted(info.base_name for info in infos if info.type == pafs.FileType.Directory
-                   and info.base_name.startswith("step_") and posixpath.dirname(info.path) == root)
-    complete = [name for name in names
-                if kinds.get(f"{root}/{name}/{STATE_FILE}") == pafs.FileType.File
-                and kinds.get(f"{root}/{name}/{ENCODER_DIR}") == pafs.FileType.Directory]
-    return [join(run_dir, CHECKPOINTS_NAME, name) for name in complete]
+    return [location for location, problems in _survey(run_dir) if not problems]
+
+
+def incomplete_checkpoints(run_dir: str | Path) -> list[tuple[str, list[str]]]:
+    """``(checkpoint, what it lacks)`` of the run's incomplete checkpoints, oldest first."""
+    return [(location, problems) for location, problems in _survey(run_dir) if problems]
 
 
 def latest_checkpoint(run_dir: str | Path) -> str | None:
-    """The checkpoint with the highest step in ``run_dir``, or ``None``."""
+    """The complete checkpoint with the highest step in ``run_dir``, or ``None``."""
     found = list_checkpoints(run_dir)
     return found[-1] if found else None

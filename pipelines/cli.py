@@ -53,13 +53,17 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    from pipelines.runtime import RedactingFilter, redact
+
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(RedactingFilter())  # no credentials of a URI in any log line
     module = importlib.import_module(COMMANDS[args.command][0])
     try:
         return int(module.run(args) or 0)
     except (ValueError, FileNotFoundError, KeyError) as exc:
         # User errors: one clear line, no traceback.
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f"s2v {args.command}: error: {message}", file=sys.stderr)
+        print(f"s2v {args.command}: error: {redact(str(message))}", file=sys.stderr)
         return 2
 
 

@@ -72,7 +72,7 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from pipelines.runtime import absolute, file_type, is_uri, join, read_text, write_text
+from pipelines.runtime import absolute, file_type, is_uri, join, read_text, redact, write_text
 from pipelines.train_data import open_store
 from s2v_core.io.discovery import resolve
 from s2v_core.modalities import MODALITY_KEYS, parse_modalities
@@ -127,8 +127,10 @@ class Embeddings:
     per_modality: dict[str, np.ndarray]  # key -> float32 (N, E, P), NaN where absent
 
 
-def load_encoder_spec(spec: str):
+def load_encoder_spec(spec: str, *, allow_pickle: bool = False):
     """Load an encoder (eval mode, CPU) from a checkpoint dir, run dir or MLflow URI / run id.
+
+    MLflow pytorch models (pickles) load only with ``allow_pickle``.
 
     Returns ``(encoder, pretrain_run)`` where ``pretrain_run`` is
     ``{"run_id", "tracking_uri"}`` of the pretraining MLflow run when it can
@@ -140,7 +142,7 @@ def load_encoder_spec(spec: str):
     except ImportError:  # an older tree without the pretraining side's resolver
         load_trained_encoder = None
     if load_trained_encoder is not None:
-        encoder = load_trained_encoder(spec)
+        encoder = load_trained_encoder(spec, allow_pickle=allow_pickle)
     else:
         from s2v_core.model import CONFIG_FILE, load_encoder
 
@@ -182,13 +184,13 @@ class _EmbedActor:
 
     def __init__(self, checkpoint: str, modalities: tuple[str, ...], epochs_per_window: int,
                  per_modality: bool, threads: int, columns: list[str], filesystem: pafs.FileSystem,
-                 batch_size: int, splits: SplitConfig) -> None:
+                 batch_size: int, splits: SplitConfig, allow_pickle: bool = False) -> None:
         import torch
 
         # One actor per core: more intra-op threads per actor would oversubscribe the node.
         torch.set_num_threads(threads)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.encoder = load_encoder_spec(checkpoint)[0].to(self.device).eval()
+        self.encoder = load_encoder_spec(checkpoint, allow_pickle=allow_pickle)[0].to(self.device).eval()
         self.modalities = modalities
         self.epochs_per_window = epochs_per_window
         self.per_modality = per_modality
@@ -271,6 +273,7 @@ def embed(
     num_actors: int | None = None,
     per_modality: bool = False,
     address: str | None = None,
+    allow_pickle_model: bool = False,
 ) -> EmbedSummary:
     """Embed every window of the store ``data`` with the encoder ``checkpoint`` into ``output``.
 
@@ -293,6 +296,9 @@ def embed(
         Also write one ``emb_<modality>`` column per requested modality.
     address : str, optional
         Ray cluster address; default ``RAY_ADDRESS`` or a local instance.
+    allow_pickle_model : bool
+        Accept an MLflow pytorch model (``runs:/<id>/model``, ``models:/…``), a
+        pickle that runs code when loaded; default: weights-only encoders only.
 
     Raises
     ------
@@ -305,7 +311,7 @@ def embed(
     from pipelines.runtime import init_ray
 
     started = time.perf_counter()
-    encoder, pretrain_run = load_encoder_spec(checkpoint)
+    encoder, pretrain_run = load_encoder_spec(checkpoint, allow_pickle=allow_pickle_model)
     dataset, epochs_per_window, selected, usable = _prepare(encoder, data, modalities, batch_size, checkpoint)
     embedding_dim = encoder.config.projection_dim
     from pipelines.model_io import training_record
@@ -321,7 +327,7 @@ def embed(
     try:
         _run_actor_pool(checkpoint, dataset, out, modalities=selected, epochs_per_window=epochs_per_window,
                         batch_size=batch_size, num_actors=num_actors, per_modality=per_modality,
-                        usable=usable, splits=read_splits(data))
+                        usable=usable, splits=read_splits(data), allow_pickle=allow_pickle_model)
     finally:
         if started_ray:  # leave a caller's Ray (tests, evaluate's scenarios) running
             ray.shutdown()
@@ -398,9 +404,10 @@ def _info(embedding_dim: int, epochs_per_window: int, modalities: Sequence[str],
           source: str, pretrain_run: dict | None, data: str, training: dict | None) -> dict:
     return {
         "format": EMBEDDINGS_FORMAT, "embedding_dim": embedding_dim, "epochs_per_window": epochs_per_window,
-        "modalities": list(modalities), "per_modality": per_modality, "encoder_source": str(source),
+        "modalities": list(modalities), "per_modality": per_modality, "encoder_source": redact(str(source)),
         "pretrain_run_id": (pretrain_run or {}).get("run_id"),
-        "pretrain_tracking_uri": (pretrain_run or {}).get("tracking_uri"), "store": absolute(data),
+        "pretrain_tracking_uri": redact((pretrain_run or {}).get("tracking_uri") or "") or None,
+        "store": redact(absolute(data)),
         "store_splits": split_record(data, SPLIT_NAMES), "encoder_training": training,
     }
 
@@ -437,7 +444,8 @@ def _fresh_output(output: str) -> tuple[pafs.FileSystem, str]:
 
 def _run_actor_pool(checkpoint: str, dataset: pads.Dataset, out: tuple[pafs.FileSystem, str], *,
                     modalities: tuple[str, ...], epochs_per_window: int, batch_size: int,
-                    num_actors: int | None, per_modality: bool, usable: int, splits: SplitConfig) -> None:
+                    num_actors: int | None, per_modality: bool, usable: int, splits: SplitConfig,
+                    allow_pickle: bool = False) -> None:
     """Stream the store through the encoder actor pool into ``out/windows``."""
     import ray
 
@@ -460,6 +468,7 @@ def _run_actor_pool(checkpoint: str, dataset: pads.Dataset, out: tuple[pafs.File
             "checkpoint": checkpoint, "modalities": tuple(modalities), "epochs_per_window": epochs_per_window,
             "per_modality": per_modality, "threads": 1 if gpus else max(1, cpus // actors),
             "columns": columns, "filesystem": dataset.filesystem, "batch_size": batch_size, "splits": splits,
+            "allow_pickle": allow_pickle,
         },
         batch_size=1, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=actors),
@@ -573,11 +582,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--per-modality", action="store_true",
                         help="also write one emb_<modality> column per requested modality")
     parser.add_argument("--address", default=None, help="Ray cluster address (default RAY_ADDRESS or local)")
+    parser.add_argument("--allow-pickle-model", action="store_true",
+                        help="accept an MLflow pytorch model (runs:/ID/model, models:/...): a pickle that runs code "
+                             "when loaded; only for models you trust (default: weights-only encoders)")
 
 
 def run(args: argparse.Namespace) -> int:
     summary = embed(args.checkpoint, args.data, args.output, modalities=args.modalities,
                     batch_size=args.batch_size, num_actors=args.actors, per_modality=args.per_modality,
-                    address=args.address)
+                    address=args.address, allow_pickle_model=args.allow_pickle_model)
     print(json.dumps(asdict(summary)))
     return 0

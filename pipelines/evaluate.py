@@ -63,7 +63,7 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 
 from pipelines.embed import Embeddings, embed, read_embeddings
-from pipelines.runtime import absolute
+from pipelines.runtime import absolute, mlflow_experiment, redact
 from pipelines.train_data import open_store
 from s2v_core.evaluation import plots
 from s2v_core.evaluation.folds import Fold, grouped_folds, held_out_fold
@@ -174,7 +174,7 @@ def evaluate(
     result: dict = {
         "report_format": REPORT_FORMAT, "task": task,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "embeddings": {"path": absolute(embeddings), **emb.info},
+        "embeddings": {"path": redact(absolute(embeddings)), **emb.info},
         "protocol": protocol,
         "plots": [],
     }
@@ -417,7 +417,7 @@ def _reusable(path: Path, subset: Sequence[str], checkpoint: str) -> bool:
         return False
     info = json.loads(info_path.read_text(encoding="utf-8"))
     source = str(Path(checkpoint).resolve()) if Path(checkpoint).exists() else checkpoint
-    return info.get("modalities") == list(subset) and info.get("encoder_source") == source
+    return info.get("modalities") == list(subset) and info.get("encoder_source") == redact(source)
 
 
 def store_rows(emb: Embeddings, data: str, columns: Sequence[str]) -> pa.Table:
@@ -529,8 +529,7 @@ def _log_mlflow(result: dict, report_path: Path, info: dict, parent_run_id: str 
             logger.warning("pretraining run %s not found at %s; logging an unlinked run", link, uri)
             link = None
     if experiment_id is None:
-        found = client.get_experiment_by_name(MLFLOW_EXPERIMENT)
-        experiment_id = found.experiment_id if found else client.create_experiment(MLFLOW_EXPERIMENT)
+        experiment_id = mlflow_experiment(client, uri, MLFLOW_EXPERIMENT)
     tags = {"s2v.task": result["task"], "s2v.embeddings": result["embeddings"]["path"]}
     if pretrain_run_id:
         tags["s2v.pretrain_run_id"] = pretrain_run_id
@@ -543,7 +542,7 @@ def _log_mlflow(result: dict, report_path: Path, info: dict, parent_run_id: str 
     client.log_param(run_id, "seed", result["protocol"]["seed"])
     for name, value in _flat_metrics(result):
         client.log_metric(run_id, name, value)
-    logged = {"tracking_uri": uri, "run_id": run_id, "parent_run_id": link, "pretrain_run_id": pretrain_run_id}
+    logged = {"tracking_uri": redact(uri), "run_id": run_id, "parent_run_id": link, "pretrain_run_id": pretrain_run_id}
     report_path.write_text(json.dumps({**result, "mlflow": logged}, indent=2) + "\n", encoding="utf-8")
     client.log_artifact(run_id, str(report_path))
     for path in result["plots"]:

@@ -3,49 +3,61 @@
 Launch::
 
     s2v ingest --input COHORT/ --output STORE/ [--site-config site.toml] [--epochs-per-window 10]
+               [--ids pseudonymous|original] [--pseudonym-key-file FILE] [--link-table FILE] [--prune]
 
-Reads top to bottom: ``setup`` (store directory, stale temporary files,
-site discovery, manifest compaction) -> ``plan`` (skip finished recordings,
-quarantine duplicates and orphan hypnograms in the driver) -> ``run`` (Ray Data maps :func:`ingest_one` over the recordings, one
-recording per task, each writing its own Parquet file atomically) ->
-``cleanup`` (shut down a Ray instance this call started).
+Reads top to bottom: ``setup`` (the pseudonym key, site discovery, the
+store's lease, its settings, stale temporary files) -> ``plan`` (skip
+finished recordings, decode changed ones again, refuse duplicates, oversized
+files and orphan hypnograms, withdraw vanished inputs; see
+:mod:`pipelines.ingest_plan`) -> ``run`` (Ray Data maps
+:func:`pipelines.ingest_task.ingest_one` over the recordings, one recording
+per task, each reserving the memory its header says it needs and retried
+at most ``--task-retries`` times when its worker dies) -> ``cleanup``
+(erase what was withdrawn, release the lease, shut down a Ray instance
+this call started).
 
 Store layout: ``STORE/site=<site>/<recording_id>.parquet`` rows following
 ``s2v_core.store.store_schema(epochs_per_window)``; ``STORE/manifest.jsonl``
-one line per input recording (see :mod:`pipelines.manifest`).
+one line per input file (see :mod:`pipelines.manifest`); ``STORE/ingest.json``
+the id mode, the pseudonym key's check value and the window length, which
+every later ingest into the store must match.
+
+Privacy: ``recording_id`` and ``subject_id`` are keyed hashes of the site's
+own keys (:mod:`s2v_core.io.identity`); nothing this command writes, logs or
+sends to MLflow holds a path, a site key or a byte of an EDF header besides
+channel labels. ``--link-table FILE`` (outside the store, mode 0600) is the
+one place that maps pseudonyms back to files and keys.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
+import math
 import os
 import pickle
-import resource
-import tempfile
 import time
-import uuid
-from collections.abc import Iterator
+import warnings
 from dataclasses import dataclass
 
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 
-from pipelines.manifest import (MANIFEST_NAME, ManifestEntry, ManifestWriter, compact_manifest,
-                                recording_file)
-from pipelines.runtime import file_type, init_ray, join, read_text
-from s2v_core.io.base import UnreadableRecording
-from s2v_core.io.discovery import RecordingSource, discover_site, find_sites, fingerprint, resolve
-from s2v_core.io.metadata import RecordingMetadata
+from pipelines.ingest_plan import IngestLimits, Plan, Task, plan
+from pipelines.ingest_store import (check_settings, delete_file, erase_unlisted, remove_stale_temporaries,
+                                    write_link_table)
+from pipelines.ingest_task import TESTING_SIGKILL_ENV, ingest_one, remove_orphaned_copies
+from pipelines.manifest import (MANIFEST_NAME, ManifestEntry, ManifestWriter, read_manifest, recording_file,
+                                rewrite_manifest)
+from pipelines.runtime import file_type, init_ray, join, mlflow_experiment, read_text, redact
+from pipelines.store_lease import store_lease
+from s2v_core.io.discovery import SiteListing, discover_site, find_sites, resolve
+from s2v_core.io.identity import ID_MODES, Identities, load_pseudonym_key
 from s2v_core.modalities import EPOCH_SECONDS
-from s2v_core.recording import decode_recording
 from s2v_core.splits import ensure_splits
-from s2v_core.store import schema_info, write_store_file
 
 logger = logging.getLogger(__name__)
-_MIN_FINGERPRINT_BYTES = 256  # smaller files cannot be EDF; the reader reports why
-_TEMPORARY_PREFIX = ".tmp-"  # pyarrow and Ray skip files starting with "." when reading a store
+MLFLOW_EXPERIMENT = "s2v-ingest"
+_MIB = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -55,15 +67,19 @@ class IngestSummary:
     Parameters
     ----------
     store, manifest : str
-        Where the store and its manifest are.
+        Where the store and its manifest are (credentials in URIs redacted).
     ok, quarantined, skipped : int
         Recordings written this run, quarantined this run, and skipped
-        because a previous run finished them.
+        because a previous run finished them with the same inputs.
     windows : int
         Windows (store rows) written this run.
     peak_worker_rss_mb : float
         Largest peak resident memory of a worker process that decoded a
         recording (MiB; 0 when nothing was decoded). Bounded by one recording.
+    withdrawn : int
+        Recordings erased this run because their input is gone (``--prune``).
+    stale : int
+        Recordings still in the store whose input is gone (no ``--prune``).
     """
 
     store: str
@@ -73,199 +89,97 @@ class IngestSummary:
     skipped: int
     windows: int
     peak_worker_rss_mb: float = 0.0
+    withdrawn: int = 0
+    stale: int = 0
 
 
-@contextlib.contextmanager
-def _local_copy(uri: str | None) -> Iterator[str | None]:
-    """A local path for ``uri``: the file itself when local, else a temporary download."""
-    if uri is None or "://" not in uri or uri.startswith("file://"):
-        yield None if uri is None else uri.removeprefix("file://")
-        return
-    fs, path = resolve(uri)
-    suffix = os.path.splitext(path)[1]
-    with tempfile.TemporaryDirectory(prefix="s2v-ingest-") as tmp:
-        local = os.path.join(tmp, "recording" + suffix)
-        with fs.open_input_stream(path) as source, open(local, "wb") as target:
-            while chunk := source.read(1 << 24):
-                target.write(chunk)
-        yield local
-
-
-def _write_atomically(table, output: str, site: str, recording_id: str) -> None:
-    """Write a temporary hidden file, then rename it: readers never see a partial file."""
-    fs, root = resolve(output)
-    final = recording_file(root, site, recording_id)
-    fs.create_dir(os.path.dirname(final), recursive=True)
-    # Hidden (pyarrow and Ray skip leading dots) and not ending in .parquet (globbing readers skip it).
-    temporary = f"{os.path.dirname(final)}/{_TEMPORARY_PREFIX}{recording_id}.parquet.{uuid.uuid4().hex}"
-    try:
-        write_store_file(table, temporary, filesystem=fs)
-        fs.move(temporary, final)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            fs.delete_file(temporary)
-        raise
-
-
-def ingest_one(row: dict, *, output: str, epochs_per_window: int) -> dict:
-    """Decode one recording and write its Parquet file; return its manifest line.
-
-    Runs inside a Ray task. Never raises for bad input: every failure becomes
-    a ``quarantined`` entry whose reason names the source file.
-    """
-    source: RecordingSource = pickle.loads(row["task"])
-    entry = ManifestEntry(recording_id=source.recording_id, site=source.site.name, source=source.source,
-                          status="quarantined", content_hash=row["content_hash"])
-    replacements: list[tuple[str, str]] = []
-    try:
-        with _local_copy(source.signal_uri) as signal, _local_copy(source.hypnogram_uri) as hypnogram:
-            replacements = [(signal, source.source)] + ([(hypnogram, source.hypnogram)] if hypnogram else [])
-            decoded = decode_recording(
-                signal, recording_id=source.recording_id, site=source.site, metadata=source.metadata,
-                hypnogram_path=hypnogram, hypnogram_problem=source.hypnogram_problem,
-                epochs_per_window=epochs_per_window)
-        _write_atomically(decoded.table, output, source.site.name, source.recording_id)
-        entry.status, entry.windows = "ok", decoded.windows
-        entry.modalities, entry.channels = list(decoded.modalities), decoded.channels
-        entry.unknown_channels = list(decoded.unknown_channels)
-        notes = list(decoded.notes)
-        if not source.key_matched:
-            notes.insert(0, f"{source.source}: file name does not match key_regex {source.site.key_regex!r}; "
-                            f"recording_id is a stable hash of the path")
-        entry.reason = "; ".join(notes) or None
-    except UnreadableRecording as exc:
-        entry.reason = str(exc)
-    except Exception as exc:  # noqa: BLE001 - a bad recording must never stop the run
-        entry.reason = f"{source.source}: {type(exc).__name__}: {exc}"
-    if entry.reason:
-        # Reasons name the file as the user knows it, not the worker's local copy.
-        for local, relative in replacements:
-            entry.reason = entry.reason.replace(local, relative)
-    # ru_maxrss is the peak of this worker process so far, in KiB on Linux.
-    return {"entry": entry.to_json(), "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-
-
-def _remove_stale_temporaries(fs: pafs.FileSystem, root: str) -> None:
-    for info in fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True)):
-        if info.type == pafs.FileType.File and info.base_name.startswith((_TEMPORARY_PREFIX, f".{MANIFEST_NAME}")):
-            logger.info("removing %s left by an interrupted run", info.path)
-            fs.delete_file(info.path)
-
-
-def _check_store_layout(fs: pafs.FileSystem, root: str, finished: list[ManifestEntry],
-                        epochs_per_window: int) -> None:
-    if not finished:
-        return
-    first = finished[0]
-    path = recording_file(root, first.site, first.recording_id)
-    with fs.open_input_file(path) as handle:
-        _, existing = schema_info(pq.read_schema(handle))
-    if existing != epochs_per_window:
-        raise ValueError(f"--epochs-per-window {epochs_per_window}: the store at {root} was written with "
-                         f"{existing}; use {existing} or a new --output")
-
-
-def discover(inputs: list[str], *, site_config: str | None) -> list[tuple[str, list[RecordingSource], list]]:
-    """``(site name, signal sources, orphan hypnograms)`` of every site under ``inputs``."""
-    sites = []
+# -- setup ------------------------------------------------------------------------------------------
+def discover(inputs: list[str], *, site_config: str | None, identities: Identities) -> list[SiteListing]:
+    """What every site under ``inputs`` holds (see :func:`s2v_core.io.discovery.discover_site`)."""
+    listings = []
     for input_uri in inputs:
         for config, site_uri in find_sites(input_uri, site_config=site_config):
-            sources, orphans = discover_site(config, site_uri, input_uri=input_uri)
-            logger.info("site %s: %d signal files in %s", config.name, len(sources), site_uri)
-            sites.append((config.name, sources, orphans))
-    return sites
+            listing = discover_site(config, site_uri, input_uri=input_uri, identities=identities)
+            logger.info("site %s: %d signal files", config.name, len(listing.sources))
+            listings.append(listing)
+    return listings
 
 
-def plan(sites: list[tuple[str, list[RecordingSource], list]], *, finished: list[ManifestEntry]
-         ) -> tuple[list[tuple[RecordingSource, str]], list[ManifestEntry], int]:
-    """Choose what to decode; return ``(tasks, quarantined entries, skipped count)``.
+# -- run --------------------------------------------------------------------------------------------
+def _memory_class(bytes_needed: int, ceiling: float) -> int:
+    """``bytes_needed`` rounded up to 256 MiB times a power of two (few classes: few Ray Data operators)."""
+    step = 256 * _MIB
+    return int(min(step * 2 ** math.ceil(math.log2(max(bytes_needed / step, 1))), ceiling))
 
-    Recordings with an ``ok`` line in ``finished`` are skipped. Duplicates (a
-    recording id seen before, or the same content fingerprint) and hypnograms
-    that no signal claims are quarantined here, before any decoding.
+
+def _died(task: Task, limits: IngestLimits) -> ManifestEntry:
+    entry = task.entry
+    hours = "an unread header" if entry.declared_hours is None else f"a header declaring {entry.declared_hours:g} h"
+    entry.reason = (f"file {entry.file_id}: the worker decoding it died {limits.task_retries + 1} times (killed by "
+                    "the system, e.g. out of memory, or a crash inside a reader); "
+                    f"{(entry.size_bytes or 0) / _MIB:.1f} MiB, {hours}; not retried again")
+    return entry
+
+
+def run_tasks(tasks: list[Task], *, output: str, epochs_per_window: int, limits: IngestLimits,
+              workers: int | None):
+    """Decode ``tasks`` with Ray Data; yield ``(task, manifest line, peak worker RSS MiB)`` as they finish.
+
+    Each task reserves its estimated memory (rounded to a class; one Ray Data
+    map per class) and is retried at most ``limits.task_retries`` times when
+    its worker dies; a recording whose worker keeps dying is yielded as a
+    ``quarantined`` line after the others, and the run goes on. A task
+    needing more memory than any node has is quarantined without starting.
     """
-    done = {(e.site, e.recording_id, e.source) for e in finished}
-    seen_ids = {e.recording_id: e.source for e in finished}
-    seen_hashes = {e.content_hash: e.source for e in finished if e.content_hash}
-    candidates, rejected, skipped = [], [], 0
-    for site, sources, orphans in sites:
-        for source in sources:
-            if (site, source.recording_id, source.source) in done:
-                skipped += 1
-                continue
-            entry = ManifestEntry(recording_id=source.recording_id, site=site, source=source.source,
-                                  status="quarantined")
-            if source.size_bytes >= _MIN_FINGERPRINT_BYTES:
-                # Files too small to be EDF are left to the reader, which says what is wrong with them.
-                fs, path = resolve(source.signal_uri)
-                try:
-                    entry.content_hash = fingerprint(fs, path, source.size_bytes)
-                except OSError as exc:
-                    entry.reason = f"{source.source}: cannot read ({exc})"
-            candidates.append((source, entry))
-        rejected += [ManifestEntry(recording_id=None, site=o.site, source=o.source, status="quarantined",
-                                   reason=f"{o.source}: hypnogram with no matching signal file")
-                     for o in orphans]
-    # Among duplicates keep the copy that has a hypnogram and a metadata row, then the first by path.
-    candidates.sort(key=lambda c: (c[0].hypnogram is None, c[0].metadata == RecordingMetadata(), c[0].source))
-    tasks = []
-    for source, entry in candidates:
-        if entry.reason is None and source.recording_id in seen_ids:
-            entry.reason = (f"{source.source}: duplicate recording_id {source.recording_id!r} "
-                            f"(already from {seen_ids[source.recording_id]})")
-        elif entry.reason is None and entry.content_hash in seen_hashes:
-            entry.reason = (f"{source.source}: duplicate recording, same content as "
-                            f"{seen_hashes[entry.content_hash]}")
-        if entry.reason:
-            rejected.append(entry)
-            continue
-        seen_ids[source.recording_id] = source.source
-        if entry.content_hash:
-            seen_hashes[entry.content_hash] = source.source
-        tasks.append((source, entry.content_hash))
-    return tasks, rejected, skipped
+    import ray
+
+    alive = [node for node in ray.nodes() if node.get("Alive")]
+    ceiling = max((node["Resources"].get("memory", 0.0) for node in alive), default=0.0)
+    runnable = []
+    for task in tasks:
+        if ceiling and task.memory_bytes > ceiling:
+            task.entry.reason = (f"file {task.entry.file_id}: decoding needs about {task.memory_bytes / (1 << 30):.1f} "
+                                 f"GiB, more than the largest Ray node offers ({ceiling / (1 << 30):.1f} GiB)")
+            yield task, task.entry, 0.0
+        else:
+            runnable.append(task)
+    if not runnable:
+        return
+    by_key = {(t.entry.site, t.entry.file_id): t for t in runnable}
+    classes: dict[int, list[Task]] = {}
+    for task in runnable:
+        classes.setdefault(_memory_class(task.memory_bytes, ceiling or math.inf), []).append(task)
+    context = ray.data.DataContext.get_current()
+    allowed_errors = context.max_errored_blocks
+    # One recording per block: a block that fails after its retries (its worker kept
+    # dying) is dropped instead of failing the dataset, and reported below.
+    context.max_errored_blocks = len(runnable)
+    try:
+        datasets = []
+        for memory, members in sorted(classes.items()):
+            items = [{"task": pickle.dumps(t.source), "entry": t.entry.to_json()} for t in members]
+            with warnings.catch_warnings():
+                # Ray 2.60 has no named parameter for a task's retries; the ray_remote_args
+                # form is deprecated for 2.64 (tests/test_ingest_lifecycle.py notices when
+                # the limit stops holding).
+                warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+                datasets.append(ray.data.from_items(items, override_num_blocks=len(items)).map(
+                    ingest_one, fn_kwargs={"output": output, "epochs_per_window": epochs_per_window,
+                                           "testing_sigkill_source": os.environ.get(TESTING_SIGKILL_ENV)},
+                    num_cpus=1, memory=memory, compute=ray.data.TaskPoolStrategy(size=workers),
+                    max_retries=limits.task_retries))
+        dataset = datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
+        for row in dataset.iter_rows():
+            entry = ManifestEntry.from_json(row["entry"])
+            yield by_key.pop((entry.site, entry.file_id)), entry, float(row["peak_rss_mb"])
+    finally:
+        context.max_errored_blocks = allowed_errors
+    for task in by_key.values():
+        yield task, _died(task, limits), 0.0
+    remove_orphaned_copies()  # copies of remote inputs left by the dead workers of this node
 
 
-MLFLOW_EXPERIMENT = "s2v-ingest"
-
-
-def _log_mlflow(uri: str, summary: IngestSummary, *, inputs: list[str], epochs_per_window: int,
-                workers: int | None, seconds: float) -> str:
-    """Log one ingest run (counts, throughput, the manifest) to MLflow; return the run id.
-
-    Only counts, paths and the manifest are logged: the manifest holds no
-    header PHI, so neither does the run.
-    """
-    from pathlib import Path
-
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=uri)
-    found = client.get_experiment_by_name(MLFLOW_EXPERIMENT)
-    if found is not None:
-        experiment_id = found.experiment_id
-    else:
-        # Next to a local SQLite store, not in whatever the current directory is.
-        location = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri() \
-            if uri.startswith("sqlite:///") else None
-        experiment_id = client.create_experiment(MLFLOW_EXPERIMENT, artifact_location=location)
-    run_id = client.create_run(experiment_id, run_name="ingest").info.run_id
-    for name, value in {"inputs": ",".join(inputs), "output": summary.store,
-                        "epochs_per_window": epochs_per_window, "workers": workers or "auto"}.items():
-        client.log_param(run_id, name, value)
-    hours = summary.windows * epochs_per_window * EPOCH_SECONDS / 3600
-    metrics = {"ok": summary.ok, "quarantined": summary.quarantined, "skipped": summary.skipped,
-               "windows": summary.windows, "recording_hours": hours, "seconds": seconds,
-               "hours_per_s": hours / seconds if seconds > 0 else 0.0,
-               "peak_worker_rss_mb": summary.peak_worker_rss_mb}
-    for name, value in metrics.items():
-        client.log_metric(run_id, name, float(value))
-    if file_type(summary.manifest) == pafs.FileType.File:
-        client.log_text(run_id, read_text(summary.manifest), MANIFEST_NAME)
-    client.set_terminated(run_id, "FINISHED")
-    return run_id
-
-
+# -- the entry point: setup -> plan -> run -> cleanup ---------------------------------------------------
 def ingest(
     inputs: list[str],
     output: str,
@@ -276,6 +190,11 @@ def ingest(
     num_cpus: int | None = None,
     workers: int | None = None,
     mlflow_tracking_uri: str | None = None,
+    ids: str = "pseudonymous",
+    pseudonym_key_file: str | None = None,
+    link_table: str | None = None,
+    prune: bool = False,
+    limits: IngestLimits = IngestLimits(),
 ) -> IngestSummary:
     """Ingest the recordings under ``inputs`` into the store at ``output``.
 
@@ -294,11 +213,28 @@ def ingest(
     num_cpus : int, optional
         CPUs of a local Ray started here (default: all cores).
     workers : int, optional
-        Most recordings decoded at the same time (default: as many as Ray has CPUs).
-        Memory per worker is bounded by one recording.
+        Most recordings decoded at the same time per memory class (default: as
+        many as Ray's CPUs and memory allow). Memory per worker is bounded by
+        one recording, and reserved from its header (duration x fastest rate).
     mlflow_tracking_uri : str, optional
         Log the run (counts, hours per second, the manifest) to this MLflow
         store; default ``MLFLOW_TRACKING_URI`` if set, else no MLflow run.
+    ids : {"pseudonymous", "original"}
+        Store ids: keyed hashes of the sites' keys (default), or the keys
+        themselves where they are safe ids (cohorts whose keys are already
+        pseudonymous, such as NSRR's).
+    pseudonym_key_file : str, optional
+        File holding the pseudonym key (else ``S2V_PSEUDONYM_KEY``, else a key
+        generated once in the user's config directory).
+    link_table : str, optional
+        Write the table linking files and site keys to store ids here (a
+        local file outside the store, mode 0600). Only on request.
+    prune : bool
+        Erase recordings whose input is gone: their windows are deleted and
+        their manifest line becomes ``withdrawn``.
+    limits : IngestLimits
+        Retries of a task whose worker died, and the duration and size
+        above which a recording is quarantined unread.
 
     Returns
     -------
@@ -312,83 +248,166 @@ def ingest(
         raise ValueError(f"--epochs-per-window: expected >= 1, found {epochs_per_window}")
     if workers is not None and workers < 1:
         raise ValueError(f"workers: expected >= 1, found {workers}")
-
     for input_uri in inputs:  # before creating anything at the output
         fs, path = resolve(input_uri)
         if fs.get_file_info(path).type != pafs.FileType.Directory:
-            raise FileNotFoundError(f"--input {input_uri}: not a directory")
+            raise FileNotFoundError(f"--input {redact(input_uri)}: not a directory")
 
     # setup
     started = time.perf_counter()
-    sites = discover(inputs, site_config=site_config)  # config errors surface before the store is touched
+    identities = Identities(load_pseudonym_key(pseudonym_key_file), mode=ids)
+    if ids == "original":
+        logger.warning("--ids original: the store keeps the sites' own recording and subject keys; use this only "
+                       "when those keys are already pseudonymous (they must not be names, dates or hospital numbers)")
+    sites = discover(inputs, site_config=site_config, identities=identities)  # config errors before the store
     fs, root = resolve(output)
     fs.create_dir(root, recursive=True)
-    _remove_stale_temporaries(fs, root)
-    kept = compact_manifest(fs, root, redo_sites={name for name, _, _ in sites})
-    finished = [e for e in kept if e.status == "ok" and e.recording_id]
-    _check_store_layout(fs, root, finished, epochs_per_window)
-    writer = ManifestWriter(fs, root)
-    manifest = join(output, MANIFEST_NAME)
+    summary_store, manifest = redact(output), redact(join(output, MANIFEST_NAME))
+    with store_lease(fs, root, store=summary_store) as run_id:
+        previous = read_manifest(fs, root)
+        check_settings(fs, root, output=output, identities=identities, epochs_per_window=epochs_per_window,
+                        previous=previous)
+        remove_stale_temporaries(fs, root)
 
-    # plan
-    tasks, rejected, skipped = plan(sites, finished=finished)
-    for entry in rejected:
-        logger.warning("quarantined: %s", entry.reason)
-        writer.append(entry)
-    logger.info("%d recordings to ingest, %d skipped (already in the store), %d quarantined before decoding",
-                len(tasks), skipped, len(rejected))
-
-    # run
-    ok = windows = 0
-    peak_rss_mb = 0.0
-    quarantined = len(rejected)
-    if tasks:
-        import ray
-
-        started_here = not ray.is_initialized()
-        init_ray(address, num_cpus=num_cpus)
+        # plan
+        decided: Plan = plan(sites, previous=previous, identities=identities, limits=limits,
+                             epochs_per_window=epochs_per_window, prune=prune, store=(fs, root))
+        if link_table:
+            written = write_link_table(link_table, [row for listing in sites for row in listing.links], store=output)
+            logger.info("link table (restricted, mode 0600): %s", written)
+        rewrite_manifest(fs, root, decided.kept)
+        writer = ManifestWriter(fs, root, run_id=run_id)
         try:
-            items = [{"task": pickle.dumps(source), "content_hash": content_hash} for source, content_hash in tasks]
-            dataset = ray.data.from_items(items, override_num_blocks=len(items)).map(
-                ingest_one, fn_kwargs={"output": output, "epochs_per_window": epochs_per_window},
-                num_cpus=1, concurrency=workers)
-            for done, row in enumerate(dataset.iter_rows(), start=1):
-                entry = ManifestEntry.from_json(row["entry"])
-                peak_rss_mb = max(peak_rss_mb, float(row["peak_rss_mb"]))
-                writer.append(entry)  # after the file is in place (ingest_one renamed it)
-                if entry.status == "ok":
-                    ok, windows = ok + 1, windows + entry.windows
-                    logger.info("[%d/%d] %s/%s: %d windows, %s", done, len(tasks), entry.site,
-                                entry.recording_id, entry.windows, ",".join(entry.modalities))
-                    if entry.reason:
-                        logger.warning("%s/%s: %s", entry.site, entry.recording_id, entry.reason)
-                else:
-                    quarantined += 1
-                    logger.warning("[%d/%d] quarantined: %s", done, len(tasks), entry.reason)
+            for entry in decided.withdrawn:
+                delete_file(fs, recording_file(root, entry.site, entry.recording_id))
+                writer.append(entry)
+            for entry in decided.rejected:
+                logger.warning("quarantined: %s", entry.reason)
+                writer.append(entry)
+            logger.info("%d recordings to decode, %d skipped (unchanged, already in the store), %d quarantined "
+                        "before decoding, %d withdrawn", len(decided.tasks), decided.skipped, len(decided.rejected),
+                        len(decided.withdrawn))
+            if decided.stale:
+                logger.warning("%d recordings in the store have no input any more; `s2v ingest --prune` erases them",
+                               len(decided.stale))
+            counts = _run(decided.tasks, writer, fs=fs, root=root, output=output, epochs_per_window=epochs_per_window,
+                          limits=limits, workers=workers, address=address, num_cpus=num_cpus)
         finally:
-            # cleanup
-            if started_here:
-                ray.shutdown()
-    summary = IngestSummary(store=output, manifest=manifest, ok=ok, quarantined=quarantined,
-                            skipped=skipped, windows=windows, peak_worker_rss_mb=peak_rss_mb)
-    if ok + skipped:
+            writer.close()
+        # cleanup
+        if prune:
+            erased = erase_unlisted(fs, root, {listing.site for listing in sites})
+            if erased:
+                logger.info("--prune: erased %d windows files that no manifest line points at", erased)
+    ok, windows, quarantined, peak_rss_mb = counts
+    summary = IngestSummary(store=summary_store, manifest=manifest, ok=ok,
+                            quarantined=quarantined + len(decided.rejected), skipped=decided.skipped,
+                            windows=windows, peak_worker_rss_mb=peak_rss_mb, withdrawn=len(decided.withdrawn),
+                            stale=len(decided.stale))
+    if ok + decided.skipped:
         # Every subject gets a split the moment the store has nights (s2v_core.splits):
         # later nights and sites never move the subjects already assigned.
         ensure_splits(output)
     tracking_uri = mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if tracking_uri:
-        run_id = _log_mlflow(tracking_uri, summary, inputs=inputs, epochs_per_window=epochs_per_window,
-                             workers=workers, seconds=time.perf_counter() - started)
-        logger.info("MLflow run %s at %s", run_id, tracking_uri)
+        run_mlflow = _log_mlflow(tracking_uri, summary, inputs=inputs, epochs_per_window=epochs_per_window,
+                                 workers=workers, seconds=time.perf_counter() - started, identities=identities,
+                                 manifest_location=join(output, MANIFEST_NAME))
+        logger.info("MLflow run %s at %s", run_mlflow, redact(tracking_uri))
     return summary
 
 
+def _run(tasks: list[Task], writer: ManifestWriter, *, fs: pafs.FileSystem, root: str, output: str,
+         epochs_per_window: int, limits: IngestLimits, workers: int | None, address: str | None,
+         num_cpus: int | None) -> tuple[int, int, int, float]:
+    """Decode ``tasks`` on Ray, append their manifest lines; return ``(ok, windows, quarantined, peak RSS MiB)``."""
+    ok = windows = quarantined = 0
+    peak_rss_mb = 0.0
+    if not tasks:
+        return ok, windows, quarantined, peak_rss_mb
+    import ray
+
+    started_here = not ray.is_initialized()
+    init_ray(address, num_cpus=num_cpus)
+    try:
+        results = run_tasks(tasks, output=output, epochs_per_window=epochs_per_window, limits=limits,
+                            workers=workers)
+        for done, (task, entry, rss_mb) in enumerate(results, start=1):
+            peak_rss_mb = max(peak_rss_mb, rss_mb)
+            if entry.status != "ok" and task.replaces:
+                # The input changed and no longer decodes: its old windows no longer describe it.
+                delete_file(fs, recording_file(root, entry.site, entry.recording_id))
+            writer.append(entry)  # after the file is in place (ingest_one renamed it)
+            if entry.status == "ok":
+                ok, windows = ok + 1, windows + entry.windows
+                logger.info("[%d/%d] %s/%s: %d windows, %s", done, len(tasks), entry.site, entry.recording_id,
+                            entry.windows, ",".join(entry.modalities))
+                if entry.reason:
+                    logger.warning("%s/%s: %s", entry.site, entry.recording_id, entry.reason)
+            else:
+                quarantined += 1
+                logger.warning("[%d/%d] quarantined: %s", done, len(tasks), entry.reason)
+    finally:
+        if started_here:
+            ray.shutdown()
+    return ok, windows, quarantined, peak_rss_mb
+
+
+def _log_mlflow(uri: str, summary: IngestSummary, *, inputs: list[str], epochs_per_window: int,
+                workers: int | None, seconds: float, identities: Identities, manifest_location: str) -> str:
+    """Log one ingest run (counts, throughput, the manifest) to MLflow; return the run id.
+
+    Only counts, redacted locations and the manifest are logged: the manifest
+    holds no path, site key or header field, so neither does the run.
+    """
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    run_id = client.create_run(mlflow_experiment(client, uri, MLFLOW_EXPERIMENT), run_name="ingest").info.run_id
+    params = {"inputs": ",".join(redact(i) for i in inputs), "output": summary.store,
+              "epochs_per_window": epochs_per_window, "workers": workers or "auto", "ids": identities.mode,
+              "pseudonym_key_check": identities.key.check_value()}
+    for name, value in params.items():
+        client.log_param(run_id, name, value)
+    hours = summary.windows * epochs_per_window * EPOCH_SECONDS / 3600
+    metrics = {"ok": summary.ok, "quarantined": summary.quarantined, "skipped": summary.skipped,
+               "windows": summary.windows, "recording_hours": hours, "seconds": seconds,
+               "hours_per_s": hours / seconds if seconds > 0 else 0.0,
+               "peak_worker_rss_mb": summary.peak_worker_rss_mb, "withdrawn": summary.withdrawn,
+               "stale": summary.stale}
+    for name, value in metrics.items():
+        client.log_metric(run_id, name, float(value))
+    if file_type(manifest_location) == pafs.FileType.File:
+        client.log_text(run_id, read_text(manifest_location), MANIFEST_NAME)
+    client.set_terminated(run_id, "FINISHED")
+    return run_id
+
+
+# -- CLI --------------------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    defaults = IngestLimits()
     parser.add_argument("--input", action="append", required=True, metavar="DIR",
                         help="site directory or parent of site directories (repeatable; path or URI)")
     parser.add_argument("--output", required=True, metavar="STORE", help="store root (path or URI)")
     parser.add_argument("--site-config", metavar="FILE", help="site config overriding the input's site.toml")
     parser.add_argument("--epochs-per-window", type=int, default=10, help="30-s epochs per store row (default 10)")
+    parser.add_argument("--ids", choices=ID_MODES, default="pseudonymous",
+                        help="store ids: keyed hashes of the sites' keys (default), or the keys themselves when "
+                             "they are already pseudonymous (e.g. NSRR ids)")
+    parser.add_argument("--pseudonym-key-file", metavar="FILE",
+                        help="file holding the pseudonym key (default: S2V_PSEUDONYM_KEY, else a key generated once "
+                             "in ~/.config/sleep2vec/pseudonym.key)")
+    parser.add_argument("--link-table", metavar="FILE",
+                        help="write the table from files and site keys to store ids here (outside the store, "
+                             "mode 0600); it re-identifies the store, keep it private")
+    parser.add_argument("--prune", action="store_true",
+                        help="erase recordings whose input is gone (windows deleted, manifest line 'withdrawn')")
+    parser.add_argument("--task-retries", type=int, default=defaults.task_retries,
+                        help=f"retries of a recording whose worker died (default {defaults.task_retries})")
+    parser.add_argument("--max-hours", type=float, default=defaults.max_hours,
+                        help=f"quarantine recordings declaring more hours than this (default {defaults.max_hours:g})")
+    parser.add_argument("--max-file-gib", type=float, default=defaults.max_file_gib,
+                        help=f"quarantine signal files larger than this (default {defaults.max_file_gib:g} GiB)")
     parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     parser.add_argument("--num-cpus", type=int, help="CPUs of a local Ray (default: all cores)")
     parser.add_argument("--workers", type=int, help="recordings decoded at the same time (default: Ray CPUs)")
@@ -396,11 +415,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    limits = IngestLimits(task_retries=args.task_retries, max_hours=args.max_hours, max_file_gib=args.max_file_gib)
     summary = ingest(args.input, args.output, site_config=args.site_config,
                      epochs_per_window=args.epochs_per_window, address=args.address,
-                     num_cpus=args.num_cpus, workers=args.workers, mlflow_tracking_uri=args.mlflow_uri)
+                     num_cpus=args.num_cpus, workers=args.workers, mlflow_tracking_uri=args.mlflow_uri,
+                     ids=args.ids, pseudonym_key_file=args.pseudonym_key_file, link_table=args.link_table,
+                     prune=args.prune, limits=limits)
     print(f"ingested {summary.ok} recordings ({summary.windows} windows), "
-          f"quarantined {summary.quarantined}, skipped {summary.skipped} already in the store")
+          f"quarantined {summary.quarantined}, skipped {summary.skipped} already in the store"
+          + (f", withdrew {summary.withdrawn}" if summary.withdrawn else "")
+          + (f"; {summary.stale} in the store have no input any more (--prune erases them)" if summary.stale else ""))
     print(f"store:    {summary.store}")
     print(f"manifest: {summary.manifest}")
+    if summary.quarantined and not args.link_table:
+        print("quarantined files are named by file_id; --link-table FILE maps them to paths")
     return 0

@@ -1,28 +1,46 @@
-"""``STORE/manifest.jsonl``: one JSON object per input recording, appended as recordings finish.
+"""``STORE/manifest.jsonl``: one JSON object per input file, appended as recordings finish.
 
-Fields: ``recording_id``, ``site``, ``source`` (signal path relative to its
-input), ``status`` (``ok`` | ``quarantined``), ``reason`` (one line naming the
-file and the problem; for ``ok`` rows the warnings, or null), ``windows``,
-``modalities``, plus ``channels`` (modality -> channel label used),
-``unknown_channels`` and ``content_hash`` (the fingerprint used to find
-duplicate recordings). Nothing from EDF headers beyond channel labels.
+Fields: ``recording_id`` and ``subject_id`` (the store's pseudonymous ids),
+``site``, ``file_id`` (a keyed hash of the input file's path: the manifest
+holds no path; the link table written with ``s2v ingest --link-table`` maps
+it back), ``status`` (``ok`` | ``quarantined`` | ``withdrawn``), ``reason``
+(one line naming the file by its ``file_id`` and the problem; for ``ok``
+rows the warnings, or null), ``windows``, ``modalities``, ``channels``
+(modality -> channel label used), ``unknown_channels``, ``content_hash`` (a
+keyed fingerprint of the signal file, to find duplicates within a site),
+``inputs_hash`` (a keyed hash of everything that decides the windows:
+signal, hypnogram, metadata row, site config; a recording is decoded again
+when it changes), ``size_bytes`` and ``declared_hours`` (from the header,
+when known). Nothing from EDF headers beyond channel labels.
 
 A line is appended only after the recording's Parquet file is in place, so
-an ``ok`` line always points at a complete file. On a re-run the manifest is
-compacted first: for the sites of the run, ``ok`` lines whose file exists
-are kept (those recordings are skipped) and everything else is retried and
-gets a fresh line; lines of other sites stay as they are.
+an ``ok`` line always points at a complete file. ``withdrawn`` lines record
+an erasure (``s2v ingest --prune``): the input is gone and so are its windows.
+Later lines about the same ``(site, recording_id)`` supersede earlier ones.
+
+Local stores append to ``manifest.jsonl``. Object stores have no append:
+there each run writes its lines as numbered parts under ``STORE/_manifest/``
+(a part every :data:`LINES_PER_PART` lines) and merges them into
+``manifest.jsonl`` once, when it ends; the next run merges what a crashed
+run left. Readers see ``manifest.jsonl`` followed by the parts.
 """
 
 from __future__ import annotations
 
 import json
+import posixpath
 import uuid
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 
 import pyarrow.fs as pafs
 
 MANIFEST_NAME = "manifest.jsonl"
+#: Where object-store runs put their manifest parts (readers of the store skip "_" names).
+PARTS_DIR = "_manifest"
+#: Lines per manifest part on an object store: a part is one PUT.
+LINES_PER_PART = 64
+STATUSES = ("ok", "quarantined", "withdrawn")
 
 
 @dataclass
@@ -31,7 +49,7 @@ class ManifestEntry:
 
     recording_id: str | None
     site: str
-    source: str
+    file_id: str | None
     status: str
     reason: str | None = None
     windows: int = 0
@@ -39,12 +57,18 @@ class ManifestEntry:
     channels: dict[str, str] = field(default_factory=dict)
     unknown_channels: list[str] = field(default_factory=list)
     content_hash: str | None = None
+    inputs_hash: str | None = None
+    subject_id: str | None = None
+    size_bytes: int | None = None
+    declared_hours: float | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), ensure_ascii=False, sort_keys=False)
 
     @classmethod
     def from_json(cls, line: str) -> "ManifestEntry":
+        # Unknown keys are ignored: a manifest from before ids were pseudonymised has a
+        # "source" path, which is dropped the next time the manifest is rewritten.
         data = json.loads(line)
         return cls(**{k: data.get(k) for k in cls.__dataclass_fields__ if k in data})
 
@@ -54,13 +78,7 @@ def recording_file(store_root: str, site: str, recording_id: str) -> str:
     return f"{store_root}/site={site}/{recording_id}.parquet"
 
 
-def read_manifest(fs: pafs.FileSystem, store_root: str) -> list[ManifestEntry]:
-    """All entries of the manifest, or an empty list when there is none yet."""
-    path = f"{store_root}/{MANIFEST_NAME}"
-    if fs.get_file_info(path).type != pafs.FileType.File:
-        return []
-    with fs.open_input_stream(path) as stream:
-        text = stream.read().decode("utf-8")
+def _parse(text: str) -> list[ManifestEntry]:
     entries = []
     for line in text.splitlines():
         if line.strip():
@@ -71,50 +89,82 @@ def read_manifest(fs: pafs.FileSystem, store_root: str) -> list[ManifestEntry]:
     return entries
 
 
-def compact_manifest(fs: pafs.FileSystem, store_root: str, *, redo_sites: set[str]) -> list[ManifestEntry]:
-    """Drop the lines of ``redo_sites`` that this run will redo; return the lines kept.
+def _parts(fs: pafs.FileSystem, store_root: str) -> list[str]:
+    infos = fs.get_file_info(pafs.FileSelector(f"{store_root}/{PARTS_DIR}", allow_not_found=True))
+    return sorted(i.path for i in infos if i.type == pafs.FileType.File and i.base_name.endswith(".jsonl"))
 
-    Lines of those sites are kept only when they are ``ok`` and their Parquet
-    file exists (those recordings are skipped); quarantined lines are dropped
-    because the run re-examines those files and writes fresh lines. Lines of
-    other sites (other inputs ingested into the same store) are kept as they
-    are. The manifest is rewritten through a temporary file and a rename, so
-    a crash here leaves either the old or the new manifest, never half of one.
+
+def read_manifest(fs: pafs.FileSystem, store_root: str) -> list[ManifestEntry]:
+    """All entries of the manifest (``manifest.jsonl``, then any parts), or an empty list."""
+    paths = [f"{store_root}/{MANIFEST_NAME}"] + _parts(fs, store_root)
+    entries = []
+    for path in paths:
+        if fs.get_file_info(path).type == pafs.FileType.File:
+            with fs.open_input_stream(path) as stream:
+                entries += _parse(stream.read().decode("utf-8"))
+    return entries
+
+
+def rewrite_manifest(fs: pafs.FileSystem, store_root: str, entries: Iterable[ManifestEntry]) -> None:
+    """Replace the manifest by ``entries`` (and drop any parts), through a temporary file and a rename.
+
+    A crash here leaves either the old or the new manifest, never half of one.
     """
-    kept = []
-    for entry in read_manifest(fs, store_root):
-        if entry.site in redo_sites:
-            if entry.status != "ok" or not entry.recording_id:
-                continue
-            target = recording_file(store_root, entry.site, entry.recording_id)
-            if fs.get_file_info(target).type != pafs.FileType.File:
-                continue
-        kept.append(entry)
     path = f"{store_root}/{MANIFEST_NAME}"
     temporary = f"{store_root}/.{MANIFEST_NAME}.{uuid.uuid4().hex}"
+    parts = _parts(fs, store_root)
     with fs.open_output_stream(temporary) as stream:
-        stream.write("".join(e.to_json() + "\n" for e in kept).encode("utf-8"))
+        stream.write("".join(e.to_json() + "\n" for e in entries).encode("utf-8"))
     fs.move(temporary, path)
-    return kept
+    if parts:
+        fs.delete_dir(f"{store_root}/{PARTS_DIR}")  # with its parts (and an object store's directory marker)
 
 
 class ManifestWriter:
-    """Appends entries to the manifest, one flushed line per recording."""
+    """Appends entries to the manifest: one flushed line per recording, or parts on object stores.
 
-    def __init__(self, fs: pafs.FileSystem, store_root: str) -> None:
-        self._fs, self._path = fs, f"{store_root}/{MANIFEST_NAME}"
+    Parameters
+    ----------
+    fs, store_root
+        The store's filesystem and root.
+    run_id : str
+        Names this run's parts (object stores).
+    lines_per_part : int
+        Lines buffered per part (object stores).
+    """
+
+    def __init__(self, fs: pafs.FileSystem, store_root: str, *, run_id: str | None = None,
+                 lines_per_part: int = LINES_PER_PART) -> None:
+        self._fs, self._root = fs, store_root
+        self._path = f"{store_root}/{MANIFEST_NAME}"
+        self._local = isinstance(fs, pafs.LocalFileSystem)
+        self._run_id = run_id or uuid.uuid4().hex
+        self._lines_per_part, self._pending, self._parts = lines_per_part, [], 0
 
     def append(self, entry: ManifestEntry) -> None:
-        line = (entry.to_json() + "\n").encode("utf-8")
-        if isinstance(self._fs, pafs.LocalFileSystem):
+        line = entry.to_json() + "\n"
+        if self._local:
             with open(self._path, "ab") as handle:
-                handle.write(line)
+                handle.write(line.encode("utf-8"))
                 handle.flush()
             return
-        # Object stores have no append: rewrite the (small) manifest with the new line.
-        existing = b""
-        if self._fs.get_file_info(self._path).type == pafs.FileType.File:
-            with self._fs.open_input_stream(self._path) as stream:
-                existing = stream.read()
-        with self._fs.open_output_stream(self._path) as stream:
-            stream.write(existing + line)
+        self._pending.append(line)
+        if len(self._pending) >= self._lines_per_part:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the buffered lines as the run's next part (object stores)."""
+        if self._local or not self._pending:
+            return
+        self._parts += 1
+        part = posixpath.join(self._root, PARTS_DIR, f"{self._run_id}-{self._parts:06d}.jsonl")
+        self._fs.create_dir(posixpath.dirname(part), recursive=True)
+        with self._fs.open_output_stream(part) as stream:
+            stream.write("".join(self._pending).encode("utf-8"))
+        self._pending = []
+
+    def close(self) -> None:
+        """Flush, and on object stores merge every part into ``manifest.jsonl`` (one rewrite per run)."""
+        self.flush()
+        if not self._local and _parts(self._fs, self._root):
+            rewrite_manifest(self._fs, self._root, read_manifest(self._fs, self._root))

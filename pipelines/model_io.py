@@ -14,6 +14,11 @@
 - a bare MLflow run id (32 hex characters), resolved as ``runs:/<id>/encoder``.
 
 MLflow specs use ``tracking_uri`` or else ``MLFLOW_TRACKING_URI``.
+
+Every form but the MLflow pytorch model loads weights only
+(``torch.load(weights_only=True)`` into a model built from its JSON config).
+The MLflow model is a pickle: loading it runs whatever code its author put
+in it, so it loads only with ``allow_pickle=True`` (``--allow-pickle-model``).
 """
 
 from __future__ import annotations
@@ -36,27 +41,38 @@ _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 ENCODER_ARTIFACT = "encoder"
 
 
-def load_trained_encoder(spec: str | Path, *, tracking_uri: str | None = None) -> SleepEncoder:
+def load_trained_encoder(spec: str | Path, *, tracking_uri: str | None = None,
+                         allow_pickle: bool = False) -> SleepEncoder:
     """Load a trained :class:`~s2v_core.model.SleepEncoder` (eval mode, CPU) from ``spec``.
+
+    Parameters
+    ----------
+    spec : str or path
+        One of the forms in the module docstring.
+    tracking_uri : str, optional
+        MLflow store of ``runs:/``/``models:/`` specs (default ``MLFLOW_TRACKING_URI``).
+    allow_pickle : bool
+        Accept an MLflow pytorch model, a pickle that runs code when loaded.
 
     Raises
     ------
     ValueError
-        ``spec`` is none of the accepted forms (the message names it), or an
-        MLflow spec is given without a tracking URI.
+        ``spec`` is none of the accepted forms (the message names it), an
+        MLflow spec is given without a tracking URI, or ``spec`` is a pickled
+        MLflow model and ``allow_pickle`` is false.
     """
     text = str(spec)
     if is_uri(text) or Path(text).exists():
         with local_directory(_encoder_dir(text)) as directory:
             return load_encoder(directory)
     if text.startswith("models:/"):
-        return _load_mlflow_model(text, tracking_uri)
+        return _load_mlflow_model(text, tracking_uri, allow_pickle=allow_pickle)
     if text.startswith("runs:/"):
         run_id, _, artifact = text[len("runs:/"):].partition("/")
         artifact = artifact.strip("/") or ENCODER_ARTIFACT
         if artifact == ENCODER_ARTIFACT:
             return _load_run_encoder(run_id, tracking_uri)
-        return _load_mlflow_model(text, tracking_uri)
+        return _load_mlflow_model(text, tracking_uri, allow_pickle=allow_pickle)
     if _RUN_ID.match(text):
         return _load_run_encoder(text, tracking_uri)
     raise ValueError(
@@ -125,7 +141,12 @@ def _load_run_encoder(run_id: str, tracking_uri: str | None) -> SleepEncoder:
         return load_encoder(local)
 
 
-def _load_mlflow_model(spec: str, tracking_uri: str | None) -> SleepEncoder:
+def _load_mlflow_model(spec: str, tracking_uri: str | None, *, allow_pickle: bool) -> SleepEncoder:
+    if not allow_pickle:
+        raise ValueError(
+            f"--checkpoint {spec}: an MLflow pytorch model is a pickle, and loading one runs whatever code its "
+            "author put in it; use runs:/<run_id> (the weights-only encoder every pretraining run logs) or, for a "
+            "model you trust, allow pickles explicitly (s2v embed --allow-pickle-model)")
     import mlflow
 
     from pipelines.pretrain import tracking_uri_scope

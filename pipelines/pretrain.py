@@ -27,6 +27,7 @@ Run dir layout::
     RUN_DIR/encoder/               the final encoder (s2v_core.model.save_encoder)
     RUN_DIR/mlflow_run.json        MLflow tracking URI and run id (a resumed run continues it)
     RUN_DIR/mlflow.db              the default MLflow store (unless MLFLOW_TRACKING_URI is set)
+    RUN_DIR/mlartifacts/           its artifacts (pipelines.runtime.mlflow_experiment: never $CWD/mlruns)
 
 ``--data`` and ``--output`` are local paths or URIs (``s3://…``, ``gs://…``):
 the store is read and the run dir written through ``pyarrow.fs``, and Ray
@@ -51,9 +52,10 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
-from pipelines.checkpoints import CHECKPOINTS_NAME, ENCODER_DIR, data_position, latest_checkpoint, read_state
-from pipelines.runtime import (absolute, check_mlflow_store, file_type, join, local_directory, read_text,
-                               replace_directory, write_text)
+from pipelines.checkpoints import (CHECKPOINTS_NAME, ENCODER_DIR, data_position, incomplete_checkpoints,
+                                  latest_checkpoint, read_state)
+from pipelines.runtime import (absolute, check_mlflow_store, file_type, join, local_directory, mlflow_experiment,
+                               read_text, redact, redact_values, replace_directory, write_text)
 from pipelines.train_config import (PretrainConfig, config_differences, config_from_dict, config_to_dict,
                                     deepspeed_config, load_pretrain_config)
 from pipelines.train_data import StoreSummary, build_dataset, check_batch_fits, inspect_store, store_repeats
@@ -167,7 +169,8 @@ def setup(config: PretrainConfig, *, resume: bool = False, on_gpu: bool = False)
         repeats = store_repeats(summary.usable_windows, steps=resolved.steps,
                                 windows_per_step=resolved.global_batch * resolved.grad_accum)
     ds_config = deepspeed_config(resolved, on_gpu=on_gpu)
-    write_text(join(run_dir, CONFIG_FILE), json.dumps(config_to_dict(resolved), indent=2) + "\n")
+    # Run files never hold credentials of a URI (--data s3://KEY:SECRET@...): data/output are not compared on resume.
+    write_text(join(run_dir, CONFIG_FILE), json.dumps(redact_values(config_to_dict(resolved)), indent=2) + "\n")
     write_text(join(run_dir, DS_CONFIG_FILE), json.dumps(ds_config, indent=2) + "\n")
     record = {**split_record(config.data, config.train_splits), "store": absolute(config.data)}
     return PreparedRun(config=resolved, store=summary, run_dir=run_dir, on_gpu=on_gpu, ds_config=ds_config,
@@ -187,8 +190,13 @@ def _check_resume(run_dir: str, config: PretrainConfig, *,
                              "pass --resume to continue that run or choose another --output")
         return None, None
     latest = latest_checkpoint(run_dir)
+    for skipped, problems in incomplete_checkpoints(run_dir):
+        if latest is None or skipped > latest:  # step_<NNNNNNNN>: names sort by step
+            logger.warning("--resume: skipping %s, an incomplete checkpoint (%s); resuming from %s",
+                           posixpath.basename(resolve(skipped)[1]), "; ".join(problems),
+                           posixpath.basename(resolve(latest)[1]) if latest else "step 0")
     if latest is None:
-        logger.info("--resume: no checkpoint in %s yet; starting from step 0", run_dir)
+        logger.info("--resume: no complete checkpoint in %s yet; starting from step 0", redact(run_dir))
         return None, None
     name = posixpath.basename(resolve(latest)[1])
     state = read_state(latest)
@@ -228,14 +236,12 @@ def start_mlflow_run(prepared: PreparedRun) -> PreparedRun:
     run_id = None
     if file_type(run_file) == pafs.FileType.File:
         recorded = json.loads(read_text(run_file))
-        if recorded.get("tracking_uri") == uri:
+        if recorded.get("tracking_uri") == redact(uri):
             run_id = recorded["run_id"]
     if run_id is None:
-        experiment = client.get_experiment_by_name(prepared.config.mlflow_experiment)
-        experiment_id = (experiment.experiment_id if experiment is not None
-                         else client.create_experiment(prepared.config.mlflow_experiment))
+        experiment_id = mlflow_experiment(client, uri, prepared.config.mlflow_experiment)
         run = client.create_run(experiment_id, run_name=posixpath.basename(resolve(prepared.run_dir)[1]),
-                                tags={"s2v.command": "pretrain", "s2v.run_dir": prepared.run_dir})
+                                tags={"s2v.command": "pretrain", "s2v.run_dir": redact(prepared.run_dir)})
         run_id = run.info.run_id
         params = _flatten({"pretrain": config_to_dict(prepared.config), "model": prepared.model_config,
                            "store": {"windows": prepared.store.windows,
@@ -245,13 +251,13 @@ def start_mlflow_run(prepared: PreparedRun) -> PreparedRun:
                                        "on_gpu": prepared.on_gpu}})
         from mlflow.entities import Param
 
-        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        items = [Param(k, redact(str(v))[:6000]) for k, v in params.items()]
         for start in range(0, len(items), 100):
             client.log_batch(run_id, params=items[start:start + 100])
         # The same JSON as the run dir's files, logged from memory: the run dir may be a URI.
         client.log_dict(run_id, prepared.ds_config, DS_CONFIG_FILE)
-        client.log_dict(run_id, config_to_dict(prepared.config), CONFIG_FILE)
-        write_text(run_file, json.dumps({"tracking_uri": uri, "run_id": run_id}, indent=2) + "\n")
+        client.log_dict(run_id, redact_values(config_to_dict(prepared.config)), CONFIG_FILE)
+        write_text(run_file, json.dumps({"tracking_uri": redact(uri), "run_id": run_id}, indent=2) + "\n")
     return dataclasses.replace(prepared, mlflow_tracking_uri=uri, mlflow_run_id=run_id)
 
 
@@ -380,9 +386,9 @@ def run(args: argparse.Namespace) -> int:
     """CLI entry: ``s2v pretrain …`` → :func:`pretrain`."""
     config = config_from_args(args)
     result = pretrain(config, resume=args.resume, address=args.address)
-    print(json.dumps({"run_dir": str(result.run_dir), "checkpoint": str(result.checkpoint),
-                      "encoder": str(result.encoder_dir), "mlflow_run_id": result.mlflow_run_id,
-                      "steps": result.steps, "final_loss": result.final_loss}))
+    print(json.dumps(redact_values({"run_dir": str(result.run_dir), "checkpoint": str(result.checkpoint),
+                                    "encoder": str(result.encoder_dir), "mlflow_run_id": result.mlflow_run_id,
+                                    "steps": result.steps, "final_loss": result.final_loss})))
     return 0
 
 

@@ -6,6 +6,17 @@ with options such as ``?endpoint_override=host:port&scheme=http``). The
 helpers here read and write small files and directories at either through
 ``pyarrow.fs``; bulk data (Parquet, checkpoints) goes through pyarrow and Ray
 with the filesystem that :func:`s2v_core.io.discovery.resolve` returns.
+
+Locations may carry credentials (``s3://KEY:SECRET@bucket``, ``?token=``):
+:func:`redact` removes them from anything logged, recorded in a run file,
+an MLflow param or tag, or printed, and :class:`RedactingFilter` does it for
+every log line of the CLI.
+
+MLflow, one policy for every command (:func:`mlflow_tracking_uri`,
+:func:`mlflow_experiment`): the tracking store is ``MLFLOW_TRACKING_URI`` or
+a SQLite file in the command's output directory, and an experiment's
+artifacts live next to its store (``DIR/mlartifacts/<experiment>`` beside
+``DIR/mlflow.db``), never in the current directory's ``mlruns/``.
 """
 
 from __future__ import annotations
@@ -14,6 +25,7 @@ import contextlib
 import logging
 import os
 import posixpath
+import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,9 +33,45 @@ from pathlib import Path
 import pyarrow.fs as pafs
 
 from s2v_core.io.discovery import join as discovery_join
-from s2v_core.io.discovery import resolve
+from s2v_core.io.discovery import redact, resolve
 
+__all__ = ["redact"]  # re-exported: the pipelines' one way to make a location safe to show
 logger = logging.getLogger(__name__)
+
+
+def redact_values(data):
+    """``data`` (nested dicts, lists, strings) with :func:`redact` applied to every string in it."""
+    if isinstance(data, str):
+        return redact(data)
+    if isinstance(data, dict):
+        return {key: redact_values(value) for key, value in data.items()}
+    if isinstance(data, (list, tuple)):
+        return type(data)(redact_values(value) for value in data)
+    return data
+
+
+class RedactingFilter(logging.Filter):
+    """A logging filter that removes credentials in URIs from every record (see :func:`redact`)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        cleaned = redact(message)
+        if cleaned != message:
+            record.msg, record.args = cleaned, None
+        return True
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this host."""
+    if pid <= 0:
+        return False  # os.kill(0 or -1, ...) would address process groups, not one process
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process: it exists
+    return True
 
 
 def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None:
@@ -160,3 +208,61 @@ def mlflow_tracking_uri(workdir: str | Path, *, option: str = "--output") -> str
     path = Path(workdir).resolve()
     path.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{path / 'mlflow.db'}"
+
+
+#: Artifacts of the experiments of a SQLite store ``DIR/mlflow.db`` live in ``DIR/mlartifacts/<experiment>``.
+MLFLOW_ARTIFACTS_DIR = "mlartifacts"
+#: Overrides where new experiments keep their artifacts (any store; e.g. s3://bucket/mlflow-artifacts).
+MLFLOW_ARTIFACT_ROOT_ENV = "S2V_MLFLOW_ARTIFACT_ROOT"
+#: Tracking stores that choose the artifact location themselves (the server's --artifacts-destination).
+_SERVER_SCHEMES = ("http://", "https://", "databricks")
+
+
+def mlflow_artifact_location(tracking_uri: str, experiment: str) -> str | None:
+    """Where a new experiment of ``tracking_uri`` keeps its artifacts; ``None``: MLflow's own choice.
+
+    ========================================  ==============================================
+    store                                      artifacts of experiment ``E``
+    ========================================  ==============================================
+    ``S2V_MLFLOW_ARTIFACT_ROOT`` set            ``$S2V_MLFLOW_ARTIFACT_ROOT/E``
+    ``sqlite:///DIR/mlflow.db``                 ``file:///DIR/mlartifacts/E`` (next to the store)
+    a tracking server (``http(s)://``)          ``None``: the server's ``--artifacts-destination``
+    a file store (a path, ``file://``)          ``None``: MLflow keeps them inside the store
+    another database (``postgresql://`` …)      ``ValueError``: set ``S2V_MLFLOW_ARTIFACT_ROOT``
+    ========================================  ==============================================
+
+    MLflow's client default for database stores is ``./mlruns`` in whatever the
+    current directory is, which a ``ray job submit`` job loses and a user
+    never finds; no command of this project uses it.
+    """
+    folder = re.sub(r"[^A-Za-z0-9_.\-]", "_", experiment)
+    root = os.environ.get(MLFLOW_ARTIFACT_ROOT_ENV)
+    if root:
+        return join(root, folder)
+    if tracking_uri.startswith("sqlite:///"):
+        # sqlite:////abs/mlflow.db is absolute, sqlite:///rel/mlflow.db relative to the current directory.
+        database = Path(tracking_uri.removeprefix("sqlite:///").split("?")[0]).resolve()
+        return (database.parent / MLFLOW_ARTIFACTS_DIR / folder).as_uri()
+    if tracking_uri.startswith(_SERVER_SCHEMES) or "://" not in tracking_uri or tracking_uri.startswith("file:"):
+        return None
+    raise ValueError(f"MLFLOW_TRACKING_URI {redact(tracking_uri)}: a database store has no place for artifacts "
+                     f"of its own; set {MLFLOW_ARTIFACT_ROOT_ENV} (e.g. s3://bucket/mlflow-artifacts) or use a "
+                     "tracking server")
+
+
+def mlflow_experiment(client, tracking_uri: str, name: str) -> str:
+    """The id of experiment ``name`` in ``client``'s store, created with artifacts next to the store.
+
+    Every command creates its experiments through this function (see
+    :func:`mlflow_artifact_location`).
+    """
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=mlflow_artifact_location(tracking_uri, name))
+    except Exception:  # MlflowException: another process created it between the two calls
+        found = client.get_experiment_by_name(name)
+        if found is None:
+            raise
+        return found.experiment_id

@@ -13,7 +13,11 @@ common cases built in:
 - token authentication stays on: ``RAY_AUTH_MODE=token`` for the submission
   unless you set the variable yourself, and a missing token is an error here
   rather than a 401 from the cluster. The token itself is never put into the
-  runtime environment (anyone who can list jobs could read it there).
+  runtime environment (anyone who can list jobs could read it there);
+- for the same reason no credential travels in the job: an argument holding a
+  URI with a password or a secret-looking query parameter
+  (``s3://KEY:SECRET@bucket``, ``?token=``), and environment variables that
+  look like credentials (the pseudonym key included), are refused here.
 
 Paths in ``ARGS`` are resolved on the cluster, inside the job's working
 directory: give stores and outputs as absolute paths on shared storage or as
@@ -26,7 +30,6 @@ import argparse
 import json
 import logging
 import os
-import re
 import shlex
 import shutil
 import subprocess
@@ -36,6 +39,8 @@ from pathlib import Path
 
 import yaml
 
+from pipelines.runtime import redact
+
 logger = logging.getLogger(__name__)
 
 #: runtime env used when ``--runtime-env`` is not given and this file exists
@@ -44,9 +49,7 @@ DEFAULT_RUNTIME_ENV = Path("cluster") / "runtime_env.yaml"
 PASSTHROUGH_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME")
 #: name parts / endings that mark a credential; such variables must not travel in a runtime env
 _SECRET_PARTS = frozenset({"TOKEN", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL", "CREDENTIALS", "APIKEY"})
-_SECRET_ENDINGS = ("ACCESS_KEY", "API_KEY", "PRIVATE_KEY", "ACCESS_KEY_ID")
-#: ``scheme://user:password@host`` — a credential embedded in a URI
-_URI_WITH_PASSWORD = re.compile(r"^[a-z][a-z0-9+.-]*://[^/@\s]*:[^/@\s]*@", re.IGNORECASE)
+_SECRET_ENDINGS = ("ACCESS_KEY", "API_KEY", "PRIVATE_KEY", "ACCESS_KEY_ID", "PSEUDONYM_KEY")
 #: sub-commands that make no sense as a cluster job
 _NOT_SUBMITTABLE = ("submit",)
 
@@ -68,8 +71,9 @@ def job_entrypoint(command: Sequence[str]) -> list[str]:
     Raises
     ------
     ValueError
-        Unknown sub-command, ``submit`` itself, or options that ``s2v COMMAND``
-        rejects (argparse prints the detail above the error).
+        Unknown sub-command, ``submit`` itself, an argument carrying a
+        credential in a URI, or options that ``s2v COMMAND`` rejects
+        (argparse prints the detail above the error).
     """
     from pipelines.cli import COMMANDS, build_parser
 
@@ -84,13 +88,22 @@ def job_entrypoint(command: Sequence[str]) -> list[str]:
             f"cannot submit {name!r}: expected an s2v sub-command, one of "
             f"{sorted(set(COMMANDS) - set(_NOT_SUBMITTABLE))}"
         )
+    for position, argument in enumerate(command[1:], start=1):
+        if redact(argument) != argument:
+            # Entrypoints are stored with the job and shown by `ray job list` and the dashboard.
+            raise ValueError(
+                f"argument {position} of `s2v {name}` ({redact(argument)}) carries a credential in a URI; "
+                "a job's entrypoint is visible to anyone who can list the cluster's jobs. Give the nodes "
+                "credentials through their IAM role / service account (or a Kubernetes Secret) instead; "
+                "nothing was submitted"
+            )
     try:
         build_parser(name).parse_args(command)
     except SystemExit as exc:
         if exc.code in (0, None):
             raise  # `--help` of the sub-command: shown, nothing to submit
         raise ValueError(
-            f"`s2v {shlex.join(command)}` is rejected by the local parser (see the message above); "
+            f"`s2v {redact(shlex.join(command))}` is rejected by the local parser (see the message above); "
             "nothing was submitted"
         ) from None
     return ["s2v", *command]
@@ -285,7 +298,7 @@ def _refuse_credential(name: str, value: str, *, source: str) -> None:
     # Runtime env vars are stored with the job and shown by the dashboard and
     # `ray job list`; nodes get credentials from IAM roles / workload identity.
     parts = set(name.upper().split("_"))
-    if parts & _SECRET_PARTS or name.upper().endswith(_SECRET_ENDINGS) or _URI_WITH_PASSWORD.match(value):
+    if parts & _SECRET_PARTS or name.upper().endswith(_SECRET_ENDINGS) or redact(value) != value:
         raise ValueError(
             f"{source}: env var {name!r} looks like a credential; runtime env vars are visible to anyone "
             "who can list the cluster's jobs. Give the nodes credentials through their IAM role / "

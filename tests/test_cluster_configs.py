@@ -100,6 +100,35 @@ def test_runtime_env_ships_the_checkout_without_heavy_or_private_files():
     assert built["env_vars"]["MLFLOW_TRACKING_URI"] == "http://127.0.0.1:5000"
 
 
+def test_no_patient_data_or_work_folder_is_uploaded_with_a_job(tmp_path):
+    """Ray's own packaging of a working dir the README's commands have filled, with the shipped excludes."""
+    import zipfile
+
+    from ray._private.runtime_env.packaging import _zip_files
+
+    shipped = {"pipelines/ingest.py", "s2v_core/io/edf.py", "cluster/runtime_env.yaml", "README.md",
+               "pyproject.toml", "tune/sweep.py", "s2v_core/store.py"}
+    private = {"night.edf", "NIGHT.EDF", "cohort/shhs/shhs1-200001.edf", "raw/x.bdf", "raw/x.rec",
+               "annotations/shhs1-200001-nsrr.xml", "datasets/shhs1-dataset.csv", "subjects.tsv",
+               "links.csv", "pseudonym.key", "store/manifest.jsonl", "store/site=a/0123456789abcdef.parquet",
+               "runs/tiny/state.json", "emb/embed.json", "emb-wearable/embed.json", "reports/staging.json",
+               "sweep/scaling.json", "demo-workdir/store/x.parquet", "mlflow.db", "mlruns/0/meta.yaml",
+               "mlartifacts/s2v-ingest/r/artifacts/manifest.jsonl"}
+    for name in shipped | private:
+        (tmp_path / "work" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "work" / name).write_text("x")
+    excludes = load_documents(CLUSTER / "runtime_env.yaml")[0]["excludes"]
+    _zip_files(str(tmp_path / "work"), excludes, str(tmp_path / "job.zip"), include_gitignore=False)
+    with zipfile.ZipFile(tmp_path / "job.zip") as archive:
+        uploaded = {name for name in archive.namelist() if not name.endswith("/")}
+    assert uploaded == shipped
+    assert launcher_excludes() == excludes  # the launcher's rsync skips the same
+
+
+def launcher_excludes() -> list[str]:
+    return load_documents(CLUSTER / "aws.yaml")[0]["rsync_exclude"]
+
+
 # -- cluster launcher (AWS) ---------------------------------------------------
 
 
@@ -252,6 +281,14 @@ def test_rayjob_entrypoints_are_real_s2v_commands(path, doc):
             assert any(args.output.startswith(m) for m in mounts), f"{path}:{name}: --output not on a mounted volume"
     if command in {"ingest", "sweep"}:
         assert total_gpus == 0, f"{path}: {command} runs on CPU workers only"
+    if command == "ingest":
+        # The ingest driver runs on the head: the pseudonym key comes from a Secret mounted there.
+        head = next(group for _, group, is_head in groups(cluster_spec(doc)) if is_head)["template"]["spec"]
+        (container,) = [c for c in head["containers"] if c["name"].startswith("ray-")]
+        mounts = {m["mountPath"].rstrip("/") + "/": m["name"] for m in container.get("volumeMounts", [])}
+        assert args.pseudonym_key_file, f"{path}: ingest needs --pseudonym-key-file (the same key for every run)"
+        [volume] = [mounts[m] for m in mounts if args.pseudonym_key_file.startswith(m)]
+        assert "secret" in next(v for v in head["volumes"] if v["name"] == volume), f"{path}: mount it from a Secret"
 
 
 # -- the documented commands --------------------------------------------------

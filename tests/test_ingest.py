@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
@@ -80,7 +81,7 @@ def cohort(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def store(cohort, ray_local, tmp_path_factory):
     out = tmp_path_factory.mktemp("store") / "store"
-    summary = ingest([str(cohort)], str(out), epochs_per_window=10)
+    summary = ingest([str(cohort)], str(out), epochs_per_window=10, link_table=str(out.parent / "links.csv"))
     return out, summary
 
 
@@ -89,9 +90,22 @@ def _dataset(store_root: Path) -> pads.Dataset:
     return pads.dataset(store_root, format="parquet", partitioning="hive", exclude_invalid_files=True)
 
 
-def _manifest(store_root: Path) -> dict[str, dict]:
+def links(store_root: Path, name: str = "links.csv") -> list[dict]:
+    """The link table the fixture asked for (the only place paths and keys are kept)."""
+    with open(store_root.parent / name, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def recording_ids(store_root: Path, name: str = "links.csv") -> dict[str, str]:
+    """Site key -> store recording_id, from the link table."""
+    return {row["recording_key"]: row["recording_id"] for row in links(store_root, name) if row["kind"] == "signal"}
+
+
+def _manifest(store_root: Path, name: str = "links.csv") -> dict[str, dict]:
+    """Manifest lines by input path (the manifest itself only has file ids)."""
+    paths = {row["file_id"]: row["path"] for row in links(store_root, name)}
     lines = [json.loads(line) for line in (store_root / "manifest.jsonl").read_text().splitlines()]
-    by_source = {line["source"]: line for line in lines}
+    by_source = {paths[line["file_id"]]: line for line in lines}
     assert len(by_source) == len(lines), "one manifest line per input"
     return by_source
 
@@ -105,11 +119,13 @@ def test_bad_input_never_stops_the_run_and_is_named(store):
     assert "empty file" in quarantined["alpha/empty.edf"]
     assert "not an EDF/BDF file" in quarantined["alpha/notedf.edf"]
     assert "hypnogram with no matching signal" in quarantined["alpha/orphan.csv"]
-    assert "same content as alpha/alpha0.edf" in quarantined["alpha/alpha0_copy.edf"]
-    assert "duplicate recording_id 'alpha1'" in quarantined["alpha/again/alpha1.edf"]
+    assert f"same content as file {manifest['alpha/alpha0.edf']['file_id']}" in quarantined["alpha/alpha0_copy.edf"]
+    assert (f"duplicate recording_id {manifest['alpha/alpha1.edf']['recording_id']!r}"
+            in quarantined["alpha/again/alpha1.edf"])
     assert "absurd sampling rate" in quarantined["alpha/absurd.edf"]
     for source, reason in quarantined.items():
-        assert reason.startswith(source) and "\n" not in reason
+        assert reason.startswith(f"file {manifest[source]['file_id']}: ") and "\n" not in reason
+        assert source not in reason and Path(source).name not in reason
     ok = {source: line for source, line in manifest.items() if line["status"] == "ok"}
     assert set(ok) == {"alpha/alpha0.edf", "alpha/alpha1.edf", "beta/beta0.edf", "beta/beta1.edf",
                        "alpha/nohyp.edf", "alpha/truncated.edf", "alpha/liar.edf", "alpha/flat.edf", "alpha/nan.edf"}
@@ -128,9 +144,10 @@ def test_bad_input_never_stops_the_run_and_is_named(store):
 
 def test_store_round_trip(store, cohort):
     out, summary = store
+    ids = recording_ids(out)
     dataset = _dataset(out)
     files = sorted(Path(f).relative_to(out).as_posix() for f in dataset.files)
-    assert files[0] == "site=alpha/alpha0.parquet" and len(files) == 9
+    assert f"site=alpha/{ids['alpha0']}.parquet" in files and len(files) == 9
     table = dataset.to_table()
     assert table.num_rows == summary.windows
     for path in dataset.files:
@@ -138,18 +155,20 @@ def test_store_round_trip(store, cohort):
         assert pads.dataset(path).schema.equals(store_schema(10), check_metadata=False)
     expected = json.loads((cohort / "expected_stages.json").read_text())
     for key in ("alpha0", "alpha1", "beta0", "beta1"):
-        rows = table.filter(pads.field("recording_id") == key).sort_by("window_index")
+        rows = table.filter(pads.field("recording_id") == ids[key]).sort_by("window_index")
         batch = table_to_batch(rows, epochs_per_window=10)
         assert rows.num_rows == 6 and rows.column("window_index").to_pylist() == list(range(6))
         np.testing.assert_array_equal(batch["stages"].reshape(-1), expected[key])
         assert batch["present"][:, [MODALITY_KEYS.index(k) for k in ("eeg", "ecg", "spo2")]].all()
         assert not batch["present"][:, MODALITY_KEYS.index("emg")].any()
-    beta1 = table_to_batch(table.filter(pads.field("recording_id") == "beta1"), epochs_per_window=10)
+    beta1 = table_to_batch(table.filter(pads.field("recording_id") == ids["beta1"]), epochs_per_window=10)
     assert beta1["age"][0] == 51 and beta1["sex"][0] == 1
-    assert table.filter(pads.field("recording_id") == "beta1").column("subject_id")[0].as_py() == "beta-s1"
-    nohyp = table_to_batch(table.filter(pads.field("recording_id") == "nohyp"), epochs_per_window=10)
+    subject = table.filter(pads.field("recording_id") == ids["beta1"]).column("subject_id")[0].as_py()
+    assert subject == next(r["subject_id"] for r in links(out)
+                           if r["recording_key"] == "beta1" and r["kind"] == "signal") != "beta-s1"
+    nohyp = table_to_batch(table.filter(pads.field("recording_id") == ids["nohyp"]), epochs_per_window=10)
     assert (nohyp["stages"] == -1).all() and np.isnan(nohyp["age"]).all()
-    flat = table_to_batch(table.filter(pads.field("recording_id") == "flat").sort_by("window_index"),
+    flat = table_to_batch(table.filter(pads.field("recording_id") == ids["flat"]).sort_by("window_index"),
                           epochs_per_window=10)
     assert flat["present"][:, MODALITY_KEYS.index("ecg")].tolist() == [True, True, False, True, True, True]
 
@@ -163,8 +182,9 @@ def test_rerun_skips_finished_and_recovers_from_a_crash(store, cohort):
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*.parquet")} == files_before
     assert len(_manifest(out)) == 15
     # A crash: one file lost before its manifest line, a partial temporary file, a cut manifest line.
-    (out / "site=beta" / "beta1.parquet").unlink()
-    (out / "site=beta" / ".tmp-beta1.parquet.0123").write_bytes(b"PAR1 partial")
+    beta1 = recording_ids(out)["beta1"]
+    (out / "site=beta" / f"{beta1}.parquet").unlink()
+    (out / "site=beta" / f".tmp-{beta1}.parquet.0123").write_bytes(b"PAR1 partial")
     with open(out / "manifest.jsonl", "a") as handle:
         handle.write('{"recording_id": "beta0", "site": "be')
     assert len(_dataset(out).files) == len(list(out.rglob("*.parquet"))) == 8  # the partial file is invisible
@@ -186,11 +206,14 @@ def test_synthetic_cohort_through_the_cli_is_deidentified(ray_local, tmp_path, c
     out = tmp_path / "store"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
     (tmp_path / "mlruns").mkdir()
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")  # MLflow must not put artifacts in the current directory
     caplog.set_level("DEBUG")
     assert s2v(["ingest", "--input", str(tmp_path / "cohort"), "--output", str(out), "--epochs-per-window", "5"]) == 0
     printed = capsys.readouterr()
     assert "ingested 6 recordings" in printed.out and str(out / "manifest.jsonl") in printed.out
-    manifest = _manifest(out)
+    lines = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    manifest = {line["file_id"]: line for line in lines}
     assert {line["status"] for line in manifest.values()} == {"ok"}
     assert {line["site"] for line in manifest.values()} == {s.name for s in cohort.sites}
     dataset = _dataset(out)
@@ -204,9 +227,12 @@ def test_synthetic_cohort_through_the_cli_is_deidentified(ray_local, tmp_path, c
     # De-identification: no byte of any output (store, manifest, MLflow, printed text, logs) carries header PHI.
     blobs = [p.read_bytes() for folder in (out, tmp_path / "mlruns") for p in folder.rglob("*") if p.is_file()]
     blobs += [printed.out.encode(), printed.err.encode(), caplog.text.encode()]
-    for secret in set(cohort.phi) | {FAKE_PATIENT}:
+    # Nor the sites' own keys and file names: the store's ids are keyed hashes.
+    names = {r.signal_path.stem for r in cohort.recordings} | {r.signal_path.name for r in cohort.recordings}
+    for secret in set(cohort.phi) | {FAKE_PATIENT} | names:
         for blob in blobs:
             assert secret.encode() not in blob and secret.upper().encode() not in blob
+    assert not (tmp_path / "cwd" / "mlruns").exists()
 
 
 def test_real_recordings_through_the_pipeline(ray_local, real_data, tmp_path):
@@ -222,10 +248,13 @@ def test_real_recordings_through_the_pipeline(ray_local, real_data, tmp_path):
     sleepedf.write_text('name = "sleepedf"\nsignals = ["short_psg.edf"]\nkey_regex = "^(?P<key>short_psg)$"\n'
                         '[hypnogram]\npattern = "SC4001EC-Hypnogram.edf"\n')
     out = tmp_path / "store"
-    first = ingest([str(real_data / "DREAMS_Spindles")], str(out), site_config=str(dreams), epochs_per_window=5)
-    second = ingest([str(real_data / "SleepEDF_SC4001")], str(out), site_config=str(sleepedf), epochs_per_window=5)
+    first = ingest([str(real_data / "DREAMS_Spindles")], str(out), site_config=str(dreams), epochs_per_window=5,
+                   link_table=str(tmp_path / "links.csv"))
+    second = ingest([str(real_data / "SleepEDF_SC4001")], str(out), site_config=str(sleepedf), epochs_per_window=5,
+                    link_table=str(tmp_path / "links.csv"))
     assert (first.ok, second.ok) == (1, 1)
     manifest = _manifest(out)
+    ids = recording_ids(out)
     excerpt = manifest["excerpt3.edf"]
     assert excerpt["status"] == "ok" and excerpt["windows"] == 12 and len(excerpt["modalities"]) == 9
     assert excerpt["channels"]["eeg"] == "C3-A1" and excerpt["unknown_channels"] == ["event_pneumo",
@@ -237,8 +266,8 @@ def test_real_recordings_through_the_pipeline(ray_local, real_data, tmp_path):
     crop = manifest["short_psg.edf"]
     assert crop["windows"] == 2 and crop["modalities"] == ["eeg", "eog"] and "longer than the signal" in crop["reason"]
     table = _dataset(out).to_table()
-    stages = table_to_batch(table.filter(pads.field("recording_id") == "excerpt3").sort_by("window_index"),
+    stages = table_to_batch(table.filter(pads.field("recording_id") == ids["excerpt3"]).sort_by("window_index"),
                             epochs_per_window=5)["stages"].reshape(-1)
     assert len(stages) == 60 and 3 in stages.tolist() and -1 not in stages.tolist()
-    crop_stages = table_to_batch(table.filter(pads.field("recording_id") == "short_psg"), epochs_per_window=5)
+    crop_stages = table_to_batch(table.filter(pads.field("recording_id") == ids["short_psg"]), epochs_per_window=5)
     assert (crop_stages["stages"] == 0).all()

@@ -204,6 +204,20 @@ def test_files_that_are_not_edf_are_refused_with_a_reason(tmp_path, content, mes
     assert "fake.edf" in str(caught.value)
 
 
+def test_refusals_never_repeat_the_file_bytes(tmp_path):
+    path = tmp_path / "export.edf"  # a CSV export of a patient list, saved under the wrong name
+    path.write_bytes(b"Doe,John,1961-02-03,MRN 0012345\n" * 20)
+    with pytest.raises(UnreadableRecording, match="not an EDF/BDF file.*a text file") as caught:
+        open_signal(path)
+    assert b"Doe" not in str(caught.value).encode() and "1961" not in str(caught.value)
+    raw = bytearray(write_edf(tmp_path / "x.edf", _channels(), file_type="edf").read_bytes())
+    raw[236:244] = b"Doe_John"  # number of data records
+    (tmp_path / "x.edf").write_bytes(bytes(raw))
+    with pytest.raises(UnreadableRecording, match="'number of data records' is not a number") as caught:
+        open_signal(tmp_path / "x.edf")
+    assert "Doe" not in str(caught.value)
+
+
 def test_header_length_field_mismatch_is_refused(tmp_path):
     path = write_edf(tmp_path / "x.edf", _channels(), file_type="edf")
     raw = bytearray(path.read_bytes())

@@ -142,7 +142,7 @@ def test_dreams_text_and_channel_agree(real_data):
     ("x.xml", "<PSGAnnotation><ScoredEvents></ScoredEvents>", "not well-formed"),
     ("x.xml", "<PSGAnnotation><ScoredEvents></ScoredEvents></PSGAnnotation>", "no ScoredEvent"),
     ("x.csv", "", "empty hypnogram"),
-    ("x.txt", "[Hypnogram]\nfive\n", "non-numeric"),
+    ("x.txt", "[Hypnogram]\nfive\n", "not a numeric DREAMS stage code"),
     ("x.hyp", "W\n", "cannot tell the hypnogram format"),
 ])
 def test_bad_hypnograms_are_refused_with_a_reason(tmp_path, name, content, message):
@@ -157,3 +157,67 @@ def test_dispatch_table_covers_the_site_config_formats():
     from s2v_core.io.site_config import HYPNOGRAM_FORMATS
 
     assert set(HYPNOGRAM_READERS) == set(HYPNOGRAM_FORMATS) - {"auto", "none"}
+
+
+def _xml(events) -> str:
+    scored = "".join(f"<ScoredEvent><EventType>Stages|Stages</EventType><EventConcept>{concept}</EventConcept>"
+                     f"<Start>{start}</Start><Duration>{duration}</Duration></ScoredEvent>"
+                     for concept, start, duration in events)
+    return f"<PSGAnnotation><ScoredEvents>{scored}</ScoredEvents></PSGAnnotation>"
+
+
+def test_absurd_and_non_finite_times_cost_nothing(tmp_path):
+    from s2v_core.io.stages import stages_for_signal
+
+    path = tmp_path / "x-nsrr.xml"
+    # A 1e12-s onset would size a 1-TB stage grid; NaN and inf times cannot be placed at all.
+    path.write_text(_xml([("Wake|0", 0, 60), ("Stage 2 sleep|2", 60, 30), ("REM sleep|5", "1e12", 30),
+                          ("Stage 1 sleep|1", "nan", 30), ("Stage 3 sleep|3", 90, "inf"), ("Wake|0", 120, -30)]))
+    hypnogram = read_hypnogram(path)
+    stages, notes = stages_for_signal(hypnogram, 6, source=str(path))
+    assert stages.tolist() == [0, 0, 2, -1, -1, -1]
+    assert any("3 of 6 stage events have a non-finite" in note for note in notes)
+    assert any("longer than the signal" in note for note in notes)
+    assert all(str(path) in note for note in notes)  # notes name the hypnogram file
+    assert len(epoch_stages(hypnogram)) == 3  # without a signal length too: the absurd event is dropped
+
+
+def test_a_bad_hypnogram_drops_only_the_stages(tmp_path):
+    from s2v_core.io.site_config import HypnogramConfig, SiteConfig
+    from s2v_core.recording import decode_recording
+
+    signal = write_edf(tmp_path / "night.edf", {"EEG": (100.0, np.random.default_rng(0).normal(size=100 * 600))})
+    site = SiteConfig(name="lab", hypnogram=HypnogramConfig(format="nsrr_xml"))
+    for name, events in (("nan.xml", [("Wake|0", "nan", 30)]), ("huge.xml", [("Wake|0", "1e12", 30)]),
+                         ("mixed.xml", [("Wake|0", 0, 300), ("REM sleep|5", "nan", 30)])):
+        (tmp_path / name).write_text(_xml(events))
+        decoded = decode_recording(str(signal), recording_id="r", site=site, hypnogram_path=str(tmp_path / name),
+                                   epochs_per_window=10)
+        stages = table_stages(decoded.table)
+        assert decoded.windows == 2 and len(stages) == 20
+        if name == "mixed.xml":
+            assert stages[:10] == [0] * 10 and stages[10:] == [-1] * 10
+        else:
+            assert stages == [-1] * 20
+        assert any(name in note for note in decoded.notes)
+
+
+def table_stages(table) -> list[int]:
+    return [stage for window in table.column("stages").to_pylist() for stage in window]
+
+
+@pytest.mark.parametrize("name, content", [
+    ("x.csv", "onset,stage\n0,W\nDoe_John_1961,N1\n"),
+    ("x.txt", "[Hypnogram]\n5\nDoe_John_1961\n"),
+    ("x.txt", "Doe_John_1961 first line\n5\n"),
+    ("x.xml", "<PSGAnnotation><ScoredEvents><ScoredEvent><EventType>Stages|Stages</EventType>"
+              "<EventConcept>Doe_John_1961</EventConcept><Start>x</Start><Duration>30</Duration>"
+              "</ScoredEvent></ScoredEvents></PSGAnnotation>"),
+])
+def test_messages_never_repeat_file_contents(tmp_path, name, content):
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(UnreadableRecording) as caught:
+        read_hypnogram(path, format={"x.csv": "csv", "x.txt": "dreams_txt", "x.xml": "nsrr_xml"}[name])
+    assert "Doe_John" not in str(caught.value) and "1961" not in str(caught.value)
+    assert name in str(caught.value)

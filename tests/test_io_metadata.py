@@ -45,3 +45,22 @@ def test_missing_column_names_file_and_option():
 def test_repeated_key_is_an_error():
     with pytest.raises(ValueError, match="appears twice"):
         parse_site_metadata("recording_id,age,sex\nr1,1,F\nr1,2,M\n", MetadataConfig(), source="m.csv")
+
+
+def test_errors_never_echo_a_row():
+    # A table without a header: its first line is a patient's row, which no message may repeat.
+    headerless = "Doe_John,1961-02-03,63,M\nRoe_Jane,1970-05-06,54,F\n"
+    with pytest.raises(ValueError) as caught:
+        parse_site_metadata(headerless, MetadataConfig(), source="m.csv")
+    assert "m.csv" in str(caught.value) and "key_column" in str(caught.value)
+    for cell in ("Doe_John", "1961-02-03", "Roe_Jane"):
+        assert cell not in str(caught.value)
+    with pytest.raises(ValueError, match=r"line 3 repeats .* line 2") as caught:
+        parse_site_metadata("recording_id,age,sex\nDoe_John,1,F\nDoe_John,2,F\n", MetadataConfig(), source="m.csv")
+    assert "Doe_John" not in str(caught.value)
+
+
+def test_ages_above_89_are_top_coded():
+    table = parse_site_metadata("recording_id,age,sex\na,89,F\nb,89.5,F\nc,104,M\nd,,M\n", MetadataConfig(),
+                                source="m.csv")
+    assert [table[k].age for k in "abcd"] == [89.0, 90.0, 90.0, None]

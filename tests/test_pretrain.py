@@ -11,10 +11,10 @@ import pytest
 
 from pipelines import cli
 from pipelines.checkpoints import (ENCODER_DIR, DataPosition, checkpoint_dir_name, data_position,
-                                   latest_checkpoint, list_checkpoints, read_state, write_state)
+                                   latest_checkpoint, list_checkpoints, read_state)
 from pipelines.model_io import load_trained_encoder
 from pipelines.pretrain import CONFIG_FILE, DS_CONFIG_FILE, setup
-from pipelines.train_config import PretrainConfig, config_to_dict
+from pipelines.train_config import PretrainConfig
 from pipelines.train_data import inspect_store, keep_windows_with
 from s2v_core.model import SleepEncoder, model_config, save_encoder
 from s2v_core.store import SCHEMA_VERSION_KEY
@@ -78,11 +78,9 @@ def test_batch_larger_than_the_data_names_global_batch(store, tmp_path):
 
 
 def _fake_checkpoint(run_dir, config, step):
-    directory = Path(run_dir) / "checkpoints" / checkpoint_dir_name(step)
-    (directory / ENCODER_DIR).mkdir(parents=True)
-    write_state(directory, config=config_to_dict(config), step=step, seed=config.seed,
-                position=DataPosition(epoch=1, batches_in_epoch=2), metrics={"loss": 1.0}, world_size=2)
-    return directory
+    from tests.test_checkpoints import complete_checkpoint
+
+    return complete_checkpoint(Path(run_dir) / "checkpoints" / checkpoint_dir_name(step), config, step=step)
 
 
 def test_resume_with_a_different_config_names_resume(store, tmp_path):
@@ -109,6 +107,9 @@ def test_checkpoint_state_round_trip_and_latest(tmp_path):
     for step in (3, 12, 6):
         _fake_checkpoint(tmp_path, config, step)
     (tmp_path / "checkpoints" / "step_00000099").mkdir()  # incomplete (no state.json): ignored
+    (tmp_path / "checkpoints" / "step_00000098" / ENCODER_DIR).mkdir(parents=True)  # state + empty encoder/
+    (tmp_path / "checkpoints" / "step_00000098" / "state.json").write_text(
+        (tmp_path / "checkpoints" / "step_00000003" / "state.json").read_text())
     assert [Path(p).name for p in list_checkpoints(tmp_path)] == ["step_00000003", "step_00000006", "step_00000012"]
     latest = Path(latest_checkpoint(tmp_path))
     state = read_state(latest)

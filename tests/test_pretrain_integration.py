@@ -95,8 +95,11 @@ def test_logged_model_loads_and_embeds_a_window(trained, store):
     uri = f"sqlite:///{Path(result.run_dir) / 'mlflow.db'}"
     batch = _window_batch(store)
     reference = load_trained_encoder(result.run_dir)
-    for spec in (result.mlflow_run_id, f"runs:/{result.mlflow_run_id}/{MLFLOW_MODEL_NAME}"):
-        encoder = load_trained_encoder(spec, tracking_uri=uri)
+    pickled = f"runs:/{result.mlflow_run_id}/{MLFLOW_MODEL_NAME}"
+    with pytest.raises(ValueError, match="is a pickle.*--allow-pickle-model"):
+        load_trained_encoder(pickled, tracking_uri=uri)  # the pickled model only on request
+    for spec, allow_pickle in ((result.mlflow_run_id, False), (pickled, True)):
+        encoder = load_trained_encoder(spec, tracking_uri=uri, allow_pickle=allow_pickle)
         with torch.no_grad():
             window = encoder.encode(batch).window
             expected = reference.encode(batch).window

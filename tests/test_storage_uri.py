@@ -15,16 +15,16 @@ import pyarrow.fs as pafs
 import pytest
 import torch
 
-from pipelines.checkpoints import (ENCODER_DIR, DataPosition, checkpoint_dir_name, list_checkpoints, read_state,
-                                   write_state)
+from pipelines.checkpoints import ENCODER_DIR, checkpoint_dir_name, list_checkpoints, read_state
 from pipelines.model_io import load_trained_encoder
 from pipelines.pretrain import pretrain, setup
 from pipelines.runtime import absolute, is_uri, join
-from pipelines.train_config import PretrainConfig, config_to_dict
+from pipelines.train_config import PretrainConfig
 from pipelines.train_data import inspect_store, read_store_files, training_columns
-from s2v_core.model import SleepEncoder, model_config, save_encoder
+from s2v_core.model import SleepEncoder, model_config
 from s2v_core.store import open_store, store_files
 from s2v_core.toystore import write_toy_store
+from tests.test_checkpoints import complete_checkpoint
 
 BUCKET = "sleep2vec"
 MODALITIES = ("eeg", "ecg", "hr")
@@ -133,12 +133,9 @@ def _fake_run_on_s3(s3, local_store, tmp_path, key: str) -> tuple[PretrainConfig
     config = PretrainConfig(data=str(local_store), output=s3.uri(key), workers=2, global_batch=8)
     local = setup(PretrainConfig(data=str(local_store), output=str(tmp_path / "run"), workers=2, global_batch=8))
     directory = tmp_path / "run" / "checkpoints" / checkpoint_dir_name(3)
-    directory.mkdir(parents=True)
-    write_state(directory, config=config_to_dict(local.config), step=3, seed=0, metrics={"loss": 1.0},
-                position=DataPosition(epoch=0, batches_in_epoch=3), world_size=2)
     torch.manual_seed(0)
     encoder = SleepEncoder(model_config("tiny"), MODALITIES)
-    save_encoder(encoder, directory / ENCODER_DIR)
+    complete_checkpoint(directory, local.config, step=3, encoder=encoder)
     s3.upload(tmp_path / "run", key)
     return config, encoder
 
@@ -222,20 +219,24 @@ def test_ingest_reads_sites_from_s3_and_writes_the_store_there(s3, ray_local, tm
 
     cohort = write_cohort(tmp_path / "cohort", sites=2, recordings_per_site=1, hours=0.5, seed=4)
     inputs = [s3.upload(tmp_path / "cohort", "cohort")]  # a parent of site directories, options and all
-    output = s3.uri("stores/ingested")
+    # Credentials in the URI (moto accepts any): used to connect, shown nowhere.
+    output = s3.uri("stores/ingested").replace("s3://", "s3://testing:testing@")
     tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     summary = ingest(inputs, output, epochs_per_window=5, mlflow_tracking_uri=tracking_uri)
     assert (summary.ok, summary.quarantined, summary.windows) == (2, 0, 24)
-    assert summary.manifest == s3.uri("stores/ingested/manifest.jsonl")
+    assert summary.manifest == s3.uri("stores/ingested/manifest.jsonl").replace("s3://", "s3://***@")
     lines = [json.loads(line) for line in s3.fs.open_input_stream(
         f"{BUCKET}/stores/ingested/manifest.jsonl").read().decode().splitlines()]
     assert sorted(line["site"] for line in lines) == sorted(site.name for site in cohort.sites)
     assert {line["status"] for line in lines} == {"ok"}
+    # Written as one part per run and merged once, not rewritten per line; no part is left.
+    assert s3.kind("stores/ingested/_manifest") == pafs.FileType.NotFound
     assert inspect_store(output).windows == 24
     client = MlflowClient(tracking_uri=tracking_uri)
     [run] = client.search_runs([client.get_experiment_by_name("s2v-ingest").experiment_id])
-    assert run.data.params["output"] == output and "manifest.jsonl" in {a.path for a in client.list_artifacts(
-        run.info.run_id)}
+    assert run.data.params["output"] == summary.store == s3.uri("stores/ingested").replace("s3://", "s3://***@")
+    assert "manifest.jsonl" in {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert b"testing:testing" not in (tmp_path / "mlflow.db").read_bytes()
     # A second run finds the finished recordings in the manifest on s3 and decodes nothing.
     again = ingest(inputs, output, epochs_per_window=5)
     assert (again.ok, again.skipped) == (0, 2)

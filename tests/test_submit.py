@@ -140,3 +140,27 @@ def test_bad_options_of_the_sub_command_fail_before_submission(capsys, monkeypat
     assert code == 2
     assert "rejected by the local parser" in err and "nothing was submitted" in err
     assert shlex.quote("--no-such-option") in err
+
+
+@pytest.mark.parametrize("argument", [
+    "s3://AKIAEXAMPLE:wJalrXUtnFEMI@bucket/store",
+    "--data=s3://AKIAEXAMPLE:wJalrXUtnFEMI@bucket/store",
+    "gs://bucket/store?access_token=ya29.secret",
+    "https://blob.example/x?sv=2022&sig=abcdef",
+])
+def test_entrypoint_arguments_with_credentials_are_refused(argument, capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    job = ["ingest", "--input", "s3://bucket/raw", "--output", "s3://bucket/store"]
+    job = [*job, argument] if argument.startswith("--") else [*job[:3], argument, *job[4:]]
+    with pytest.raises(ValueError, match="carries a credential in a URI") as caught:
+        job_entrypoint(job)
+    assert "wJalrXUtnFEMI" not in str(caught.value) and "ya29" not in str(caught.value)
+    code = cli.main(["submit", "--dry-run", "--", *job])
+    printed = capsys.readouterr()
+    assert code == 2 and "nothing was submitted" in printed.err
+    assert "wJalrXUtnFEMI" not in printed.out + printed.err and "abcdef" not in printed.out + printed.err
+
+
+def test_the_pseudonym_key_never_travels_in_a_runtime_env():
+    with pytest.raises(ValueError, match="looks like a credential"):
+        job_runtime_env(None, env={"S2V_PSEUDONYM_KEY": "a project secret of enough length"}, environ={})

@@ -113,6 +113,8 @@ def test_two_by_two_sweep_logs_nested_runs_and_writes_the_report(store, tmp_path
     from tune.sweep import sweep
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")  # MLflow artifacts go next to the sweep's store, not here
     output = tmp_path / "sweep"
     report = sweep(config(store, output))
 
@@ -148,6 +150,7 @@ def test_two_by_two_sweep_logs_nested_runs_and_writes_the_report(store, tmp_path
     assert {r.data.params["trial/width"] for r in children} == {"16", "32"}
     assert client.get_run(parent_id).info.status == "FINISHED"
     assert {a.path for a in client.list_artifacts(parent_id)} >= {"scaling.json", "scaling.png"}
+    assert list((output / "mlartifacts").rglob("scaling.json")) and not (tmp_path / "cwd" / "mlruns").exists()
     starts = [json.loads(line) for line in (output / "trial_log.jsonl").read_text().splitlines()]
     assert sorted(e["key"] for e in starts if e["event"] == "start") == sorted(t["key"] for t in saved["trials"])
     assert os.path.isdir(output / "tune")

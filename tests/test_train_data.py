@@ -14,6 +14,7 @@ from pipelines.train_config import PretrainConfig, config_to_dict
 from pipelines.train_data import (MIN_STEPS_PER_PASS, pass_order, read_store_files, store_files, store_repeats,
                                   training_columns)
 from s2v_core.toystore import write_toy_store
+from tests.test_checkpoints import complete_checkpoint
 
 MODALITIES = ("eeg", "ecg", "hr")
 
@@ -69,7 +70,7 @@ def test_a_resumed_run_keeps_the_pass_layout_it_was_checkpointed_with(store, tmp
     first = setup(config)
     assert first.store_repeats == store_repeats(48, windows_per_step=8, steps=20) == 5
     directory = Path(first.run_dir) / "checkpoints" / checkpoint_dir_name(4)
-    (directory / "encoder").mkdir(parents=True)
+    complete_checkpoint(directory, first.config, step=4)  # a checkpoint with every rank's files
     write_state(directory, config=config_to_dict(first.config), step=4, seed=0, metrics={"loss": 1.0},
                 position=DataPosition(epoch=0, batches_in_epoch=4, store_repeats=3), world_size=2)
     assert setup(config, resume=True).store_repeats == 3

@@ -41,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.runtime import is_uri
+from pipelines.runtime import is_uri, mlflow_experiment, redact
 from pipelines.train_data import open_store
 from s2v_core.modalities import MODALITY_KEYS, parse_modalities
 from s2v_core.store import SUBSET_SUFFIX, stable_id, write_store_subset
@@ -314,12 +314,11 @@ def sweep(cfg: SweepConfig, *, resume: bool = False, address: str | None = None,
         parent_id = state["parent_run_id"]
         client.update_run(parent_id, status="RUNNING")
     else:
-        experiment = client.get_experiment_by_name(EXPERIMENT)
-        experiment_id = experiment.experiment_id if experiment else client.create_experiment(EXPERIMENT)
+        experiment_id = mlflow_experiment(client, tracking_uri, EXPERIMENT)
         parent = client.create_run(experiment_id, run_name=f"sweep-{output.name}", tags={"s2v.kind": "sweep"})
         parent_id = parent.info.run_id
         for key, value in _flat_params(cfg).items():
-            client.log_param(parent_id, key, value)
+            client.log_param(parent_id, key, redact(value))
         state = {"config": asdict(cfg), "parent_run_id": parent_id, "split": split}
         state_path.write_text(json.dumps(state, indent=2) + "\n")
 

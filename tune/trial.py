@@ -37,6 +37,8 @@ from pathlib import Path
 import numpy as np
 from ray.air.integrations.mlflow import MLflowLoggerCallback
 
+from pipelines.runtime import redact_values
+
 logger = logging.getLogger(__name__)
 
 
@@ -226,6 +228,14 @@ class SweepMLflowCallback(MLflowLoggerCallback):
     :func:`tune.sweep.sweep`), which MLflow shows nested under the sweep's
     parent run; params are the trial's config, metrics its reports.
     """
+
+    def log_trial_start(self, trial):
+        # Tune's callback logs the whole trial config as params, locations included:
+        # the same, with credentials in URIs redacted.
+        if trial not in self._trial_runs:
+            run = self.mlflow_util.start_run(tags={**self.tags, "trial_name": str(trial)}, run_name=str(trial))
+            self._trial_runs[trial] = run.info.run_id
+        self.mlflow_util.log_params(run_id=self._trial_runs[trial], params_to_log=redact_values(trial.config))
 
     def log_trial_end(self, trial, failed: bool = False):
         if failed and trial in self._trial_runs:

@@ -73,11 +73,28 @@ def _number(raw: bytes, what: str, path: str) -> float:
     try:
         return float(text)
     except ValueError:
-        raise UnreadableRecording(f"{path}: header field {what!r} is not a number: {text!r}") from None
+        # The field's text is not repeated: a file that is not a recording may hold anything there.
+        raise UnreadableRecording(f"{path}: header field {what!r} is not a number "
+                                  f"({len(text)} characters that do not parse as one)") from None
 
 
 def _normalise_unit(unit: str) -> str:
     return _UNITS.get(unit.strip().casefold(), unit.strip())
+
+
+#: Leading bytes of files that are often mistaken for recordings -> what they are
+#: (said instead of echoing a file's bytes, which may be a CSV row of patient data).
+_MAGIC = ((b"PK\x03\x04", "a ZIP archive"), (b"%PDF", "a PDF document"), (b"<?xml", "an XML file"),
+          (b"<", "an HTML/XML file"), (b"\x1f\x8b", "a gzip archive"), (b"PAR1", "a Parquet file"),
+          (b"\x89HDF", "an HDF5 file"), (b"MATLAB", "a MATLAB file"), (b"\xef\xbb\xbf", "a text file"))
+
+
+def _looks_like(head: bytes) -> str:
+    for magic, what in _MAGIC:
+        if head.startswith(magic):
+            return what
+    printable = sum(32 <= b < 127 or b in (9, 10, 13) for b in head)
+    return "a text file" if head and printable == len(head) else "an unknown binary format"
 
 
 def read_layout(path: str | os.PathLike) -> _Layout:
@@ -88,34 +105,44 @@ def read_layout(path: str | os.PathLike) -> _Layout:
     """
     path = str(path)
     size = os.path.getsize(path)
+    with open(path, "rb") as handle:
+        return parse_layout(handle, size, path)
+
+
+def parse_layout(handle, size: int, path: str) -> _Layout:
+    """:func:`read_layout` over an open binary stream of ``size`` bytes (``path`` names it in messages).
+
+    Reads only the header (``256 * (signals + 1)`` bytes), so the ingest can
+    check a remote file's declared duration before anything is downloaded.
+    """
     if size == 0:
         raise UnreadableRecording(f"{path}: empty file (0 bytes)")
-    with open(path, "rb") as handle:
-        fixed = handle.read(256)
-        if len(fixed) < 256:
-            raise UnreadableRecording(f"{path}: {size} bytes, shorter than the 256-byte EDF header")
-        version = fixed[:8]
-        if version == _BDF_VERSION:
-            bytes_per_sample, family = 3, "BDF"
-        elif version.strip() == b"0":
-            bytes_per_sample, family = 2, "EDF"
-        else:
-            raise UnreadableRecording(f"{path}: not an EDF/BDF file (version field {version!r})")
-        # Bytes 8-184 (patient id, recording id, start date, start time) are PHI
-        # and deliberately never decoded.
-        header_bytes = int(_number(fixed[184:192], "number of bytes in header", path))
-        reserved = fixed[192:236].decode("ascii", "replace").strip()
-        declared_records = int(_number(fixed[236:244], "number of data records", path))
-        record_seconds = _number(fixed[244:252], "duration of a data record", path)
-        n_signals = int(_number(fixed[252:256], "number of signals", path))
-        if n_signals < 1 or n_signals > 4096:
-            raise UnreadableRecording(f"{path}: header declares {n_signals} signals, expected 1-4096")
-        if header_bytes != 256 * (n_signals + 1):
-            raise UnreadableRecording(
-                f"{path}: header length field says {header_bytes} bytes, expected "
-                f"{256 * (n_signals + 1)} for {n_signals} signals"
-            )
-        block = handle.read(header_bytes - 256)
+    fixed = handle.read(256)
+    if len(fixed) < 256:
+        raise UnreadableRecording(f"{path}: {size} bytes, shorter than the 256-byte EDF header")
+    version = fixed[:8]
+    if version == _BDF_VERSION:
+        bytes_per_sample, family = 3, "BDF"
+    elif version.strip() == b"0":
+        bytes_per_sample, family = 2, "EDF"
+    else:
+        raise UnreadableRecording(f"{path}: not an EDF/BDF file (its first bytes are those of "
+                                  f"{_looks_like(fixed[:64])}, not the EDF version '0' or BDF's '\\xffBIOSEMI')")
+    # Bytes 8-184 (patient id, recording id, start date, start time) are PHI
+    # and deliberately never decoded.
+    header_bytes = int(_number(fixed[184:192], "number of bytes in header", path))
+    reserved = fixed[192:236].decode("ascii", "replace").strip()
+    declared_records = int(_number(fixed[236:244], "number of data records", path))
+    record_seconds = _number(fixed[244:252], "duration of a data record", path)
+    n_signals = int(_number(fixed[252:256], "number of signals", path))
+    if n_signals < 1 or n_signals > 4096:
+        raise UnreadableRecording(f"{path}: header declares {n_signals} signals, expected 1-4096")
+    if header_bytes != 256 * (n_signals + 1):
+        raise UnreadableRecording(
+            f"{path}: header length field says {header_bytes} bytes, expected "
+            f"{256 * (n_signals + 1)} for {n_signals} signals"
+        )
+    block = handle.read(header_bytes - 256)
     if len(block) < header_bytes - 256:
         raise UnreadableRecording(f"{path}: truncated header ({size} bytes, header needs {header_bytes})")
     if reserved.startswith(("EDF+D", "BDF+D")):

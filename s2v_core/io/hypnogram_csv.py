@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 import os
 from pathlib import Path
 
@@ -80,24 +81,29 @@ def read_stage_csv(path: str | os.PathLike, *, epoch_seconds: float = EPOCH_SECO
         rows = rows[1:]
     if not rows:
         raise UnreadableRecording(f"{path}: hypnogram has a header but no stage rows")
-    try:
-        codes = [_csv_value(row[stage_col]) for row in rows]
-        if onset_col is None:
-            events = events_from_codes(codes, epoch_seconds=epoch_seconds)
-        else:
-            events = tuple(StageEvent(float(row[onset_col]), epoch_seconds, code) for row, code in zip(rows, codes))
-    except (IndexError, ValueError) as exc:
-        raise UnreadableRecording(f"{path}: malformed hypnogram row ({exc})") from None
+    first_row = 2 if has_header else 1
+    for number, row in enumerate(rows, start=first_row):
+        if len(row) <= max(stage_col, onset_col or 0):
+            raise UnreadableRecording(f"{path}: non-empty row {number} has {len(row)} cells, expected at least "
+                                      f"{max(stage_col, onset_col or 0) + 1}")
+        if onset_col is not None and not _is_number(row[onset_col]):
+            # The row's text is never repeated: a misnamed file may hold patient data.
+            raise UnreadableRecording(f"{path}: non-empty row {number}: the onset cell is not a number")
+    codes = [_csv_value(row[stage_col]) for row in rows]
+    if onset_col is None:
+        events = events_from_codes(codes, epoch_seconds=epoch_seconds)
+    else:
+        events = tuple(StageEvent(float(row[onset_col]), epoch_seconds, code) for row, code in zip(rows, codes))
     return Hypnogram(events=tuple(sorted(events, key=lambda e: e.onset_seconds)),
                      epoch_seconds=epoch_seconds, source=path)
 
 
-def _is_number(text: str) -> bool:
+def _is_number(text: str, *, finite: bool = False) -> bool:
     try:
-        float(text)
+        value = float(text)
     except ValueError:
         return False
-    return True
+    return math.isfinite(value) or not finite
 
 
 def read_dreams_txt(path: str | os.PathLike, *, epoch_seconds: float = DREAMS_EPOCH_SECONDS) -> Hypnogram:
@@ -113,11 +119,11 @@ def read_dreams_txt(path: str | os.PathLike, *, epoch_seconds: float = DREAMS_EP
     path = str(path)
     lines = [line.strip() for line in Path(path).read_text(errors="replace").splitlines() if line.strip()]
     if not lines or not lines[0].startswith("["):
-        raise UnreadableRecording(f"{path}: expected a '[Hypnogram]' header line, found {lines[:1]!r}")
-    try:
-        raw = [int(float(line)) for line in lines[1:]]
-    except ValueError as exc:
-        raise UnreadableRecording(f"{path}: non-numeric DREAMS stage code ({exc})") from None
+        raise UnreadableRecording(f"{path}: expected a '[Hypnogram]' header line, found another first line")
+    bad = next((number for number, line in enumerate(lines[1:], start=2) if not _is_number(line, finite=True)), None)
+    if bad is not None:
+        raise UnreadableRecording(f"{path}: non-empty line {bad} is not a numeric DREAMS stage code")
+    raw = [int(float(line)) for line in lines[1:]]
     codes = [DREAMS_CODES.get(value, UNKNOWN_STAGE) for value in raw]
     return Hypnogram(events=events_from_codes(codes, epoch_seconds=epoch_seconds),
                      epoch_seconds=epoch_seconds, source=path)

@@ -28,7 +28,9 @@ def read_nsrr_xml(path: str | os.PathLike) -> Hypnogram:
     Returns
     -------
     Hypnogram
-        Stage events in seconds from the recording start.
+        Stage events in seconds from the recording start, as written (times
+        that are not finite are kept here and dropped, with a note, by
+        :func:`~s2v_core.io.stages.stages_for_signal`).
     """
     path = str(path)
     try:
@@ -36,7 +38,7 @@ def read_nsrr_xml(path: str | os.PathLike) -> Hypnogram:
     except ET.ParseError as exc:
         raise UnreadableRecording(f"{path}: not well-formed XML ({exc})") from None
     events, unknown = [], set()
-    for scored in root.iter("ScoredEvent"):
+    for number, scored in enumerate(root.iter("ScoredEvent"), start=1):
         event_type = (scored.findtext("EventType") or "").strip()
         if not event_type.casefold().startswith("stages"):
             continue
@@ -49,12 +51,13 @@ def read_nsrr_xml(path: str | os.PathLike) -> Hypnogram:
             onset = float(scored.findtext("Start") or "")
             duration = float(scored.findtext("Duration") or "")
         except ValueError:
+            # Which event, not what it holds: the file's text is never repeated in a message.
             raise UnreadableRecording(
-                f"{path}: stage event {concept!r} lacks a numeric Start/Duration") from None
+                f"{path}: ScoredEvent {number} (a stage) lacks a numeric Start/Duration") from None
         events.append(StageEvent(onset, duration, code))
     if not events:
         raise UnreadableRecording(f"{path}: no ScoredEvent with EventType 'Stages|Stages'")
     events.sort(key=lambda e: e.onset_seconds)
-    notes = (f"{path}: unknown stage concepts {sorted(unknown)} read as -1",) if unknown else ()
+    notes = (f"{path}: {len(unknown)} unknown stage concepts read as -1",) if unknown else ()
     scoring_epoch = float(np.min([e.duration_seconds for e in events]))
     return Hypnogram(events=tuple(events), epoch_seconds=scoring_epoch, source=path, notes=notes)

@@ -25,7 +25,7 @@ class RecordingMetadata:
     subject_id : str or None
         Subject of the night (several nights per subject); None: use the key.
     age : float or None
-        Age in years, None if unknown.
+        Age in years, None if unknown; ages above 89 are top-coded as 90.
     sex : int or None
         0 female, 1 male, None unknown.
     outcomes : dict of str to float
@@ -70,6 +70,7 @@ def parse_site_metadata(text: str, config: MetadataConfig, *, source: str) -> di
     ------
     ValueError
         A configured column is missing from the header, or a key repeats.
+        Messages name the file, the option and line numbers, never a cell.
     """
     first_line = text.lstrip("\ufeff").splitlines()[0] if text.strip() else ""
     delimiter = "\t" if first_line.count("\t") > first_line.count(",") else ","
@@ -80,24 +81,41 @@ def parse_site_metadata(text: str, config: MetadataConfig, *, source: str) -> di
     wanted |= {f"outcomes.{name}": column for name, column in config.outcomes.items()}
     missing = {option: column for option, column in wanted.items() if column is not None and column not in columns}
     if missing:
-        raise ValueError(f"metadata table {source}: columns {missing} not found; header has {columns}")
+        # The first line is not repeated: in a table without a header it is a patient's row.
+        raise ValueError(f"metadata table {source}: columns {missing} not found among the {len(columns)} "
+                         "columns of its first line (expected a header line naming the columns)")
     table: dict[str, RecordingMetadata] = {}
+    first_line_of: dict[str, int] = {}
     for row in reader:
         key = (row.get(config.key_column) or "").strip()
         if not key:
             continue
         if key in table:
-            raise ValueError(f"metadata table {source}: key {key!r} appears twice in column {config.key_column!r}")
+            # Line numbers, not the key: keys are often names or hospital numbers.
+            raise ValueError(f"metadata table {source}: line {reader.line_num} repeats the {config.key_column!r} "
+                             f"value of line {first_line_of[key]}; a key appears twice, expected one row per key")
+        first_line_of[key] = reader.line_num
         sex_raw = (row.get(config.sex_column) or "").strip() if config.sex_column else ""
         outcomes = {name: value for name, column in config.outcomes.items()
                     if (value := _float(row.get(column))) is not None}
         table[key] = RecordingMetadata(
             subject_id=(row.get(config.subject_column) or "").strip() or None if config.subject_column else None,
-            age=_float(row.get(config.age_column)) if config.age_column else None,
+            age=top_code_age(_float(row.get(config.age_column))) if config.age_column else None,
             sex=config.sex_values.get(sex_raw),
             outcomes=outcomes,
         )
     return table
+
+
+#: Ages above this (years) are stored as :data:`TOP_CODED_AGE`: HIPAA Safe Harbor
+#: counts ages over 89 as identifying (there are few such people).
+OLDEST_EXACT_AGE = 89.0
+TOP_CODED_AGE = 90.0
+
+
+def top_code_age(age: float | None) -> float | None:
+    """``age`` in years, with every age above 89 reported as 90 (``None`` stays ``None``)."""
+    return TOP_CODED_AGE if age is not None and age > OLDEST_EXACT_AGE else age
 
 
 def read_site_metadata(path: str, config: MetadataConfig) -> dict[str, RecordingMetadata]:

@@ -15,11 +15,11 @@ errors. Example (an SHHS-like site)::
 
     [hypnogram]
     format = "nsrr_xml"                    # auto|edf_annotations|nsrr_xml|csv|dreams_txt|none
-    pattern = "{key}-nsrr.xml"             # relative to the signal's directory; glob allowed
+    pattern = "{key}-nsrr.xml"             # relative to the signal's directory (../ allowed); glob allowed
     epoch_seconds = 30.0                   # scoring epoch of csv / dreams_txt hypnograms
 
     [metadata]
-    file = "shhs1-dataset.csv"
+    file = "shhs1-dataset.csv"             # inside the site directory
     key_column = "nsrrid"
     age_column = "age_s1"
     sex_column = "gender"
@@ -32,6 +32,7 @@ errors. Example (an SHHS-like site)::
 
 from __future__ import annotations
 
+import posixpath
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,9 +48,10 @@ HYPNOGRAM_FORMATS = ("auto", "edf_annotations", "nsrr_xml", "csv", "dreams_txt",
 class HypnogramConfig:
     # "auto" picks the reader from the file extension and content.
     format: str = "auto"
-    # Where a signal's hypnogram lives, relative to the signal file's directory;
-    # {key} is the recording key, {stem} the signal file stem; glob characters
-    # allowed, the pattern must match at most one file.
+    # Where a signal's hypnogram lives, relative to the signal file's directory
+    # ("../" climbs, as in NSRR's "../../annotations-events-nsrr/shhs1/shhs1-{key}-nsrr.xml",
+    # but never out of the site directory); {key} is the recording key, {stem}
+    # the signal file stem; glob characters allowed, the pattern must match at most one file.
     pattern: str = "{stem}-Hypnogram.edf"
     # Scoring epoch of CSV/text hypnograms that carry no times (DREAMS uses 5 s).
     epoch_seconds: float = 30.0
@@ -57,7 +59,7 @@ class HypnogramConfig:
 
 @dataclass(frozen=True)
 class MetadataConfig:
-    # CSV (or TSV by extension) relative to the site directory.
+    # CSV (or TSV by extension) relative to the site directory, and inside it.
     file: str = "metadata.csv"
     # Column whose value equals the recording key.
     key_column: str = "recording_id"
@@ -111,11 +113,27 @@ class SiteConfig:
             raise ValueError(f"site {self.name!r} key_regex {self.key_regex!r}: {exc}") from None
         if "key" not in pattern.groupindex:
             raise ValueError(f"site {self.name!r} key_regex {self.key_regex!r}: expected a (?P<key>...) group")
+        if self.metadata is not None and not is_inside(self.metadata.file):
+            raise ValueError(f"site {self.name!r} [metadata].file {self.metadata.file!r}: expected a path inside "
+                             "the site directory (relative, without '..' leading out of it)")
 
     def recording_key(self, signal_path: str | Path) -> str | None:
         """The recording key of a signal file, or None when ``key_regex`` does not match."""
         match = re.search(self.key_regex, Path(signal_path).stem)
         return match.group("key") if match else None
+
+
+def is_inside(relative: str) -> bool:
+    """Whether ``relative`` names something inside the directory it is relative to.
+
+    False for absolute paths, drive letters, URIs and paths whose ``..``
+    lead out (``../secret.txt``, ``a/../../b``).
+    """
+    text = relative.replace("\\", "/")
+    if not text or "://" in text or text.startswith("/") or re.match(r"^[A-Za-z]:", text):
+        return False
+    normal = posixpath.normpath(text)
+    return normal != ".." and not normal.startswith("../")
 
 
 def load_site_config(path: str | Path) -> SiteConfig:
