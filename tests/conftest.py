@@ -22,6 +22,18 @@ def private_config_home(tmp_path_factory):
         yield home
 
 
+#: A fixed pseudonym key for tests that need the same ids, hence the same splits, on every run.
+TEST_PSEUDONYM_KEY = "s2v-test-pseudonym-key-0123456789abcdef"
+
+
+@pytest.fixture(scope="session")
+def pseudonym_key_file(tmp_path_factory) -> Path:
+    """A key file with :data:`TEST_PSEUDONYM_KEY`: stores ingested with it get the same splits every run."""
+    path = tmp_path_factory.mktemp("pseudonym") / "pseudonym.key"
+    path.write_text(TEST_PSEUDONYM_KEY + "\n")
+    return path
+
+
 @pytest.fixture(scope="session")
 def real_data() -> Path:
     if not REAL_DATA.is_dir():

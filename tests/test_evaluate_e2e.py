@@ -34,7 +34,7 @@ def _clinic(cohort) -> None:
 
 
 def test_synthetic_cohort_staging_beats_majority(ray_local, tmp_path, monkeypatch, capsys, caplog,
-                                                 private_config_home):
+                                                 pseudonym_key_file):
     # The evaluation run must land in the pretraining run's own MLflow store (RUN_DIR/mlflow.db).
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     (tmp_path / "cwd").mkdir()
@@ -45,7 +45,8 @@ def test_synthetic_cohort_staging_beats_majority(ray_local, tmp_path, monkeypatc
     assert s2v(["synth", str(cohort), "--sites", "3", "--recordings-per-site", "2", "--hours", "0.5",
                 "--seed", "0"]) == 0
     _clinic(cohort)
-    assert s2v(["ingest", "--input", str(cohort), "--output", str(store), "--epochs-per-window", "5"]) == 0
+    assert s2v(["ingest", "--input", str(cohort), "--output", str(store), "--epochs-per-window", "5",
+                "--pseudonym-key-file", str(pseudonym_key_file)]) == 0  # fixed key: the same splits every run
     assert s2v(["pretrain", "--data", str(store), "--output", str(run_dir), "--model", "tiny",
                 "--workers", "2", "--steps", "20", "--global-batch", "16",
                 "--modalities", "eeg,eog,emg,ecg,spo2"]) == 0
@@ -75,7 +76,7 @@ def test_synthetic_cohort_staging_beats_majority(ray_local, tmp_path, monkeypatc
     blobs = [p.read_bytes() for folder in (store, run_dir, emb, report.parent, tmp_path / "cwd")
              for p in folder.rglob("*") if p.is_file()]
     blobs += [(printed_before.out + printed_before.err + printed.out + printed.err + caplog.text).encode()]
-    key = (private_config_home / "sleep2vec" / "pseudonym.key").read_text().strip()
+    key = pseudonym_key_file.read_text().strip()
     for secret in (PATIENT, BORN, PATIENT.upper(), key):
         assert not any(secret.encode() in blob for blob in blobs), secret
     assert "clinic" in (store / "manifest.jsonl").read_text()  # the night is in (under its site name)
