@@ -47,6 +47,9 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_FORMAT = 1
 STATE_FILE = "state.json"
 ENCODER_DIR = "encoder"
+#: With EMA: ``encoder/`` holds the averaged weights, this the optimiser's own, EMA_FILE the average's state.
+ONLINE_ENCODER_DIR = "online_encoder"
+EMA_FILE = "ema.pt"
 ENGINE_DIR = "engine"
 #: DeepSpeed checkpoint tag (one tag per directory: the directory is the step).
 ENGINE_TAG = "state"
@@ -121,7 +124,8 @@ _RANK_MODEL_STATES = "zero_pp_rank_{rank}_mp_rank_00_model_states.pt"
 _RANK_OPTIMISER_STATES = "zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
 
 
-def checkpoint_problems(files: dict[str, int], *, world_size: int | None, zero_stage: int | None) -> list[str]:
+def checkpoint_problems(files: dict[str, int], *, world_size: int | None, zero_stage: int | None,
+                        ema: bool = False) -> list[str]:
     """What keeps a checkpoint directory from being complete (empty list: complete).
 
     Parameters
@@ -133,6 +137,8 @@ def checkpoint_problems(files: dict[str, int], *, world_size: int | None, zero_s
     zero_stage : int or None
         The run's ZeRO stage (``RUN_DIR/ds_config.json``); None: unknown, then
         optimiser shards are required of every rank as soon as one rank has one.
+    ema : bool
+        The run keeps an EMA of its weights: ``ema.pt`` and ``online_encoder/`` are required too.
 
     Ray Train assembles a checkpoint from what each worker uploads; a worker
     that died mid-upload leaves a directory with ``state.json`` and part of the
@@ -144,6 +150,8 @@ def checkpoint_problems(files: dict[str, int], *, world_size: int | None, zero_s
                 if not files.get(name)]
     if not files.get(f"{ENGINE_DIR}/latest"):
         problems.append(f"no {ENGINE_DIR}/latest (DeepSpeed's pointer to its state)")
+    if ema:
+        problems += [f"no {name}" for name in (EMA_FILE, f"{ONLINE_ENCODER_DIR}/{WEIGHTS_FILE}") if not files.get(name)]
     if world_size is None:
         return problems + [f"{STATE_FILE} unreadable"]
     engine = f"{ENGINE_DIR}/{ENGINE_TAG}/"
@@ -188,15 +196,17 @@ def _survey(run_dir: str | Path) -> list[tuple[str, list[str]]]:
         prefix = f"{root}/{name}/"
         files = {info.path[len(prefix):]: info.size for info in infos
                  if info.type == pafs.FileType.File and info.path.startswith(prefix)}
-        world_size = None
+        world_size, ema = None, False
         if files.get(STATE_FILE):
             with filesystem.open_input_stream(prefix + STATE_FILE) as stream:
                 try:
-                    world_size = int(json.loads(stream.read().decode("utf-8"))["world_size"])
-                except (ValueError, KeyError, TypeError):
+                    state = json.loads(stream.read().decode("utf-8"))
+                    world_size = int(state["world_size"])
+                    ema = bool((state.get("config") or {}).get("ema", False))
+                except (ValueError, KeyError, TypeError, AttributeError):
                     world_size = None
         surveyed.append((join(run_dir, CHECKPOINTS_NAME, name),
-                         checkpoint_problems(files, world_size=world_size, zero_stage=zero_stage)))
+                         checkpoint_problems(files, world_size=world_size, zero_stage=zero_stage, ema=ema)))
     return surveyed
 
 

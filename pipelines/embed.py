@@ -3,7 +3,12 @@
 Usage::
 
     s2v embed --checkpoint CKPT --data STORE --output EMB [--modalities hr,spo2,thorax]
-              [--batch-size 64] [--actors N] [--per-modality]
+              [--features hidden|projected] [--batch-size 64] [--actors N] [--per-modality]
+
+``--features hidden`` (the default) writes the backbone's hidden states (width
+``d``, after its final norm, before the projection head): what downstream
+probes and fine-tuning use, as the authors do. ``projected`` writes the
+aligned space the contrastive loss shapes (``projection_dim``, unit length).
 
 ``CKPT`` is a :func:`s2v_core.model.save_encoder` directory, a pretraining run
 directory, or an MLflow model URI / run id (resolved by
@@ -32,7 +37,8 @@ of the requested modalities (file order is arbitrary; sort by
 ``outcomes``           map<str, float64>, the store's per-night outcome columns
 ``present``            list<bool> ``(9,)`` registry order: modalities the encoder read
 ``epoch_embedding``    list<float32> ``E*P``: fused per-epoch embedding, row-major ``(E, P)``
-``window_embedding``   list<float32> ``P``: mean of the epoch embeddings, L2-normalised
+                       (``P`` = width for hidden features, projection_dim for projected)
+``window_embedding``   list<float32> ``P``: mean of the epoch embeddings (L2-normalised when projected)
 ``emb_<modality>``     list<float32> ``E*P`` per requested modality (``--per-modality``
                        only); null where that modality is absent
 =====================  ===============================================================
@@ -43,7 +49,7 @@ of the requested modalities (file order is arbitrary; sort by
 embeddings, L2-normalised, :func:`s2v_core.model.pool_night`).
 
 ``EMB/embed.json`` (also in the schema metadata of ``nights.parquet`` under
-``s2v.embeddings``) — ``format``, ``embedding_dim`` (P), ``epochs_per_window``
+``s2v.embeddings``) — ``format``, ``features`` (hidden | projected), ``embedding_dim`` (P), ``epochs_per_window``
 (E), ``modalities`` (requested subset), ``per_modality``, ``encoder_source``,
 ``pretrain_run_id`` and ``pretrain_tracking_uri`` (the pretraining MLflow run,
 null if unknown), ``store``, ``store_splits`` (the store's id and split
@@ -89,6 +95,8 @@ NIGHTS_FILE = "nights.parquet"
 METADATA_KEY = b"s2v.embeddings"
 #: Written by ``s2v pretrain`` in its run directory: ``{"tracking_uri", "run_id"}``.
 PRETRAIN_RUN_FILE = "mlflow_run.json"
+#: What an embedding is: the backbone's hidden state (downstream default) or the aligned projection.
+FEATURES = ("hidden", "projected")
 #: Store columns carried through unchanged to every embeddings row.
 CARRIED_COLUMNS = (*IDENTITY_COLUMNS, "stages", "age", "sex", "outcomes")
 
@@ -184,7 +192,7 @@ class _EmbedActor:
 
     def __init__(self, checkpoint: str, modalities: tuple[str, ...], epochs_per_window: int,
                  per_modality: bool, threads: int, columns: list[str], filesystem: pafs.FileSystem,
-                 batch_size: int, splits: SplitConfig, allow_pickle: bool = False) -> None:
+                 batch_size: int, splits: SplitConfig, features: str, allow_pickle: bool = False) -> None:
         import torch
 
         # One actor per core: more intra-op threads per actor would oversubscribe the node.
@@ -195,7 +203,7 @@ class _EmbedActor:
         self.epochs_per_window = epochs_per_window
         self.per_modality = per_modality
         self.columns, self.filesystem, self.batch_size = columns, filesystem, batch_size
-        self.splits = splits
+        self.splits, self.features = splits, features
 
     def __call__(self, items: dict[str, np.ndarray]) -> pa.Table:
         parts = []
@@ -203,18 +211,20 @@ class _EmbedActor:
             night = pq.read_table(str(path), columns=self.columns, filesystem=self.filesystem)
             parts += [embed_table(self.encoder, night.slice(start, self.batch_size), modalities=self.modalities,
                                   epochs_per_window=self.epochs_per_window, splits=self.splits,
-                                  per_modality=self.per_modality, device=self.device)
+                                  per_modality=self.per_modality, device=self.device, features=self.features)
                       for start in range(0, night.num_rows, self.batch_size)]
         return pa.concat_tables(parts)
 
 
 def embed_table(encoder, table: pa.Table, *, modalities: Sequence[str], epochs_per_window: int,
-                splits: SplitConfig, per_modality: bool = False, device: str = "cpu") -> pa.Table:
+                splits: SplitConfig, per_modality: bool = False, device: str = "cpu",
+                features: str = "hidden") -> pa.Table:
     """Embed store rows (a ``pyarrow.Table`` in the store schema) into embeddings rows.
 
     Rows with none of ``modalities`` present are dropped. The forward runs
     in eval mode under ``torch.inference_mode`` (deterministic, no modality
-    dropout). ``splits`` is the store's assignment (each row's ``split``).
+    dropout). ``splits`` is the store's assignment (each row's ``split``);
+    ``features`` chooses hidden states or projections (see the module docstring).
     """
     import torch
 
@@ -230,17 +240,21 @@ def embed_table(encoder, table: pa.Table, *, modalities: Sequence[str], epochs_p
     batch = table_to_batch(table, modalities=modalities, epochs_per_window=epochs_per_window)
     with torch.inference_mode():
         out = encoder.encode(batch_to_tensors(batch, device), modalities=list(modalities))
-    rows, epochs, dim = out.fused.shape
+    if features == "hidden":
+        fused, window, per_key = out.fused_hidden, out.window_hidden, out.hidden
+    else:
+        fused, window, per_key = out.fused, out.window, out.per_modality
+    rows, epochs, dim = fused.shape
     columns = {name: table.column(name) for name in CARRIED_COLUMNS}
     columns["split"] = pa.array(assign_splits(table.column("site").to_pylist(),
                                               table.column("subject_id").to_pylist(), splits).tolist(), pa.string())
     columns["present"] = pa.array(out.present.cpu().numpy().tolist(), type=pa.list_(pa.bool_()))
-    columns["epoch_embedding"] = _list_column(out.fused.cpu().numpy().reshape(rows, epochs * dim))
-    columns["window_embedding"] = _list_column(out.window.cpu().numpy())
+    columns["epoch_embedding"] = _list_column(fused.float().cpu().numpy().reshape(rows, epochs * dim))
+    columns["window_embedding"] = _list_column(window.float().cpu().numpy())
     if per_modality:
         used = out.present.cpu().numpy()
         for key in modalities:
-            values = out.per_modality[key].cpu().numpy().reshape(rows, epochs * dim)
+            values = per_key[key].float().cpu().numpy().reshape(rows, epochs * dim)
             columns[f"emb_{key}"] = _list_column(values, mask=~used[:, MODALITY_KEYS.index(key)])
     return pa.table(columns)
 
@@ -274,6 +288,7 @@ def embed(
     per_modality: bool = False,
     address: str | None = None,
     allow_pickle_model: bool = False,
+    features: str = "hidden",
 ) -> EmbedSummary:
     """Embed every window of the store ``data`` with the encoder ``checkpoint`` into ``output``.
 
@@ -299,6 +314,8 @@ def embed(
     allow_pickle_model : bool
         Accept an MLflow pytorch model (``runs:/<id>/model``, ``models:/…``), a
         pickle that runs code when loaded; default: weights-only encoders only.
+    features : {"hidden", "projected"}
+        The backbone's hidden states (downstream default) or the aligned projections.
 
     Raises
     ------
@@ -312,8 +329,9 @@ def embed(
 
     started = time.perf_counter()
     encoder, pretrain_run = load_encoder_spec(checkpoint, allow_pickle=allow_pickle_model)
-    dataset, epochs_per_window, selected, usable = _prepare(encoder, data, modalities, batch_size, checkpoint)
-    embedding_dim = encoder.config.projection_dim
+    dataset, epochs_per_window, selected, usable = _prepare(encoder, data, modalities, batch_size, checkpoint,
+                                                            features)
+    embedding_dim = _embedding_dim(encoder, features)
     from pipelines.model_io import training_record
 
     record = training_record(checkpoint)
@@ -327,12 +345,14 @@ def embed(
     try:
         _run_actor_pool(checkpoint, dataset, out, modalities=selected, epochs_per_window=epochs_per_window,
                         batch_size=batch_size, num_actors=num_actors, per_modality=per_modality,
-                        usable=usable, splits=read_splits(data), allow_pickle=allow_pickle_model)
+                        usable=usable, splits=read_splits(data), features=features,
+                        allow_pickle=allow_pickle_model)
     finally:
         if started_ray:  # leave a caller's Ray (tests, evaluate's scenarios) running
             ray.shutdown()
 
-    info = _info(embedding_dim, epochs_per_window, selected, per_modality, checkpoint, pretrain_run, data, record)
+    info = _info(embedding_dim, epochs_per_window, selected, per_modality, checkpoint, pretrain_run, data, record,
+                 features)
     return _finish(out, output, info, started)
 
 
@@ -346,6 +366,7 @@ def embed_local(
     per_modality: bool = False,
     source: str = "in-process encoder",
     training: dict | None = None,
+    features: str = "hidden",
 ) -> EmbedSummary:
     """:func:`embed` in this process, without Ray, for notebooks, tests and small stores.
 
@@ -355,7 +376,7 @@ def embed_local(
     Streams the store one ``batch_size`` batch at a time.
     """
     started = time.perf_counter()
-    dataset, epochs_per_window, selected, _ = _prepare(encoder, data, modalities, batch_size, source)
+    dataset, epochs_per_window, selected, _ = _prepare(encoder, data, modalities, batch_size, source, features)
     encoder.eval()
     out = _fresh_output(output)
     filesystem, root = out
@@ -365,7 +386,8 @@ def embed_local(
     try:
         for batch in dataset.to_batches(columns=[*CARRIED_COLUMNS, *selected, "present"], batch_size=batch_size):
             table = embed_table(encoder, pa.Table.from_batches([batch]), modalities=selected,
-                                epochs_per_window=epochs_per_window, splits=splits, per_modality=per_modality)
+                                epochs_per_window=epochs_per_window, splits=splits, per_modality=per_modality,
+                                features=features)
             if table.num_rows == 0:
                 continue
             writer = writer or pq.ParquetWriter(f"{root}/{WINDOWS_DIR}/part-0.parquet", table.schema,
@@ -374,15 +396,21 @@ def embed_local(
     finally:
         if writer is not None:
             writer.close()
-    info = _info(encoder.config.projection_dim, epochs_per_window, selected, per_modality, source, None, data,
-                 training)
+    info = _info(_embedding_dim(encoder, features), epochs_per_window, selected, per_modality, source, None, data,
+                 training, features)
     return _finish(out, output, info, started)
 
 
-def _prepare(encoder, data: str, modalities, batch_size: int, source: str):
+def _embedding_dim(encoder, features: str) -> int:
+    return encoder.config.width if features == "hidden" else encoder.config.projection_dim
+
+
+def _prepare(encoder, data: str, modalities, batch_size: int, source: str, features: str = "hidden"):
     """Validate the request; returns ``(dataset, epochs_per_window, modalities, usable windows)``."""
     if batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
+    if features not in FEATURES:
+        raise ValueError(f"--features: expected {' or '.join(FEATURES)}, found {features!r}")
     dataset = open_store(data)
     epochs_per_window = schema_info(dataset.schema)[1]
     selected = parse_modalities(modalities) if modalities else encoder.modalities
@@ -390,9 +418,9 @@ def _prepare(encoder, data: str, modalities, batch_size: int, source: str):
     if missing:
         raise ValueError(f"--modalities: the encoder at {source!r} has no tokenizer for "
                          f"{', '.join(missing)}; it was built for {', '.join(encoder.modalities)}")
-    if epochs_per_window > encoder.config.epochs_per_window:
+    if encoder.config.position == "absolute" and epochs_per_window > encoder.config.epochs_per_window:
         raise ValueError(f"--data {data!r} has windows of {epochs_per_window} epochs; the encoder "
-                         f"handles at most {encoder.config.epochs_per_window}")
+                         f"(absolute positions) handles at most {encoder.config.epochs_per_window}")
     usable = _count_usable_windows(dataset, selected)
     if usable == 0:
         raise ValueError(f"--data {data!r}: no window holds any of the requested modalities "
@@ -401,9 +429,9 @@ def _prepare(encoder, data: str, modalities, batch_size: int, source: str):
 
 
 def _info(embedding_dim: int, epochs_per_window: int, modalities: Sequence[str], per_modality: bool,
-          source: str, pretrain_run: dict | None, data: str, training: dict | None) -> dict:
+          source: str, pretrain_run: dict | None, data: str, training: dict | None, features: str) -> dict:
     return {
-        "format": EMBEDDINGS_FORMAT, "embedding_dim": embedding_dim, "epochs_per_window": epochs_per_window,
+        "format": EMBEDDINGS_FORMAT, "features": features, "embedding_dim": embedding_dim, "epochs_per_window": epochs_per_window,
         "modalities": list(modalities), "per_modality": per_modality, "encoder_source": redact(str(source)),
         "pretrain_run_id": (pretrain_run or {}).get("run_id"),
         "pretrain_tracking_uri": redact((pretrain_run or {}).get("tracking_uri") or "") or None,
@@ -445,7 +473,7 @@ def _fresh_output(output: str) -> tuple[pafs.FileSystem, str]:
 def _run_actor_pool(checkpoint: str, dataset: pads.Dataset, out: tuple[pafs.FileSystem, str], *,
                     modalities: tuple[str, ...], epochs_per_window: int, batch_size: int,
                     num_actors: int | None, per_modality: bool, usable: int, splits: SplitConfig,
-                    allow_pickle: bool = False) -> None:
+                    features: str = "hidden", allow_pickle: bool = False) -> None:
     """Stream the store through the encoder actor pool into ``out/windows``."""
     import ray
 
@@ -468,7 +496,7 @@ def _run_actor_pool(checkpoint: str, dataset: pads.Dataset, out: tuple[pafs.File
             "checkpoint": checkpoint, "modalities": tuple(modalities), "epochs_per_window": epochs_per_window,
             "per_modality": per_modality, "threads": 1 if gpus else max(1, cpus // actors),
             "columns": columns, "filesystem": dataset.filesystem, "batch_size": batch_size, "splits": splits,
-            "allow_pickle": allow_pickle,
+            "features": features, "allow_pickle": allow_pickle,
         },
         batch_size=1, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=actors),
@@ -579,6 +607,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=64, help="windows per forward pass (default 64)")
     parser.add_argument("--actors", type=int, default=None,
                         help="actor pool size (default: one per CPU, or per GPU when present)")
+    parser.add_argument("--features", choices=FEATURES, default="hidden",
+                        help="hidden: the backbone's hidden states, what probes and fine-tuning use (default); "
+                             "projected: the aligned space of the contrastive loss")
     parser.add_argument("--per-modality", action="store_true",
                         help="also write one emb_<modality> column per requested modality")
     parser.add_argument("--address", default=None, help="Ray cluster address (default RAY_ADDRESS or local)")
@@ -590,6 +621,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     summary = embed(args.checkpoint, args.data, args.output, modalities=args.modalities,
                     batch_size=args.batch_size, num_actors=args.actors, per_modality=args.per_modality,
-                    address=args.address, allow_pickle_model=args.allow_pickle_model)
+                    address=args.address, allow_pickle_model=args.allow_pickle_model, features=args.features)
     print(json.dumps(asdict(summary)))
     return 0

@@ -373,10 +373,11 @@ def _robustness(emb: Embeddings, folds: list[Fold], data: str, checkpoint: str, 
     try:
         for name, subset in chosen.items():
             path = out_dir / "robustness" / name.replace(":", "_")
-            if not _reusable(path, subset, checkpoint):
+            if not _reusable(path, subset, checkpoint, emb.info.get("features", "hidden")):
                 init_ray(address)
                 try:
-                    embed(checkpoint, data, str(path), modalities=list(subset), address=address)
+                    embed(checkpoint, data, str(path), modalities=list(subset), address=address,
+                          features=emb.info.get("features", "hidden"))
                 except ValueError as exc:  # no window holds this subset: a gap in the matrix, not a crash
                     logger.warning("robustness scenario %s skipped: %s", name, exc)
                     continue
@@ -411,13 +412,14 @@ def _robustness(emb: Embeddings, folds: list[Fold], data: str, checkpoint: str, 
             "n_windows": windows, "embeddings_dir": str(out_dir / "robustness")}
 
 
-def _reusable(path: Path, subset: Sequence[str], checkpoint: str) -> bool:
+def _reusable(path: Path, subset: Sequence[str], checkpoint: str, features: str) -> bool:
     info_path = path / "embed.json"
     if not info_path.is_file():
         return False
     info = json.loads(info_path.read_text(encoding="utf-8"))
     source = str(Path(checkpoint).resolve()) if Path(checkpoint).exists() else checkpoint
-    return info.get("modalities") == list(subset) and info.get("encoder_source") == redact(source)
+    return (info.get("modalities") == list(subset) and info.get("encoder_source") == redact(source)
+            and info.get("features") == features)
 
 
 def store_rows(emb: Embeddings, data: str, columns: Sequence[str]) -> pa.Table:

@@ -62,6 +62,7 @@ from pipelines.train_data import StoreSummary, build_dataset, check_batch_fits, 
 from s2v_core.config import to_mapping
 from s2v_core.io.discovery import resolve
 from s2v_core.modalities import parse_modalities
+from s2v_core.objective import available_objectives
 from s2v_core.splits import record_use, split_record
 from s2v_core.store import split_files
 
@@ -484,6 +485,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="TOML/YAML/JSON file of PretrainConfig fields; flags override it")
     parser.add_argument("--workers", type=int, help=f"Ray Train workers (default {defaults.workers})")
     parser.add_argument("--model", help=f"named model size (default {defaults.model})")
+    parser.add_argument("--objective",
+                        help=f"objective preset: {', '.join(available_objectives())} or a preset .toml file "
+                             f"(default {defaults.objective}); its [training] table sets the optimiser defaults")
+    parser.add_argument("--compile", choices=("auto", "on", "off"),
+                        help="torch.compile the encoder's blocks (default auto: on GPU workers only)")
     parser.add_argument("--width", type=int, help="override the model width")
     parser.add_argument("--depth", type=int, help="override the backbone depth")
     parser.add_argument("--modalities", help="comma-separated subset (default: all in the store)")
@@ -513,6 +519,7 @@ def config_from_args(args: argparse.Namespace) -> PretrainConfig:
     """Map parsed CLI flags (and ``--config``) onto a :class:`PretrainConfig`."""
     overrides = {
         "data": args.data, "output": args.output, "workers": args.workers, "model": args.model,
+        "objective": args.objective, "compile": args.compile,
         "width": args.width, "depth": args.depth, "modalities": args.modalities,
         "zero_stage": args.zero_stage, "steps": args.steps, "global_batch": args.global_batch,
         "grad_accum": args.grad_accum, "lr": args.lr, "seed": args.seed,

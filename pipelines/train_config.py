@@ -15,12 +15,13 @@ Launch::
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
 from s2v_core.config import from_mapping, load_mapping, to_mapping
-from s2v_core.losses import DashConfig
-from s2v_core.model import ModelConfig, model_config
+from s2v_core.architecture import ModelConfig, resolve_model_config
+from s2v_core.objective import Objective, ObjectivePreset, load_objective
 
 #: Fields that describe where/how a run executes, not what it computes: they
 #: may differ between a run and its ``--resume`` (e.g. more failures allowed).
@@ -37,6 +38,10 @@ class PretrainConfig:
     output: str = ""  # the run dir: checkpoints/, ds_config.json, mlflow.db, final encoder; required
     workers: int = 2  # Ray Train workers (one process each, 1 CPU or 1 GPU)
     model: str = "tiny"  # named size from s2v_core/configs/model/<name>.toml
+    # Objective preset (s2v_core/configs/objective/<name>.toml) or a preset file: the
+    # loss, pairing, masking and architecture choices; its [training] table gives the
+    # defaults of the optimiser fields below, which a --config file or flags override.
+    objective: str = "project"
     width: int | None = None  # override of the model width d (None keeps the named size's)
     depth: int | None = None  # override of the backbone depth (None keeps the named size's)
     modalities: tuple[str, ...] = ()  # modalities to train on; () = every modality the store holds
@@ -53,9 +58,19 @@ class PretrainConfig:
     grad_accum: int = 1  # micro-steps per optimiser step (each is its own contrastive batch)
     lr: float = 3e-4  # peak AdamW learning rate after warm-up
     weight_decay: float = 0.05  # AdamW decoupled weight decay (CLIP/ViT-style)
+    betas: tuple[float, float] = (0.9, 0.98)  # AdamW (beta1, beta2); the authors use (0.9, 0.95)
     warmup_steps: int = 10  # linear warm-up length in optimiser steps (clamped to steps)
+    warmup_fraction: float = 0.0  # > 0: warm-up of this fraction of the run's steps instead (authors: 0.03)
     min_lr_ratio: float = 0.1  # cosine floor as a fraction of lr (and warm-up start)
     grad_clip: float = 1.0  # global gradient-norm clip; 0 disables
+    # Exponential moving average of the weights (s2v_core.ema), cosine momentum
+    # start -> end over the run; validation and the saved encoder use it.
+    ema: bool = False
+    ema_momentum_start: float = 0.996
+    ema_momentum_end: float = 1.0
+    # torch.compile of the tokenizers, backbone and head (SleepEncoder.compile_blocks):
+    # auto = on GPU workers only (on CPU the compile time outweighs a short run's gain).
+    compile: str = "auto"
     # DeepSpeed ZeRO stage 0-3; None = 2 on GPU workers, 0 on CPU workers, where
     # ZeRO-2's gradient bucketing cost ~20 % of a step (bench_pretrain) and the
     # memory it saves is not what limits a CPU run.
@@ -86,7 +101,7 @@ class PretrainConfig:
     fail_at_step: int | None = None  # TESTING AID: rank 1 (or 0) raises once at this step
 
     def __post_init__(self) -> None:
-        positive = ("workers", "steps", "global_batch", "grad_accum", "warmup_steps",
+        positive = ("workers", "steps", "global_batch", "grad_accum",
                     "checkpoint_every", "keep_checkpoints", "log_every", "nights_per_block", "readers_per_worker")
         for name in positive:
             value = getattr(self, name)
@@ -96,7 +111,7 @@ class PretrainConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"--{name}: expected an integer >= 1, found {value!r}")
-        for name in ("validate_every", "validation_epochs"):
+        for name in ("validate_every", "validation_epochs", "warmup_steps"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"--{_flag(name)}: expected an integer >= 0, found {value!r}")
@@ -110,6 +125,18 @@ class PretrainConfig:
                 f"--global-batch: expected a multiple of --workers ({self.workers}) so every worker "
                 f"holds the same number of windows, found {self.global_batch}"
             )
+        if self.compile not in ("auto", "on", "off"):
+            raise ValueError(f"--compile: expected auto, on or off, found {self.compile!r}")
+        if not 0.0 <= self.warmup_fraction < 1.0:
+            raise ValueError(f"warmup_fraction: expected a value in [0, 1), found {self.warmup_fraction!r}")
+        if not 0.0 <= self.ema_momentum_start <= self.ema_momentum_end <= 1.0:
+            raise ValueError(f"ema_momentum_start/end: expected 0 <= start <= end <= 1, found "
+                             f"{self.ema_momentum_start!r}, {self.ema_momentum_end!r}")
+        if self.ema and self.zero_stage == 3:
+            raise ValueError("--zero-stage 3 with EMA (the objective preset's [training] ema = true, or ema in "
+                             "--config): the average of partitioned weights is not supported yet; use ZeRO 0-2 "
+                             "or set ema = false")
+        self.objective_preset  # unknown presets and invalid preset files fail here, naming the file
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ValueError(f"--precision: expected auto, bf16 or fp32, found {self.precision!r}")
         if self.device not in ("auto", "cpu", "gpu"):
@@ -136,26 +163,29 @@ class PretrainConfig:
         """Windows each worker holds per micro-step."""
         return self.global_batch // self.workers
 
+    @property
+    def objective_preset(self) -> ObjectivePreset:
+        """The loaded objective preset (``objective``: a shipped name or a file)."""
+        return load_objective(self.objective)
+
+    @property
+    def loss_objective(self) -> Objective:
+        """The preset's objective with this run's DASH switch and history columns applied."""
+        objective = self.objective_preset.objective
+        return dataclasses.replace(objective, dash=objective.dash if self.dash else "off",
+                                   history_columns=tuple(self.history_columns))
+
+    @property
+    def warmup(self) -> int:
+        """Warm-up length in optimiser steps (``warmup_fraction`` of the run when set), at most ``steps``."""
+        steps = math.ceil(self.warmup_fraction * self.steps) if self.warmup_fraction > 0 else self.warmup_steps
+        return min(steps, self.steps)
+
     def model_config(self, *, epochs_per_window: int | None = None) -> ModelConfig:
-        """The encoder architecture: the named size with ``width``/``depth`` overrides.
-
-        ``epochs_per_window`` (the store's window length) widens the position
-        embeddings when the store's windows are longer than the size's default.
-        """
-        overrides: dict[str, Any] = {"width": self.width, "depth": self.depth}
-        base = model_config(self.model)
-        if epochs_per_window is not None and epochs_per_window > base.epochs_per_window:
-            overrides["epochs_per_window"] = epochs_per_window
-        width = self.width or base.width
-        if width % base.heads:
-            # A swept width that the named size's head count does not divide:
-            # fall back to the largest divisor of width not above the default.
-            overrides["heads"] = max(h for h in range(1, base.heads + 1) if width % h == 0)
-        return model_config(self.model, **overrides)
-
-    def dash_config(self) -> DashConfig:
-        """DASH-InfoNCE constants (``dash=False`` gives plain InfoNCE)."""
-        return DashConfig(enabled=self.dash)
+        """The encoder architecture (:func:`s2v_core.architecture.resolve_model_config`)."""
+        return resolve_model_config(self.model, width=self.width, depth=self.depth,
+                                    epochs_per_window=epochs_per_window,
+                                    overrides=self.objective_preset.model_overrides())
 
 
 def _flag(name: str) -> str:
@@ -179,7 +209,12 @@ def load_pretrain_config(path: str | None = None, **overrides: Any) -> PretrainC
     for key in ("modalities", "history_columns", "train_splits"):
         if isinstance(data.get(key), str):
             data[key] = [s.strip() for s in data[key].split(",") if s.strip()]
-    return from_mapping(PretrainConfig, data, source=path or "s2v pretrain")
+    # The preset's [training] table sits between the dataclass defaults and the file and flags.
+    training = load_objective(str(data.get("objective", PretrainConfig.objective))).training
+    defaults = {f.name: getattr(training, f.name) for f in dataclasses.fields(training) if f.name != "per_worker_batch"}
+    if training.per_worker_batch and "global_batch" not in data:
+        data["global_batch"] = training.per_worker_batch * int(data.get("workers", PretrainConfig.workers))
+    return from_mapping(PretrainConfig, {**defaults, **data}, source=path or "s2v pretrain")
 
 
 def config_to_dict(config: PretrainConfig) -> dict[str, Any]:
@@ -254,7 +289,7 @@ def deepspeed_config(config: PretrainConfig, *, on_gpu: bool) -> dict[str, Any]:
             "type": "WarmupCosineLR",
             "params": {
                 "total_num_steps": config.steps,
-                "warmup_num_steps": min(config.warmup_steps, config.steps),
+                "warmup_num_steps": config.warmup,
                 "warmup_min_ratio": config.min_lr_ratio,
                 "cos_min_ratio": config.min_lr_ratio,
                 "warmup_type": "linear",

@@ -17,27 +17,30 @@ a restarted worker group resumes from ``ray.train.get_checkpoint()``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import tempfile
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import pyarrow.fs as pafs
 import torch
 
-from pipelines.checkpoints import (ENCODER_DIR, ENGINE_DIR, ENGINE_TAG, DataPosition, checkpoint_dir_name,
+from pipelines.checkpoints import (EMA_FILE, ONLINE_ENCODER_DIR, ENCODER_DIR, ENGINE_DIR, ENGINE_TAG, DataPosition, checkpoint_dir_name,
                                    data_position, read_state, write_state)
 from pipelines.runtime import file_type, join, write_text
 from pipelines.train_config import config_from_dict
 from pipelines.validation import HeldOutValidator
 from s2v_core.io.discovery import resolve
 from s2v_core.config import from_mapping
-from s2v_core.losses import DashConfig, dash_infonce
+from s2v_core.ema import EMA
+from s2v_core.losses import dash_infonce
+from s2v_core.objective import Objective
 from s2v_core.model import ModelConfig, SleepEncoder, batch_to_tensors, save_encoder
 from s2v_core.splits import TRAINING_RECORD_FILE
 from s2v_core.store import table_to_batch
@@ -95,18 +98,23 @@ class _TimedGather:
         return out
 
 
-def forward_backward(engine: Any, tensors: dict[str, Any], *, dash: DashConfig, rank: int, world_size: int,
-                     gather: Callable[[torch.Tensor], torch.Tensor] | None) -> Any:
+def forward_backward(engine: Any, tensors: dict[str, Any], *, objective: Objective, rank: int, world_size: int,
+                     gather: Callable[[torch.Tensor], torch.Tensor] | None,
+                     modalities: Sequence[str] | None = None) -> Any:
     """A micro-step's gradient: encode the local batch, DASH-InfoNCE against the global batch, backward.
 
-    The caller then runs ``engine.step()`` (every micro-step: DeepSpeed
-    applies the optimiser at the end of each ``gradient_accumulation_steps``
-    window). Returns the loss result (``loss``, ``stats``).
+    ``modalities`` are the ones this step encodes (the objective's random pair,
+    or all); the objective fixes the masking rate, the DASH formula and
+    whether negatives are global or the worker's own. The caller then runs
+    ``engine.step()`` (every micro-step: DeepSpeed applies the optimiser at the
+    end of each ``gradient_accumulation_steps`` window). Returns the loss
+    result (``loss``, ``stats``).
     """
-    out, logit_scale = engine(tensors)
+    out, logit_scale = engine(tensors, modalities=modalities, mask_rate=objective.mask_rate)
     meta = {k: tensors[k] for k in ("age", "sex", "site_id", "night_id", "history")}
     result = dash_infonce({k: v.float() for k, v in out.per_modality.items()}, out.present, meta,
-                          logit_scale=logit_scale, config=dash, rank=rank, world_size=world_size, gather=gather)
+                          logit_scale=logit_scale, rank=rank, world_size=world_size, gather=gather,
+                          **objective.loss_options())
     engine.backward(result.loss)
     return result
 
@@ -144,10 +152,11 @@ class ContrastiveStep(torch.nn.Module):
                 if isinstance(child, torch.nn.Embedding):
                     deepspeed.zero.register_external_parameter(encoder, child.weight)
 
-    def forward(self, batch: dict[str, Any]) -> tuple[Any, torch.Tensor]:
+    def forward(self, batch: dict[str, Any], modalities: Sequence[str] | None = None,
+                mask_rate: float = 0.0) -> tuple[Any, torch.Tensor]:
         # A computed 0-dim copy: it stays valid after ZeRO-3 re-partitions the parameter.
         scale = self.encoder.logit_scale.float().reshape(()) * 1.0
-        return self.encoder(batch), scale
+        return self.encoder.encode(batch, modalities, mask_rate=mask_rate), scale
 
 
 def _promote_scalar_parameters(model: torch.nn.Module) -> None:
@@ -260,12 +269,21 @@ def _validator(config: dict[str, Any], cfg: Any, modalities: tuple[str, ...], ep
                             batch_size=cfg.global_batch, seed=cfg.seed)
 
 
-def _validate(validator: HeldOutValidator | None, engine: Any, device: torch.device, *, rank: int,
-              zero_stage: int) -> dict[str, float]:
+def _validate(validator: HeldOutValidator | None, encoder: SleepEncoder, ema: EMA | None, device: torch.device, *,
+              rank: int) -> dict[str, float]:
+    """Held-out figures of the encoder (its EMA weights when the run keeps them); rank 0's are logged."""
     if validator is None:
         return {}
-    figures = validator(engine.module.encoder, device=device)
+    with ema.applied(encoder) if ema is not None else contextlib.nullcontext():
+        figures = validator(encoder, device=device)
     return figures if rank == 0 else {}
+
+
+def _all_reduce_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks with gradient: the BatchNorm reducer of global-negative runs."""
+    import torch.distributed.nn.functional as dist_nn
+
+    return dist_nn.all_reduce(tensor)
 
 
 def _maybe_fail(cfg: Any, step: int, rank: int, world_size: int, run_dir: str) -> None:
@@ -307,7 +325,7 @@ def build_engine(model_cfg: ModelConfig, modalities: tuple[str, ...], *, cfg: An
     encoder = SleepEncoder(model_cfg, modalities)
     _promote_scalar_parameters(encoder)
     model = ContrastiveStep(encoder, zero_stage=int(ds_config["zero_optimization"]["stage"]))
-    optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98))
+    optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas))
     if on_cpu:
         _skip_shm_comm_build()
     engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
@@ -331,6 +349,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     engine, scheduler = build_engine(model_cfg, modalities, cfg=cfg, ds_config=config["ds_config"],
                                      on_cpu=device.type == "cpu")
     zero_stage = int(config["ds_config"]["zero_optimization"]["stage"])  # resolved for the device
+    objective = cfg.loss_objective
+    encoder = engine.module.encoder
+    if world_size > 1 and objective.negatives == "global":
+        # Global negatives: the head's BatchNorm sees the global batch too (equal to one process).
+        encoder.set_batchnorm_reducer(_all_reduce_with_grad)
+    if cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda"):
+        encoder.compile_blocks()
+    ema = EMA(encoder, total_steps=cfg.steps, momentum_start=cfg.ema_momentum_start,
+              momentum_end=cfg.ema_momentum_end) if cfg.ema else None
 
     step, position = 0, DataPosition()
     checkpoint = ray.train.get_checkpoint()
@@ -343,13 +370,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             state = read_state(directory)
             engine.load_checkpoint(str(Path(directory) / ENGINE_DIR), tag=ENGINE_TAG)
             step, position = int(state["step"]), data_position(state)
+            if ema is not None:
+                ema.load_state_dict(torch.load(Path(directory) / EMA_FILE, map_location=device, weights_only=True))
         logger.info("rank %d resumed at step %d (epoch %d, batch %d)", rank, step,
                     position.epoch, position.batches_in_epoch)
     # Different modality-dropout draws per rank, reproducible per (seed, rank, step).
     torch.manual_seed(cfg.seed * 1_000_003 + rank * 7919 + step)
 
     gather = _TimedGather(make_gather(world_size)) if world_size > 1 else None
-    dash = DashConfig(enabled=cfg.dash)
     shard = ray.train.get_dataset_shard("train")
     log = _MetricLog(config.get("mlflow"), enabled=rank == 0)
     progress = _Progress(cfg.steps, every_seconds=cfg.progress_seconds if rank == 0 else 0.0)
@@ -374,23 +402,28 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 continue  # already trained on before the checkpoint we resumed from
             if micro == 0:
                 _maybe_fail(cfg, step, rank, world_size, config["run_dir"])
-            np_batch = table_to_batch(table, modalities=modalities, epochs_per_window=epochs_per_window,
+            # Every rank draws the same modalities for an optimiser step (seed and step).
+            step_modalities = objective.step_modalities(modalities, seed=cfg.seed, step=step)
+            np_batch = table_to_batch(table, modalities=step_modalities, epochs_per_window=epochs_per_window,
                                       history_columns=cfg.history_columns)
-            result = forward_backward(engine, batch_to_tensors(np_batch, device), dash=dash,
-                                      rank=rank, world_size=world_size, gather=gather)
+            result = forward_backward(engine, batch_to_tensors(np_batch, device), objective=objective,
+                                      rank=rank, world_size=world_size, gather=gather, modalities=step_modalities)
             engine.step()
             micro += 1
             window_count += cfg.global_batch
             if micro < cfg.grad_accum:
                 continue
             micro, step = 0, step + 1
+            if ema is not None:
+                ema.update(encoder, step)
             if gather is not None:
                 gather_seconds += gather.seconds
                 gather.seconds = 0.0
             position = DataPosition(epoch=epoch, batches_in_epoch=consumed, store_repeats=store_repeats)
             checkpoint_now = step % cfg.checkpoint_every == 0 or step == cfg.steps
             report_now = cfg.report_every > 0 and step % cfg.report_every == 0
-            if step % cfg.log_every == 0 or checkpoint_now or report_now:
+            validate_now = _validation_due(cfg, step)
+            if step % cfg.log_every == 0 or checkpoint_now or report_now or validate_now:
                 # Every rank takes part in the stats all-reduce, on the same steps.
                 stats = _average_stats(result.to_floats(), world_size, device)  # one device read per log
                 elapsed = time.perf_counter() - interval_start
@@ -400,13 +433,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                            "windows_per_s": window_count / max(elapsed, 1e-9),
                            "gather_share": gather_seconds / max(elapsed, 1e-9)}
                 window_count, gather_seconds = 0, 0.0
-                if _validation_due(cfg, step):
-                    metrics.update(_validate(validator, engine, device, rank=rank, zero_stage=zero_stage))
+                if validate_now:
+                    metrics.update(_validate(validator, encoder, ema, device, rank=rank))
                 log.add({k: v for k, v in metrics.items() if k not in ("step", "global_batch", "optimizer_steps")}, step)
                 progress.maybe_log(step, metrics)
                 if checkpoint_now:
                     log.flush()
-                    _save_and_report(engine, metrics, config, cfg, rank, world_size, step, position, zero_stage)
+                    _save_and_report(engine, metrics, config, cfg, rank, world_size, step, position, zero_stage,
+                                     ema=ema)
                     last_checkpoint_step = step
                 elif report_now:
                     ray.train.report(metrics)
@@ -423,13 +457,19 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if step < cfg.steps:
             epoch += 1
     if last_checkpoint_step != step:  # unreachable by construction; kept as a guard for future edits
-        _save_and_report(engine, metrics, config, cfg, rank, world_size, step, position, zero_stage)
+        _save_and_report(engine, metrics, config, cfg, rank, world_size, step, position, zero_stage, ema=ema)
     log.flush()
 
 
 def _save_and_report(engine: Any, metrics: dict[str, float], config: dict[str, Any], cfg: Any,
-                     rank: int, world_size: int, step: int, position: DataPosition, zero_stage: int) -> None:
-    """Shard → barrier → report: every rank saves its DeepSpeed state, rank 0 the encoder and state."""
+                     rank: int, world_size: int, step: int, position: DataPosition, zero_stage: int, *,
+                     ema: EMA | None = None) -> None:
+    """Shard → barrier → report: every rank saves its DeepSpeed state, rank 0 the encoder and state.
+
+    With EMA, ``encoder/`` holds the averaged weights (what embed and evaluate
+    use by default), ``online_encoder/`` the optimiser's, and ``ema.pt`` the
+    average's state for resuming.
+    """
     import ray.train
     import torch.distributed as dist
 
@@ -437,7 +477,14 @@ def _save_and_report(engine: Any, metrics: dict[str, float], config: dict[str, A
         engine_dir = Path(directory) / ENGINE_DIR
         (engine_dir / ENGINE_TAG).mkdir(parents=True)
         engine.save_checkpoint(str(engine_dir), tag=ENGINE_TAG)
-        _save_encoder(engine, Path(directory) / ENCODER_DIR, rank=rank, zero_stage=zero_stage)
+        if ema is not None:
+            _save_encoder(engine, Path(directory) / ONLINE_ENCODER_DIR, rank=rank, zero_stage=zero_stage)
+            if rank == 0:
+                torch.save(ema.state_dict(), Path(directory) / EMA_FILE)
+            with ema.applied(engine.module.encoder):
+                _save_encoder(engine, Path(directory) / ENCODER_DIR, rank=rank, zero_stage=zero_stage)
+        else:
+            _save_encoder(engine, Path(directory) / ENCODER_DIR, rank=rank, zero_stage=zero_stage)
         if rank == 0 and config.get("training_record"):
             # Which store and subjects trained this encoder: `s2v evaluate` refuses to call them unseen.
             (Path(directory) / ENCODER_DIR / TRAINING_RECORD_FILE).write_text(

@@ -10,6 +10,7 @@ The architectural choices (``tokenizer``, ``position``, ``head``,
 from __future__ import annotations
 
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from importlib import resources
 from typing import Any
@@ -103,3 +104,25 @@ def model_config(name: str = "tiny", **overrides: Any) -> ModelConfig:
                          f"expected some of {', '.join(sorted(known))}")
     data.update({k: v for k, v in overrides.items() if v is not None})
     return from_mapping(ModelConfig, data, source=source)
+
+
+def resolve_model_config(name: str, *, width: int | None = None, depth: int | None = None,
+                         epochs_per_window: int | None = None,
+                         overrides: Mapping[str, Any] | None = None) -> ModelConfig:
+    """The one place run options become an architecture (pretrain, sweep and finetune call it).
+
+    The named size (``configs/model/<name>.toml``), then ``overrides`` (an
+    objective preset's ``[model]`` table, temperature and mask tokens), then
+    ``width``/``depth``. A width the size's head count does not divide gets
+    the largest divisor of it not above that count; an absolute position
+    table is widened to ``epochs_per_window`` (the store's window length)
+    when the size's is shorter (rotary positions need no table).
+    """
+    chosen: dict[str, Any] = {**dict(overrides or {}), "width": width, "depth": depth}
+    base = model_config(name, **{k: v for k, v in chosen.items() if k not in ("width", "depth")})
+    if epochs_per_window is not None and epochs_per_window > base.epochs_per_window:
+        chosen["epochs_per_window"] = epochs_per_window
+    final_width = width or base.width
+    if final_width % base.heads:
+        chosen["heads"] = max(h for h in range(1, base.heads + 1) if final_width % h == 0)
+    return model_config(name, **chosen)

@@ -13,7 +13,6 @@ import torch.multiprocessing as mp
 from pipelines.train_config import PretrainConfig, deepspeed_config
 from pipelines.train_data import open_store
 from pipelines.train_loop import _save_encoder, build_engine, forward_backward, make_gather
-from s2v_core.losses import DashConfig
 from s2v_core.model import batch_to_tensors, load_encoder, model_config
 from s2v_core.store import table_to_batch
 from s2v_core.toystore import write_toy_store
@@ -49,7 +48,7 @@ def _worker(rank: int, port: int, store: str, out_dir: str) -> None:
         for step in range(STEPS):
             rows = table.slice((step * WORLD_SIZE + rank) * 4, 4)
             tensors = batch_to_tensors(table_to_batch(rows, modalities=MODALITIES, epochs_per_window=4))
-            forward_backward(engine, tensors, dash=DashConfig(), rank=rank, world_size=WORLD_SIZE,
+            forward_backward(engine, tensors, objective=cfg.loss_objective, rank=rank, world_size=WORLD_SIZE,
                              gather=make_gather(WORLD_SIZE))
             if step == 0:
                 # The full (all-reduced) gradient, whichever stage holds it in partitions.

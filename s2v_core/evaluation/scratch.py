@@ -22,16 +22,21 @@ from s2v_core.store import UNKNOWN_STAGE
 
 
 class SupervisedStager(nn.Module):
-    """A :class:`SleepEncoder` with a linear per-epoch stage head on its fused embeddings."""
+    """A :class:`SleepEncoder` with a linear per-epoch stage head on its fused hidden states.
+
+    The same features a probe reads from a pretrained encoder (``s2v embed
+    --features hidden``), so the comparison differs only in how the encoder
+    was trained.
+    """
 
     def __init__(self, config: ModelConfig, modalities: Sequence[str]) -> None:
         super().__init__()
         self.encoder = SleepEncoder(config, modalities)
-        self.classifier = nn.Linear(config.projection_dim, N_STAGES)
+        self.classifier = nn.Linear(config.width, N_STAGES)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Batch of :func:`s2v_core.model.batch_to_tensors` -> ``(B, E, 5)`` stage logits."""
-        return self.classifier(self.encoder.encode(batch).fused)
+        return self.classifier(self.encoder.encode(batch).fused_hidden)
 
 
 def scratch_staging_probe(
