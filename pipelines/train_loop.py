@@ -23,7 +23,6 @@ import logging
 import math
 import tempfile
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -54,29 +53,22 @@ AVERAGED_STATS = ("loss", "negatives_per_anchor", "weight_same_site", "weight_ot
 MLFLOW_FLUSH_ROWS = 50
 
 
-# torch 2.13 deprecates torch.distributed.nn.functional.all_gather (every step would
-# warn); its suggested replacement has not been checked against the two-process
-# gradient tests (tests/test_pretrain_gather.py, test_losses_distributed.py), so
-# the loop keeps the checked one and silences just this warning.
-warnings.filterwarnings("ignore", message=r"torch\.distributed\.nn\.functional\.all_gather is deprecated",
-                        category=FutureWarning)
-
-
 def make_gather(world_size: int) -> Callable[[torch.Tensor], torch.Tensor]:
     """Concatenate a tensor over all ranks along dim 0, in rank order.
 
-    Tensors that require grad go through ``torch.distributed.nn.functional.all_gather``,
-    whose backward sums the gradients every rank computed for this rank's
-    slice and hands them back (so each embedding gets the gradient of every
-    worker's loss terms that used it as a negative); metadata goes through a
-    plain ``all_gather``.
+    Tensors that require grad go through torch's functional autograd gather
+    (``all_gather_single_autograd``), whose backward reduce-scatters: each rank
+    gets the sum of the gradients every rank computed for its slice (so each
+    embedding gets the gradient of every worker's loss terms that used it as a
+    negative; checked by tests/test_pretrain_gather.py and
+    test_losses_distributed.py); metadata goes through a plain ``all_gather``.
     """
     import torch.distributed as dist
-    import torch.distributed.nn.functional as dist_nn
+    from torch.distributed._functional_collectives import all_gather_single_autograd
 
     def gather(tensor: torch.Tensor) -> torch.Tensor:
         if tensor.requires_grad:
-            return torch.cat(dist_nn.all_gather(tensor), dim=0)
+            return all_gather_single_autograd(tensor.contiguous(), gather_dim=0, group=dist.group.WORLD)
         parts = [torch.empty_like(tensor) for _ in range(world_size)]
         dist.all_gather(parts, tensor)
         return torch.cat(parts, dim=0)
@@ -279,11 +271,17 @@ def _validate(validator: HeldOutValidator | None, encoder: SleepEncoder, ema: EM
     return figures if rank == 0 else {}
 
 
-def _all_reduce_with_grad(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum over ranks with gradient: the BatchNorm reducer of global-negative runs."""
-    import torch.distributed.nn.functional as dist_nn
+def all_reduce_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks with gradient: the BatchNorm reducer of global-negative runs.
 
-    return dist_nn.all_reduce(tensor)
+    A gather-then-sum through the autograd gather (the statistics are a few
+    hundred floats), so its backward is the sum of every rank's gradient, as
+    for an all-reduce, without torch's deprecated ``torch.distributed.nn``.
+    """
+    import torch.distributed as dist
+    from torch.distributed._functional_collectives import all_gather_single_autograd
+
+    return all_gather_single_autograd(tensor.unsqueeze(0).contiguous(), gather_dim=0, group=dist.group.WORLD).sum(0)
 
 
 def _maybe_fail(cfg: Any, step: int, rank: int, world_size: int, run_dir: str) -> None:
@@ -353,7 +351,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     encoder = engine.module.encoder
     if world_size > 1 and objective.negatives == "global":
         # Global negatives: the head's BatchNorm sees the global batch too (equal to one process).
-        encoder.set_batchnorm_reducer(_all_reduce_with_grad)
+        encoder.set_batchnorm_reducer(all_reduce_with_grad)
     if cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda"):
         encoder.compile_blocks()
     ema = EMA(encoder, total_steps=cfg.steps, momentum_start=cfg.ema_momentum_start,
