@@ -51,6 +51,8 @@ AVERAGED_STATS = ("loss", "negatives_per_anchor", "weight_same_site", "weight_ot
                   "weight_same_sex", "weight_other_sex", "temperature", "pairs", "global_batch")
 #: Metric rows rank 0 buffers before writing them to MLflow in one batch.
 MLFLOW_FLUSH_ROWS = 50
+#: Seconds between MLflow system-metric samples (CPU, memory, disk, network; GPU with nvidia-ml-py).
+SYSTEM_METRICS_SECONDS = 10.0
 
 
 def make_gather(world_size: int) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -183,16 +185,24 @@ def _average_stats(stats: dict[str, float], world_size: int, device: torch.devic
 
 
 class _MetricLog:
-    """Rank 0's buffered MLflow metric writer (no-op elsewhere or without MLflow)."""
+    """Rank 0's buffered MLflow metric writer (no-op elsewhere or without MLflow).
 
-    def __init__(self, mlflow: dict[str, str] | None, enabled: bool) -> None:
-        self.client = None
+    It also samples MLflow's system metrics (``system/...``) on rank 0's node
+    while the loop runs: cheap evidence of how busy the CPU/GPU were.
+    """
+
+    def __init__(self, mlflow: dict[str, str] | None, enabled: bool, *, resumed: bool = False) -> None:
+        self.client = self.monitor = None
         self.rows: list[Any] = []
         if mlflow and enabled:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
             from mlflow.tracking import MlflowClient
 
             self.client = MlflowClient(tracking_uri=mlflow["tracking_uri"])
             self.run_id = mlflow["run_id"]
+            self.monitor = SystemMetricsMonitor(self.run_id, sampling_interval=SYSTEM_METRICS_SECONDS,
+                                                resume_logging=resumed, tracking_uri=mlflow["tracking_uri"])
+            self.monitor.start()
 
     def add(self, metrics: dict[str, float], step: int) -> None:
         if self.client is None:
@@ -209,6 +219,13 @@ class _MetricLog:
             for start in range(0, len(self.rows), 1000):  # MLflow's log_batch limit
                 self.client.log_batch(self.run_id, metrics=self.rows[start:start + 1000])
             self.rows = []
+
+    def close(self) -> None:
+        """Write what is buffered and stop the system-metrics sampler."""
+        self.flush()
+        if self.monitor is not None:
+            self.monitor.finish()
+            self.monitor = None
 
 
 class _Progress:
@@ -377,7 +394,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     gather = _TimedGather(make_gather(world_size)) if world_size > 1 else None
     shard = ray.train.get_dataset_shard("train")
-    log = _MetricLog(config.get("mlflow"), enabled=rank == 0)
+    log = _MetricLog(config.get("mlflow"), enabled=rank == 0, resumed=step > 0)
     progress = _Progress(cfg.steps, every_seconds=cfg.progress_seconds if rank == 0 else 0.0)
     last_checkpoint_step = step
     store_repeats = int(config["store_repeats"])  # copies of the store in one pass (`epoch`) of the shard
@@ -456,7 +473,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             epoch += 1
     if last_checkpoint_step != step:  # unreachable by construction; kept as a guard for future edits
         _save_and_report(engine, metrics, config, cfg, rank, world_size, step, position, zero_stage, ema=ema)
-    log.flush()
+    log.close()
 
 
 def _save_and_report(engine: Any, metrics: dict[str, float], config: dict[str, Any], cfg: Any,
