@@ -148,10 +148,53 @@ def demo(config: DemoConfig, *, address: str | None = None) -> dict:
 
 
 def _headline(report: dict | None) -> dict:
-    """The few figures of a report worth printing (the full report is on disk)."""
+    """The figures of a report worth printing: each ``summary``'s means, and the robustness matrix.
+
+    Reports put their figures in ``summary`` blocks (``{metric: {"mean", "sd"}}``)
+    at any depth (``staging.linear``, ``outcome``, ``site.night``); the full
+    report is on disk.
+    """
     if not report:
         return {}
-    return report.get("summary") or {k: v for k, v in report.items() if isinstance(v, (int, float, str))}
+    figures: dict[str, dict[str, float]] = {}
+
+    def walk(node: object, path: tuple[str, ...]) -> None:
+        if not isinstance(node, dict):
+            return
+        summary = node.get("summary")
+        if isinstance(summary, dict):
+            means = {metric: round(value["mean"], 3) for metric, value in summary.items()
+                     if isinstance(value, dict) and isinstance(value.get("mean"), (int, float))}
+            if means:
+                figures[".".join(path)] = means
+        for key, child in node.items():
+            if key not in ("summary", "per_fold", "pooled", "predictions"):
+                walk(child, (*path, key))
+
+    for section in ("staging", "outcome", "site"):
+        walk(report.get(section), (section,))
+    robustness = report.get("robustness") or {}
+    for name, row in (robustness.get("matrix_full_probe") or {}).items():
+        figures[f"robustness.{name}"] = {k: round(v, 3) for k, v in row.items()
+                                         if k in ("kappa", "macro_f1", "kappa_margin_kept") and v == v}
+    return figures
+
+
+def headline_lines(summary: dict) -> list[str]:
+    """Plain-language lines for the figures a newcomer looks for (test subjects, held-out protocol)."""
+    staging = summary.get("staging") or {}
+    lines = ["", "Headline (test subjects, never seen in pretraining or by the probes):"]
+    for head in ("linear", "temporal", "majority"):
+        figures = staging.get(f"staging.{head}")
+        if figures:
+            lines.append(f"  staging, {head} probe: kappa {figures.get('kappa', float('nan')):.3f}, "
+                         f"macro-F1 {figures.get('macro_f1', float('nan')):.3f}")
+    for key, figures in staging.items():
+        if key.startswith("robustness.") and "kappa" in figures:
+            lines.append(f"  {key.split('.', 1)[1]} sensors, full-PSG probe: kappa {figures['kappa']:.3f}")
+    if summary.get("sweep"):
+        lines.append(f"  scaling sweep: {summary.get('sweep_verdict') or 'see ' + summary['sweep']}")
+    return lines
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -166,6 +209,8 @@ def run(args: argparse.Namespace) -> int:
     config = DemoConfig(workdir=args.workdir, steps=args.steps, sweep=not args.no_sweep)
     summary = demo(config, address=args.address)
     print(json.dumps(summary, indent=2, default=str))
+    for line in headline_lines(summary):
+        print(line)
     print(f"\nBrowse the runs: mlflow ui --backend-store-uri {summary['mlflow_tracking_uri']} "
           "--host 127.0.0.1")
     return 0
