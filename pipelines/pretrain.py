@@ -379,8 +379,21 @@ def build_trainer(prepared: PreparedRun, *, callbacks: Sequence[Any] = (), stora
             callbacks=list(callbacks) or None,
         ),
         datasets={"train": dataset},
-        dataset_config=DataConfig(datasets_to_split=["train"]),
+        dataset_config=DataConfig(datasets_to_split=["train"], execution_options=_ordered_ingest(DataConfig)),
     )
+
+
+def _ordered_ingest(data_config: type) -> Any:
+    """Ray Train's ingest options with ``preserve_order``: every pass is the same stream.
+
+    The split hands each worker blocks in a fixed order (without it, blocks
+    arrive as reads finish and the splitter follows locality hints), so a
+    resumed run that skips the batches it already trained on skips exactly
+    those, and resuming gives the uninterrupted run's weights.
+    """
+    options = data_config.default_ingest_options()
+    options.preserve_order = True
+    return options
 
 
 def run(args: argparse.Namespace) -> int:

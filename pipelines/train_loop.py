@@ -389,8 +389,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 ema.load_state_dict(torch.load(Path(directory) / EMA_FILE, map_location=device, weights_only=True))
         logger.info("rank %d resumed at step %d (epoch %d, batch %d)", rank, step,
                     position.epoch, position.batches_in_epoch)
-    # Different modality-dropout draws per rank, reproducible per (seed, rank, step).
-    torch.manual_seed(cfg.seed * 1_000_003 + rank * 7919 + step)
 
     gather = _TimedGather(make_gather(world_size)) if world_size > 1 else None
     shard = ray.train.get_dataset_shard("train")
@@ -417,6 +415,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 continue  # already trained on before the checkpoint we resumed from
             if micro == 0:
                 _maybe_fail(cfg, step, rank, world_size, config["run_dir"])
+                # Dropout, modality-dropout and mask draws differ per rank and depend only on
+                # (seed, rank, step): a resumed run draws what the uninterrupted one drew.
+                torch.manual_seed(cfg.seed * 1_000_003 + rank * 7919 + step)
             # Every rank draws the same modalities for an optimiser step (seed and step).
             step_modalities = objective.step_modalities(modalities, seed=cfg.seed, step=step)
             np_batch = table_to_batch(table, modalities=step_modalities, epochs_per_window=epochs_per_window,
