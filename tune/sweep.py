@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 
 from pipelines.runtime import is_uri, mlflow_experiment, redact
-from pipelines.train_data import open_store
+from s2v_core.store import open_store
 from s2v_core.modalities import MODALITY_KEYS, parse_modalities
 from s2v_core.store import SUBSET_SUFFIX, stable_id, write_store_subset
 

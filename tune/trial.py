@@ -185,7 +185,7 @@ def validate_encoder(encoder_dir, *, train_store: str, validation_store: str, mo
 
 def _read_sorted(store: str):
     """A (split) store's rows in night, window order."""
-    from pipelines.train_data import open_store
+    from s2v_core.store import open_store
 
     table = open_store(store).to_table()
     return table.sort_by([("site", "ascending"), ("recording_id", "ascending"), ("window_index", "ascending")])
