@@ -39,14 +39,13 @@ cannot hold ``mlflow.db`` (SQLite needs a local file), so it needs
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import logging
 import math
 import os
 import posixpath
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,7 +54,7 @@ import pyarrow.fs as pafs
 from pipelines.checkpoints import (CHECKPOINTS_NAME, ENCODER_DIR, data_position, incomplete_checkpoints,
                                   latest_checkpoint, read_state)
 from pipelines.runtime import (absolute, check_mlflow_store, file_type, join, local_directory, mlflow_experiment,
-                               read_text, redact, redact_values, replace_directory, write_text)
+                               read_text, redact, redact_values, replace_directory, tracking_uri_scope, write_text)
 from pipelines.train_config import (PretrainConfig, config_differences, config_from_dict, config_to_dict,
                                     deepspeed_config, load_pretrain_config)
 from pipelines.train_data import StoreSummary, build_dataset, check_batch_fits, inspect_store, store_repeats
@@ -271,24 +270,6 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[name] = ",".join(map(str, value)) if isinstance(value, (list, tuple)) else value
     return flat
-
-
-@contextlib.contextmanager
-def tracking_uri_scope(uri: str) -> Iterator[None]:
-    """Point MLflow's fluent API at ``uri`` for a block, then restore it.
-
-    ``mlflow.set_tracking_uri`` also exports ``MLFLOW_TRACKING_URI``; left
-    set, the next run in this process (a sweep, a test, a benchmark) would
-    log into this run's store instead of its own.
-    """
-    import mlflow
-
-    previous = os.environ.get("MLFLOW_TRACKING_URI")  # set_tracking_uri keeps the two in step
-    mlflow.set_tracking_uri(uri)
-    try:
-        yield
-    finally:
-        mlflow.set_tracking_uri(previous)  # None unsets both the global and the variable
 
 
 def log_final_model(prepared: PreparedRun, encoder_dir: str, result_metrics: dict[str, float]) -> None:
