@@ -211,6 +211,13 @@ def _check_resume(run_dir: str, config: PretrainConfig, *,
     return latest, state
 
 
+def with_gpu_workers(prepared: PreparedRun) -> PreparedRun:
+    """The prepared run with GPU workers: its DeepSpeed config (bf16) rewritten, nothing re-read."""
+    ds_config = deepspeed_config(prepared.config, on_gpu=True)
+    write_text(join(prepared.run_dir, DS_CONFIG_FILE), json.dumps(ds_config, indent=2) + "\n")
+    return dataclasses.replace(prepared, on_gpu=True, ds_config=ds_config)
+
+
 def detect_gpu(config: PretrainConfig) -> bool:
     """Whether workers get a GPU: ``device=gpu``, or ``auto`` and the Ray cluster has enough GPUs."""
     import ray
@@ -424,9 +431,8 @@ def pretrain(config: PretrainConfig, *, resume: bool = False, address: str | Non
         cpus = config.workers
     init_ray(address, num_cpus=cpus)
     try:
-        on_gpu = detect_gpu(config)
-        if on_gpu:
-            prepared = setup(config, resume=resume, on_gpu=True)  # bf16 DeepSpeed config
+        if detect_gpu(config):
+            prepared = with_gpu_workers(prepared)  # bf16 DeepSpeed config; the store is not read again
         if mlflow:
             prepared = start_mlflow_run(prepared)
         _record_split_use(prepared)
