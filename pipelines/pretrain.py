@@ -61,6 +61,7 @@ from pipelines.train_data import StoreSummary, build_dataset, check_batch_fits, 
 from s2v_core.config import to_mapping
 from s2v_core.io.discovery import resolve
 from s2v_core.modalities import parse_modalities
+from s2v_core.model import ModelConfig
 from s2v_core.objective import available_objectives
 from s2v_core.splits import record_use, split_record
 from s2v_core.store import split_files
@@ -89,7 +90,7 @@ class PreparedRun:
     run_dir: str
     on_gpu: bool
     ds_config: dict[str, Any]
-    model_config: dict[str, Any]
+    model_config: ModelConfig
     resume_from: str | None
     store_repeats: int = 1
     mlflow_tracking_uri: str | None = None
@@ -174,7 +175,7 @@ def setup(config: PretrainConfig, *, resume: bool = False, on_gpu: bool = False)
     write_text(join(run_dir, DS_CONFIG_FILE), json.dumps(ds_config, indent=2) + "\n")
     record = {**split_record(config.data, config.train_splits), "store": absolute(config.data)}
     return PreparedRun(config=resolved, store=summary, run_dir=run_dir, on_gpu=on_gpu, ds_config=ds_config,
-                       model_config=to_mapping(model_cfg), resume_from=resume_from,
+                       model_config=model_cfg, resume_from=resume_from,
                        store_repeats=repeats, validation_files=validation_files, training_record=record)
 
 
@@ -250,7 +251,7 @@ def start_mlflow_run(prepared: PreparedRun) -> PreparedRun:
         run = client.create_run(experiment_id, run_name=posixpath.basename(resolve(prepared.run_dir)[1]),
                                 tags={"s2v.command": "pretrain", "s2v.run_dir": redact(prepared.run_dir)})
         run_id = run.info.run_id
-        params = _flatten({"pretrain": config_to_dict(prepared.config), "model": prepared.model_config,
+        params = _flatten({"pretrain": config_to_dict(prepared.config), "model": to_mapping(prepared.model_config),
                            "store": {"windows": prepared.store.windows,
                                      "usable_windows": prepared.store.usable_windows,
                                      "epochs_per_window": prepared.store.epochs_per_window},
@@ -300,7 +301,7 @@ def log_final_model(prepared: PreparedRun, encoder_dir: str, result_metrics: dic
             # A pickled SleepEncoder (class from the installed package): its forward takes
             # a dict of masked tensors, which the traced "pt2" format cannot export.
             serialization_format="pickle",
-            metadata={"s2v_model_config": prepared.model_config,
+            metadata={"s2v_model_config": to_mapping(prepared.model_config),
                       "s2v_modalities": list(prepared.config.modalities)},
         )
         mlflow.set_tag("s2v.final_loss", f"{result_metrics.get('loss', math.nan):.6f}")
@@ -309,23 +310,19 @@ def log_final_model(prepared: PreparedRun, encoder_dir: str, result_metrics: dic
 
 # -- run --------------------------------------------------------------------------------------------
 def loop_config(prepared: PreparedRun) -> dict[str, Any]:
-    """The ``train_loop_config`` of the ``TorchTrainer``: everything the worker loop reads."""
+    """The ``train_loop_config`` of the ``TorchTrainer``: one :class:`LoopConfig` under ``"loop"``."""
+    from pipelines.train_loop import LoopConfig
+
     mlflow = None
     if prepared.mlflow_run_id is not None:
         mlflow = {"tracking_uri": prepared.mlflow_tracking_uri, "run_id": prepared.mlflow_run_id}
-    return {
-        "pretrain": config_to_dict(prepared.config),
-        "model": prepared.model_config,
-        "modalities": list(prepared.config.modalities),
-        "epochs_per_window": prepared.store.epochs_per_window,
-        "ds_config": prepared.ds_config,
-        "run_dir": prepared.run_dir,
-        "resume_from": prepared.resume_from,
-        "store_repeats": prepared.store_repeats,
-        "mlflow": mlflow,
-        "validation": {"files": list(prepared.validation_files), "filesystem": prepared.store.filesystem},
-        "training_record": prepared.training_record,
-    }
+    return {"loop": LoopConfig(
+        pretrain=prepared.config, model=prepared.model_config, modalities=tuple(prepared.config.modalities),
+        epochs_per_window=prepared.store.epochs_per_window, ds_config=prepared.ds_config,
+        run_dir=prepared.run_dir, store_repeats=prepared.store_repeats, resume_from=prepared.resume_from,
+        mlflow=mlflow, validation_files=tuple(prepared.validation_files),
+        validation_filesystem=prepared.store.filesystem, training_record=prepared.training_record,
+    )}
 
 
 def build_trainer(prepared: PreparedRun, *, callbacks: Sequence[Any] = (), storage_path: str | None = None,
