@@ -79,11 +79,10 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipelines.runtime import absolute, file_type, is_uri, join, read_text, redact, write_text
-from s2v_core.store import open_store
 from s2v_core.io.discovery import resolve
 from s2v_core.modalities import MODALITY_KEYS, parse_modalities
 from s2v_core.splits import SPLIT_NAMES, SplitConfig, assign_splits, read_splits, split_record
-from s2v_core.store import IDENTITY_COLUMNS, schema_info
+from s2v_core.store import IDENTITY_COLUMNS, open_store, present_matrix, schema_info
 
 logger = logging.getLogger(__name__)
 
@@ -232,8 +231,7 @@ def embed_table(encoder, table: pa.Table, *, modalities: Sequence[str], epochs_p
     from s2v_core.store import table_to_batch
 
     indices = [MODALITY_KEYS.index(k) for k in modalities]
-    present = (table.column("present").combine_chunks().flatten().to_numpy(zero_copy_only=False)
-               .astype(bool).reshape(-1, len(MODALITY_KEYS)))
+    present = present_matrix(table.column("present"))
     keep = present[:, indices].any(axis=1)
     if not keep.all():
         table = table.filter(pa.array(keep))
@@ -272,7 +270,7 @@ def _count_usable_windows(dataset: pads.Dataset, modalities: Sequence[str]) -> i
     indices = [MODALITY_KEYS.index(k) for k in modalities]
     usable = 0
     for batch in dataset.to_batches(columns=["present"]):
-        present = batch.column(0).flatten().to_numpy(zero_copy_only=False).reshape(-1, len(MODALITY_KEYS))
+        present = present_matrix(batch.column(0))
         usable += int(present[:, indices].any(axis=1).sum())
     return usable
 

@@ -22,7 +22,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from s2v_core.modalities import MODALITY_KEYS
-from s2v_core.store import SCHEMA_VERSION, open_store, schema_info, split_files
+from s2v_core.store import SCHEMA_VERSION, open_store, present_matrix, schema_info, split_files
 
 logger = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ def inspect_store(store: str | Path, modalities: Sequence[str] = (), *,
             raise ValueError(f"{option}: {path}: expected {epochs} epochs per window like the other "
                              f"files, found {file_epochs}")
         epochs = file_epochs
-    present = _present_matrix(dataset)
+    present = present_matrix(dataset.to_table(columns=["present"]).column("present"))
     in_store = tuple(k for i, k in enumerate(MODALITY_KEYS) if present[:, i].any())
     selected = tuple(modalities) or in_store
     absent = [k for k in selected if k not in in_store]
@@ -119,12 +119,6 @@ def inspect_store(store: str | Path, modalities: Sequence[str] = (), *,
     return StoreSummary(files=tuple(files), epochs_per_window=int(epochs),
                         modalities=tuple(k for k in MODALITY_KEYS if k in selected),
                         windows=int(present.shape[0]), usable_windows=usable, filesystem=filesystem)
-
-
-def _present_matrix(dataset: pads.Dataset) -> np.ndarray:
-    table = dataset.to_table(columns=["present"])
-    flat = table.column("present").combine_chunks().flatten().to_numpy(zero_copy_only=False)
-    return np.asarray(flat, dtype=bool).reshape(table.num_rows, len(MODALITY_KEYS))
 
 
 def check_batch_fits(summary: StoreSummary, *, global_batch: int, workers: int) -> None:

@@ -247,6 +247,18 @@ def stable_id(text: str) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
+def present_matrix(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """The ``present`` column (``list<bool>`` of 9, registry order) as ``bool (rows, 9)``.
+
+    The one decoding of the flags: readers, embedding and the sweep's
+    modality census all go through it.
+    """
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    flat = column.flatten().to_numpy(zero_copy_only=False)
+    return np.asarray(flat, dtype=bool).reshape(len(column), len(MODALITY_KEYS))
+
+
 def modality_array(table: pa.Table, key: str, epochs_per_window: int, *,
                    dtype: type = np.float32) -> tuple[np.ndarray, np.ndarray]:
     """Decode one modality column into ``(values, present)``.

@@ -97,3 +97,16 @@ def test_a_store_subset_reads_as_the_files_it_lists(tmp_path):
     empty = write_store_subset(str(tmp_path / "empty.subset.json"), store=str(root), files=[])
     with pytest.raises(EmptyStoreError, match="no Parquet files"):
         store_files(empty)
+
+
+def test_present_matrix_decodes_the_flags_of_chunked_and_plain_columns():
+    import numpy as np
+    import pyarrow as pa
+
+    from s2v_core.store import present_matrix
+
+    rows = [[True] + [False] * 8, [False] * 8 + [True], [False] * 9]
+    chunked = pa.chunked_array([pa.array(rows[:2], pa.list_(pa.bool_())), pa.array(rows[2:], pa.list_(pa.bool_()))])
+    for column in (chunked, chunked.combine_chunks()):
+        np.testing.assert_array_equal(present_matrix(column), np.array(rows))
+    assert present_matrix(pa.array([], pa.list_(pa.bool_()))).shape == (0, 9)
