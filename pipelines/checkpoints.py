@@ -45,7 +45,7 @@ logger = logging.getLogger(__name__)
 
 #: Version of ``state.json``; bump when its keys change meaning.
 CHECKPOINT_FORMAT = 1
-STATE_FILE = "state.json"
+CHECKPOINT_STATE_FILE = "state.json"
 ENCODER_DIR = "encoder"
 #: With EMA: ``encoder/`` holds the averaged weights, this the optimiser's own, EMA_FILE the average's state.
 ONLINE_ENCODER_DIR = "online_encoder"
@@ -92,16 +92,16 @@ def write_state(directory: str | Path, *, config: dict[str, Any], step: int, see
         # Locations as they may be shown: no credentials of a URI (data/output are not compared on resume).
         "config": redact_values(config),
     }
-    path = Path(directory) / STATE_FILE
+    path = Path(directory) / CHECKPOINT_STATE_FILE
     path.write_text(json.dumps(state, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return path
 
 
 def read_state(checkpoint: str | Path) -> dict[str, Any]:
     """Read and check ``state.json`` of a checkpoint directory (a path or a URI)."""
-    path = join(checkpoint, STATE_FILE)
+    path = join(checkpoint, CHECKPOINT_STATE_FILE)
     if file_type(path) != pafs.FileType.File:
-        raise FileNotFoundError(f"{checkpoint}: not a pretraining checkpoint ({STATE_FILE} is missing)")
+        raise FileNotFoundError(f"{checkpoint}: not a pretraining checkpoint ({CHECKPOINT_STATE_FILE} is missing)")
     state = json.loads(read_text(path))
     if state.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path}: expected checkpoint format {CHECKPOINT_FORMAT}, "
@@ -144,16 +144,16 @@ def checkpoint_problems(files: dict[str, int], *, world_size: int | None, zero_s
     that died mid-upload leaves a directory with ``state.json`` and part of the
     rest, which must not count (``--resume`` would fail on it).
     """
-    from s2v_core.model import CONFIG_FILE, WEIGHTS_FILE
+    from s2v_core.model import MODEL_CONFIG_FILE, WEIGHTS_FILE
 
-    problems = [f"no {name}" for name in (STATE_FILE, f"{ENCODER_DIR}/{CONFIG_FILE}", f"{ENCODER_DIR}/{WEIGHTS_FILE}")
+    problems = [f"no {name}" for name in (CHECKPOINT_STATE_FILE, f"{ENCODER_DIR}/{MODEL_CONFIG_FILE}", f"{ENCODER_DIR}/{WEIGHTS_FILE}")
                 if not files.get(name)]
     if not files.get(f"{ENGINE_DIR}/latest"):
         problems.append(f"no {ENGINE_DIR}/latest (DeepSpeed's pointer to its state)")
     if ema:
         problems += [f"no {name}" for name in (EMA_FILE, f"{ONLINE_ENCODER_DIR}/{WEIGHTS_FILE}") if not files.get(name)]
     if world_size is None:
-        return problems + [f"{STATE_FILE} unreadable"]
+        return problems + [f"{CHECKPOINT_STATE_FILE} unreadable"]
     engine = f"{ENGINE_DIR}/{ENGINE_TAG}/"
     names = [name[len(engine):] for name, size in files.items() if name.startswith(engine) and size]
 
@@ -197,8 +197,8 @@ def _survey(run_dir: str | Path) -> list[tuple[str, list[str]]]:
         files = {info.path[len(prefix):]: info.size for info in infos
                  if info.type == pafs.FileType.File and info.path.startswith(prefix)}
         world_size, ema = None, False
-        if files.get(STATE_FILE):
-            with filesystem.open_input_stream(prefix + STATE_FILE) as stream:
+        if files.get(CHECKPOINT_STATE_FILE):
+            with filesystem.open_input_stream(prefix + CHECKPOINT_STATE_FILE) as stream:
                 try:
                     state = json.loads(stream.read().decode("utf-8"))
                     world_size = int(state["world_size"])

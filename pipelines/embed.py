@@ -151,11 +151,11 @@ def load_encoder_spec(spec: str, *, allow_pickle: bool = False):
     if load_trained_encoder is not None:
         encoder = load_trained_encoder(spec, allow_pickle=allow_pickle)
     else:
-        from s2v_core.model import CONFIG_FILE, load_encoder
+        from s2v_core.model import MODEL_CONFIG_FILE, load_encoder
 
-        if not (Path(spec) / CONFIG_FILE).is_file():
+        if not (Path(spec) / MODEL_CONFIG_FILE).is_file():
             raise FileNotFoundError(f"--checkpoint {spec!r}: expected a saved encoder directory "
-                                    f"(holding {CONFIG_FILE})")
+                                    f"(holding {MODEL_CONFIG_FILE})")
         encoder = load_encoder(spec)
     return encoder.eval(), _pretrain_run(str(spec))
 

@@ -33,7 +33,7 @@ import pyarrow.fs as pafs
 
 from pipelines.checkpoints import ENCODER_DIR, latest_checkpoint
 from pipelines.runtime import file_type, is_uri, join, local_directory
-from s2v_core.model import CONFIG_FILE, SleepEncoder, load_encoder
+from s2v_core.model import MODEL_CONFIG_FILE, SleepEncoder, load_encoder
 from s2v_core.splits import TRAINING_RECORD_FILE, read_training_record
 
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -107,15 +107,15 @@ def training_record(spec: str | Path, *, tracking_uri: str | None = None) -> dic
 
 def _encoder_dir(location: str) -> str:
     """The encoder directory of an encoder dir, a checkpoint or a run dir (a path or a URI)."""
-    if file_type(join(location, CONFIG_FILE)) == pafs.FileType.File:
+    if file_type(join(location, MODEL_CONFIG_FILE)) == pafs.FileType.File:
         return location
     # A checkpoint, or a run dir with its final encoder.
-    if file_type(join(location, ENCODER_DIR, CONFIG_FILE)) == pafs.FileType.File:
+    if file_type(join(location, ENCODER_DIR, MODEL_CONFIG_FILE)) == pafs.FileType.File:
         return join(location, ENCODER_DIR)
     latest = latest_checkpoint(location)
     if latest is not None:
         return join(latest, ENCODER_DIR)
-    raise ValueError(f"--checkpoint: {location} holds no encoder (expected {CONFIG_FILE}, a checkpoint's "
+    raise ValueError(f"--checkpoint: {location} holds no encoder (expected {MODEL_CONFIG_FILE}, a checkpoint's "
                      f"{ENCODER_DIR}/ or a run dir with {ENCODER_DIR}/ or checkpoints/)")
 
 

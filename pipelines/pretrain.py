@@ -68,7 +68,7 @@ from s2v_core.store import split_files
 
 logger = logging.getLogger(__name__)
 
-CONFIG_FILE = "pretrain_config.json"
+PRETRAIN_CONFIG_FILE = "pretrain_config.json"
 DS_CONFIG_FILE = "ds_config.json"
 MLFLOW_RUN_FILE = "mlflow_run.json"
 FINAL_ENCODER_DIR = "encoder"
@@ -171,7 +171,7 @@ def setup(config: PretrainConfig, *, resume: bool = False, on_gpu: bool = False)
                                 windows_per_step=resolved.global_batch * resolved.grad_accum)
     ds_config = deepspeed_config(resolved, on_gpu=on_gpu)
     # Run files never hold credentials of a URI (--data s3://KEY:SECRET@...): data/output are not compared on resume.
-    write_text(join(run_dir, CONFIG_FILE), json.dumps(redact_values(config_to_dict(resolved)), indent=2) + "\n")
+    write_text(join(run_dir, PRETRAIN_CONFIG_FILE), json.dumps(redact_values(config_to_dict(resolved)), indent=2) + "\n")
     write_text(join(run_dir, DS_CONFIG_FILE), json.dumps(ds_config, indent=2) + "\n")
     record = {**split_record(config.data, config.train_splits), "store": absolute(config.data)}
     return PreparedRun(config=resolved, store=summary, run_dir=run_dir, on_gpu=on_gpu, ds_config=ds_config,
@@ -264,7 +264,7 @@ def start_mlflow_run(prepared: PreparedRun) -> PreparedRun:
             client.log_batch(run_id, params=items[start:start + 100])
         # The same JSON as the run dir's files, logged from memory: the run dir may be a URI.
         client.log_dict(run_id, prepared.ds_config, DS_CONFIG_FILE)
-        client.log_dict(run_id, redact_values(config_to_dict(prepared.config)), CONFIG_FILE)
+        client.log_dict(run_id, redact_values(config_to_dict(prepared.config)), PRETRAIN_CONFIG_FILE)
         write_text(run_file, json.dumps({"tracking_uri": redact(uri), "run_id": run_id}, indent=2) + "\n")
     return dataclasses.replace(prepared, mlflow_tracking_uri=uri, mlflow_run_id=run_id)
 

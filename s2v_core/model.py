@@ -55,7 +55,7 @@ logger = logging.getLogger(__name__)
 #: 2: tokenizers as GEMMs, a written-out backbone, tokenizer/position/head choices.
 #: 1 (read only, converted on load): ``nn.Conv1d`` stems, ``nn.TransformerEncoder``.
 ENCODER_FORMAT = 2
-CONFIG_FILE = "model_config.json"
+MODEL_CONFIG_FILE = "model_config.json"
 WEIGHTS_FILE = "encoder.pt"
 
 
@@ -431,7 +431,7 @@ def save_encoder(model: SleepEncoder, directory: str | Path) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     description = {"format": ENCODER_FORMAT, "config": to_mapping(model.config),
                    "modalities": list(model.modalities)}
-    (directory / CONFIG_FILE).write_text(json.dumps(description, indent=2) + "\n", encoding="utf-8")
+    (directory / MODEL_CONFIG_FILE).write_text(json.dumps(description, indent=2) + "\n", encoding="utf-8")
     torch.save(model.state_dict(), directory / WEIGHTS_FILE)
     return directory
 
@@ -444,7 +444,7 @@ def load_encoder(directory: str | Path, *, map_location: Any = "cpu") -> SleepEn
     and encode exactly as before; any other format is a ``ValueError`` naming it.
     """
     directory = Path(directory)
-    config_path = directory / CONFIG_FILE
+    config_path = directory / MODEL_CONFIG_FILE
     if not config_path.is_file():
         raise FileNotFoundError(f"load_encoder: {config_path} does not exist (not a saved encoder)")
     description = json.loads(config_path.read_text(encoding="utf-8"))

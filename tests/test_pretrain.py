@@ -13,7 +13,7 @@ from pipelines import cli
 from pipelines.checkpoints import (ENCODER_DIR, DataPosition, checkpoint_dir_name, data_position,
                                    latest_checkpoint, list_checkpoints, read_state)
 from pipelines.model_io import load_trained_encoder
-from pipelines.pretrain import CONFIG_FILE, DS_CONFIG_FILE, setup
+from pipelines.pretrain import PRETRAIN_CONFIG_FILE, DS_CONFIG_FILE, setup
 from pipelines.train_config import PretrainConfig
 from pipelines.train_data import inspect_store, keep_windows_with
 from s2v_core.model import SleepEncoder, model_config, save_encoder
@@ -35,7 +35,7 @@ def test_setup_resolves_modalities_and_writes_the_run_configs(store, tmp_path):
     prepared = setup(config_for(store, tmp_path))
     assert prepared.config.modalities == ("eeg", "ecg", "hr")
     assert prepared.store.epochs_per_window == 4 and prepared.store.usable_windows == 24
-    saved = json.loads((Path(prepared.run_dir) / CONFIG_FILE).read_text())
+    saved = json.loads((Path(prepared.run_dir) / PRETRAIN_CONFIG_FILE).read_text())
     assert saved["modalities"] == ["eeg", "ecg", "hr"]
     ds = json.loads((Path(prepared.run_dir) / DS_CONFIG_FILE).read_text())
     assert ds["train_micro_batch_size_per_gpu"] == 4 and ds["bf16"]["enabled"] is False
