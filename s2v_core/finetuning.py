@@ -34,17 +34,18 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from s2v_core.backbone import Backbone
 from s2v_core.config import from_mapping, to_mapping
-from s2v_core.evaluation.tasks import Task, get_task
+from s2v_core.evaluation.tasks import Task, get_task, night_targets
 from s2v_core.modalities import MODALITY_KEYS
 from s2v_core.model import SleepEncoder, load_encoder, save_encoder
 
@@ -238,6 +239,58 @@ class FineTunedModel(nn.Module):
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
+
+
+def batch_targets(task: Task, batch: Mapping[str, np.ndarray]) -> np.ndarray:
+    """The targets of a :func:`s2v_core.store.table_to_batch` batch read with ``history_columns=task.outcome_columns``.
+
+    Epoch-level: ``int64 (B, E)`` classes (−1 unknown); night-level: ``float64 (B,)``
+    (``(B, 2)`` event, time for survival), NaN unknown.
+    """
+    if task.level == "epoch":
+        return task.stage_targets(batch["stages"])
+    history = batch["history"]
+    outcomes = {name: history[:, i] for i, name in enumerate(task.outcome_columns)}
+    return night_targets(task, age=batch["age"], sex=batch["sex"], outcomes=outcomes)
+
+
+@torch.no_grad()
+def predict(model: FineTunedModel, batches: Iterable[Mapping[str, np.ndarray]], *,
+            device: torch.device | str = "cpu") -> tuple[np.ndarray, np.ndarray]:
+    """Targets and head outputs of every row of ``batches`` (eval mode), ready for :func:`score`.
+
+    Epoch-level tasks give one row per scored epoch (unknown stages dropped);
+    night-level tasks one row per night: window outputs are averaged over the
+    windows of a night (``night_id``), whose target they share.
+    """
+    from s2v_core.model import batch_to_tensors
+
+    was_training = model.training
+    model.eval()
+    targets, outputs, nights = [], [], []
+    for batch in batches:
+        output = model(batch_to_tensors(batch, device)).float().cpu().numpy()
+        target = batch_targets(model.task, batch)
+        if model.task.level == "epoch":
+            keep = target.reshape(-1) >= 0
+            targets.append(target.reshape(-1)[keep])
+            outputs.append(output.reshape(-1, output.shape[-1])[keep])
+        else:
+            targets.append(target)
+            outputs.append(output)
+            nights.append(batch["night_id"])
+    model.train(was_training)
+    if not targets:
+        raise ValueError("predict: no batch to score")
+    target, output = np.concatenate(targets), np.concatenate(outputs)
+    if model.task.level == "night":
+        ids, inverse = np.unique(np.concatenate(nights), return_inverse=True)
+        pooled = np.zeros((len(ids), output.shape[1]))
+        np.add.at(pooled, inverse, output)
+        pooled /= np.bincount(inverse, minlength=len(ids))[:, None]
+        first = np.unique(inverse, return_index=True)[1]
+        return target[first], pooled
+    return target, output
 
 
 def _base_state(encoder: SleepEncoder) -> dict[str, Tensor]:

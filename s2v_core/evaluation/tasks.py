@@ -96,6 +96,16 @@ class Task:
         """AASM stage codes (W=0 … REM=4, −1 unknown) → this task's classes (−1 stays −1)."""
         return map_stages(stages, self.stage_map)
 
+    @property
+    def primary(self) -> tuple[str, float]:
+        """The figure that chooses between models (early stopping): its name and sign (+1: higher is better)."""
+        return PRIMARY_METRICS[self.kind]
+
+    @property
+    def outcome_columns(self) -> tuple[str, ...]:
+        """The store ``outcomes`` entries the target needs (``age``/``sex``/``stages`` are columns of their own)."""
+        return tuple(c for c in self.columns if c not in ("stages", "age", "sex"))
+
     def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """The training loss of a batch (see :data:`LOSSES`); rows whose target is unknown are ignored."""
         return LOSSES[self.kind](output, target)
@@ -259,6 +269,15 @@ METRICS: dict[str, Callable[[Task, np.ndarray, np.ndarray], dict]] = {
     "regression": _regression_metrics,
     "binary": _binary_metrics,
     "survival": _survival_metrics,
+}
+
+
+#: kind → (figure used to choose between models, +1 if higher is better, -1 if lower is).
+PRIMARY_METRICS: dict[str, tuple[str, float]] = {
+    "classification": ("kappa", 1.0),
+    "regression": ("mae", -1.0),
+    "binary": ("auroc", 1.0),
+    "survival": ("c_index", 1.0),
 }
 
 
