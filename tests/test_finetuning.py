@@ -9,7 +9,7 @@ import torch
 from s2v_core.finetuning import (ADAPTER_FILE, FineTunedModel, FinetuneSpec, GatedFusion, drop_modalities,
                                  load_finetuned, save_finetuned)
 from s2v_core.modalities import MODALITY_KEYS, get_modality
-from s2v_core.model import SleepEncoder, model_config
+from s2v_core.model import SleepEncoder, batch_to_tensors, model_config
 
 MODALITIES = ("eeg", "ecg", "spo2")
 EEG, ECG, SPO2 = (MODALITY_KEYS.index(k) for k in MODALITIES)
@@ -163,3 +163,30 @@ def test_spec_rejects_bad_options():
         FinetuneSpec(lora_targets=("qkv",))
     with pytest.raises(ValueError, match="--modalities: hr not built into the encoder"):
         FineTunedModel(_encoder(), FinetuneSpec(modalities=("hr",)))
+
+
+def test_night_task_targets_and_per_night_pooling(tmp_path):
+    import pyarrow.parquet as pq
+
+    from s2v_core.finetuning import batch_targets, predict
+    from s2v_core.store import table_to_batch
+    from s2v_core.toystore import write_toy_store
+
+    store = write_toy_store(tmp_path / "store", sites=1, recordings_per_site=3, windows_per_recording=3,
+                            epochs_per_window=4, modalities=("hr", "spo2"), seed=1)
+    torch.manual_seed(0)
+    encoder = SleepEncoder(model_config("tiny", width=16, depth=1, heads=2, epochs_per_window=4), ("hr", "spo2"))
+    model = FineTunedModel(encoder, FinetuneSpec(task="ahi", head="mlp"))
+    tables = [pq.read_table(path) for path in sorted(store.glob("site=*/*.parquet"))]
+    batches = [table_to_batch(t, modalities=("hr", "spo2"), epochs_per_window=4, history_columns=("ahi",))
+               for t in tables]
+    first = batch_targets(model.task, batches[0])
+    assert first.shape == (3,) and np.all(first == first[0]) and first[0] > 0  # one AHI per night
+    target, output = predict(model, batches)
+    assert target.shape == (3,) and output.shape == (3, 1)  # three nights, window outputs averaged
+    with torch.no_grad():
+        expected = model.eval()(batch_to_tensors(batches[1])).mean(0)
+    night = np.flatnonzero(target == batch_targets(model.task, batches[1])[0])[0]
+    assert output[night, 0] == pytest.approx(float(expected[0]), rel=1e-5)
+    figures = model.task.metrics(target, output)
+    assert {"mae", "pearson_r", "icc", "severity_kappa"} <= set(figures)
