@@ -405,12 +405,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a local instance)")
 
 
-def run(args: argparse.Namespace) -> int:
-    """CLI entry: ``s2v finetune …`` → :func:`finetune`; prints the test figures as one JSON line."""
+def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
+    """Map parsed CLI flags onto a :class:`FinetuneConfig` (wrong values raise naming the option)."""
     values = {k: v for k, v in vars(args).items() if k in {f.name for f in dataclasses.fields(FinetuneConfig)}}
     values["lora_targets"] = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
     values["modalities"] = tuple(parse_modalities(args.modalities, option="--modalities")) if args.modalities else ()
     config = from_mapping(FinetuneConfig, values, source="s2v finetune options")
+    config.spec()  # ValueError naming --mode/--head/--lora-targets/--task before anything starts
+    return config
+
+
+def run(args: argparse.Namespace) -> int:
+    """CLI entry: ``s2v finetune …`` → :func:`finetune`; prints the test figures as one JSON line."""
+    config = config_from_args(args)
     report = finetune(config, resume=args.resume, address=args.address)
     print(json.dumps({"model": report["model"], "task": report["task"], "mode": report["mode"],
                       "test": {k: v for k, v in report["test"].items() if k not in ("confusion", "per_class_f1")},

@@ -105,3 +105,22 @@ def test_finetune_lora_end_to_end_nested_under_pretraining_and_resumable(ray_loc
     # Resumed at step 4, not restarted: each validation step was logged once.
     history = client.get_metric_history(report["mlflow"]["run_id"], "loss")
     assert sorted(m.step for m in history) == [2, 4, 6]
+
+
+def test_cli_flags_map_onto_the_config():
+    from pipelines.cli import build_parser
+    from pipelines.finetune import config_from_args
+
+    args = build_parser("finetune").parse_args(
+        ["finetune", "--checkpoint", "runs/tiny", "--data", "store", "--output", "runs/ft", "--mode", "lora",
+         "--head", "temporal", "--lora-r", "4", "--lora-targets", "q_proj,v_proj", "--modalities", "ecg,eeg",
+         "--task", "staging4", "--steps", "7", "--train-tokenizers"])
+    config = config_from_args(args)
+    assert (config.mode, config.head, config.lora_r, config.steps, config.task) == ("lora", "temporal", 4, 7,
+                                                                                     "staging4")
+    assert config.lora_targets == ("q_proj", "v_proj") and config.modalities == ("eeg", "ecg")
+    assert config.train_tokenizers and config.lora_alpha == 16 and config.lora_dropout == 0.05
+    bad = build_parser("finetune").parse_args(["finetune", "--checkpoint", "c", "--data", "d", "--output", "o",
+                                               "--lora-targets", "q_proj,qkv"])
+    with pytest.raises(ValueError, match="--lora-targets"):
+        config_from_args(bad)
