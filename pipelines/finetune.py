@@ -291,6 +291,12 @@ def finetune(config: FinetuneConfig, *, resume: bool = False, address: str | Non
     from pipelines.runtime import init_ray
 
     prepared = setup(config, resume=resume)
+    if prepared.resume_from is not None:
+        done = json.loads((Path(prepared.resume_from) / "state.json").read_text(encoding="utf-8"))
+        if done["step"] >= config.steps or done["stopped_early"]:
+            logger.info("%s already finished (step %d%s); nothing to train", prepared.run_dir, done["step"],
+                        ", stopped early" if done["stopped_early"] else "")
+            return cleanup(start_mlflow_run(prepared) if mlflow else prepared, Path(prepared.resume_from))
     started_ray = not ray.is_initialized()
     init_ray(address, num_cpus=max(os.cpu_count() or 1, config.workers + 1))
     try:

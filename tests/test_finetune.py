@@ -105,6 +105,8 @@ def test_finetune_lora_end_to_end_nested_under_pretraining_and_resumable(ray_loc
     # Resumed at step 4, not restarted: each validation step was logged once.
     history = client.get_metric_history(report["mlflow"]["run_id"], "loss")
     assert sorted(m.step for m in history) == [2, 4, 6]
+    again = finetune(dataclasses.replace(config, steps=6), resume=True)  # finished: scored again, not trained
+    assert again["steps"] == 6 and again["test"] == resumed["test"]
 
 
 def test_cli_flags_map_onto_the_config():
