@@ -4,6 +4,9 @@
     .venv/bin/python benchmarks/bench_finetune.py --data STORE    # an existing store (keeps its splits.json)
     .venv/bin/python benchmarks/bench_finetune.py --quick         # a smoke run: minutes, no figures to trust
 
+A rerun with the same ``--workdir`` reuses its store, its pretraining run and
+every finished arm (resumed, then scored again).
+
 Without ``--data`` it writes a synthetic cohort (``s2v synth``: 6 site
 archetypes x ``--nights-per-site`` nights of ``--hours`` h), ingests it and
 assigns its subjects 60/20/20 to train/val/test. It pretrains ``--model`` on
@@ -63,7 +66,8 @@ def pretrained_encoder(store: str, workdir: Path, args: argparse.Namespace) -> s
                                   steps=args.pretrain_steps, global_batch=args.global_batch, workers=args.workers,
                                   seed=args.seed, checkpoint_every=args.pretrain_steps)
     with contextlib.redirect_stdout(sys.stderr):
-        return pretrain(config, mlflow=True).run_dir
+        # resume: a rerun in the same --workdir reuses the finished pretraining run.
+        return pretrain(config, resume=True, mlflow=True).run_dir
 
 
 def scratch_encoder(pretrained_run: str, workdir: Path) -> str:
@@ -93,7 +97,7 @@ def run_arm(arm: str, encoder: str, store: str, workdir: Path, args: argparse.Na
                             train_tokenizers=arm == "scratch", seed=args.seed)
     started = time.monotonic()
     with contextlib.redirect_stdout(sys.stderr):
-        report = finetune(config, mlflow=False)
+        report = finetune(config, resume=True, mlflow=False)  # a finished arm is scored again, not retrained
     keep = ("kappa", "macro_f1", "accuracy", "n_epochs")
     return {"mode": mode, "test": {k: report["test"][k] for k in keep},
             "majority_baseline": {k: report["baseline"][k] for k in keep},
@@ -134,13 +138,22 @@ def main() -> None:
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="s2v-bench-finetune-"))
     workdir.mkdir(parents=True, exist_ok=True)
     store = args.data or make_store(workdir, args)
-    pretrained = pretrained_encoder(store, workdir, args)
-    encoders = {"frozen": pretrained, "lora": pretrained, "full": pretrained,
-                "scratch": scratch_encoder(pretrained, workdir)}
-    arms = {}
-    for arm in ARMS:
-        logger.info("fine-tuning arm %s", arm)
-        arms[arm] = run_arm(arm, encoders[arm], store, workdir, args)
+    import ray
+
+    from pipelines.runtime import init_ray
+
+    # One Ray instance for the pretraining and the four arms (each would otherwise start its own).
+    init_ray(None, num_cpus=max(os.cpu_count() or 1, args.workers))
+    try:
+        pretrained = pretrained_encoder(store, workdir, args)
+        encoders = {"frozen": pretrained, "lora": pretrained, "full": pretrained,
+                    "scratch": scratch_encoder(pretrained, workdir)}
+        arms = {}
+        for arm in ARMS:
+            logger.info("fine-tuning arm %s", arm)
+            arms[arm] = run_arm(arm, encoders[arm], store, workdir, args)
+    finally:
+        ray.shutdown()
     scratch_kappa = arms["scratch"]["test"]["kappa"]
     result = {"benchmark": "finetune", "task": "staging", "scored_on": "test subjects", "store": store,
               "quick": args.quick, "model": args.model, "pretrain_steps": args.pretrain_steps, "head": args.head,

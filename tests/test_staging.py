@@ -149,3 +149,12 @@ def test_s2v_stage_folder_on_ray(ray_local, real_data, model_dir, tmp_path, caps
     assert sorted(r["epochs"] for r in results) == [0, 8, 10]
     assert "no signal channels" in next(r["reason"] for r in results if r["status"] == "failed")
     assert len(list(out.glob("rec-*_hypnogram.png"))) == 2
+
+
+def test_embed_recording_from_the_package_api(real_data, model_dir):
+    from s2v_core import embed_recording
+
+    embedding = embed_recording(real_data / "SleepEDF_SC4001" / "short_psg.edf", model=model_dir)
+    assert embedding.features.shape == (10, 16) and embedding.windows == [(0, 10)]
+    assert embedding.modalities == ("eeg", "eog") and embedding.present[:, :2].all()
+    assert np.isfinite(embedding.features).all() and np.abs(embedding.features).sum() > 0
