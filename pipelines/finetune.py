@@ -91,6 +91,7 @@ class FinetuneConfig:
     checkpoint_every: int = 50  # steps between checkpoints (and always at the end)
     seed: int = 0  # weights of the head, data order, modality dropout
     transductive: bool = False  # allow an encoder pretrained on the test subjects (or of unknown origin)
+    device: str = "auto"  # auto (a GPU per worker when the Ray cluster has them) | cpu | gpu
 
     def spec(self) -> FinetuneSpec:
         names = {f.name for f in dataclasses.fields(FinetuneSpec)}
@@ -113,6 +114,7 @@ class PreparedFinetune:
     pretrain_run: dict | None
     resume_from: str | None
     mlflow: dict | None = None
+    on_gpu: bool = False
 
 
 # -- setup ------------------------------------------------------------------------------------------
@@ -141,6 +143,8 @@ def setup(config: FinetuneConfig, *, resume: bool = False) -> PreparedFinetune:
     for name in ("steps", "batch_size", "workers", "eval_every", "patience", "checkpoint_every"):
         if getattr(config, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')}: expected an integer >= 1, found {getattr(config, name)}")
+    if config.device not in ("auto", "cpu", "gpu"):
+        raise ValueError(f"--device: expected auto, cpu or gpu, found {config.device!r}")
     if config.batch_size % config.workers:
         raise ValueError(f"--batch-size: expected a multiple of --workers {config.workers}, found {config.batch_size}")
     encoder, pretrain_run = load_encoder_spec(config.checkpoint)
@@ -269,8 +273,9 @@ def build_trainer(prepared: PreparedFinetune):
     return TorchTrainer(
         finetune_loop_per_worker,
         train_loop_config=loop_config(prepared),
-        torch_config=TorchConfig(backend="gloo"),
-        scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=False, resources_per_worker={"CPU": 1}),
+        torch_config=TorchConfig(backend="nccl" if prepared.on_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=prepared.on_gpu,
+                                     resources_per_worker={"CPU": 1, "GPU": 1} if prepared.on_gpu else {"CPU": 1}),
         run_config=RunConfig(name=CHECKPOINTS_NAME, storage_path=str(prepared.run_dir),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
         datasets={"train": dataset},
@@ -300,6 +305,7 @@ def finetune(config: FinetuneConfig, *, resume: bool = False, address: str | Non
     started_ray = not ray.is_initialized()
     init_ray(address, num_cpus=max(os.cpu_count() or 1, config.workers + 1))
     try:
+        prepared = dataclasses.replace(prepared, on_gpu=detect_gpu(config))
         if mlflow:
             prepared = start_mlflow_run(prepared)
         result = build_trainer(prepared).fit()
@@ -309,6 +315,18 @@ def finetune(config: FinetuneConfig, *, resume: bool = False, address: str | Non
     finally:
         if started_ray:
             ray.shutdown()
+
+
+def detect_gpu(config: FinetuneConfig) -> bool:
+    """Whether workers get a GPU: ``--device gpu``, or ``auto`` and the Ray cluster has one per worker."""
+    import ray
+
+    if config.device == "cpu":
+        return False
+    gpus = ray.cluster_resources().get("GPU", 0)
+    if config.device == "gpu" and gpus < config.workers:
+        raise ValueError(f"--device gpu: expected {config.workers} GPUs in the Ray cluster, found {gpus:g}")
+    return gpus >= config.workers
 
 
 # -- cleanup ----------------------------------------------------------------------------------------
@@ -405,6 +423,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--patience", type=int, default=defaults.patience)
     parser.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every)
     parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--device", default=defaults.device, choices=("auto", "cpu", "gpu"), help="worker device")
     parser.add_argument("--transductive", action="store_true",
                         help="allow an encoder pretrained on the test subjects (or of unknown origin)")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output")
