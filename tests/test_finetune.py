@@ -126,3 +126,16 @@ def test_cli_flags_map_onto_the_config():
                                                "--lora-targets", "q_proj,qkv"])
     with pytest.raises(ValueError, match="--lora-targets"):
         config_from_args(bad)
+
+
+@pytest.mark.integration
+def test_finetune_night_level_task_through_ray(ray_local, tmp_path, store):
+    """AHI (an outcome of the store's `outcomes` map): window-level training, per-night scoring."""
+    run_dir = _pretrain_run_dir(tmp_path, store)
+    config = FinetuneConfig(checkpoint=str(run_dir), data=str(store), output=str(tmp_path / "ahi"), task="ahi",
+                            mode="frozen", head="mlp", steps=2, batch_size=4, eval_every=1, checkpoint_every=2)
+    report = finetune(config, mlflow=False)
+    assert report["test"]["n"] == 2  # two test nights, one prediction each
+    assert {"mae", "pearson_r", "icc", "severity_kappa"} <= set(report["test"])
+    assert report["baseline"]["unit"] == "events/h"
+    assert list(report["val"]) == ["mae"] and report["val"]["mae"] > 0  # early stopping watched the val MAE
