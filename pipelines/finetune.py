@@ -171,6 +171,8 @@ def setup(config: FinetuneConfig, *, resume: bool = False) -> PreparedFinetune:
     run_dir = Path(config.output).resolve()
     resume_from = _check_resume(run_dir, resume=resume)
     resolved = dataclasses.replace(config, modalities=spec.modalities)
+    if resume_from is not None:
+        _check_same_run(run_dir / CONFIG_FILE, resolved)
     run_dir.mkdir(parents=True, exist_ok=True)
     # The workers read the pretrained weights from the run dir, whatever form --checkpoint had (an MLflow run …).
     encoder_dir = str(save_encoder(encoder, run_dir / PRETRAINED_ENCODER_DIR))
@@ -198,6 +200,24 @@ def check_protocol(record: dict | None, store_record: dict, *, transductive: boo
     return {"mode": "transductive" if transductive else "held-out",
             "encoder_pretrained_on": "unknown" if seen is None else ("/".join(seen) or "no subject of this store"),
             "trained_on": "train subjects", "early_stopping_on": "val subjects", "scored": "test subjects"}
+
+
+#: Options a resumed run may change: how long and how it runs, not what it trains.
+RESUMABLE_CHANGES = ("steps", "patience", "eval_every", "checkpoint_every", "workers", "device", "output")
+
+
+def _check_same_run(path: Path, config: FinetuneConfig) -> None:
+    """``--resume`` must continue the same training: only :data:`RESUMABLE_CHANGES` may differ."""
+    if not path.is_file():
+        return
+    previous = json.loads(path.read_text(encoding="utf-8"))
+    current = json.loads(json.dumps(to_mapping(config)))  # tuples as lists, like the file
+    changed = {k: (previous.get(k), v) for k, v in current.items()
+               if k not in RESUMABLE_CHANGES and previous.get(k) != v}
+    if changed:
+        listed = "; ".join(f"{k}: the run has {old!r}, this call {new!r}" for k, (old, new) in sorted(changed.items()))
+        raise ValueError(f"--resume: expected the options of the run in {path.parent}, found different values: "
+                         f"{listed}")
 
 
 def _check_resume(run_dir: Path, *, resume: bool) -> str | None:

@@ -139,3 +139,16 @@ def test_finetune_night_level_task_through_ray(ray_local, tmp_path, store):
     assert {"mae", "pearson_r", "icc", "severity_kappa"} <= set(report["test"])
     assert report["baseline"]["unit"] == "events/h"
     assert list(report["val"]) == ["mae"] and report["val"]["mae"] > 0  # early stopping watched the val MAE
+
+
+def test_resume_refuses_other_training_options(tmp_path, store):
+    run_dir = _pretrain_run_dir(tmp_path, store)
+    base = FinetuneConfig(checkpoint=str(run_dir), data=str(store), output=str(tmp_path / "ft"), batch_size=4)
+    setup(base)
+    checkpoint = tmp_path / "ft" / "checkpoints" / "step_00000002"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "state.json").write_text("{}")
+    (checkpoint / "training.pt").write_bytes(b"")
+    assert setup(dataclasses.replace(base, steps=400), resume=True).resume_from == str(checkpoint)
+    with pytest.raises(ValueError, match=r"--resume: .*mode: the run has 'frozen', this call 'lora'"):
+        setup(dataclasses.replace(base, mode="lora"), resume=True)
