@@ -424,7 +424,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, help="store written by `s2v ingest` (with splits.json)")
     parser.add_argument("--output", required=True, help="local run directory")
     parser.add_argument("--task", default=defaults.task,
-                        help="staging, staging4, staging3, age, sex, ahi, outcome:COL, survival:EVENT,TIME")
+                        help="staging, staging4, staging3, age, sex, ahi, ahi:COL, outcome:COL, survival:EVENT,TIME")
     parser.add_argument("--mode", default=defaults.mode, choices=("frozen", "lora", "full"))
     parser.add_argument("--head", default=defaults.head, choices=("linear", "mlp", "temporal"))
     parser.add_argument("--steps", type=int, default=defaults.steps)

@@ -38,6 +38,9 @@ def test_get_task_table_and_families():
     assert get_task("staging").kind == "classification"
     outcome = get_task("outcome:hypertension")
     assert (outcome.kind, outcome.columns, outcome.level) == ("binary", ("hypertension",), "night")
+    scored = get_task("ahi:ahi_scored")
+    assert (scored.kind, scored.columns, scored.unit) == ("regression", ("ahi_scored",), "events/h")
+    assert "severity_kappa" in scored.metrics(np.array([3.0, 20.0]), np.array([4.0, 18.0]))
     survival = get_task("survival:death, time_to_death")
     assert survival.columns == ("death", "time_to_death")
     with pytest.raises(ValueError, match="survival:EVENT,TIME"):

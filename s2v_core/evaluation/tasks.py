@@ -15,7 +15,8 @@ task               level    kind            reported figures
 ``age``            night    regression      MAE (years), Pearson r
 ``sex``            night    binary          AUROC, AUPRC
 ``ahi``            night    regression      MAE (events/h), Pearson r, ICC(2,1), severity κ
-                                            (normal < 5 ≤ mild < 15 ≤ moderate < 30 ≤ severe)
+                                            (normal < 5 ≤ mild < 15 ≤ moderate < 30 ≤ severe);
+                                            ``ahi:COL`` reads another outcome (``ahi:ahi_scored``)
 ``outcome:COL``    night    binary          AUROC, AUPRC of the store outcome ``COL`` (0/1)
 ``survival:E,T``   night    survival        Harrell's C-index; trained with the Cox partial
                                             likelihood; ``E`` the event (0/1) and ``T`` the
@@ -238,7 +239,7 @@ def _regression_metrics(task: Task, target: np.ndarray, prediction: np.ndarray) 
     target, prediction = _known(target, prediction)
     figures = {"mae": float(np.abs(target - prediction).mean()), "pearson_r": pearson_r(target, prediction),
                "n": int(target.size), "unit": task.unit}
-    if task.name == "ahi":
+    if task.name.partition(":")[0] == "ahi":  # ahi, or ahi:COLUMN (e.g. ahi:ahi_scored)
         figures["icc"] = icc(np.column_stack([target, prediction]))
         figures["severity_kappa"] = severity_kappa(target, prediction)
         matrix = confusion(severity_classes(target), severity_classes(prediction),
@@ -366,6 +367,10 @@ def _outcome_task(argument: str) -> Task:
     return Task(f"outcome:{argument}", "night", "binary", (argument,))
 
 
+def _ahi_task(argument: str) -> Task:
+    return Task(f"ahi:{argument}", "night", "regression", (argument,), unit="events/h")
+
+
 def _survival_task(argument: str) -> Task:
     parts = [p.strip() for p in argument.split(",")]
     if len(parts) != 2 or not all(parts):
@@ -375,7 +380,8 @@ def _survival_task(argument: str) -> Task:
 
 
 #: Tasks parametrised by store columns: ``prefix:ARGUMENT``.
-TASK_FAMILIES: dict[str, Callable[[str], Task]] = {"outcome": _outcome_task, "survival": _survival_task}
+TASK_FAMILIES: dict[str, Callable[[str], Task]] = {"outcome": _outcome_task, "ahi": _ahi_task,
+                                                   "survival": _survival_task}
 
 
 def get_task(name: str) -> Task:
