@@ -128,9 +128,9 @@ def setup(config: FinetuneConfig, *, resume: bool = False) -> PreparedFinetune:
     """
     from pipelines.embed import load_encoder_spec
     from pipelines.model_io import training_record
-    from s2v_core.model import save_encoder
     from pipelines.runtime import is_uri
     from pipelines.train_data import inspect_store
+    from s2v_core.model import save_encoder
     from s2v_core.splits import split_record
     from s2v_core.store import split_files
 
@@ -153,6 +153,12 @@ def setup(config: FinetuneConfig, *, resume: bool = False) -> PreparedFinetune:
     if not wanted:
         raise ValueError(f"--modalities: the encoder reads {', '.join(encoder.modalities)} and the store's train "
                          f"subjects have {', '.join(summary.modalities)}: nothing in common")
+    missing = [m for m in wanted if m not in encoder.modalities or m not in summary.modalities]
+    if missing:
+        raise ValueError(f"--modalities: expected modalities of both the encoder ({', '.join(encoder.modalities)}) "
+                         f"and the store's train subjects ({', '.join(summary.modalities)}), found "
+                         f"{', '.join(missing)}")
+    summary = inspect_store(config.data, wanted, splits=("train",))  # usable windows: those with these modalities
     spec = dataclasses.replace(config.spec(), modalities=tuple(parse_modalities(list(wanted), option="--modalities")))
     if encoder.config.position == "absolute" and summary.epochs_per_window > encoder.config.epochs_per_window:
         raise ValueError(f"--data: the store's windows hold {summary.epochs_per_window} epochs, more than the "

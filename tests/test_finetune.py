@@ -53,6 +53,9 @@ def test_setup_names_bad_options(tmp_path, store):
         setup(dataclasses.replace(base, mode="adapters"))
     with pytest.raises(ValueError, match="--task: expected one of staging"):
         setup(dataclasses.replace(base, task="stages"))
+    with pytest.raises(ValueError, match=r"--modalities: expected modalities of both .* found eeg"):
+        setup(dataclasses.replace(base, modalities=("eeg", "hr")))
+    assert setup(dataclasses.replace(base, modalities=("spo2",))).spec.modalities == ("spo2",)
     prepared = setup(base)
     assert prepared.spec.modalities == MODALITIES and prepared.epochs_per_window == 4
     assert len(prepared.test_files) == 2 and len(prepared.val_files) == 2
