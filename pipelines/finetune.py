@@ -159,7 +159,8 @@ def setup(config: FinetuneConfig, *, resume: bool = False) -> PreparedFinetune:
                          f"and the store's train subjects ({', '.join(summary.modalities)}), found "
                          f"{', '.join(missing)}")
     summary = inspect_store(config.data, wanted, splits=("train",))  # usable windows: those with these modalities
-    spec = dataclasses.replace(config.spec(), modalities=tuple(parse_modalities(list(wanted), option="--modalities")))
+    spec = dataclasses.replace(config.spec(), modalities=tuple(parse_modalities(list(wanted), option="--modalities")),
+                               epochs_per_window=summary.epochs_per_window)
     if encoder.config.position == "absolute" and summary.epochs_per_window > encoder.config.epochs_per_window:
         raise ValueError(f"--data: the store's windows hold {summary.epochs_per_window} epochs, more than the "
                          f"{encoder.config.epochs_per_window} the encoder's absolute positions cover")

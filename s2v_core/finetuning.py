@@ -80,6 +80,9 @@ class FinetuneSpec:
     train_tokenizers: bool = False  # tokenizers frozen by default: small labelled sets overfit them
     modality_dropout: float = 0.0  # P(drop a present modality of a window) in training, never all
     modalities: tuple[str, ...] = ()  # modalities the task model reads (empty: every encoder modality)
+    # Epochs per window the model was trained on (the store's); staging encodes recordings in
+    # windows of this length. 0: the encoder's own epochs_per_window.
+    epochs_per_window: int = 0
 
     def __post_init__(self) -> None:
         get_task(self.task)  # ValueError naming the valid tasks
@@ -90,6 +93,9 @@ class FinetuneSpec:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"finetune spec: {name} must be an integer >= 1, found {value!r}")
+        if not isinstance(self.epochs_per_window, int) or self.epochs_per_window < 0:
+            raise ValueError(f"finetune spec: epochs_per_window must be an integer >= 0, found "
+                             f"{self.epochs_per_window!r}")
         for name in ("head_dropout", "lora_dropout", "modality_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"finetune spec: {name} must be in [0, 1), found {getattr(self, name)!r}")
@@ -237,6 +243,11 @@ class FineTunedModel(nn.Module):
             out = self.encoder.encode({**batch, "present": present}, modalities)
         return self.head(self.fusion(out.hidden, out.present))
 
+    @property
+    def window_epochs(self) -> int:
+        """Epochs per window the model was trained on (what staging encodes together)."""
+        return self.spec.epochs_per_window or self.base_config.epochs_per_window
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
@@ -316,7 +327,7 @@ def save_finetuned(model: FineTunedModel, directory: str | Path, *, extra: Mappi
     description = {"format": FINETUNED_FORMAT, "spec": to_mapping(model.spec), "task": task.name,
                    "level": task.level, "kind": task.kind, "classes": list(task.classes),
                    "modalities": list(model.spec.modalities),
-                   "epochs_per_window": model.base_config.epochs_per_window, **(extra or {})}
+                   "epochs_per_window": model.window_epochs, **(extra or {})}
     (directory / DESCRIPTION_FILE).write_text(json.dumps(description, indent=2) + "\n", encoding="utf-8")
     return directory
 

@@ -148,7 +148,7 @@ def embed_recording(path: str | Path, *, model: FineTunedModel | str | Path, sit
                          + ": nothing in common to stage from")
     batch = table_to_batch(decoded.table, modalities=usable, epochs_per_window=1)
     epochs = decoded.windows
-    length = model.base_config.epochs_per_window
+    length = model.window_epochs  # the window length the head was trained on
     windows = [(start, min(start + length, epochs)) for start in range(0, epochs, length)]
     features = np.zeros((epochs, model.base_config.width), dtype=np.float32)
     present = np.zeros((epochs, len(MODALITY_KEYS)), dtype=bool)

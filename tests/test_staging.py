@@ -158,3 +158,14 @@ def test_embed_recording_from_the_package_api(real_data, model_dir):
     assert embedding.features.shape == (10, 16) and embedding.windows == [(0, 10)]
     assert embedding.modalities == ("eeg", "eog") and embedding.present[:, :2].all()
     assert np.isfinite(embedding.features).all() and np.abs(embedding.features).sum() > 0
+
+
+def test_recordings_are_encoded_in_the_windows_the_model_was_trained_on(real_data):
+    from s2v_core import embed_recording
+
+    torch.manual_seed(0)
+    encoder = SleepEncoder(model_config("tiny", width=16, depth=1, heads=2, epochs_per_window=10), ("eeg", "eog"))
+    model = FineTunedModel(encoder, FinetuneSpec(task="staging3", head="temporal", epochs_per_window=4))
+    embedding = embed_recording(real_data / "SleepEDF_SC4001" / "short_psg.edf", model=model)
+    assert embedding.windows == [(0, 4), (4, 8), (8, 10)]  # the last window is shorter, never padded
+    assert model.window_epochs == 4
