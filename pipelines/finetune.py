@@ -161,9 +161,7 @@ def setup(config: FinetuneConfig, *, resume: bool = False) -> PreparedFinetune:
     summary = inspect_store(config.data, wanted, splits=("train",))  # usable windows: those with these modalities
     spec = dataclasses.replace(config.spec(), modalities=tuple(parse_modalities(list(wanted), option="--modalities")),
                                epochs_per_window=summary.epochs_per_window)
-    if encoder.config.position == "absolute" and summary.epochs_per_window > encoder.config.epochs_per_window:
-        raise ValueError(f"--data: the store's windows hold {summary.epochs_per_window} epochs, more than the "
-                         f"{encoder.config.epochs_per_window} the encoder's absolute positions cover")
+    # Store windows longer than the encoder's are encoded in chunks (FineTunedModel.features).
     if summary.usable_windows < config.batch_size:
         raise ValueError(f"--batch-size: expected at most {summary.usable_windows} (the train subjects' windows), "
                          f"found {config.batch_size}")

@@ -5,6 +5,7 @@ Data flow for one window of ``E`` 30-s epochs::
     batch (any subset of the encoder's modalities, ``present`` mask)
         │ [training, modality_dropout > 0: drop present modalities, never all of a window]
         │ SleepEncoder.encode → hidden[m] (B, E, width) per modality
+        │ (a window longer than the encoder's epochs_per_window: encoded in chunks, concatenated)
         ▼
     GatedFusion: softmax over the learned scalars of the modalities present in each window
         ▼ (B, E, width)
@@ -80,8 +81,8 @@ class FinetuneSpec:
     train_tokenizers: bool = False  # tokenizers frozen by default: small labelled sets overfit them
     modality_dropout: float = 0.0  # P(drop a present modality of a window) in training, never all
     modalities: tuple[str, ...] = ()  # modalities the task model reads (empty: every encoder modality)
-    # Epochs per window the model was trained on (the store's); staging encodes recordings in
-    # windows of this length. 0: the encoder's own epochs_per_window.
+    # Epochs per window the model was trained on (the store's; may exceed the encoder's, see
+    # FineTunedModel.features); staging encodes recordings in windows of this length. 0: the encoder's.
     epochs_per_window: int = 0
 
     def __post_init__(self) -> None:
@@ -231,17 +232,34 @@ class FineTunedModel(nn.Module):
         self.encoder.head.eval()  # the projection head's output is unused: keep its statistics
         return self
 
-    def forward(self, batch: Mapping[str, Tensor]) -> Tensor:
-        """Head outputs of a :func:`s2v_core.model.batch_to_tensors` batch (see the module docstring)."""
+    def features(self, batch: Mapping[str, Tensor]) -> Tensor:
+        """Fused epoch features ``(B, L, width)`` of a batch of ``L``-epoch windows (what the head reads).
+
+        Windows longer than the encoder reads at once (its ``epochs_per_window``
+        with absolute positions) are encoded in consecutive chunks of that length
+        (the last may be shorter) whose features are concatenated: the temporal
+        head then sees the whole long window. In training, modality dropout is
+        drawn once per window, shared by its chunks.
+        """
         modalities = [m for m in self.spec.modalities if m in batch]
         if not modalities:
             raise ValueError(f"the batch holds none of the model's modalities {', '.join(self.spec.modalities)}")
         present = batch["present"].bool()
         if self.training and self.spec.modality_dropout > 0:
             present = drop_modalities(present, self.spec.modality_dropout)
+        length = batch[modalities[0]].shape[1]
+        chunk = self.encoder.config.epochs_per_window if self.encoder.config.position == "absolute" else length
+        parts = []
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.spec.mode != "frozen"):
-            out = self.encoder.encode({**batch, "present": present}, modalities)
-        return self.head(self.fusion(out.hidden, out.present))
+            for start in range(0, length, chunk):
+                piece = {k: batch[k][:, start:start + chunk] for k in modalities}
+                out = self.encoder.encode({**piece, "present": present}, modalities)
+                parts.append(self.fusion(out.hidden, out.present))
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+    def forward(self, batch: Mapping[str, Tensor]) -> Tensor:
+        """Head outputs of a :func:`s2v_core.model.batch_to_tensors` batch (see the module docstring)."""
+        return self.head(self.features(batch))
 
     @property
     def window_epochs(self) -> int:

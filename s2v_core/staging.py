@@ -160,9 +160,7 @@ def embed_recording(path: str | Path, *, model: FineTunedModel | str | Path, sit
         window["present"] = window_present[None]
         if not window_present.any():
             continue  # every modality broken here: no features, the epochs are left unstaged
-        tensors = batch_to_tensors(window, device)
-        out = model.encoder.encode(tensors, list(usable))
-        features[start:stop] = model.fusion(out.hidden, out.present)[0].float().cpu().numpy()
+        features[start:stop] = model.features(batch_to_tensors(window, device))[0].float().cpu().numpy()
         present[start:stop] = window_present
     return RecordingEmbedding(features=features, present=present, windows=windows,
                               modalities=usable, channels={k: decoded.channels[k] for k in usable})

@@ -190,3 +190,17 @@ def test_night_task_targets_and_per_night_pooling(tmp_path):
     assert output[night, 0] == pytest.approx(float(expected[0]), rel=1e-5)
     figures = model.task.metrics(target, output)
     assert {"mae", "pearson_r", "icc", "severity_kappa"} <= set(figures)
+
+
+def test_windows_longer_than_the_encoder_are_encoded_in_chunks():
+    model = FineTunedModel(_encoder(), FinetuneSpec(task="staging", head="temporal")).eval()  # encoder: 4 epochs
+    batch = _batch(rows=2, epochs=10)
+    with torch.no_grad():
+        features = model.features(batch)
+        pieces = [model.features({**{k: batch[k][:, a:b] for k in MODALITIES}, "present": batch["present"]})
+                  for a, b in ((0, 4), (4, 8), (8, 10))]
+        assert model(batch).shape == (2, 10, 5)  # the temporal head reads all 10 epochs at once
+    assert features.shape == (2, 10, 16)
+    assert torch.allclose(features, torch.cat(pieces, dim=1))
+    with pytest.raises(ValueError, match="exceed the model's epochs_per_window"):
+        model.encoder.encode(batch)  # what the chunks avoid
