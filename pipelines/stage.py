@@ -77,7 +77,8 @@ def _on_ray(recordings: list[Path], names: list[str], options: dict, *, address:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("paths", nargs="+", metavar="PATH", help="EDF/EDF+/BDF files or folders (searched recursively)")
+    parser.add_argument("paths", nargs="+", metavar="PATH",
+                        help="EDF/EDF+/BDF files or folders (searched recursively)")
     parser.add_argument("--model", required=True, help="fine-tuned staging model (RUN_DIR/model of `s2v finetune`)")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--site-config", help="site config file mapping channel labels to modalities (as for ingest)")
