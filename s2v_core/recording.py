@@ -3,7 +3,8 @@
 ``decode_recording`` reads the signal file, maps its channels to the nine
 modalities, resamples each chosen channel to the store rate, normalises it
 robustly per recording, cuts windows of ``epochs_per_window`` 30-s epochs,
-attaches the 30-s stages of the hypnogram and the site metadata, and returns
+attaches the 30-s stages of the hypnogram, the site metadata and, for NSRR XML
+hypnograms, the scored-event indices (:mod:`s2v_core.io.events`), and returns
 an Arrow table that follows :func:`s2v_core.store.store_schema` exactly.
 Memory is bounded by one recording: one channel at its source rate plus the
 float16 windows of the channels done so far.
@@ -11,6 +12,7 @@ float16 windows of the channels done so far.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass
@@ -20,7 +22,8 @@ import pyarrow as pa
 
 from s2v_core.io.base import ChannelHeader, UnreadableRecording
 from s2v_core.io.edf import open_signal
-from s2v_core.io.hypnogram import read_hypnogram
+from s2v_core.io.events import event_indices, read_nsrr_events
+from s2v_core.io.hypnogram import detect_format, read_hypnogram
 from s2v_core.io.metadata import RecordingMetadata
 from s2v_core.io.site_config import SiteConfig
 from s2v_core.io.stages import stages_for_signal
@@ -113,6 +116,26 @@ def _stages(hypnogram: str | None, hypnogram_format: str, hypnogram_epoch_second
     notes.extend(scored.notes)
     notes.extend(aligned_notes)
     return stages
+
+
+def _with_scored_events(metadata: RecordingMetadata, hypnogram: str | None, hypnogram_format: str,
+                        stages: np.ndarray, notes: list[str]) -> RecordingMetadata:
+    """Add the event indices of an NSRR XML hypnogram (``ahi_scored`` …) to the outcomes.
+
+    A value of the site's metadata table of the same name wins. Unreadable
+    events cost only the indices (a note says so).
+    """
+    if hypnogram is None or not ((stages >= 1) & (stages <= 4)).any():
+        return metadata  # no hypnogram, or no sleep scored: no index to give
+    try:
+        if (detect_format(hypnogram) if hypnogram_format == "auto" else hypnogram_format) != "nsrr_xml":
+            return metadata
+        indices = event_indices(read_nsrr_events(hypnogram), stages)
+    except Exception as exc:  # noqa: BLE001 - the stages and signals are still good data
+        why = str(exc) if isinstance(exc, (UnreadableRecording, OSError)) else f"{hypnogram}: {type(exc).__name__}"
+        notes.append(f"scored events unreadable, no event indices: {why}")
+        return metadata
+    return dataclasses.replace(metadata, outcomes={**indices, **metadata.outcomes}) if indices else metadata
 
 
 def _list_column(values: np.ndarray, present: np.ndarray, arrow_type: pa.DataType) -> pa.Array:
@@ -263,6 +286,7 @@ def decode_recording(
                                       f"than one window ({window_seconds} s)")
         n_epochs = int(header.duration_seconds // EPOCH_SECONDS)
         stages = _stages(hypnogram_path, site.hypnogram.format, site.hypnogram.epoch_seconds, n_epochs, notes)
+        metadata = _with_scored_events(metadata, hypnogram_path, site.hypnogram.format, stages, notes)
         columns: dict[str, pa.Array] = {}
         present = np.zeros((n_windows, len(MODALITY_KEYS)), dtype=bool)
         for k, key in enumerate(MODALITY_KEYS):

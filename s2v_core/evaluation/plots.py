@@ -106,3 +106,31 @@ def _save(fig, path: str | Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def plot_predicted_hypnogram(stages: np.ndarray, probabilities: np.ndarray, classes: Sequence[str],
+                             path: str | Path, *, title: str = "") -> Path:
+    """A predicted hypnogram (one class per 30-s epoch, hours on x) above its class probabilities.
+
+    ``stages`` holds class indices into ``classes`` (−1: unscored, left blank);
+    ``probabilities`` is ``(epochs, len(classes))``. Wake is drawn at the top.
+    """
+    plt = _pyplot()
+    stages = np.asarray(stages)
+    hours = np.arange(len(stages) + 1) * 30 / 3600
+    # Clinical convention: W on top, REM next, then lighter to deeper NREM.
+    order = [0, *([len(classes) - 1] if classes[-1] == "REM" else []),
+             *[i for i in range(1, len(classes)) if classes[i] != "REM"]]
+    height = {c: len(order) - 1 - rank for rank, c in enumerate(order)}
+    y = np.array([height.get(int(s), np.nan) for s in stages], dtype=float)
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 4), sharex=True, height_ratios=(2, 1))
+    top.step(hours, np.append(y, y[-1:]), where="post", lw=1)
+    top.set_yticks([height[c] for c in order], [classes[c] for c in order])
+    top.set_title(title)
+    shown = np.where((stages >= 0)[:, None], probabilities, 0.0)
+    bottom.stackplot(hours[:-1], shown.T, labels=list(classes), step="post")
+    bottom.set_ylim(0, 1)
+    bottom.set_ylabel("probability")
+    bottom.set_xlabel("time from recording start (h)")
+    bottom.legend(loc="upper right", fontsize=6, ncol=len(classes))
+    return _save(fig, path)

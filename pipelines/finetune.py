@@ -1,0 +1,476 @@
+"""``s2v finetune``: a pretrained encoder → a task model, trained on train, stopped on val, scored on test.
+
+Launch::
+
+    s2v finetune --checkpoint PRETRAIN_RUN_DIR --data STORE --output RUN_DIR --task staging --mode lora
+    s2v finetune --checkpoint ENCODER_DIR --data STORE --output RUN_DIR --task ahi --mode frozen --head mlp
+    s2v finetune … --resume                       # continue the latest checkpoint in RUN_DIR
+
+``main`` → :func:`setup` (validate the options, load the encoder, check the
+protocol: the encoder must not have been pretrained on the store's test
+subjects unless ``--transductive``; write the config) → :func:`run` (a Ray
+Train ``TorchTrainer`` over :func:`pipelines.finetune_loop.finetune_loop_per_worker`)
+→ :func:`cleanup` (copy the best checkpoint's model to ``RUN_DIR/model``,
+score it on the test subjects next to a baseline fitted on train, log to MLflow).
+
+The encoder comes from a pretraining run dir, a checkpoint, an encoder
+directory or an MLflow run (see :mod:`pipelines.model_io`); a run dir's
+``encoder/`` already holds the EMA weights when the run kept an EMA.
+
+Run dir layout (a local directory)::
+
+    RUN_DIR/finetune_config.json   the resolved config
+    RUN_DIR/pretrained_encoder/    the encoder fine-tuning started from (what the workers load)
+    RUN_DIR/checkpoints/step_*/    state.json, training.pt (model + optimiser), best/ (best model so far)
+    RUN_DIR/model/                 the fine-tuned model (s2v_core.finetuning.load_finetuned; `s2v stage --model`)
+    RUN_DIR/report.json            test figures, baseline, protocol
+    RUN_DIR/mlflow_run.json        the MLflow run (nested under the pretraining run when it is found)
+
+DeepSpeed is not used: the trainable part of a task model is small (a head,
+LoRA adapters), and full fine-tuning of the encoder sizes this project
+trains fits plain data-parallel workers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipelines.runtime import mlflow_experiment, mlflow_tracking_uri, redact
+from s2v_core.config import from_mapping, to_mapping
+from s2v_core.finetuning import LORA_TARGETS, FinetuneSpec, load_finetuned, save_finetuned
+from s2v_core.modalities import MODALITY_KEYS, parse_modalities
+
+logger = logging.getLogger(__name__)
+
+CONFIG_FILE = "finetune_config.json"
+MODEL_DIR = "model"
+REPORT_FILE = "report.json"
+MLFLOW_RUN_FILE = "mlflow_run.json"
+CHECKPOINTS_NAME = "checkpoints"
+PRETRAINED_ENCODER_DIR = "pretrained_encoder"
+MLFLOW_EXPERIMENT = "sleep2vec-finetune"
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Everything ``s2v finetune`` needs (the task model's own fields mirror :class:`FinetuneSpec`)."""
+
+    checkpoint: str = ""  # pretrained run dir, checkpoint, encoder dir or MLflow run (pipelines.model_io)
+    data: str = ""  # store written by `s2v ingest`, with splits.json
+    output: str = ""  # local run directory
+    task: str = "staging"  # s2v_core.evaluation.tasks name
+    mode: str = "frozen"  # frozen | lora | full
+    head: str = "linear"  # linear | mlp | temporal
+    head_hidden: int = 64  # mlp hidden width / temporal feed-forward width
+    head_depth: int = 1  # temporal head blocks
+    head_dropout: float = 0.1  # dropout in the mlp / temporal head
+    lora_r: int = 8  # LoRA rank
+    lora_alpha: int = 16  # LoRA scale numerator (updates scaled by alpha / r)
+    lora_dropout: float = 0.05  # dropout on the LoRA branch
+    lora_targets: tuple[str, ...] = LORA_TARGETS  # backbone projections that get adapters
+    train_tokenizers: bool = False  # tokenizers frozen by default
+    modality_dropout: float = 0.0  # P(drop a present modality) per window in training, never all
+    modalities: tuple[str, ...] = ()  # empty: the encoder's modalities that the store holds
+    steps: int = 200  # optimiser steps at most (early stopping may end sooner)
+    batch_size: int = 32  # windows per optimiser step over all workers
+    workers: int = 1  # Ray Train workers (data parallel)
+    lr: float = 1e-3  # AdamW learning rate (heads and adapters take large ones; full mode may want 1e-4)
+    weight_decay: float = 0.01  # AdamW weight decay
+    eval_every: int = 50  # steps between validations on the val subjects
+    patience: int = 5  # validations without a gain before stopping
+    checkpoint_every: int = 50  # steps between checkpoints (and always at the end)
+    seed: int = 0  # weights of the head, data order, modality dropout
+    transductive: bool = False  # allow an encoder pretrained on the test subjects (or of unknown origin)
+    device: str = "auto"  # auto (a GPU per worker when the Ray cluster has them) | cpu | gpu
+
+    def spec(self) -> FinetuneSpec:
+        names = {f.name for f in dataclasses.fields(FinetuneSpec)}
+        return FinetuneSpec(**{k: v for k, v in dataclasses.asdict(self).items() if k in names})
+
+
+@dataclass(frozen=True)
+class PreparedFinetune:
+    config: FinetuneConfig
+    spec: FinetuneSpec
+    run_dir: Path
+    encoder_dir: str
+    epochs_per_window: int
+    train_files: tuple[str, ...]
+    train_windows: int
+    val_files: tuple[str, ...]
+    test_files: tuple[str, ...]
+    filesystem: Any
+    protocol: dict
+    pretrain_run: dict | None
+    resume_from: str | None
+    mlflow: dict | None = None
+    on_gpu: bool = False
+
+
+# -- setup ------------------------------------------------------------------------------------------
+def setup(config: FinetuneConfig, *, resume: bool = False) -> PreparedFinetune:
+    """Validate options, store, encoder and protocol before any worker starts; write the config.
+
+    Raises ``ValueError`` naming the option for a missing ``--data``/``--output``/``--checkpoint``,
+    a store without train or test subjects, an encoder without the store's modalities, windows
+    longer than the encoder reads, an encoder pretrained on the test subjects (without
+    ``--transductive``) and an existing run dir without ``--resume``.
+    """
+    from pipelines.embed import load_encoder_spec
+    from pipelines.model_io import training_record
+    from pipelines.runtime import is_uri
+    from pipelines.train_data import inspect_store
+    from s2v_core.model import save_encoder
+    from s2v_core.splits import split_record
+    from s2v_core.store import split_files
+
+    for option, value in (("--checkpoint", config.checkpoint), ("--data", config.data), ("--output", config.output)):
+        if not value:
+            raise ValueError(f"{option}: expected a value, found nothing")
+    if is_uri(config.output):
+        raise ValueError(f"--output {redact(config.output)}: s2v finetune writes a local run directory; "
+                         "copy it to object storage afterwards")
+    for name in ("steps", "batch_size", "workers", "eval_every", "patience", "checkpoint_every"):
+        if getattr(config, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')}: expected an integer >= 1, found {getattr(config, name)}")
+    if config.device not in ("auto", "cpu", "gpu"):
+        raise ValueError(f"--device: expected auto, cpu or gpu, found {config.device!r}")
+    if config.batch_size % config.workers:
+        raise ValueError(f"--batch-size: expected a multiple of --workers {config.workers}, found {config.batch_size}")
+    encoder, pretrain_run = load_encoder_spec(config.checkpoint)
+    summary = inspect_store(config.data, (), splits=("train",))
+    wanted = config.modalities or tuple(k for k in encoder.modalities if k in summary.modalities)
+    if not wanted:
+        raise ValueError(f"--modalities: the encoder reads {', '.join(encoder.modalities)} and the store's train "
+                         f"subjects have {', '.join(summary.modalities)}: nothing in common")
+    missing = [m for m in wanted if m not in encoder.modalities or m not in summary.modalities]
+    if missing:
+        raise ValueError(f"--modalities: expected modalities of both the encoder ({', '.join(encoder.modalities)}) "
+                         f"and the store's train subjects ({', '.join(summary.modalities)}), found "
+                         f"{', '.join(missing)}")
+    summary = inspect_store(config.data, wanted, splits=("train",))  # usable windows: those with these modalities
+    spec = dataclasses.replace(config.spec(), modalities=tuple(parse_modalities(list(wanted), option="--modalities")),
+                               epochs_per_window=summary.epochs_per_window)
+    # Store windows longer than the encoder's are encoded in chunks (FineTunedModel.features).
+    if summary.usable_windows < config.batch_size:
+        raise ValueError(f"--batch-size: expected at most {summary.usable_windows} (the train subjects' windows), "
+                         f"found {config.batch_size}")
+    test_files, filesystem = split_files(config.data, ["test"])
+    val_files, _ = split_files(config.data, ["val"])
+    if not test_files:
+        raise ValueError(f"--data: the store {config.data} has no test subject to report on; see `s2v split`")
+    if not val_files:
+        logger.warning("the store %s has no val subject: no early stopping, the last step is kept", config.data)
+    protocol = check_protocol(training_record(config.checkpoint), split_record(config.data, ["train"]),
+                              transductive=config.transductive, checkpoint=config.checkpoint)
+    run_dir = Path(config.output).resolve()
+    resume_from = _check_resume(run_dir, resume=resume)
+    resolved = dataclasses.replace(config, modalities=spec.modalities)
+    if resume_from is not None:
+        _check_same_run(run_dir / CONFIG_FILE, resolved)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    # The workers read the pretrained weights from the run dir, whatever form --checkpoint had (an MLflow run …).
+    encoder_dir = str(save_encoder(encoder, run_dir / PRETRAINED_ENCODER_DIR))
+    (run_dir / CONFIG_FILE).write_text(json.dumps(to_mapping(resolved), indent=2) + "\n", encoding="utf-8")
+    return PreparedFinetune(config=resolved, spec=spec, run_dir=run_dir, encoder_dir=encoder_dir,
+                            epochs_per_window=summary.epochs_per_window, train_files=summary.files,
+                            train_windows=summary.usable_windows,
+                            val_files=tuple(val_files), test_files=tuple(test_files), filesystem=filesystem,
+                            protocol=protocol, pretrain_run=pretrain_run, resume_from=resume_from)
+
+
+def check_protocol(record: dict | None, store_record: dict, *, transductive: bool, checkpoint: str) -> dict:
+    """Refuse to report on test subjects the encoder was pretrained on (or may have been), unless transductive."""
+    from s2v_core.splits import seen_splits
+
+    seen = seen_splits(record, store_record)
+    if not transductive:
+        if seen is None:
+            raise ValueError(f"--checkpoint {checkpoint!r}: what pretrained the encoder is unknown (no training "
+                             "record beside it), so the test subjects cannot be called unseen; pass "
+                             "--transductive to fine-tune and score anyway")
+        if "test" in seen:
+            raise ValueError(f"--checkpoint {checkpoint!r}: the encoder was pretrained on the {'/'.join(seen)} "
+                             "subjects of this store, test included; pass --transductive to score anyway")
+    return {"mode": "transductive" if transductive else "held-out",
+            "encoder_pretrained_on": "unknown" if seen is None else ("/".join(seen) or "no subject of this store"),
+            "trained_on": "train subjects", "early_stopping_on": "val subjects", "scored": "test subjects"}
+
+
+#: Options a resumed run may change: how long and how it runs, not what it trains.
+RESUMABLE_CHANGES = ("steps", "patience", "eval_every", "checkpoint_every", "workers", "device", "output")
+
+
+def _check_same_run(path: Path, config: FinetuneConfig) -> None:
+    """``--resume`` must continue the same training: only :data:`RESUMABLE_CHANGES` may differ."""
+    if not path.is_file():
+        return
+    previous = json.loads(path.read_text(encoding="utf-8"))
+    current = json.loads(json.dumps(to_mapping(config)))  # tuples as lists, like the file
+    changed = {k: (previous.get(k), v) for k, v in current.items()
+               if k not in RESUMABLE_CHANGES and previous.get(k) != v}
+    if changed:
+        listed = "; ".join(f"{k}: the run has {old!r}, this call {new!r}" for k, (old, new) in sorted(changed.items()))
+        raise ValueError(f"--resume: expected the options of the run in {path.parent}, found different values: "
+                         f"{listed}")
+
+
+def _check_resume(run_dir: Path, *, resume: bool) -> str | None:
+    checkpoints = sorted((run_dir / CHECKPOINTS_NAME).glob("step_*")) if run_dir.is_dir() else []
+    complete = [c for c in checkpoints if (c / "state.json").is_file() and (c / "training.pt").is_file()]
+    if not resume:
+        if checkpoints or (run_dir / MODEL_DIR).exists():
+            raise ValueError(f"--output: expected a new run directory, found a fine-tuning run in {run_dir}; "
+                             "pass --resume to continue it or choose another --output")
+        return None
+    return str(complete[-1]) if complete else None
+
+
+# -- MLflow -----------------------------------------------------------------------------------------
+def start_mlflow_run(prepared: PreparedFinetune) -> PreparedFinetune:
+    """Create (or continue) the run, nested under the pretraining run when its store is this one."""
+    from mlflow.tracking import MlflowClient
+
+    record = prepared.run_dir / MLFLOW_RUN_FILE
+    if record.is_file():
+        logged = json.loads(record.read_text(encoding="utf-8"))
+        return dataclasses.replace(prepared, mlflow={"tracking_uri": logged["tracking_uri_local"],
+                                                     "run_id": logged["run_id"]})
+    pretrain = prepared.pretrain_run or {}
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or pretrain.get("tracking_uri") or mlflow_tracking_uri(prepared.run_dir)
+    client = MlflowClient(tracking_uri=uri)
+    parent = pretrain.get("run_id")
+    experiment_id = None
+    if parent:
+        try:
+            experiment_id = client.get_run(parent).info.experiment_id
+        except Exception:  # MlflowException: the pretraining run lives in another store
+            logger.warning("pretraining run %s not found at %s; logging an unlinked run", parent, redact(uri))
+            parent = None
+    if experiment_id is None:
+        experiment_id = mlflow_experiment(client, uri, MLFLOW_EXPERIMENT)
+    tags = {"s2v.command": "finetune", "s2v.task": prepared.spec.task, "s2v.mode": prepared.spec.mode}
+    if parent:
+        tags["mlflow.parentRunId"] = parent
+    run = client.create_run(experiment_id, run_name=f"finetune-{prepared.spec.task}-{prepared.spec.mode}",
+                            tags=tags)
+    for key, value in to_mapping(prepared.config).items():
+        client.log_param(run.info.run_id, key, redact(",".join(map(str, value)) if isinstance(value, (list, tuple))
+                                                     else str(value))[:6000])
+    record.write_text(json.dumps({"tracking_uri": redact(uri), "tracking_uri_local": uri,
+                                  "run_id": run.info.run_id, "parent_run_id": parent}, indent=2) + "\n",
+                      encoding="utf-8")
+    return dataclasses.replace(prepared, mlflow={"tracking_uri": uri, "run_id": run.info.run_id})
+
+
+# -- run --------------------------------------------------------------------------------------------
+def loop_config(prepared: PreparedFinetune) -> dict[str, Any]:
+    """The ``train_loop_config``: everything the worker loop reads."""
+    return {"finetune": to_mapping(prepared.config), "spec": to_mapping(prepared.spec),
+            "encoder_dir": prepared.encoder_dir, "epochs_per_window": prepared.epochs_per_window,
+            "run_dir": str(prepared.run_dir), "resume_from": prepared.resume_from, "mlflow": prepared.mlflow,
+            "validation": {"files": list(prepared.val_files), "filesystem": prepared.filesystem}}
+
+
+def build_trainer(prepared: PreparedFinetune):
+    from ray.train import CheckpointConfig, DataConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from pipelines.finetune_loop import finetune_loop_per_worker
+    from pipelines.train_data import build_dataset, store_repeats
+
+    config, spec = prepared.config, prepared.spec
+    dataset = build_dataset(prepared.train_files, filesystem=prepared.filesystem, modalities=spec.modalities,
+                            history_columns=spec.task_definition.outcome_columns, seed=config.seed,
+                            repeats=store_repeats(prepared.train_windows, windows_per_step=config.batch_size,
+                                                 steps=config.steps),
+                            readers=config.workers)
+    return TorchTrainer(
+        finetune_loop_per_worker,
+        train_loop_config=loop_config(prepared),
+        torch_config=TorchConfig(backend="nccl" if prepared.on_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=prepared.on_gpu,
+                                     resources_per_worker={"CPU": 1, "GPU": 1} if prepared.on_gpu else {"CPU": 1}),
+        run_config=RunConfig(name=CHECKPOINTS_NAME, storage_path=str(prepared.run_dir),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+        datasets={"train": dataset},
+        dataset_config=DataConfig(datasets_to_split=["train"]),
+    )
+
+
+def finetune(config: FinetuneConfig, *, resume: bool = False, address: str | None = None,
+             mlflow: bool = True) -> dict:
+    """Fine-tune, then score on the test subjects; the Python API behind ``s2v finetune``.
+
+    Returns the report (also written to ``RUN_DIR/report.json``): test figures of
+    the model and of a baseline fitted on the train subjects, the protocol, steps,
+    early stopping and the model directory.
+    """
+    import ray
+
+    from pipelines.runtime import init_ray
+
+    prepared = setup(config, resume=resume)
+    if prepared.resume_from is not None:
+        done = json.loads((Path(prepared.resume_from) / "state.json").read_text(encoding="utf-8"))
+        if done["step"] >= config.steps or done["stopped_early"]:
+            logger.info("%s already finished (step %d%s); nothing to train", prepared.run_dir, done["step"],
+                        ", stopped early" if done["stopped_early"] else "")
+            return cleanup(start_mlflow_run(prepared) if mlflow else prepared, Path(prepared.resume_from))
+    started_ray = not ray.is_initialized()
+    init_ray(address, num_cpus=max(os.cpu_count() or 1, config.workers + 1))
+    try:
+        prepared = dataclasses.replace(prepared, on_gpu=detect_gpu(config))
+        if mlflow:
+            prepared = start_mlflow_run(prepared)
+        result = build_trainer(prepared).fit()
+        if result.error is not None:
+            raise result.error
+        return cleanup(prepared, Path(result.checkpoint.path))
+    finally:
+        if started_ray:
+            ray.shutdown()
+
+
+def detect_gpu(config: FinetuneConfig) -> bool:
+    """Whether workers get a GPU: ``--device gpu``, or ``auto`` and the Ray cluster has one per worker."""
+    import ray
+
+    if config.device == "cpu":
+        return False
+    gpus = ray.cluster_resources().get("GPU", 0)
+    if config.device == "gpu" and gpus < config.workers:
+        raise ValueError(f"--device gpu: expected {config.workers} GPUs in the Ray cluster, found {gpus:g}")
+    return gpus >= config.workers
+
+
+# -- cleanup ----------------------------------------------------------------------------------------
+def baseline_predictions(prepared: PreparedFinetune, target: np.ndarray) -> np.ndarray:
+    """What a model without inputs predicts for ``target``'s rows, fitted on the train subjects.
+
+    Classification: the train subjects' most frequent class; regression: their
+    mean; binary and survival: a constant score (AUROC and C-index 0.5).
+    """
+    from pipelines.finetune_loop import read_store_batches
+    from s2v_core.finetuning import batch_targets
+
+    task = prepared.spec.task_definition
+    if task.kind in ("binary", "survival"):
+        return np.zeros((len(target), 1))
+    values = np.concatenate([batch_targets(task, b).reshape(-1) for b in read_store_batches(
+        list(prepared.train_files), prepared.filesystem, spec=prepared.spec,
+        epochs_per_window=prepared.epochs_per_window, batch_size=256)])
+    if task.kind == "classification":
+        known = values[values >= 0].astype(np.int64)
+        majority = int(np.bincount(known, minlength=len(task.classes)).argmax()) if known.size else 0
+        return np.eye(len(task.classes))[np.full(len(target), majority)]
+    return np.full((len(target), 1), float(np.nanmean(values)))
+
+
+def cleanup(prepared: PreparedFinetune, checkpoint: Path) -> dict:
+    """Copy the best model to ``RUN_DIR/model``, score it on test next to the baseline, log to MLflow."""
+    from pipelines.finetune_loop import BEST_DIR, FINETUNE_STATE_FILE, read_store_batches
+    from s2v_core.finetuning import predict
+
+    state = json.loads((checkpoint / FINETUNE_STATE_FILE).read_text(encoding="utf-8"))
+    model_dir = prepared.run_dir / MODEL_DIR
+    if model_dir.exists():
+        shutil.rmtree(model_dir)
+    shutil.copytree(checkpoint / BEST_DIR, model_dir)
+    model = load_finetuned(model_dir)
+    task = model.task
+    batches = read_store_batches(list(prepared.test_files), prepared.filesystem, spec=prepared.spec,
+                                 epochs_per_window=prepared.epochs_per_window, batch_size=prepared.config.batch_size)
+    target, output = predict(model, batches)
+    test = task.metrics(target, output)
+    baseline = task.metrics(target, baseline_predictions(prepared, target))
+    report = {"task": task.name, "mode": prepared.spec.mode, "head": prepared.spec.head,
+              "modalities": list(prepared.spec.modalities), "protocol": prepared.protocol,
+              "steps": state["step"], "best_step": state["best_step"], "stopped_early": state["stopped_early"],
+              "val": {task.primary[0]: state["best_score"]}, "test": test, "baseline": baseline,
+              "model": str(model_dir)}
+    # The model directory describes itself: its test figures travel with it.
+    save_finetuned(model, model_dir, extra={"test": {k: v for k, v in test.items() if k != "confusion"},
+                                            "trained_steps": state["step"]})
+    if prepared.mlflow:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri=prepared.mlflow["tracking_uri"])
+        run_id = prepared.mlflow["run_id"]
+        for prefix, figures in (("test", test), ("baseline", baseline)):
+            for key, value in figures.items():
+                if isinstance(value, (int, float)) and value is not None and np.isfinite(value):
+                    client.log_metric(run_id, f"{prefix}/{key}", float(value))
+        client.log_artifacts(run_id, str(model_dir), artifact_path=MODEL_DIR)
+        report["mlflow"] = {"tracking_uri": redact(prepared.mlflow["tracking_uri"]), "run_id": run_id,
+                            "parent_run_id": (prepared.pretrain_run or {}).get("run_id")}
+    (prepared.run_dir / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    if prepared.mlflow:
+        client.log_artifact(run_id, str(prepared.run_dir / REPORT_FILE))
+        client.set_terminated(run_id, "FINISHED")
+    return report
+
+
+# -- CLI --------------------------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    defaults = FinetuneConfig()
+    parser.add_argument("--checkpoint", required=True,
+                        help="pretrained run dir, checkpoint or encoder directory (the EMA weights when kept)")
+    parser.add_argument("--data", required=True, help="store written by `s2v ingest` (with splits.json)")
+    parser.add_argument("--output", required=True, help="local run directory")
+    parser.add_argument("--task", default=defaults.task,
+                        help="staging, staging4, staging3, age, sex, ahi, ahi:COL, outcome:COL, survival:EVENT,TIME")
+    parser.add_argument("--mode", default=defaults.mode, choices=("frozen", "lora", "full"))
+    parser.add_argument("--head", default=defaults.head, choices=("linear", "mlp", "temporal"))
+    parser.add_argument("--steps", type=int, default=defaults.steps)
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="windows per step")
+    parser.add_argument("--workers", type=int, default=defaults.workers)
+    parser.add_argument("--lr", type=float, default=defaults.lr)
+    parser.add_argument("--lora-r", type=int, default=defaults.lora_r)
+    parser.add_argument("--lora-alpha", type=int, default=defaults.lora_alpha)
+    parser.add_argument("--lora-dropout", type=float, default=defaults.lora_dropout)
+    parser.add_argument("--lora-targets", default=",".join(defaults.lora_targets),
+                        help=f"comma-separated subset of {','.join(LORA_TARGETS)}")
+    parser.add_argument("--train-tokenizers", action="store_true", help="also train the per-modality tokenizers")
+    parser.add_argument("--modality-dropout", type=float, default=defaults.modality_dropout)
+    parser.add_argument("--modalities", help=f"comma-separated subset of {','.join(MODALITY_KEYS)}")
+    parser.add_argument("--eval-every", type=int, default=defaults.eval_every)
+    parser.add_argument("--patience", type=int, default=defaults.patience)
+    parser.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every)
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--device", default=defaults.device, choices=("auto", "cpu", "gpu"), help="worker device")
+    parser.add_argument("--transductive", action="store_true",
+                        help="allow an encoder pretrained on the test subjects (or of unknown origin)")
+    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output")
+    parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a local instance)")
+
+
+def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
+    """Map parsed CLI flags onto a :class:`FinetuneConfig` (wrong values raise naming the option)."""
+    values = {k: v for k, v in vars(args).items() if k in {f.name for f in dataclasses.fields(FinetuneConfig)}}
+    values["lora_targets"] = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
+    values["modalities"] = tuple(parse_modalities(args.modalities, option="--modalities")) if args.modalities else ()
+    config = from_mapping(FinetuneConfig, values, source="s2v finetune options")
+    config.spec()  # ValueError naming --mode/--head/--lora-targets/--task before anything starts
+    return config
+
+
+def run(args: argparse.Namespace) -> int:
+    """CLI entry: ``s2v finetune …`` → :func:`finetune`; prints the test figures as one JSON line."""
+    config = config_from_args(args)
+    report = finetune(config, resume=args.resume, address=args.address)
+    print(json.dumps({"model": report["model"], "task": report["task"], "mode": report["mode"],
+                      "test": {k: v for k, v in report["test"].items() if k not in ("confusion", "per_class_f1")},
+                      "baseline": {k: v for k, v in report["baseline"].items()
+                                   if k not in ("confusion", "per_class_f1")}}))
+    return 0

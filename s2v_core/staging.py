@@ -1,0 +1,348 @@
+"""Stage raw recordings with a fine-tuned model: EDF/EDF+/BDF in, hypnogram CSV/PNG and a summary out.
+
+Three lines for a clinician::
+
+    from s2v_core import stage
+    result = stage("night.edf", model="runs/ft/model", out="hypnograms/")
+    print(result.summary["total_sleep_time_min"], result.csv)
+
+A recording is read with the ingest's own code
+(:func:`s2v_core.recording.decode_recording`: the EDF/BDF readers, the
+channel mapping of the registry and of an optional site config, resampling
+to the store rates and per-recording robust normalisation), one store row per
+30-s epoch; epochs at the ragged end are dropped, as in the store. Whatever
+modalities the recording has and the model reads are used; the gated fusion
+ignores the others. Consecutive epochs are grouped into windows of the
+model's training length (the last one may be shorter) and staged.
+
+Privacy: a file name may be a patient's name, so nothing derived from it or
+from the EDF header reaches an output. Each recording is named by a keyed
+hash of its path (:class:`s2v_core.io.identity.Identities`, the ingest's
+pseudonym key): ``rec-<16 hex>``; whoever holds the key can recompute the
+mapping, and :func:`stage` writes one only where it is asked to
+(``mapping=``). Reasons for recordings that cannot be staged name the
+recording by that pseudonym, never by its path.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from s2v_core.finetuning import FineTunedModel, load_finetuned
+from s2v_core.io.identity import Identities, load_pseudonym_key
+from s2v_core.io.site_config import SiteConfig, load_site_config
+from s2v_core.modalities import EPOCH_SECONDS, MODALITY_KEYS, parse_modalities
+from s2v_core.model import batch_to_tensors
+from s2v_core.recording import decode_recording
+from s2v_core.store import table_to_batch
+
+logger = logging.getLogger(__name__)
+
+#: File suffixes (lower case) of the signal files a folder is searched for.
+SIGNAL_SUFFIXES = (".edf", ".bdf", ".rec")
+#: Site name under which pseudonyms of staged recordings are keyed (distinct from any ingest site).
+PSEUDONYM_SITE = "s2v-stage"
+SUMMARY_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class RecordingEmbedding:
+    """The fused epoch features of one recording (what the task head reads).
+
+    Attributes
+    ----------
+    features : ndarray ``(epochs, width)`` float32
+        One row per 30-s epoch from the start of the recording.
+    present : ndarray ``(epochs, 9)`` bool
+        Modalities (registry order) that went into each epoch's features.
+    windows : list of (int, int)
+        ``[start, stop)`` epoch ranges encoded together (the model's window length).
+    modalities : tuple of str
+        Modalities of the recording the model used.
+    channels : dict of str to str
+        Modality → channel label it was read from.
+    """
+
+    features: np.ndarray
+    present: np.ndarray
+    windows: list[tuple[int, int]]
+    modalities: tuple[str, ...]
+    channels: dict[str, str]
+
+
+@dataclass(frozen=True)
+class StagingResult:
+    """What :func:`stage_recording` returns for one recording."""
+
+    name: str
+    stages: np.ndarray  # int64 (epochs,): class index of the model's task
+    probabilities: np.ndarray  # float32 (epochs, classes)
+    classes: tuple[str, ...]
+    summary: dict
+    files: dict[str, str] = field(default_factory=dict)
+
+
+def recording_name(path: str | Path, *, identities: Identities) -> str:
+    """The pseudonymous output name of an input file: ``rec-`` + keyed hash of its resolved path."""
+    return "rec-" + identities.file_id(PSEUDONYM_SITE, str(Path(path).resolve()))
+
+
+def _scrub(text: str, path: Path, name: str) -> str:
+    """``text`` with every spelling of ``path`` replaced by the recording's pseudonym."""
+    for spelling in sorted({str(path), str(path.resolve()), path.name, path.stem}, key=len, reverse=True):
+        if spelling:
+            text = text.replace(spelling, name)
+    return text
+
+
+def _as_model(model: FineTunedModel | str | Path) -> FineTunedModel:
+    return model if isinstance(model, FineTunedModel) else load_finetuned(model)
+
+
+@torch.no_grad()
+def embed_recording(path: str | Path, *, model: FineTunedModel | str | Path, site_config: SiteConfig | str | Path |
+                    None = None, modalities: Sequence[str] | None = None, name: str = "recording",
+                    device: str = "cpu") -> RecordingEmbedding:
+    """Read one EDF/EDF+/BDF file and return its fused epoch features under ``model``.
+
+    Parameters
+    ----------
+    path : str or Path
+        A local signal file (EDF, EDF+C, BDF).
+    model : FineTunedModel or path
+        A fine-tuned model or its directory (``s2v finetune``'s ``RUN_DIR/model``).
+    site_config : SiteConfig or path, optional
+        Channel labels → modalities beyond the registry aliases, ignored channels
+        (the ingest's site config file).
+    modalities : sequence of str, optional
+        Use only these (default: every modality the recording and the model share).
+    name : str
+        How messages name the recording (never the file name).
+
+    Raises
+    ------
+    s2v_core.io.base.UnreadableRecording
+        The file cannot be read, has no usable channel or is shorter than one epoch.
+    ValueError
+        No modality of the recording is one the model reads.
+    """
+    model = _as_model(model)
+    path = Path(path)
+    site = load_site_config(site_config) if isinstance(site_config, (str, Path)) else site_config
+    decoded = decode_recording(str(path), recording_id=name, site=site or SiteConfig(name=PSEUDONYM_SITE),
+                               epochs_per_window=1)
+    wanted = set(parse_modalities(list(modalities), option="--modalities")) if modalities else set(MODALITY_KEYS)
+    usable = tuple(k for k in model.spec.modalities if k in decoded.modalities and k in wanted)
+    if not usable:
+        raise ValueError(f"{name}: the recording has {', '.join(decoded.modalities)}; the model reads "
+                         f"{', '.join(model.spec.modalities)}"
+                         + (f" (--modalities {', '.join(sorted(wanted))})" if modalities else "")
+                         + ": nothing in common to stage from")
+    batch = table_to_batch(decoded.table, modalities=usable, epochs_per_window=1)
+    epochs = decoded.windows
+    length = model.window_epochs  # the window length the head was trained on
+    windows = [(start, min(start + length, epochs)) for start in range(0, epochs, length)]
+    features = np.zeros((epochs, model.base_config.width), dtype=np.float32)
+    present = np.zeros((epochs, len(MODALITY_KEYS)), dtype=bool)
+    model.eval().to(device)
+    for start, stop in windows:
+        # A modality counts for a window only when every epoch of it is good (absent rows are zeros).
+        window_present = batch["present"][start:stop].all(axis=0)
+        window = {k: batch[k][start:stop][:, 0][None] for k in usable}
+        window["present"] = window_present[None]
+        if not window_present.any():
+            continue  # every modality broken here: no features, the epochs are left unstaged
+        features[start:stop] = model.features(batch_to_tensors(window, device))[0].float().cpu().numpy()
+        present[start:stop] = window_present
+    return RecordingEmbedding(features=features, present=present, windows=windows,
+                              modalities=usable, channels={k: decoded.channels[k] for k in usable})
+
+
+def sleep_summary(stages: np.ndarray, classes: Sequence[str], *, staged: np.ndarray | None = None) -> dict:
+    """Sleep figures of a 30-s hypnogram whose class 0 is wake.
+
+    Time in bed is the staged recording (lights-off/on are not known from the
+    signal file). Sleep onset is the first sleep epoch; WASO counts wake from
+    sleep onset to the last sleep epoch.
+
+    Returns
+    -------
+    dict
+        ``time_in_bed_min``, ``total_sleep_time_min`` (TST), ``sleep_efficiency_percent``
+        (TST / time in bed), ``sleep_onset_latency_min`` and ``waso_min`` (``None``
+        without sleep), ``stage_minutes`` and ``stage_percent_of_tst`` per class.
+    """
+    stages = np.asarray(stages)
+    staged = np.ones(len(stages), bool) if staged is None else np.asarray(staged, bool)
+    minutes = EPOCH_SECONDS / 60.0
+    sleep = staged & (stages != 0)
+    in_bed = int(staged.sum()) * minutes
+    tst = int(sleep.sum()) * minutes
+    asleep = np.flatnonzero(sleep)
+    onset = None if asleep.size == 0 else float(staged[: asleep[0]].sum() * minutes)
+    waso = None
+    if asleep.size:
+        between = slice(asleep[0], asleep[-1] + 1)
+        waso = float((staged[between] & (stages[between] == 0)).sum() * minutes)
+    counts = {name: float((staged & (stages == i)).sum() * minutes) for i, name in enumerate(classes)}
+    return {
+        "epochs": int(len(stages)), "staged_epochs": int(staged.sum()), "epoch_seconds": EPOCH_SECONDS,
+        "time_in_bed_min": in_bed, "total_sleep_time_min": tst,
+        "sleep_efficiency_percent": (100.0 * tst / in_bed) if in_bed else None,
+        "sleep_onset_latency_min": onset, "waso_min": waso, "stage_minutes": counts,
+        "stage_percent_of_tst": {name: (100.0 * value / tst if tst else None)
+                                 for name, value in counts.items() if name != classes[0]},
+    }
+
+
+def stage_recording(path: str | Path, *, model: FineTunedModel | str | Path, out: str | Path | None = None,
+                    name: str | None = None, identities: Identities | None = None,
+                    site_config: SiteConfig | str | Path | None = None,
+                    modalities: Sequence[str] | None = None) -> StagingResult:
+    """Stage one recording; with ``out``, write ``NAME_hypnogram.csv``, ``NAME_hypnogram.png``, ``NAME_summary.json``.
+
+    ``name`` defaults to the pseudonym of the path (:func:`recording_name`).
+    Errors (:class:`~s2v_core.io.base.UnreadableRecording`, ``ValueError``) carry a
+    one-line reason naming the recording by ``name``, never by its path.
+    """
+    from s2v_core.evaluation.plots import plot_predicted_hypnogram
+
+    model = _as_model(model)
+    task = model.task
+    if task.level != "epoch" or task.kind != "classification" or task.stage_map[0] != 0:
+        raise ValueError(f"--model: a staging model is needed (task staging/staging4/staging3), found task "
+                         f"{task.name!r}")
+    path = Path(path)
+    name = name or recording_name(path, identities=identities or Identities(load_pseudonym_key()))
+    try:
+        embedding = embed_recording(path, model=model, site_config=site_config, modalities=modalities, name=name)
+    except (ValueError, OSError) as exc:  # UnreadableRecording is a ValueError
+        raise type(exc)(_scrub(str(exc), path, name)) from None
+    staged = embedding.present.any(axis=1)
+    with torch.no_grad():
+        logits = torch.cat([model.head(torch.from_numpy(embedding.features[start:stop])[None])[0]
+                            for start, stop in embedding.windows])
+    probabilities = torch.softmax(logits.float(), dim=-1).numpy()
+    stages = np.where(staged, probabilities.argmax(axis=1), -1)
+    summary = {"format": SUMMARY_FORMAT, "recording": name, "task": task.name, "classes": list(task.classes),
+               "modalities": list(embedding.modalities), "channels": embedding.channels,
+               **sleep_summary(stages, task.classes, staged=staged)}
+    files: dict[str, str] = {}
+    if out is not None:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        files["csv"] = str(_write_csv(out / f"{name}_hypnogram.csv", stages, probabilities, task.classes, staged))
+        files["png"] = str(plot_predicted_hypnogram(stages, probabilities, task.classes,
+                                                    out / f"{name}_hypnogram.png", title=name))
+        files["summary"] = str(out / f"{name}_summary.json")
+        Path(files["summary"]).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    return StagingResult(name=name, stages=stages, probabilities=probabilities, classes=task.classes,
+                         summary=summary, files=files)
+
+
+def _write_csv(path: Path, stages: np.ndarray, probabilities: np.ndarray, classes: Sequence[str],
+               staged: np.ndarray) -> Path:
+    """One row per 30-s epoch: index, onset (s from the recording start), stage name, class probabilities."""
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["epoch", "onset_s", "stage", *(f"p_{c}" for c in classes)])
+        for i, (stage, row) in enumerate(zip(stages, probabilities)):
+            label = classes[stage] if staged[i] else "unscored"
+            values = [f"{p:.4f}" for p in row] if staged[i] else [""] * len(classes)
+            writer.writerow([i, i * EPOCH_SECONDS, label, *values])
+    return path
+
+
+def find_recordings(paths: Sequence[str | Path]) -> list[Path]:
+    """Signal files of ``paths``: files as given, folders searched recursively (sorted, no duplicates)."""
+    found: list[Path] = []
+    for item in map(Path, paths):
+        if item.is_dir():
+            found += sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in SIGNAL_SUFFIXES)
+        elif item.exists():
+            found.append(item)
+        else:
+            raise FileNotFoundError(f"PATH {item}: no such file or folder")
+    unique = list(dict.fromkeys(p.resolve() for p in found))
+    return unique
+
+
+def stage(paths: str | Path | Sequence[str | Path], *, model: FineTunedModel | str | Path, out: str | Path,
+          site_config: SiteConfig | str | Path | None = None, modalities: Sequence[str] | None = None,
+          mapping: str | Path | None = None, identities: Identities | None = None) -> list[dict]:
+    """Stage files and folders one after the other, in this process (``s2v stage`` spreads folders over Ray).
+
+    Parameters
+    ----------
+    paths : path or sequence of paths
+        EDF/EDF+/BDF files, or folders searched recursively for them.
+    model : FineTunedModel or path
+        A fine-tuned staging model (``RUN_DIR/model`` of ``s2v finetune``).
+    out : path
+        Output folder: per recording ``rec-<id>_hypnogram.csv`` / ``.png`` / ``_summary.json``,
+        and ``results.json`` (one line per recording: name, status, reason).
+    site_config : SiteConfig or path, optional
+        Channel mapping of the site (as for ingest).
+    modalities : sequence of str, optional
+        Restrict to these modalities.
+    mapping : path, optional
+        Also write a CSV of pseudonym → input path here (a file the user keeps; it
+        holds the file names, so it is never written by default, nor under ``out``).
+    identities : Identities, optional
+        Pseudonym key (default: the ingest's key, :func:`load_pseudonym_key`).
+
+    Returns
+    -------
+    list of dict
+        Per recording: ``name``, ``status`` (``ok`` / ``failed``), ``reason``, ``epochs``, ``files``.
+    """
+    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    identities = identities or Identities(load_pseudonym_key())
+    loaded = _as_model(model)
+    recordings = find_recordings(paths)
+    results = [stage_one(path, name=recording_name(path, identities=identities), model=loaded, out=out,
+                         site_config=site_config, modalities=modalities) for path in recordings]
+    write_results(results, out, mapping=mapping, recordings=recordings, identities=identities)
+    return results
+
+
+def stage_one(path: str | Path, *, name: str, model: FineTunedModel | str | Path, out: str | Path,
+              site_config: SiteConfig | str | Path | None = None,
+              modalities: Sequence[str] | None = None) -> dict:
+    """Stage one file as ``name`` and never raise for a bad recording: its result line says why (one line)."""
+    try:
+        result = stage_recording(path, model=model, out=out, name=name, site_config=site_config,
+                                 modalities=modalities)
+    except Exception as exc:  # noqa: BLE001 - one bad file must not stop the others
+        reason = _scrub(str(exc) if isinstance(exc, (ValueError, OSError)) else f"{type(exc).__name__}: {exc}",
+                        Path(path), name)
+        logger.warning("%s: not staged: %s", name, reason)
+        return {"name": name, "status": "failed", "reason": " ".join(reason.split()), "epochs": 0, "files": {}}
+    return {"name": name, "status": "ok", "reason": None, "epochs": result.summary["epochs"],
+            "modalities": result.summary["modalities"],
+            "files": {k: Path(v).name for k, v in result.files.items()}}
+
+
+def write_results(results: list[dict], out: str | Path, *, mapping: str | Path | None,
+                  recordings: Sequence[Path], identities: Identities) -> None:
+    """``OUT/results.json`` (no file names) and, when asked, the user's pseudonym → path mapping."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    if mapping is not None:
+        mapping = Path(mapping)
+        if out.resolve() in mapping.resolve().parents:
+            raise ValueError(f"--mapping {mapping}: expected a file outside --out {out} (it holds the input "
+                             "file names, which --out never does)")
+        with open(mapping, "w", newline="", encoding="utf-8") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["name", "path"])
+            writer.writerows((recording_name(p, identities=identities), str(p)) for p in recordings)

@@ -1,0 +1,157 @@
+"""``s2v finetune``: protocol checks (fast) and a tiny end-to-end run on Ray Train (integration)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from pipelines.finetune import FinetuneConfig, check_protocol, finetune, setup
+from s2v_core.finetuning import load_finetuned
+from s2v_core.model import SleepEncoder, model_config, save_encoder
+from s2v_core.splits import TRAINING_RECORD_FILE, split_record
+from s2v_core.toystore import write_toy_store
+
+MODALITIES = ("hr", "spo2", "airflow")
+
+
+def _pretrain_run_dir(root, store, *, splits=("train",)):
+    """A run dir as `s2v pretrain` leaves it: encoder/ with its training record, mlflow_run.json."""
+    torch.manual_seed(0)
+    encoder = SleepEncoder(model_config("tiny", width=16, depth=1, heads=2, epochs_per_window=4), MODALITIES)
+    encoder_dir = save_encoder(encoder, root / "pretrain" / "encoder")
+    record = {**split_record(str(store), list(splits)), "store": str(store)}
+    (encoder_dir / TRAINING_RECORD_FILE).write_text(json.dumps(record))
+    return root / "pretrain"
+
+
+@pytest.fixture
+def store(tmp_path):
+    # Per site: 3 train, 1 val, 1 test subject (one night each).
+    return write_toy_store(tmp_path / "store", sites=2, recordings_per_site=5, windows_per_recording=4,
+                           epochs_per_window=4, modalities=MODALITIES, seed=3, val_per_site=1, test_per_site=1)
+
+
+def test_protocol_refuses_encoders_that_saw_the_test_subjects(tmp_path, store):
+    run_dir = _pretrain_run_dir(tmp_path, store, splits=("train", "val", "test"))
+    config = FinetuneConfig(checkpoint=str(run_dir), data=str(store), output=str(tmp_path / "ft"), batch_size=4)
+    with pytest.raises(ValueError, match="pretrained on the train/val/test subjects"):
+        setup(config)
+    with pytest.raises(ValueError, match="what pretrained the encoder is unknown"):
+        check_protocol(None, split_record(str(store), ["train"]), transductive=False, checkpoint="x")
+    assert check_protocol(None, {}, transductive=True, checkpoint="x")["mode"] == "transductive"
+
+
+def test_setup_names_bad_options(tmp_path, store):
+    run_dir = _pretrain_run_dir(tmp_path, store)
+    base = FinetuneConfig(checkpoint=str(run_dir), data=str(store), output=str(tmp_path / "ft"), batch_size=4)
+    with pytest.raises(ValueError, match="--batch-size: expected at most 24"):
+        setup(dataclasses.replace(base, batch_size=25))
+    with pytest.raises(ValueError, match="--mode: expected one of frozen, lora, full"):
+        setup(dataclasses.replace(base, mode="adapters"))
+    with pytest.raises(ValueError, match="--task: expected one of staging"):
+        setup(dataclasses.replace(base, task="stages"))
+    with pytest.raises(ValueError, match=r"--modalities: expected modalities of both .* found eeg"):
+        setup(dataclasses.replace(base, modalities=("eeg", "hr")))
+    assert setup(dataclasses.replace(base, modalities=("spo2",))).spec.modalities == ("spo2",)
+    prepared = setup(base)
+    assert prepared.spec.modalities == MODALITIES and prepared.epochs_per_window == 4
+    assert len(prepared.test_files) == 2 and len(prepared.val_files) == 2
+
+
+@pytest.mark.integration
+def test_finetune_lora_end_to_end_nested_under_pretraining_and_resumable(ray_local, tmp_path, store, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.runtime import mlflow_experiment, mlflow_tracking_uri
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    run_dir = _pretrain_run_dir(tmp_path, store)
+    uri = mlflow_tracking_uri(run_dir)
+    client = MlflowClient(tracking_uri=uri)
+    parent = client.create_run(mlflow_experiment(client, uri, "pretrain")).info.run_id
+    (run_dir / "mlflow_run.json").write_text(json.dumps({"tracking_uri": uri, "run_id": parent}))
+
+    output = tmp_path / "ft"
+    config = FinetuneConfig(checkpoint=str(run_dir), data=str(store), output=str(output), task="staging",
+                            mode="lora", head="temporal", steps=4, batch_size=4, eval_every=2,
+                            checkpoint_every=2, lr=3e-3)
+    report = finetune(config)
+    assert report["steps"] == 4 and report["best_step"] in (2, 4)
+    assert report["test"]["n_epochs"] == 2 * 4 * 4  # 2 test nights x 4 windows x 4 epochs
+    assert set(report["test"]) >= {"macro_f1", "kappa", "accuracy", "per_class_f1", "confusion"}
+    assert "kappa" in report["baseline"]
+    model = load_finetuned(output / "model")
+    assert model.spec.mode == "lora" and model.spec.modalities == MODALITIES
+    assert (output / "model" / "adapter.pt").is_file()
+    described = json.loads((output / "model" / "finetuned.json").read_text())
+    assert described["task"] == "staging" and described["classes"] == ["W", "N1", "N2", "N3", "REM"]
+    assert "kappa" in described["test"]
+    # The base weights the run started from are untouched in the saved model (LoRA keeps them).
+    start = torch.load(output / "pretrained_encoder" / "encoder.pt", weights_only=True)
+    saved = torch.load(output / "model" / "encoder" / "encoder.pt", weights_only=True)
+    assert all(torch.equal(start[k], saved[k]) for k in start)
+
+    run = client.get_run(report["mlflow"]["run_id"])
+    assert run.data.tags["mlflow.parentRunId"] == parent
+    assert "test/kappa" in run.data.metrics and "val/kappa" in run.data.metrics
+    assert not (tmp_path / "mlruns").exists()
+
+    with pytest.raises(ValueError, match="--output: expected a new run directory"):
+        setup(config)
+    resumed = finetune(dataclasses.replace(config, steps=6), resume=True)
+    assert resumed["steps"] == 6
+    assert resumed["mlflow"]["run_id"] == report["mlflow"]["run_id"]
+    # Resumed at step 4, not restarted: each validation step was logged once.
+    history = client.get_metric_history(report["mlflow"]["run_id"], "loss")
+    assert sorted(m.step for m in history) == [2, 4, 6]
+    again = finetune(dataclasses.replace(config, steps=6), resume=True)  # finished: scored again, not trained
+    assert again["steps"] == 6 and again["test"] == resumed["test"]
+
+
+def test_cli_flags_map_onto_the_config():
+    from pipelines.cli import build_parser
+    from pipelines.finetune import config_from_args
+
+    args = build_parser("finetune").parse_args(
+        ["finetune", "--checkpoint", "runs/tiny", "--data", "store", "--output", "runs/ft", "--mode", "lora",
+         "--head", "temporal", "--lora-r", "4", "--lora-targets", "q_proj,v_proj", "--modalities", "ecg,eeg",
+         "--task", "staging4", "--steps", "7", "--train-tokenizers"])
+    config = config_from_args(args)
+    assert (config.mode, config.head, config.lora_r, config.steps, config.task) == ("lora", "temporal", 4, 7,
+                                                                                     "staging4")
+    assert config.lora_targets == ("q_proj", "v_proj") and config.modalities == ("eeg", "ecg")
+    assert config.train_tokenizers and config.lora_alpha == 16 and config.lora_dropout == 0.05
+    bad = build_parser("finetune").parse_args(["finetune", "--checkpoint", "c", "--data", "d", "--output", "o",
+                                               "--lora-targets", "q_proj,qkv"])
+    with pytest.raises(ValueError, match="--lora-targets"):
+        config_from_args(bad)
+
+
+@pytest.mark.integration
+def test_finetune_night_level_task_through_ray(ray_local, tmp_path, store):
+    """AHI (an outcome of the store's `outcomes` map): window-level training, per-night scoring."""
+    run_dir = _pretrain_run_dir(tmp_path, store)
+    config = FinetuneConfig(checkpoint=str(run_dir), data=str(store), output=str(tmp_path / "ahi"), task="ahi",
+                            mode="frozen", head="mlp", steps=2, batch_size=4, eval_every=1, checkpoint_every=2)
+    report = finetune(config, mlflow=False)
+    assert report["test"]["n"] == 2  # two test nights, one prediction each
+    assert {"mae", "pearson_r", "icc", "severity_kappa"} <= set(report["test"])
+    assert report["baseline"]["unit"] == "events/h"
+    assert list(report["val"]) == ["mae"] and report["val"]["mae"] > 0  # early stopping watched the val MAE
+
+
+def test_resume_refuses_other_training_options(tmp_path, store):
+    run_dir = _pretrain_run_dir(tmp_path, store)
+    base = FinetuneConfig(checkpoint=str(run_dir), data=str(store), output=str(tmp_path / "ft"), batch_size=4)
+    setup(base)
+    checkpoint = tmp_path / "ft" / "checkpoints" / "step_00000002"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "state.json").write_text("{}")
+    (checkpoint / "training.pt").write_bytes(b"")
+    assert setup(dataclasses.replace(base, steps=400), resume=True).resume_from == str(checkpoint)
+    with pytest.raises(ValueError, match=r"--resume: .*mode: the run has 'frozen', this call 'lora'"):
+        setup(dataclasses.replace(base, mode="lora"), resume=True)

@@ -1,0 +1,171 @@
+"""Staging raw recordings (s2v_core.staging, no Ray) on the real files, and ``s2v stage`` on a folder."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from s2v_core.finetuning import FineTunedModel, FinetuneSpec, save_finetuned
+from s2v_core.io.identity import Identities, PseudonymKey
+from s2v_core.model import SleepEncoder, model_config
+from s2v_core.staging import sleep_summary, stage_recording
+
+IDENTITIES = Identities(PseudonymKey(b"s2v-test-pseudonym-key-0123456789abcdef", origin="test"))
+PATIENT = "Doe_John_1961-02-03"
+#: DREAMS labels that are not registry aliases, mapped the way a site config does for ingest.
+DREAMS_SITE = ('name = "dreams"\n[channels]\n"C3-A1" = "eeg"\n"EOG1-A1" = "eog"\n"EMG1" = "emg"\n'
+               '"NAF1" = "airflow"\n"VTH" = "thorax"\n"VAB" = "abdomen"\n')
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """An (untrained) staging model over all nine modalities: outputs are arbitrary, their form is not."""
+    torch.manual_seed(0)
+    encoder = SleepEncoder(model_config("tiny", width=16, depth=1, heads=2, epochs_per_window=10))
+    model = FineTunedModel(encoder, FinetuneSpec(task="staging", head="temporal"))
+    return save_finetuned(model, tmp_path_factory.mktemp("model") / "model")
+
+
+@pytest.fixture(scope="module")
+def dreams_site(tmp_path_factory):
+    path = tmp_path_factory.mktemp("site") / "dreams.toml"
+    path.write_text(DREAMS_SITE)
+    return path
+
+
+def _rows(path):
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_dreams_excerpt_staged_with_a_site_config(real_data, model_dir, dreams_site, tmp_path):
+    source = real_data / "DREAMS_Spindles" / "excerpt3.edf"
+    result = stage_recording(source, model=model_dir, out=tmp_path, identities=IDENTITIES, site_config=dreams_site)
+    assert result.name.startswith("rec-") and "excerpt" not in result.name
+    assert len(result.stages) == 60  # 30 min of 30-s epochs
+    assert set(result.summary["modalities"]) >= {"eeg", "eog", "emg", "ecg", "spo2"}
+    assert result.summary["channels"]["eeg"] == "C3-A1"
+    assert np.allclose(result.probabilities.sum(axis=1), 1.0, atol=1e-5)
+    rows = _rows(result.files["csv"])
+    assert len(rows) == 60 and rows[1]["onset_s"] == "30" and rows[-1]["epoch"] == "59"
+    assert {r["stage"] for r in rows} <= {"W", "N1", "N2", "N3", "REM"}
+    assert list(rows[0]) == ["epoch", "onset_s", "stage", "p_W", "p_N1", "p_N2", "p_N3", "p_REM"]
+    summary = json.loads(open(result.files["summary"]).read())
+    assert summary["time_in_bed_min"] == 30.0
+    assert sum(summary["stage_minutes"].values()) == pytest.approx(30.0)
+    assert 0 <= summary["total_sleep_time_min"] <= 30.0
+    with open(result.files["png"], "rb") as handle:
+        assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
+    for path in tmp_path.iterdir():
+        assert "excerpt" not in path.name
+        assert b"excerpt" not in path.read_bytes() and b"DREAMS" not in path.read_bytes()
+
+
+def test_dreams_without_site_config_uses_what_maps(real_data, model_dir):
+    result = stage_recording(real_data / "DREAMS_Spindles" / "excerpt3.edf", model=model_dir, identities=IDENTITIES)
+    assert result.summary["modalities"] == ["ecg", "hr", "spo2"]  # the registry aliases alone
+    assert len(result.stages) == 60 and (result.stages >= 0).all()
+
+
+def test_sleep_edf_crop(real_data, model_dir, tmp_path):
+    result = stage_recording(real_data / "SleepEDF_SC4001" / "short_psg.edf", model=model_dir, out=tmp_path,
+                             identities=IDENTITIES)
+    assert len(result.stages) == 10  # 300 s
+    # Its 1-Hz EMG envelope and respiration are too slow for their modalities: not used.
+    assert result.summary["modalities"] == ["eeg", "eog"]
+    assert len(_rows(result.files["csv"])) == 10
+
+
+def test_openbci_bdf_and_what_cannot_be_staged(real_data, model_dir):
+    source = real_data / "OpenBCI_COsleep" / "multiple_annotation_chans.bdf"
+    result = stage_recording(source, model=model_dir, identities=IDENTITIES)
+    assert len(result.stages) == 8  # 247 s: the ragged end is dropped
+    assert result.summary["modalities"] == ["emg"]  # its ECG is flat (disconnected)
+    with pytest.raises(ValueError, match=r"rec-[0-9a-f]{16}: the recording has emg; .*nothing in common") as caught:
+        stage_recording(source, model=model_dir, identities=IDENTITIES, modalities=["eeg"])
+    assert "multiple_annotation" not in str(caught.value)
+    with pytest.raises(ValueError, match="no signal channels") as caught:
+        stage_recording(real_data / "HMC_SN001" / "test_edfann.edf", model=model_dir, identities=IDENTITIES)
+    assert "test_edfann" not in str(caught.value) and "HMC" not in str(caught.value)
+
+
+def test_a_folder_with_a_broken_file_goes_on(real_data, model_dir, tmp_path):
+    from s2v_core import stage
+
+    folder = tmp_path / "clinic" / PATIENT
+    folder.mkdir(parents=True)
+    (folder / "psg.edf").symlink_to(real_data / "SleepEDF_SC4001" / "short_psg.edf")
+    (folder / f"{PATIENT}.edf").write_bytes(b"0       " + b"not an EDF header" * 20)
+    out, mapping = tmp_path / "out", tmp_path / "private" / "mapping.csv"
+    mapping.parent.mkdir()
+    results = stage([tmp_path / "clinic"], model=model_dir, out=out, mapping=mapping, identities=IDENTITIES)
+    assert sorted(r["status"] for r in results) == ["failed", "ok"]
+    failed = next(r for r in results if r["status"] == "failed")
+    assert failed["reason"] and "\n" not in failed["reason"] and failed["name"] in failed["reason"]
+    for path in out.rglob("*"):
+        assert "Doe" not in path.name and b"Doe" not in path.read_bytes() and b"clinic" not in path.read_bytes()
+    assert json.loads((out / "results.json").read_text()) == results
+    assert {row["name"] for row in _rows(mapping)} == {r["name"] for r in results}
+    with pytest.raises(ValueError, match="--mapping .*outside --out"):
+        stage([tmp_path / "clinic"], model=model_dir, out=out, mapping=out / "m.csv", identities=IDENTITIES)
+
+
+def test_sleep_summary_of_a_hand_made_night():
+    # W W N1 N2 W N2 REM W W  (30-s epochs)
+    stages = np.array([0, 0, 1, 2, 0, 2, 4, 0, 0])
+    summary = sleep_summary(stages, ("W", "N1", "N2", "N3", "REM"))
+    assert summary["time_in_bed_min"] == 4.5 and summary["total_sleep_time_min"] == 2.0
+    assert summary["sleep_onset_latency_min"] == 1.0
+    assert summary["waso_min"] == 0.5  # the wake epoch between N2 and N2; the final wake is not WASO
+    assert summary["sleep_efficiency_percent"] == pytest.approx(100 * 2.0 / 4.5)
+    assert summary["stage_percent_of_tst"] == {"N1": 25.0, "N2": 50.0, "N3": 0.0, "REM": 25.0}
+    awake = sleep_summary(np.zeros(4, int), ("W", "NREM", "REM"))
+    assert awake["total_sleep_time_min"] == 0 and awake["sleep_onset_latency_min"] is None
+    assert awake["stage_percent_of_tst"] == {"NREM": None, "REM": None}
+
+
+@pytest.mark.integration
+def test_s2v_stage_folder_on_ray(ray_local, real_data, model_dir, tmp_path, capsys):
+    from pipelines.cli import main as s2v
+
+    folder = tmp_path / "inputs"
+    folder.mkdir()
+    for name, source in (("a.edf", "SleepEDF_SC4001/short_psg.edf"),
+                         ("b.bdf", "OpenBCI_COsleep/multiple_annotation_chans.bdf"),
+                         ("c.edf", "HMC_SN001/test_edfann.edf")):
+        (folder / name).symlink_to(real_data / source)
+    key = tmp_path / "key"
+    key.write_text("s2v-test-pseudonym-key-0123456789abcdef\n")
+    out = tmp_path / "out"
+    assert s2v(["stage", str(folder), "--model", str(model_dir), "--out", str(out),
+                "--pseudonym-key-file", str(key)]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (printed["staged"], printed["failed"]) == (2, 1)
+    results = json.loads((out / "results.json").read_text())
+    assert sorted(r["epochs"] for r in results) == [0, 8, 10]
+    assert "no signal channels" in next(r["reason"] for r in results if r["status"] == "failed")
+    assert len(list(out.glob("rec-*_hypnogram.png"))) == 2
+
+
+def test_embed_recording_from_the_package_api(real_data, model_dir):
+    from s2v_core import embed_recording
+
+    embedding = embed_recording(real_data / "SleepEDF_SC4001" / "short_psg.edf", model=model_dir)
+    assert embedding.features.shape == (10, 16) and embedding.windows == [(0, 10)]
+    assert embedding.modalities == ("eeg", "eog") and embedding.present[:, :2].all()
+    assert np.isfinite(embedding.features).all() and np.abs(embedding.features).sum() > 0
+
+
+def test_recordings_are_encoded_in_the_windows_the_model_was_trained_on(real_data):
+    from s2v_core import embed_recording
+
+    torch.manual_seed(0)
+    encoder = SleepEncoder(model_config("tiny", width=16, depth=1, heads=2, epochs_per_window=10), ("eeg", "eog"))
+    model = FineTunedModel(encoder, FinetuneSpec(task="staging3", head="temporal", epochs_per_window=4))
+    embedding = embed_recording(real_data / "SleepEDF_SC4001" / "short_psg.edf", model=model)
+    assert embedding.windows == [(0, 4), (4, 8), (8, 10)]  # the last window is shorter, never padded
+    assert model.window_epochs == 4
