@@ -66,7 +66,6 @@ import argparse
 import json
 import logging
 import os
-import posixpath
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -78,7 +77,8 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from pipelines.runtime import absolute, file_type, is_uri, join, read_text, redact, write_text
+from pipelines.model_io import load_encoder_spec
+from pipelines.runtime import absolute, file_type, join, read_text, redact, write_text
 from s2v_core.io.discovery import resolve
 from s2v_core.modalities import MODALITY_KEYS, parse_modalities
 from s2v_core.splits import SPLIT_NAMES, SplitConfig, assign_splits, read_splits, split_record
@@ -92,8 +92,6 @@ INFO_FILE = "embed.json"
 WINDOWS_DIR = "windows"
 NIGHTS_FILE = "nights.parquet"
 METADATA_KEY = b"s2v.embeddings"
-#: Written by ``s2v pretrain`` in its run directory: ``{"tracking_uri", "run_id"}``.
-PRETRAIN_RUN_FILE = "mlflow_run.json"
 #: What an embedding is: the backbone's hidden state (downstream default) or the aligned projection.
 FEATURES = ("hidden", "projected")
 #: Store columns carried through unchanged to every embeddings row.
@@ -132,52 +130,6 @@ class Embeddings:
     nights: pa.Table  # EMB/nights.parquet
     night: np.ndarray  # float32 (K, P), rows of ``nights``
     per_modality: dict[str, np.ndarray]  # key -> float32 (N, E, P), NaN where absent
-
-
-def load_encoder_spec(spec: str, *, allow_pickle: bool = False):
-    """Load an encoder (eval mode, CPU) from a checkpoint dir, run dir or MLflow URI / run id.
-
-    MLflow pytorch models (pickles) load only with ``allow_pickle``.
-
-    Returns ``(encoder, pretrain_run)`` where ``pretrain_run`` is
-    ``{"run_id", "tracking_uri"}`` of the pretraining MLflow run when it can
-    be found (``RUN_DIR/mlflow_run.json`` above a checkpoint path, or the run
-    id of a ``runs:/`` spec), else ``None``.
-    """
-    try:
-        from pipelines.model_io import load_trained_encoder
-    except ImportError:  # an older tree without the pretraining side's resolver
-        load_trained_encoder = None
-    if load_trained_encoder is not None:
-        encoder = load_trained_encoder(spec, allow_pickle=allow_pickle)
-    else:
-        from s2v_core.model import MODEL_CONFIG_FILE, load_encoder
-
-        if not (Path(spec) / MODEL_CONFIG_FILE).is_file():
-            raise FileNotFoundError(f"--checkpoint {spec!r}: expected a saved encoder directory "
-                                    f"(holding {MODEL_CONFIG_FILE})")
-        encoder = load_encoder(spec)
-    return encoder.eval(), _pretrain_run(str(spec))
-
-
-def _pretrain_run(spec: str) -> dict | None:
-    """The pretraining MLflow run behind ``spec``, if it can be told (see load_encoder_spec)."""
-    if is_uri(spec) or Path(spec).exists():
-        filesystem, folder = resolve(spec)
-        for _ in range(5):  # RUN_DIR/checkpoints/step_*/encoder is four levels below the run dir
-            record = f"{folder.rstrip('/')}/{PRETRAIN_RUN_FILE}"
-            if filesystem.get_file_info(record).type == pafs.FileType.File:
-                with filesystem.open_input_stream(record) as stream:
-                    data = json.loads(stream.read().decode("utf-8"))
-                return {"run_id": data.get("run_id"), "tracking_uri": data.get("tracking_uri")}
-            folder = posixpath.dirname(folder.rstrip("/"))
-            if not folder.strip("/"):
-                break
-        return None
-    run_id = spec[len("runs:/"):].split("/")[0] if spec.startswith("runs:/") else spec
-    if len(run_id) == 32 and all(c in "0123456789abcdef" for c in run_id):
-        return {"run_id": run_id, "tracking_uri": os.environ.get("MLFLOW_TRACKING_URI")}
-    return None
 
 
 class _EmbedActor:

@@ -446,7 +446,7 @@ def store_rows(emb: Embeddings, data: str, columns: Sequence[str]) -> pa.Table:
 
 def _label_efficiency(emb: Embeddings, folds: list[Fold], data: str, checkpoint: str, seed: int,
                       out_dir: Path, plot_paths: list[str]) -> dict:
-    from pipelines.embed import load_encoder_spec
+    from pipelines.model_io import load_encoder_spec
     from s2v_core.evaluation.scratch import scratch_staging_probe
     from s2v_core.store import table_to_batch
 

@@ -45,7 +45,7 @@ from typing import Any
 
 import numpy as np
 
-from pipelines.runtime import mlflow_experiment, mlflow_tracking_uri, redact
+from pipelines.runtime import MLFLOW_RUN_FILE, mlflow_experiment, mlflow_tracking_uri, redact
 from s2v_core.config import from_mapping, to_mapping
 from s2v_core.finetuning import LORA_TARGETS, FinetuneSpec, load_finetuned, save_finetuned
 from s2v_core.modalities import MODALITY_KEYS, parse_modalities
@@ -55,7 +55,6 @@ logger = logging.getLogger(__name__)
 CONFIG_FILE = "finetune_config.json"
 MODEL_DIR = "model"
 REPORT_FILE = "report.json"
-MLFLOW_RUN_FILE = "mlflow_run.json"
 CHECKPOINTS_NAME = "checkpoints"
 PRETRAINED_ENCODER_DIR = "pretrained_encoder"
 MLFLOW_EXPERIMENT = "sleep2vec-finetune"
@@ -126,7 +125,7 @@ def setup(config: FinetuneConfig, *, resume: bool = False) -> PreparedFinetune:
     longer than the encoder reads, an encoder pretrained on the test subjects (without
     ``--transductive``) and an existing run dir without ``--resume``.
     """
-    from pipelines.embed import load_encoder_spec
+    from pipelines.model_io import load_encoder_spec
     from pipelines.model_io import training_record
     from pipelines.runtime import is_uri
     from pipelines.train_data import inspect_store

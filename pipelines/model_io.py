@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import posixpath
 import re
 import tempfile
 from pathlib import Path
@@ -32,7 +33,8 @@ from pathlib import Path
 import pyarrow.fs as pafs
 
 from pipelines.checkpoints import ENCODER_DIR, latest_checkpoint
-from pipelines.runtime import file_type, is_uri, join, local_directory
+from pipelines.runtime import MLFLOW_RUN_FILE, file_type, is_uri, join, local_directory
+from s2v_core.io.discovery import resolve
 from s2v_core.model import MODEL_CONFIG_FILE, SleepEncoder, load_encoder
 from s2v_core.splits import TRAINING_RECORD_FILE, read_training_record
 
@@ -156,3 +158,37 @@ def _load_mlflow_model(spec: str, tracking_uri: str | None, *, allow_pickle: boo
     if not isinstance(model, SleepEncoder):
         raise ValueError(f"--checkpoint {spec}: expected a SleepEncoder model, found {type(model).__name__}")
     return model.eval()
+
+
+def load_encoder_spec(spec: str, *, allow_pickle: bool = False):
+    """Load an encoder (eval mode, CPU) from a checkpoint dir, run dir or MLflow URI / run id.
+
+    MLflow pytorch models (pickles) load only with ``allow_pickle``.
+
+    Returns ``(encoder, pretrain_run)`` where ``pretrain_run`` is
+    ``{"run_id", "tracking_uri"}`` of the pretraining MLflow run when it can
+    be found (``RUN_DIR/mlflow_run.json`` above a checkpoint path, or the run
+    id of a ``runs:/`` spec), else ``None``.
+    """
+    encoder = load_trained_encoder(spec, allow_pickle=allow_pickle)
+    return encoder.eval(), _pretrain_run(str(spec))
+
+
+def _pretrain_run(spec: str) -> dict | None:
+    """The pretraining MLflow run behind ``spec``, if it can be told (see load_encoder_spec)."""
+    if is_uri(spec) or Path(spec).exists():
+        filesystem, folder = resolve(spec)
+        for _ in range(5):  # RUN_DIR/checkpoints/step_*/encoder is four levels below the run dir
+            record = f"{folder.rstrip('/')}/{MLFLOW_RUN_FILE}"
+            if filesystem.get_file_info(record).type == pafs.FileType.File:
+                with filesystem.open_input_stream(record) as stream:
+                    data = json.loads(stream.read().decode("utf-8"))
+                return {"run_id": data.get("run_id"), "tracking_uri": data.get("tracking_uri")}
+            folder = posixpath.dirname(folder.rstrip("/"))
+            if not folder.strip("/"):
+                break
+        return None
+    run_id = spec[len("runs:/"):].split("/")[0] if spec.startswith("runs:/") else spec
+    if len(run_id) == 32 and all(c in "0123456789abcdef" for c in run_id):
+        return {"run_id": run_id, "tracking_uri": os.environ.get("MLFLOW_TRACKING_URI")}
+    return None

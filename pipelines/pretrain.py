@@ -53,7 +53,7 @@ import pyarrow.fs as pafs
 
 from pipelines.checkpoints import (CHECKPOINTS_NAME, ENCODER_DIR, data_position, incomplete_checkpoints,
                                   latest_checkpoint, read_state)
-from pipelines.runtime import (absolute, check_mlflow_store, file_type, join, local_directory, mlflow_experiment,
+from pipelines.runtime import (MLFLOW_RUN_FILE, absolute, check_mlflow_store, file_type, join, local_directory, mlflow_experiment,
                                read_text, redact, redact_values, replace_directory, tracking_uri_scope, write_text)
 from pipelines.train_config import (PretrainConfig, config_differences, config_from_dict, config_to_dict,
                                     deepspeed_config, load_pretrain_config)
@@ -70,7 +70,6 @@ logger = logging.getLogger(__name__)
 
 PRETRAIN_CONFIG_FILE = "pretrain_config.json"
 DS_CONFIG_FILE = "ds_config.json"
-MLFLOW_RUN_FILE = "mlflow_run.json"
 FINAL_ENCODER_DIR = "encoder"
 #: Artifact path of the final encoder directory and name of the MLflow model in a run.
 MLFLOW_ENCODER_ARTIFACT = "encoder"
