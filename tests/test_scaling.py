@@ -125,7 +125,7 @@ def test_cluster_bootstrap_moves_whole_groups():
 
 
 def test_one_variable_forms_need_only_their_variable():
-    y, n, m, _ = sweep_points("n_only", noise=0.005, seed=6)
+    y, n, _m, _ = sweep_points("n_only", noise=0.005, seed=6)
     fit = fit_law("n_only", y, n_params=n, grid=GRID)
     assert fit.params["alpha"] == pytest.approx(0.35, abs=0.03)
     with pytest.raises(ValueError, match="needs modality_counts"):
@@ -153,7 +153,7 @@ def test_bad_input_is_a_clear_error(kwargs, message):
 
 
 def test_unknown_form_criterion_and_group_shape_are_rejected():
-    y, n, m, s = sweep_points("additive", seeds=1)
+    y, n, m, _s = sweep_points("additive", seeds=1)
     with pytest.raises(ValueError, match="unknown scaling-law form 'power'"):
         fit_law("power", y, n_params=n, modality_counts=m)
     with pytest.raises(ValueError, match="criterion: expected one of bic, aic, cv"):
@@ -192,7 +192,7 @@ def test_held_out_forecast_uses_the_smaller_models_and_beats_no_scaling():
 
 
 def test_held_out_forecast_along_m_uses_the_next_smaller_count_as_no_scaling():
-    y, n, m, s = sweep_points("additive", noise=0.0, seeds=1)
+    y, n, m, _s = sweep_points("additive", noise=0.0, seeds=1)
     keep = m < 9
     forecast = held_out_forecast(y[keep], n_params=n[keep], modality_counts=m[keep], targets_n=N_GRID,
                                  targets_m=np.full(len(N_GRID), 9.0), axis="m", bootstrap=0,

@@ -8,7 +8,13 @@ import pytest
 
 from pipelines.cli import main
 from s2v_core.toystore import write_toy_store
-from tune.plan import SweepConfig, modality_subsets, parse_pairs, plan_trials, scoring_pairs
+from tune.plan import (
+    SweepConfig,
+    modality_subsets,
+    parse_pairs,
+    plan_trials,
+    scoring_pairs,
+)
 from tune.sweep import check_store, store_modalities
 
 STORE_MODALITIES = ("eeg", "eog", "ecg", "hr", "spo2")
@@ -22,9 +28,9 @@ def store(tmp_path_factory) -> Path:
 
 
 def config(store, output, **overrides) -> SweepConfig:
-    values = dict(data=str(store), output=str(output), widths=(16, 32), modality_counts=(2, 3),
-                  steps=2, global_batch=4, bootstrap=10, seeds=1, subsets_per_count=1,
-                  scoring_pairs=(("eeg", "ecg"),), score_windows=8, probe_windows=16, validation_batch=4)
+    values = {"data": str(store), "output": str(output), "widths": (16, 32), "modality_counts": (2, 3),
+              "steps": 2, "global_batch": 4, "bootstrap": 10, "seeds": 1, "subsets_per_count": 1,
+              "scoring_pairs": (("eeg", "ecg"),), "score_windows": 8, "probe_windows": 16, "validation_batch": 4}
     values.update(overrides)
     return SweepConfig(**values)
 
@@ -171,3 +177,30 @@ def test_preregistered_sweep_writes_the_forecast_before_the_held_out_trials_star
     assert {a.path for a in client.list_artifacts(parent_id)} >= {"scaling.json", "scaling.png", "predictions.json"}
     assert not (tmp_path / "cwd" / "mlruns").exists()
     assert os.path.isdir(output / "tune-main") and os.path.isdir(output / "tune-held_out")
+
+
+def test_cli_options_map_onto_the_config_and_trials_train_the_paper_objective_on_train(store, tmp_path):
+    import argparse
+
+    from tune.sweep import add_arguments, config_from_args
+    from tune.trial import trial_pretrain_config
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    cfg = config_from_args(parser.parse_args([
+        "--data", str(store), "--output", str(tmp_path / "out"), "--widths", "16,32", "--modality-counts", "2,3",
+        "--depths", "1,2", "--seeds", "2", "--scoring-pairs", "ecg-eeg", "--lr-multipliers", "0.5,2",
+        "--steps", "7", "--no-preregister"]))
+    assert cfg.sizes == ((16, 1), (32, 2)) and cfg.seeds == 2 and cfg.scoring_pairs == (("eeg", "ecg"),)
+    assert cfg.lr_multipliers == (0.5, 2.0) and not cfg.preregister and cfg.objective == "paper" and not cfg.ema
+    trials, _ = plan_trials(cfg, available=STORE_MODALITIES)
+    trial = next(t for t in trials if t["key"] == "w32-d2-m3-k0-s1")
+    settings = {"data": cfg.data, "model": cfg.model, "objective": cfg.objective, "ema": cfg.ema,
+                "workers": 1, "steps": cfg.steps, "global_batch": cfg.global_batch, "score_windows": 8,
+                "device": "cpu"}
+    pretrain = trial_pretrain_config(trial, settings, lr=trial["lr"] * 2.0, run_dir=tmp_path / "run")
+    assert pretrain.train_splits == ("train",) and pretrain.seed == 1 and pretrain.steps == 7
+    assert pretrain.lr == pytest.approx(cfg.lr * 32 / 32 * 2.0) and not pretrain.ema
+    assert pretrain.loss_objective.pairing == "random_pair"  # supervision does not grow with M
+    model = pretrain.model_config()
+    assert model.modality_dropout == 0.0 and (model.width, model.depth) == (32, 2)

@@ -18,6 +18,8 @@ over are the only things that change between trials:
   per step, so supervision does not grow as M(M-1) with M), with modality
   dropout off (the preset's ``modality_dropout = 0``; at M = 2 dropout would
   remove the only pair).
+* **EMA off** by default (``--ema`` turns it on): the preset's momentum
+  averages over ~250 steps, longer than a short trial.
 * **Compute**: every trial takes the same optimiser steps at the same global
   batch, i.e. the same stated number of tokens (``steps x global_batch x
   epochs_per_window x 2`` epoch tokens: one pair per step).
@@ -62,6 +64,9 @@ class SweepConfig:
     scoring_pairs: tuple[tuple[str, str], ...] = ()  # pairs every trial is scored on; () = one seeded pair
     seeds: int = 3  # repeats of every point (seed, seed + 1, ...)
     objective: str = "paper"  # objective preset: paper = one random pair per step, no modality dropout
+    # EMA weights (the paper preset's) are off by default: at momentum 0.996 the average
+    # spans ~250 steps, so a short trial's saved encoder would be mostly its initialisation.
+    ema: bool = False
     model: str = "tiny"  # named model size the widths/depths override
     steps: int = 30  # optimiser steps per trial: with global_batch the fixed compute of every trial
     global_batch: int = 8  # windows per step over all workers of a trial

@@ -198,6 +198,7 @@ def sweep(cfg: SweepConfig, *, resume: bool = False, address: str | None = None,
         state_path.write_text(json.dumps(state, indent=2) + "\n")
 
     settings = {"output": str(output), "data": cfg.data, "model": cfg.model, "objective": cfg.objective,
+                "ema": cfg.ema,
                 "steps": cfg.steps, "global_batch": cfg.global_batch, "workers": cfg.workers_per_trial,
                 "device": cfg.device, "lr_multipliers": list(cfg.lr_multipliers),
                 "score_windows": cfg.score_windows, "probe_windows": cfg.probe_windows,
@@ -373,6 +374,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: one seeded pair)")
     parser.add_argument("--seeds", type=int, default=defaults.seeds, help="seeds per point")
     parser.add_argument("--objective", default=defaults.objective, help="objective preset (paper: random pair)")
+    parser.add_argument("--ema", action="store_true",
+                        help="keep the preset's EMA weights (off: short trials would save a lagging average)")
     parser.add_argument("--model", default=defaults.model, help="named model size the widths override")
     parser.add_argument("--steps", type=int, default=defaults.steps, help="optimiser steps per trial (fixed compute)")
     parser.add_argument("--global-batch", type=int, default=defaults.global_batch, help="windows per step")
@@ -407,7 +410,8 @@ def config_from_args(args: argparse.Namespace) -> SweepConfig:
     return SweepConfig(
         data=args.data, output=args.output, widths=args.widths, modality_counts=args.modality_counts,
         depths=args.depths, width_per_block=args.width_per_block, subsets_per_count=args.subsets_per_count,
-        scoring_pairs=args.scoring_pairs, seeds=args.seeds, objective=args.objective, model=args.model,
+        scoring_pairs=args.scoring_pairs, seeds=args.seeds, objective=args.objective, ema=args.ema,
+        model=args.model,
         steps=args.steps, global_batch=args.global_batch, lr=args.lr, lr_base_width=args.lr_base_width,
         lr_multipliers=args.lr_multipliers, workers_per_trial=args.workers_per_trial, device=args.device,
         cpus_per_trial=args.cpus_per_trial, max_concurrent=args.max_concurrent, score_windows=args.score_windows,

@@ -86,7 +86,7 @@ def pretrain_trial(trial: dict, settings: dict, *, lr: float, attempt: int = 0) 
     The run is :func:`pipelines.pretrain.setup` → :func:`~pipelines.pretrain.build_trainer`
     → :func:`~pipelines.pretrain.cleanup` in ``SWEEP_DIR/train/<key>/lr<attempt>``,
     with the sweep's objective preset (its ``[training]`` defaults, then the
-    sweep's steps, batch, learning rate and seed). MLflow logging is the
+    sweep's steps, batch, learning rate, seed and EMA switch). MLflow logging is the
     sweep's: rank 0 writes per-step metrics into the trial's nested run.
     A retried trial starts its run dir afresh.
     """
@@ -96,18 +96,11 @@ def pretrain_trial(trial: dict, settings: dict, *, lr: float, attempt: int = 0) 
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from pipelines.pretrain import build_trainer, cleanup, detect_gpu, setup
-    from pipelines.train_config import load_pretrain_config
 
     run_dir = Path(settings["output"]) / "train" / trial["key"] / f"lr{attempt}"
     if run_dir.exists():
         shutil.rmtree(run_dir)
-    config = load_pretrain_config(
-        None, data=settings["data"], output=str(run_dir), workers=settings["workers"], model=settings["model"],
-        objective=settings["objective"], width=trial["width"], depth=trial["depth"],
-        modalities=tuple(trial["modalities"]), steps=settings["steps"], global_batch=settings["global_batch"],
-        lr=lr, seed=trial["seed"], checkpoint_every=settings["steps"], keep_checkpoints=1, max_failures=0,
-        validate_every=0, validation_epochs=settings["score_windows"], device=settings["device"],
-    )
+    config = trial_pretrain_config(trial, settings, lr=lr, run_dir=run_dir)
     prepared = setup(config, on_gpu=detect_gpu(config))
     mlflow = settings.get("mlflow")
     run_id = trial_mlflow_run(mlflow) if mlflow else None
@@ -118,6 +111,25 @@ def pretrain_trial(trial: dict, settings: dict, *, lr: float, attempt: int = 0) 
         raise result.error
     final = cleanup(prepared, Path(result.checkpoint.path), log_model=False)
     return final.encoder_dir, {"loss": final.final_loss, "step": final.steps, **final.metrics}
+
+
+def trial_pretrain_config(trial: dict, settings: dict, *, lr: float, run_dir: str | Path):
+    """The :class:`~pipelines.train_config.PretrainConfig` of one trial at one learning rate.
+
+    The objective preset's ``[training]`` table gives the defaults; the
+    sweep fixes steps, batch, learning rate, seed and EMA. ``train_splits``
+    stays ``("train",)``: val and test subjects are never trained on.
+    """
+    from pipelines.train_config import load_pretrain_config
+
+    return load_pretrain_config(
+        None, data=settings["data"], output=str(run_dir), workers=settings["workers"], model=settings["model"],
+        objective=settings["objective"], width=trial["width"], depth=trial["depth"],
+        modalities=tuple(trial["modalities"]), steps=settings["steps"], global_batch=settings["global_batch"],
+        lr=lr, seed=trial["seed"], checkpoint_every=settings["steps"], keep_checkpoints=1, max_failures=0,
+        validate_every=0, validation_epochs=settings["score_windows"], device=settings["device"],
+        ema=settings.get("ema", False),
+    )
 
 
 def trial_mlflow_run(mlflow: dict, *, wait_seconds: float = 30.0) -> str | None:
@@ -201,8 +213,8 @@ class HeldOutScorer:
 
     def loss(self, encoder_dir: str, split: str) -> float:
         """Mean held-out contrastive loss (nats per anchor) over the scoring pairs on ``split``'s sample."""
-        from s2v_core.model import load_encoder
         from s2v_core.evaluation.alignment import pair_name
+        from s2v_core.model import load_encoder
 
         validator = self.validator(split)
         figures = validator.figures(load_encoder(encoder_dir).eval())
