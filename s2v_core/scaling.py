@@ -307,7 +307,8 @@ def fit_law(
     groups : array-like, optional
         Bootstrap groups: shape ``(points,)`` or ``(points, factors)`` of
         labels (e.g. seed, modality-subset index); each factor's levels are
-        resampled independently. Default: every point is its own group.
+        resampled independently. Default (and when every factor has a single
+        level): every point is its own group.
     bootstrap : int
         Bootstrap refits (0: no intervals).
     confidence : float
@@ -721,6 +722,8 @@ def _check_points(spec: Form, losses, n_params, modality_counts):
 
 
 def _check_groups(groups, size: int) -> np.ndarray:
+    """Labels ``(points, factors)`` as strings; a factor with a single level cannot be resampled and is
+    dropped, and with no factor left every point is its own group (a plain case bootstrap)."""
     if groups is None:
         return np.arange(size).reshape(-1, 1)
     labels = np.asarray(groups, dtype=object)
@@ -729,4 +732,10 @@ def _check_groups(groups, size: int) -> np.ndarray:
     if labels.ndim != 2 or labels.shape[0] != size:
         raise ValueError(f"groups: expected {size} rows (one per point), found shape {np.shape(groups)}")
     # Labels as strings so that mixed types sort; np.unique needs one type.
-    return np.vectorize(str, otypes=[object])(labels).astype(str)
+    labels = np.vectorize(str, otypes=[object])(labels).astype(str)
+    varying = [j for j in range(labels.shape[1]) if len(np.unique(labels[:, j])) > 1]
+    if not varying:
+        logger.warning("every bootstrap group factor has a single level (one seed, one subset): "
+                       "resampling points instead, which treats them as independent")
+        return np.arange(size).reshape(-1, 1)
+    return labels[:, varying]

@@ -124,6 +124,16 @@ def test_cluster_bootstrap_moves_whole_groups():
         assert mult.sum() == len(seeds)  # 4 seeds x 2 subsets drawn: total weight is preserved
 
 
+def test_a_single_seed_falls_back_to_resampling_points():
+    y, n, m, s = sweep_points("additive", noise=0.01, seeds=1, seed=9)
+    fit = fit_law("additive", y, n_params=n, modality_counts=m, groups=np.column_stack([s, s]), bootstrap=20,
+                  grid=GRID)
+    # One group would give 20 identical refits (a zero-width interval); points give a real spread.
+    assert fit.ci["alpha"][1] - fit.ci["alpha"][0] > 1e-4
+    multiplicities = group_multiplicities(np.zeros(6), seed=0)
+    assert multiplicities.sum() == 6 and multiplicities.max() > 1
+
+
 def test_one_variable_forms_need_only_their_variable():
     y, n, _m, _ = sweep_points("n_only", noise=0.005, seed=6)
     fit = fit_law("n_only", y, n_params=n, grid=GRID)
