@@ -38,6 +38,7 @@ Pure planning: no Ray (tests call it directly).
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 from dataclasses import dataclass
 
@@ -46,6 +47,10 @@ import numpy as np
 from pipelines.runtime import is_uri
 from s2v_core.modalities import MODALITY_KEYS, parse_modalities
 
+logger = logging.getLogger(__name__)
+
+#: Below these, a sweep still runs but its law is weakly determined (the report says so).
+RECOMMENDED = {"sizes": 5, "seeds": 3, "modality_counts": 4}
 #: Phases of a sweep: the held-out points run only after their forecast is written.
 PHASES = ("main", "held_out")
 
@@ -227,6 +232,10 @@ def plan_trials(cfg: SweepConfig, *, available) -> tuple[list[dict], dict]:
     from s2v_core.model import SleepEncoder, count_parameters
     from s2v_core.objective import load_objective
 
+    for what, have in (("sizes", len(cfg.widths)), ("seeds", cfg.seeds), ("modality_counts", len(cfg.modality_counts))):
+        if have < RECOMMENDED[what]:
+            logger.warning("%d %s (at least %d recommended): the fit and its intervals will be weak or absent",
+                           have, what.replace("_", " "), RECOMMENDED[what])
     pairs = scoring_pairs(available, chosen=cfg.scoring_pairs, seed=cfg.seed)
     subsets = modality_subsets(available, cfg.modality_counts, pairs=pairs, per_count=cfg.subsets_per_count,
                                seed=cfg.seed)
