@@ -578,6 +578,9 @@ def _verdict(law: str, fit: LawFit, criterion: str, distinct: int) -> Verdict:
     lo, hi = fit.ci[exponent]
     interval = (lo, hi)
     pct = f"{100 * fit.confidence:g} %"
+    if hi - lo <= 1e-9 * max(1.0, abs(estimate)):
+        return Verdict(law, exponent, False, f"the bootstrap interval of {exponent} has zero width ({fit.bootstrap} "
+                                             "refits that all agree): too few groups to resample", estimate, interval)
     if exponent in fit.at_bound or hi >= MAX_EXPONENT * (1 - 1e-6):
         return Verdict(law, exponent, False, f"{exponent} reaches the search bound {MAX_EXPONENT:g} "
                                              f"({pct} interval [{lo:.3g}, {hi:.3g}])", estimate, interval)

@@ -134,6 +134,15 @@ def test_a_single_seed_falls_back_to_resampling_points():
     assert multiplicities.sum() == 6 and multiplicities.max() > 1
 
 
+def test_a_zero_width_interval_is_not_identified():
+    from s2v_core.scaling import LawFit, _verdict
+
+    fit = LawFit(form="n_only", params={"E": 1.0, "A": 2.0, "alpha": 0.3}, rss=0.0, n_points=9, aic=0.0, bic=0.0,
+                 rmse=0.0, ci={"E": (1.0, 1.0), "A": (2.0, 2.0), "alpha": (0.3, 0.3)}, bootstrap=10)
+    verdict = _verdict("N", fit, "bic", distinct=3)
+    assert not verdict.identified and "zero width" in verdict.reason
+
+
 def test_one_variable_forms_need_only_their_variable():
     y, n, _m, _ = sweep_points("n_only", noise=0.005, seed=6)
     fit = fit_law("n_only", y, n_params=n, grid=GRID)
