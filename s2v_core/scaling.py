@@ -654,9 +654,11 @@ def score_forecast(forecast: dict, observed: dict[tuple[float, float], float]) -
     ``observed`` maps ``(n_params, modality_count)`` to the measured loss
     (mean over seeds). Returns ``relative_error`` (mean over targets of
     ``|predicted - observed| / observed``), ``no_scaling_relative_error``
-    and ``beats_no_scaling``, plus one row per target.
+    (over the targets that have a no-scaling forecast), the law's error on
+    those same targets, ``beats_no_scaling`` (compared on them), and one row
+    per target.
     """
-    rows, law, naive = [], [], []
+    rows, law, naive, matched = [], [], [], []
     for target in forecast["targets"]:
         key = (target["n_params"], target["modality_count"])
         value = observed.get(key)
@@ -667,12 +669,15 @@ def score_forecast(forecast: dict, observed: dict[tuple[float, float], float]) -
             if target["no_scaling"] is not None:
                 row["no_scaling_relative_error"] = abs(target["no_scaling"] - value) / value
                 naive.append(row["no_scaling_relative_error"])
+                matched.append(row["relative_error"])
         rows.append(row)
     out = {"targets": rows, "scored": len(law),
            "relative_error": float(np.mean(law)) if law else None,
-           "no_scaling_relative_error": float(np.mean(naive)) if naive else None}
-    out["beats_no_scaling"] = (None if out["relative_error"] is None or out["no_scaling_relative_error"] is None
-                               else out["relative_error"] < out["no_scaling_relative_error"])
+           "no_scaling_relative_error": float(np.mean(naive)) if naive else None,
+           # the law on the same targets as the no-scaling forecast (a corner cell has none)
+           "relative_error_where_no_scaling": float(np.mean(matched)) if matched else None}
+    out["beats_no_scaling"] = (None if not matched else
+                               out["relative_error_where_no_scaling"] < out["no_scaling_relative_error"])
     return out
 
 

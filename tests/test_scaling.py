@@ -220,3 +220,17 @@ def test_held_out_forecast_along_m_uses_the_next_smaller_count_as_no_scaling():
         assert target["no_scaling"] == pytest.approx(float(y[(n == width) & (m == 7)][0]))
         assert target["predicted"] == pytest.approx(float(evaluate_law("additive", LAWS["additive"], width, 9)),
                                                     rel=1e-3)
+
+
+def test_forecast_score_compares_with_no_scaling_on_the_same_targets():
+    forecast = {"targets": [
+        {"n_params": 1e6, "modality_count": 2.0, "predicted": 2.0, "interval": [1.9, 2.1], "no_scaling": 2.4},
+        {"n_params": 1e6, "modality_count": 9.0, "predicted": 1.0, "interval": [0.9, 1.1], "no_scaling": None},
+    ]}
+    scored = score_forecast(forecast, {(1e6, 2.0): 2.0, (1e6, 9.0): 2.0})
+    assert scored["scored"] == 2
+    assert scored["relative_error"] == pytest.approx(0.25)  # (0 + 0.5) / 2
+    assert scored["no_scaling_relative_error"] == pytest.approx(0.2)
+    assert scored["relative_error_where_no_scaling"] == 0.0 and scored["beats_no_scaling"] is True
+    unobserved = score_forecast(forecast, {})
+    assert unobserved["scored"] == 0 and unobserved["beats_no_scaling"] is None
