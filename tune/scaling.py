@@ -75,7 +75,8 @@ def build_report(trials: list[dict], *, plan: dict | None = None, predictions: d
         "M": "not identified: " + report["loss"].get("error", "no fit")}
     report["extrapolation"] = _extrapolation(finished, predictions)
     report["extrapolation_summary"] = {
-        axis: {k: v.get(k) for k in ("relative_error", "no_scaling_relative_error", "beats_no_scaling", "error")}
+        axis: {k: v.get(k) for k in ("relative_error", "relative_error_where_no_scaling", "no_scaling_relative_error",
+                                     "beats_no_scaling", "error")}
         for axis, v in report["extrapolation"].get("forecasts", {}).items()}
     return report
 
