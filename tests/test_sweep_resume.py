@@ -61,7 +61,7 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_seeds(tmp_path):
     assert starts.count(done) == 1  # the finished seed was not run again
     report = json.loads((output / "scaling.json").read_text())
     assert report["counts"] == {"trials": 2, "finished": 2, "failed": 0}
-    assert {t["key"] for t in report["trials"] if t["status"] == "finished"} == {"w16-d2-m2-f1", "w24-d2-m2-f1"}
+    assert {t["key"] for t in report["trials"] if t["status"] == "finished"} == {"w16-d1-m2-k0-s0", "w16-d1-m2-k0-s1"}
 
     # A second --resume of a finished sweep changes nothing; a fresh start in the same place is refused.
     again = subprocess.run(sweep_command(store, output), env=env, capture_output=True, text=True, timeout=300)
