@@ -12,8 +12,12 @@ setup
     after it (``w64-d4-m5-k1-s2``).
 run
     Phase ``main``: every trial except those at the largest width or the
-    largest count. Then the law is selected and fitted on the main phase
-    only, and its forecast for the held-out points is written to
+    largest count (each axis is held out when at least 3 smaller values
+    remain; ``--no-preregister`` runs everything in one phase). Then the law
+    is selected and fitted on the main phase only (so the forecast of the
+    largest N is also fitted without the largest M, and vice versa; the
+    corner cell is forecast along both axes, and has no no-scaling
+    forecast), and its forecast for the held-out points is written to
     ``SWEEP_DIR/predictions.json`` (with the time it was written) *before*
     phase ``held_out`` runs them. Each phase is its own Tune experiment
     (``SWEEP_DIR/tune-main``, ``tune-held_out``); failed trials are retried
