@@ -16,9 +16,11 @@ whether the largest-N forecast is within 10 % and better than no scaling.
 The full grid is sized for 2 CPU cores and about an hour: 5 sizes (width
 and depth together) x 4 modality counts (1, 2, 2 and 1 random subsets) x 3
 seeds = 90 trials of 40 steps at batch 8, one trial at a time (a trial holds
-both cores: its process and one Train worker), ~40 s each on a 2-core
-machine, most of it Ray Train start-up. Nothing here checks time: the
-figures are what they are.
+both cores: its process and one Train worker). A trial is mostly Ray Train
+start-up and scoring: the ``--quick`` trials took 40-90 s each on a shared
+2-core machine under a load of ~20, so the full run is ~60 min on two free
+cores and longer on a busy machine (an estimate, not a measurement of the
+full run). Nothing here checks time: the figures are what they are.
 """
 
 from __future__ import annotations
