@@ -22,8 +22,11 @@ install: $(BIN)/.installed
 demo: install
 	$(BIN)/s2v demo --workdir $(WORKDIR)
 
+# Two stages, both in CI: the fast suite first (a broken build fails in about a
+# minute), then the integration runs (real Ray cluster, DeepSpeed, MLflow).
 test: install
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest tests -m "not integration"
+	$(BIN)/python -m pytest tests -m integration
 
 test-fast: install
 	$(BIN)/python -m pytest tests -m "not integration"

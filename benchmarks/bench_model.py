@@ -278,7 +278,7 @@ def bench_run(size_spec: str, preset: str, args, device: torch.device, peak: flo
         del old
     if compile_it:
         result["compiled"] = bench_compiled(setup, flops, peak, matmul, args, clock, times["step"])
-    del setup
+    setup = None  # free the model before the next size (the closures above are done with it)
     if cuda:
         torch.cuda.empty_cache()
     return result

@@ -18,6 +18,12 @@ MLflow every step. Prints one JSON object: the rates, (b)/(a) (target >= 0.9),
 (b)/(a'), (c)/(b) and (d)/(a) per model, and the share of the 2-worker step
 spent in the forward cross-worker all-gathers.
 
+The data path: (e) the windows/s and GB/s of the step's signal columns that
+one Ray Train worker's shard sustains (the pretrain dataset, iterated with no
+model), next to (f) a bare one-thread ``pyarrow.parquet`` read of the same
+files and columns, and how many such readers a ``base`` GPU worker needs at
+~2 GB/s (``--data-path-only`` skips the training runs).
+
 The store has realistic windows (10 epochs = 5 min) and nights (48 windows
 each); on a 2-core machine (c) cannot beat (b): two single-threaded workers
 share the cores with Ray Data's readers and the driver.
@@ -43,7 +49,7 @@ EPOCHS_PER_WINDOW = 10
 def bare_loop(store: Path, *, model: str, global_batch: int, steps: int, warmup: int, seed: int) -> dict:
     """(a): a plain single-process torch loop on the same model and batch."""
     from pipelines.train_config import PretrainConfig
-    from pipelines.train_data import open_store
+    from s2v_core.store import open_store
     from s2v_core.losses import DashConfig, dash_infonce
     from s2v_core.model import SleepEncoder, batch_to_tensors
     from s2v_core.store import table_to_batch
@@ -88,9 +94,9 @@ def concurrent_reader(store: Path):
             "files = sys.argv[1:]\n"
             "while True:\n"
             "    for f in files: pq.read_table(f, use_threads=False)\n")
-    from pipelines.train_data import store_files
+    from s2v_core.store import open_store
 
-    return subprocess.Popen([sys.executable, "-c", code, *map(str, store_files(store))])
+    return subprocess.Popen([sys.executable, "-c", code, *map(str, open_store(store).files)])
 
 
 def framework(store: Path, run_dir: Path, *, workers: int, model: str, global_batch: int, steps: int,
@@ -118,6 +124,71 @@ def framework(store: Path, run_dir: Path, *, workers: int, model: str, global_ba
             "wall_seconds_whole_command": round(wall, 1)}
 
 
+def _modality_bytes(table, modalities) -> int:
+    """Bytes of the signal columns a step uses (what a GPU worker must be fed)."""
+    return sum(table.column(key).nbytes for key in modalities if key in table.column_names)
+
+
+def shard_read(store: Path, *, modalities: tuple[str, ...], batch: int, passes: int, seed: int) -> dict:
+    """(e): what one Ray Train worker's shard sustains: the pretrain dataset, iterated with no model.
+
+    The same Ray Data pipeline ``s2v pretrain`` builds (``build_dataset``:
+    zero-CPU readers keeping only the step's modality columns, then the
+    trainer's ordered split), consumed by a one-worker ``TorchTrainer`` whose
+    loop only iterates its shard in pretrain's batch size and counts bytes.
+    """
+    import ray.train
+    from ray.train import DataConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from pipelines.pretrain import _ordered_ingest
+    from pipelines.train_data import build_dataset
+    from s2v_core.store import open_store
+
+    dataset = build_dataset(open_store(store).files, modalities=modalities, history_columns=(), seed=seed)
+
+    def loop(config):
+        shard = ray.train.get_dataset_shard("train")
+        windows = nbytes = 0
+        started = time.perf_counter()
+        for _ in range(config["passes"]):
+            for table in shard.iter_batches(batch_size=config["batch"], batch_format="pyarrow", drop_last=True):
+                windows += table.num_rows
+                nbytes += _modality_bytes(table, config["modalities"])
+        seconds = time.perf_counter() - started
+        ray.train.report({"windows": windows, "bytes": nbytes, "seconds": seconds})
+
+    with tempfile.TemporaryDirectory(prefix="s2v-bench-shard-") as tmp:
+        result = TorchTrainer(
+            loop, train_loop_config={"passes": passes, "batch": batch, "modalities": list(modalities)},
+            scaling_config=ScalingConfig(num_workers=1), datasets={"train": dataset},
+            dataset_config=DataConfig(datasets_to_split=["train"], execution_options=_ordered_ingest(DataConfig)),
+            run_config=RunConfig(storage_path=tmp, name="shard-read"),
+        ).fit()
+    m = result.metrics
+    return {"windows_per_s": round(m["windows"] / m["seconds"], 1),
+            "gb_per_s": round(m["bytes"] / m["seconds"] / 1e9, 4), "windows": int(m["windows"])}
+
+
+def bare_parquet_read(store: Path, *, modalities: tuple[str, ...], passes: int) -> dict:
+    """(f): the same files and columns read with ``pyarrow.parquet`` on one thread, nothing else."""
+    import pyarrow.parquet as pq
+
+    from s2v_core.store import open_store
+
+    files = open_store(store).files
+    windows = nbytes = 0
+    started = time.perf_counter()
+    for _ in range(passes):
+        for path in files:
+            table = pq.read_table(path, columns=list(modalities), use_threads=False)
+            windows += table.num_rows
+            nbytes += _modality_bytes(table, modalities)
+    seconds = time.perf_counter() - started
+    return {"windows_per_s": round(windows / seconds, 1), "gb_per_s": round(nbytes / seconds / 1e9, 4),
+            "windows": windows}
+
+
 def _rates(per_step: list[float]) -> dict:
     """Windows/s over all steps (windows / summed seconds) and the median step's."""
     seconds = [1.0 / r for r in per_step]  # per window
@@ -132,6 +203,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--global-batch", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--read-passes", type=int, default=3, help="passes over the store for the data-path rates")
+    parser.add_argument("--data-path-only", action="store_true", help="only the store-read rates (no training)")
     args = parser.parse_args()
 
     import logging
@@ -150,6 +223,8 @@ def main() -> None:
         torch.set_num_threads(1)  # one core per Ray worker: compare like with like
         # The bare loops run before Ray starts, so that nothing else competes for the cores.
         kwargs = dict(global_batch=args.global_batch, steps=args.steps, warmup=args.warmup, seed=args.seed)
+        if args.data_path_only:
+            models = []
         bare = {model: bare_loop(store, model=model, **kwargs) for model in models}
         reader = concurrent_reader(store)
         try:
@@ -158,9 +233,18 @@ def main() -> None:
         finally:
             reader.kill()
             reader.wait()
+        bare_read = bare_parquet_read(store, modalities=MODALITIES, passes=args.read_passes)
         ray.init(address="local", num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False,
                  log_to_driver=False)
         try:
+            shard = shard_read(store, modalities=MODALITIES, batch=args.global_batch, passes=args.read_passes,
+                               seed=args.seed)
+            data_path = {
+                "shard_of_one_worker": shard, "bare_parquet_one_thread": bare_read,
+                "ratio_shard_vs_bare_parquet": round(shard["gb_per_s"] / bare_read["gb_per_s"], 3),
+                # A base GPU worker at the issue's target MFU eats ~2 GB/s of float16 windows.
+                "reader_cpus_for_2_gb_per_s": round(2.0 / max(shard["gb_per_s"], 1e-9), 1),
+            }
             for model in models:
                 one = framework(store, root / f"{model}-1", workers=1, model=model, **kwargs)
                 two = framework(store, root / f"{model}-2", workers=2, model=model, **kwargs)
@@ -183,7 +267,7 @@ def main() -> None:
         "warmup_steps": args.warmup, "modalities": list(MODALITIES), "epochs_per_window": EPOCHS_PER_WINDOW,
         "target_ratio_1_worker_vs_bare": 0.9, "cpu_count": os.cpu_count(),
         "load_average_1min": round(os.getloadavg()[0], 2), "torch": torch.__version__,
-        "ray": ray.__version__, "machine": platform.machine(), "models": results,
+        "ray": ray.__version__, "machine": platform.machine(), "data_path": data_path, "models": results,
     }))
 
 

@@ -130,12 +130,13 @@ def demo(config: DemoConfig, *, address: str | None = None) -> dict:
                                             widths=(16, 32), modality_counts=(2, 4), steps=15, seeds=1,
                                             subsets_per_count=1, global_batch=8, seed=config.seed, bootstrap=0),
                                 resume=(paths["sweep"] / "sweep.json").exists(), address=address)
-                scaling["summary"] = {"smoke_run": "2 x 2 grid: checks the sweep runs; too small to fit a law",
-                                      **scaling.get("verdicts", {})}
+                scaling["verdict"] = ("smoke run (2 x 2 grid): the sweep runs, but is too small to fit a "
+                                      "scaling law; " + "; ".join(f"{law}: {text}" for law, text
+                                                                  in scaling.get("verdicts", {}).items()))
             except ValueError as error:
                 # A 12-subject demo store can draw no val or test subject; the sweep needs both.
                 logger.warning("demo sweep skipped: %s", error)
-                scaling = {"summary": {"smoke_run": f"skipped: {error}"}}
+                scaling = {"verdict": f"smoke run skipped: {error}"}
             timings["sweep_s"] = time.perf_counter() - t
     finally:
         ray.shutdown()
@@ -156,24 +157,68 @@ def demo(config: DemoConfig, *, address: str | None = None) -> dict:
         "ahi": _headline(outcome),
         "site_probe": _headline(site),
         "sweep": str(paths["sweep"]) if scaling is not None else None,
-        "sweep_summary": _headline(scaling),
+        "sweep_verdict": scaling.get("verdict") if scaling else None,
         "mlflow_tracking_uri": os.environ["MLFLOW_TRACKING_URI"],
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
     }
 
 
 def _headline(report: dict | None) -> dict:
-    """The few figures of a report worth printing (the full report is on disk)."""
+    """The figures of a report worth printing: each ``summary``'s means, and the robustness matrix.
+
+    Reports put their figures in ``summary`` blocks (``{metric: {"mean", "sd"}}``)
+    at any depth (``staging.linear``, ``outcome``, ``site.night``); the full
+    report is on disk.
+    """
     if not report:
         return {}
-    return report.get("summary") or {k: v for k, v in report.items() if isinstance(v, (int, float, str))}
+    figures: dict[str, dict[str, float]] = {}
+
+    def walk(node: object, path: tuple[str, ...]) -> None:
+        if not isinstance(node, dict):
+            return
+        summary = node.get("summary")
+        if isinstance(summary, dict):
+            means = {metric: round(value["mean"], 3) for metric, value in summary.items()
+                     if isinstance(value, dict) and isinstance(value.get("mean"), (int, float))}
+            if means:
+                figures[".".join(path)] = means
+        for key, child in node.items():
+            if key not in ("summary", "per_fold", "pooled", "predictions"):
+                walk(child, (*path, key))
+
+    for section in ("staging", "outcome", "site"):
+        walk(report.get(section), (section,))
+    robustness = report.get("robustness") or {}
+    for name, row in (robustness.get("matrix_full_probe") or {}).items():
+        figures[f"robustness.{name}"] = {k: round(v, 3) for k, v in row.items()
+                                         if k in ("kappa", "macro_f1", "kappa_margin_kept") and v == v}
+    return figures
+
+
+def headline_lines(summary: dict) -> list[str]:
+    """Plain-language lines for the figures a newcomer looks for (test subjects, held-out protocol)."""
+    staging = summary.get("staging") or {}
+    lines = ["", "Headline (test subjects, never seen in pretraining or by the probes):"]
+    for head in ("linear", "temporal", "majority"):
+        figures = staging.get(f"staging.{head}")
+        if figures:
+            lines.append(f"  staging, {head} probe: kappa {figures.get('kappa', float('nan')):.3f}, "
+                         f"macro-F1 {figures.get('macro_f1', float('nan')):.3f}")
+    for key, figures in staging.items():
+        if key.startswith("robustness.") and "kappa" in figures:
+            lines.append(f"  {key.split('.', 1)[1]} sensors, full-PSG probe: kappa {figures['kappa']:.3f}")
+    if summary.get("sweep"):
+        lines.append(f"  scaling sweep: {summary.get('sweep_verdict') or 'see ' + summary['sweep']}")
+    return lines
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = DemoConfig()
     parser.add_argument("--workdir", default=defaults.workdir, help="where everything is written")
     parser.add_argument("--steps", type=int, default=defaults.steps, help="pretraining steps")
-    parser.add_argument("--no-sweep", action="store_true", help="skip the 2 x 2 sweep smoke run (it does not fit a scaling law)")
+    parser.add_argument("--no-sweep", action="store_true",
+                        help="skip the 2 x 2 sweep smoke run (it does not fit a scaling law)")
     parser.add_argument("--address", default=None, help="Ray cluster address (default: local instance)")
 
 
@@ -181,6 +226,8 @@ def run(args: argparse.Namespace) -> int:
     config = DemoConfig(workdir=args.workdir, steps=args.steps, sweep=not args.no_sweep)
     summary = demo(config, address=args.address)
     print(json.dumps(summary, indent=2, default=str))
+    for line in headline_lines(summary):
+        print(line)
     print(f"\nBrowse the runs: mlflow ui --backend-store-uri {summary['mlflow_tracking_uri']} "
           "--host 127.0.0.1")
     return 0

@@ -79,7 +79,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipelines.runtime import absolute, file_type, is_uri, join, read_text, redact, write_text
-from pipelines.train_data import open_store
+from s2v_core.store import open_store
 from s2v_core.io.discovery import resolve
 from s2v_core.modalities import MODALITY_KEYS, parse_modalities
 from s2v_core.splits import SPLIT_NAMES, SplitConfig, assign_splits, read_splits, split_record

@@ -64,7 +64,7 @@ import pyarrow.dataset as pads
 
 from pipelines.embed import Embeddings, embed, read_embeddings
 from pipelines.runtime import absolute, mlflow_experiment, redact
-from pipelines.train_data import open_store
+from s2v_core.store import open_store
 from s2v_core.evaluation import plots
 from s2v_core.evaluation.folds import Fold, grouped_folds, held_out_fold
 from s2v_core.evaluation.probes import (

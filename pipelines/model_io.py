@@ -149,7 +149,7 @@ def _load_mlflow_model(spec: str, tracking_uri: str | None, *, allow_pickle: boo
             "model you trust, allow pickles explicitly (s2v embed --allow-pickle-model)")
     import mlflow
 
-    from pipelines.pretrain import tracking_uri_scope
+    from pipelines.runtime import tracking_uri_scope
 
     with tracking_uri_scope(_tracking_uri(tracking_uri, spec)):
         model = mlflow.pytorch.load_model(spec, map_location="cpu")

@@ -39,14 +39,13 @@ cannot hold ``mlflow.db`` (SQLite needs a local file), so it needs
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import logging
 import math
 import os
 import posixpath
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,13 +54,14 @@ import pyarrow.fs as pafs
 from pipelines.checkpoints import (CHECKPOINTS_NAME, ENCODER_DIR, data_position, incomplete_checkpoints,
                                   latest_checkpoint, read_state)
 from pipelines.runtime import (absolute, check_mlflow_store, file_type, join, local_directory, mlflow_experiment,
-                               read_text, redact, redact_values, replace_directory, write_text)
+                               read_text, redact, redact_values, replace_directory, tracking_uri_scope, write_text)
 from pipelines.train_config import (PretrainConfig, config_differences, config_from_dict, config_to_dict,
                                     deepspeed_config, load_pretrain_config)
 from pipelines.train_data import StoreSummary, build_dataset, check_batch_fits, inspect_store, store_repeats
 from s2v_core.config import to_mapping
 from s2v_core.io.discovery import resolve
 from s2v_core.modalities import parse_modalities
+from s2v_core.model import ModelConfig
 from s2v_core.objective import available_objectives
 from s2v_core.splits import record_use, split_record
 from s2v_core.store import split_files
@@ -90,7 +90,7 @@ class PreparedRun:
     run_dir: str
     on_gpu: bool
     ds_config: dict[str, Any]
-    model_config: dict[str, Any]
+    model_config: ModelConfig
     resume_from: str | None
     store_repeats: int = 1
     mlflow_tracking_uri: str | None = None
@@ -175,7 +175,7 @@ def setup(config: PretrainConfig, *, resume: bool = False, on_gpu: bool = False)
     write_text(join(run_dir, DS_CONFIG_FILE), json.dumps(ds_config, indent=2) + "\n")
     record = {**split_record(config.data, config.train_splits), "store": absolute(config.data)}
     return PreparedRun(config=resolved, store=summary, run_dir=run_dir, on_gpu=on_gpu, ds_config=ds_config,
-                       model_config=to_mapping(model_cfg), resume_from=resume_from,
+                       model_config=model_cfg, resume_from=resume_from,
                        store_repeats=repeats, validation_files=validation_files, training_record=record)
 
 
@@ -212,6 +212,13 @@ def _check_resume(run_dir: str, config: PretrainConfig, *,
     return latest, state
 
 
+def with_gpu_workers(prepared: PreparedRun) -> PreparedRun:
+    """The prepared run with GPU workers: its DeepSpeed config (bf16) rewritten, nothing re-read."""
+    ds_config = deepspeed_config(prepared.config, on_gpu=True)
+    write_text(join(prepared.run_dir, DS_CONFIG_FILE), json.dumps(ds_config, indent=2) + "\n")
+    return dataclasses.replace(prepared, on_gpu=True, ds_config=ds_config)
+
+
 def detect_gpu(config: PretrainConfig) -> bool:
     """Whether workers get a GPU: ``device=gpu``, or ``auto`` and the Ray cluster has enough GPUs."""
     import ray
@@ -244,7 +251,7 @@ def start_mlflow_run(prepared: PreparedRun) -> PreparedRun:
         run = client.create_run(experiment_id, run_name=posixpath.basename(resolve(prepared.run_dir)[1]),
                                 tags={"s2v.command": "pretrain", "s2v.run_dir": redact(prepared.run_dir)})
         run_id = run.info.run_id
-        params = _flatten({"pretrain": config_to_dict(prepared.config), "model": prepared.model_config,
+        params = _flatten({"pretrain": config_to_dict(prepared.config), "model": to_mapping(prepared.model_config),
                            "store": {"windows": prepared.store.windows,
                                      "usable_windows": prepared.store.usable_windows,
                                      "epochs_per_window": prepared.store.epochs_per_window},
@@ -273,24 +280,6 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-@contextlib.contextmanager
-def tracking_uri_scope(uri: str) -> Iterator[None]:
-    """Point MLflow's fluent API at ``uri`` for a block, then restore it.
-
-    ``mlflow.set_tracking_uri`` also exports ``MLFLOW_TRACKING_URI``; left
-    set, the next run in this process (a sweep, a test, a benchmark) would
-    log into this run's store instead of its own.
-    """
-    import mlflow
-
-    previous = os.environ.get("MLFLOW_TRACKING_URI")  # set_tracking_uri keeps the two in step
-    mlflow.set_tracking_uri(uri)
-    try:
-        yield
-    finally:
-        mlflow.set_tracking_uri(previous)  # None unsets both the global and the variable
-
-
 def log_final_model(prepared: PreparedRun, encoder_dir: str, result_metrics: dict[str, float]) -> None:
     """Log the final encoder: its directory as artifacts and an ``mlflow.pytorch`` model.
 
@@ -312,7 +301,7 @@ def log_final_model(prepared: PreparedRun, encoder_dir: str, result_metrics: dic
             # A pickled SleepEncoder (class from the installed package): its forward takes
             # a dict of masked tensors, which the traced "pt2" format cannot export.
             serialization_format="pickle",
-            metadata={"s2v_model_config": prepared.model_config,
+            metadata={"s2v_model_config": to_mapping(prepared.model_config),
                       "s2v_modalities": list(prepared.config.modalities)},
         )
         mlflow.set_tag("s2v.final_loss", f"{result_metrics.get('loss', math.nan):.6f}")
@@ -321,23 +310,19 @@ def log_final_model(prepared: PreparedRun, encoder_dir: str, result_metrics: dic
 
 # -- run --------------------------------------------------------------------------------------------
 def loop_config(prepared: PreparedRun) -> dict[str, Any]:
-    """The ``train_loop_config`` of the ``TorchTrainer``: everything the worker loop reads."""
+    """The ``train_loop_config`` of the ``TorchTrainer``: one :class:`LoopConfig` under ``"loop"``."""
+    from pipelines.train_loop import LoopConfig
+
     mlflow = None
     if prepared.mlflow_run_id is not None:
         mlflow = {"tracking_uri": prepared.mlflow_tracking_uri, "run_id": prepared.mlflow_run_id}
-    return {
-        "pretrain": config_to_dict(prepared.config),
-        "model": prepared.model_config,
-        "modalities": list(prepared.config.modalities),
-        "epochs_per_window": prepared.store.epochs_per_window,
-        "ds_config": prepared.ds_config,
-        "run_dir": prepared.run_dir,
-        "resume_from": prepared.resume_from,
-        "store_repeats": prepared.store_repeats,
-        "mlflow": mlflow,
-        "validation": {"files": list(prepared.validation_files), "filesystem": prepared.store.filesystem},
-        "training_record": prepared.training_record,
-    }
+    return {"loop": LoopConfig(
+        pretrain=prepared.config, model=prepared.model_config, modalities=tuple(prepared.config.modalities),
+        epochs_per_window=prepared.store.epochs_per_window, ds_config=prepared.ds_config,
+        run_dir=prepared.run_dir, store_repeats=prepared.store_repeats, resume_from=prepared.resume_from,
+        mlflow=mlflow, validation_files=tuple(prepared.validation_files),
+        validation_filesystem=prepared.store.filesystem, training_record=prepared.training_record,
+    )}
 
 
 def build_trainer(prepared: PreparedRun, *, callbacks: Sequence[Any] = (), storage_path: str | None = None,
@@ -379,8 +364,21 @@ def build_trainer(prepared: PreparedRun, *, callbacks: Sequence[Any] = (), stora
             callbacks=list(callbacks) or None,
         ),
         datasets={"train": dataset},
-        dataset_config=DataConfig(datasets_to_split=["train"]),
+        dataset_config=DataConfig(datasets_to_split=["train"], execution_options=_ordered_ingest(DataConfig)),
     )
+
+
+def _ordered_ingest(data_config: type) -> Any:
+    """Ray Train's ingest options with ``preserve_order``: every pass is the same stream.
+
+    The split hands each worker blocks in a fixed order (without it, blocks
+    arrive as reads finish and the splitter follows locality hints), so a
+    resumed run that skips the batches it already trained on skips exactly
+    those, and resuming gives the uninterrupted run's weights.
+    """
+    options = data_config.default_ingest_options()
+    options.preserve_order = True
+    return options
 
 
 def run(args: argparse.Namespace) -> int:
@@ -430,9 +428,8 @@ def pretrain(config: PretrainConfig, *, resume: bool = False, address: str | Non
         cpus = config.workers
     init_ray(address, num_cpus=cpus)
     try:
-        on_gpu = detect_gpu(config)
-        if on_gpu:
-            prepared = setup(config, resume=resume, on_gpu=True)  # bf16 DeepSpeed config
+        if detect_gpu(config):
+            prepared = with_gpu_workers(prepared)  # bf16 DeepSpeed config; the store is not read again
         if mlflow:
             prepared = start_mlflow_run(prepared)
         _record_split_use(prepared)

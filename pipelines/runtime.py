@@ -194,6 +194,24 @@ def check_mlflow_store(workdir: str | Path, *, option: str) -> None:
         )
 
 
+@contextlib.contextmanager
+def tracking_uri_scope(uri: str) -> Iterator[None]:
+    """Point MLflow's fluent API at ``uri`` for a block, then restore it.
+
+    ``mlflow.set_tracking_uri`` also exports ``MLFLOW_TRACKING_URI``; left
+    set, the next run in this process (a sweep, a test, a benchmark) would
+    log into this run's store instead of its own.
+    """
+    import mlflow
+
+    previous = os.environ.get("MLFLOW_TRACKING_URI")  # set_tracking_uri keeps the two in step
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous)  # None unsets both the global and the variable
+
+
 def mlflow_tracking_uri(workdir: str | Path, *, option: str = "--output") -> str:
     """``MLFLOW_TRACKING_URI`` if set, else a SQLite store ``WORKDIR/mlflow.db``.
 

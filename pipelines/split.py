@@ -21,7 +21,7 @@ from collections import Counter
 
 import numpy as np
 
-from pipelines.train_data import open_store
+from s2v_core.store import open_store
 from s2v_core.splits import (SPLIT_NAMES, MissingSplitsError, SplitConfig, assign_splits, parse_fractions,
                              read_assignments, read_split_file, read_splits, write_splits)
 

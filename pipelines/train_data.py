@@ -21,9 +21,8 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from s2v_core import store as core_store
 from s2v_core.modalities import MODALITY_KEYS
-from s2v_core.store import SCHEMA_VERSION, schema_info
+from s2v_core.store import SCHEMA_VERSION, open_store, schema_info, split_files
 
 logger = logging.getLogger(__name__)
 
@@ -60,26 +59,6 @@ class StoreSummary:
     filesystem: pafs.FileSystem
 
 
-def open_store(store: str | Path, *, option: str = "--data") -> pads.FileSystemDataset:
-    """:func:`s2v_core.store.open_store` with a ``ValueError`` naming ``option`` for a missing or empty store.
-
-    The dataset's ``files`` and ``filesystem`` say where the Parquet files are.
-    """
-    try:
-        return core_store.open_store(str(store))
-    except FileNotFoundError:
-        raise ValueError(f"{option}: expected a store written by `s2v ingest` (a directory or a URI), "
-                         f"found no directory at {store}") from None
-    except core_store.EmptyStoreError:
-        raise ValueError(f"{option}: expected Parquet files (site=<name>/<recording>.parquet) "
-                         f"under {store}, found none") from None
-
-
-def store_files(store: str | Path, *, option: str = "--data") -> list[str]:
-    """The Parquet files of ``store`` as paths on its filesystem (plain paths for a local store)."""
-    return open_store(store, option=option).files
-
-
 def inspect_store(store: str | Path, modalities: Sequence[str] = (), *,
                   option: str = "--data", splits: Sequence[str] | None = None) -> StoreSummary:
     """Check a store against the run's needs and summarise it.
@@ -107,7 +86,7 @@ def inspect_store(store: str | Path, modalities: Sequence[str] = (), *,
     """
     dataset = open_store(store, option=option)
     if splits is not None:
-        chosen, _ = core_store.split_files(str(store), splits)
+        chosen, _ = split_files(str(store), splits)
         if not chosen:
             raise ValueError(f"{option}: the store {store} has no night of a subject in the "
                              f"{'/'.join(splits)} split(s); see `s2v split --data {store}`")

@@ -1,18 +1,11 @@
 """The Ray Train per-worker loop: DeepSpeed + DASH-InfoNCE with cross-worker negatives.
 
-The loop reads only its ``config`` (built by :func:`pipelines.pretrain.loop_config`):
-
-``config["pretrain"]``   the resolved :class:`~pipelines.train_config.PretrainConfig` as a dict
-``config["model"]``      the :class:`~s2v_core.model.ModelConfig` as a dict
-``config["modalities"]`` the modalities the encoder is built for and trained on
-``config["epochs_per_window"]``, ``config["ds_config"]``, ``config["run_dir"]``
-``config["store_repeats"]`` copies of the store in one pass of the dataset shard (the loop's epoch)
-``config["mlflow"]``     ``{"tracking_uri", "run_id"}`` or ``None``: where rank 0 logs metrics
-``config["resume_from"]`` a checkpoint directory to start from when Ray has none (``--resume``)
-
-Data comes from ``ray.train.get_dataset_shard("train")``; a checkpoint is
-written shard (every rank's DeepSpeed state) → barrier → ``ray.train.report``;
-a restarted worker group resumes from ``ray.train.get_checkpoint()``.
+The loop reads only its :class:`LoopConfig` (built once on the driver by
+:func:`pipelines.pretrain.loop_config`; the ``TorchTrainer`` hands it over as
+``train_loop_config["loop"]``). Data comes from
+``ray.train.get_dataset_shard("train")``; a checkpoint is written shard (every
+rank's DeepSpeed state) → barrier → ``ray.train.report``; a restarted worker
+group resumes from ``ray.train.get_checkpoint()``.
 """
 
 from __future__ import annotations
@@ -23,8 +16,8 @@ import logging
 import math
 import tempfile
 import time
-import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,10 +27,9 @@ import torch
 from pipelines.checkpoints import (EMA_FILE, ONLINE_ENCODER_DIR, ENCODER_DIR, ENGINE_DIR, ENGINE_TAG, DataPosition, checkpoint_dir_name,
                                    data_position, read_state, write_state)
 from pipelines.runtime import file_type, join, write_text
-from pipelines.train_config import config_from_dict
+from pipelines.train_config import PretrainConfig, config_to_dict
 from pipelines.validation import HeldOutValidator
 from s2v_core.io.discovery import resolve
-from s2v_core.config import from_mapping
 from s2v_core.ema import EMA
 from s2v_core.losses import dash_infonce
 from s2v_core.objective import Objective
@@ -47,36 +39,49 @@ from s2v_core.store import table_to_batch
 
 logger = logging.getLogger(__name__)
 
+
+@dataclass(frozen=True)
+class LoopConfig:
+    """Everything a worker's loop reads; built once on the driver, immutable in the workers."""
+
+    pretrain: PretrainConfig  # resolved options (modalities filled in from the store)
+    model: ModelConfig  # the encoder architecture (s2v_core.architecture.resolve_model_config)
+    modalities: tuple[str, ...]  # what the encoder is built for and trained on
+    epochs_per_window: int  # the store's window length
+    ds_config: dict[str, Any]  # the DeepSpeed config, resolved for the device
+    run_dir: str  # a path or a URI
+    store_repeats: int  # copies of the store in one pass of the dataset shard (the loop's epoch)
+    resume_from: str | None = None  # a checkpoint to start from when Ray has none (--resume)
+    mlflow: dict[str, str] | None = None  # {"tracking_uri", "run_id"}: where rank 0 logs
+    validation_files: tuple[str, ...] = ()  # the val subjects' store files (held-out figures)
+    validation_filesystem: pafs.FileSystem | None = None
+    training_record: dict[str, Any] | None = None  # which store and splits trained the encoder
+
 #: Per-step metrics averaged over workers before logging (NaN-aware).
 AVERAGED_STATS = ("loss", "negatives_per_anchor", "weight_same_site", "weight_other_site",
                   "weight_same_sex", "weight_other_sex", "temperature", "pairs", "global_batch")
 #: Metric rows rank 0 buffers before writing them to MLflow in one batch.
 MLFLOW_FLUSH_ROWS = 50
-
-
-# torch 2.13 deprecates torch.distributed.nn.functional.all_gather (every step would
-# warn); its suggested replacement has not been checked against the two-process
-# gradient tests (tests/test_pretrain_gather.py, test_losses_distributed.py), so
-# the loop keeps the checked one and silences just this warning.
-warnings.filterwarnings("ignore", message=r"torch\.distributed\.nn\.functional\.all_gather is deprecated",
-                        category=FutureWarning)
+#: Seconds between MLflow system-metric samples (CPU, memory, disk, network; GPU with nvidia-ml-py).
+SYSTEM_METRICS_SECONDS = 10.0
 
 
 def make_gather(world_size: int) -> Callable[[torch.Tensor], torch.Tensor]:
     """Concatenate a tensor over all ranks along dim 0, in rank order.
 
-    Tensors that require grad go through ``torch.distributed.nn.functional.all_gather``,
-    whose backward sums the gradients every rank computed for this rank's
-    slice and hands them back (so each embedding gets the gradient of every
-    worker's loss terms that used it as a negative); metadata goes through a
-    plain ``all_gather``.
+    Tensors that require grad go through torch's functional autograd gather
+    (``all_gather_single_autograd``), whose backward reduce-scatters: each rank
+    gets the sum of the gradients every rank computed for its slice (so each
+    embedding gets the gradient of every worker's loss terms that used it as a
+    negative; checked by tests/test_pretrain_gather.py and
+    test_losses_distributed.py); metadata goes through a plain ``all_gather``.
     """
     import torch.distributed as dist
-    import torch.distributed.nn.functional as dist_nn
+    from torch.distributed._functional_collectives import all_gather_single_autograd
 
     def gather(tensor: torch.Tensor) -> torch.Tensor:
         if tensor.requires_grad:
-            return torch.cat(dist_nn.all_gather(tensor), dim=0)
+            return all_gather_single_autograd(tensor.contiguous(), gather_dim=0, group=dist.group.WORLD)
         parts = [torch.empty_like(tensor) for _ in range(world_size)]
         dist.all_gather(parts, tensor)
         return torch.cat(parts, dim=0)
@@ -191,16 +196,24 @@ def _average_stats(stats: dict[str, float], world_size: int, device: torch.devic
 
 
 class _MetricLog:
-    """Rank 0's buffered MLflow metric writer (no-op elsewhere or without MLflow)."""
+    """Rank 0's buffered MLflow metric writer (no-op elsewhere or without MLflow).
 
-    def __init__(self, mlflow: dict[str, str] | None, enabled: bool) -> None:
-        self.client = None
+    It also samples MLflow's system metrics (``system/...``) on rank 0's node
+    while the loop runs: cheap evidence of how busy the CPU/GPU were.
+    """
+
+    def __init__(self, mlflow: dict[str, str] | None, enabled: bool, *, resumed: bool = False) -> None:
+        self.client = self.monitor = None
         self.rows: list[Any] = []
         if mlflow and enabled:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
             from mlflow.tracking import MlflowClient
 
             self.client = MlflowClient(tracking_uri=mlflow["tracking_uri"])
             self.run_id = mlflow["run_id"]
+            self.monitor = SystemMetricsMonitor(self.run_id, sampling_interval=SYSTEM_METRICS_SECONDS,
+                                                resume_logging=resumed, tracking_uri=mlflow["tracking_uri"])
+            self.monitor.start()
 
     def add(self, metrics: dict[str, float], step: int) -> None:
         if self.client is None:
@@ -217,6 +230,13 @@ class _MetricLog:
             for start in range(0, len(self.rows), 1000):  # MLflow's log_batch limit
                 self.client.log_batch(self.run_id, metrics=self.rows[start:start + 1000])
             self.rows = []
+
+    def close(self) -> None:
+        """Write what is buffered and stop the system-metrics sampler."""
+        self.flush()
+        if self.monitor is not None:
+            self.monitor.finish()
+            self.monitor = None
 
 
 class _Progress:
@@ -253,19 +273,18 @@ def _validation_due(cfg: Any, step: int) -> bool:
     return step == cfg.steps or (cfg.validate_every > 0 and step % cfg.validate_every == 0)
 
 
-def _validator(config: dict[str, Any], cfg: Any, modalities: tuple[str, ...], epochs_per_window: int, *,
-               rank: int, zero_stage: int) -> HeldOutValidator | None:
+def _validator(loop: LoopConfig, *, rank: int, zero_stage: int) -> HeldOutValidator | None:
     """The held-out validator of the workers that validate (rank 0; every rank under ZeRO-3).
 
     ZeRO-3 gathers parameters collectively in every forward, so there all
     ranks run the same validation forwards; otherwise rank 0 validates alone
     while the others wait at the next collective.
     """
-    spec = config.get("validation") or {}
-    if not spec.get("files") or (rank != 0 and zero_stage != 3):
+    if not loop.validation_files or (rank != 0 and zero_stage != 3):
         return None
-    return HeldOutValidator(spec["files"], spec.get("filesystem"), modalities=modalities,
-                            epochs_per_window=epochs_per_window, max_epochs=cfg.validation_epochs,
+    cfg = loop.pretrain
+    return HeldOutValidator(list(loop.validation_files), loop.validation_filesystem, modalities=loop.modalities,
+                            epochs_per_window=loop.epochs_per_window, max_epochs=cfg.validation_epochs,
                             batch_size=cfg.global_batch, seed=cfg.seed)
 
 
@@ -279,11 +298,17 @@ def _validate(validator: HeldOutValidator | None, encoder: SleepEncoder, ema: EM
     return figures if rank == 0 else {}
 
 
-def _all_reduce_with_grad(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum over ranks with gradient: the BatchNorm reducer of global-negative runs."""
-    import torch.distributed.nn.functional as dist_nn
+def all_reduce_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks with gradient: the BatchNorm reducer of global-negative runs.
 
-    return dist_nn.all_reduce(tensor)
+    A gather-then-sum through the autograd gather (the statistics are a few
+    hundred floats), so its backward is the sum of every rank's gradient, as
+    for an all-reduce, without torch's deprecated ``torch.distributed.nn``.
+    """
+    import torch.distributed as dist
+    from torch.distributed._functional_collectives import all_gather_single_autograd
+
+    return all_gather_single_autograd(tensor.unsqueeze(0).contiguous(), gather_dim=0, group=dist.group.WORLD).sum(0)
 
 
 def _maybe_fail(cfg: Any, step: int, rank: int, world_size: int, run_dir: str) -> None:
@@ -338,22 +363,20 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    cfg = config_from_dict(config["pretrain"], source="train loop config")
-    model_cfg = from_mapping(ModelConfig, config["model"], source="train loop config.model")
-    modalities = tuple(config["modalities"])
-    epochs_per_window = int(config["epochs_per_window"])
+    loop: LoopConfig = config["loop"]
+    cfg, modalities, epochs_per_window = loop.pretrain, loop.modalities, loop.epochs_per_window
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
 
-    engine, scheduler = build_engine(model_cfg, modalities, cfg=cfg, ds_config=config["ds_config"],
+    engine, scheduler = build_engine(loop.model, modalities, cfg=cfg, ds_config=loop.ds_config,
                                      on_cpu=device.type == "cpu")
-    zero_stage = int(config["ds_config"]["zero_optimization"]["stage"])  # resolved for the device
+    zero_stage = int(loop.ds_config["zero_optimization"]["stage"])  # resolved for the device
     objective = cfg.loss_objective
     encoder = engine.module.encoder
     if world_size > 1 and objective.negatives == "global":
         # Global negatives: the head's BatchNorm sees the global batch too (equal to one process).
-        encoder.set_batchnorm_reducer(_all_reduce_with_grad)
+        encoder.set_batchnorm_reducer(all_reduce_with_grad)
     if cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda"):
         encoder.compile_blocks()
     ema = EMA(encoder, total_steps=cfg.steps, momentum_start=cfg.ema_momentum_start,
@@ -361,9 +384,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     step, position = 0, DataPosition()
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None and config.get("resume_from"):
+    if checkpoint is None and loop.resume_from:
         # `--resume` on a fresh trainer: start from the run's latest checkpoint.
-        filesystem, path = resolve(config["resume_from"])  # a local path or a URI
+        filesystem, path = resolve(loop.resume_from)  # a local path or a URI
         checkpoint = ray.train.Checkpoint(path, filesystem=filesystem)
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
@@ -374,19 +397,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 ema.load_state_dict(torch.load(Path(directory) / EMA_FILE, map_location=device, weights_only=True))
         logger.info("rank %d resumed at step %d (epoch %d, batch %d)", rank, step,
                     position.epoch, position.batches_in_epoch)
-    # Different modality-dropout draws per rank, reproducible per (seed, rank, step).
-    torch.manual_seed(cfg.seed * 1_000_003 + rank * 7919 + step)
 
     gather = _TimedGather(make_gather(world_size)) if world_size > 1 else None
     shard = ray.train.get_dataset_shard("train")
-    log = _MetricLog(config.get("mlflow"), enabled=rank == 0)
+    log = _MetricLog(loop.mlflow, enabled=rank == 0, resumed=step > 0)
     progress = _Progress(cfg.steps, every_seconds=cfg.progress_seconds if rank == 0 else 0.0)
     last_checkpoint_step = step
-    store_repeats = int(config["store_repeats"])  # copies of the store in one pass (`epoch`) of the shard
+    store_repeats = loop.store_repeats  # copies of the store in one pass (`epoch`) of the shard
     epoch, skip = position.epoch, position.batches_in_epoch
     window_count, interval_start, gather_seconds = 0, time.perf_counter(), 0.0
     micro, metrics = 0, {}
-    validator = _validator(config, cfg, modalities, epochs_per_window, rank=rank, zero_stage=zero_stage)
+    validator = _validator(loop, rank=rank, zero_stage=zero_stage)
     engine.train()
 
     while step < cfg.steps:
@@ -401,7 +422,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if consumed <= skip:
                 continue  # already trained on before the checkpoint we resumed from
             if micro == 0:
-                _maybe_fail(cfg, step, rank, world_size, config["run_dir"])
+                _maybe_fail(cfg, step, rank, world_size, loop.run_dir)
+                # Dropout, modality-dropout and mask draws differ per rank and depend only on
+                # (seed, rank, step): a resumed run draws what the uninterrupted one drew.
+                torch.manual_seed(cfg.seed * 1_000_003 + rank * 7919 + step)
             # Every rank draws the same modalities for an optimiser step (seed and step).
             step_modalities = objective.step_modalities(modalities, seed=cfg.seed, step=step)
             np_batch = table_to_batch(table, modalities=step_modalities, epochs_per_window=epochs_per_window,
@@ -439,7 +463,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 progress.maybe_log(step, metrics)
                 if checkpoint_now:
                     log.flush()
-                    _save_and_report(engine, metrics, config, cfg, rank, world_size, step, position, zero_stage,
+                    _save_and_report(engine, metrics, loop, rank, world_size, step, position, zero_stage,
                                      ema=ema)
                     last_checkpoint_step = step
                 elif report_now:
@@ -457,11 +481,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if step < cfg.steps:
             epoch += 1
     if last_checkpoint_step != step:  # unreachable by construction; kept as a guard for future edits
-        _save_and_report(engine, metrics, config, cfg, rank, world_size, step, position, zero_stage, ema=ema)
-    log.flush()
+        _save_and_report(engine, metrics, loop, rank, world_size, step, position, zero_stage, ema=ema)
+    log.close()
 
 
-def _save_and_report(engine: Any, metrics: dict[str, float], config: dict[str, Any], cfg: Any,
+def _save_and_report(engine: Any, metrics: dict[str, float], loop: LoopConfig,
                      rank: int, world_size: int, step: int, position: DataPosition, zero_stage: int, *,
                      ema: EMA | None = None) -> None:
     """Shard → barrier → report: every rank saves its DeepSpeed state, rank 0 the encoder and state.
@@ -485,12 +509,12 @@ def _save_and_report(engine: Any, metrics: dict[str, float], config: dict[str, A
                 _save_encoder(engine, Path(directory) / ENCODER_DIR, rank=rank, zero_stage=zero_stage)
         else:
             _save_encoder(engine, Path(directory) / ENCODER_DIR, rank=rank, zero_stage=zero_stage)
-        if rank == 0 and config.get("training_record"):
+        if rank == 0 and loop.training_record:
             # Which store and subjects trained this encoder: `s2v evaluate` refuses to call them unseen.
             (Path(directory) / ENCODER_DIR / TRAINING_RECORD_FILE).write_text(
-                json.dumps(config["training_record"], indent=1) + "\n", encoding="utf-8")
+                json.dumps(loop.training_record, indent=1) + "\n", encoding="utf-8")
         if rank == 0:
-            write_state(directory, config=config["pretrain"], step=step, seed=cfg.seed,
+            write_state(directory, config=config_to_dict(loop.pretrain), step=step, seed=loop.pretrain.seed,
                         position=position, metrics=metrics, world_size=world_size)
         if world_size > 1:
             dist.barrier()

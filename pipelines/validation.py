@@ -25,7 +25,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
 
-from pipelines.train_data import keep_windows_with, open_store, training_columns
+from pipelines.train_data import keep_windows_with, training_columns
+from s2v_core.store import open_store
 from s2v_core.evaluation.alignment import AlignmentMeter, all_pairs, summarise_pairs
 from s2v_core.losses import DashConfig, dash_infonce
 from s2v_core.model import SleepEncoder, batch_to_tensors

@@ -290,10 +290,11 @@ class SleepEncoder(nn.Module):
         if self.config.position == "absolute":
             x = x + self.position_embedding[:epochs]
         count = len(selected)
-        hidden = self.backbone(self.token_dropout(x)).view(count, rows, epochs, -1)
+        width = x.shape[-1]  # explicit sizes, not -1: a batch of zero rows must still reshape
+        hidden = self.backbone(self.token_dropout(x)).view(count, rows, epochs, width)
         row_valid = valid[:, :, None].expand(count, rows, epochs).reshape(count, rows * epochs)
-        projected = self.head(hidden.reshape(count, rows * epochs, -1), row_valid)
-        projected = F.normalize(projected, dim=-1).view(count, rows, epochs, -1)
+        projected = self.head(hidden.reshape(count, rows * epochs, width), row_valid)
+        projected = F.normalize(projected, dim=-1).view(count, rows, epochs, projected.shape[-1])
         here = valid[:, :, None, None]
         projected = torch.where(here, projected, 0.0)
         hidden = torch.where(here, hidden, 0.0)

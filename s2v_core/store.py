@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import posixpath
 from collections.abc import Sequence
 
@@ -182,16 +183,30 @@ def write_store_subset(where: str, *, store: str, files: Sequence[str]) -> str:
     return str(where)
 
 
-def open_store(root: str):
+def open_store(root: str | os.PathLike, *, option: str = "--data"):
     """A ``pyarrow.dataset.Dataset`` over the store's Parquet files (see :func:`store_files`).
 
     Use this rather than ``pyarrow.dataset.dataset(root)``, which would also
     try to read ``manifest.jsonl`` as Parquet. The files carry their own
-    ``site`` column, so no hive partitioning is applied on top.
+    ``site`` column, so no hive partitioning is applied on top. The dataset's
+    ``files`` and ``filesystem`` say where the Parquet files are.
+
+    Raises
+    ------
+    ValueError
+        ``root`` does not exist or holds no Parquet file; the message names
+        ``option`` (the command-line option or argument that gave ``root``).
     """
     import pyarrow.dataset as pads
 
-    files, filesystem = store_files(root)
+    try:
+        files, filesystem = store_files(str(root))
+    except FileNotFoundError:
+        raise ValueError(f"{option}: expected a store written by `s2v ingest` (a directory or a URI), "
+                         f"found no directory at {root}") from None
+    except EmptyStoreError:
+        raise ValueError(f"{option}: expected Parquet files (site=<name>/<recording>.parquet) "
+                         f"under {root}, found none") from None
     return pads.dataset(files, format="parquet", filesystem=filesystem)
 
 

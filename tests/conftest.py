@@ -12,6 +12,13 @@ REPO = Path(__file__).resolve().parents[1]
 REAL_DATA = Path(os.environ.get("S2V_REAL_DATA", REPO.parent / "shared" / "data" / "real"))
 
 
+def pytest_collection_modifyitems(items) -> None:
+    """Mark every test that reads the real recordings, so ``-m "not real_data"`` selects the rest."""
+    for item in items:
+        if "real_data" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.real_data)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def private_config_home(tmp_path_factory):
     """A config directory of the test session: ingests generate their pseudonym key there, not in ~/.config."""

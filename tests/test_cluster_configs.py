@@ -260,6 +260,15 @@ def test_kuberay_manifests_use_one_image():
 
 
 @pytest.mark.parametrize("path, doc", [p for p in kuberay_documents() if p.values[1]["kind"] == "RayJob"])
+def test_rayjobs_submit_from_a_sidecar_of_the_head(path, doc):
+    # SidecarMode (KubeRay >= 1.5): no submitter Job; the operator requires the head pod never to restart.
+    assert doc["spec"].get("submissionMode") == "SidecarMode", f"{path}: submissionMode"
+    assert "submitterPodTemplate" not in doc["spec"], f"{path}: SidecarMode takes no submitter pod template"
+    head = next(group for _, group, is_head in groups(cluster_spec(doc)) if is_head)
+    assert head["template"]["spec"].get("restartPolicy") == "Never", f"{path}: the head pod's restartPolicy"
+
+
+@pytest.mark.parametrize("path, doc", [p for p in kuberay_documents() if p.values[1]["kind"] == "RayJob"])
 def test_rayjob_entrypoints_are_real_s2v_commands(path, doc):
     argv = shlex.split(doc["spec"]["entrypoint"])
     command = check_entrypoint(argv, str(path))

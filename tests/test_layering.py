@@ -1,4 +1,4 @@
-"""s2v_core must stay importable without Ray, DeepSpeed or MLflow (STYLE principle 1)."""
+"""The import graph: s2v_core needs no framework, and the arrows point s2v_core <- pipelines <- tune."""
 
 import ast
 import subprocess
@@ -34,3 +34,91 @@ def test_importing_every_core_module_loads_no_framework():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+# -- the arrows between the packages -------------------------------------------------------------
+#
+# s2v_core <- pipelines <- tune: a module imports from its own package or one below it; and an
+# entry point (a module behind an `s2v` sub-command) does not import another entry point for its
+# helpers: shared code lives in a library module. What is listed here is known and reasoned; a new
+# arrow fails the test until it is removed or argued for here.
+
+REPO = CORE.parent
+LAYER = {"s2v_core": 0, "pipelines": 1, "tune": 2}
+#: (importing module, imported module) -> why the arrow is allowed.
+ALLOWED_UPWARD = {
+    ("pipelines.demo", "tune.sweep"): "the demo runs every command in order, the sweep included",
+}
+ALLOWED_ENTRY_POINT_IMPORTS = {
+    ("pipelines.demo", "*"): "the demo runs every command in order",
+    ("pipelines.submit", "pipelines.cli"): "submit parses the job's command line with the CLI's own parser",
+    ("pipelines.evaluate", "pipelines.embed"): "robustness re-embeds the test nights per sensor subset, "
+                                               "and the embeddings format still lives in embed",
+}
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(REPO).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: Path) -> set[str]:
+    """Every module ``path`` imports, at any depth (function-level imports included)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+            found |= {f"{node.module}.{alias.name}" for alias in node.names}
+    return found
+
+
+def _project_modules() -> dict[str, set[str]]:
+    return {_module_name(p): _imports(p) for package in LAYER for p in (REPO / package).rglob("*.py")}
+
+
+def _owner(module: str, known: set[str]) -> str | None:
+    """The project module ``module`` names (``pipelines.embed.embed`` -> ``pipelines.embed``)."""
+    while module and module not in known:
+        module = module.rpartition(".")[0]
+    return module or None
+
+
+def layering_violations(modules: dict[str, set[str]]) -> list[str]:
+    from pipelines.cli import COMMANDS
+
+    entry_points = {module for module, _ in COMMANDS.values()}
+    known = set(modules)
+    problems = []
+    for importer, imported in modules.items():
+        for target in sorted({_owner(name, known) for name in imported} - {None, importer}):
+            if LAYER[target.split(".")[0]] > LAYER[importer.split(".")[0]] and \
+                    (importer, target) not in ALLOWED_UPWARD:
+                problems.append(f"{importer} imports {target}: an arrow up the layers")
+            if importer in entry_points and target in entry_points and not (
+                    (importer, target) in ALLOWED_ENTRY_POINT_IMPORTS or (importer, "*") in ALLOWED_ENTRY_POINT_IMPORTS):
+                problems.append(f"{importer} imports {target}: one entry point importing another")
+    return problems
+
+
+def test_imports_point_down_the_layers_and_not_between_entry_points():
+    assert layering_violations(_project_modules()) == []
+
+
+def test_the_layering_check_catches_a_reverse_import():
+    modules = _project_modules()
+    modules["s2v_core.model"] = modules["s2v_core.model"] | {"pipelines.runtime"}
+    modules["pipelines.embed"] = modules["pipelines.embed"] | {"pipelines.pretrain.setup"}
+    assert sorted(layering_violations(modules)) == [
+        "pipelines.embed imports pipelines.pretrain: one entry point importing another",
+        "s2v_core.model imports pipelines.runtime: an arrow up the layers",
+    ]
+
+
+def test_every_allowed_arrow_still_exists():
+    modules = _project_modules()
+    known = set(modules)
+    for importer, target in [*ALLOWED_UPWARD, *ALLOWED_ENTRY_POINT_IMPORTS]:
+        if target != "*":
+            assert target in {_owner(name, known) for name in modules[importer]}, (importer, target)

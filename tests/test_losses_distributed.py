@@ -12,8 +12,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from torch.distributed.nn.functional import all_gather
 
+from pipelines.train_loop import make_gather
 from s2v_core.losses import DashConfig, PaperDashConfig, dash_infonce
 from s2v_core.model import SleepEncoder, model_config
 from s2v_core.modalities import MODALITY_KEYS, get_modality
@@ -72,7 +72,7 @@ def worker(rank: int, init_file: str, out_dir: str) -> None:
         saved = {}
         for name, config, negatives in SETTINGS:
             result, input_grads, params = loss_and_gradients(
-                local, make_model(), rank=rank, world_size=WORLD_SIZE, gather=lambda t: torch.cat(all_gather(t)),
+                local, make_model(), rank=rank, world_size=WORLD_SIZE, gather=make_gather(WORLD_SIZE),
                 config=config, negatives=negatives)
             # What DDP/DeepSpeed do with parameter gradients: average them over workers.
             for grad in params.values():

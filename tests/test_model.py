@@ -410,3 +410,19 @@ def test_compiled_blocks_keep_weights_and_outputs():
         model.compile_blocks(backend="eager")
         after = model.encode(batch).fused
     assert set(model.state_dict()) == keys and torch.allclose(before, after, atol=1e-6)
+
+
+@pytest.mark.parametrize("preset", ["project", "paper"])
+def test_a_batch_of_zero_rows_encodes_to_zero_rows(preset):
+    # An embedding block can hold no window with the requested sensors (EEG-only scenario, a
+    # home-sleep-test night): the encoder must return empty outputs, not fail a reshape.
+    from s2v_core.architecture import resolve_model_config
+    from s2v_core.objective import load_objective
+
+    config = resolve_model_config("tiny", overrides=load_objective(preset).model_overrides())
+    encoder = SleepEncoder(config, ("eeg", "ecg")).eval()
+    with torch.inference_mode():
+        out = encoder.encode(random_batch(0, ("eeg", "ecg")), modalities=["eeg", "ecg"])
+    width = encoder.config.width
+    assert out.fused_hidden.shape == (0, EPOCHS, width) and out.window_hidden.shape == (0, width)
+    assert out.fused.shape[:2] == (0, EPOCHS) and out.window.shape[0] == 0

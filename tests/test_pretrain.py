@@ -170,3 +170,24 @@ def test_mlflow_logging_leaves_the_tracking_uri_of_the_process_alone(store, tmp_
         assert prepared.mlflow_tracking_uri.endswith(f"{name}/mlflow.db")
         run_ids.append(prepared.mlflow_run_id)
     assert load_trained_encoder(run_ids[1], tracking_uri=f"sqlite:///{tmp_path / 'second' / 'mlflow.db'}")
+
+
+def test_gpu_workers_rewrite_the_deepspeed_config_without_reading_the_store_again(tmp_path, monkeypatch):
+    import json
+
+    import pipelines.pretrain as pretrain_module
+    from pipelines.pretrain import DS_CONFIG_FILE, setup, with_gpu_workers
+    from pipelines.train_config import PretrainConfig
+    from s2v_core.toystore import write_toy_store
+
+    store = write_toy_store(tmp_path / "store", sites=2, recordings_per_site=2, windows_per_recording=6,
+                            epochs_per_window=4, modalities=("eeg", "ecg"), seed=0)
+    config = PretrainConfig(data=str(store), output=str(tmp_path / "run"), model="tiny", workers=1,
+                            global_batch=4, steps=2, train_splits=("train", "val", "test"))
+    prepared = setup(config)
+    assert not prepared.on_gpu
+    monkeypatch.setattr(pretrain_module, "inspect_store", lambda *a, **k: pytest.fail("store read again"))
+    gpu = with_gpu_workers(prepared)
+    written = json.loads((tmp_path / "run" / DS_CONFIG_FILE).read_text())
+    assert gpu.on_gpu and gpu.ds_config == written and written.get("bf16", {}).get("enabled") is True
+    assert gpu.store == prepared.store and gpu.model_config == prepared.model_config

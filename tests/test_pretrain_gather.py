@@ -8,7 +8,6 @@ import torch
 import torch.multiprocessing as mp
 
 from pipelines.train_loop import make_gather
-from pipelines.train_data import store_files
 from s2v_core.losses import dash_infonce
 from s2v_core.model import SleepEncoder, batch_to_tensors, model_config
 from s2v_core.store import open_store, table_to_batch

@@ -8,6 +8,7 @@ step-15 checkpoint and the run still ends at exactly 30 optimiser steps.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +56,20 @@ def test_run_survives_a_worker_failure_and_ends_at_the_full_step_count(trained):
     engine_files = {p.name for p in (Path(result.checkpoint) / ENGINE_DIR / "state").iterdir()}
     # ZeRO-2 shards the optimiser state: one file per rank, merged from both workers.
     assert {f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(WORKERS)} <= engine_files
+
+
+def test_a_killed_and_resumed_run_ends_with_the_uninterrupted_runs_weights(trained, tmp_path):
+    # Same data stream (ordered ingest), same random draws per step, DeepSpeed's optimiser and
+    # scheduler state restored: resuming from step 15 must not change where the run ends.
+    config, resumed = trained
+    straight = pretrain(dataclasses.replace(config, output=str(tmp_path / "straight"), fail_at_step=None))
+    assert straight.steps == resumed.steps == STEPS
+    assert not (Path(straight.run_dir) / f".failed_at_step_{FAIL_AT}").exists()
+    expected = load_trained_encoder(straight.run_dir).state_dict()
+    found = load_trained_encoder(resumed.run_dir).state_dict()
+    assert expected.keys() == found.keys()
+    for name, value in expected.items():
+        torch.testing.assert_close(found[name], value, rtol=1e-4, atol=1e-5, msg=name)
 
 
 def test_loss_falls_and_negatives_are_global(trained):

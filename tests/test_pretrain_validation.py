@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from pipelines.validation import evaluate_contrastive_loss
-from pipelines.train_data import store_files
 from s2v_core.model import SleepEncoder, model_config
 from s2v_core.store import open_store
 from s2v_core.toystore import write_toy_store

@@ -11,8 +11,9 @@ import pytest
 from pipelines.checkpoints import DataPosition, checkpoint_dir_name, data_position, write_state
 from pipelines.pretrain import setup
 from pipelines.train_config import PretrainConfig, config_to_dict
-from pipelines.train_data import (MIN_STEPS_PER_PASS, pass_order, read_store_files, store_files, store_repeats,
+from pipelines.train_data import (MIN_STEPS_PER_PASS, pass_order, read_store_files, store_repeats,
                                   training_columns)
+from s2v_core.store import open_store
 from s2v_core.toystore import write_toy_store
 from tests.test_checkpoints import complete_checkpoint
 
@@ -47,7 +48,7 @@ def test_each_copy_of_a_pass_is_a_seeded_permutation_of_the_files():
 
 
 def test_a_read_task_mixes_the_windows_of_its_nights(store):
-    paths = [str(p) for p in store_files(store)][:4]
+    paths = [str(p) for p in open_store(store).files][:4]
     columns = training_columns(MODALITIES, ())
     items = {"path": np.array(paths), "slot": np.arange(4)}
     plain = read_store_files(items, columns=columns, modalities=MODALITIES)

@@ -11,7 +11,7 @@ import torch
 import torch.multiprocessing as mp
 
 from pipelines.train_config import PretrainConfig, deepspeed_config
-from pipelines.train_data import open_store
+from s2v_core.store import open_store
 from pipelines.train_loop import _save_encoder, build_engine, forward_backward, make_gather
 from s2v_core.model import batch_to_tensors, load_encoder, model_config
 from s2v_core.store import table_to_batch

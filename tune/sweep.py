@@ -44,8 +44,8 @@ from pathlib import Path
 import numpy as np
 
 from pipelines.runtime import mlflow_experiment, redact
-from pipelines.train_data import open_store
 from s2v_core.modalities import MODALITY_KEYS
+from s2v_core.store import open_store
 from tune.plan import PHASES, SweepConfig, held_out_axes, parse_pairs, plan_trials
 
 logger = logging.getLogger(__name__)

@@ -182,9 +182,8 @@ class HeldOutScorer:
     """
 
     def __init__(self, store: str, *, pairs, windows: int, probe_windows: int, batch_size: int, seed: int) -> None:
-        from pipelines.train_data import open_store
         from s2v_core.modalities import MODALITY_KEYS
-        from s2v_core.store import schema_info
+        from s2v_core.store import open_store, schema_info
 
         self.store, self.pairs, self.seed = store, [tuple(p) for p in pairs], seed
         self.modalities = tuple(k for k in MODALITY_KEYS if any(k in p for p in self.pairs))
