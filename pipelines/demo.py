@@ -5,7 +5,7 @@ Usage::
     s2v demo [--workdir demo-workdir] [--no-sweep]
 
 synth → ingest → pretrain (2 workers) → embed → evaluate (staging with the
-any-subset robustness matrix, and an outcome) → a 2 × 2 scaling sweep, all on
+any-subset robustness matrix, and an outcome) → a 2 × 2 sweep (a smoke run: too small to fit a law), all on
 one local Ray instance and one MLflow store (``WORKDIR/mlflow.db`` unless
 ``MLFLOW_TRACKING_URI`` is set), then a summary of where everything is.
 Sized to finish in well under 15 minutes on a 2-core CPU machine.
@@ -117,11 +117,26 @@ def demo(config: DemoConfig, *, address: str | None = None) -> dict:
         if config.sweep:
             from tune.sweep import SweepConfig, sweep
 
-            t = _stage("sweep: 2 x 2 grid of width x modality count (Ray Tune)", 6, total)
-            scaling = sweep(SweepConfig(data=str(paths["store"]), output=str(paths["sweep"]),
-                                        widths=(16, 32), modality_counts=(2, 4), steps=15,
-                                        global_batch=8, seed=config.seed),
-                            resume=(paths["sweep"] / "scaling.json").exists(), address=address)
+            t = _stage("sweep: 2 x 2 smoke run of width x modality count (Ray Tune); it does NOT fit a law",
+                       6, total)
+            # Two sizes and two counts exercise the sweep machinery (trials, MLflow, report)
+            # but cannot identify an offset, a coefficient and an exponent: the report says
+            # "not identified: only 2 distinct value(s)". A fit needs >= 5 sizes and >= 3
+            # counts with seeds (benchmarks/bench_sweep.py).
+            logger.warning("demo sweep: a 2 x 2 smoke run; it does not fit a scaling law "
+                           "(run benchmarks/bench_sweep.py or s2v sweep with >= 5 widths for one)")
+            try:
+                scaling = sweep(SweepConfig(data=str(paths["store"]), output=str(paths["sweep"]),
+                                            widths=(16, 32), modality_counts=(2, 4), steps=15, seeds=1,
+                                            subsets_per_count=1, global_batch=8, seed=config.seed, bootstrap=0),
+                                resume=(paths["sweep"] / "sweep.json").exists(), address=address)
+                scaling["verdict"] = ("smoke run (2 x 2 grid): the sweep runs, but is too small to fit a "
+                                      "scaling law; " + "; ".join(f"{law}: {text}" for law, text
+                                                                  in scaling.get("verdicts", {}).items()))
+            except ValueError as error:
+                # A 12-subject demo store can draw no val or test subject; the sweep needs both.
+                logger.warning("demo sweep skipped: %s", error)
+                scaling = {"verdict": f"smoke run skipped: {error}"}
             timings["sweep_s"] = time.perf_counter() - t
     finally:
         ray.shutdown()
@@ -142,6 +157,7 @@ def demo(config: DemoConfig, *, address: str | None = None) -> dict:
         "ahi": _headline(outcome),
         "site_probe": _headline(site),
         "sweep": str(paths["sweep"]) if scaling is not None else None,
+        "sweep_verdict": scaling.get("verdict") if scaling else None,
         "mlflow_tracking_uri": os.environ["MLFLOW_TRACKING_URI"],
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
     }
@@ -201,7 +217,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = DemoConfig()
     parser.add_argument("--workdir", default=defaults.workdir, help="where everything is written")
     parser.add_argument("--steps", type=int, default=defaults.steps, help="pretraining steps")
-    parser.add_argument("--no-sweep", action="store_true", help="skip the 2 x 2 scaling sweep")
+    parser.add_argument("--no-sweep", action="store_true",
+                        help="skip the 2 x 2 sweep smoke run (it does not fit a scaling law)")
     parser.add_argument("--address", default=None, help="Ray cluster address (default: local instance)")
 
 

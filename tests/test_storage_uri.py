@@ -22,7 +22,7 @@ from pipelines.runtime import absolute, is_uri, join
 from pipelines.train_config import PretrainConfig
 from pipelines.train_data import inspect_store, read_store_files, training_columns
 from s2v_core.model import SleepEncoder, model_config
-from s2v_core.store import open_store, store_files
+from s2v_core.store import store_files
 from s2v_core.toystore import write_toy_store
 from tests.test_checkpoints import complete_checkpoint
 
@@ -110,22 +110,22 @@ def test_a_store_at_a_uri_reads_like_the_same_store_on_disk(s3, s3_store, local_
         inspect_store(s3.uri("nothing-here"))
 
 
-def test_sweep_splits_of_a_uri_store_are_subsets_that_read_back(s3_store, tmp_path):
-    from tune.sweep import SweepConfig, plan_trials
-    from tune.trial import _read_sorted
+def test_sweep_reads_the_splits_and_held_out_windows_of_a_uri_store(s3, tmp_path):
+    from s2v_core.store import split_files
+    from tune.plan import SweepConfig
+    from tune.sweep import check_store
+    from tune.trial import HeldOutScorer
 
-    cfg = SweepConfig(data=s3_store, output=str(tmp_path / "sweep"), widths=(16,), modality_counts=(2,))
-    trials, summary = plan_trials(cfg)
-    train, validation = trials[0]["train_store"], trials[0]["validation_store"]
-    assert Path(train).is_file() and Path(validation).is_file()  # local files naming objects in the bucket
-    assert json.loads(Path(train).read_text())["store"] == s3_store
-    rows = {side: _read_sorted(store) for side, store in (("train", train), ("validation", validation))}
-    assert rows["train"].num_rows + rows["validation"].num_rows == 24
-    assert set(rows["train"].column("subject_id").to_pylist()).isdisjoint(
-        rows["validation"].column("subject_id").to_pylist())
-    assert inspect_store(train).windows == rows["train"].num_rows
-    assert open_store(validation).count_rows() == rows["validation"].num_rows
-    assert summary["train_recordings"] + summary["validation_recordings"] == 6
+    local = write_toy_store(tmp_path / "split-store", sites=2, recordings_per_site=4, windows_per_recording=4,
+                            epochs_per_window=4, modalities=MODALITIES, seed=3, val_per_site=1, test_per_site=1)
+    uri = s3.upload(local, "split-store")
+    cfg = SweepConfig(data=uri, output=str(tmp_path / "sweep"), widths=(16,), modality_counts=(2,))
+    available, epochs_per_window = check_store(cfg)  # splits.json read from the bucket
+    assert available == MODALITIES and epochs_per_window == 4
+    sides = {split: split_files(uri, [split])[0] for split in ("train", "val", "test")}
+    assert [len(files) for files in sides.values()] == [4, 2, 2]
+    scorer = HeldOutScorer(uri, pairs=[("eeg", "ecg")], windows=8, probe_windows=8, batch_size=4, seed=0)
+    assert scorer.windows("test") == 8 and scorer.windows("val") == 8
 
 
 def _fake_run_on_s3(s3, local_store, tmp_path, key: str) -> tuple[PretrainConfig, SleepEncoder]:
