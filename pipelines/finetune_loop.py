@@ -33,6 +33,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
+from pipelines.runtime import start_system_metrics
 from pipelines.train_data import keep_windows_with, training_columns
 from s2v_core.config import from_mapping
 from s2v_core.finetuning import FineTunedModel, FinetuneSpec, batch_targets, predict, save_finetuned
@@ -111,7 +112,20 @@ def _model_from(config: dict, weights: dict | None = None) -> FineTunedModel:
 
 
 def finetune_loop_per_worker(config: dict[str, Any]) -> None:
-    """Fine-tune on this worker's shard until ``steps`` or early stopping."""
+    """Fine-tune on this worker's shard until ``steps`` or early stopping (rank 0 samples system metrics)."""
+    import ray.train
+
+    rank = ray.train.get_context().get_world_rank()
+    monitor = start_system_metrics(config.get("mlflow") if rank == 0 else None,
+                                   resumed=ray.train.get_checkpoint() is not None)
+    try:
+        _finetune(config)
+    finally:
+        if monitor is not None:
+            monitor.finish()
+
+
+def _finetune(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 

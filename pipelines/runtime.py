@@ -194,6 +194,27 @@ def check_mlflow_store(workdir: str | Path, *, option: str) -> None:
         )
 
 
+#: Seconds between MLflow system-metric samples (CPU, memory, disk, network; GPU with nvidia-ml-py).
+SYSTEM_METRICS_SECONDS = 10.0
+
+
+def start_system_metrics(mlflow: dict[str, str] | None, *, resumed: bool = False):
+    """Start MLflow's system-metrics sampler for ``{"tracking_uri", "run_id"}``; ``None`` without a run.
+
+    Training loops call this on rank 0 (cheap evidence of how busy the node's
+    CPU/GPU were, logged as ``system/...`` into the run's own store) and call
+    ``finish()`` on what it returns when they end.
+    """
+    if not mlflow:
+        return None
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(mlflow["run_id"], sampling_interval=SYSTEM_METRICS_SECONDS,
+                                   resume_logging=resumed, tracking_uri=mlflow["tracking_uri"])
+    monitor.start()
+    return monitor
+
+
 #: Written in a run directory by ``s2v pretrain`` and ``s2v finetune``: ``{"tracking_uri", "run_id"}``
 #: of its MLflow run (a resumed run continues it; embed and evaluate nest under it).
 MLFLOW_RUN_FILE = "mlflow_run.json"

@@ -26,7 +26,7 @@ import torch
 
 from pipelines.checkpoints import (EMA_FILE, ONLINE_ENCODER_DIR, ENCODER_DIR, ENGINE_DIR, ENGINE_TAG, DataPosition, checkpoint_dir_name,
                                    data_position, read_state, write_state)
-from pipelines.runtime import file_type, join, write_text
+from pipelines.runtime import file_type, join, start_system_metrics, write_text
 from pipelines.train_config import PretrainConfig, config_to_dict
 from pipelines.validation import HeldOutValidator
 from s2v_core.io.discovery import resolve
@@ -62,8 +62,6 @@ AVERAGED_STATS = ("loss", "negatives_per_anchor", "weight_same_site", "weight_ot
                   "weight_same_sex", "weight_other_sex", "temperature", "pairs", "global_batch")
 #: Metric rows rank 0 buffers before writing them to MLflow in one batch.
 MLFLOW_FLUSH_ROWS = 50
-#: Seconds between MLflow system-metric samples (CPU, memory, disk, network; GPU with nvidia-ml-py).
-SYSTEM_METRICS_SECONDS = 10.0
 
 
 def make_gather(world_size: int) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -206,14 +204,11 @@ class _MetricLog:
         self.client = self.monitor = None
         self.rows: list[Any] = []
         if mlflow and enabled:
-            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
             from mlflow.tracking import MlflowClient
 
             self.client = MlflowClient(tracking_uri=mlflow["tracking_uri"])
             self.run_id = mlflow["run_id"]
-            self.monitor = SystemMetricsMonitor(self.run_id, sampling_interval=SYSTEM_METRICS_SECONDS,
-                                                resume_logging=resumed, tracking_uri=mlflow["tracking_uri"])
-            self.monitor.start()
+            self.monitor = start_system_metrics(mlflow, resumed=resumed)
 
     def add(self, metrics: dict[str, float], step: int) -> None:
         if self.client is None:

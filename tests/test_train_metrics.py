@@ -6,11 +6,12 @@ import time
 
 from mlflow.tracking import MlflowClient
 
+import pipelines.runtime as runtime
 import pipelines.train_loop as train_loop
 
 
 def test_metric_log_writes_steps_and_samples_system_metrics(tmp_path, monkeypatch):
-    monkeypatch.setattr(train_loop, "SYSTEM_METRICS_SECONDS", 0.2)
+    monkeypatch.setattr(runtime, "SYSTEM_METRICS_SECONDS", 0.2)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(tracking_uri=uri)
     experiment = client.create_experiment("metrics", artifact_location=(tmp_path / "artifacts").as_uri())

@@ -51,7 +51,7 @@ from tune.plan import PHASES, SweepConfig, held_out_axes, parse_pairs, plan_tria
 logger = logging.getLogger(__name__)
 
 #: Sweep bookkeeping: the resolved config, the plan summary and the parent MLflow run id.
-STATE_FILE = "sweep.json"
+SWEEP_STATE_FILE = "sweep.json"
 #: The pre-registered forecast of the held-out points.
 PREDICTIONS_FILE = "predictions.json"
 #: Append-only log of trial start/finish events (one JSON object per line).
@@ -164,7 +164,7 @@ def sweep(cfg: SweepConfig, *, resume: bool = False, address: str | None = None,
     from tune.scaling import write_report
 
     output = Path(cfg.output).resolve()
-    state_path = output / STATE_FILE
+    state_path = output / SWEEP_STATE_FILE
     if resume and not state_path.is_file():
         raise FileNotFoundError(f"--resume: {state_path} does not exist; no sweep was started in {output}")
     if not resume and any((output / tune_name(p)).exists() for p in PHASES):
