@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 WORKDIR ?= demo-workdir
 BIN := $(VENV)/bin
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo lint test test-fast bench clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,9 +22,13 @@ install: $(BIN)/.installed
 demo: install
 	$(BIN)/s2v demo --workdir $(WORKDIR)
 
-# Two stages, both in CI: the fast suite first (a broken build fails in about a
-# minute), then the integration runs (real Ray cluster, DeepSpeed, MLflow).
-test: install
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+# Three stages, all in CI: lint and format, the fast suite (a broken build fails
+# in about a minute), then the integration runs (real Ray cluster, DeepSpeed, MLflow).
+test: lint
 	$(BIN)/python -m pytest tests -m "not integration"
 	$(BIN)/python -m pytest tests -m integration
 

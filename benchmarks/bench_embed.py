@@ -52,8 +52,8 @@ def main() -> None:
     import ray
 
     from pipelines.embed import CARRIED_COLUMNS, embed
-    from s2v_core.model import SleepEncoder, batch_to_tensors, model_config, save_encoder
     from s2v_core.modalities import MODALITY_KEYS
+    from s2v_core.model import SleepEncoder, batch_to_tensors, model_config, save_encoder
     from s2v_core.store import open_store, table_to_batch
     from s2v_core.toystore import write_toy_store
 
@@ -61,9 +61,14 @@ def main() -> None:
     recordings = 8
     with tempfile.TemporaryDirectory(prefix="bench-embed-") as tmp:
         root = Path(tmp)
-        store = write_toy_store(root / "store", sites=2, recordings_per_site=recordings // 2,
-                                windows_per_recording=args.windows // recordings,
-                                epochs_per_window=args.epochs_per_window, seed=0)
+        store = write_toy_store(
+            root / "store",
+            sites=2,
+            recordings_per_site=recordings // 2,
+            windows_per_recording=args.windows // recordings,
+            epochs_per_window=args.epochs_per_window,
+            seed=0,
+        )
         torch.manual_seed(0)
         encoder = SleepEncoder(model_config(args.model)).eval()
         checkpoint = save_encoder(encoder, root / "encoder")
@@ -72,8 +77,9 @@ def main() -> None:
 
         def batches():
             for start in range(0, table.num_rows, args.batch_size):
-                yield batch_to_tensors(table_to_batch(table.slice(start, args.batch_size),
-                                                      epochs_per_window=args.epochs_per_window))
+                yield batch_to_tensors(
+                    table_to_batch(table.slice(start, args.batch_size), epochs_per_window=args.epochs_per_window)
+                )
 
         with torch.inference_mode():
             encoder.encode(next(batches()))  # warm-up (allocator, first-call dispatch)
@@ -90,8 +96,13 @@ def main() -> None:
             for path in open_store(str(store)).files:  # reading each night's file too
                 night = pq.read_table(path, columns=[*CARRIED_COLUMNS, *MODALITY_KEYS, "present"])
                 for start in range(0, night.num_rows, args.batch_size):
-                    encoder.encode(batch_to_tensors(table_to_batch(night.slice(start, args.batch_size),
-                                                                   epochs_per_window=args.epochs_per_window)))
+                    encoder.encode(
+                        batch_to_tensors(
+                            table_to_batch(
+                                night.slice(start, args.batch_size), epochs_per_window=args.epochs_per_window
+                            )
+                        )
+                    )
             reading_seconds = time.perf_counter() - started
         del decoded
 
@@ -99,8 +110,13 @@ def main() -> None:
         try:
             runs = []
             for repeat in range(args.repeats):
-                summary = embed(str(checkpoint), str(store), str(root / f"emb{repeat}"),
-                                batch_size=args.batch_size, num_actors=args.cpus)
+                summary = embed(
+                    str(checkpoint),
+                    str(store),
+                    str(root / f"emb{repeat}"),
+                    batch_size=args.batch_size,
+                    num_actors=args.cpus,
+                )
                 runs.append(summary.windows_per_second)
         finally:
             ray.shutdown()
@@ -108,29 +124,33 @@ def main() -> None:
     bare = table.num_rows / bare_seconds
     forward_only = table.num_rows / forward_seconds
     with_reading = table.num_rows / reading_seconds
-    print(json.dumps({
-        "benchmark": "embed",
-        "model": args.model,
-        "windows": table.num_rows,
-        "epochs_per_window": args.epochs_per_window,
-        "modalities": len(MODALITY_KEYS),
-        "batch_size": args.batch_size,
-        "actors": args.cpus,
-        "torch_threads_bare_loop": torch.get_num_threads(),
-        "bare_loop_windows_per_s": round(bare, 2),
-        "bare_forward_only_windows_per_s": round(forward_only, 2),
-        "bare_loop_reading_parquet_windows_per_s": round(with_reading, 2),
-        "embed_windows_per_s_each_call": [round(r, 2) for r in runs],
-        "embed_windows_per_s": round(max(runs), 2),
-        "ratio": round(max(runs) / bare, 3),
-        "ratio_vs_bare_loop_reading_parquet": round(max(runs) / with_reading, 3),
-        "target_ratio": 0.8,
-        "cpu_count": os.cpu_count(),
-        "load_average_1min": round(os.getloadavg()[0], 2),
-        "platform": platform.platform(),
-        "torch": torch.__version__,
-        "ray": ray.__version__,
-    }))
+    print(
+        json.dumps(
+            {
+                "benchmark": "embed",
+                "model": args.model,
+                "windows": table.num_rows,
+                "epochs_per_window": args.epochs_per_window,
+                "modalities": len(MODALITY_KEYS),
+                "batch_size": args.batch_size,
+                "actors": args.cpus,
+                "torch_threads_bare_loop": torch.get_num_threads(),
+                "bare_loop_windows_per_s": round(bare, 2),
+                "bare_forward_only_windows_per_s": round(forward_only, 2),
+                "bare_loop_reading_parquet_windows_per_s": round(with_reading, 2),
+                "embed_windows_per_s_each_call": [round(r, 2) for r in runs],
+                "embed_windows_per_s": round(max(runs), 2),
+                "ratio": round(max(runs) / bare, 3),
+                "ratio_vs_bare_loop_reading_parquet": round(max(runs) / with_reading, 3),
+                "target_ratio": 0.8,
+                "cpu_count": os.cpu_count(),
+                "load_average_1min": round(os.getloadavg()[0], 2),
+                "platform": platform.platform(),
+                "torch": torch.__version__,
+                "ray": ray.__version__,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

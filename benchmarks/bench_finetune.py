@@ -50,8 +50,9 @@ def make_store(workdir: Path, args: argparse.Namespace) -> str:
 
     store = workdir / "store"
     if not (store / "splits.json").is_file():
-        cohort = write_cohort(workdir / "cohort", sites=6, recordings_per_site=args.nights_per_site,
-                              hours=args.hours, seed=args.seed)
+        cohort = write_cohort(
+            workdir / "cohort", sites=6, recordings_per_site=args.nights_per_site, hours=args.hours, seed=args.seed
+        )
         with contextlib.redirect_stdout(sys.stderr):
             ingest([str(cohort.root)], str(store), workers=2)
     assign(str(store), seed=args.seed, fractions=(0.6, 0.2, 0.2), reassign=True, force=True)
@@ -62,9 +63,17 @@ def pretrained_encoder(store: str, workdir: Path, args: argparse.Namespace) -> s
     from pipelines.pretrain import pretrain
     from pipelines.train_config import load_pretrain_config
 
-    config = load_pretrain_config(None, data=store, output=str(workdir / "pretrain"), model=args.model,
-                                  steps=args.pretrain_steps, global_batch=args.global_batch, workers=args.workers,
-                                  seed=args.seed, checkpoint_every=args.pretrain_steps)
+    config = load_pretrain_config(
+        None,
+        data=store,
+        output=str(workdir / "pretrain"),
+        model=args.model,
+        steps=args.pretrain_steps,
+        global_batch=args.global_batch,
+        workers=args.workers,
+        seed=args.seed,
+        checkpoint_every=args.pretrain_steps,
+    )
     with contextlib.redirect_stdout(sys.stderr):
         # resume: a rerun in the same --workdir reuses the finished pretraining run.
         return pretrain(config, resume=True, mlflow=True).run_dir
@@ -90,19 +99,36 @@ def run_arm(arm: str, encoder: str, store: str, workdir: Path, args: argparse.Na
     from pipelines.finetune import FinetuneConfig, finetune
 
     mode = "full" if arm == "scratch" else arm
-    config = FinetuneConfig(checkpoint=encoder, data=store, output=str(workdir / "finetune" / arm), task="staging",
-                            mode=mode, head=args.head, steps=args.steps, batch_size=args.batch_size,
-                            workers=args.workers, lr=args.lr_full if mode == "full" else args.lr,
-                            eval_every=args.eval_every, checkpoint_every=args.steps, patience=args.patience,
-                            train_tokenizers=arm == "scratch", seed=args.seed)
+    config = FinetuneConfig(
+        checkpoint=encoder,
+        data=store,
+        output=str(workdir / "finetune" / arm),
+        task="staging",
+        mode=mode,
+        head=args.head,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        lr=args.lr_full if mode == "full" else args.lr,
+        eval_every=args.eval_every,
+        checkpoint_every=args.steps,
+        patience=args.patience,
+        train_tokenizers=arm == "scratch",
+        seed=args.seed,
+    )
     started = time.monotonic()
     with contextlib.redirect_stdout(sys.stderr):
         report = finetune(config, resume=True, mlflow=False)  # a finished arm is scored again, not retrained
     keep = ("kappa", "macro_f1", "accuracy", "n_epochs")
-    return {"mode": mode, "test": {k: report["test"][k] for k in keep},
-            "majority_baseline": {k: report["baseline"][k] for k in keep},
-            "steps": report["steps"], "best_step": report["best_step"], "stopped_early": report["stopped_early"],
-            "seconds": round(time.monotonic() - started, 1)}
+    return {
+        "mode": mode,
+        "test": {k: report["test"][k] for k in keep},
+        "majority_baseline": {k: report["baseline"][k] for k in keep},
+        "steps": report["steps"],
+        "best_step": report["best_step"],
+        "stopped_early": report["stopped_early"],
+        "seconds": round(time.monotonic() - started, 1),
+    }
 
 
 def main() -> None:
@@ -123,8 +149,11 @@ def main() -> None:
     parser.add_argument("--patience", type=int, default=4)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke run: 6 x 2 nights of 0.5 h, tiny, 10 + 6 steps (checks the program, not models)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: 6 x 2 nights of 0.5 h, tiny, 10 + 6 steps (checks the program, not models)",
+    )
     args = parser.parse_args()
     if args.quick:
         args.nights_per_site, args.hours, args.model = 2, 0.5, "tiny"
@@ -146,8 +175,12 @@ def main() -> None:
     init_ray(None, num_cpus=max(os.cpu_count() or 1, args.workers))
     try:
         pretrained = pretrained_encoder(store, workdir, args)
-        encoders = {"frozen": pretrained, "lora": pretrained, "full": pretrained,
-                    "scratch": scratch_encoder(pretrained, workdir)}
+        encoders = {
+            "frozen": pretrained,
+            "lora": pretrained,
+            "full": pretrained,
+            "scratch": scratch_encoder(pretrained, workdir),
+        }
         arms = {}
         for arm in ARMS:
             logger.info("fine-tuning arm %s", arm)
@@ -155,12 +188,23 @@ def main() -> None:
     finally:
         ray.shutdown()
     scratch_kappa = arms["scratch"]["test"]["kappa"]
-    result = {"benchmark": "finetune", "task": "staging", "scored_on": "test subjects", "store": store,
-              "quick": args.quick, "model": args.model, "pretrain_steps": args.pretrain_steps, "head": args.head,
-              "finetune_steps": args.steps, "batch_size": args.batch_size, "workers": args.workers,
-              "arms": arms, "kappa_minus_scratch": {arm: arms[arm]["test"]["kappa"] - scratch_kappa for arm in ARMS},
-              "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__},
-              "seconds": round(time.monotonic() - started, 1)}
+    result = {
+        "benchmark": "finetune",
+        "task": "staging",
+        "scored_on": "test subjects",
+        "store": store,
+        "quick": args.quick,
+        "model": args.model,
+        "pretrain_steps": args.pretrain_steps,
+        "head": args.head,
+        "finetune_steps": args.steps,
+        "batch_size": args.batch_size,
+        "workers": args.workers,
+        "arms": arms,
+        "kappa_minus_scratch": {arm: arms[arm]["test"]["kappa"] - scratch_kappa for arm in ARMS},
+        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__},
+        "seconds": round(time.monotonic() - started, 1),
+    }
     print(json.dumps(result))
 
 

@@ -211,8 +211,13 @@ def main() -> None:
             "peak_rss_mb_1_worker": round(rss_1, 1),
             "ray_startup_s_excluded": round(max(startup_1, startup_2), 2),
             "load_average_after_stage": dict(_LOAD),
-            "seconds": {"raw_read": round(raw_s, 2), "mne_loop": round(mne_s, 2), "s2v_1_worker": round(one_s, 2),
-                        "s2v_2_workers": round(two_s, 2), f"s2v_2_workers_{large}": round(big_s, 2)},
+            "seconds": {
+                "raw_read": round(raw_s, 2),
+                "mne_loop": round(mne_s, 2),
+                "s2v_1_worker": round(one_s, 2),
+                "s2v_2_workers": round(two_s, 2),
+                f"s2v_2_workers_{large}": round(big_s, 2),
+            },
         }
     finally:
         if not args.keep:

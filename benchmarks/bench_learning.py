@@ -65,8 +65,9 @@ def make_store(workdir: Path, args: argparse.Namespace) -> tuple[str, dict]:
     timings = {}
     if not (store / "splits.json").is_file():
         started = time.monotonic()
-        cohort = write_cohort(workdir / "cohort", sites=6, recordings_per_site=args.nights_per_site,
-                              hours=args.hours, seed=args.seed)
+        cohort = write_cohort(
+            workdir / "cohort", sites=6, recordings_per_site=args.nights_per_site, hours=args.hours, seed=args.seed
+        )
         timings["synth_s"] = round(time.monotonic() - started, 1)
         started = time.monotonic()
         with contextlib.redirect_stdout(sys.stderr):
@@ -80,18 +81,30 @@ def pretrain_objective(store: str, workdir: Path, objective: str, args: argparse
     from pipelines.pretrain import pretrain
     from pipelines.train_config import load_pretrain_config
 
-    overrides = {"data": store, "output": str(workdir / "runs" / objective), "model": args.model,
-                 "steps": args.steps, "global_batch": args.global_batch, "workers": args.workers,
-                 "seed": args.seed, "checkpoint_every": args.steps, "validate_every": max(1, args.steps // 5),
-                 "lr": args.lr}
+    overrides = {
+        "data": store,
+        "output": str(workdir / "runs" / objective),
+        "model": args.model,
+        "steps": args.steps,
+        "global_batch": args.global_batch,
+        "workers": args.workers,
+        "seed": args.seed,
+        "checkpoint_every": args.steps,
+        "validate_every": max(1, args.steps // 5),
+        "lr": args.lr,
+    }
     if objective != "project":
         overrides["objective"] = objective
     config = load_pretrain_config(None, **overrides)
     started = time.monotonic()
     result = pretrain(config, mlflow=True)
-    return {"run_dir": result.run_dir, "encoder": result.encoder_dir, "seconds": round(time.monotonic() - started, 1),
-            "final_train_loss": result.final_loss,
-            "final_val": {k: v for k, v in result.metrics.items() if k.startswith("val/") and k.count("/") == 1}}
+    return {
+        "run_dir": result.run_dir,
+        "encoder": result.encoder_dir,
+        "seconds": round(time.monotonic() - started, 1),
+        "final_train_loss": result.final_loss,
+        "final_val": {k: v for k, v in result.metrics.items() if k.startswith("val/") and k.count("/") == 1},
+    }
 
 
 def random_init_encoder(reference_dir: str, workdir: Path) -> str:
@@ -110,17 +123,26 @@ def random_init_encoder(reference_dir: str, workdir: Path) -> str:
 
 
 def test_alignment(encoder_dir: str, store: str, args: argparse.Namespace) -> dict:
+    import pyarrow.parquet as pq
+
     from pipelines.validation import HeldOutValidator
     from s2v_core.evaluation.alignment import NAMED_PAIRS
     from s2v_core.model import load_encoder
     from s2v_core.store import schema_info, split_files
-    import pyarrow.parquet as pq
 
     encoder = load_encoder(encoder_dir)
     files, filesystem = split_files(store, ["test"])
     epochs = schema_info(pq.read_schema(files[0], filesystem=filesystem))[1]
-    validator = HeldOutValidator(files, filesystem, modalities=encoder.modalities, epochs_per_window=epochs,
-                                 max_epochs=None, batch_size=args.global_batch, seed=0, pairs=NAMED_PAIRS)
+    validator = HeldOutValidator(
+        files,
+        filesystem,
+        modalities=encoder.modalities,
+        epochs_per_window=epochs,
+        max_epochs=None,
+        batch_size=args.global_batch,
+        seed=0,
+        pairs=NAMED_PAIRS,
+    )
     figures = validator.figures(encoder)
     return {pair: {k: round(v, 5) for k, v in values.items()} for pair, values in figures.items()}
 
@@ -146,8 +168,11 @@ def staging_figures(probe, stages: np.ndarray, fold) -> dict:
 
     result = cross_validate_staging(probe, stages, [fold])
     pooled = result["pooled"]
-    return {"kappa": round(pooled["kappa"], 4), "macro_f1": round(pooled["macro_f1"], 4),
-            "accuracy": round(pooled["accuracy"], 4)}
+    return {
+        "kappa": round(pooled["kappa"], 4),
+        "macro_f1": round(pooled["macro_f1"], 4),
+        "accuracy": round(pooled["accuracy"], 4),
+    }
 
 
 def main() -> None:
@@ -165,8 +190,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--split-seed", type=int, default=0)
     parser.add_argument("--no-label-efficiency", action="store_true", help="skip the from-scratch curve")
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke run: 6 x 2 nights of 1 h, tiny, 30 steps (checks the program, not the model)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: 6 x 2 nights of 1 h, tiny, 30 steps (checks the program, not the model)",
+    )
     args = parser.parse_args()
     if args.quick:
         args.nights_per_site, args.hours, args.model, args.steps, args.global_batch = 2, 1.0, "tiny", 30, 8
@@ -187,10 +215,17 @@ def main() -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     store, timings = (args.data, {}) if args.data else make_store(workdir, args)
     objectives = [o.strip() for o in args.objectives.split(",") if o.strip()]
-    result: dict = {"benchmark": "learning", "store": store, "model": args.model, "steps": args.steps,
-                    "global_batch": args.global_batch, "workers": args.workers, "objectives": objectives,
-                    "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
-                                "torch": torch.__version__}, "timings": timings}
+    result: dict = {
+        "benchmark": "learning",
+        "store": store,
+        "model": args.model,
+        "steps": args.steps,
+        "global_batch": args.global_batch,
+        "workers": args.workers,
+        "objectives": objectives,
+        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__},
+        "timings": timings,
+    }
 
     encoders: dict[str, str] = {}
     pretraining = {}
@@ -213,59 +248,88 @@ def main() -> None:
         embeddings[name] = read_embeddings(workdir / "emb" / name)
     reference = embeddings["random_init"]
     fold = held_out_fold(reference.split)
-    result["protocol"] = {"probe_fitted_on": "train + val subjects", "scored": "test subjects",
-                          "subjects": {s: int(len(np.unique(reference.subject_id[reference.split == s])))
-                                       for s in ("train", "val", "test")},
-                          "test_windows": int(len(fold.test)), "test_nights": int(len(np.unique(
-                              reference.night_id[fold.test])))}
+    result["protocol"] = {
+        "probe_fitted_on": "train + val subjects",
+        "scored": "test subjects",
+        "subjects": {
+            s: int(len(np.unique(reference.subject_id[reference.split == s]))) for s in ("train", "val", "test")
+        },
+        "test_windows": int(len(fold.test)),
+        "test_nights": int(len(np.unique(reference.night_id[fold.test]))),
+    }
 
     # 2. Staging on test subjects: one linear probe over each representation.
     logger.info("hand-crafted features of %d windows", len(reference.stages))
     signals = load_signals(reference, store)
     features = epoch_features(signals)
-    staging = {name: staging_figures(linear_staging_probe(emb.epoch, emb.stages, seed=args.seed), emb.stages, fold)
-               for name, emb in embeddings.items()}
+    staging = {
+        name: staging_figures(linear_staging_probe(emb.epoch, emb.stages, seed=args.seed), emb.stages, fold)
+        for name, emb in embeddings.items()
+    }
     staging["handcrafted_features"] = staging_figures(
-        linear_staging_probe(features, reference.stages, seed=args.seed, impute=True), reference.stages, fold)
+        linear_staging_probe(features, reference.stages, seed=args.seed, impute=True), reference.stages, fold
+    )
     result["staging"] = staging
 
     # 2b + 3. YASA peer and sensor dropout at inference, through `s2v evaluate` (test subjects).
     result["sensor_dropout"], result["yasa"] = {}, None
     for objective in objectives:
         name = f"pretrained_{objective}"
-        report = evaluate(str(workdir / "emb" / name), "staging", str(workdir / "reports" / name / "staging.json"),
-                          heads=("linear",), data=store, checkpoint=encoders[name], robustness=True,
-                          scenarios=list(SCENARIOS), peer="yasa" if result["yasa"] is None else None,
-                          log_to_mlflow=False, seed=args.seed)
+        report = evaluate(
+            str(workdir / "emb" / name),
+            "staging",
+            str(workdir / "reports" / name / "staging.json"),
+            heads=("linear",),
+            data=store,
+            checkpoint=encoders[name],
+            robustness=True,
+            scenarios=list(SCENARIOS),
+            peer="yasa" if result["yasa"] is None else None,
+            log_to_mlflow=False,
+            seed=args.seed,
+        )
         robustness = report["robustness"]
         result["sensor_dropout"][name] = {
             "full_probe_kappa": round(robustness["full_probe_kappa"], 4),
-            "full_probe_unchanged": {s: {k: round(v, 4) for k, v in m.items()}
-                                     for s, m in robustness["matrix_full_probe"].items()},
-            "probe_retrained": {s: {k: round(m[k], 4) for k in ("kappa", "macro_f1")}
-                                for s, m in robustness["matrix"].items()},
-            "windows": robustness["n_windows"]}
+            "full_probe_unchanged": {
+                s: {k: round(v, 4) for k, v in m.items()} for s, m in robustness["matrix_full_probe"].items()
+            },
+            "probe_retrained": {
+                s: {k: round(m[k], 4) for k in ("kappa", "macro_f1")} for s, m in robustness["matrix"].items()
+            },
+            "windows": robustness["n_windows"],
+        }
         if result["yasa"] is None and report.get("peer", {}).get("yasa", {}).get("available"):
             peer = report["peer"]["yasa"]
-            result["yasa"] = {"kappa": round(peer["yasa"]["kappa"]["mean"], 4),
-                              "macro_f1": round(peer["yasa"]["macro_f1"]["mean"], 4),
-                              "linear_probe_same_windows_kappa": round(peer["linear_probe_same_windows"]["kappa"]["mean"], 4),
-                              "windows": peer["n_windows"]}
+            result["yasa"] = {
+                "kappa": round(peer["yasa"]["kappa"]["mean"], 4),
+                "macro_f1": round(peer["yasa"]["macro_f1"]["mean"], 4),
+                "linear_probe_same_windows_kappa": round(peer["linear_probe_same_windows"]["kappa"]["mean"], 4),
+                "windows": peer["n_windows"],
+            }
 
     # 4. Label efficiency: the same nights drawn for every representation.
     if not args.no_label_efficiency:
         first = load_encoder(encoders[f"pretrained_{objectives[0]}"])
         probes = {name: linear_staging_probe(emb.epoch, emb.stages, seed=args.seed) for name, emb in embeddings.items()}
         probes["handcrafted_features"] = linear_staging_probe(features, reference.stages, seed=args.seed, impute=True)
-        probes["scratch_end_to_end"] = scratch_staging_probe(signals, reference.stages, config=first.config,
-                                                            modalities=first.modalities, seed=args.seed)
-        curves = label_efficiency(probes, reference.stages, reference.night_id, [fold], fractions=FRACTIONS,
-                                  seed=args.seed)
-        result["label_efficiency"] = {name: {fraction: {"kappa": round(v["summary"]["kappa"]["mean"], 4),
-                                                        "macro_f1": round(v["summary"]["macro_f1"]["mean"], 4),
-                                                        "train_nights": v["train_nights"][0]}
-                                             for fraction, v in by_fraction.items()}
-                                      for name, by_fraction in curves.items()}
+        probes["scratch_end_to_end"] = scratch_staging_probe(
+            signals, reference.stages, config=first.config, modalities=first.modalities, seed=args.seed
+        )
+        curves = label_efficiency(
+            probes, reference.stages, reference.night_id, [fold], fractions=FRACTIONS, seed=args.seed
+        )
+        result["label_efficiency"] = {
+            name: {
+                fraction: {
+                    "kappa": round(v["summary"]["kappa"]["mean"], 4),
+                    "macro_f1": round(v["summary"]["macro_f1"]["mean"], 4),
+                    "train_nights": v["train_nights"][0],
+                }
+                for fraction, v in by_fraction.items()
+            }
+            for name, by_fraction in curves.items()
+        }
     result["targets"] = targets(result, objectives)
     result["seconds"] = round(time.monotonic() - started, 1)
     print(json.dumps(result))
@@ -285,26 +349,41 @@ def targets(result: dict, objectives: list[str]) -> dict:
             figures = alignment.get(pair)
             if figures:
                 checks[f"{pair} top-1 >= {needed:g}x chance (N >= 500)"] = {
-                    "value": figures["top1_over_chance"], "n": figures["n"],
-                    "met": figures["top1_over_chance"] >= needed and figures["n"] >= 500}
+                    "value": figures["top1_over_chance"],
+                    "n": figures["n"],
+                    "met": figures["top1_over_chance"] >= needed and figures["n"] >= 500,
+                }
         kappa = result["staging"][name]["kappa"]
         random_kappa = result["staging"]["random_init"]["kappa"]
         features_kappa = result["staging"]["handcrafted_features"]["kappa"]
-        checks["probe kappa >= random init + 0.10"] = {"value": kappa, "baseline": random_kappa,
-                                                      "met": kappa >= random_kappa + 0.10}
-        checks["probe kappa >= hand-crafted features"] = {"value": kappa, "baseline": features_kappa,
-                                                         "met": kappa >= features_kappa}
+        checks["probe kappa >= random init + 0.10"] = {
+            "value": kappa,
+            "baseline": random_kappa,
+            "met": kappa >= random_kappa + 0.10,
+        }
+        checks["probe kappa >= hand-crafted features"] = {
+            "value": kappa,
+            "baseline": features_kappa,
+            "met": kappa >= features_kappa,
+        }
         dropout = result["sensor_dropout"].get(name, {}).get("full_probe_unchanged", {}).get("wearable")
         if dropout:
             checks["wearable keeps >= half the full probe's kappa margin"] = {
-                "value": dropout["kappa_margin_kept"], "met": dropout["kappa_margin_kept"] >= 0.5}
+                "value": dropout["kappa_margin_kept"],
+                "met": dropout["kappa_margin_kept"] >= 0.5,
+            }
         curves = result.get("label_efficiency")
         if curves:
             pretrained, scratch = curves[name]["0.01"]["kappa"], curves["scratch_end_to_end"]["0.01"]["kappa"]
             checks["1 % labels: pretrained >= scratch + 0.10 kappa"] = {
-                "value": pretrained, "baseline": scratch, "met": pretrained >= scratch + 0.10}
-        checks = {k: {kk: (round(vv, 4) if isinstance(vv, float) and math.isfinite(vv) else vv)
-                      for kk, vv in v.items()} for k, v in checks.items()}
+                "value": pretrained,
+                "baseline": scratch,
+                "met": pretrained >= scratch + 0.10,
+            }
+        checks = {
+            k: {kk: (round(vv, 4) if isinstance(vv, float) and math.isfinite(vv) else vv) for kk, vv in v.items()}
+            for k, v in checks.items()
+        }
         out[name] = {"checks": checks, "met": sum(c["met"] for c in checks.values()), "of": len(checks)}
     return out
 

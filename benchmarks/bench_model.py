@@ -64,30 +64,38 @@ PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 EMULATED_WORLD = 2
 
 
-def make_batch(windows: int, epochs: int, device: torch.device, modalities=MODALITY_KEYS,
-               seed: int = 0) -> dict[str, torch.Tensor]:
+def make_batch(
+    windows: int, epochs: int, device: torch.device, modalities=MODALITY_KEYS, seed: int = 0
+) -> dict[str, torch.Tensor]:
     """Random signals of ``modalities`` (all present) and metadata, made on ``device``."""
     generator = torch.Generator(device=device).manual_seed(seed)
-    batch = {k: torch.randn(windows, epochs, get_modality(k).samples_per_epoch, generator=generator, device=device)
-             for k in modalities}
+    batch = {
+        k: torch.randn(windows, epochs, get_modality(k).samples_per_epoch, generator=generator, device=device)
+        for k in modalities
+    }
     present = torch.zeros(windows, len(MODALITY_KEYS), dtype=torch.bool, device=device)
     present[:, [MODALITY_KEYS.index(k) for k in modalities]] = True
-    batch.update(present=present, age=20 + 60 * torch.rand(windows, generator=generator, device=device),
-                 sex=torch.randint(0, 2, (windows,), generator=generator, device=device).float(),
-                 site_id=torch.randint(0, 3, (windows,), generator=generator, device=device),
-                 night_id=torch.arange(windows, device=device) // 2,  # two windows per night
-                 history=torch.randint(0, 2, (windows, 2), generator=generator, device=device).float())
+    batch.update(
+        present=present,
+        age=20 + 60 * torch.rand(windows, generator=generator, device=device),
+        sex=torch.randint(0, 2, (windows,), generator=generator, device=device).float(),
+        site_id=torch.randint(0, 3, (windows,), generator=generator, device=device),
+        night_id=torch.arange(windows, device=device) // 2,  # two windows per night
+        history=torch.randint(0, 2, (windows, 2), generator=generator, device=device).float(),
+    )
     return batch
 
 
 def emulated_gather(world: int):
     """Rank 0's view of an all_gather over ``world`` workers holding other nights (stand-ins)."""
+
     def gather(tensor: torch.Tensor) -> torch.Tensor:
         parts = [tensor]
         for r in range(1, world):
             other = tensor.detach().roll(r, dims=0)
             parts.append(other + r * 1_000_003 if not tensor.is_floating_point() else other)
         return torch.cat(parts)
+
     return gather
 
 
@@ -167,8 +175,16 @@ def count_host_syncs(fn) -> dict[str, object]:
 class Setup:
     """Model, optimiser, batch and step functions of one (size, preset) configuration."""
 
-    def __init__(self, size: str, epochs: int, preset_name: str, windows: int, device: torch.device,
-                 amp: bool, legacy_stems: bool = False) -> None:
+    def __init__(
+        self,
+        size: str,
+        epochs: int,
+        preset_name: str,
+        windows: int,
+        device: torch.device,
+        amp: bool,
+        legacy_stems: bool = False,
+    ) -> None:
         preset = load_objective(preset_name)
         self.objective = preset.objective
         torch.manual_seed(0)
@@ -176,14 +192,19 @@ class Setup:
         self.model = SleepEncoder(config).to(device).train()
         if legacy_stems:
             for key in self.model.tokenizers:
-                self.model.tokenizers[key] = LegacyConvTokenizer(get_modality(key).samples_per_epoch, config.width,
-                                                                 config.stem_channels).to(device)
+                self.model.tokenizers[key] = LegacyConvTokenizer(
+                    get_modality(key).samples_per_epoch, config.width, config.stem_channels
+                ).to(device)
         self.config, self.device, self.windows, self.epochs = config, device, windows, epochs
         self.modalities = self.objective.step_modalities(MODALITY_KEYS, seed=0, step=0)
         self.batch = make_batch(windows, epochs, device, self.modalities)
         self.world = EMULATED_WORLD if self.objective.negatives == "global" else 1
-        self.loss_options = {**self.objective.loss_options(), "rank": 0, "world_size": self.world,
-                             "gather": emulated_gather(self.world) if self.world > 1 else None}
+        self.loss_options = {
+            **self.objective.loss_options(),
+            "rank": 0,
+            "world_size": self.world,
+            "gather": emulated_gather(self.world) if self.world > 1 else None,
+        }
         self.amp = amp
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.params = params
@@ -197,8 +218,9 @@ class Setup:
     def _forward_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         with self.autocast():
             out = self.model.encode(batch, modalities=self.modalities, mask_rate=self.objective.mask_rate)
-            return dash_infonce(out.per_modality, out.present, batch, logit_scale=out.logit_scale,
-                                **self.loss_options).loss
+            return dash_infonce(
+                out.per_modality, out.present, batch, logit_scale=out.logit_scale, **self.loss_options
+            ).loss
 
     def step(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -220,6 +242,7 @@ class Setup:
             for leaf in leaves.values():
                 leaf.grad = None
             dash_infonce(leaves, out.present, self.batch, logit_scale=scale, **self.loss_options).loss.backward()
+
         return run
 
     def tokens(self) -> int:
@@ -228,13 +251,25 @@ class Setup:
 
 def figures(seconds: float, flops: int, windows: int, peak: float | None, matmul: float) -> dict[str, float]:
     tflops = flops / seconds / 1e12
-    return {"step_ms": round(1e3 * seconds, 2), "windows_per_s": round(windows / seconds, 2),
-            "tflops": round(tflops, 3), "mfu_peak": round(tflops / peak, 4) if peak else None,
-            "mfu_matmul": round(tflops / matmul, 4)}
+    return {
+        "step_ms": round(1e3 * seconds, 2),
+        "windows_per_s": round(windows / seconds, 2),
+        "tflops": round(tflops, 3),
+        "mfu_peak": round(tflops / peak, 4) if peak else None,
+        "mfu_matmul": round(tflops / matmul, 4),
+    }
 
 
-def bench_run(size_spec: str, preset: str, args, device: torch.device, peak: float | None, matmul: float,
-              compile_it: bool, clock: Clock) -> dict[str, object]:
+def bench_run(
+    size_spec: str,
+    preset: str,
+    args,
+    device: torch.device,
+    peak: float | None,
+    matmul: float,
+    compile_it: bool,
+    clock: Clock,
+) -> dict[str, object]:
     size, _, epoch_text = size_spec.partition("@")
     epochs = int(epoch_text) if epoch_text else args.epochs
     cuda = device.type == "cuda"
@@ -259,22 +294,31 @@ def bench_run(size_spec: str, preset: str, args, device: torch.device, peak: flo
     inner = args.inner if cuda else 1
     times = clock.best(functions, args.repeats, inner)
     result: dict[str, object] = {
-        "size": size, "preset": preset, "epochs_per_window": epochs, "local_windows": windows,
-        "global_windows": windows * setup.world, "modalities_encoded": len(setup.modalities),
-        "tokens_per_step": setup.tokens(), "tokenizer": setup.config.tokenizer,
+        "size": size,
+        "preset": preset,
+        "epochs_per_window": epochs,
+        "local_windows": windows,
+        "global_windows": windows * setup.world,
+        "modalities_encoded": len(setup.modalities),
+        "tokens_per_step": setup.tokens(),
+        "tokenizer": setup.config.tokenizer,
         "parameters_non_embedding": count_parameters(setup.model),
         "parameters_total": count_parameters(setup.model, non_embedding=False),
-        "flops_per_step": flops, "saved_activation_mb": round(activations / 2**20, 1),
+        "flops_per_step": flops,
+        "saved_activation_mb": round(activations / 2**20, 1),
         "eager": figures(times["step"], flops, windows, peak, matmul),
-        "dash_loss_ms": round(1e3 * times["dash"], 2), "dash_share": round(times["dash"] / times["step"], 4),
+        "dash_loss_ms": round(1e3 * times["dash"], 2),
+        "dash_share": round(times["dash"] / times["step"], 4),
     }
     if cuda:
         result["peak_memory_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
         result.update(count_host_syncs(setup.step))
     if old is not None:
-        result["old_conv"] = {"step_ms": round(1e3 * times["old_step"], 2),
-                              "windows_per_s": round(windows / times["old_step"], 2),
-                              "new_over_old": round(times["old_step"] / times["step"], 3)}
+        result["old_conv"] = {
+            "step_ms": round(1e3 * times["old_step"], 2),
+            "windows_per_s": round(windows / times["old_step"], 2),
+            "new_over_old": round(times["old_step"] / times["step"], 3),
+        }
         del old
     if compile_it:
         result["compiled"] = bench_compiled(setup, flops, peak, matmul, args, clock, times["step"])
@@ -284,8 +328,9 @@ def bench_run(size_spec: str, preset: str, args, device: torch.device, peak: flo
     return result
 
 
-def bench_compiled(setup: Setup, flops: int, peak: float | None, matmul: float, args, clock: Clock,
-                   eager_s: float) -> dict[str, object]:
+def bench_compiled(
+    setup: Setup, flops: int, peak: float | None, matmul: float, args, clock: Clock, eager_s: float
+) -> dict[str, object]:
     torch._dynamo.reset()
     setup.forward_loss = torch.compile(setup._forward_loss, dynamic=False)
     start = time.perf_counter()
@@ -296,8 +341,11 @@ def bench_compiled(setup: Setup, flops: int, peak: float | None, matmul: float, 
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     seconds = clock.best({"step": setup.step}, args.repeats, args.inner if cuda else 1)["step"]
-    out = {**figures(seconds, flops, setup.windows, peak, matmul), "compile_s": round(compile_s, 1),
-           "gain_over_eager": round(eager_s / seconds, 3)}
+    out = {
+        **figures(seconds, flops, setup.windows, peak, matmul),
+        "compile_s": round(compile_s, 1),
+        "gain_over_eager": round(eager_s / seconds, 3),
+    }
     if cuda:
         out["peak_memory_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
         out.update(count_host_syncs(setup.step))
@@ -318,28 +366,47 @@ def long_context(device: torch.device, clock: Clock, args) -> dict[str, object]:
     windows, world, epochs, dim = (PAPER_WINDOWS_120 if cuda else 16), 8, 120, 128
     generator = torch.Generator().manual_seed(1)
     present = torch.ones(windows, len(MODALITY_KEYS), dtype=torch.bool, device=device)
-    z = {k: torch.nn.functional.normalize(torch.randn(windows, epochs, dim, generator=generator), dim=-1).to(device)
-         for k in ("eeg", "ecg")}
+    z = {
+        k: torch.nn.functional.normalize(torch.randn(windows, epochs, dim, generator=generator), dim=-1).to(device)
+        for k in ("eeg", "ecg")
+    }
     meta = make_batch(windows, 1, device, ("hr",))
     objective = load_objective("paper").objective
-    out: dict[str, object] = {"preset": "paper", "epochs_per_window": epochs, "local_windows": windows,
-                              "global_windows": windows * world}
+    out: dict[str, object] = {
+        "preset": "paper",
+        "epochs_per_window": epochs,
+        "local_windows": windows,
+        "global_windows": windows * world,
+    }
     for label, chunk in (("unchunked", None), ("chunked", objective.epoch_chunk or 30)):
         leaves = {k: v.clone().requires_grad_() for k, v in z.items()}
 
-        def run():
+        def run(leaves=leaves, chunk=chunk):  # bound now: the loop variables change
             for leaf in leaves.values():
                 leaf.grad = None
-            dash_infonce(leaves, present, meta, logit_scale=torch.tensor(math.log(5.0), device=device),
-                         config=objective.dash_config, negatives="global", rank=0, world_size=world,
-                         gather=emulated_gather(world), epoch_chunk=chunk).loss.backward()
+            dash_infonce(
+                leaves,
+                present,
+                meta,
+                logit_scale=torch.tensor(math.log(5.0), device=device),
+                config=objective.dash_config,
+                negatives="global",
+                rank=0,
+                world_size=world,
+                gather=emulated_gather(world),
+                epoch_chunk=chunk,
+            ).loss.backward()
+
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
         seconds = clock.best({"loss": run}, args.repeats, 1)["loss"]
-        entry = {"epoch_chunk": chunk, "loss_ms": round(1e3 * seconds, 2),
-                 "saved_activation_mb": round(saved_bytes(run) / 2**20, 1)}
+        entry = {
+            "epoch_chunk": chunk,
+            "loss_ms": round(1e3 * seconds, 2),
+            "saved_activation_mb": round(saved_bytes(run) / 2**20, 1),
+        }
         if cuda:
             entry["peak_memory_mb"] = round((torch.cuda.max_memory_allocated() - base) / 2**20, 1)
         out[label] = entry
@@ -365,23 +432,38 @@ def emit(result: dict[str, object], path: str | None, started: float) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--sizes", default=None, help="comma list, size[@epochs] (default cpu: tiny,small; "
-                        "cuda: base,large,small,base@120)")
+    parser.add_argument(
+        "--sizes",
+        default=None,
+        help="comma list, size[@epochs] (default cpu: tiny,small; cuda: base,large,small,base@120)",
+    )
     parser.add_argument("--presets", default="project,paper", help="objective presets (default project,paper)")
     parser.add_argument("--windows", type=int, default=8, help="local windows per step on CPU (default 8)")
     parser.add_argument("--windows-scale", type=float, default=1.0, help="scale the CUDA batch table")
     parser.add_argument("--epochs", type=int, default=10, help="30-s epochs per window (default 10)")
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds per measurement (best kept)")
     parser.add_argument("--inner", type=int, default=3, help="steps per timed round on CUDA")
-    parser.add_argument("--compile-sizes", default=None,
-                        help="sizes also measured compiled (default cpu: tiny; cuda: base), '' for none; "
-                             "runs go in --sizes order while the budget lasts")
-    parser.add_argument("--budget-seconds", type=float, default=math.inf,
-                        help="start no run (or compiled measurement) that the estimates say would end past this")
-    parser.add_argument("--compile-estimate", type=float, default=75.0,
-                        help="seconds a run with a compiled measurement is assumed to take (budget check)")
-    parser.add_argument("--eager-estimate", type=float, default=15.0,
-                        help="seconds an eager-only run is assumed to take (budget check)")
+    parser.add_argument(
+        "--compile-sizes",
+        default=None,
+        help="sizes also measured compiled (default cpu: tiny; cuda: base), '' for none; "
+        "runs go in --sizes order while the budget lasts",
+    )
+    parser.add_argument(
+        "--budget-seconds",
+        type=float,
+        default=math.inf,
+        help="start no run (or compiled measurement) that the estimates say would end past this",
+    )
+    parser.add_argument(
+        "--compile-estimate",
+        type=float,
+        default=75.0,
+        help="seconds a run with a compiled measurement is assumed to take (budget check)",
+    )
+    parser.add_argument(
+        "--eager-estimate", type=float, default=15.0, help="seconds an eager-only run is assumed to take (budget check)"
+    )
     parser.add_argument("--skip-old", action="store_true", help="skip the CPU old-conv comparison")
     parser.add_argument("--skip-long-context", action="store_true")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
@@ -397,19 +479,31 @@ def main() -> None:
         torch.backends.cudnn.allow_tf32 = True
     # CUDA sizes in priority order (the budget cuts from the end): the MFU targets first.
     sizes = (args.sizes or ("base,large,small,base@120" if cuda else "tiny,small")).split(",")
-    compile_sizes = [s for s in (args.compile_sizes if args.compile_sizes is not None
-                                 else ("base" if cuda else "tiny")).split(",") if s]
+    compile_sizes = [
+        s
+        for s in (args.compile_sizes if args.compile_sizes is not None else ("base" if cuda else "tiny")).split(",")
+        if s
+    ]
     presets = args.presets.split(",")
     clock = Clock(device)
     name = torch.cuda.get_device_name(device) if cuda else platform.processor() or platform.machine()
     peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None) if cuda else None
     matmul, matmul_what = measure_matmul(device, clock)
     result: dict[str, object] = {
-        "benchmark": "bench_model", "device": args.device, "device_name": name, "torch": torch.__version__,
-        "threads": torch.get_num_threads(), "precision": "bf16 autocast, fp32 loss" if cuda else "fp32",
-        "peak_tflops": peak, "peak_source": "dense bf16 table: H100/H200 989, A100 312" if peak else None,
-        "matmul_tflops": round(matmul, 3), "matmul": matmul_what, "emulated_world_for_global_negatives":
-        EMULATED_WORLD, "graph_breaks": {p: graph_breaks(p, device) for p in presets}, "runs": [], "skipped": [],
+        "benchmark": "bench_model",
+        "device": args.device,
+        "device_name": name,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "precision": "bf16 autocast, fp32 loss" if cuda else "fp32",
+        "peak_tflops": peak,
+        "peak_source": "dense bf16 table: H100/H200 989, A100 312" if peak else None,
+        "matmul_tflops": round(matmul, 3),
+        "matmul": matmul_what,
+        "emulated_world_for_global_negatives": EMULATED_WORLD,
+        "graph_breaks": {p: graph_breaks(p, device) for p in presets},
+        "runs": [],
+        "skipped": [],
     }
     for size in sizes:
         for preset in presets:

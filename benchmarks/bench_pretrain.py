@@ -49,10 +49,9 @@ EPOCHS_PER_WINDOW = 10
 def bare_loop(store: Path, *, model: str, global_batch: int, steps: int, warmup: int, seed: int) -> dict:
     """(a): a plain single-process torch loop on the same model and batch."""
     from pipelines.train_config import PretrainConfig
-    from s2v_core.store import open_store
     from s2v_core.losses import DashConfig, dash_infonce
     from s2v_core.model import SleepEncoder, batch_to_tensors
-    from s2v_core.store import table_to_batch
+    from s2v_core.store import open_store, table_to_batch
 
     table = open_store(store).to_table()
     # Windows in a random order, as the framework's readers mix nights.
@@ -65,12 +64,16 @@ def bare_loop(store: Path, *, model: str, global_batch: int, steps: int, warmup:
     for step in range(steps):
         start = time.perf_counter()
         offset = (step * global_batch) % (table.num_rows - global_batch)
-        batch = batch_to_tensors(table_to_batch(table.slice(offset, global_batch), modalities=MODALITIES,
-                                                epochs_per_window=EPOCHS_PER_WINDOW))
+        batch = batch_to_tensors(
+            table_to_batch(
+                table.slice(offset, global_batch), modalities=MODALITIES, epochs_per_window=EPOCHS_PER_WINDOW
+            )
+        )
         out = encoder.encode(batch)
         meta = {k: batch[k] for k in ("age", "sex", "site_id", "night_id", "history")}
-        loss = dash_infonce(out.per_modality, out.present, meta, logit_scale=encoder.logit_scale,
-                            config=DashConfig()).loss
+        loss = dash_infonce(
+            out.per_modality, out.present, meta, logit_scale=encoder.logit_scale, config=DashConfig()
+        ).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(encoder.parameters(), 1.0)
@@ -90,26 +93,49 @@ def concurrent_reader(store: Path):
     import subprocess
     import sys
 
-    code = ("import sys, pyarrow.parquet as pq\n"
-            "files = sys.argv[1:]\n"
-            "while True:\n"
-            "    for f in files: pq.read_table(f, use_threads=False)\n")
+    code = (
+        "import sys, pyarrow.parquet as pq\n"
+        "files = sys.argv[1:]\n"
+        "while True:\n"
+        "    for f in files: pq.read_table(f, use_threads=False)\n"
+    )
     from s2v_core.store import open_store
 
     return subprocess.Popen([sys.executable, "-c", code, *map(str, open_store(store).files)])
 
 
-def framework(store: Path, run_dir: Path, *, workers: int, model: str, global_batch: int, steps: int,
-              warmup: int, seed: int, zero_stage: int | None = None) -> dict:
+def framework(
+    store: Path,
+    run_dir: Path,
+    *,
+    workers: int,
+    model: str,
+    global_batch: int,
+    steps: int,
+    warmup: int,
+    seed: int,
+    zero_stage: int | None = None,
+) -> dict:
     """(b)/(c): ``s2v pretrain``'s rates (read back from its MLflow run) and gather share."""
     from mlflow.tracking import MlflowClient
 
     from pipelines.pretrain import pretrain
     from pipelines.train_config import PretrainConfig
 
-    config = PretrainConfig(data=str(store), output=str(run_dir), workers=workers, model=model,
-                            steps=steps, global_batch=global_batch, checkpoint_every=steps, seed=seed,
-                            modalities=MODALITIES, log_every=1, progress_seconds=0, zero_stage=zero_stage)
+    config = PretrainConfig(
+        data=str(store),
+        output=str(run_dir),
+        workers=workers,
+        model=model,
+        steps=steps,
+        global_batch=global_batch,
+        checkpoint_every=steps,
+        seed=seed,
+        modalities=MODALITIES,
+        log_every=1,
+        progress_seconds=0,
+        zero_stage=zero_stage,
+    )
     started = time.perf_counter()
     result = pretrain(config)
     wall = time.perf_counter() - started
@@ -120,8 +146,11 @@ def framework(store: Path, run_dir: Path, *, workers: int, model: str, global_ba
         return [m.value for m in history if m.step > warmup]
 
     rates = _rates(after_warmup("windows_per_s"))
-    return {**rates, "gather_share": round(statistics.mean(after_warmup("gather_share")), 4),
-            "wall_seconds_whole_command": round(wall, 1)}
+    return {
+        **rates,
+        "gather_share": round(statistics.mean(after_warmup("gather_share")), 4),
+        "wall_seconds_whole_command": round(wall, 1),
+    }
 
 
 def _modality_bytes(table, modalities) -> int:
@@ -146,8 +175,9 @@ def shard_read(store: Path, *, modalities: tuple[str, ...], batch: int, passes: 
     from s2v_core.store import open_store
 
     # One pass that visits the store `passes` times (as pretrain does for a small store): one execution.
-    dataset = build_dataset(open_store(store).files, modalities=modalities, history_columns=(), seed=seed,
-                            repeats=passes)
+    dataset = build_dataset(
+        open_store(store).files, modalities=modalities, history_columns=(), seed=seed, repeats=passes
+    )
 
     def loop(config):
         shard = ray.train.get_dataset_shard("train")
@@ -169,15 +199,20 @@ def shard_read(store: Path, *, modalities: tuple[str, ...], batch: int, passes: 
 
     with tempfile.TemporaryDirectory(prefix="s2v-bench-shard-") as tmp:
         result = TorchTrainer(
-            loop, train_loop_config={"batch": batch, "modalities": list(modalities)},
-            scaling_config=ScalingConfig(num_workers=1), datasets={"train": dataset},
+            loop,
+            train_loop_config={"batch": batch, "modalities": list(modalities)},
+            scaling_config=ScalingConfig(num_workers=1),
+            datasets={"train": dataset},
             dataset_config=DataConfig(datasets_to_split=["train"], execution_options=_ordered_ingest(DataConfig)),
             run_config=RunConfig(storage_path=tmp, name="shard-read"),
         ).fit()
     m = result.metrics
-    return {"windows_per_s": round(m["windows"] / m["seconds"], 1),
-            "gb_per_s": round(m["bytes"] / m["seconds"] / 1e9, 4), "windows": int(m["windows"]),
-            "first_batch_s": round(m["first_batch_s"], 2)}
+    return {
+        "windows_per_s": round(m["windows"] / m["seconds"], 1),
+        "gb_per_s": round(m["bytes"] / m["seconds"] / 1e9, 4),
+        "windows": int(m["windows"]),
+        "first_batch_s": round(m["first_batch_s"], 2),
+    }
 
 
 def bare_parquet_read(store: Path, *, modalities: tuple[str, ...], passes: int) -> dict:
@@ -195,15 +230,20 @@ def bare_parquet_read(store: Path, *, modalities: tuple[str, ...], passes: int) 
             windows += table.num_rows
             nbytes += _modality_bytes(table, modalities)
     seconds = time.perf_counter() - started
-    return {"windows_per_s": round(windows / seconds, 1), "gb_per_s": round(nbytes / seconds / 1e9, 4),
-            "windows": windows}
+    return {
+        "windows_per_s": round(windows / seconds, 1),
+        "gb_per_s": round(nbytes / seconds / 1e9, 4),
+        "windows": windows,
+    }
 
 
 def _rates(per_step: list[float]) -> dict:
     """Windows/s over all steps (windows / summed seconds) and the median step's."""
     seconds = [1.0 / r for r in per_step]  # per window
-    return {"windows_per_s": round(len(seconds) / sum(seconds), 2),
-            "median_step_windows_per_s": round(statistics.median(per_step), 2)}
+    return {
+        "windows_per_s": round(len(seconds) / sum(seconds), 2),
+        "median_step_windows_per_s": round(statistics.median(per_step), 2),
+    }
 
 
 def main() -> None:
@@ -228,8 +268,15 @@ def main() -> None:
     results = {}
     with tempfile.TemporaryDirectory(prefix="s2v-bench-pretrain-") as tmp:
         root = Path(tmp)
-        store = write_toy_store(root / "store", sites=3, recordings_per_site=6, windows_per_recording=48,
-                                epochs_per_window=EPOCHS_PER_WINDOW, modalities=MODALITIES, seed=args.seed)
+        store = write_toy_store(
+            root / "store",
+            sites=3,
+            recordings_per_site=6,
+            windows_per_recording=48,
+            epochs_per_window=EPOCHS_PER_WINDOW,
+            modalities=MODALITIES,
+            seed=args.seed,
+        )
         torch.set_num_threads(1)  # one core per Ray worker: compare like with like
         # The bare loops run before Ray starts, so that nothing else competes for the cores.
         kwargs = dict(global_batch=args.global_batch, steps=args.steps, warmup=args.warmup, seed=args.seed)
@@ -244,13 +291,14 @@ def main() -> None:
             reader.kill()
             reader.wait()
         bare_read = bare_parquet_read(store, modalities=MODALITIES, passes=args.read_passes)
-        ray.init(address="local", num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False,
-                 log_to_driver=False)
+        ray.init(address="local", num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, log_to_driver=False)
         try:
-            shard = shard_read(store, modalities=MODALITIES, batch=args.global_batch, passes=args.read_passes,
-                               seed=args.seed)
+            shard = shard_read(
+                store, modalities=MODALITIES, batch=args.global_batch, passes=args.read_passes, seed=args.seed
+            )
             data_path = {
-                "shard_of_one_worker": shard, "bare_parquet_one_thread": bare_read,
+                "shard_of_one_worker": shard,
+                "bare_parquet_one_thread": bare_read,
                 "ratio_shard_vs_bare_parquet": round(shard["gb_per_s"] / bare_read["gb_per_s"], 3),
                 # A base GPU worker at the issue's target MFU eats ~2 GB/s of float16 windows.
                 "reader_cpus_for_2_gb_per_s": round(2.0 / max(shard["gb_per_s"], 1e-9), 1),
@@ -260,25 +308,41 @@ def main() -> None:
                 two = framework(store, root / f"{model}-2", workers=2, model=model, **kwargs)
                 zero2 = framework(store, root / f"{model}-1-zero2", workers=1, model=model, zero_stage=2, **kwargs)
                 results[model] = {
-                    "bare_torch": bare[model], "bare_torch_beside_a_parquet_reader": bare_beside_reader[model],
-                    "pretrain_1_worker": one, "pretrain_2_workers": two,
+                    "bare_torch": bare[model],
+                    "bare_torch_beside_a_parquet_reader": bare_beside_reader[model],
+                    "pretrain_1_worker": one,
+                    "pretrain_2_workers": two,
                     "pretrain_1_worker_zero2": zero2,
                     "ratio_1_worker_vs_bare": round(one["windows_per_s"] / bare[model]["windows_per_s"], 3),
                     "ratio_1_worker_vs_bare_beside_reader": round(
-                        one["windows_per_s"] / bare_beside_reader[model]["windows_per_s"], 3),
+                        one["windows_per_s"] / bare_beside_reader[model]["windows_per_s"], 3
+                    ),
                     "ratio_2_workers_vs_1_worker": round(two["windows_per_s"] / one["windows_per_s"], 3),
                     "ratio_1_worker_zero2_vs_bare": round(zero2["windows_per_s"] / bare[model]["windows_per_s"], 3),
                     "gather_share_of_step_2_workers": two["gather_share"],
                 }
         finally:
             ray.shutdown()
-    print(json.dumps({
-        "benchmark": "pretrain", "global_batch": args.global_batch, "steps": args.steps,
-        "warmup_steps": args.warmup, "modalities": list(MODALITIES), "epochs_per_window": EPOCHS_PER_WINDOW,
-        "target_ratio_1_worker_vs_bare": 0.9, "cpu_count": os.cpu_count(),
-        "load_average_1min": round(os.getloadavg()[0], 2), "torch": torch.__version__,
-        "ray": ray.__version__, "machine": platform.machine(), "data_path": data_path, "models": results,
-    }))
+    print(
+        json.dumps(
+            {
+                "benchmark": "pretrain",
+                "global_batch": args.global_batch,
+                "steps": args.steps,
+                "warmup_steps": args.warmup,
+                "modalities": list(MODALITIES),
+                "epochs_per_window": EPOCHS_PER_WINDOW,
+                "target_ratio_1_worker_vs_bare": 0.9,
+                "cpu_count": os.cpu_count(),
+                "load_average_1min": round(os.getloadavg()[0], 2),
+                "torch": torch.__version__,
+                "ray": ray.__version__,
+                "machine": platform.machine(),
+                "data_path": data_path,
+                "models": results,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -33,10 +33,22 @@ import tempfile
 import time
 from pathlib import Path
 
-FULL = {"widths": (16, 24, 32, 48, 64), "depths": (1, 2, 2, 3, 4), "modality_counts": (2, 3, 4, 6),
-        "subsets_per_count": 2, "seeds": 3, "steps": 40}
-QUICK = {"widths": (8, 12, 16), "depths": (1, 1, 1), "modality_counts": (2, 3), "subsets_per_count": 1,
-         "seeds": 1, "steps": 2}
+FULL = {
+    "widths": (16, 24, 32, 48, 64),
+    "depths": (1, 2, 2, 3, 4),
+    "modality_counts": (2, 3, 4, 6),
+    "subsets_per_count": 2,
+    "seeds": 3,
+    "steps": 40,
+}
+QUICK = {
+    "widths": (8, 12, 16),
+    "depths": (1, 1, 1),
+    "modality_counts": (2, 3),
+    "subsets_per_count": 1,
+    "seeds": 1,
+    "steps": 2,
+}
 #: Relative error the held-out-largest-N forecast must stay within.
 EXTRAPOLATION_TARGET = 0.10
 
@@ -59,15 +71,39 @@ def main() -> None:
 
     grid = QUICK if args.quick else FULL
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="s2v-bench-sweep-"))
-    store = Path(args.data) if args.data else write_toy_store(
-        workdir / "store", sites=3, recordings_per_site=6, windows_per_recording=6, epochs_per_window=4,
-        modalities=("eeg", "eog", "emg", "ecg", "hr", "spo2"), seed=0, val_per_site=1, test_per_site=1)
-    cfg = SweepConfig(data=str(store), output=str(workdir / "sweep"), widths=grid["widths"], depths=grid["depths"],
-                      modality_counts=grid["modality_counts"], subsets_per_count=grid["subsets_per_count"],
-                      seeds=grid["seeds"], steps=grid["steps"], global_batch=8, device=args.device,
-                      scoring_pairs=parse_pairs(args.scoring_pairs), max_concurrent=1,
-                      bootstrap=20 if args.quick else 200, score_windows=32 if args.quick else 128,
-                      probe_windows=32 if args.quick else 256, validation_batch=8)
+    store = (
+        Path(args.data)
+        if args.data
+        else write_toy_store(
+            workdir / "store",
+            sites=3,
+            recordings_per_site=6,
+            windows_per_recording=6,
+            epochs_per_window=4,
+            modalities=("eeg", "eog", "emg", "ecg", "hr", "spo2"),
+            seed=0,
+            val_per_site=1,
+            test_per_site=1,
+        )
+    )
+    cfg = SweepConfig(
+        data=str(store),
+        output=str(workdir / "sweep"),
+        widths=grid["widths"],
+        depths=grid["depths"],
+        modality_counts=grid["modality_counts"],
+        subsets_per_count=grid["subsets_per_count"],
+        seeds=grid["seeds"],
+        steps=grid["steps"],
+        global_batch=8,
+        device=args.device,
+        scoring_pairs=parse_pairs(args.scoring_pairs),
+        max_concurrent=1,
+        bootstrap=20 if args.quick else 200,
+        score_windows=32 if args.quick else 128,
+        probe_windows=32 if args.quick else 256,
+        validation_batch=8,
+    )
     started = time.monotonic()
     try:
         # Tune prints its progress table to stdout; keep stdout for the one JSON object.
@@ -90,29 +126,37 @@ def main() -> None:
         "extrapolation_n_within_10pct": law_error is not None and law_error <= EXTRAPOLATION_TARGET,
         "extrapolation_n_beats_no_scaling": bool(n_forecast.get("beats_no_scaling")),
     }
-    print(json.dumps({
-        "benchmark": "sweep",
-        "mode": "quick smoke run: too few sizes and counts to fit or judge a law" if args.quick else "full",
-        "store": "toy" if not args.data else str(store),
-        "grid": {k: list(v) if isinstance(v, tuple) else v for k, v in grid.items()},
-        "compute": report["design"].get("compute"),
-        "trials": report["counts"],
-        "seconds": round(elapsed, 1),
-        "selected_law": loss.get("law"), "selected_by": loss.get("selected_by"),
-        "params": selected.get("params"),
-        "alpha_ci95": ci.get("alpha"), "beta_ci95": ci.get("beta"),
-        "verdicts": report["verdicts"],
-        "fit_error": loss.get("error"),
-        "extrapolation": report["extrapolation_summary"],
-        "baseline_no_scaling_relative_error": naive_error,
-        # law / no-scaling on the same held-out cells (< 1: the law forecasts better)
-        "extrapolation_error_ratio": (matched_error / naive_error if matched_error is not None and naive_error
-                                      else None),
-        "targets": targets,
-        "targets_met": all(targets.values()),
-        "scaling_json": str(Path(cfg.output) / "scaling.json"),
-        "scaling_png": str(Path(cfg.output) / "scaling.png"),
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "benchmark": "sweep",
+                "mode": "quick smoke run: too few sizes and counts to fit or judge a law" if args.quick else "full",
+                "store": "toy" if not args.data else str(store),
+                "grid": {k: list(v) if isinstance(v, tuple) else v for k, v in grid.items()},
+                "compute": report["design"].get("compute"),
+                "trials": report["counts"],
+                "seconds": round(elapsed, 1),
+                "selected_law": loss.get("law"),
+                "selected_by": loss.get("selected_by"),
+                "params": selected.get("params"),
+                "alpha_ci95": ci.get("alpha"),
+                "beta_ci95": ci.get("beta"),
+                "verdicts": report["verdicts"],
+                "fit_error": loss.get("error"),
+                "extrapolation": report["extrapolation_summary"],
+                "baseline_no_scaling_relative_error": naive_error,
+                # law / no-scaling on the same held-out cells (< 1: the law forecasts better)
+                "extrapolation_error_ratio": (
+                    matched_error / naive_error if matched_error is not None and naive_error else None
+                ),
+                "targets": targets,
+                "targets_met": all(targets.values()),
+                "scaling_json": str(Path(cfg.output) / "scaling.json"),
+                "scaling_png": str(Path(cfg.output) / "scaling.png"),
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -47,8 +47,7 @@ def bench_write(root: Path, *, hours: float, seed: int) -> dict:
     per_archetype, total_hours, total_seconds, total_cpu = {}, 0.0, 0.0, 0.0
     for key in DEFAULT_CYCLE:
         cpu = time.process_time()
-        summary = write_cohort(root / key, sites=1, recordings_per_site=1, hours=hours, seed=seed,
-                               archetypes=(key,))
+        summary = write_cohort(root / key, sites=1, recordings_per_site=1, hours=hours, seed=seed, archetypes=(key,))
         total_cpu += time.process_time() - cpu
         per_archetype[key] = round(summary.hours_per_second, 3)
         total_hours += summary.hours_written
@@ -56,14 +55,21 @@ def bench_write(root: Path, *, hours: float, seed: int) -> dict:
     # Baseline: writing already generated signals of the heaviest archetype (file I/O only).
     archetype = ARCHETYPES["psg_512"]
     rng = np.random.default_rng(seed)
-    night = simulate_night(draw_subject(age=45, sex=0, ahi=5, rng=rng),
-                           epochs=int(hours * 3600 / EPOCH_SECONDS), rng=rng)
+    night = simulate_night(
+        draw_subject(age=45, sex=0, ahi=5, rng=rng), epochs=int(hours * 3600 / EPOCH_SECONDS), rng=rng
+    )
     started = time.perf_counter()
     data = render_channels(archetype, night, rng)
     generate_seconds = time.perf_counter() - started
     started = time.perf_counter()
-    write_signals(root / "io_only.edf", archetype.channels, data, file_format="edf",
-                  identity=fake_identity(seed=seed, site=0, recording=0), equipment="bench")
+    write_signals(
+        root / "io_only.edf",
+        archetype.channels,
+        data,
+        file_format="edf",
+        identity=fake_identity(seed=seed, site=0, recording=0),
+        equipment="bench",
+    )
     io_seconds = time.perf_counter() - started
     return {
         "night_hours": hours,
@@ -100,8 +106,9 @@ def bench_yasa(root: Path, *, nights: int, hours: float, seed: int) -> dict:
     from sklearn.metrics import cohen_kappa_score
 
     mne.set_log_level("error")
-    site = write_cohort(root / "yasa", sites=1, recordings_per_site=nights, hours=hours, seed=seed,
-                        archetypes=("psg_512",)).sites[0]
+    site = write_cohort(
+        root / "yasa", sites=1, recordings_per_site=nights, hours=hours, seed=seed, archetypes=("psg_512",)
+    ).sites[0]
     with site.metadata_path.open() as handle:
         meta = {row["patient"]: row for row in csv.DictReader(handle)}
     rng = np.random.default_rng(seed)
@@ -112,8 +119,14 @@ def bench_yasa(root: Path, *, nights: int, hours: float, seed: int) -> dict:
         row = meta[recording.key]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            predicted = yasa.SleepStaging(raw, **YASA_CHANNELS, metadata={
-                "age": int(float(row["Age"])), "male": row["Sex"] == "male"}).predict().as_int().to_numpy()
+            predicted = (
+                yasa.SleepStaging(
+                    raw, **YASA_CHANNELS, metadata={"age": int(float(row["Age"])), "male": row["Sex"] == "male"}
+                )
+                .predict()
+                .as_int()
+                .to_numpy()
+            )
         truth = _scored_epochs(recording.hypnogram_path, predicted.size)
         scored = truth >= 0
         kappas.append(cohen_kappa_score(truth[scored], predicted[scored]))

@@ -78,16 +78,27 @@ def checkpoint_dir_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
-def write_state(directory: str | Path, *, config: dict[str, Any], step: int, seed: int,
-                position: DataPosition, metrics: dict[str, float], world_size: int) -> Path:
+def write_state(
+    directory: str | Path,
+    *,
+    config: dict[str, Any],
+    step: int,
+    seed: int,
+    position: DataPosition,
+    metrics: dict[str, float],
+    world_size: int,
+) -> Path:
     """Write ``state.json`` (rank 0's part of a checkpoint) into ``directory``."""
     state = {
         "format": CHECKPOINT_FORMAT,
         "step": step,
         "seed": seed,
         "world_size": world_size,
-        "data_position": {"epoch": position.epoch, "batches_in_epoch": position.batches_in_epoch,
-                          "store_repeats": position.store_repeats},
+        "data_position": {
+            "epoch": position.epoch,
+            "batches_in_epoch": position.batches_in_epoch,
+            "store_repeats": position.store_repeats,
+        },
         "metrics": {k: float(v) for k, v in metrics.items()},
         # Locations as they may be shown: no credentials of a URI (data/output are not compared on resume).
         "config": redact_values(config),
@@ -104,8 +115,7 @@ def read_state(checkpoint: str | Path) -> dict[str, Any]:
         raise FileNotFoundError(f"{checkpoint}: not a pretraining checkpoint ({CHECKPOINT_STATE_FILE} is missing)")
     state = json.loads(read_text(path))
     if state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path}: expected checkpoint format {CHECKPOINT_FORMAT}, "
-                         f"found {state.get('format')!r}")
+        raise ValueError(f"{path}: expected checkpoint format {CHECKPOINT_FORMAT}, found {state.get('format')!r}")
     return state
 
 
@@ -113,8 +123,11 @@ def data_position(state: dict[str, Any]) -> DataPosition:
     """The :class:`DataPosition` recorded in a checkpoint's state."""
     position = state["data_position"]
     # Checkpoints written before passes repeated the store have no store_repeats: 1.
-    return DataPosition(epoch=int(position["epoch"]), batches_in_epoch=int(position["batches_in_epoch"]),
-                        store_repeats=int(position.get("store_repeats", 1)))
+    return DataPosition(
+        epoch=int(position["epoch"]),
+        batches_in_epoch=int(position["batches_in_epoch"]),
+        store_repeats=int(position.get("store_repeats", 1)),
+    )
 
 
 #: DeepSpeed's files in ``engine/<tag>/``: the module states of rank 0 (ZeRO 0-2) or of every
@@ -124,8 +137,9 @@ _RANK_MODEL_STATES = "zero_pp_rank_{rank}_mp_rank_00_model_states.pt"
 _RANK_OPTIMISER_STATES = "zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
 
 
-def checkpoint_problems(files: dict[str, int], *, world_size: int | None, zero_stage: int | None,
-                        ema: bool = False) -> list[str]:
+def checkpoint_problems(
+    files: dict[str, int], *, world_size: int | None, zero_stage: int | None, ema: bool = False
+) -> list[str]:
     """What keeps a checkpoint directory from being complete (empty list: complete).
 
     Parameters
@@ -146,8 +160,11 @@ def checkpoint_problems(files: dict[str, int], *, world_size: int | None, zero_s
     """
     from s2v_core.model import MODEL_CONFIG_FILE, WEIGHTS_FILE
 
-    problems = [f"no {name}" for name in (CHECKPOINT_STATE_FILE, f"{ENCODER_DIR}/{MODEL_CONFIG_FILE}", f"{ENCODER_DIR}/{WEIGHTS_FILE}")
-                if not files.get(name)]
+    problems = [
+        f"no {name}"
+        for name in (CHECKPOINT_STATE_FILE, f"{ENCODER_DIR}/{MODEL_CONFIG_FILE}", f"{ENCODER_DIR}/{WEIGHTS_FILE}")
+        if not files.get(name)
+    ]
     if not files.get(f"{ENGINE_DIR}/latest"):
         problems.append(f"no {ENGINE_DIR}/latest (DeepSpeed's pointer to its state)")
     if ema:
@@ -155,7 +172,7 @@ def checkpoint_problems(files: dict[str, int], *, world_size: int | None, zero_s
     if world_size is None:
         return problems + [f"{CHECKPOINT_STATE_FILE} unreadable"]
     engine = f"{ENGINE_DIR}/{ENGINE_TAG}/"
-    names = [name[len(engine):] for name, size in files.items() if name.startswith(engine) and size]
+    names = [name[len(engine) :] for name, size in files.items() if name.startswith(engine) and size]
 
     def has(ending: str) -> bool:
         # By ending: DeepSpeed prefixes some optimisers' shards (bf16_zero_pp_rank_...).
@@ -167,8 +184,7 @@ def checkpoint_problems(files: dict[str, int], *, world_size: int | None, zero_s
     elif not has(_MODEL_STATES):
         problems.append("no module states")
     if (zero_stage or 0) >= 1 or any(has(_RANK_OPTIMISER_STATES.format(rank=r)) for r in ranks):
-        problems += [f"no optimiser shard of rank {r}" for r in ranks
-                     if not has(_RANK_OPTIMISER_STATES.format(rank=r))]
+        problems += [f"no optimiser shard of rank {r}" for r in ranks if not has(_RANK_OPTIMISER_STATES.format(rank=r))]
     return problems
 
 
@@ -188,14 +204,22 @@ def _survey(run_dir: str | Path) -> list[tuple[str, list[str]]]:
     filesystem, run_root = resolve(str(run_dir))
     root = f"{run_root}/{CHECKPOINTS_NAME}"
     infos = filesystem.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
-    names = sorted(info.base_name for info in infos if info.type == pafs.FileType.Directory
-                   and info.base_name.startswith("step_") and posixpath.dirname(info.path) == root)
+    names = sorted(
+        info.base_name
+        for info in infos
+        if info.type == pafs.FileType.Directory
+        and info.base_name.startswith("step_")
+        and posixpath.dirname(info.path) == root
+    )
     zero_stage = _zero_stage(filesystem, run_root)
     surveyed = []
     for name in names:
         prefix = f"{root}/{name}/"
-        files = {info.path[len(prefix):]: info.size for info in infos
-                 if info.type == pafs.FileType.File and info.path.startswith(prefix)}
+        files = {
+            info.path[len(prefix) :]: info.size
+            for info in infos
+            if info.type == pafs.FileType.File and info.path.startswith(prefix)
+        }
         world_size, ema = None, False
         if files.get(CHECKPOINT_STATE_FILE):
             with filesystem.open_input_stream(prefix + CHECKPOINT_STATE_FILE) as stream:
@@ -205,8 +229,12 @@ def _survey(run_dir: str | Path) -> list[tuple[str, list[str]]]:
                     ema = bool((state.get("config") or {}).get("ema", False))
                 except (ValueError, KeyError, TypeError, AttributeError):
                     world_size = None
-        surveyed.append((join(run_dir, CHECKPOINTS_NAME, name),
-                         checkpoint_problems(files, world_size=world_size, zero_stage=zero_stage, ema=ema)))
+        surveyed.append(
+            (
+                join(run_dir, CHECKPOINTS_NAME, name),
+                checkpoint_problems(files, world_size=world_size, zero_stage=zero_stage, ema=ema),
+            )
+        )
     return surveyed
 
 

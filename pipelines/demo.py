@@ -78,11 +78,18 @@ def demo(config: DemoConfig, *, address: str | None = None) -> dict:
     try:
         t = _stage("synth: writing a synthetic multi-site cohort", 1, total)
         if not paths["cohort"].exists():
-            cohort = write_cohort(paths["cohort"], sites=config.sites,
-                                  recordings_per_site=config.recordings_per_site,
-                                  hours=config.hours, seed=config.seed)
-            logger.info("wrote %d recordings (%.1f recording-hours)", len(cohort.recordings),
-                        config.sites * config.recordings_per_site * config.hours)
+            cohort = write_cohort(
+                paths["cohort"],
+                sites=config.sites,
+                recordings_per_site=config.recordings_per_site,
+                hours=config.hours,
+                seed=config.seed,
+            )
+            logger.info(
+                "wrote %d recordings (%.1f recording-hours)",
+                len(cohort.recordings),
+                config.sites * config.recordings_per_site * config.hours,
+            )
         timings["synth_s"] = time.perf_counter() - t
 
         t = _stage("ingest: recordings -> Parquet store (Ray Data)", 2, total)
@@ -91,10 +98,18 @@ def demo(config: DemoConfig, *, address: str | None = None) -> dict:
 
         t = _stage("pretrain: DASH-InfoNCE, Ray Train + DeepSpeed", 3, total)
         run = pretrain(
-            PretrainConfig(data=str(paths["store"]), output=str(paths["run"]), workers=config.workers,
-                           model="tiny", steps=config.steps, global_batch=config.global_batch,
-                           seed=config.seed, checkpoint_every=max(config.steps // 2, 1)),
-            resume=(paths["run"] / "checkpoints").exists(), address=address,
+            PretrainConfig(
+                data=str(paths["store"]),
+                output=str(paths["run"]),
+                workers=config.workers,
+                model="tiny",
+                steps=config.steps,
+                global_batch=config.global_batch,
+                seed=config.seed,
+                checkpoint_every=max(config.steps // 2, 1),
+            ),
+            resume=(paths["run"] / "checkpoints").exists(),
+            address=address,
         )
         timings["pretrain_s"] = time.perf_counter() - t
 
@@ -103,36 +118,70 @@ def demo(config: DemoConfig, *, address: str | None = None) -> dict:
         timings["embed_s"] = time.perf_counter() - t
 
         t = _stage("evaluate: staging (+ any-subset robustness), AHI, site probe", 5, total)
-        staging = evaluate(str(paths["embeddings"]), "staging", str(paths["reports"] / "staging.json"),
-                           folds=config.folds, seed=config.seed, data=str(paths["store"]),
-                           checkpoint=str(paths["run"]), robustness=True,
-                           scenarios=config.scenarios, address=address)
-        outcome = evaluate(str(paths["embeddings"]), "outcome:ahi", str(paths["reports"] / "ahi.json"),
-                           folds=config.folds, seed=config.seed, address=address)
-        site = evaluate(str(paths["embeddings"]), "site", str(paths["reports"] / "site.json"),
-                        folds=config.folds, seed=config.seed, address=address)
+        staging = evaluate(
+            str(paths["embeddings"]),
+            "staging",
+            str(paths["reports"] / "staging.json"),
+            folds=config.folds,
+            seed=config.seed,
+            data=str(paths["store"]),
+            checkpoint=str(paths["run"]),
+            robustness=True,
+            scenarios=config.scenarios,
+            address=address,
+        )
+        outcome = evaluate(
+            str(paths["embeddings"]),
+            "outcome:ahi",
+            str(paths["reports"] / "ahi.json"),
+            folds=config.folds,
+            seed=config.seed,
+            address=address,
+        )
+        site = evaluate(
+            str(paths["embeddings"]),
+            "site",
+            str(paths["reports"] / "site.json"),
+            folds=config.folds,
+            seed=config.seed,
+            address=address,
+        )
         timings["evaluate_s"] = time.perf_counter() - t
 
         scaling = None
         if config.sweep:
             from tune.sweep import SweepConfig, sweep
 
-            t = _stage("sweep: 2 x 2 smoke run of width x modality count (Ray Tune); it does NOT fit a law",
-                       6, total)
+            t = _stage("sweep: 2 x 2 smoke run of width x modality count (Ray Tune); it does NOT fit a law", 6, total)
             # Two sizes and two counts exercise the sweep machinery (trials, MLflow, report)
             # but cannot identify an offset, a coefficient and an exponent: the report says
             # "not identified: only 2 distinct value(s)". A fit needs >= 5 sizes and >= 3
             # counts with seeds (benchmarks/bench_sweep.py).
-            logger.warning("demo sweep: a 2 x 2 smoke run; it does not fit a scaling law "
-                           "(run benchmarks/bench_sweep.py or s2v sweep with >= 5 widths for one)")
+            logger.warning(
+                "demo sweep: a 2 x 2 smoke run; it does not fit a scaling law "
+                "(run benchmarks/bench_sweep.py or s2v sweep with >= 5 widths for one)"
+            )
             try:
-                scaling = sweep(SweepConfig(data=str(paths["store"]), output=str(paths["sweep"]),
-                                            widths=(16, 32), modality_counts=(2, 4), steps=15, seeds=1,
-                                            subsets_per_count=1, global_batch=8, seed=config.seed, bootstrap=0),
-                                resume=(paths["sweep"] / "sweep.json").exists(), address=address)
-                scaling["verdict"] = ("smoke run (2 x 2 grid): the sweep runs, but is too small to fit a "
-                                      "scaling law; " + "; ".join(f"{law}: {text}" for law, text
-                                                                  in scaling.get("verdicts", {}).items()))
+                scaling = sweep(
+                    SweepConfig(
+                        data=str(paths["store"]),
+                        output=str(paths["sweep"]),
+                        widths=(16, 32),
+                        modality_counts=(2, 4),
+                        steps=15,
+                        seeds=1,
+                        subsets_per_count=1,
+                        global_batch=8,
+                        seed=config.seed,
+                        bootstrap=0,
+                    ),
+                    resume=(paths["sweep"] / "sweep.json").exists(),
+                    address=address,
+                )
+                scaling["verdict"] = (
+                    "smoke run (2 x 2 grid): the sweep runs, but is too small to fit a "
+                    "scaling law; " + "; ".join(f"{law}: {text}" for law, text in scaling.get("verdicts", {}).items())
+                )
             except ValueError as error:
                 # A 12-subject demo store can draw no val or test subject; the sweep needs both.
                 logger.warning("demo sweep skipped: %s", error)
@@ -179,8 +228,11 @@ def _headline(report: dict | None) -> dict:
             return
         summary = node.get("summary")
         if isinstance(summary, dict):
-            means = {metric: round(value["mean"], 3) for metric, value in summary.items()
-                     if isinstance(value, dict) and isinstance(value.get("mean"), (int, float))}
+            means = {
+                metric: round(value["mean"], 3)
+                for metric, value in summary.items()
+                if isinstance(value, dict) and isinstance(value.get("mean"), (int, float))
+            }
             if means:
                 figures[".".join(path)] = means
         for key, child in node.items():
@@ -191,8 +243,9 @@ def _headline(report: dict | None) -> dict:
         walk(report.get(section), (section,))
     robustness = report.get("robustness") or {}
     for name, row in (robustness.get("matrix_full_probe") or {}).items():
-        figures[f"robustness.{name}"] = {k: round(v, 3) for k, v in row.items()
-                                         if k in ("kappa", "macro_f1", "kappa_margin_kept") and v == v}
+        figures[f"robustness.{name}"] = {
+            k: round(v, 3) for k, v in row.items() if k in ("kappa", "macro_f1", "kappa_margin_kept") and v == v
+        }
     return figures
 
 
@@ -203,8 +256,10 @@ def headline_lines(summary: dict) -> list[str]:
     for head in ("linear", "temporal", "majority"):
         figures = staging.get(f"staging.{head}")
         if figures:
-            lines.append(f"  staging, {head} probe: kappa {figures.get('kappa', float('nan')):.3f}, "
-                         f"macro-F1 {figures.get('macro_f1', float('nan')):.3f}")
+            lines.append(
+                f"  staging, {head} probe: kappa {figures.get('kappa', float('nan')):.3f}, "
+                f"macro-F1 {figures.get('macro_f1', float('nan')):.3f}"
+            )
     for key, figures in staging.items():
         if key.startswith("robustness.") and "kappa" in figures:
             lines.append(f"  {key.split('.', 1)[1]} sensors, full-PSG probe: kappa {figures['kappa']:.3f}")
@@ -217,8 +272,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = DemoConfig()
     parser.add_argument("--workdir", default=defaults.workdir, help="where everything is written")
     parser.add_argument("--steps", type=int, default=defaults.steps, help="pretraining steps")
-    parser.add_argument("--no-sweep", action="store_true",
-                        help="skip the 2 x 2 sweep smoke run (it does not fit a scaling law)")
+    parser.add_argument(
+        "--no-sweep", action="store_true", help="skip the 2 x 2 sweep smoke run (it does not fit a scaling law)"
+    )
     parser.add_argument("--address", default=None, help="Ray cluster address (default: local instance)")
 
 
@@ -228,6 +284,5 @@ def run(args: argparse.Namespace) -> int:
     print(json.dumps(summary, indent=2, default=str))
     for line in headline_lines(summary):
         print(line)
-    print(f"\nBrowse the runs: mlflow ui --backend-store-uri {summary['mlflow_tracking_uri']} "
-          "--host 127.0.0.1")
+    print(f"\nBrowse the runs: mlflow ui --backend-store-uri {summary['mlflow_tracking_uri']} --host 127.0.0.1")
     return 0

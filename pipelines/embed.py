@@ -141,9 +141,20 @@ class _EmbedActor:
     forward pass (``benchmarks/bench_embed.py``).
     """
 
-    def __init__(self, checkpoint: str, modalities: tuple[str, ...], epochs_per_window: int,
-                 per_modality: bool, threads: int, columns: list[str], filesystem: pafs.FileSystem,
-                 batch_size: int, splits: SplitConfig, features: str, allow_pickle: bool = False) -> None:
+    def __init__(
+        self,
+        checkpoint: str,
+        modalities: tuple[str, ...],
+        epochs_per_window: int,
+        per_modality: bool,
+        threads: int,
+        columns: list[str],
+        filesystem: pafs.FileSystem,
+        batch_size: int,
+        splits: SplitConfig,
+        features: str,
+        allow_pickle: bool = False,
+    ) -> None:
         import torch
 
         # One actor per core: more intra-op threads per actor would oversubscribe the node.
@@ -160,16 +171,33 @@ class _EmbedActor:
         parts = []
         for path in items["path"]:
             night = pq.read_table(str(path), columns=self.columns, filesystem=self.filesystem)
-            parts += [embed_table(self.encoder, night.slice(start, self.batch_size), modalities=self.modalities,
-                                  epochs_per_window=self.epochs_per_window, splits=self.splits,
-                                  per_modality=self.per_modality, device=self.device, features=self.features)
-                      for start in range(0, night.num_rows, self.batch_size)]
+            parts += [
+                embed_table(
+                    self.encoder,
+                    night.slice(start, self.batch_size),
+                    modalities=self.modalities,
+                    epochs_per_window=self.epochs_per_window,
+                    splits=self.splits,
+                    per_modality=self.per_modality,
+                    device=self.device,
+                    features=self.features,
+                )
+                for start in range(0, night.num_rows, self.batch_size)
+            ]
         return pa.concat_tables(parts)
 
 
-def embed_table(encoder, table: pa.Table, *, modalities: Sequence[str], epochs_per_window: int,
-                splits: SplitConfig, per_modality: bool = False, device: str = "cpu",
-                features: str = "hidden") -> pa.Table:
+def embed_table(
+    encoder,
+    table: pa.Table,
+    *,
+    modalities: Sequence[str],
+    epochs_per_window: int,
+    splits: SplitConfig,
+    per_modality: bool = False,
+    device: str = "cpu",
+    features: str = "hidden",
+) -> pa.Table:
     """Embed store rows (a ``pyarrow.Table`` in the store schema) into embeddings rows.
 
     Rows with none of ``modalities`` present are dropped. The forward runs
@@ -196,8 +224,10 @@ def embed_table(encoder, table: pa.Table, *, modalities: Sequence[str], epochs_p
         fused, window, per_key = out.fused, out.window, out.per_modality
     rows, epochs, dim = fused.shape
     columns = {name: table.column(name) for name in CARRIED_COLUMNS}
-    columns["split"] = pa.array(assign_splits(table.column("site").to_pylist(),
-                                              table.column("subject_id").to_pylist(), splits).tolist(), pa.string())
+    columns["split"] = pa.array(
+        assign_splits(table.column("site").to_pylist(), table.column("subject_id").to_pylist(), splits).tolist(),
+        pa.string(),
+    )
     columns["present"] = pa.array(out.present.cpu().numpy().tolist(), type=pa.list_(pa.bool_()))
     columns["epoch_embedding"] = _list_column(fused.float().cpu().numpy().reshape(rows, epochs * dim))
     columns["window_embedding"] = _list_column(window.float().cpu().numpy())
@@ -213,8 +243,9 @@ def _list_column(values: np.ndarray, *, mask: np.ndarray | None = None) -> pa.Ar
     """``(rows, k)`` float32 array -> ``list<float32>`` column (null where ``mask``)."""
     values = np.ascontiguousarray(values, dtype=np.float32)
     offsets = np.arange(0, values.size + 1, values.shape[1], dtype=np.int32)
-    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values.ravel()),
-                                    mask=None if mask is None else pa.array(mask))
+    return pa.ListArray.from_arrays(
+        pa.array(offsets), pa.array(values.ravel()), mask=None if mask is None else pa.array(mask)
+    )
 
 
 def _count_usable_windows(dataset: pads.Dataset, modalities: Sequence[str]) -> int:
@@ -279,8 +310,7 @@ def embed(
 
     started = time.perf_counter()
     encoder, pretrain_run = load_encoder_spec(checkpoint, allow_pickle=allow_pickle_model)
-    dataset, epochs_per_window, selected, usable = _prepare(encoder, data, modalities, batch_size, checkpoint,
-                                                            features)
+    dataset, epochs_per_window, selected, usable = _prepare(encoder, data, modalities, batch_size, checkpoint, features)
     embedding_dim = _embedding_dim(encoder, features)
     from pipelines.model_io import training_record
 
@@ -293,16 +323,27 @@ def embed(
     started_ray = not ray.is_initialized()
     init_ray(address)
     try:
-        _run_actor_pool(checkpoint, dataset, out, modalities=selected, epochs_per_window=epochs_per_window,
-                        batch_size=batch_size, num_actors=num_actors, per_modality=per_modality,
-                        usable=usable, splits=read_splits(data), features=features,
-                        allow_pickle=allow_pickle_model)
+        _run_actor_pool(
+            checkpoint,
+            dataset,
+            out,
+            modalities=selected,
+            epochs_per_window=epochs_per_window,
+            batch_size=batch_size,
+            num_actors=num_actors,
+            per_modality=per_modality,
+            usable=usable,
+            splits=read_splits(data),
+            features=features,
+            allow_pickle=allow_pickle_model,
+        )
     finally:
         if started_ray:  # leave a caller's Ray (tests, evaluate's scenarios) running
             ray.shutdown()
 
-    info = _info(embedding_dim, epochs_per_window, selected, per_modality, checkpoint, pretrain_run, data, record,
-                 features)
+    info = _info(
+        embedding_dim, epochs_per_window, selected, per_modality, checkpoint, pretrain_run, data, record, features
+    )
     return _finish(out, output, info, started)
 
 
@@ -335,19 +376,35 @@ def embed_local(
     writer = None
     try:
         for batch in dataset.to_batches(columns=[*CARRIED_COLUMNS, *selected, "present"], batch_size=batch_size):
-            table = embed_table(encoder, pa.Table.from_batches([batch]), modalities=selected,
-                                epochs_per_window=epochs_per_window, splits=splits, per_modality=per_modality,
-                                features=features)
+            table = embed_table(
+                encoder,
+                pa.Table.from_batches([batch]),
+                modalities=selected,
+                epochs_per_window=epochs_per_window,
+                splits=splits,
+                per_modality=per_modality,
+                features=features,
+            )
             if table.num_rows == 0:
                 continue
-            writer = writer or pq.ParquetWriter(f"{root}/{WINDOWS_DIR}/part-0.parquet", table.schema,
-                                                filesystem=filesystem)
+            writer = writer or pq.ParquetWriter(
+                f"{root}/{WINDOWS_DIR}/part-0.parquet", table.schema, filesystem=filesystem
+            )
             writer.write_table(table)
     finally:
         if writer is not None:
             writer.close()
-    info = _info(_embedding_dim(encoder, features), epochs_per_window, selected, per_modality, source, None, data,
-                 training, features)
+    info = _info(
+        _embedding_dim(encoder, features),
+        epochs_per_window,
+        selected,
+        per_modality,
+        source,
+        None,
+        data,
+        training,
+        features,
+    )
     return _finish(out, output, info, started)
 
 
@@ -366,27 +423,47 @@ def _prepare(encoder, data: str, modalities, batch_size: int, source: str, featu
     selected = parse_modalities(modalities) if modalities else encoder.modalities
     missing = [k for k in selected if k not in encoder.modalities]
     if missing:
-        raise ValueError(f"--modalities: the encoder at {source!r} has no tokenizer for "
-                         f"{', '.join(missing)}; it was built for {', '.join(encoder.modalities)}")
+        raise ValueError(
+            f"--modalities: the encoder at {source!r} has no tokenizer for "
+            f"{', '.join(missing)}; it was built for {', '.join(encoder.modalities)}"
+        )
     if encoder.config.position == "absolute" and epochs_per_window > encoder.config.epochs_per_window:
-        raise ValueError(f"--data {data!r} has windows of {epochs_per_window} epochs; the encoder "
-                         f"(absolute positions) handles at most {encoder.config.epochs_per_window}")
+        raise ValueError(
+            f"--data {data!r} has windows of {epochs_per_window} epochs; the encoder "
+            f"(absolute positions) handles at most {encoder.config.epochs_per_window}"
+        )
     usable = _count_usable_windows(dataset, selected)
     if usable == 0:
-        raise ValueError(f"--data {data!r}: no window holds any of the requested modalities "
-                         f"{','.join(selected)}; nothing to embed")
+        raise ValueError(
+            f"--data {data!r}: no window holds any of the requested modalities {','.join(selected)}; nothing to embed"
+        )
     return dataset, epochs_per_window, tuple(selected), usable
 
 
-def _info(embedding_dim: int, epochs_per_window: int, modalities: Sequence[str], per_modality: bool,
-          source: str, pretrain_run: dict | None, data: str, training: dict | None, features: str) -> dict:
+def _info(
+    embedding_dim: int,
+    epochs_per_window: int,
+    modalities: Sequence[str],
+    per_modality: bool,
+    source: str,
+    pretrain_run: dict | None,
+    data: str,
+    training: dict | None,
+    features: str,
+) -> dict:
     return {
-        "format": EMBEDDINGS_FORMAT, "features": features, "embedding_dim": embedding_dim, "epochs_per_window": epochs_per_window,
-        "modalities": list(modalities), "per_modality": per_modality, "encoder_source": redact(str(source)),
+        "format": EMBEDDINGS_FORMAT,
+        "features": features,
+        "embedding_dim": embedding_dim,
+        "epochs_per_window": epochs_per_window,
+        "modalities": list(modalities),
+        "per_modality": per_modality,
+        "encoder_source": redact(str(source)),
         "pretrain_run_id": (pretrain_run or {}).get("run_id"),
         "pretrain_tracking_uri": redact((pretrain_run or {}).get("tracking_uri") or "") or None,
         "store": redact(absolute(data)),
-        "store_splits": split_record(data, SPLIT_NAMES), "encoder_training": training,
+        "store_splits": split_record(data, SPLIT_NAMES),
+        "encoder_training": training,
     }
 
 
@@ -397,9 +474,16 @@ def _finish(out: tuple[pafs.FileSystem, str], output: str, info: dict, started: 
     write_text(join(output, INFO_FILE), json.dumps(info, indent=2) + "\n")
     seconds = time.perf_counter() - started
     logger.info("wrote %d window and %d night embeddings to %s in %.1f s", written, nights, output, seconds)
-    return EmbedSummary(output=str(output), windows=written, nights=nights, embedding_dim=info["embedding_dim"],
-                        epochs_per_window=info["epochs_per_window"], modalities=tuple(info["modalities"]),
-                        seconds=seconds, windows_per_second=written / seconds)
+    return EmbedSummary(
+        output=str(output),
+        windows=written,
+        nights=nights,
+        embedding_dim=info["embedding_dim"],
+        epochs_per_window=info["epochs_per_window"],
+        modalities=tuple(info["modalities"]),
+        seconds=seconds,
+        windows_per_second=written / seconds,
+    )
 
 
 def _fresh_output(output: str) -> tuple[pafs.FileSystem, str]:
@@ -410,28 +494,44 @@ def _fresh_output(output: str) -> tuple[pafs.FileSystem, str]:
     filesystem, root = resolve(str(output))
     if filesystem.get_file_info(root).type != pafs.FileType.NotFound:
         kinds = {info.base_name: info.type for info in filesystem.get_file_info(pafs.FileSelector(root))}
-        is_embeddings = (kinds.get(INFO_FILE) == pafs.FileType.File
-                         or kinds.get(WINDOWS_DIR) == pafs.FileType.Directory)
+        is_embeddings = kinds.get(INFO_FILE) == pafs.FileType.File or kinds.get(WINDOWS_DIR) == pafs.FileType.Directory
         if kinds and not is_embeddings:
-            raise ValueError(f"--output {str(output)!r} exists and is not an embeddings directory; "
-                             "refusing to replace it")
+            raise ValueError(
+                f"--output {str(output)!r} exists and is not an embeddings directory; refusing to replace it"
+            )
         filesystem.delete_dir(root)
     filesystem.create_dir(root, recursive=True)
     return filesystem, root
 
 
-def _run_actor_pool(checkpoint: str, dataset: pads.Dataset, out: tuple[pafs.FileSystem, str], *,
-                    modalities: tuple[str, ...], epochs_per_window: int, batch_size: int,
-                    num_actors: int | None, per_modality: bool, usable: int, splits: SplitConfig,
-                    features: str = "hidden", allow_pickle: bool = False) -> None:
+def _run_actor_pool(
+    checkpoint: str,
+    dataset: pads.Dataset,
+    out: tuple[pafs.FileSystem, str],
+    *,
+    modalities: tuple[str, ...],
+    epochs_per_window: int,
+    batch_size: int,
+    num_actors: int | None,
+    per_modality: bool,
+    usable: int,
+    splits: SplitConfig,
+    features: str = "hidden",
+    allow_pickle: bool = False,
+) -> None:
     """Stream the store through the encoder actor pool into ``out/windows``."""
     import ray
 
     gpus = int(ray.cluster_resources().get("GPU", 0))
     cpus = int(ray.cluster_resources().get("CPU", 1))
     actors = num_actors or max(1, gpus or cpus)
-    logger.info("embedding %d windows with %d actor(s) on %s, modalities %s",
-                usable, actors, "GPU" if gpus else "CPU", ",".join(modalities))
+    logger.info(
+        "embedding %d windows with %d actor(s) on %s, modalities %s",
+        usable,
+        actors,
+        "GPU" if gpus else "CPU",
+        ",".join(modalities),
+    )
     # Only the requested modality columns are read from the store.
     columns = [*CARRIED_COLUMNS, *modalities, "present"]
     # Ray Data's write tasks each ask for one whole CPU; the actors share what
@@ -443,14 +543,23 @@ def _run_actor_pool(checkpoint: str, dataset: pads.Dataset, out: tuple[pafs.File
     embedded = ray.data.from_items([{"path": f} for f in files], override_num_blocks=len(files)).map_batches(
         _EmbedActor,
         fn_constructor_kwargs={
-            "checkpoint": checkpoint, "modalities": tuple(modalities), "epochs_per_window": epochs_per_window,
-            "per_modality": per_modality, "threads": 1 if gpus else max(1, cpus // actors),
-            "columns": columns, "filesystem": dataset.filesystem, "batch_size": batch_size, "splits": splits,
-            "features": features, "allow_pickle": allow_pickle,
+            "checkpoint": checkpoint,
+            "modalities": tuple(modalities),
+            "epochs_per_window": epochs_per_window,
+            "per_modality": per_modality,
+            "threads": 1 if gpus else max(1, cpus // actors),
+            "columns": columns,
+            "filesystem": dataset.filesystem,
+            "batch_size": batch_size,
+            "splits": splits,
+            "features": features,
+            "allow_pickle": allow_pickle,
         },
-        batch_size=1, batch_format="numpy",
+        batch_size=1,
+        batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=actors),
-        num_cpus=actor_cpus, num_gpus=1 if gpus else 0,
+        num_cpus=actor_cpus,
+        num_gpus=1 if gpus else 0,
     )
     filesystem, root = out
     embedded.write_parquet(f"{root}/{WINDOWS_DIR}", filesystem=filesystem)
@@ -469,8 +578,9 @@ def _write_nights(out: tuple[pafs.FileSystem, str], info: dict) -> tuple[int, in
     windows = 0
     for batch in dataset.to_batches(columns=[*meta_columns, "window_embedding"]):
         table = pa.Table.from_batches([batch])
-        ids = np.asarray([f"{s}/{r}" for s, r in zip(table.column("site").to_pylist(),
-                                                      table.column("recording_id").to_pylist())])
+        ids = np.asarray(
+            [f"{s}/{r}" for s, r in zip(table.column("site").to_pylist(), table.column("recording_id").to_pylist())]
+        )
         values = table.column("window_embedding").combine_chunks().flatten().to_numpy().reshape(len(ids), -1)
         # Pool per batch (sums, not means) so that memory stays one vector per night.
         nights, inverse = np.unique(ids, return_inverse=True)
@@ -501,12 +611,14 @@ def read_embeddings(path: str | os.PathLike, *, per_modality: bool = False) -> E
     filesystem, root = resolve(str(path))
     info_path = join(path, INFO_FILE)
     if file_type(info_path) != pafs.FileType.File:
-        raise FileNotFoundError(f"--embeddings {str(path)!r}: not an embeddings directory "
-                                f"(no {INFO_FILE}; write one with `s2v embed`)")
+        raise FileNotFoundError(
+            f"--embeddings {str(path)!r}: not an embeddings directory (no {INFO_FILE}; write one with `s2v embed`)"
+        )
     info = json.loads(read_text(info_path))
     if info.get("format") != EMBEDDINGS_FORMAT:
-        raise ValueError(f"{path}/{INFO_FILE}: expected embeddings format {EMBEDDINGS_FORMAT}, "
-                         f"found {info.get('format')!r}")
+        raise ValueError(
+            f"{path}/{INFO_FILE}: expected embeddings format {EMBEDDINGS_FORMAT}, found {info.get('format')!r}"
+        )
     table = pads.dataset(f"{root}/{WINDOWS_DIR}", format="parquet", filesystem=filesystem).to_table()
     table = table.sort_by([("site", "ascending"), ("recording_id", "ascending"), ("window_index", "ascending")])
     rows, epochs, dim = table.num_rows, info["epochs_per_window"], info["embedding_dim"]
@@ -530,47 +642,78 @@ def read_embeddings(path: str | os.PathLike, *, per_modality: bool = False) -> E
         window=matrix("window_embedding", (dim,)),
         stages=stages.astype(np.int64).reshape(rows, epochs),
         recording_id=np.asarray(table.column("recording_id").to_pylist()),
-        night_id=np.asarray([f"{s}/{r}" for s, r in zip(table.column("site").to_pylist(),
-                                                         table.column("recording_id").to_pylist())]),
+        night_id=np.asarray(
+            [f"{s}/{r}" for s, r in zip(table.column("site").to_pylist(), table.column("recording_id").to_pylist())]
+        ),
         subject_id=np.asarray(table.column("subject_id").to_pylist()),
         split=np.asarray(table.column("split").to_pylist()),
         site=np.asarray(table.column("site").to_pylist()),
         start_epoch=table.column("start_epoch").to_numpy().astype(np.int64),
         windows=table.drop_columns(embedding_columns),
         nights=nights.drop_columns(["night_embedding"]),
-        night=(nights.column("night_embedding").combine_chunks().flatten().to_numpy()
-               .reshape(nights.num_rows, dim).astype(np.float32)),
-        per_modality={c[4:]: matrix(c, (epochs, dim)) for c in embedding_columns
-                      if per_modality and c.startswith("emb_")},
+        night=(
+            nights.column("night_embedding")
+            .combine_chunks()
+            .flatten()
+            .to_numpy()
+            .reshape(nights.num_rows, dim)
+            .astype(np.float32)
+        ),
+        per_modality={
+            c[4:]: matrix(c, (epochs, dim)) for c in embedding_columns if per_modality and c.startswith("emb_")
+        },
     )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True,
-                        help="saved encoder dir or pretraining run dir (a path or a URI), "
-                             "or MLflow model URI / run id")
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        help="saved encoder dir or pretraining run dir (a path or a URI), or MLflow model URI / run id",
+    )
     parser.add_argument("--data", required=True, help="store (STORE/site=<name>/*.parquet; a path or a URI)")
     parser.add_argument("--output", required=True, help="embeddings directory to write, replaced (a path or a URI)")
-    parser.add_argument("--modalities", default=None,
-                        help="comma-separated subset the encoder reads, e.g. eeg or hr,spo2,thorax "
-                             "(default: all the encoder was built for)")
+    parser.add_argument(
+        "--modalities",
+        default=None,
+        help="comma-separated subset the encoder reads, e.g. eeg or hr,spo2,thorax "
+        "(default: all the encoder was built for)",
+    )
     parser.add_argument("--batch-size", type=int, default=64, help="windows per forward pass (default 64)")
-    parser.add_argument("--actors", type=int, default=None,
-                        help="actor pool size (default: one per CPU, or per GPU when present)")
-    parser.add_argument("--features", choices=FEATURES, default="hidden",
-                        help="hidden: the backbone's hidden states, what probes and fine-tuning use (default); "
-                             "projected: the aligned space of the contrastive loss")
-    parser.add_argument("--per-modality", action="store_true",
-                        help="also write one emb_<modality> column per requested modality")
+    parser.add_argument(
+        "--actors", type=int, default=None, help="actor pool size (default: one per CPU, or per GPU when present)"
+    )
+    parser.add_argument(
+        "--features",
+        choices=FEATURES,
+        default="hidden",
+        help="hidden: the backbone's hidden states, what probes and fine-tuning use (default); "
+        "projected: the aligned space of the contrastive loss",
+    )
+    parser.add_argument(
+        "--per-modality", action="store_true", help="also write one emb_<modality> column per requested modality"
+    )
     parser.add_argument("--address", default=None, help="Ray cluster address (default RAY_ADDRESS or local)")
-    parser.add_argument("--allow-pickle-model", action="store_true",
-                        help="accept an MLflow pytorch model (runs:/ID/model, models:/...): a pickle that runs code "
-                             "when loaded; only for models you trust (default: weights-only encoders)")
+    parser.add_argument(
+        "--allow-pickle-model",
+        action="store_true",
+        help="accept an MLflow pytorch model (runs:/ID/model, models:/...): a pickle that runs code "
+        "when loaded; only for models you trust (default: weights-only encoders)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
-    summary = embed(args.checkpoint, args.data, args.output, modalities=args.modalities,
-                    batch_size=args.batch_size, num_actors=args.actors, per_modality=args.per_modality,
-                    address=args.address, allow_pickle_model=args.allow_pickle_model, features=args.features)
+    summary = embed(
+        args.checkpoint,
+        args.data,
+        args.output,
+        modalities=args.modalities,
+        batch_size=args.batch_size,
+        num_actors=args.actors,
+        per_modality=args.per_modality,
+        address=args.address,
+        allow_pickle_model=args.allow_pickle_model,
+        features=args.features,
+    )
     print(json.dumps(asdict(summary)))
     return 0

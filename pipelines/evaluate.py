@@ -64,24 +64,23 @@ import pyarrow.dataset as pads
 
 from pipelines.embed import Embeddings, embed, read_embeddings
 from pipelines.runtime import absolute, mlflow_experiment, redact
-from s2v_core.store import open_store
 from s2v_core.evaluation import plots
 from s2v_core.evaluation.folds import Fold, grouped_folds, held_out_fold
+from s2v_core.evaluation.metrics import staging_metrics, summarise
 from s2v_core.evaluation.probes import (
-    fit_linear_stager,
-    predict_stages,
     cross_validate_outcome,
     cross_validate_site,
     cross_validate_staging,
+    fit_linear_stager,
     label_efficiency,
     linear_staging_probe,
     majority_staging,
+    predict_stages,
     temporal_staging_probe,
 )
 from s2v_core.evaluation.scenarios import robustness_scenarios
-from s2v_core.evaluation.metrics import staging_metrics, summarise
 from s2v_core.splits import seen_splits
-from s2v_core.store import STAGE_NAMES, UNKNOWN_STAGE, outcome_values
+from s2v_core.store import STAGE_NAMES, UNKNOWN_STAGE, open_store, outcome_values
 
 logger = logging.getLogger(__name__)
 
@@ -172,8 +171,9 @@ def evaluate(
 
     protocol = check_protocol(emb, embeddings, transductive=transductive, folds=folds, seed=seed)
     result: dict = {
-        "report_format": REPORT_FORMAT, "task": task,
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "report_format": REPORT_FORMAT,
+        "task": task,
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "embeddings": {"path": redact(absolute(embeddings)), **emb.info},
         "protocol": protocol,
         "plots": [],
@@ -181,22 +181,33 @@ def evaluate(
     night_splits = None if transductive else np.asarray(emb.nights.column("split").to_pylist())
     if kind == "staging":
         _check_labels(emb, embeddings)
-        window_folds = (grouped_folds(emb.subject_id, folds=folds, seed=seed) if transductive
-                        else [held_out_fold(emb.split)])
+        window_folds = (
+            grouped_folds(emb.subject_id, folds=folds, seed=seed) if transductive else [held_out_fold(emb.split)]
+        )
         result["staging"] = _staging(emb, window_folds, heads, seed, report_path.parent, result["plots"])
         if label_efficiency_curve:
-            result["label_efficiency"] = _label_efficiency(emb, window_folds, data, checkpoint, seed,
-                                                           report_path.parent, result["plots"])
+            result["label_efficiency"] = _label_efficiency(
+                emb, window_folds, data, checkpoint, seed, report_path.parent, result["plots"]
+            )
         if robustness:
-            result["robustness"] = _robustness(emb, window_folds, data, checkpoint, scenarios, seed,
-                                               report_path.parent, result["plots"], address)
+            result["robustness"] = _robustness(
+                emb, window_folds, data, checkpoint, scenarios, seed, report_path.parent, result["plots"], address
+            )
         if peer:
             result["peer"] = {"yasa": _yasa_peer(emb, window_folds, data, seed)}
     elif kind == "outcome":
         target = _night_target(emb, column)
-        result["outcome"] = {"column": column, **cross_validate_outcome(
-            emb.night, target, np.asarray(emb.nights.column("subject_id").to_pylist()), folds=folds, seed=seed,
-            splits=night_splits)}
+        result["outcome"] = {
+            "column": column,
+            **cross_validate_outcome(
+                emb.night,
+                target,
+                np.asarray(emb.nights.column("subject_id").to_pylist()),
+                folds=folds,
+                seed=seed,
+                splits=night_splits,
+            ),
+        }
     else:
         result["site"] = _site(emb, folds, seed, transductive=transductive)
         if compare:
@@ -204,9 +215,11 @@ def evaluate(
             # (e.g. plain InfoNCE next to DASH): the shortcut comparison on one line.
             other = read_embeddings(compare)
             check_protocol(other, compare, transductive=transductive, folds=folds, seed=seed)
-            result["site_compare"] = {"embeddings": absolute(compare),
-                                      "encoder_source": other.info.get("encoder_source"),
-                                      **_site(other, folds, seed, transductive=transductive)}
+            result["site_compare"] = {
+                "embeddings": absolute(compare),
+                "encoder_source": other.info.get("encoder_source"),
+                **_site(other, folds, seed, transductive=transductive),
+            }
     result["mlflow"] = _log_mlflow(result, report_path, emb.info, mlflow_parent_run_id) if log_to_mlflow else None
     report_path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     logger.info("wrote %s", report_path)
@@ -223,65 +236,113 @@ def check_protocol(emb: Embeddings, path: str, *, transductive: bool, folds: int
     record = emb.info.get("encoder_training")
     seen = seen_splits(record, emb.info.get("store_splits") or {})
     same_store = record is not None and record.get("store_id") == (emb.info.get("store_splits") or {}).get("store_id")
-    pretrained_on = ("unknown" if seen is None else f"the {'/'.join(seen)} subjects of this store" if seen
-                     else "no subject of this store" if same_store else "another store")
+    pretrained_on = (
+        "unknown"
+        if seen is None
+        else f"the {'/'.join(seen)} subjects of this store"
+        if seen
+        else "no subject of this store"
+        if same_store
+        else "another store"
+    )
     if transductive:
-        return {"mode": "transductive", "encoder_pretrained_on": pretrained_on, "encoder_training": record,
-                "probe_fitted_on": "the other folds' subjects", "scored": "every subject, out of fold",
-                "folds": folds, "seed": seed, "grouping": "subject_id",
-                "cv": "subject-grouped k-fold (GroupKFold / StratifiedGroupKFold, shuffled)",
-                "summary": "mean and sd over test folds", "unknown_stage": "excluded",
-                "caveat": "the encoder may have been pretrained on the scored subjects"}
+        return {
+            "mode": "transductive",
+            "encoder_pretrained_on": pretrained_on,
+            "encoder_training": record,
+            "probe_fitted_on": "the other folds' subjects",
+            "scored": "every subject, out of fold",
+            "folds": folds,
+            "seed": seed,
+            "grouping": "subject_id",
+            "cv": "subject-grouped k-fold (GroupKFold / StratifiedGroupKFold, shuffled)",
+            "summary": "mean and sd over test folds",
+            "unknown_stage": "excluded",
+            "caveat": "the encoder may have been pretrained on the scored subjects",
+        }
     if seen is None:
-        raise ValueError(f"--embeddings {path!r}: what pretrained the encoder is unknown (its directory has no "
-                         f"training record: saved before this version, or not by `s2v pretrain`), so its "
-                         f"test subjects cannot be called unseen; pass --transductive to score anyway")
+        raise ValueError(
+            f"--embeddings {path!r}: what pretrained the encoder is unknown (its directory has no "
+            f"training record: saved before this version, or not by `s2v pretrain`), so its "
+            f"test subjects cannot be called unseen; pass --transductive to score anyway"
+        )
     if "test" in seen:
-        raise ValueError(f"--embeddings {path!r}: the encoder was pretrained on the {'/'.join(seen)} subjects "
-                         f"of this store, test subjects included; scoring them would not measure transfer. "
-                         f"Pretrain with --train-splits train, or pass --transductive to score anyway")
+        raise ValueError(
+            f"--embeddings {path!r}: the encoder was pretrained on the {'/'.join(seen)} subjects "
+            f"of this store, test subjects included; scoring them would not measure transfer. "
+            f"Pretrain with --train-splits train, or pass --transductive to score anyway"
+        )
     counts = {name: int(len(np.unique(emb.subject_id[emb.split == name]))) for name in ("train", "val", "test")}
-    return {"mode": "held-out", "encoder_pretrained_on": pretrained_on, "encoder_training": record,
-            "probe_fitted_on": f"train and val subjects ({counts['train']} + {counts['val']})",
-            "early_stopping_on": "val subjects", "scored": f"test subjects ({counts['test']}), never seen by "
-                                                           "the encoder or the probes",
-            "subjects": counts, "seed": seed, "unknown_stage": "excluded",
-            "summary": "one held-out fold: mean is the test figure, sd 0"}
+    return {
+        "mode": "held-out",
+        "encoder_pretrained_on": pretrained_on,
+        "encoder_training": record,
+        "probe_fitted_on": f"train and val subjects ({counts['train']} + {counts['val']})",
+        "early_stopping_on": "val subjects",
+        "scored": f"test subjects ({counts['test']}), never seen by the encoder or the probes",
+        "subjects": counts,
+        "seed": seed,
+        "unknown_stage": "excluded",
+        "summary": "one held-out fold: mean is the test figure, sd 0",
+    }
 
 
 def _check_labels(emb: Embeddings, path: str) -> None:
     if not (emb.stages != UNKNOWN_STAGE).any():
-        raise ValueError(f"--task staging: the embeddings {path!r} carry no sleep stage labels "
-                         "(every stage is -1); the store was ingested without hypnograms")
+        raise ValueError(
+            f"--task staging: the embeddings {path!r} carry no sleep stage labels "
+            "(every stage is -1); the store was ingested without hypnograms"
+        )
 
 
-def _staging(emb: Embeddings, folds: list[Fold], heads: Sequence[str], seed: int,
-             out_dir: Path, plot_paths: list[str]) -> dict:
+def _staging(
+    emb: Embeddings, folds: list[Fold], heads: Sequence[str], seed: int, out_dir: Path, plot_paths: list[str]
+) -> dict:
     stages = emb.stages
     scored = stages[stages != UNKNOWN_STAGE]
     section = {
-        "n_windows": int(len(stages)), "n_epochs_scored": int(scored.size),
-        "n_subjects": int(len(np.unique(emb.subject_id))), "n_nights": int(len(np.unique(emb.night_id))),
+        "n_windows": int(len(stages)),
+        "n_epochs_scored": int(scored.size),
+        "n_subjects": int(len(np.unique(emb.subject_id))),
+        "n_nights": int(len(np.unique(emb.night_id))),
         "class_counts": {name: int((scored == i).sum()) for i, name in enumerate(STAGE_NAMES)},
         "majority": majority_staging(stages, folds),
-        "heads": {"linear": "StandardScaler + LogisticRegression per epoch",
-                  "temporal": "1-layer bi-GRU (hidden 32) over the window's epochs, Adam 300 steps"},
+        "heads": {
+            "linear": "StandardScaler + LogisticRegression per epoch",
+            "temporal": "1-layer bi-GRU (hidden 32) over the window's epochs, Adam 300 steps",
+        },
     }
-    probes = {"linear": lambda: linear_staging_probe(emb.epoch, stages, seed=seed),
-              "temporal": lambda: temporal_staging_probe(emb.epoch, stages, seed=seed)}
+    probes = {
+        "linear": lambda: linear_staging_probe(emb.epoch, stages, seed=seed),
+        "temporal": lambda: temporal_staging_probe(emb.epoch, stages, seed=seed),
+    }
     for head in heads:
         logger.info("staging: %s head on %d folds", head, len(folds))
         outcome = cross_validate_staging(probes[head](), stages, folds)
         predictions = outcome.pop("predictions")
         section[head] = outcome
-        plot_paths.append(str(plots.plot_confusion(outcome["pooled"]["confusion"], out_dir / f"confusion_{head}.png",
-                                                   title=f"Sleep staging, {head} head (out-of-fold)")))
+        plot_paths.append(
+            str(
+                plots.plot_confusion(
+                    outcome["pooled"]["confusion"],
+                    out_dir / f"confusion_{head}.png",
+                    title=f"Sleep staging, {head} head (out-of-fold)",
+                )
+            )
+        )
         if head == heads[0]:
             night = _longest_night(emb, np.concatenate([fold.test for fold in folds]))
             rows = np.flatnonzero(emb.night_id == night)
-            plot_paths.append(str(plots.plot_hypnogram(
-                stages[rows].ravel(), predictions[rows].ravel(), out_dir / "hypnogram.png",
-                title=f"{night}: true vs {head} head (out-of-fold)")))
+            plot_paths.append(
+                str(
+                    plots.plot_hypnogram(
+                        stages[rows].ravel(),
+                        predictions[rows].ravel(),
+                        out_dir / "hypnogram.png",
+                        title=f"{night}: true vs {head} head (out-of-fold)",
+                    )
+                )
+            )
     return section
 
 
@@ -298,8 +359,10 @@ def _night_target(emb: Embeddings, column: str) -> np.ndarray:
     values = outcome_values(nights, column)
     if np.isnan(values).all():
         available = sorted({k for entry in nights.column("outcomes").to_pylist() if entry for k, _ in entry})
-        raise ValueError(f"--task outcome:{column}: no night has outcome {column!r}; "
-                         f"available: {', '.join(['age', 'sex', *available])}")
+        raise ValueError(
+            f"--task outcome:{column}: no night has outcome {column!r}; "
+            f"available: {', '.join(['age', 'sex', *available])}"
+        )
     return values
 
 
@@ -308,17 +371,21 @@ def _site(emb: Embeddings, folds: int, seed: int, *, transductive: bool) -> dict
     night_sites = np.asarray(emb.nights.column("site").to_pylist())
     night_splits = None if transductive else np.asarray(emb.nights.column("split").to_pylist())
     section = {
-        "night": cross_validate_site(emb.night, night_sites, night_subjects, folds=folds, seed=seed,
-                                     splits=night_splits),
-        "window": cross_validate_site(emb.window, emb.site, emb.subject_id, folds=folds, seed=seed,
-                                      splits=None if transductive else emb.split),
+        "night": cross_validate_site(
+            emb.night, night_sites, night_subjects, folds=folds, seed=seed, splits=night_splits
+        ),
+        "window": cross_validate_site(
+            emb.window, emb.site, emb.subject_id, folds=folds, seed=seed, splits=None if transductive else emb.split
+        ),
         "claim": "lower site predictability at equal staging quality means fewer site shortcuts",
     }
     if (emb.stages != UNKNOWN_STAGE).any():
-        window_folds = (grouped_folds(emb.subject_id, folds=folds, seed=seed) if transductive
-                        else [held_out_fold(emb.split)])
-        staging = cross_validate_staging(linear_staging_probe(emb.epoch, emb.stages, seed=seed),
-                                         emb.stages, window_folds)
+        window_folds = (
+            grouped_folds(emb.subject_id, folds=folds, seed=seed) if transductive else [held_out_fold(emb.split)]
+        )
+        staging = cross_validate_staging(
+            linear_staging_probe(emb.epoch, emb.stages, seed=seed), emb.stages, window_folds
+        )
         section["staging_linear"] = staging["summary"]
     return section
 
@@ -344,8 +411,9 @@ def _scenario_folds(emb: Embeddings, scenario: Embeddings, folds: list[Fold]) ->
     return result
 
 
-def _full_probe_on_subset(emb: Embeddings, scenario: Embeddings, folds: list[Fold], scenario_folds: list[Fold],
-                          seed: int) -> dict:
+def _full_probe_on_subset(
+    emb: Embeddings, scenario: Embeddings, folds: list[Fold], scenario_folds: list[Fold], seed: int
+) -> dict:
     """The probe trained on the full embeddings, applied unchanged to the scenario's test windows."""
     per_fold = []
     for fold, scenario_fold in zip(folds, scenario_folds):
@@ -359,8 +427,17 @@ def _full_probe_on_subset(emb: Embeddings, scenario: Embeddings, folds: list[Fol
     return summarise(per_fold) if per_fold else {}
 
 
-def _robustness(emb: Embeddings, folds: list[Fold], data: str, checkpoint: str, names: Sequence[str] | None,
-                seed: int, out_dir: Path, plot_paths: list[str], address: str | None) -> dict:
+def _robustness(
+    emb: Embeddings,
+    folds: list[Fold],
+    data: str,
+    checkpoint: str,
+    names: Sequence[str] | None,
+    seed: int,
+    out_dir: Path,
+    plot_paths: list[str],
+    address: str | None,
+) -> dict:
     import ray
 
     from pipelines.runtime import init_ray
@@ -368,16 +445,23 @@ def _robustness(emb: Embeddings, folds: list[Fold], data: str, checkpoint: str, 
     chosen = robustness_scenarios(emb.info["modalities"], names=names)
     started_ray = not ray.is_initialized()
     matrix, full_probe, windows = {}, {}, {}
-    full_kappa = cross_validate_staging(linear_staging_probe(emb.epoch, emb.stages, seed=seed), emb.stages,
-                                        folds)["summary"]["kappa"]["mean"]
+    full_kappa = cross_validate_staging(linear_staging_probe(emb.epoch, emb.stages, seed=seed), emb.stages, folds)[
+        "summary"
+    ]["kappa"]["mean"]
     try:
         for name, subset in chosen.items():
             path = out_dir / "robustness" / name.replace(":", "_")
             if not _reusable(path, subset, checkpoint, emb.info.get("features", "hidden")):
                 init_ray(address)
                 try:
-                    embed(checkpoint, data, str(path), modalities=list(subset), address=address,
-                          features=emb.info.get("features", "hidden"))
+                    embed(
+                        checkpoint,
+                        data,
+                        str(path),
+                        modalities=list(subset),
+                        address=address,
+                        features=emb.info.get("features", "hidden"),
+                    )
                 except ValueError as exc:  # no window holds this subset: a gap in the matrix, not a crash
                     logger.warning("robustness scenario %s skipped: %s", name, exc)
                     continue
@@ -387,29 +471,38 @@ def _robustness(emb: Embeddings, folds: list[Fold], data: str, checkpoint: str, 
                 logger.warning("robustness scenario %s skipped: a fold has no windows", name)
                 continue
             logger.info("robustness: scoring %s (%s)", name, ",".join(subset))
-            outcome = cross_validate_staging(linear_staging_probe(scenario.epoch, scenario.stages, seed=seed),
-                                             scenario.stages, scenario_folds)
+            outcome = cross_validate_staging(
+                linear_staging_probe(scenario.epoch, scenario.stages, seed=seed), scenario.stages, scenario_folds
+            )
             matrix[name] = {metric: outcome["summary"][metric]["mean"] for metric in ("macro_f1", "kappa", "accuracy")}
             matrix[name].update({f"{metric}_sd": outcome["summary"][metric]["sd"] for metric in ("macro_f1", "kappa")})
             unchanged = _full_probe_on_subset(emb, scenario, folds, scenario_folds, seed)
             if unchanged:
                 kappa = unchanged["kappa"]["mean"]
-                full_probe[name] = {"macro_f1": unchanged["macro_f1"]["mean"], "kappa": kappa,
-                                    "accuracy": unchanged["accuracy"]["mean"],
-                                    # kappa's chance level is 0: the share of the full probe's margin kept.
-                                    "kappa_margin_kept": kappa / full_kappa if full_kappa > 0 else float("nan")}
+                full_probe[name] = {
+                    "macro_f1": unchanged["macro_f1"]["mean"],
+                    "kappa": kappa,
+                    "accuracy": unchanged["accuracy"]["mean"],
+                    # kappa's chance level is 0: the share of the full probe's margin kept.
+                    "kappa_margin_kept": kappa / full_kappa if full_kappa > 0 else float("nan"),
+                }
             windows[name] = int(len(scenario.stages))
     finally:
         if started_ray and ray.is_initialized():
             ray.shutdown()
     if matrix:
         plot_paths.append(str(plots.plot_robustness(matrix, out_dir / "robustness.png")))
-    return {"head": "linear", "scenarios": {n: list(s) for n, s in chosen.items()}, "matrix": matrix,
-            "full_probe_kappa": full_kappa,
-            "matrix_full_probe": full_probe,
-            "matrix_note": "matrix: a probe retrained on each scenario's embeddings; matrix_full_probe: the probe "
-                           "trained on the full embeddings applied unchanged (a sensor lost at inference)",
-            "n_windows": windows, "embeddings_dir": str(out_dir / "robustness")}
+    return {
+        "head": "linear",
+        "scenarios": {n: list(s) for n, s in chosen.items()},
+        "matrix": matrix,
+        "full_probe_kappa": full_kappa,
+        "matrix_full_probe": full_probe,
+        "matrix_note": "matrix: a probe retrained on each scenario's embeddings; matrix_full_probe: the probe "
+        "trained on the full embeddings applied unchanged (a sensor lost at inference)",
+        "n_windows": windows,
+        "embeddings_dir": str(out_dir / "robustness"),
+    }
 
 
 def _reusable(path: Path, subset: Sequence[str], checkpoint: str, features: str) -> bool:
@@ -418,8 +511,11 @@ def _reusable(path: Path, subset: Sequence[str], checkpoint: str, features: str)
         return False
     info = json.loads(info_path.read_text(encoding="utf-8"))
     source = str(Path(checkpoint).resolve()) if Path(checkpoint).exists() else checkpoint
-    return (info.get("modalities") == list(subset) and info.get("encoder_source") == redact(source)
-            and info.get("features") == features)
+    return (
+        info.get("modalities") == list(subset)
+        and info.get("encoder_source") == redact(source)
+        and info.get("features") == features
+    )
 
 
 def store_rows(emb: Embeddings, data: str, columns: Sequence[str]) -> pa.Table:
@@ -431,21 +527,31 @@ def store_rows(emb: Embeddings, data: str, columns: Sequence[str]) -> pa.Table:
     wanted = pa.array(np.unique(emb.recording_id).tolist())
     needed = ["recording_id", "site", "window_index", *[c for c in columns if c not in ("recording_id", "site")]]
     table = dataset.to_table(columns=needed, filter=pads.field("recording_id").isin(wanted))
-    keys = [f"{s}\x00{r}\x00{w}" for s, r, w in zip(table.column("site").to_pylist(),
-                                                   table.column("recording_id").to_pylist(),
-                                                   table.column("window_index").to_pylist())]
+    keys = [
+        f"{s}\x00{r}\x00{w}"
+        for s, r, w in zip(
+            table.column("site").to_pylist(),
+            table.column("recording_id").to_pylist(),
+            table.column("window_index").to_pylist(),
+        )
+    ]
     position = {k: i for i, k in enumerate(keys)}
-    wanted_keys = [f"{s}\x00{r}\x00{w}" for s, r, w in zip(emb.site, emb.recording_id,
-                                                          emb.windows.column("window_index").to_pylist())]
+    wanted_keys = [
+        f"{s}\x00{r}\x00{w}"
+        for s, r, w in zip(emb.site, emb.recording_id, emb.windows.column("window_index").to_pylist())
+    ]
     missing = [k for k in wanted_keys if k not in position]
     if missing:
-        raise ValueError(f"--data {data!r} lacks {len(missing)} windows of the embeddings "
-                         f"(e.g. {missing[0].replace(chr(0), '/')}); pass the store they were embedded from")
+        raise ValueError(
+            f"--data {data!r} lacks {len(missing)} windows of the embeddings "
+            f"(e.g. {missing[0].replace(chr(0), '/')}); pass the store they were embedded from"
+        )
     return table.take(pa.array([position[k] for k in wanted_keys]))
 
 
-def _label_efficiency(emb: Embeddings, folds: list[Fold], data: str, checkpoint: str, seed: int,
-                      out_dir: Path, plot_paths: list[str]) -> dict:
+def _label_efficiency(
+    emb: Embeddings, folds: list[Fold], data: str, checkpoint: str, seed: int, out_dir: Path, plot_paths: list[str]
+) -> dict:
     from pipelines.model_io import load_encoder_spec
     from s2v_core.evaluation.scratch import scratch_staging_probe
     from s2v_core.store import table_to_batch
@@ -457,18 +563,26 @@ def _label_efficiency(emb: Embeddings, folds: list[Fold], data: str, checkpoint:
     signals = table_to_batch(table, modalities=modalities, epochs_per_window=emb.info["epochs_per_window"])
     probes = {
         "linear_probe_pretrained": linear_staging_probe(emb.epoch, emb.stages, seed=seed),
-        "supervised_from_scratch": scratch_staging_probe(signals, emb.stages, config=encoder.config,
-                                                         modalities=modalities, seed=seed),
+        "supervised_from_scratch": scratch_staging_probe(
+            signals, emb.stages, config=encoder.config, modalities=modalities, seed=seed
+        ),
     }
     curves = label_efficiency(probes, emb.stages, emb.night_id, folds, fractions=LABEL_FRACTIONS, seed=seed)
     plot_paths.append(str(plots.plot_label_efficiency(curves, out_dir / "label_efficiency.png")))
-    return {"fractions": list(LABEL_FRACTIONS), "unit": "fraction of labelled training nights per fold",
-            "scratch_model": {"config": encoder.config.name, "width": encoder.config.width,
-                              "depth": encoder.config.depth, "modalities": list(modalities),
-                              "budget": "20 passes over its labelled windows (100-3000 steps of 16 windows), "
-                                        "early stopping on val subjects' macro-F1 (patience 5 of 20 checks)",
-                              "optimiser": "AdamW lr 1e-3"},
-            "curves": curves}
+    return {
+        "fractions": list(LABEL_FRACTIONS),
+        "unit": "fraction of labelled training nights per fold",
+        "scratch_model": {
+            "config": encoder.config.name,
+            "width": encoder.config.width,
+            "depth": encoder.config.depth,
+            "modalities": list(modalities),
+            "budget": "20 passes over its labelled windows (100-3000 steps of 16 windows), "
+            "early stopping on val subjects' macro-F1 (patience 5 of 20 checks)",
+            "optimiser": "AdamW lr 1e-3",
+        },
+        "curves": curves,
+    }
 
 
 def _yasa_peer(emb: Embeddings, folds: list[Fold], data: str, seed: int) -> dict:
@@ -484,11 +598,18 @@ def _yasa_peer(emb: Embeddings, folds: list[Fold], data: str, seed: int) -> dict
         rows = np.flatnonzero((emb.night_id == night) & signals["eeg"][1])
         if len(rows) * epochs < MIN_EPOCHS or np.any(np.diff(emb.start_epoch[rows]) != epochs):
             continue  # YASA stages whole contiguous nights of at least 5 min
-        extra = {k: signals[k][0][rows].reshape(-1, signals[k][0].shape[-1])
-                 for k in ("eog", "emg") if signals[k][1][rows].all()}
+        extra = {
+            k: signals[k][0][rows].reshape(-1, signals[k][0].shape[-1])
+            for k in ("eog", "emg")
+            if signals[k][1][rows].all()
+        }
         age, sex = table.column("age")[int(rows[0])].as_py(), table.column("sex")[int(rows[0])].as_py()
-        staged = yasa_stages(signals["eeg"][0][rows].reshape(-1, signals["eeg"][0].shape[-1]), **extra,
-                             age=age, male=None if sex is None else bool(sex))
+        staged = yasa_stages(
+            signals["eeg"][0][rows].reshape(-1, signals["eeg"][0].shape[-1]),
+            **extra,
+            age=age,
+            male=None if sex is None else bool(sex),
+        )
         predicted[rows] = staged.reshape(len(rows), epochs)
     covered = (predicted != UNKNOWN_STAGE).all(axis=1)
     if not covered.any():
@@ -499,14 +620,25 @@ def _yasa_peer(emb: Embeddings, folds: list[Fold], data: str, seed: int) -> dict
         test = fold.test[covered[fold.test]]
         if len(test) == 0 or not (emb.stages[test] != UNKNOWN_STAGE).any():
             continue
-        per_fold_yasa.append({k: v for k, v in staging_metrics(emb.stages[test], predicted[test]).items()
-                              if k != "confusion"})
-        per_fold_probe.append({k: v for k, v in staging_metrics(emb.stages[test], probe(fold.train, test, fold.val)).items()
-                               if k != "confusion"})
-    return {"available": True, "n_windows": int(covered.sum()), "yasa": summarise(per_fold_yasa),
-            "linear_probe_same_windows": summarise(per_fold_probe), "per_fold_yasa": per_fold_yasa,
-            "caveat": f"store signals are robust-normalised; rescaled to nominal amplitudes {NOMINAL_UV} µV "
-                      "before YASA, whose classifier was trained on raw µV"}
+        per_fold_yasa.append(
+            {k: v for k, v in staging_metrics(emb.stages[test], predicted[test]).items() if k != "confusion"}
+        )
+        per_fold_probe.append(
+            {
+                k: v
+                for k, v in staging_metrics(emb.stages[test], probe(fold.train, test, fold.val)).items()
+                if k != "confusion"
+            }
+        )
+    return {
+        "available": True,
+        "n_windows": int(covered.sum()),
+        "yasa": summarise(per_fold_yasa),
+        "linear_probe_same_windows": summarise(per_fold_probe),
+        "per_fold_yasa": per_fold_yasa,
+        "caveat": f"store signals are robust-normalised; rescaled to nominal amplitudes {NOMINAL_UV} µV "
+        "before YASA, whose classifier was trained on raw µV",
+    }
 
 
 def _log_mlflow(result: dict, report_path: Path, info: dict, parent_run_id: str | None) -> dict:
@@ -516,8 +648,11 @@ def _log_mlflow(result: dict, report_path: Path, info: dict, parent_run_id: str 
 
     from pipelines.runtime import mlflow_tracking_uri
 
-    uri = (os.environ.get("MLFLOW_TRACKING_URI") or info.get("pretrain_tracking_uri")
-           or mlflow_tracking_uri(report_path.parent))
+    uri = (
+        os.environ.get("MLFLOW_TRACKING_URI")
+        or info.get("pretrain_tracking_uri")
+        or mlflow_tracking_uri(report_path.parent)
+    )
     client = MlflowClient(tracking_uri=uri)
     pretrain_run_id = info.get("pretrain_run_id")
     link = parent_run_id or pretrain_run_id
@@ -576,29 +711,42 @@ def _flat_metrics(node, prefix: str = ""):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--embeddings", required=True,
-                        help="embeddings directory written by `s2v embed` (a path or a URI)")
+    parser.add_argument(
+        "--embeddings", required=True, help="embeddings directory written by `s2v embed` (a path or a URI)"
+    )
     parser.add_argument("--task", required=True, help="staging | outcome:COLUMN (e.g. outcome:ahi) | site")
     parser.add_argument("--report", required=True, help="REPORT.json to write; plots go beside it")
-    parser.add_argument("--folds", type=int, default=5,
-                        help="subject-grouped CV folds of --transductive scoring (default 5)")
-    parser.add_argument("--transductive", action="store_true",
-                        help="score every subject by k-fold CV, including subjects the encoder was pretrained "
-                             "on (the report says so); default: fit on train/val subjects, score test subjects")
+    parser.add_argument(
+        "--folds", type=int, default=5, help="subject-grouped CV folds of --transductive scoring (default 5)"
+    )
+    parser.add_argument(
+        "--transductive",
+        action="store_true",
+        help="score every subject by k-fold CV, including subjects the encoder was pretrained "
+        "on (the report says so); default: fit on train/val subjects, score test subjects",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of folds and probes (default 0)")
     parser.add_argument("--heads", default="linear,temporal", help="staging heads (default linear,temporal)")
-    parser.add_argument("--data", default=None,
-                        help="store, a path or a URI (for --robustness, --label-efficiency, --peer)")
+    parser.add_argument(
+        "--data", default=None, help="store, a path or a URI (for --robustness, --label-efficiency, --peer)"
+    )
     parser.add_argument("--checkpoint", default=None, help="encoder (for --robustness, --label-efficiency)")
     parser.add_argument("--robustness", action="store_true", help="add the any-subset robustness matrix")
-    parser.add_argument("--scenarios", default=None,
-                        help="comma-separated robustness scenarios, e.g. only:eeg,without:ecg,wearable "
-                             "(default: every single modality, all-but-one and device scenario)")
-    parser.add_argument("--label-efficiency", action="store_true",
-                        help="add the 1/10/100%% label-efficiency curve against a from-scratch encoder")
+    parser.add_argument(
+        "--scenarios",
+        default=None,
+        help="comma-separated robustness scenarios, e.g. only:eeg,without:ecg,wearable "
+        "(default: every single modality, all-but-one and device scenario)",
+    )
+    parser.add_argument(
+        "--label-efficiency",
+        action="store_true",
+        help="add the 1/10/100%% label-efficiency curve against a from-scratch encoder",
+    )
     parser.add_argument("--peer", default=None, choices=["yasa"], help="add a reference peer (YASA staging)")
-    parser.add_argument("--compare", default=None,
-                        help="site task: a second embeddings dir of the same store to score side by side")
+    parser.add_argument(
+        "--compare", default=None, help="site task: a second embeddings dir of the same store to score side by side"
+    )
     parser.add_argument("--mlflow-parent-run-id", default=None, help="MLflow run to nest under")
     parser.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
     parser.add_argument("--address", default=None, help="Ray cluster address for --robustness embeddings")
@@ -606,13 +754,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     result = evaluate(
-        args.embeddings, args.task, args.report, folds=args.folds, seed=args.seed,
-        heads=tuple(h.strip() for h in args.heads.split(",") if h.strip()), data=args.data,
-        checkpoint=args.checkpoint, robustness=args.robustness,
+        args.embeddings,
+        args.task,
+        args.report,
+        folds=args.folds,
+        seed=args.seed,
+        heads=tuple(h.strip() for h in args.heads.split(",") if h.strip()),
+        data=args.data,
+        checkpoint=args.checkpoint,
+        robustness=args.robustness,
         scenarios=[s.strip() for s in args.scenarios.split(",")] if args.scenarios else None,
-        label_efficiency_curve=args.label_efficiency, peer=args.peer, transductive=args.transductive,
+        label_efficiency_curve=args.label_efficiency,
+        peer=args.peer,
+        transductive=args.transductive,
         compare=args.compare,
-        mlflow_parent_run_id=args.mlflow_parent_run_id, log_to_mlflow=not args.no_mlflow, address=args.address,
+        mlflow_parent_run_id=args.mlflow_parent_run_id,
+        log_to_mlflow=not args.no_mlflow,
+        address=args.address,
     )
     print(json.dumps({"report": args.report, "task": result["task"], "mlflow": result["mlflow"]}))
     return 0

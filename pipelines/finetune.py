@@ -125,8 +125,7 @@ def setup(config: FinetuneConfig, *, resume: bool = False) -> PreparedFinetune:
     longer than the encoder reads, an encoder pretrained on the test subjects (without
     ``--transductive``) and an existing run dir without ``--resume``.
     """
-    from pipelines.model_io import load_encoder_spec
-    from pipelines.model_io import training_record
+    from pipelines.model_io import load_encoder_spec, training_record
     from pipelines.runtime import is_uri
     from pipelines.train_data import inspect_store
     from s2v_core.model import save_encoder
@@ -137,8 +136,10 @@ def setup(config: FinetuneConfig, *, resume: bool = False) -> PreparedFinetune:
         if not value:
             raise ValueError(f"{option}: expected a value, found nothing")
     if is_uri(config.output):
-        raise ValueError(f"--output {redact(config.output)}: s2v finetune writes a local run directory; "
-                         "copy it to object storage afterwards")
+        raise ValueError(
+            f"--output {redact(config.output)}: s2v finetune writes a local run directory; "
+            "copy it to object storage afterwards"
+        )
     for name in ("steps", "batch_size", "workers", "eval_every", "patience", "checkpoint_every"):
         if getattr(config, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')}: expected an integer >= 1, found {getattr(config, name)}")
@@ -150,28 +151,41 @@ def setup(config: FinetuneConfig, *, resume: bool = False) -> PreparedFinetune:
     summary = inspect_store(config.data, (), splits=("train",))
     wanted = config.modalities or tuple(k for k in encoder.modalities if k in summary.modalities)
     if not wanted:
-        raise ValueError(f"--modalities: the encoder reads {', '.join(encoder.modalities)} and the store's train "
-                         f"subjects have {', '.join(summary.modalities)}: nothing in common")
+        raise ValueError(
+            f"--modalities: the encoder reads {', '.join(encoder.modalities)} and the store's train "
+            f"subjects have {', '.join(summary.modalities)}: nothing in common"
+        )
     missing = [m for m in wanted if m not in encoder.modalities or m not in summary.modalities]
     if missing:
-        raise ValueError(f"--modalities: expected modalities of both the encoder ({', '.join(encoder.modalities)}) "
-                         f"and the store's train subjects ({', '.join(summary.modalities)}), found "
-                         f"{', '.join(missing)}")
+        raise ValueError(
+            f"--modalities: expected modalities of both the encoder ({', '.join(encoder.modalities)}) "
+            f"and the store's train subjects ({', '.join(summary.modalities)}), found "
+            f"{', '.join(missing)}"
+        )
     summary = inspect_store(config.data, wanted, splits=("train",))  # usable windows: those with these modalities
-    spec = dataclasses.replace(config.spec(), modalities=tuple(parse_modalities(list(wanted), option="--modalities")),
-                               epochs_per_window=summary.epochs_per_window)
+    spec = dataclasses.replace(
+        config.spec(),
+        modalities=tuple(parse_modalities(list(wanted), option="--modalities")),
+        epochs_per_window=summary.epochs_per_window,
+    )
     # Store windows longer than the encoder's are encoded in chunks (FineTunedModel.features).
     if summary.usable_windows < config.batch_size:
-        raise ValueError(f"--batch-size: expected at most {summary.usable_windows} (the train subjects' windows), "
-                         f"found {config.batch_size}")
+        raise ValueError(
+            f"--batch-size: expected at most {summary.usable_windows} (the train subjects' windows), "
+            f"found {config.batch_size}"
+        )
     test_files, filesystem = split_files(config.data, ["test"])
     val_files, _ = split_files(config.data, ["val"])
     if not test_files:
         raise ValueError(f"--data: the store {config.data} has no test subject to report on; see `s2v split`")
     if not val_files:
         logger.warning("the store %s has no val subject: no early stopping, the last step is kept", config.data)
-    protocol = check_protocol(training_record(config.checkpoint), split_record(config.data, ["train"]),
-                              transductive=config.transductive, checkpoint=config.checkpoint)
+    protocol = check_protocol(
+        training_record(config.checkpoint),
+        split_record(config.data, ["train"]),
+        transductive=config.transductive,
+        checkpoint=config.checkpoint,
+    )
     run_dir = Path(config.output).resolve()
     resume_from = _check_resume(run_dir, resume=resume)
     resolved = dataclasses.replace(config, modalities=spec.modalities)
@@ -181,11 +195,21 @@ def setup(config: FinetuneConfig, *, resume: bool = False) -> PreparedFinetune:
     # The workers read the pretrained weights from the run dir, whatever form --checkpoint had (an MLflow run …).
     encoder_dir = str(save_encoder(encoder, run_dir / PRETRAINED_ENCODER_DIR))
     (run_dir / CONFIG_FILE).write_text(json.dumps(to_mapping(resolved), indent=2) + "\n", encoding="utf-8")
-    return PreparedFinetune(config=resolved, spec=spec, run_dir=run_dir, encoder_dir=encoder_dir,
-                            epochs_per_window=summary.epochs_per_window, train_files=summary.files,
-                            train_windows=summary.usable_windows,
-                            val_files=tuple(val_files), test_files=tuple(test_files), filesystem=filesystem,
-                            protocol=protocol, pretrain_run=pretrain_run, resume_from=resume_from)
+    return PreparedFinetune(
+        config=resolved,
+        spec=spec,
+        run_dir=run_dir,
+        encoder_dir=encoder_dir,
+        epochs_per_window=summary.epochs_per_window,
+        train_files=summary.files,
+        train_windows=summary.usable_windows,
+        val_files=tuple(val_files),
+        test_files=tuple(test_files),
+        filesystem=filesystem,
+        protocol=protocol,
+        pretrain_run=pretrain_run,
+        resume_from=resume_from,
+    )
 
 
 def check_protocol(record: dict | None, store_record: dict, *, transductive: bool, checkpoint: str) -> dict:
@@ -195,15 +219,23 @@ def check_protocol(record: dict | None, store_record: dict, *, transductive: boo
     seen = seen_splits(record, store_record)
     if not transductive:
         if seen is None:
-            raise ValueError(f"--checkpoint {checkpoint!r}: what pretrained the encoder is unknown (no training "
-                             "record beside it), so the test subjects cannot be called unseen; pass "
-                             "--transductive to fine-tune and score anyway")
+            raise ValueError(
+                f"--checkpoint {checkpoint!r}: what pretrained the encoder is unknown (no training "
+                "record beside it), so the test subjects cannot be called unseen; pass "
+                "--transductive to fine-tune and score anyway"
+            )
         if "test" in seen:
-            raise ValueError(f"--checkpoint {checkpoint!r}: the encoder was pretrained on the {'/'.join(seen)} "
-                             "subjects of this store, test included; pass --transductive to score anyway")
-    return {"mode": "transductive" if transductive else "held-out",
-            "encoder_pretrained_on": "unknown" if seen is None else ("/".join(seen) or "no subject of this store"),
-            "trained_on": "train subjects", "early_stopping_on": "val subjects", "scored": "test subjects"}
+            raise ValueError(
+                f"--checkpoint {checkpoint!r}: the encoder was pretrained on the {'/'.join(seen)} "
+                "subjects of this store, test included; pass --transductive to score anyway"
+            )
+    return {
+        "mode": "transductive" if transductive else "held-out",
+        "encoder_pretrained_on": "unknown" if seen is None else ("/".join(seen) or "no subject of this store"),
+        "trained_on": "train subjects",
+        "early_stopping_on": "val subjects",
+        "scored": "test subjects",
+    }
 
 
 #: Options a resumed run may change: how long and how it runs, not what it trains.
@@ -216,12 +248,14 @@ def _check_same_run(path: Path, config: FinetuneConfig) -> None:
         return
     previous = json.loads(path.read_text(encoding="utf-8"))
     current = json.loads(json.dumps(to_mapping(config)))  # tuples as lists, like the file
-    changed = {k: (previous.get(k), v) for k, v in current.items()
-               if k not in RESUMABLE_CHANGES and previous.get(k) != v}
+    changed = {
+        k: (previous.get(k), v) for k, v in current.items() if k not in RESUMABLE_CHANGES and previous.get(k) != v
+    }
     if changed:
         listed = "; ".join(f"{k}: the run has {old!r}, this call {new!r}" for k, (old, new) in sorted(changed.items()))
-        raise ValueError(f"--resume: expected the options of the run in {path.parent}, found different values: "
-                         f"{listed}")
+        raise ValueError(
+            f"--resume: expected the options of the run in {path.parent}, found different values: {listed}"
+        )
 
 
 def _check_resume(run_dir: Path, *, resume: bool) -> str | None:
@@ -229,8 +263,10 @@ def _check_resume(run_dir: Path, *, resume: bool) -> str | None:
     complete = [c for c in checkpoints if (c / "state.json").is_file() and (c / "training.pt").is_file()]
     if not resume:
         if checkpoints or (run_dir / MODEL_DIR).exists():
-            raise ValueError(f"--output: expected a new run directory, found a fine-tuning run in {run_dir}; "
-                             "pass --resume to continue it or choose another --output")
+            raise ValueError(
+                f"--output: expected a new run directory, found a fine-tuning run in {run_dir}; "
+                "pass --resume to continue it or choose another --output"
+            )
         return None
     return str(complete[-1]) if complete else None
 
@@ -243,8 +279,9 @@ def start_mlflow_run(prepared: PreparedFinetune) -> PreparedFinetune:
     record = prepared.run_dir / MLFLOW_RUN_FILE
     if record.is_file():
         logged = json.loads(record.read_text(encoding="utf-8"))
-        return dataclasses.replace(prepared, mlflow={"tracking_uri": logged["tracking_uri_local"],
-                                                     "run_id": logged["run_id"]})
+        return dataclasses.replace(
+            prepared, mlflow={"tracking_uri": logged["tracking_uri_local"], "run_id": logged["run_id"]}
+        )
     pretrain = prepared.pretrain_run or {}
     uri = os.environ.get("MLFLOW_TRACKING_URI") or pretrain.get("tracking_uri") or mlflow_tracking_uri(prepared.run_dir)
     client = MlflowClient(tracking_uri=uri)
@@ -261,24 +298,42 @@ def start_mlflow_run(prepared: PreparedFinetune) -> PreparedFinetune:
     tags = {"s2v.command": "finetune", "s2v.task": prepared.spec.task, "s2v.mode": prepared.spec.mode}
     if parent:
         tags["mlflow.parentRunId"] = parent
-    run = client.create_run(experiment_id, run_name=f"finetune-{prepared.spec.task}-{prepared.spec.mode}",
-                            tags=tags)
+    run = client.create_run(experiment_id, run_name=f"finetune-{prepared.spec.task}-{prepared.spec.mode}", tags=tags)
     for key, value in to_mapping(prepared.config).items():
-        client.log_param(run.info.run_id, key, redact(",".join(map(str, value)) if isinstance(value, (list, tuple))
-                                                     else str(value))[:6000])
-    record.write_text(json.dumps({"tracking_uri": redact(uri), "tracking_uri_local": uri,
-                                  "run_id": run.info.run_id, "parent_run_id": parent}, indent=2) + "\n",
-                      encoding="utf-8")
+        client.log_param(
+            run.info.run_id,
+            key,
+            redact(",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value))[:6000],
+        )
+    record.write_text(
+        json.dumps(
+            {
+                "tracking_uri": redact(uri),
+                "tracking_uri_local": uri,
+                "run_id": run.info.run_id,
+                "parent_run_id": parent,
+            },
+            indent=2,
+        )
+        + "\n",
+        encoding="utf-8",
+    )
     return dataclasses.replace(prepared, mlflow={"tracking_uri": uri, "run_id": run.info.run_id})
 
 
 # -- run --------------------------------------------------------------------------------------------
 def loop_config(prepared: PreparedFinetune) -> dict[str, Any]:
     """The ``train_loop_config``: everything the worker loop reads."""
-    return {"finetune": to_mapping(prepared.config), "spec": to_mapping(prepared.spec),
-            "encoder_dir": prepared.encoder_dir, "epochs_per_window": prepared.epochs_per_window,
-            "run_dir": str(prepared.run_dir), "resume_from": prepared.resume_from, "mlflow": prepared.mlflow,
-            "validation": {"files": list(prepared.val_files), "filesystem": prepared.filesystem}}
+    return {
+        "finetune": to_mapping(prepared.config),
+        "spec": to_mapping(prepared.spec),
+        "encoder_dir": prepared.encoder_dir,
+        "epochs_per_window": prepared.epochs_per_window,
+        "run_dir": str(prepared.run_dir),
+        "resume_from": prepared.resume_from,
+        "mlflow": prepared.mlflow,
+        "validation": {"files": list(prepared.val_files), "filesystem": prepared.filesystem},
+    }
 
 
 def build_trainer(prepared: PreparedFinetune):
@@ -289,26 +344,33 @@ def build_trainer(prepared: PreparedFinetune):
     from pipelines.train_data import build_dataset, store_repeats
 
     config, spec = prepared.config, prepared.spec
-    dataset = build_dataset(prepared.train_files, filesystem=prepared.filesystem, modalities=spec.modalities,
-                            history_columns=spec.task_definition.outcome_columns, seed=config.seed,
-                            repeats=store_repeats(prepared.train_windows, windows_per_step=config.batch_size,
-                                                 steps=config.steps),
-                            readers=config.workers)
+    dataset = build_dataset(
+        prepared.train_files,
+        filesystem=prepared.filesystem,
+        modalities=spec.modalities,
+        history_columns=spec.task_definition.outcome_columns,
+        seed=config.seed,
+        repeats=store_repeats(prepared.train_windows, windows_per_step=config.batch_size, steps=config.steps),
+        readers=config.workers,
+    )
     return TorchTrainer(
         finetune_loop_per_worker,
         train_loop_config=loop_config(prepared),
         torch_config=TorchConfig(backend="nccl" if prepared.on_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=prepared.on_gpu,
-                                     resources_per_worker={"CPU": 1, "GPU": 1} if prepared.on_gpu else {"CPU": 1}),
-        run_config=RunConfig(name=CHECKPOINTS_NAME, storage_path=str(prepared.run_dir),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+        scaling_config=ScalingConfig(
+            num_workers=config.workers,
+            use_gpu=prepared.on_gpu,
+            resources_per_worker={"CPU": 1, "GPU": 1} if prepared.on_gpu else {"CPU": 1},
+        ),
+        run_config=RunConfig(
+            name=CHECKPOINTS_NAME, storage_path=str(prepared.run_dir), checkpoint_config=CheckpointConfig(num_to_keep=2)
+        ),
         datasets={"train": dataset},
         dataset_config=DataConfig(datasets_to_split=["train"]),
     )
 
 
-def finetune(config: FinetuneConfig, *, resume: bool = False, address: str | None = None,
-             mlflow: bool = True) -> dict:
+def finetune(config: FinetuneConfig, *, resume: bool = False, address: str | None = None, mlflow: bool = True) -> dict:
     """Fine-tune, then score on the test subjects; the Python API behind ``s2v finetune``.
 
     Returns the report (also written to ``RUN_DIR/report.json``): test figures of
@@ -323,8 +385,12 @@ def finetune(config: FinetuneConfig, *, resume: bool = False, address: str | Non
     if prepared.resume_from is not None:
         done = json.loads((Path(prepared.resume_from) / "state.json").read_text(encoding="utf-8"))
         if done["step"] >= config.steps or done["stopped_early"]:
-            logger.info("%s already finished (step %d%s); nothing to train", prepared.run_dir, done["step"],
-                        ", stopped early" if done["stopped_early"] else "")
+            logger.info(
+                "%s already finished (step %d%s); nothing to train",
+                prepared.run_dir,
+                done["step"],
+                ", stopped early" if done["stopped_early"] else "",
+            )
             return cleanup(start_mlflow_run(prepared) if mlflow else prepared, Path(prepared.resume_from))
     started_ray = not ray.is_initialized()
     init_ray(address, num_cpus=max(os.cpu_count() or 1, config.workers + 1))
@@ -366,9 +432,18 @@ def baseline_predictions(prepared: PreparedFinetune, target: np.ndarray) -> np.n
     task = prepared.spec.task_definition
     if task.kind in ("binary", "survival"):
         return np.zeros((len(target), 1))
-    values = np.concatenate([batch_targets(task, b).reshape(-1) for b in read_store_batches(
-        list(prepared.train_files), prepared.filesystem, spec=prepared.spec,
-        epochs_per_window=prepared.epochs_per_window, batch_size=256)])
+    values = np.concatenate(
+        [
+            batch_targets(task, b).reshape(-1)
+            for b in read_store_batches(
+                list(prepared.train_files),
+                prepared.filesystem,
+                spec=prepared.spec,
+                epochs_per_window=prepared.epochs_per_window,
+                batch_size=256,
+            )
+        ]
+    )
     if task.kind == "classification":
         known = values[values >= 0].astype(np.int64)
         majority = int(np.bincount(known, minlength=len(task.classes)).argmax()) if known.size else 0
@@ -388,19 +463,36 @@ def cleanup(prepared: PreparedFinetune, checkpoint: Path) -> dict:
     shutil.copytree(checkpoint / BEST_DIR, model_dir)
     model = load_finetuned(model_dir)
     task = model.task
-    batches = read_store_batches(list(prepared.test_files), prepared.filesystem, spec=prepared.spec,
-                                 epochs_per_window=prepared.epochs_per_window, batch_size=prepared.config.batch_size)
+    batches = read_store_batches(
+        list(prepared.test_files),
+        prepared.filesystem,
+        spec=prepared.spec,
+        epochs_per_window=prepared.epochs_per_window,
+        batch_size=prepared.config.batch_size,
+    )
     target, output = predict(model, batches)
     test = task.metrics(target, output)
     baseline = task.metrics(target, baseline_predictions(prepared, target))
-    report = {"task": task.name, "mode": prepared.spec.mode, "head": prepared.spec.head,
-              "modalities": list(prepared.spec.modalities), "protocol": prepared.protocol,
-              "steps": state["step"], "best_step": state["best_step"], "stopped_early": state["stopped_early"],
-              "val": {task.primary[0]: state["best_score"]}, "test": test, "baseline": baseline,
-              "model": str(model_dir)}
+    report = {
+        "task": task.name,
+        "mode": prepared.spec.mode,
+        "head": prepared.spec.head,
+        "modalities": list(prepared.spec.modalities),
+        "protocol": prepared.protocol,
+        "steps": state["step"],
+        "best_step": state["best_step"],
+        "stopped_early": state["stopped_early"],
+        "val": {task.primary[0]: state["best_score"]},
+        "test": test,
+        "baseline": baseline,
+        "model": str(model_dir),
+    }
     # The model directory describes itself: its test figures travel with it.
-    save_finetuned(model, model_dir, extra={"test": {k: v for k, v in test.items() if k != "confusion"},
-                                            "trained_steps": state["step"]})
+    save_finetuned(
+        model,
+        model_dir,
+        extra={"test": {k: v for k, v in test.items() if k != "confusion"}, "trained_steps": state["step"]},
+    )
     if prepared.mlflow:
         from mlflow.tracking import MlflowClient
 
@@ -411,8 +503,11 @@ def cleanup(prepared: PreparedFinetune, checkpoint: Path) -> dict:
                 if isinstance(value, (int, float)) and value is not None and np.isfinite(value):
                     client.log_metric(run_id, f"{prefix}/{key}", float(value))
         client.log_artifacts(run_id, str(model_dir), artifact_path=MODEL_DIR)
-        report["mlflow"] = {"tracking_uri": redact(prepared.mlflow["tracking_uri"]), "run_id": run_id,
-                            "parent_run_id": (prepared.pretrain_run or {}).get("run_id")}
+        report["mlflow"] = {
+            "tracking_uri": redact(prepared.mlflow["tracking_uri"]),
+            "run_id": run_id,
+            "parent_run_id": (prepared.pretrain_run or {}).get("run_id"),
+        }
     (prepared.run_dir / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     if prepared.mlflow:
         client.log_artifact(run_id, str(prepared.run_dir / REPORT_FILE))
@@ -423,12 +518,18 @@ def cleanup(prepared: PreparedFinetune, checkpoint: Path) -> dict:
 # -- CLI --------------------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = FinetuneConfig()
-    parser.add_argument("--checkpoint", required=True,
-                        help="pretrained run dir, checkpoint or encoder directory (the EMA weights when kept)")
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        help="pretrained run dir, checkpoint or encoder directory (the EMA weights when kept)",
+    )
     parser.add_argument("--data", required=True, help="store written by `s2v ingest` (with splits.json)")
     parser.add_argument("--output", required=True, help="local run directory")
-    parser.add_argument("--task", default=defaults.task,
-                        help="staging, staging4, staging3, age, sex, ahi, ahi:COL, outcome:COL, survival:EVENT,TIME")
+    parser.add_argument(
+        "--task",
+        default=defaults.task,
+        help="staging, staging4, staging3, age, sex, ahi, ahi:COL, outcome:COL, survival:EVENT,TIME",
+    )
     parser.add_argument("--mode", default=defaults.mode, choices=("frozen", "lora", "full"))
     parser.add_argument("--head", default=defaults.head, choices=("linear", "mlp", "temporal"))
     parser.add_argument("--steps", type=int, default=defaults.steps)
@@ -438,8 +539,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lora-r", type=int, default=defaults.lora_r)
     parser.add_argument("--lora-alpha", type=int, default=defaults.lora_alpha)
     parser.add_argument("--lora-dropout", type=float, default=defaults.lora_dropout)
-    parser.add_argument("--lora-targets", default=",".join(defaults.lora_targets),
-                        help=f"comma-separated subset of {','.join(LORA_TARGETS)}")
+    parser.add_argument(
+        "--lora-targets",
+        default=",".join(defaults.lora_targets),
+        help=f"comma-separated subset of {','.join(LORA_TARGETS)}",
+    )
     parser.add_argument("--train-tokenizers", action="store_true", help="also train the per-modality tokenizers")
     parser.add_argument("--modality-dropout", type=float, default=defaults.modality_dropout)
     parser.add_argument("--modalities", help=f"comma-separated subset of {','.join(MODALITY_KEYS)}")
@@ -448,8 +552,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every)
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--device", default=defaults.device, choices=("auto", "cpu", "gpu"), help="worker device")
-    parser.add_argument("--transductive", action="store_true",
-                        help="allow an encoder pretrained on the test subjects (or of unknown origin)")
+    parser.add_argument(
+        "--transductive",
+        action="store_true",
+        help="allow an encoder pretrained on the test subjects (or of unknown origin)",
+    )
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output")
     parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a local instance)")
 
@@ -468,8 +575,15 @@ def run(args: argparse.Namespace) -> int:
     """CLI entry: ``s2v finetune …`` → :func:`finetune`; prints the test figures as one JSON line."""
     config = config_from_args(args)
     report = finetune(config, resume=args.resume, address=args.address)
-    print(json.dumps({"model": report["model"], "task": report["task"], "mode": report["mode"],
-                      "test": {k: v for k, v in report["test"].items() if k not in ("confusion", "per_class_f1")},
-                      "baseline": {k: v for k, v in report["baseline"].items()
-                                   if k not in ("confusion", "per_class_f1")}}))
+    print(
+        json.dumps(
+            {
+                "model": report["model"],
+                "task": report["task"],
+                "mode": report["mode"],
+                "test": {k: v for k, v in report["test"].items() if k not in ("confusion", "per_class_f1")},
+                "baseline": {k: v for k, v in report["baseline"].items() if k not in ("confusion", "per_class_f1")},
+            }
+        )
+    )
     return 0

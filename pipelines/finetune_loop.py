@@ -53,16 +53,21 @@ def checkpoint_dir_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
-def read_store_batches(files: list[str], filesystem: Any, *, spec: FinetuneSpec, epochs_per_window: int,
-                       batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+def read_store_batches(
+    files: list[str], filesystem: Any, *, spec: FinetuneSpec, epochs_per_window: int, batch_size: int
+) -> Iterator[dict[str, np.ndarray]]:
     """Numpy batches (:func:`s2v_core.store.table_to_batch`) of every usable window of ``files``, in order."""
     task = spec.task_definition
     columns = training_columns(spec.modalities, task.outcome_columns)
     for path in files:
         table = keep_windows_with(pq.read_table(str(path), columns=columns, filesystem=filesystem), spec.modalities)
         for start in range(0, table.num_rows, batch_size):
-            yield table_to_batch(table.slice(start, batch_size), modalities=spec.modalities,
-                                 epochs_per_window=epochs_per_window, history_columns=task.outcome_columns)
+            yield table_to_batch(
+                table.slice(start, batch_size),
+                modalities=spec.modalities,
+                epochs_per_window=epochs_per_window,
+                history_columns=task.outcome_columns,
+            )
 
 
 def score(model: FineTunedModel, batches) -> dict:
@@ -78,29 +83,43 @@ def _log_metrics(mlflow: dict | None, metrics: dict[str, float], step: int) -> N
     from mlflow.tracking import MlflowClient
 
     now = int(time.time() * 1000)
-    rows = [Metric(k, float(v), now, step) for k, v in metrics.items()
-            if isinstance(v, (int, float)) and math.isfinite(v)]
+    rows = [
+        Metric(k, float(v), now, step) for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)
+    ]
     if rows:
         MlflowClient(tracking_uri=mlflow["tracking_uri"]).log_batch(mlflow["run_id"], metrics=rows)
 
 
-def _save_checkpoint(model: FineTunedModel, optimizer: torch.optim.Optimizer, best_state: dict | None,
-                     state: dict, config: dict, *, rank: int, world_size: int) -> None:
+def _save_checkpoint(
+    model: FineTunedModel,
+    optimizer: torch.optim.Optimizer,
+    best_state: dict | None,
+    state: dict,
+    config: dict,
+    *,
+    rank: int,
+    world_size: int,
+) -> None:
     """Rank 0 writes the checkpoint → barrier → every rank reports it (Ray keeps rank 0's directory)."""
     import ray.train
     import torch.distributed as dist
 
     with tempfile.TemporaryDirectory(prefix="s2v-finetune-") as directory:
         if rank == 0:
-            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "best": best_state},
-                       Path(directory) / TRAINING_FILE)
+            torch.save(
+                {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "best": best_state},
+                Path(directory) / TRAINING_FILE,
+            )
             best = _model_from(config, best_state) if best_state is not None else model
             save_finetuned(best, Path(directory) / BEST_DIR, extra={"step": state["best_step"] or state["step"]})
             (Path(directory) / FINETUNE_STATE_FILE).write_text(json.dumps(state, indent=1) + "\n", encoding="utf-8")
         if world_size > 1:
             dist.barrier()
-        ray.train.report(state["metrics"], checkpoint=ray.train.Checkpoint.from_directory(directory) if rank == 0
-                         else None, checkpoint_dir_name=checkpoint_dir_name(state["step"]))
+        ray.train.report(
+            state["metrics"],
+            checkpoint=ray.train.Checkpoint.from_directory(directory) if rank == 0 else None,
+            checkpoint_dir_name=checkpoint_dir_name(state["step"]),
+        )
 
 
 def _model_from(config: dict, weights: dict | None = None) -> FineTunedModel:
@@ -116,8 +135,9 @@ def finetune_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
 
     rank = ray.train.get_context().get_world_rank()
-    monitor = start_system_metrics(config.get("mlflow") if rank == 0 else None,
-                                   resumed=ray.train.get_checkpoint() is not None)
+    monitor = start_system_metrics(
+        config.get("mlflow") if rank == 0 else None, resumed=ray.train.get_checkpoint() is not None
+    )
     try:
         _finetune(config)
     finally:
@@ -140,8 +160,17 @@ def _finetune(config: dict[str, Any]) -> None:
     model = _model_from(config).to(device)
     task, spec = model.task, model.spec
     optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    state = {"format": CHECKPOINT_FORMAT, "step": 0, "epoch": 0, "batches_in_epoch": 0, "best_score": None,
-             "best_step": None, "evals_without_gain": 0, "stopped_early": False, "metrics": {}}
+    state = {
+        "format": CHECKPOINT_FORMAT,
+        "step": 0,
+        "epoch": 0,
+        "batches_in_epoch": 0,
+        "best_score": None,
+        "best_step": None,
+        "evals_without_gain": 0,
+        "stopped_early": False,
+        "metrics": {},
+    }
     best_state = None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None and config.get("resume_from"):
@@ -155,8 +184,9 @@ def _finetune(config: dict[str, Any]) -> None:
         best_state = saved["best"]
         logger.info("rank %d resumed at step %d", rank, state["step"])
     torch.manual_seed(cfg.seed * 1_000_003 + rank * 7919 + state["step"])
-    ddp = ray.train.torch.prepare_model(model, move_to_device=False,
-                                        parallel_strategy_kwargs={"find_unused_parameters": True})
+    ddp = ray.train.torch.prepare_model(
+        model, move_to_device=False, parallel_strategy_kwargs={"find_unused_parameters": True}
+    )
     validation = config.get("validation") or {}
     val_files = list(validation.get("files") or []) if rank == 0 else []
     metric_name, sign = task.primary
@@ -166,14 +196,22 @@ def _finetune(config: dict[str, Any]) -> None:
     stop = state["step"] >= cfg.steps or state["stopped_early"]
     while not stop:
         consumed, skip = 0, state["batches_in_epoch"]
-        for table in shard.iter_batches(batch_size=per_worker, batch_format="pyarrow", drop_last=True,
-                                        local_shuffle_buffer_size=4 * per_worker,
-                                        local_shuffle_seed=cfg.seed + 7919 * state["epoch"] + rank):
+        for table in shard.iter_batches(
+            batch_size=per_worker,
+            batch_format="pyarrow",
+            drop_last=True,
+            local_shuffle_buffer_size=4 * per_worker,
+            local_shuffle_seed=cfg.seed + 7919 * state["epoch"] + rank,
+        ):
             consumed += 1
             if consumed <= skip:
                 continue  # trained on before the checkpoint this run resumed from
-            np_batch = table_to_batch(table, modalities=spec.modalities, epochs_per_window=epochs_per_window,
-                                      history_columns=task.outcome_columns)
+            np_batch = table_to_batch(
+                table,
+                modalities=spec.modalities,
+                epochs_per_window=epochs_per_window,
+                history_columns=task.outcome_columns,
+            )
             target = torch.from_numpy(batch_targets(task, np_batch)).to(device)
             loss = task.loss(ddp(batch_to_tensors(np_batch, device)), target)
             optimizer.zero_grad(set_to_none=True)
@@ -186,20 +224,36 @@ def _finetune(config: dict[str, Any]) -> None:
             if evaluate_now:
                 metrics = {"loss": float(loss.detach())}
                 if rank == 0 and val_files:
-                    figures = score(model, read_store_batches(val_files, validation.get("filesystem"), spec=spec,
-                                                              epochs_per_window=epochs_per_window,
-                                                              batch_size=cfg.batch_size))
+                    figures = score(
+                        model,
+                        read_store_batches(
+                            val_files,
+                            validation.get("filesystem"),
+                            spec=spec,
+                            epochs_per_window=epochs_per_window,
+                            batch_size=cfg.batch_size,
+                        ),
+                    )
                     value = figures.get(metric_name)
                     metrics.update({f"val/{k}": v for k, v in figures.items() if isinstance(v, (int, float))})
-                    gained = value is not None and (state["best_score"] is None
-                                                    or sign * value > sign * state["best_score"])
+                    gained = value is not None and (
+                        state["best_score"] is None or sign * value > sign * state["best_score"]
+                    )
                     if gained:
                         state.update(best_score=float(value), best_step=step, evals_without_gain=0)
                         best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
                     else:
                         state["evals_without_gain"] += 1
-                    logger.info("step %d/%d loss %.4f val %s %s (best %s at step %s)", step, cfg.steps,
-                                metrics["loss"], metric_name, value, state["best_score"], state["best_step"])
+                    logger.info(
+                        "step %d/%d loss %.4f val %s %s (best %s at step %s)",
+                        step,
+                        cfg.steps,
+                        metrics["loss"],
+                        metric_name,
+                        value,
+                        state["best_score"],
+                        state["best_step"],
+                    )
                 state["stopped_early"] = bool(val_files) and state["evals_without_gain"] >= cfg.patience
                 state["metrics"] = metrics
                 if rank == 0:
@@ -210,8 +264,10 @@ def _finetune(config: dict[str, Any]) -> None:
             if stop:
                 break
         if consumed == 0:
-            raise RuntimeError(f"worker {rank}: the train shard yielded no batch of {per_worker} windows; "
-                               "the store has fewer training windows than --batch-size needs")
+            raise RuntimeError(
+                f"worker {rank}: the train shard yielded no batch of {per_worker} windows; "
+                "the store has fewer training windows than --batch-size needs"
+            )
         if not stop:
             state["epoch"] += 1
             state["batches_in_epoch"] = 0

@@ -43,11 +43,22 @@ from dataclasses import dataclass
 import pyarrow.fs as pafs
 
 from pipelines.ingest_plan import IngestLimits, Plan, Task, plan
-from pipelines.ingest_store import (check_settings, delete_file, erase_unlisted, remove_stale_temporaries,
-                                    write_link_table)
+from pipelines.ingest_store import (
+    check_settings,
+    delete_file,
+    erase_unlisted,
+    remove_stale_temporaries,
+    write_link_table,
+)
 from pipelines.ingest_task import TESTING_SIGKILL_ENV, ingest_one, remove_orphaned_copies
-from pipelines.manifest import (MANIFEST_NAME, ManifestEntry, ManifestWriter, read_manifest, recording_file,
-                                rewrite_manifest)
+from pipelines.manifest import (
+    MANIFEST_NAME,
+    ManifestEntry,
+    ManifestWriter,
+    read_manifest,
+    recording_file,
+    rewrite_manifest,
+)
 from pipelines.runtime import file_type, init_ray, join, mlflow_experiment, read_text, redact
 from pipelines.store_lease import store_lease
 from s2v_core.io.discovery import SiteListing, discover_site, find_sites, resolve
@@ -115,14 +126,15 @@ def _memory_class(bytes_needed: int, ceiling: float) -> int:
 def _died(task: Task, limits: IngestLimits) -> ManifestEntry:
     entry = task.entry
     hours = "an unread header" if entry.declared_hours is None else f"a header declaring {entry.declared_hours:g} h"
-    entry.reason = (f"file {entry.file_id}: the worker decoding it died {limits.task_retries + 1} times (killed by "
-                    "the system, e.g. out of memory, or a crash inside a reader); "
-                    f"{(entry.size_bytes or 0) / _MIB:.1f} MiB, {hours}; not retried again")
+    entry.reason = (
+        f"file {entry.file_id}: the worker decoding it died {limits.task_retries + 1} times (killed by "
+        "the system, e.g. out of memory, or a crash inside a reader); "
+        f"{(entry.size_bytes or 0) / _MIB:.1f} MiB, {hours}; not retried again"
+    )
     return entry
 
 
-def run_tasks(tasks: list[Task], *, output: str, epochs_per_window: int, limits: IngestLimits,
-              workers: int | None):
+def run_tasks(tasks: list[Task], *, output: str, epochs_per_window: int, limits: IngestLimits, workers: int | None):
     """Decode ``tasks`` with Ray Data; yield ``(task, manifest line, peak worker RSS MiB)`` as they finish.
 
     Each task reserves its estimated memory (rounded to a class; one Ray Data
@@ -138,8 +150,10 @@ def run_tasks(tasks: list[Task], *, output: str, epochs_per_window: int, limits:
     runnable = []
     for task in tasks:
         if ceiling and task.memory_bytes > ceiling:
-            task.entry.reason = (f"file {task.entry.file_id}: decoding needs about {task.memory_bytes / (1 << 30):.1f} "
-                                 f"GiB, more than the largest Ray node offers ({ceiling / (1 << 30):.1f} GiB)")
+            task.entry.reason = (
+                f"file {task.entry.file_id}: decoding needs about {task.memory_bytes / (1 << 30):.1f} "
+                f"GiB, more than the largest Ray node offers ({ceiling / (1 << 30):.1f} GiB)"
+            )
             yield task, task.entry, 0.0
         else:
             runnable.append(task)
@@ -163,11 +177,20 @@ def run_tasks(tasks: list[Task], *, output: str, epochs_per_window: int, limits:
                 # form is deprecated for 2.64 (tests/test_ingest_lifecycle.py notices when
                 # the limit stops holding).
                 warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
-                datasets.append(ray.data.from_items(items, override_num_blocks=len(items)).map(
-                    ingest_one, fn_kwargs={"output": output, "epochs_per_window": epochs_per_window,
-                                           "testing_sigkill_source": os.environ.get(TESTING_SIGKILL_ENV)},
-                    num_cpus=1, memory=memory, compute=ray.data.TaskPoolStrategy(size=workers),
-                    max_retries=limits.task_retries))
+                datasets.append(
+                    ray.data.from_items(items, override_num_blocks=len(items)).map(
+                        ingest_one,
+                        fn_kwargs={
+                            "output": output,
+                            "epochs_per_window": epochs_per_window,
+                            "testing_sigkill_source": os.environ.get(TESTING_SIGKILL_ENV),
+                        },
+                        num_cpus=1,
+                        memory=memory,
+                        compute=ray.data.TaskPoolStrategy(size=workers),
+                        max_retries=limits.task_retries,
+                    )
+                )
         dataset = datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
         for row in dataset.iter_rows():
             entry = ManifestEntry.from_json(row["entry"])
@@ -257,21 +280,31 @@ def ingest(
     started = time.perf_counter()
     identities = Identities(load_pseudonym_key(pseudonym_key_file), mode=ids)
     if ids == "original":
-        logger.warning("--ids original: the store keeps the sites' own recording and subject keys; use this only "
-                       "when those keys are already pseudonymous (they must not be names, dates or hospital numbers)")
+        logger.warning(
+            "--ids original: the store keeps the sites' own recording and subject keys; use this only "
+            "when those keys are already pseudonymous (they must not be names, dates or hospital numbers)"
+        )
     sites = discover(inputs, site_config=site_config, identities=identities)  # config errors before the store
     fs, root = resolve(output)
     fs.create_dir(root, recursive=True)
     summary_store, manifest = redact(output), redact(join(output, MANIFEST_NAME))
     with store_lease(fs, root, store=summary_store) as run_id:
         previous = read_manifest(fs, root)
-        check_settings(fs, root, output=output, identities=identities, epochs_per_window=epochs_per_window,
-                        previous=previous)
+        check_settings(
+            fs, root, output=output, identities=identities, epochs_per_window=epochs_per_window, previous=previous
+        )
         remove_stale_temporaries(fs, root)
 
         # plan
-        decided: Plan = plan(sites, previous=previous, identities=identities, limits=limits,
-                             epochs_per_window=epochs_per_window, prune=prune, store=(fs, root))
+        decided: Plan = plan(
+            sites,
+            previous=previous,
+            identities=identities,
+            limits=limits,
+            epochs_per_window=epochs_per_window,
+            prune=prune,
+            store=(fs, root),
+        )
         if link_table:
             written = write_link_table(link_table, [row for listing in sites for row in listing.links], store=output)
             logger.info("link table (restricted, mode 0600): %s", written)
@@ -284,14 +317,31 @@ def ingest(
             for entry in decided.rejected:
                 logger.warning("quarantined: %s", entry.reason)
                 writer.append(entry)
-            logger.info("%d recordings to decode, %d skipped (unchanged, already in the store), %d quarantined "
-                        "before decoding, %d withdrawn", len(decided.tasks), decided.skipped, len(decided.rejected),
-                        len(decided.withdrawn))
+            logger.info(
+                "%d recordings to decode, %d skipped (unchanged, already in the store), %d quarantined "
+                "before decoding, %d withdrawn",
+                len(decided.tasks),
+                decided.skipped,
+                len(decided.rejected),
+                len(decided.withdrawn),
+            )
             if decided.stale:
-                logger.warning("%d recordings in the store have no input any more; `s2v ingest --prune` erases them",
-                               len(decided.stale))
-            counts = _run(decided.tasks, writer, fs=fs, root=root, output=output, epochs_per_window=epochs_per_window,
-                          limits=limits, workers=workers, address=address, num_cpus=num_cpus)
+                logger.warning(
+                    "%d recordings in the store have no input any more; `s2v ingest --prune` erases them",
+                    len(decided.stale),
+                )
+            counts = _run(
+                decided.tasks,
+                writer,
+                fs=fs,
+                root=root,
+                output=output,
+                epochs_per_window=epochs_per_window,
+                limits=limits,
+                workers=workers,
+                address=address,
+                num_cpus=num_cpus,
+            )
         finally:
             writer.close()
         # cleanup
@@ -300,26 +350,50 @@ def ingest(
             if erased:
                 logger.info("--prune: erased %d windows files that no manifest line points at", erased)
     ok, windows, quarantined, peak_rss_mb = counts
-    summary = IngestSummary(store=summary_store, manifest=manifest, ok=ok,
-                            quarantined=quarantined + len(decided.rejected), skipped=decided.skipped,
-                            windows=windows, peak_worker_rss_mb=peak_rss_mb, withdrawn=len(decided.withdrawn),
-                            stale=len(decided.stale))
+    summary = IngestSummary(
+        store=summary_store,
+        manifest=manifest,
+        ok=ok,
+        quarantined=quarantined + len(decided.rejected),
+        skipped=decided.skipped,
+        windows=windows,
+        peak_worker_rss_mb=peak_rss_mb,
+        withdrawn=len(decided.withdrawn),
+        stale=len(decided.stale),
+    )
     if ok + decided.skipped:
         # Every subject gets a split the moment the store has nights (s2v_core.splits):
         # later nights and sites never move the subjects already assigned.
         ensure_splits(output)
     tracking_uri = mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if tracking_uri:
-        run_mlflow = _log_mlflow(tracking_uri, summary, inputs=inputs, epochs_per_window=epochs_per_window,
-                                 workers=workers, seconds=time.perf_counter() - started, identities=identities,
-                                 manifest_location=join(output, MANIFEST_NAME))
+        run_mlflow = _log_mlflow(
+            tracking_uri,
+            summary,
+            inputs=inputs,
+            epochs_per_window=epochs_per_window,
+            workers=workers,
+            seconds=time.perf_counter() - started,
+            identities=identities,
+            manifest_location=join(output, MANIFEST_NAME),
+        )
         logger.info("MLflow run %s at %s", run_mlflow, redact(tracking_uri))
     return summary
 
 
-def _run(tasks: list[Task], writer: ManifestWriter, *, fs: pafs.FileSystem, root: str, output: str,
-         epochs_per_window: int, limits: IngestLimits, workers: int | None, address: str | None,
-         num_cpus: int | None) -> tuple[int, int, int, float]:
+def _run(
+    tasks: list[Task],
+    writer: ManifestWriter,
+    *,
+    fs: pafs.FileSystem,
+    root: str,
+    output: str,
+    epochs_per_window: int,
+    limits: IngestLimits,
+    workers: int | None,
+    address: str | None,
+    num_cpus: int | None,
+) -> tuple[int, int, int, float]:
     """Decode ``tasks`` on Ray, append their manifest lines; return ``(ok, windows, quarantined, peak RSS MiB)``."""
     ok = windows = quarantined = 0
     peak_rss_mb = 0.0
@@ -330,8 +404,7 @@ def _run(tasks: list[Task], writer: ManifestWriter, *, fs: pafs.FileSystem, root
     started_here = not ray.is_initialized()
     init_ray(address, num_cpus=num_cpus)
     try:
-        results = run_tasks(tasks, output=output, epochs_per_window=epochs_per_window, limits=limits,
-                            workers=workers)
+        results = run_tasks(tasks, output=output, epochs_per_window=epochs_per_window, limits=limits, workers=workers)
         for done, (task, entry, rss_mb) in enumerate(results, start=1):
             peak_rss_mb = max(peak_rss_mb, rss_mb)
             if entry.status != "ok" and task.replaces:
@@ -340,8 +413,15 @@ def _run(tasks: list[Task], writer: ManifestWriter, *, fs: pafs.FileSystem, root
             writer.append(entry)  # after the file is in place (ingest_one renamed it)
             if entry.status == "ok":
                 ok, windows = ok + 1, windows + entry.windows
-                logger.info("[%d/%d] %s/%s: %d windows, %s", done, len(tasks), entry.site, entry.recording_id,
-                            entry.windows, ",".join(entry.modalities))
+                logger.info(
+                    "[%d/%d] %s/%s: %d windows, %s",
+                    done,
+                    len(tasks),
+                    entry.site,
+                    entry.recording_id,
+                    entry.windows,
+                    ",".join(entry.modalities),
+                )
                 if entry.reason:
                     logger.warning("%s/%s: %s", entry.site, entry.recording_id, entry.reason)
             else:
@@ -353,8 +433,17 @@ def _run(tasks: list[Task], writer: ManifestWriter, *, fs: pafs.FileSystem, root
     return ok, windows, quarantined, peak_rss_mb
 
 
-def _log_mlflow(uri: str, summary: IngestSummary, *, inputs: list[str], epochs_per_window: int,
-                workers: int | None, seconds: float, identities: Identities, manifest_location: str) -> str:
+def _log_mlflow(
+    uri: str,
+    summary: IngestSummary,
+    *,
+    inputs: list[str],
+    epochs_per_window: int,
+    workers: int | None,
+    seconds: float,
+    identities: Identities,
+    manifest_location: str,
+) -> str:
     """Log one ingest run (counts, throughput, the manifest) to MLflow; return the run id.
 
     Only counts, redacted locations and the manifest are logged: the manifest
@@ -364,17 +453,29 @@ def _log_mlflow(uri: str, summary: IngestSummary, *, inputs: list[str], epochs_p
 
     client = MlflowClient(tracking_uri=uri)
     run_id = client.create_run(mlflow_experiment(client, uri, MLFLOW_EXPERIMENT), run_name="ingest").info.run_id
-    params = {"inputs": ",".join(redact(i) for i in inputs), "output": summary.store,
-              "epochs_per_window": epochs_per_window, "workers": workers or "auto", "ids": identities.mode,
-              "pseudonym_key_check": identities.key.check_value()}
+    params = {
+        "inputs": ",".join(redact(i) for i in inputs),
+        "output": summary.store,
+        "epochs_per_window": epochs_per_window,
+        "workers": workers or "auto",
+        "ids": identities.mode,
+        "pseudonym_key_check": identities.key.check_value(),
+    }
     for name, value in params.items():
         client.log_param(run_id, name, value)
     hours = summary.windows * epochs_per_window * EPOCH_SECONDS / 3600
-    metrics = {"ok": summary.ok, "quarantined": summary.quarantined, "skipped": summary.skipped,
-               "windows": summary.windows, "recording_hours": hours, "seconds": seconds,
-               "hours_per_s": hours / seconds if seconds > 0 else 0.0,
-               "peak_worker_rss_mb": summary.peak_worker_rss_mb, "withdrawn": summary.withdrawn,
-               "stale": summary.stale}
+    metrics = {
+        "ok": summary.ok,
+        "quarantined": summary.quarantined,
+        "skipped": summary.skipped,
+        "windows": summary.windows,
+        "recording_hours": hours,
+        "seconds": seconds,
+        "hours_per_s": hours / seconds if seconds > 0 else 0.0,
+        "peak_worker_rss_mb": summary.peak_worker_rss_mb,
+        "withdrawn": summary.withdrawn,
+        "stale": summary.stale,
+    }
     for name, value in metrics.items():
         client.log_metric(run_id, name, float(value))
     if file_type(manifest_location) == pafs.FileType.File:
@@ -386,28 +487,58 @@ def _log_mlflow(uri: str, summary: IngestSummary, *, inputs: list[str], epochs_p
 # -- CLI --------------------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = IngestLimits()
-    parser.add_argument("--input", action="append", required=True, metavar="DIR",
-                        help="site directory or parent of site directories (repeatable; path or URI)")
+    parser.add_argument(
+        "--input",
+        action="append",
+        required=True,
+        metavar="DIR",
+        help="site directory or parent of site directories (repeatable; path or URI)",
+    )
     parser.add_argument("--output", required=True, metavar="STORE", help="store root (path or URI)")
     parser.add_argument("--site-config", metavar="FILE", help="site config overriding the input's site.toml")
     parser.add_argument("--epochs-per-window", type=int, default=10, help="30-s epochs per store row (default 10)")
-    parser.add_argument("--ids", choices=ID_MODES, default="pseudonymous",
-                        help="store ids: keyed hashes of the sites' keys (default), or the keys themselves when "
-                             "they are already pseudonymous (e.g. NSRR ids)")
-    parser.add_argument("--pseudonym-key-file", metavar="FILE",
-                        help="file holding the pseudonym key (default: S2V_PSEUDONYM_KEY, else a key generated once "
-                             "in ~/.config/sleep2vec/pseudonym.key)")
-    parser.add_argument("--link-table", metavar="FILE",
-                        help="write the table from files and site keys to store ids here (outside the store, "
-                             "mode 0600); it re-identifies the store, keep it private")
-    parser.add_argument("--prune", action="store_true",
-                        help="erase recordings whose input is gone (windows deleted, manifest line 'withdrawn')")
-    parser.add_argument("--task-retries", type=int, default=defaults.task_retries,
-                        help=f"retries of a recording whose worker died (default {defaults.task_retries})")
-    parser.add_argument("--max-hours", type=float, default=defaults.max_hours,
-                        help=f"quarantine recordings declaring more hours than this (default {defaults.max_hours:g})")
-    parser.add_argument("--max-file-gib", type=float, default=defaults.max_file_gib,
-                        help=f"quarantine signal files larger than this (default {defaults.max_file_gib:g} GiB)")
+    parser.add_argument(
+        "--ids",
+        choices=ID_MODES,
+        default="pseudonymous",
+        help="store ids: keyed hashes of the sites' keys (default), or the keys themselves when "
+        "they are already pseudonymous (e.g. NSRR ids)",
+    )
+    parser.add_argument(
+        "--pseudonym-key-file",
+        metavar="FILE",
+        help="file holding the pseudonym key (default: S2V_PSEUDONYM_KEY, else a key generated once "
+        "in ~/.config/sleep2vec/pseudonym.key)",
+    )
+    parser.add_argument(
+        "--link-table",
+        metavar="FILE",
+        help="write the table from files and site keys to store ids here (outside the store, "
+        "mode 0600); it re-identifies the store, keep it private",
+    )
+    parser.add_argument(
+        "--prune",
+        action="store_true",
+        help="erase recordings whose input is gone (windows deleted, manifest line 'withdrawn')",
+    )
+    parser.add_argument(
+        "--task-retries",
+        type=int,
+        default=defaults.task_retries,
+        help=f"retries of a recording whose worker died (default {defaults.task_retries})",
+    )
+    parser.add_argument(
+        "--max-hours",
+        type=float,
+        default=defaults.max_hours,
+        help=f"quarantine recordings declaring more hours than this (default {defaults.max_hours:g})",
+    )
+    parser.add_argument(
+        "--max-file-gib",
+        type=float,
+        default=defaults.max_file_gib,
+        help=f"quarantine signal files larger than this (default {defaults.max_file_gib:g} GiB)",
+    )
     parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     parser.add_argument("--num-cpus", type=int, help="CPUs of a local Ray (default: all cores)")
     parser.add_argument("--workers", type=int, help="recordings decoded at the same time (default: Ray CPUs)")
@@ -416,15 +547,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     limits = IngestLimits(task_retries=args.task_retries, max_hours=args.max_hours, max_file_gib=args.max_file_gib)
-    summary = ingest(args.input, args.output, site_config=args.site_config,
-                     epochs_per_window=args.epochs_per_window, address=args.address,
-                     num_cpus=args.num_cpus, workers=args.workers, mlflow_tracking_uri=args.mlflow_uri,
-                     ids=args.ids, pseudonym_key_file=args.pseudonym_key_file, link_table=args.link_table,
-                     prune=args.prune, limits=limits)
-    print(f"ingested {summary.ok} recordings ({summary.windows} windows), "
-          f"quarantined {summary.quarantined}, skipped {summary.skipped} already in the store"
-          + (f", withdrew {summary.withdrawn}" if summary.withdrawn else "")
-          + (f"; {summary.stale} in the store have no input any more (--prune erases them)" if summary.stale else ""))
+    summary = ingest(
+        args.input,
+        args.output,
+        site_config=args.site_config,
+        epochs_per_window=args.epochs_per_window,
+        address=args.address,
+        num_cpus=args.num_cpus,
+        workers=args.workers,
+        mlflow_tracking_uri=args.mlflow_uri,
+        ids=args.ids,
+        pseudonym_key_file=args.pseudonym_key_file,
+        link_table=args.link_table,
+        prune=args.prune,
+        limits=limits,
+    )
+    print(
+        f"ingested {summary.ok} recordings ({summary.windows} windows), "
+        f"quarantined {summary.quarantined}, skipped {summary.skipped} already in the store"
+        + (f", withdrew {summary.withdrawn}" if summary.withdrawn else "")
+        + (f"; {summary.stale} in the store have no input any more (--prune erases them)" if summary.stale else "")
+    )
     print(f"store:    {summary.store}")
     print(f"manifest: {summary.manifest}")
     if summary.quarantined and not args.link_table:

@@ -133,10 +133,14 @@ def inspect_signal(source: RecordingSource, identities: Identities) -> SignalFac
     except OSError as exc:
         return SignalFacts(problem=f"file {source.file_id}: cannot be read ({type(exc).__name__})")
     header = layout.header
-    rates = [c.sample_rate_hz for c in header.channels
-             if math.isfinite(c.sample_rate_hz) and PLAUSIBLE_RATE_HZ[0] <= c.sample_rate_hz <= PLAUSIBLE_RATE_HZ[1]]
-    return SignalFacts(content_hash=content_hash, seconds=header.duration_seconds,
-                       max_rate_hz=max(rates) if rates else None)
+    rates = [
+        c.sample_rate_hz
+        for c in header.channels
+        if math.isfinite(c.sample_rate_hz) and PLAUSIBLE_RATE_HZ[0] <= c.sample_rate_hz <= PLAUSIBLE_RATE_HZ[1]
+    ]
+    return SignalFacts(
+        content_hash=content_hash, seconds=header.duration_seconds, max_rate_hz=max(rates) if rates else None
+    )
 
 
 def _small_file_hash(uri: str | None, identities: Identities) -> str | None:
@@ -151,24 +155,44 @@ def _small_file_hash(uri: str | None, identities: Identities) -> str | None:
 
 def inputs_hash(source: RecordingSource, facts: SignalFacts, identities: Identities, epochs_per_window: int) -> str:
     """A keyed hash of everything that decides a recording's windows."""
-    return identities.digest(json.dumps({
-        "decoder": DECODER_VERSION, "signal": facts.content_hash or f"size:{source.size_bytes}",
-        "hypnogram": _small_file_hash(source.hypnogram_uri, identities), "problem": source.hypnogram_problem,
-        "metadata": asdict(source.metadata), "site": to_mapping(source.site), "ids": identities.mode,
-        "epochs_per_window": epochs_per_window,
-    }, sort_keys=True, default=str))
+    return identities.digest(
+        json.dumps(
+            {
+                "decoder": DECODER_VERSION,
+                "signal": facts.content_hash or f"size:{source.size_bytes}",
+                "hypnogram": _small_file_hash(source.hypnogram_uri, identities),
+                "problem": source.hypnogram_problem,
+                "metadata": asdict(source.metadata),
+                "site": to_mapping(source.site),
+                "ids": identities.mode,
+                "epochs_per_window": epochs_per_window,
+            },
+            sort_keys=True,
+            default=str,
+        )
+    )
 
 
 def _prefer(candidate: tuple[RecordingSource, ManifestEntry, SignalFacts]) -> tuple:
     # Among duplicates keep the copy that has a hypnogram and a metadata row, then the first by path.
     source = candidate[0]
-    return source.hypnogram is None, source.metadata == RecordingMetadata(subject_id=source.metadata.subject_id), \
-        source.source
+    return (
+        source.hypnogram is None,
+        source.metadata == RecordingMetadata(subject_id=source.metadata.subject_id),
+        source.source,
+    )
 
 
-def plan(sites: list[SiteListing], *, previous: list[ManifestEntry], identities: Identities,
-         limits: IngestLimits = IngestLimits(), epochs_per_window: int = 10, prune: bool = False,
-         store: tuple[pafs.FileSystem, str] | None = None) -> Plan:
+def plan(
+    sites: list[SiteListing],
+    *,
+    previous: list[ManifestEntry],
+    identities: Identities,
+    limits: IngestLimits = IngestLimits(),
+    epochs_per_window: int = 10,
+    prune: bool = False,
+    store: tuple[pafs.FileSystem, str] | None = None,
+) -> Plan:
     """Decide what this run decodes, skips, refuses and erases (see the module docstring).
 
     Parameters
@@ -215,14 +239,25 @@ def plan(sites: list[SiteListing], *, previous: list[ManifestEntry], identities:
             discovered.add((site, source.recording_id))
             facts = inspect_signal(source, identities)
             entry = ManifestEntry(
-                recording_id=source.recording_id, site=site, file_id=source.file_id, status="quarantined",
-                content_hash=facts.content_hash, inputs_hash=inputs_hash(source, facts, identities, epochs_per_window),
-                subject_id=source.metadata.subject_id, size_bytes=source.size_bytes,
+                recording_id=source.recording_id,
+                site=site,
+                file_id=source.file_id,
+                status="quarantined",
+                content_hash=facts.content_hash,
+                inputs_hash=inputs_hash(source, facts, identities, epochs_per_window),
+                subject_id=source.metadata.subject_id,
+                size_bytes=source.size_bytes,
                 declared_hours=None if facts.seconds is None else round(facts.seconds / 3600, 3),
-                reason=facts.problem)
+                reason=facts.problem,
+            )
             before = latest.get((site, source.recording_id))
-            if (before is not None and before.status == "ok" and before.inputs_hash == entry.inputs_hash
-                    and (site, source.recording_id) not in seen_ids and file_exists(before)):
+            if (
+                before is not None
+                and before.status == "ok"
+                and before.inputs_hash == entry.inputs_hash
+                and (site, source.recording_id) not in seen_ids
+                and file_exists(before)
+            ):
                 result.kept.append(before)
                 result.skipped += 1
                 seen_ids[(site, source.recording_id)] = source.file_id
@@ -230,23 +265,39 @@ def plan(sites: list[SiteListing], *, previous: list[ManifestEntry], identities:
                     seen_hashes[(site, before.content_hash)] = source.file_id
                 continue
             candidates.append((source, entry, facts))
-        result.rejected += [ManifestEntry(recording_id=None, site=f.site, file_id=f.file_id, status="quarantined",
-                                          reason=f"file {f.file_id}: {f.reason}") for f in listing.skipped]
+        result.rejected += [
+            ManifestEntry(
+                recording_id=None,
+                site=f.site,
+                file_id=f.file_id,
+                status="quarantined",
+                reason=f"file {f.file_id}: {f.reason}",
+            )
+            for f in listing.skipped
+        ]
 
     for source, entry, facts in sorted(candidates, key=_prefer):
         site, key = source.site.name, (source.site.name, source.recording_id)
         if entry.reason is None and facts.seconds is not None and facts.seconds > limits.max_hours * 3600:
-            entry.reason = (f"file {source.file_id}: its header declares {facts.seconds / 3600:.3g} h of signal, "
-                            f"more than --max-hours {limits.max_hours:g}; not decoded")
+            entry.reason = (
+                f"file {source.file_id}: its header declares {facts.seconds / 3600:.3g} h of signal, "
+                f"more than --max-hours {limits.max_hours:g}; not decoded"
+            )
         elif entry.reason is None and source.size_bytes > limits.max_file_gib * _GIB:
-            entry.reason = (f"file {source.file_id}: {source.size_bytes / _GIB:.1f} GiB, more than "
-                            f"--max-file-gib {limits.max_file_gib:g}; not decoded")
+            entry.reason = (
+                f"file {source.file_id}: {source.size_bytes / _GIB:.1f} GiB, more than "
+                f"--max-file-gib {limits.max_file_gib:g}; not decoded"
+            )
         elif entry.reason is None and key in seen_ids:
-            entry.reason = (f"file {source.file_id}: duplicate recording_id {source.recording_id!r} at site "
-                            f"{site!r} (already from file {seen_ids[key]})")
+            entry.reason = (
+                f"file {source.file_id}: duplicate recording_id {source.recording_id!r} at site "
+                f"{site!r} (already from file {seen_ids[key]})"
+            )
         elif entry.reason is None and entry.content_hash and (site, entry.content_hash) in seen_hashes:
-            entry.reason = (f"file {source.file_id}: duplicate recording, same content as file "
-                            f"{seen_hashes[(site, entry.content_hash)]} at site {site!r}")
+            entry.reason = (
+                f"file {source.file_id}: duplicate recording, same content as file "
+                f"{seen_hashes[(site, entry.content_hash)]} at site {site!r}"
+            )
         if entry.reason:
             result.rejected.append(entry)
             continue
@@ -254,9 +305,14 @@ def plan(sites: list[SiteListing], *, previous: list[ManifestEntry], identities:
         if entry.content_hash:
             seen_hashes[(site, entry.content_hash)] = source.file_id
         before = latest.get(key)
-        result.tasks.append(Task(source=source, entry=entry,
-                                 memory_bytes=decode_memory_bytes(facts.seconds, facts.max_rate_hz),
-                                 replaces=before is not None and before.status == "ok"))
+        result.tasks.append(
+            Task(
+                source=source,
+                entry=entry,
+                memory_bytes=decode_memory_bytes(facts.seconds, facts.max_rate_hz),
+                replaces=before is not None and before.status == "ok",
+            )
+        )
 
     for key, entry in latest.items():
         if key in discovered:
@@ -264,10 +320,16 @@ def plan(sites: list[SiteListing], *, previous: list[ManifestEntry], identities:
         if entry.status == "withdrawn":
             result.kept.append(entry)  # the record of an erasure stays
         elif entry.status == "ok" and prune:
-            result.withdrawn.append(ManifestEntry(
-                recording_id=entry.recording_id, site=entry.site, file_id=entry.file_id, status="withdrawn",
-                subject_id=entry.subject_id,
-                reason=f"file {entry.file_id}: input no longer present; windows erased (--prune)"))
+            result.withdrawn.append(
+                ManifestEntry(
+                    recording_id=entry.recording_id,
+                    site=entry.site,
+                    file_id=entry.file_id,
+                    status="withdrawn",
+                    subject_id=entry.subject_id,
+                    reason=f"file {entry.file_id}: input no longer present; windows erased (--prune)",
+                )
+            )
         elif entry.status == "ok":
             result.kept.append(entry)
             result.stale.append(entry)

@@ -32,8 +32,15 @@ SETTINGS_NAME = "ingest.json"
 LINK_COLUMNS = ("site", "kind", "path", "file_id", "recording_key", "recording_id", "subject_key", "subject_id")
 
 
-def check_settings(fs: pafs.FileSystem, root: str, *, output: str, identities: Identities,
-                    epochs_per_window: int, previous: list[ManifestEntry]) -> None:
+def check_settings(
+    fs: pafs.FileSystem,
+    root: str,
+    *,
+    output: str,
+    identities: Identities,
+    epochs_per_window: int,
+    previous: list[ManifestEntry],
+) -> None:
     """Refuse to mix id modes, pseudonym keys or window lengths in one store; record them on first use."""
     wanted = {"ids": identities.mode, "key_check": identities.key.check_value(), "epochs_per_window": epochs_per_window}
     path = f"{root}/{SETTINGS_NAME}"
@@ -41,30 +48,39 @@ def check_settings(fs: pafs.FileSystem, root: str, *, output: str, identities: I
         with fs.open_input_stream(path) as stream:
             found = json.loads(stream.read().decode("utf-8"))
         if found.get("epochs_per_window") != epochs_per_window:
-            raise ValueError(f"--epochs-per-window {epochs_per_window}: the store at {redact(output)} was written "
-                             f"with {found.get('epochs_per_window')}; use {found.get('epochs_per_window')} or a new "
-                             "--output")
+            raise ValueError(
+                f"--epochs-per-window {epochs_per_window}: the store at {redact(output)} was written "
+                f"with {found.get('epochs_per_window')}; use {found.get('epochs_per_window')} or a new "
+                "--output"
+            )
         if found.get("ids") != identities.mode:
-            raise ValueError(f"--ids {identities.mode}: the store at {redact(output)} holds {found.get('ids')} ids; "
-                             f"use --ids {found.get('ids')} or a new --output")
+            raise ValueError(
+                f"--ids {identities.mode}: the store at {redact(output)} holds {found.get('ids')} ids; "
+                f"use --ids {found.get('ids')} or a new --output"
+            )
         if found.get("key_check") != wanted["key_check"]:
             raise ValueError(
                 f"pseudonym key from {identities.key.origin} (check value {wanted['key_check']}): the store at "
                 f"{redact(output)} was written with another key (check value {found.get('key_check')}); the same "
                 "nights would get other ids. Use that key (S2V_PSEUDONYM_KEY or --pseudonym-key-file) or a new "
-                "--output")
+                "--output"
+            )
         return
     finished = [e for e in previous if e.status == "ok" and e.recording_id]
     if finished:
         # A store from before ingest.json: its ids are the sites' own keys.
         if identities.mode != "original":
-            raise ValueError(f"--output {redact(output)}: this store was written before ids were pseudonymised "
-                             "(it has no ingest.json); ingest into a new --output, or pass --ids original")
+            raise ValueError(
+                f"--output {redact(output)}: this store was written before ids were pseudonymised "
+                "(it has no ingest.json); ingest into a new --output, or pass --ids original"
+            )
         with fs.open_input_file(recording_file(root, finished[0].site, finished[0].recording_id)) as handle:
             _, existing = schema_info(pq.read_schema(handle))
         if existing != epochs_per_window:
-            raise ValueError(f"--epochs-per-window {epochs_per_window}: the store at {redact(output)} was written "
-                             f"with {existing}; use {existing} or a new --output")
+            raise ValueError(
+                f"--epochs-per-window {epochs_per_window}: the store at {redact(output)} was written "
+                f"with {existing}; use {existing} or a new --output"
+            )
     with fs.open_output_stream(path) as stream:
         stream.write((json.dumps(wanted, indent=1) + "\n").encode("utf-8"))
 
@@ -88,8 +104,10 @@ def write_link_table(path: str, rows: list[LinkRow], *, store: str) -> Path:
     if not is_uri(store):
         store_root = Path(resolve(store)[1])
         if target == store_root or store_root in target.parents:
-            raise ValueError(f"--link-table {path}: inside the store {store}; it re-identifies the store's ids, "
-                             "so it must live outside the store, where only you can read it")
+            raise ValueError(
+                f"--link-table {path}: inside the store {store}; it re-identifies the store's ids, "
+                "so it must live outside the store, where only you can read it"
+            )
     merged: dict[tuple[str, str, str], dict] = {}
     if target.is_file():
         with open(target, newline="", encoding="utf-8") as handle:
@@ -127,9 +145,12 @@ def erase_unlisted(fs: pafs.FileSystem, root: str, sites: set[str]) -> int:
     for site in sites:
         infos = fs.get_file_info(pafs.FileSelector(f"{root}/site={site}", allow_not_found=True))
         for info in infos:
-            if (info.type == pafs.FileType.File and info.base_name.endswith(".parquet")
-                    and not info.base_name.startswith((".", "_"))
-                    and state.get((site, info.base_name.removesuffix(".parquet"))) != "ok"):
+            if (
+                info.type == pafs.FileType.File
+                and info.base_name.endswith(".parquet")
+                and not info.base_name.startswith((".", "_"))
+                and state.get((site, info.base_name.removesuffix(".parquet"))) != "ok"
+            ):
                 fs.delete_file(info.path)
                 erased += 1
     return erased

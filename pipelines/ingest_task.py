@@ -99,8 +99,9 @@ def file_names(source: RecordingSource, signal: str | None, hypnogram: str | Non
     """Every spelling of the input files a message may contain -> the pseudonymous label that replaces it."""
     names: dict[str, str] = {}
     for label, relative, uri, local in (
-            (f"file {source.file_id}", source.source, source.signal_uri, signal),
-            (f"hypnogram file {source.hypnogram_file_id}", source.hypnogram, source.hypnogram_uri, hypnogram)):
+        (f"file {source.file_id}", source.source, source.signal_uri, signal),
+        (f"hypnogram file {source.hypnogram_file_id}", source.hypnogram, source.hypnogram_uri, hypnogram),
+    ):
         if relative is None:
             continue
         spellings = {relative, posixpath.basename(relative), uri, uri.removeprefix("file://"), resolve(uri)[1]}
@@ -115,8 +116,7 @@ def scrub(text: str, names: dict[str, str]) -> str:
     return text
 
 
-def ingest_one(row: dict, *, output: str, epochs_per_window: int, testing_sigkill_source: str | None = None
-               ) -> dict:
+def ingest_one(row: dict, *, output: str, epochs_per_window: int, testing_sigkill_source: str | None = None) -> dict:
     """Decode one recording and write its Parquet file; return its manifest line.
 
     Runs inside a Ray task. ``row["task"]`` is the pickled
@@ -135,9 +135,15 @@ def ingest_one(row: dict, *, output: str, epochs_per_window: int, testing_sigkil
         with local_copy(source.signal_uri) as signal_path, local_copy(source.hypnogram_uri) as hypnogram:
             names = file_names(source, signal_path, hypnogram)
             decoded = decode_recording(
-                signal_path, recording_id=source.recording_id, site=source.site, metadata=source.metadata,
-                subject_id=source.metadata.subject_id, hypnogram_path=hypnogram,
-                hypnogram_problem=source.hypnogram_problem, epochs_per_window=epochs_per_window)
+                signal_path,
+                recording_id=source.recording_id,
+                site=source.site,
+                metadata=source.metadata,
+                subject_id=source.metadata.subject_id,
+                hypnogram_path=hypnogram,
+                hypnogram_problem=source.hypnogram_problem,
+                epochs_per_window=epochs_per_window,
+            )
         write_atomically(decoded.table, output, source.site.name, source.recording_id)
         entry.status, entry.windows = "ok", decoded.windows
         entry.modalities, entry.channels = list(decoded.modalities), decoded.channels

@@ -66,7 +66,7 @@ class ManifestEntry:
         return json.dumps(asdict(self), ensure_ascii=False, sort_keys=False)
 
     @classmethod
-    def from_json(cls, line: str) -> "ManifestEntry":
+    def from_json(cls, line: str) -> ManifestEntry:
         # Unknown keys are ignored: a manifest from before ids were pseudonymised has a
         # "source" path, which is dropped the next time the manifest is rewritten.
         data = json.loads(line)
@@ -133,8 +133,9 @@ class ManifestWriter:
         Lines buffered per part (object stores).
     """
 
-    def __init__(self, fs: pafs.FileSystem, store_root: str, *, run_id: str | None = None,
-                 lines_per_part: int = LINES_PER_PART) -> None:
+    def __init__(
+        self, fs: pafs.FileSystem, store_root: str, *, run_id: str | None = None, lines_per_part: int = LINES_PER_PART
+    ) -> None:
         self._fs, self._root = fs, store_root
         self._path = f"{store_root}/{MANIFEST_NAME}"
         self._local = isinstance(fs, pafs.LocalFileSystem)

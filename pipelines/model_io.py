@@ -43,8 +43,9 @@ _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 ENCODER_ARTIFACT = "encoder"
 
 
-def load_trained_encoder(spec: str | Path, *, tracking_uri: str | None = None,
-                         allow_pickle: bool = False) -> SleepEncoder:
+def load_trained_encoder(
+    spec: str | Path, *, tracking_uri: str | None = None, allow_pickle: bool = False
+) -> SleepEncoder:
     """Load a trained :class:`~s2v_core.model.SleepEncoder` (eval mode, CPU) from ``spec``.
 
     Parameters
@@ -70,7 +71,7 @@ def load_trained_encoder(spec: str | Path, *, tracking_uri: str | None = None,
     if text.startswith("models:/"):
         return _load_mlflow_model(text, tracking_uri, allow_pickle=allow_pickle)
     if text.startswith("runs:/"):
-        run_id, _, artifact = text[len("runs:/"):].partition("/")
+        run_id, _, artifact = text[len("runs:/") :].partition("/")
         artifact = artifact.strip("/") or ENCODER_ARTIFACT
         if artifact == ENCODER_ARTIFACT:
             return _load_run_encoder(run_id, tracking_uri)
@@ -93,7 +94,7 @@ def training_record(spec: str | Path, *, tracking_uri: str | None = None) -> dic
     text = str(spec)
     if is_uri(text) or Path(text).exists():
         return read_training_record(_encoder_dir(text))
-    run_id = text[len("runs:/"):].split("/")[0] if text.startswith("runs:/") else text
+    run_id = text[len("runs:/") :].split("/")[0] if text.startswith("runs:/") else text
     if not _RUN_ID.match(run_id):
         return None
     from mlflow.tracking import MlflowClient
@@ -117,15 +118,19 @@ def _encoder_dir(location: str) -> str:
     latest = latest_checkpoint(location)
     if latest is not None:
         return join(latest, ENCODER_DIR)
-    raise ValueError(f"--checkpoint: {location} holds no encoder (expected {MODEL_CONFIG_FILE}, a checkpoint's "
-                     f"{ENCODER_DIR}/ or a run dir with {ENCODER_DIR}/ or checkpoints/)")
+    raise ValueError(
+        f"--checkpoint: {location} holds no encoder (expected {MODEL_CONFIG_FILE}, a checkpoint's "
+        f"{ENCODER_DIR}/ or a run dir with {ENCODER_DIR}/ or checkpoints/)"
+    )
 
 
 def _tracking_uri(tracking_uri: str | None, spec: str) -> str:
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if not uri:
-        raise ValueError(f"--checkpoint {spec}: an MLflow spec needs a tracking URI; set "
-                         "MLFLOW_TRACKING_URI or pass --mlflow-uri (e.g. sqlite:///RUN_DIR/mlflow.db)")
+        raise ValueError(
+            f"--checkpoint {spec}: an MLflow spec needs a tracking URI; set "
+            "MLFLOW_TRACKING_URI or pass --mlflow-uri (e.g. sqlite:///RUN_DIR/mlflow.db)"
+        )
     return uri
 
 
@@ -148,7 +153,8 @@ def _load_mlflow_model(spec: str, tracking_uri: str | None, *, allow_pickle: boo
         raise ValueError(
             f"--checkpoint {spec}: an MLflow pytorch model is a pickle, and loading one runs whatever code its "
             "author put in it; use runs:/<run_id> (the weights-only encoder every pretraining run logs) or, for a "
-            "model you trust, allow pickles explicitly (s2v embed --allow-pickle-model)")
+            "model you trust, allow pickles explicitly (s2v embed --allow-pickle-model)"
+        )
     import mlflow
 
     from pipelines.runtime import tracking_uri_scope
@@ -188,7 +194,7 @@ def _pretrain_run(spec: str) -> dict | None:
             if not folder.strip("/"):
                 break
         return None
-    run_id = spec[len("runs:/"):].split("/")[0] if spec.startswith("runs:/") else spec
+    run_id = spec[len("runs:/") :].split("/")[0] if spec.startswith("runs:/") else spec
     if len(run_id) == 32 and all(c in "0123456789abcdef" for c in run_id):
         return {"run_id": run_id, "tracking_uri": os.environ.get("MLFLOW_TRACKING_URI")}
     return None

@@ -51,12 +51,37 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
-from pipelines.checkpoints import (CHECKPOINTS_NAME, ENCODER_DIR, data_position, incomplete_checkpoints,
-                                  latest_checkpoint, read_state)
-from pipelines.runtime import (MLFLOW_RUN_FILE, absolute, check_mlflow_store, file_type, join, local_directory, mlflow_experiment,
-                               read_text, redact, redact_values, replace_directory, tracking_uri_scope, write_text)
-from pipelines.train_config import (PretrainConfig, config_differences, config_from_dict, config_to_dict,
-                                    deepspeed_config, load_pretrain_config)
+from pipelines.checkpoints import (
+    CHECKPOINTS_NAME,
+    ENCODER_DIR,
+    data_position,
+    incomplete_checkpoints,
+    latest_checkpoint,
+    read_state,
+)
+from pipelines.runtime import (
+    MLFLOW_RUN_FILE,
+    absolute,
+    check_mlflow_store,
+    file_type,
+    join,
+    local_directory,
+    mlflow_experiment,
+    read_text,
+    redact,
+    redact_values,
+    replace_directory,
+    tracking_uri_scope,
+    write_text,
+)
+from pipelines.train_config import (
+    PretrainConfig,
+    config_differences,
+    config_from_dict,
+    config_to_dict,
+    deepspeed_config,
+    load_pretrain_config,
+)
 from pipelines.train_data import StoreSummary, build_dataset, check_batch_fits, inspect_store, store_repeats
 from s2v_core.config import to_mapping
 from s2v_core.io.discovery import resolve
@@ -166,35 +191,51 @@ def setup(config: PretrainConfig, *, resume: bool = False, on_gpu: bool = False)
         # The recorded pass layout, so that the checkpoint's data position means the same.
         repeats = data_position(resume_state).store_repeats
     else:
-        repeats = store_repeats(summary.usable_windows, steps=resolved.steps,
-                                windows_per_step=resolved.global_batch * resolved.grad_accum)
+        repeats = store_repeats(
+            summary.usable_windows, steps=resolved.steps, windows_per_step=resolved.global_batch * resolved.grad_accum
+        )
     ds_config = deepspeed_config(resolved, on_gpu=on_gpu)
     # Run files never hold credentials of a URI (--data s3://KEY:SECRET@...): data/output are not compared on resume.
-    write_text(join(run_dir, PRETRAIN_CONFIG_FILE), json.dumps(redact_values(config_to_dict(resolved)), indent=2) + "\n")
+    write_text(
+        join(run_dir, PRETRAIN_CONFIG_FILE), json.dumps(redact_values(config_to_dict(resolved)), indent=2) + "\n"
+    )
     write_text(join(run_dir, DS_CONFIG_FILE), json.dumps(ds_config, indent=2) + "\n")
     record = {**split_record(config.data, config.train_splits), "store": absolute(config.data)}
-    return PreparedRun(config=resolved, store=summary, run_dir=run_dir, on_gpu=on_gpu, ds_config=ds_config,
-                       model_config=model_cfg, resume_from=resume_from,
-                       store_repeats=repeats, validation_files=validation_files, training_record=record)
+    return PreparedRun(
+        config=resolved,
+        store=summary,
+        run_dir=run_dir,
+        on_gpu=on_gpu,
+        ds_config=ds_config,
+        model_config=model_cfg,
+        resume_from=resume_from,
+        store_repeats=repeats,
+        validation_files=validation_files,
+        training_record=record,
+    )
 
 
-def _check_resume(run_dir: str, config: PretrainConfig, *,
-                  resume: bool) -> tuple[str | None, dict[str, Any] | None]:
+def _check_resume(run_dir: str, config: PretrainConfig, *, resume: bool) -> tuple[str | None, dict[str, Any] | None]:
     """The checkpoint to resume from and its state (``None, None`` for a fresh start)."""
     checkpoints = join(run_dir, CHECKPOINTS_NAME)
     filesystem, path = resolve(checkpoints)
     has_history = bool(filesystem.get_file_info(pafs.FileSelector(path, allow_not_found=True)))
     if not resume:
         if has_history:
-            raise ValueError(f"--output: expected a new run directory, found checkpoints in {checkpoints}; "
-                             "pass --resume to continue that run or choose another --output")
+            raise ValueError(
+                f"--output: expected a new run directory, found checkpoints in {checkpoints}; "
+                "pass --resume to continue that run or choose another --output"
+            )
         return None, None
     latest = latest_checkpoint(run_dir)
     for skipped, problems in incomplete_checkpoints(run_dir):
         if latest is None or skipped > latest:  # step_<NNNNNNNN>: names sort by step
-            logger.warning("--resume: skipping %s, an incomplete checkpoint (%s); resuming from %s",
-                           posixpath.basename(resolve(skipped)[1]), "; ".join(problems),
-                           posixpath.basename(resolve(latest)[1]) if latest else "step 0")
+            logger.warning(
+                "--resume: skipping %s, an incomplete checkpoint (%s); resuming from %s",
+                posixpath.basename(resolve(skipped)[1]),
+                "; ".join(problems),
+                posixpath.basename(resolve(latest)[1]) if latest else "step 0",
+            )
     if latest is None:
         logger.info("--resume: no complete checkpoint in %s yet; starting from step 0", redact(run_dir))
         return None, None
@@ -203,10 +244,13 @@ def _check_resume(run_dir: str, config: PretrainConfig, *,
     previous = config_from_dict(state["config"], source=join(latest, "state.json"))
     differences = config_differences(previous, config)
     if differences:
-        listed = "; ".join(f"{k}: checkpoint has {old!r}, this run has {new!r}"
-                           for k, (old, new) in sorted(differences.items()))
-        raise ValueError(f"--resume: expected the config of the run in {run_dir} "
-                         f"(checkpoint {name}), found different values: {listed}")
+        listed = "; ".join(
+            f"{k}: checkpoint has {old!r}, this run has {new!r}" for k, (old, new) in sorted(differences.items())
+        )
+        raise ValueError(
+            f"--resume: expected the config of the run in {run_dir} "
+            f"(checkpoint {name}), found different values: {listed}"
+        )
     logger.info("resuming %s from %s (step %d)", run_dir, name, state["step"])
     return latest, state
 
@@ -247,20 +291,29 @@ def start_mlflow_run(prepared: PreparedRun) -> PreparedRun:
             run_id = recorded["run_id"]
     if run_id is None:
         experiment_id = mlflow_experiment(client, uri, prepared.config.mlflow_experiment)
-        run = client.create_run(experiment_id, run_name=posixpath.basename(resolve(prepared.run_dir)[1]),
-                                tags={"s2v.command": "pretrain", "s2v.run_dir": redact(prepared.run_dir)})
+        run = client.create_run(
+            experiment_id,
+            run_name=posixpath.basename(resolve(prepared.run_dir)[1]),
+            tags={"s2v.command": "pretrain", "s2v.run_dir": redact(prepared.run_dir)},
+        )
         run_id = run.info.run_id
-        params = _flatten({"pretrain": config_to_dict(prepared.config), "model": to_mapping(prepared.model_config),
-                           "store": {"windows": prepared.store.windows,
-                                     "usable_windows": prepared.store.usable_windows,
-                                     "epochs_per_window": prepared.store.epochs_per_window},
-                           "derived": {"per_worker_batch": prepared.config.per_worker_batch,
-                                       "on_gpu": prepared.on_gpu}})
+        params = _flatten(
+            {
+                "pretrain": config_to_dict(prepared.config),
+                "model": to_mapping(prepared.model_config),
+                "store": {
+                    "windows": prepared.store.windows,
+                    "usable_windows": prepared.store.usable_windows,
+                    "epochs_per_window": prepared.store.epochs_per_window,
+                },
+                "derived": {"per_worker_batch": prepared.config.per_worker_batch, "on_gpu": prepared.on_gpu},
+            }
+        )
         from mlflow.entities import Param
 
         items = [Param(k, redact(str(v))[:6000]) for k, v in params.items()]
         for start in range(0, len(items), 100):
-            client.log_batch(run_id, params=items[start:start + 100])
+            client.log_batch(run_id, params=items[start : start + 100])
         # The same JSON as the run dir's files, logged from memory: the run dir may be a URI.
         client.log_dict(run_id, prepared.ds_config, DS_CONFIG_FILE)
         client.log_dict(run_id, redact_values(config_to_dict(prepared.config)), PRETRAIN_CONFIG_FILE)
@@ -294,14 +347,17 @@ def log_final_model(prepared: PreparedRun, encoder_dir: str, result_metrics: dic
     client.log_artifacts(prepared.mlflow_run_id, encoder_dir, artifact_path=MLFLOW_ENCODER_ARTIFACT)
     with tracking_uri_scope(prepared.mlflow_tracking_uri), mlflow.start_run(run_id=prepared.mlflow_run_id):
         mlflow.pytorch.log_model(
-            load_encoder(encoder_dir), name=MLFLOW_MODEL_NAME,
+            load_encoder(encoder_dir),
+            name=MLFLOW_MODEL_NAME,
             # Explicit requirements: skips MLflow's slow import-tracing inference.
             pip_requirements=["sleep2vec", f"torch=={torch.__version__.split('+')[0]}"],
             # A pickled SleepEncoder (class from the installed package): its forward takes
             # a dict of masked tensors, which the traced "pt2" format cannot export.
             serialization_format="pickle",
-            metadata={"s2v_model_config": to_mapping(prepared.model_config),
-                      "s2v_modalities": list(prepared.config.modalities)},
+            metadata={
+                "s2v_model_config": to_mapping(prepared.model_config),
+                "s2v_modalities": list(prepared.config.modalities),
+            },
         )
         mlflow.set_tag("s2v.final_loss", f"{result_metrics.get('loss', math.nan):.6f}")
     client.set_terminated(prepared.mlflow_run_id, "FINISHED")
@@ -315,17 +371,31 @@ def loop_config(prepared: PreparedRun) -> dict[str, Any]:
     mlflow = None
     if prepared.mlflow_run_id is not None:
         mlflow = {"tracking_uri": prepared.mlflow_tracking_uri, "run_id": prepared.mlflow_run_id}
-    return {"loop": LoopConfig(
-        pretrain=prepared.config, model=prepared.model_config, modalities=tuple(prepared.config.modalities),
-        epochs_per_window=prepared.store.epochs_per_window, ds_config=prepared.ds_config,
-        run_dir=prepared.run_dir, store_repeats=prepared.store_repeats, resume_from=prepared.resume_from,
-        mlflow=mlflow, validation_files=tuple(prepared.validation_files),
-        validation_filesystem=prepared.store.filesystem, training_record=prepared.training_record,
-    )}
+    return {
+        "loop": LoopConfig(
+            pretrain=prepared.config,
+            model=prepared.model_config,
+            modalities=tuple(prepared.config.modalities),
+            epochs_per_window=prepared.store.epochs_per_window,
+            ds_config=prepared.ds_config,
+            run_dir=prepared.run_dir,
+            store_repeats=prepared.store_repeats,
+            resume_from=prepared.resume_from,
+            mlflow=mlflow,
+            validation_files=tuple(prepared.validation_files),
+            validation_filesystem=prepared.store.filesystem,
+            training_record=prepared.training_record,
+        )
+    }
 
 
-def build_trainer(prepared: PreparedRun, *, callbacks: Sequence[Any] = (), storage_path: str | None = None,
-                  name: str = CHECKPOINTS_NAME):
+def build_trainer(
+    prepared: PreparedRun,
+    *,
+    callbacks: Sequence[Any] = (),
+    storage_path: str | None = None,
+    name: str = CHECKPOINTS_NAME,
+):
     """The ``TorchTrainer`` of a prepared run (Ray must be initialised).
 
     The sweep wraps this: pass ``callbacks`` (e.g. Tune's
@@ -335,7 +405,6 @@ def build_trainer(prepared: PreparedRun, *, callbacks: Sequence[Any] = (), stora
     path or a URI: Ray Train gets its filesystem explicitly, so URI options
     such as ``endpoint_override`` hold for every checkpoint upload.
     """
-    import ray.train
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -344,16 +413,23 @@ def build_trainer(prepared: PreparedRun, *, callbacks: Sequence[Any] = (), stora
     config = prepared.config
     resources = {"CPU": 1, "GPU": 1} if prepared.on_gpu else {"CPU": 1}
     storage_filesystem, storage = resolve(storage_path or prepared.run_dir)
-    dataset = build_dataset(prepared.store.files, filesystem=prepared.store.filesystem,
-                            modalities=config.modalities, history_columns=config.history_columns, seed=config.seed,
-                            repeats=prepared.store_repeats, nights_per_block=config.nights_per_block,
-                            readers=config.workers * config.readers_per_worker)
+    dataset = build_dataset(
+        prepared.store.files,
+        filesystem=prepared.store.filesystem,
+        modalities=config.modalities,
+        history_columns=config.history_columns,
+        seed=config.seed,
+        repeats=prepared.store_repeats,
+        nights_per_block=config.nights_per_block,
+        readers=config.workers * config.readers_per_worker,
+    )
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config(prepared),
         torch_config=TorchConfig(backend="nccl" if prepared.on_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=prepared.on_gpu,
-                                     resources_per_worker=resources),
+        scaling_config=ScalingConfig(
+            num_workers=config.workers, use_gpu=prepared.on_gpu, resources_per_worker=resources
+        ),
         run_config=RunConfig(
             name=name,
             storage_path=storage,
@@ -384,14 +460,31 @@ def run(args: argparse.Namespace) -> int:
     """CLI entry: ``s2v pretrain …`` → :func:`pretrain`."""
     config = config_from_args(args)
     result = pretrain(config, resume=args.resume, address=args.address)
-    print(json.dumps(redact_values({"run_dir": str(result.run_dir), "checkpoint": str(result.checkpoint),
-                                    "encoder": str(result.encoder_dir), "mlflow_run_id": result.mlflow_run_id,
-                                    "steps": result.steps, "final_loss": result.final_loss})))
+    print(
+        json.dumps(
+            redact_values(
+                {
+                    "run_dir": str(result.run_dir),
+                    "checkpoint": str(result.checkpoint),
+                    "encoder": str(result.encoder_dir),
+                    "mlflow_run_id": result.mlflow_run_id,
+                    "steps": result.steps,
+                    "final_loss": result.final_loss,
+                }
+            )
+        )
+    )
     return 0
 
 
-def pretrain(config: PretrainConfig, *, resume: bool = False, address: str | None = None,
-             mlflow: bool = True, callbacks: Sequence[Any] = ()) -> PretrainResult:
+def pretrain(
+    config: PretrainConfig,
+    *,
+    resume: bool = False,
+    address: str | None = None,
+    mlflow: bool = True,
+    callbacks: Sequence[Any] = (),
+) -> PretrainResult:
     """Pretrain the encoder; the Python API behind ``s2v pretrain``.
 
     Parameters
@@ -436,8 +529,7 @@ def pretrain(config: PretrainConfig, *, resume: bool = False, address: str | Non
         if result.error is not None:
             raise result.error
         # Ray names the checkpoint by its path on the run dir's filesystem (no URI scheme).
-        return cleanup(prepared, join(prepared.run_dir, CHECKPOINTS_NAME,
-                                      posixpath.basename(result.checkpoint.path)))
+        return cleanup(prepared, join(prepared.run_dir, CHECKPOINTS_NAME, posixpath.basename(result.checkpoint.path)))
     finally:
         if started_ray:
             ray.shutdown()
@@ -448,8 +540,12 @@ def _record_split_use(prepared: PreparedRun) -> None:
     try:
         record_use(prepared.config.data, prepared.run_dir)
     except OSError as exc:  # a read-only shared store: the run still knows its splits
-        logger.warning("could not record this run in %s's splits.json (%s); `s2v split --reassign` "
-                       "will not know that this run used the current assignment", prepared.config.data, exc)
+        logger.warning(
+            "could not record this run in %s's splits.json (%s); `s2v split --reassign` "
+            "will not know that this run used the current assignment",
+            prepared.config.data,
+            exc,
+        )
 
 
 # -- cleanup ----------------------------------------------------------------------------------------
@@ -466,9 +562,15 @@ def cleanup(prepared: PreparedRun, checkpoint: str | os.PathLike, *, log_model: 
     if prepared.mlflow_run_id is not None and log_model:
         with local_directory(encoder_dir) as local_encoder:
             log_final_model(prepared, local_encoder, metrics)
-    return PretrainResult(run_dir=prepared.run_dir, checkpoint=checkpoint, encoder_dir=encoder_dir,
-                          mlflow_run_id=prepared.mlflow_run_id, steps=int(state["step"]),
-                          final_loss=metrics.get("loss", math.nan), metrics=metrics)
+    return PretrainResult(
+        run_dir=prepared.run_dir,
+        checkpoint=checkpoint,
+        encoder_dir=encoder_dir,
+        mlflow_run_id=prepared.mlflow_run_id,
+        steps=int(state["step"]),
+        final_loss=metrics.get("loss", math.nan),
+        metrics=metrics,
+    )
 
 
 # -- CLI --------------------------------------------------------------------------------------------
@@ -476,36 +578,59 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``s2v pretrain`` (unset flags keep the ``--config`` file's or the default value)."""
     defaults = PretrainConfig()
     parser.add_argument("--data", help="store written by `s2v ingest` (a path or a URI, e.g. s3://bucket/store)")
-    parser.add_argument("--output", help="run directory (checkpoints, configs, final encoder, mlflow.db): "
-                                         "a path or a URI (then MLFLOW_TRACKING_URI is required)")
+    parser.add_argument(
+        "--output",
+        help="run directory (checkpoints, configs, final encoder, mlflow.db): "
+        "a path or a URI (then MLFLOW_TRACKING_URI is required)",
+    )
     parser.add_argument("--config", help="TOML/YAML/JSON file of PretrainConfig fields; flags override it")
     parser.add_argument("--workers", type=int, help=f"Ray Train workers (default {defaults.workers})")
     parser.add_argument("--model", help=f"named model size (default {defaults.model})")
-    parser.add_argument("--objective",
-                        help=f"objective preset: {', '.join(available_objectives())} or a preset .toml file "
-                             f"(default {defaults.objective}); its [training] table sets the optimiser defaults")
-    parser.add_argument("--compile", choices=("auto", "on", "off"),
-                        help="torch.compile the encoder's blocks (default auto: on GPU workers only)")
+    parser.add_argument(
+        "--objective",
+        help=f"objective preset: {', '.join(available_objectives())} or a preset .toml file "
+        f"(default {defaults.objective}); its [training] table sets the optimiser defaults",
+    )
+    parser.add_argument(
+        "--compile",
+        choices=("auto", "on", "off"),
+        help="torch.compile the encoder's blocks (default auto: on GPU workers only)",
+    )
     parser.add_argument("--width", type=int, help="override the model width")
     parser.add_argument("--depth", type=int, help="override the backbone depth")
     parser.add_argument("--modalities", help="comma-separated subset (default: all in the store)")
-    parser.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3),
-                        help="DeepSpeed ZeRO stage (default: 2 on GPU workers, 0 on CPU workers)")
+    parser.add_argument(
+        "--zero-stage",
+        type=int,
+        choices=(0, 1, 2, 3),
+        help="DeepSpeed ZeRO stage (default: 2 on GPU workers, 0 on CPU workers)",
+    )
     parser.add_argument("--steps", type=int, help=f"optimiser steps (default {defaults.steps})")
-    parser.add_argument("--global-batch", type=int,
-                        help=f"windows sharing negatives across all workers per step (default {defaults.global_batch})")
+    parser.add_argument(
+        "--global-batch",
+        type=int,
+        help=f"windows sharing negatives across all workers per step (default {defaults.global_batch})",
+    )
     parser.add_argument("--grad-accum", type=int, help="micro-steps per optimiser step (default 1)")
     parser.add_argument("--lr", type=float, help=f"peak learning rate (default {defaults.lr})")
     parser.add_argument("--seed", type=int, help=f"random seed (default {defaults.seed})")
-    parser.add_argument("--checkpoint-every", type=int,
-                        help=f"optimiser steps between checkpoints (default {defaults.checkpoint_every})")
+    parser.add_argument(
+        "--checkpoint-every",
+        type=int,
+        help=f"optimiser steps between checkpoints (default {defaults.checkpoint_every})",
+    )
     parser.add_argument("--no-dash", action="store_true", help="plain InfoNCE (no DASH weighting)")
-    parser.add_argument("--train-splits",
-                        help="subject splits to pretrain on (default train; see `s2v split`). "
-                             "train,val,test uses every night and leaves nothing held out")
-    parser.add_argument("--validate-every", type=int,
-                        help=f"steps between held-out validations on val subjects, 0 = at the end only "
-                             f"(default {defaults.validate_every})")
+    parser.add_argument(
+        "--train-splits",
+        help="subject splits to pretrain on (default train; see `s2v split`). "
+        "train,val,test uses every night and leaves nothing held out",
+    )
+    parser.add_argument(
+        "--validate-every",
+        type=int,
+        help=f"steps between held-out validations on val subjects, 0 = at the end only "
+        f"(default {defaults.validate_every})",
+    )
     parser.add_argument("--device", choices=("auto", "cpu", "gpu"), help="worker device (default auto)")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output")
     parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a local instance)")
@@ -514,13 +639,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace) -> PretrainConfig:
     """Map parsed CLI flags (and ``--config``) onto a :class:`PretrainConfig`."""
     overrides = {
-        "data": args.data, "output": args.output, "workers": args.workers, "model": args.model,
-        "objective": args.objective, "compile": args.compile,
-        "width": args.width, "depth": args.depth, "modalities": args.modalities,
-        "zero_stage": args.zero_stage, "steps": args.steps, "global_batch": args.global_batch,
-        "grad_accum": args.grad_accum, "lr": args.lr, "seed": args.seed,
-        "checkpoint_every": args.checkpoint_every, "device": args.device,
+        "data": args.data,
+        "output": args.output,
+        "workers": args.workers,
+        "model": args.model,
+        "objective": args.objective,
+        "compile": args.compile,
+        "width": args.width,
+        "depth": args.depth,
+        "modalities": args.modalities,
+        "zero_stage": args.zero_stage,
+        "steps": args.steps,
+        "global_batch": args.global_batch,
+        "grad_accum": args.grad_accum,
+        "lr": args.lr,
+        "seed": args.seed,
+        "checkpoint_every": args.checkpoint_every,
+        "device": args.device,
         "dash": False if args.no_dash else None,
-        "train_splits": args.train_splits, "validate_every": args.validate_every,
+        "train_splits": args.train_splits,
+        "validate_every": args.validate_every,
     }
     return load_pretrain_config(args.config, **overrides)

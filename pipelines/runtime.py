@@ -160,8 +160,7 @@ def replace_directory(source: str | Path, destination: str | Path) -> None:
     if destination_fs.get_file_info(destination_path).type != pafs.FileType.NotFound:
         destination_fs.delete_dir(destination_path)
     destination_fs.create_dir(destination_path, recursive=True)
-    pafs.copy_files(source_path, destination_path, source_filesystem=source_fs,
-                    destination_filesystem=destination_fs)
+    pafs.copy_files(source_path, destination_path, source_filesystem=source_fs, destination_filesystem=destination_fs)
 
 
 @contextlib.contextmanager
@@ -209,8 +208,12 @@ def start_system_metrics(mlflow: dict[str, str] | None, *, resumed: bool = False
         return None
     from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-    monitor = SystemMetricsMonitor(mlflow["run_id"], sampling_interval=SYSTEM_METRICS_SECONDS,
-                                   resume_logging=resumed, tracking_uri=mlflow["tracking_uri"])
+    monitor = SystemMetricsMonitor(
+        mlflow["run_id"],
+        sampling_interval=SYSTEM_METRICS_SECONDS,
+        resume_logging=resumed,
+        tracking_uri=mlflow["tracking_uri"],
+    )
     monitor.start()
     return monitor
 
@@ -289,9 +292,11 @@ def mlflow_artifact_location(tracking_uri: str, experiment: str) -> str | None:
         return (database.parent / MLFLOW_ARTIFACTS_DIR / folder).as_uri()
     if tracking_uri.startswith(_SERVER_SCHEMES) or "://" not in tracking_uri or tracking_uri.startswith("file:"):
         return None
-    raise ValueError(f"MLFLOW_TRACKING_URI {redact(tracking_uri)}: a database store has no place for artifacts "
-                     f"of its own; set {MLFLOW_ARTIFACT_ROOT_ENV} (e.g. s3://bucket/mlflow-artifacts) or use a "
-                     "tracking server")
+    raise ValueError(
+        f"MLFLOW_TRACKING_URI {redact(tracking_uri)}: a database store has no place for artifacts "
+        f"of its own; set {MLFLOW_ARTIFACT_ROOT_ENV} (e.g. s3://bucket/mlflow-artifacts) or use a "
+        "tracking server"
+    )
 
 
 def mlflow_experiment(client, tracking_uri: str, name: str) -> str:

@@ -29,9 +29,17 @@ from s2v_core.staging import find_recordings, recording_name, stage_one, write_r
 logger = logging.getLogger(__name__)
 
 
-def stage_paths(paths: list[str], *, model: str, out: str, site_config: str | None = None,
-                modalities: list[str] | None = None, mapping: str | None = None,
-                pseudonym_key_file: str | None = None, address: str | None = None) -> list[dict]:
+def stage_paths(
+    paths: list[str],
+    *,
+    model: str,
+    out: str,
+    site_config: str | None = None,
+    modalities: list[str] | None = None,
+    mapping: str | None = None,
+    pseudonym_key_file: str | None = None,
+    address: str | None = None,
+) -> list[dict]:
     """Stage every recording of ``paths`` (see the module docstring); returns one result per recording."""
     from s2v_core.finetuning import read_description
 
@@ -42,8 +50,12 @@ def stage_paths(paths: list[str], *, model: str, out: str, site_config: str | No
     identities = Identities(load_pseudonym_key(pseudonym_key_file))
     # Names are keyed hashes computed here: the key never travels to a worker.
     names = [recording_name(path, identities=identities) for path in recordings]
-    options = {"model": str(Path(model).resolve()), "out": str(Path(out).resolve()),
-               "site_config": site_config, "modalities": modalities}
+    options = {
+        "model": str(Path(model).resolve()),
+        "out": str(Path(out).resolve()),
+        "site_config": site_config,
+        "modalities": modalities,
+    }
     if len(recordings) == 1 and not (address or os.environ.get("RAY_ADDRESS")):
         results = [stage_one(recordings[0], name=names[0], **options)]
     else:
@@ -68,8 +80,15 @@ def _on_ray(recordings: list[Path], names: list[str], options: dict, *, address:
             try:
                 results.append(ray.get(ref))
             except Exception as exc:  # noqa: BLE001 - ray.exceptions.RayError: the worker died
-                results.append({"name": name, "status": "failed", "epochs": 0, "files": {},
-                                "reason": f"the staging worker died ({type(exc).__name__})"})
+                results.append(
+                    {
+                        "name": name,
+                        "status": "failed",
+                        "epochs": 0,
+                        "files": {},
+                        "reason": f"the staging worker died ({type(exc).__name__})",
+                    }
+                )
         return results
     finally:
         if started:
@@ -77,25 +96,40 @@ def _on_ray(recordings: list[Path], names: list[str], options: dict, *, address:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("paths", nargs="+", metavar="PATH",
-                        help="EDF/EDF+/BDF files or folders (searched recursively)")
+    parser.add_argument("paths", nargs="+", metavar="PATH", help="EDF/EDF+/BDF files or folders (searched recursively)")
     parser.add_argument("--model", required=True, help="fine-tuned staging model (RUN_DIR/model of `s2v finetune`)")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--site-config", help="site config file mapping channel labels to modalities (as for ingest)")
     parser.add_argument("--modalities", help="comma-separated subset to use (default: all the recording has)")
-    parser.add_argument("--mapping", help="also write pseudonym → input path to this CSV (outside --out; yours to keep)")
+    parser.add_argument(
+        "--mapping", help="also write pseudonym → input path to this CSV (outside --out; yours to keep)"
+    )
     parser.add_argument("--pseudonym-key-file", help="key of the output names (default: the ingest's key)")
     parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a local instance)")
 
 
 def run(args: argparse.Namespace) -> int:
     modalities = [m.strip() for m in args.modalities.split(",") if m.strip()] if args.modalities else None
-    results = stage_paths(args.paths, model=args.model, out=args.out, site_config=args.site_config,
-                          modalities=modalities, mapping=args.mapping, pseudonym_key_file=args.pseudonym_key_file,
-                          address=args.address)
+    results = stage_paths(
+        args.paths,
+        model=args.model,
+        out=args.out,
+        site_config=args.site_config,
+        modalities=modalities,
+        mapping=args.mapping,
+        pseudonym_key_file=args.pseudonym_key_file,
+        address=args.address,
+    )
     failed = [r for r in results if r["status"] != "ok"]
     for result in failed:
         logger.warning("%s: not staged: %s", result["name"], result["reason"])
-    print(json.dumps({"staged": len(results) - len(failed), "failed": len(failed),
-                      "results": str(Path(args.out) / "results.json")}))
+    print(
+        json.dumps(
+            {
+                "staged": len(results) - len(failed),
+                "failed": len(failed),
+                "results": str(Path(args.out) / "results.json"),
+            }
+        )
+    )
     return 0 if not failed or len(failed) < len(results) else 1

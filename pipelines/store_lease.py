@@ -78,7 +78,8 @@ def _busy(store: str, lease: dict) -> StoreBusy:
     return StoreBusy(
         f"--output {store}: another ingest is writing this store (run {lease.get('run_id')} on host "
         f"{lease.get('host')}, pid {lease.get('pid')}, lease valid until {expires}); wait for it to finish, "
-        f"or, if that run is gone, delete {LEASE_NAME} in the store")
+        f"or, if that run is gone, delete {LEASE_NAME} in the store"
+    )
 
 
 @contextlib.contextmanager
@@ -92,14 +93,17 @@ def store_lease(fs: pafs.FileSystem, store_root: str, *, store: str) -> Iterator
     """
     path = f"{store_root}/{LEASE_NAME}"
     run_id = uuid.uuid4().hex
-    lease = {"run_id": run_id, "host": socket.gethostname(), "pid": os.getpid(),
-             "expires": time.time() + LEASE_SECONDS}
+    lease = {"run_id": run_id, "host": socket.gethostname(), "pid": os.getpid(), "expires": time.time() + LEASE_SECONDS}
     current = _read(fs, path)
     if current is not None and not is_stale(current):
         raise _busy(store, current)
     if current is not None:
-        logger.warning("taking over the stale ingest lease of run %s (host %s, pid %s)",
-                       current.get("run_id"), current.get("host"), current.get("pid"))
+        logger.warning(
+            "taking over the stale ingest lease of run %s (host %s, pid %s)",
+            current.get("run_id"),
+            current.get("host"),
+            current.get("pid"),
+        )
     try:
         _write(fs, path, lease, exclusive=current is None)
     except FileExistsError:

@@ -20,16 +20,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--recordings-per-site", type=int, default=4, help="nights per site (default 4)")
     parser.add_argument("--hours", type=float, default=1.0, help="length of each night in hours (default 1.0)")
     parser.add_argument("--seed", type=int, default=0, help="seed; the same seed writes identical files (default 0)")
-    parser.add_argument("--archetypes", default=None,
-                        help=f"comma-separated archetypes to cycle through (default: all in turn): "
-                             f"{','.join(ARCHETYPES)}")
+    parser.add_argument(
+        "--archetypes",
+        default=None,
+        help=f"comma-separated archetypes to cycle through (default: all in turn): {','.join(ARCHETYPES)}",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     archetypes = tuple(a.strip() for a in args.archetypes.split(",") if a.strip()) if args.archetypes else None
-    summary = write_cohort(args.out, sites=args.sites, recordings_per_site=args.recordings_per_site,
-                           hours=args.hours, seed=args.seed, archetypes=archetypes)
-    print(f"s2v synth: {len(summary.sites)} sites, {len(summary.recordings)} recordings, "
-          f"{len(summary.files)} files, {summary.hours_written:.1f} recording-hours in "
-          f"{summary.seconds:.1f} s ({summary.hours_per_second:.2f} h/s) -> {summary.root}")
+    summary = write_cohort(
+        args.out,
+        sites=args.sites,
+        recordings_per_site=args.recordings_per_site,
+        hours=args.hours,
+        seed=args.seed,
+        archetypes=archetypes,
+    )
+    print(
+        f"s2v synth: {len(summary.sites)} sites, {len(summary.recordings)} recordings, "
+        f"{len(summary.files)} files, {summary.hours_written:.1f} recording-hours in "
+        f"{summary.seconds:.1f} s ({summary.hours_per_second:.2f} h/s) -> {summary.root}"
+    )
     return 0

@@ -19,15 +19,27 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from s2v_core.config import from_mapping, load_mapping, to_mapping
 from s2v_core.architecture import ModelConfig, resolve_model_config
+from s2v_core.config import from_mapping, load_mapping, to_mapping
 from s2v_core.objective import Objective, ObjectivePreset, load_objective
 
 #: Fields that describe where/how a run executes, not what it computes: they
 #: may differ between a run and its ``--resume`` (e.g. more failures allowed).
-RUNTIME_FIELDS = frozenset({"data", "output", "max_failures", "fail_at_step", "mlflow_experiment",
-                            "log_every", "report_every", "progress_seconds", "readers_per_worker",
-                            "validate_every", "validation_epochs"})
+RUNTIME_FIELDS = frozenset(
+    {
+        "data",
+        "output",
+        "max_failures",
+        "fail_at_step",
+        "mlflow_experiment",
+        "log_every",
+        "report_every",
+        "progress_seconds",
+        "readers_per_worker",
+        "validate_every",
+        "validation_epochs",
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -101,8 +113,17 @@ class PretrainConfig:
     fail_at_step: int | None = None  # TESTING AID: rank 1 (or 0) raises once at this step
 
     def __post_init__(self) -> None:
-        positive = ("workers", "steps", "global_batch", "grad_accum",
-                    "checkpoint_every", "keep_checkpoints", "log_every", "nights_per_block", "readers_per_worker")
+        positive = (
+            "workers",
+            "steps",
+            "global_batch",
+            "grad_accum",
+            "checkpoint_every",
+            "keep_checkpoints",
+            "log_every",
+            "nights_per_block",
+            "readers_per_worker",
+        )
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -130,13 +151,17 @@ class PretrainConfig:
         if not 0.0 <= self.warmup_fraction < 1.0:
             raise ValueError(f"warmup_fraction: expected a value in [0, 1), found {self.warmup_fraction!r}")
         if not 0.0 <= self.ema_momentum_start <= self.ema_momentum_end <= 1.0:
-            raise ValueError(f"ema_momentum_start/end: expected 0 <= start <= end <= 1, found "
-                             f"{self.ema_momentum_start!r}, {self.ema_momentum_end!r}")
+            raise ValueError(
+                f"ema_momentum_start/end: expected 0 <= start <= end <= 1, found "
+                f"{self.ema_momentum_start!r}, {self.ema_momentum_end!r}"
+            )
         if self.ema and self.zero_stage == 3:
-            raise ValueError("--zero-stage 3 with EMA (the objective preset's [training] ema = true, or ema in "
-                             "--config): the average of partitioned weights is not supported yet; use ZeRO 0-2 "
-                             "or set ema = false")
-        self.objective_preset  # unknown presets and invalid preset files fail here, naming the file
+            raise ValueError(
+                "--zero-stage 3 with EMA (the objective preset's [training] ema = true, or ema in "
+                "--config): the average of partitioned weights is not supported yet; use ZeRO 0-2 "
+                "or set ema = false"
+            )
+        _ = self.objective_preset  # unknown presets and invalid preset files fail here, naming the file
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ValueError(f"--precision: expected auto, bf16 or fp32, found {self.precision!r}")
         if self.device not in ("auto", "cpu", "gpu"):
@@ -146,13 +171,15 @@ class PretrainConfig:
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError(f"min_lr_ratio: expected a value in [0, 1], found {self.min_lr_ratio!r}")
         if self.weight_decay < 0 or self.grad_clip < 0:
-            raise ValueError("weight_decay and grad_clip must be >= 0, found "
-                             f"{self.weight_decay!r} and {self.grad_clip!r}")
+            raise ValueError(
+                f"weight_decay and grad_clip must be >= 0, found {self.weight_decay!r} and {self.grad_clip!r}"
+            )
         if not isinstance(self.shuffle_buffer, int) or isinstance(self.shuffle_buffer, bool) or self.shuffle_buffer < 0:
             raise ValueError(f"shuffle_buffer: expected an integer >= 0 (0 = none), found {self.shuffle_buffer!r}")
         if not isinstance(self.report_every, int) or isinstance(self.report_every, bool) or self.report_every < 0:
-            raise ValueError(f"report_every: expected an integer >= 0 (0 = with checkpoints only), "
-                             f"found {self.report_every!r}")
+            raise ValueError(
+                f"report_every: expected an integer >= 0 (0 = with checkpoints only), found {self.report_every!r}"
+            )
         if not self.progress_seconds >= 0:
             raise ValueError(f"progress_seconds: expected a number >= 0, found {self.progress_seconds!r}")
         if self.max_failures < 0:
@@ -172,8 +199,9 @@ class PretrainConfig:
     def loss_objective(self) -> Objective:
         """The preset's objective with this run's DASH switch and history columns applied."""
         objective = self.objective_preset.objective
-        return dataclasses.replace(objective, dash=objective.dash if self.dash else "off",
-                                   history_columns=tuple(self.history_columns))
+        return dataclasses.replace(
+            objective, dash=objective.dash if self.dash else "off", history_columns=tuple(self.history_columns)
+        )
 
     @property
     def warmup(self) -> int:
@@ -183,9 +211,13 @@ class PretrainConfig:
 
     def model_config(self, *, epochs_per_window: int | None = None) -> ModelConfig:
         """The encoder architecture (:func:`s2v_core.architecture.resolve_model_config`)."""
-        return resolve_model_config(self.model, width=self.width, depth=self.depth,
-                                    epochs_per_window=epochs_per_window,
-                                    overrides=self.objective_preset.model_overrides())
+        return resolve_model_config(
+            self.model,
+            width=self.width,
+            depth=self.depth,
+            epochs_per_window=epochs_per_window,
+            overrides=self.objective_preset.model_overrides(),
+        )
 
 
 def _flag(name: str) -> str:

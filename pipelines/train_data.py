@@ -59,8 +59,9 @@ class StoreSummary:
     filesystem: pafs.FileSystem
 
 
-def inspect_store(store: str | Path, modalities: Sequence[str] = (), *,
-                  option: str = "--data", splits: Sequence[str] | None = None) -> StoreSummary:
+def inspect_store(
+    store: str | Path, modalities: Sequence[str] = (), *, option: str = "--data", splits: Sequence[str] | None = None
+) -> StoreSummary:
     """Check a store against the run's needs and summarise it.
 
     Reads only the Parquet footers and the ``present`` column (and, with
@@ -88,8 +89,10 @@ def inspect_store(store: str | Path, modalities: Sequence[str] = (), *,
     if splits is not None:
         chosen, _ = split_files(str(store), splits)
         if not chosen:
-            raise ValueError(f"{option}: the store {store} has no night of a subject in the "
-                             f"{'/'.join(splits)} split(s); see `s2v split --data {store}`")
+            raise ValueError(
+                f"{option}: the store {store} has no night of a subject in the "
+                f"{'/'.join(splits)} split(s); see `s2v split --data {store}`"
+            )
         dataset = pads.dataset(chosen, format="parquet", filesystem=dataset.filesystem)
     files, filesystem = dataset.files, dataset.filesystem
     epochs = None
@@ -99,11 +102,14 @@ def inspect_store(store: str | Path, modalities: Sequence[str] = (), *,
         except ValueError as exc:
             raise ValueError(f"{option}: {path}: {exc}") from None
         if version != SCHEMA_VERSION:
-            raise ValueError(f"{option}: {path}: expected store schema version {SCHEMA_VERSION}, "
-                             f"found {version}; re-ingest the store with this version of s2v")
+            raise ValueError(
+                f"{option}: {path}: expected store schema version {SCHEMA_VERSION}, "
+                f"found {version}; re-ingest the store with this version of s2v"
+            )
         if epochs is not None and file_epochs != epochs:
-            raise ValueError(f"{option}: {path}: expected {epochs} epochs per window like the other "
-                             f"files, found {file_epochs}")
+            raise ValueError(
+                f"{option}: {path}: expected {epochs} epochs per window like the other files, found {file_epochs}"
+            )
         epochs = file_epochs
     present = present_matrix(dataset.to_table(columns=["present"]).column("present"))
     in_store = tuple(k for i, k in enumerate(MODALITY_KEYS) if present[:, i].any())
@@ -116,9 +122,14 @@ def inspect_store(store: str | Path, modalities: Sequence[str] = (), *,
         )
     columns = [MODALITY_KEYS.index(k) for k in selected]
     usable = int(present[:, columns].any(axis=1).sum())
-    return StoreSummary(files=tuple(files), epochs_per_window=int(epochs),
-                        modalities=tuple(k for k in MODALITY_KEYS if k in selected),
-                        windows=int(present.shape[0]), usable_windows=usable, filesystem=filesystem)
+    return StoreSummary(
+        files=tuple(files),
+        epochs_per_window=int(epochs),
+        modalities=tuple(k for k in MODALITY_KEYS if k in selected),
+        windows=int(present.shape[0]),
+        usable_windows=usable,
+        filesystem=filesystem,
+    )
 
 
 def check_batch_fits(summary: StoreSummary, *, global_batch: int, workers: int) -> None:
@@ -153,8 +164,14 @@ def training_columns(modalities: Sequence[str], history_columns: Sequence[str]) 
     return columns
 
 
-def read_store_files(items: dict[str, np.ndarray], *, columns: Sequence[str], modalities: Sequence[str],
-                     seed: int | None = None, filesystem: pafs.FileSystem | None = None) -> pa.Table:
+def read_store_files(
+    items: dict[str, np.ndarray],
+    *,
+    columns: Sequence[str],
+    modalities: Sequence[str],
+    seed: int | None = None,
+    filesystem: pafs.FileSystem | None = None,
+) -> pa.Table:
     """Ray Data UDF: read the store files named in ``items["path"]`` (needed columns, usable rows).
 
     The paths are on ``filesystem`` (default: local paths or full URIs). It is
@@ -169,8 +186,10 @@ def read_store_files(items: dict[str, np.ndarray], *, columns: Sequence[str], mo
     negatives), so the reader mixes the nights of its group here, off the
     training workers.
     """
-    tables = [keep_windows_with(pq.read_table(str(path), columns=list(columns), filesystem=filesystem), modalities)
-              for path in items["path"]]
+    tables = [
+        keep_windows_with(pq.read_table(str(path), columns=list(columns), filesystem=filesystem), modalities)
+        for path in items["path"]
+    ]
     table = pa.concat_tables(tables)
     if seed is not None and table.num_rows > 1:
         rng = np.random.default_rng([seed, int(items["slot"][0])])
@@ -214,9 +233,17 @@ def pass_order(files: Sequence[str], *, repeats: int, seed: int) -> list[str]:
     return order
 
 
-def build_dataset(files: Sequence[str], *, modalities: Sequence[str], history_columns: Sequence[str],
-                  seed: int, repeats: int = 1, nights_per_block: int = 16, readers: int = 2,
-                  filesystem: pafs.FileSystem | None = None):
+def build_dataset(
+    files: Sequence[str],
+    *,
+    modalities: Sequence[str],
+    history_columns: Sequence[str],
+    seed: int,
+    repeats: int = 1,
+    nights_per_block: int = 16,
+    readers: int = 2,
+    filesystem: pafs.FileSystem | None = None,
+):
     """A streaming Ray Data dataset of the training windows: one pass of the loop.
 
     One block per ``nights_per_block`` store files (nights), read lazily by a
@@ -241,9 +268,16 @@ def build_dataset(files: Sequence[str], *, modalities: Sequence[str], history_co
     groups = math.ceil(len(order) / nights_per_block)
     dataset = ray.data.from_items([{"path": f, "slot": i} for i, f in enumerate(order)], override_num_blocks=groups)
     dataset = dataset.map_batches(
-        read_store_files, batch_size=nights_per_block, batch_format="numpy", num_cpus=0,
+        read_store_files,
+        batch_size=nights_per_block,
+        batch_format="numpy",
+        num_cpus=0,
         compute=ray.data.TaskPoolStrategy(size=max(1, readers)),
-        fn_kwargs={"columns": training_columns(modalities, history_columns), "modalities": list(modalities),
-                   "seed": seed, "filesystem": filesystem},
+        fn_kwargs={
+            "columns": training_columns(modalities, history_columns),
+            "modalities": list(modalities),
+            "seed": seed,
+            "filesystem": filesystem,
+        },
     )
     return dataset

@@ -24,16 +24,26 @@ from typing import Any
 import pyarrow.fs as pafs
 import torch
 
-from pipelines.checkpoints import (EMA_FILE, ONLINE_ENCODER_DIR, ENCODER_DIR, ENGINE_DIR, ENGINE_TAG, DataPosition, checkpoint_dir_name,
-                                   data_position, read_state, write_state)
+from pipelines.checkpoints import (
+    EMA_FILE,
+    ENCODER_DIR,
+    ENGINE_DIR,
+    ENGINE_TAG,
+    ONLINE_ENCODER_DIR,
+    DataPosition,
+    checkpoint_dir_name,
+    data_position,
+    read_state,
+    write_state,
+)
 from pipelines.runtime import file_type, join, start_system_metrics, write_text
 from pipelines.train_config import PretrainConfig, config_to_dict
 from pipelines.validation import HeldOutValidator
-from s2v_core.io.discovery import resolve
 from s2v_core.ema import EMA
+from s2v_core.io.discovery import resolve
 from s2v_core.losses import dash_infonce
-from s2v_core.objective import Objective
 from s2v_core.model import ModelConfig, SleepEncoder, batch_to_tensors, save_encoder
+from s2v_core.objective import Objective
 from s2v_core.splits import TRAINING_RECORD_FILE
 from s2v_core.store import table_to_batch
 
@@ -57,9 +67,19 @@ class LoopConfig:
     validation_filesystem: pafs.FileSystem | None = None
     training_record: dict[str, Any] | None = None  # which store and splits trained the encoder
 
+
 #: Per-step metrics averaged over workers before logging (NaN-aware).
-AVERAGED_STATS = ("loss", "negatives_per_anchor", "weight_same_site", "weight_other_site",
-                  "weight_same_sex", "weight_other_sex", "temperature", "pairs", "global_batch")
+AVERAGED_STATS = (
+    "loss",
+    "negatives_per_anchor",
+    "weight_same_site",
+    "weight_other_site",
+    "weight_same_sex",
+    "weight_other_sex",
+    "temperature",
+    "pairs",
+    "global_batch",
+)
 #: Metric rows rank 0 buffers before writing them to MLflow in one batch.
 MLFLOW_FLUSH_ROWS = 50
 
@@ -101,9 +121,16 @@ class _TimedGather:
         return out
 
 
-def forward_backward(engine: Any, tensors: dict[str, Any], *, objective: Objective, rank: int, world_size: int,
-                     gather: Callable[[torch.Tensor], torch.Tensor] | None,
-                     modalities: Sequence[str] | None = None) -> Any:
+def forward_backward(
+    engine: Any,
+    tensors: dict[str, Any],
+    *,
+    objective: Objective,
+    rank: int,
+    world_size: int,
+    gather: Callable[[torch.Tensor], torch.Tensor] | None,
+    modalities: Sequence[str] | None = None,
+) -> Any:
     """A micro-step's gradient: encode the local batch, DASH-InfoNCE against the global batch, backward.
 
     ``modalities`` are the ones this step encodes (the objective's random pair,
@@ -115,9 +142,16 @@ def forward_backward(engine: Any, tensors: dict[str, Any], *, objective: Objecti
     """
     out, logit_scale = engine(tensors, modalities=modalities, mask_rate=objective.mask_rate)
     meta = {k: tensors[k] for k in ("age", "sex", "site_id", "night_id", "history")}
-    result = dash_infonce({k: v.float() for k, v in out.per_modality.items()}, out.present, meta,
-                          logit_scale=logit_scale, rank=rank, world_size=world_size, gather=gather,
-                          **objective.loss_options())
+    result = dash_infonce(
+        {k: v.float() for k, v in out.per_modality.items()},
+        out.present,
+        meta,
+        logit_scale=logit_scale,
+        rank=rank,
+        world_size=world_size,
+        gather=gather,
+        **objective.loss_options(),
+    )
     engine.backward(result.loss)
     return result
 
@@ -155,8 +189,9 @@ class ContrastiveStep(torch.nn.Module):
                 if isinstance(child, torch.nn.Embedding):
                     deepspeed.zero.register_external_parameter(encoder, child.weight)
 
-    def forward(self, batch: dict[str, Any], modalities: Sequence[str] | None = None,
-                mask_rate: float = 0.0) -> tuple[Any, torch.Tensor]:
+    def forward(
+        self, batch: dict[str, Any], modalities: Sequence[str] | None = None, mask_rate: float = 0.0
+    ) -> tuple[Any, torch.Tensor]:
         # A computed 0-dim copy: it stays valid after ZeRO-3 re-partitions the parameter.
         scale = self.encoder.logit_scale.float().reshape(()) * 1.0
         return self.encoder.encode(batch, modalities, mask_rate=mask_rate), scale
@@ -175,8 +210,9 @@ def _promote_scalar_parameters(model: torch.nn.Module) -> None:
     for module in model.modules():
         for name, param in list(module._parameters.items()):
             if param is not None and param.ndim == 0:
-                module._parameters[name] = torch.nn.Parameter(param.detach().reshape(1),
-                                                              requires_grad=param.requires_grad)
+                module._parameters[name] = torch.nn.Parameter(
+                    param.detach().reshape(1), requires_grad=param.requires_grad
+                )
 
 
 def _average_stats(stats: dict[str, float], world_size: int, device: torch.device) -> dict[str, float]:
@@ -223,7 +259,7 @@ class _MetricLog:
     def flush(self) -> None:
         if self.client is not None and self.rows:
             for start in range(0, len(self.rows), 1000):  # MLflow's log_batch limit
-                self.client.log_batch(self.run_id, metrics=self.rows[start:start + 1000])
+                self.client.log_batch(self.run_id, metrics=self.rows[start : start + 1000])
             self.rows = []
 
     def close(self) -> None:
@@ -257,11 +293,19 @@ class _Progress:
         self.last = now
         held_out = ""
         if "val/loss_ratio_mean" in metrics:
-            held_out = (f"  held-out loss/chance {metrics['val/loss_ratio_mean']:.3f}"
-                        f"  top-1 {metrics['val/top1_over_chance_mean']:.1f}x chance")
-        logger.info("step %d/%d  loss %.4f  lr %.2e  %.1f windows/s%s", step, self.steps,
-                    metrics.get("loss", math.nan), metrics.get("lr", math.nan), metrics.get("windows_per_s", 0.0),
-                    held_out)
+            held_out = (
+                f"  held-out loss/chance {metrics['val/loss_ratio_mean']:.3f}"
+                f"  top-1 {metrics['val/top1_over_chance_mean']:.1f}x chance"
+            )
+        logger.info(
+            "step %d/%d  loss %.4f  lr %.2e  %.1f windows/s%s",
+            step,
+            self.steps,
+            metrics.get("loss", math.nan),
+            metrics.get("lr", math.nan),
+            metrics.get("windows_per_s", 0.0),
+            held_out,
+        )
 
 
 def _validation_due(cfg: Any, step: int) -> bool:
@@ -278,13 +322,20 @@ def _validator(loop: LoopConfig, *, rank: int, zero_stage: int) -> HeldOutValida
     if not loop.validation_files or (rank != 0 and zero_stage != 3):
         return None
     cfg = loop.pretrain
-    return HeldOutValidator(list(loop.validation_files), loop.validation_filesystem, modalities=loop.modalities,
-                            epochs_per_window=loop.epochs_per_window, max_epochs=cfg.validation_epochs,
-                            batch_size=cfg.global_batch, seed=cfg.seed)
+    return HeldOutValidator(
+        list(loop.validation_files),
+        loop.validation_filesystem,
+        modalities=loop.modalities,
+        epochs_per_window=loop.epochs_per_window,
+        max_epochs=cfg.validation_epochs,
+        batch_size=cfg.global_batch,
+        seed=cfg.seed,
+    )
 
 
-def _validate(validator: HeldOutValidator | None, encoder: SleepEncoder, ema: EMA | None, device: torch.device, *,
-              rank: int) -> dict[str, float]:
+def _validate(
+    validator: HeldOutValidator | None, encoder: SleepEncoder, ema: EMA | None, device: torch.device, *, rank: int
+) -> dict[str, float]:
     """Held-out figures of the encoder (its EMA weights when the run keeps them); rank 0's are logged."""
     if validator is None:
         return {}
@@ -331,8 +382,9 @@ def _skip_shm_comm_build() -> None:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
-def build_engine(model_cfg: ModelConfig, modalities: tuple[str, ...], *, cfg: Any, ds_config: dict[str, Any],
-                 on_cpu: bool) -> tuple[Any, Any]:
+def build_engine(
+    model_cfg: ModelConfig, modalities: tuple[str, ...], *, cfg: Any, ds_config: dict[str, Any], on_cpu: bool
+) -> tuple[Any, Any]:
     """The DeepSpeed engine (and LR scheduler) around a freshly initialised encoder.
 
     Needs an initialised ``torch.distributed`` process group (Ray Train's).
@@ -348,8 +400,9 @@ def build_engine(model_cfg: ModelConfig, modalities: tuple[str, ...], *, cfg: An
     optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas))
     if on_cpu:
         _skip_shm_comm_build()
-    engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
-                                                   dist_init_required=False)
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, config=ds_config, dist_init_required=False
+    )
     return engine, scheduler
 
 
@@ -364,8 +417,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     rank, world_size = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
 
-    engine, scheduler = build_engine(loop.model, modalities, cfg=cfg, ds_config=loop.ds_config,
-                                     on_cpu=device.type == "cpu")
+    engine, scheduler = build_engine(
+        loop.model, modalities, cfg=cfg, ds_config=loop.ds_config, on_cpu=device.type == "cpu"
+    )
     zero_stage = int(loop.ds_config["zero_optimization"]["stage"])  # resolved for the device
     objective = cfg.loss_objective
     encoder = engine.module.encoder
@@ -374,8 +428,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         encoder.set_batchnorm_reducer(all_reduce_with_grad)
     if cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda"):
         encoder.compile_blocks()
-    ema = EMA(encoder, total_steps=cfg.steps, momentum_start=cfg.ema_momentum_start,
-              momentum_end=cfg.ema_momentum_end) if cfg.ema else None
+    ema = (
+        EMA(encoder, total_steps=cfg.steps, momentum_start=cfg.ema_momentum_start, momentum_end=cfg.ema_momentum_end)
+        if cfg.ema
+        else None
+    )
 
     step, position = 0, DataPosition()
     checkpoint = ray.train.get_checkpoint()
@@ -390,8 +447,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             step, position = int(state["step"]), data_position(state)
             if ema is not None:
                 ema.load_state_dict(torch.load(Path(directory) / EMA_FILE, map_location=device, weights_only=True))
-        logger.info("rank %d resumed at step %d (epoch %d, batch %d)", rank, step,
-                    position.epoch, position.batches_in_epoch)
+        logger.info(
+            "rank %d resumed at step %d (epoch %d, batch %d)", rank, step, position.epoch, position.batches_in_epoch
+        )
 
     gather = _TimedGather(make_gather(world_size)) if world_size > 1 else None
     shard = ray.train.get_dataset_shard("train")
@@ -408,7 +466,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     while step < cfg.steps:
         consumed = 0
         batches = shard.iter_batches(
-            batch_size=cfg.per_worker_batch, batch_format="pyarrow", drop_last=True,
+            batch_size=cfg.per_worker_batch,
+            batch_format="pyarrow",
+            drop_last=True,
             local_shuffle_buffer_size=cfg.shuffle_buffer or None,
             local_shuffle_seed=cfg.seed + 7919 * epoch + rank if cfg.shuffle_buffer else None,
         )
@@ -423,10 +483,21 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 torch.manual_seed(cfg.seed * 1_000_003 + rank * 7919 + step)
             # Every rank draws the same modalities for an optimiser step (seed and step).
             step_modalities = objective.step_modalities(modalities, seed=cfg.seed, step=step)
-            np_batch = table_to_batch(table, modalities=step_modalities, epochs_per_window=epochs_per_window,
-                                      history_columns=cfg.history_columns)
-            result = forward_backward(engine, batch_to_tensors(np_batch, device), objective=objective,
-                                      rank=rank, world_size=world_size, gather=gather, modalities=step_modalities)
+            np_batch = table_to_batch(
+                table,
+                modalities=step_modalities,
+                epochs_per_window=epochs_per_window,
+                history_columns=cfg.history_columns,
+            )
+            result = forward_backward(
+                engine,
+                batch_to_tensors(np_batch, device),
+                objective=objective,
+                rank=rank,
+                world_size=world_size,
+                gather=gather,
+                modalities=step_modalities,
+            )
             engine.step()
             micro += 1
             window_count += cfg.global_batch
@@ -446,20 +517,25 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 # Every rank takes part in the stats all-reduce, on the same steps.
                 stats = _average_stats(result.to_floats(), world_size, device)  # one device read per log
                 elapsed = time.perf_counter() - interval_start
-                metrics = {**stats, "step": float(step), "epoch": float(epoch * store_repeats),
-                           "optimizer_steps": float(engine.global_steps),
-                           "lr": float(scheduler.get_last_lr()[0]) if scheduler is not None else cfg.lr,
-                           "windows_per_s": window_count / max(elapsed, 1e-9),
-                           "gather_share": gather_seconds / max(elapsed, 1e-9)}
+                metrics = {
+                    **stats,
+                    "step": float(step),
+                    "epoch": float(epoch * store_repeats),
+                    "optimizer_steps": float(engine.global_steps),
+                    "lr": float(scheduler.get_last_lr()[0]) if scheduler is not None else cfg.lr,
+                    "windows_per_s": window_count / max(elapsed, 1e-9),
+                    "gather_share": gather_seconds / max(elapsed, 1e-9),
+                }
                 window_count, gather_seconds = 0, 0.0
                 if validate_now:
                     metrics.update(_validate(validator, encoder, ema, device, rank=rank))
-                log.add({k: v for k, v in metrics.items() if k not in ("step", "global_batch", "optimizer_steps")}, step)
+                log.add(
+                    {k: v for k, v in metrics.items() if k not in ("step", "global_batch", "optimizer_steps")}, step
+                )
                 progress.maybe_log(step, metrics)
                 if checkpoint_now:
                     log.flush()
-                    _save_and_report(engine, metrics, loop, rank, world_size, step, position, zero_stage,
-                                     ema=ema)
+                    _save_and_report(engine, metrics, loop, rank, world_size, step, position, zero_stage, ema=ema)
                     last_checkpoint_step = step
                 elif report_now:
                     ray.train.report(metrics)
@@ -470,8 +546,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if consumed == 0:
             # The driver checks that every worker's shard fills a batch; if the
             # store shrank since, stop instead of spinning on empty epochs.
-            raise RuntimeError(f"worker {rank}: pass {epoch} yielded no batch of {cfg.per_worker_batch} "
-                               "windows; the store has fewer windows than --global-batch needs")
+            raise RuntimeError(
+                f"worker {rank}: pass {epoch} yielded no batch of {cfg.per_worker_batch} "
+                "windows; the store has fewer windows than --global-batch needs"
+            )
         skip = 0
         if step < cfg.steps:
             epoch += 1
@@ -480,9 +558,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     log.close()
 
 
-def _save_and_report(engine: Any, metrics: dict[str, float], loop: LoopConfig,
-                     rank: int, world_size: int, step: int, position: DataPosition, zero_stage: int, *,
-                     ema: EMA | None = None) -> None:
+def _save_and_report(
+    engine: Any,
+    metrics: dict[str, float],
+    loop: LoopConfig,
+    rank: int,
+    world_size: int,
+    step: int,
+    position: DataPosition,
+    zero_stage: int,
+    *,
+    ema: EMA | None = None,
+) -> None:
     """Shard → barrier → report: every rank saves its DeepSpeed state, rank 0 the encoder and state.
 
     With EMA, ``encoder/`` holds the averaged weights (what embed and evaluate
@@ -507,14 +594,25 @@ def _save_and_report(engine: Any, metrics: dict[str, float], loop: LoopConfig,
         if rank == 0 and loop.training_record:
             # Which store and subjects trained this encoder: `s2v evaluate` refuses to call them unseen.
             (Path(directory) / ENCODER_DIR / TRAINING_RECORD_FILE).write_text(
-                json.dumps(loop.training_record, indent=1) + "\n", encoding="utf-8")
+                json.dumps(loop.training_record, indent=1) + "\n", encoding="utf-8"
+            )
         if rank == 0:
-            write_state(directory, config=config_to_dict(loop.pretrain), step=step, seed=loop.pretrain.seed,
-                        position=position, metrics=metrics, world_size=world_size)
+            write_state(
+                directory,
+                config=config_to_dict(loop.pretrain),
+                step=step,
+                seed=loop.pretrain.seed,
+                position=position,
+                metrics=metrics,
+                world_size=world_size,
+            )
         if world_size > 1:
             dist.barrier()
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory),
-                         checkpoint_dir_name=checkpoint_dir_name(step))
+        ray.train.report(
+            metrics,
+            checkpoint=ray.train.Checkpoint.from_directory(directory),
+            checkpoint_dir_name=checkpoint_dir_name(step),
+        )
 
 
 def _save_encoder(engine: Any, directory: Path, *, rank: int, zero_stage: int) -> None:

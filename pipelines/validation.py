@@ -26,12 +26,11 @@ import pyarrow.parquet as pq
 import torch
 
 from pipelines.train_data import keep_windows_with, training_columns
-from s2v_core.store import open_store
 from s2v_core.evaluation.alignment import AlignmentMeter, all_pairs, summarise_pairs
 from s2v_core.losses import DashConfig, dash_infonce
-from s2v_core.model import SleepEncoder, batch_to_tensors
 from s2v_core.modalities import MODALITY_KEYS
-from s2v_core.store import schema_info, table_to_batch
+from s2v_core.model import SleepEncoder, batch_to_tensors
+from s2v_core.store import open_store, schema_info, table_to_batch
 
 #: Prefix of the held-out figures in a run's metrics (MLflow keys ``val/...``).
 PREFIX = "val"
@@ -60,14 +59,28 @@ class HeldOutValidator:
         The pairs to score (default: every pair of ``modalities`` the sample holds).
     """
 
-    def __init__(self, files: Sequence[str], filesystem: pafs.FileSystem | None, *, modalities: Sequence[str],
-                 epochs_per_window: int, max_epochs: int | None, batch_size: int, seed: int = 0,
-                 pairs: Sequence[tuple[str, str]] | None = None) -> None:
+    def __init__(
+        self,
+        files: Sequence[str],
+        filesystem: pafs.FileSystem | None,
+        *,
+        modalities: Sequence[str],
+        epochs_per_window: int,
+        max_epochs: int | None,
+        batch_size: int,
+        seed: int = 0,
+        pairs: Sequence[tuple[str, str]] | None = None,
+    ) -> None:
         self.modalities = tuple(k for k in MODALITY_KEYS if k in set(modalities))
         self.batch_size = max(2, int(batch_size))
         self.epochs_per_window = epochs_per_window
-        tables = [keep_windows_with(pq.read_table(str(f), columns=training_columns(self.modalities, ()),
-                                                  filesystem=filesystem), self.modalities) for f in files]
+        tables = [
+            keep_windows_with(
+                pq.read_table(str(f), columns=training_columns(self.modalities, ()), filesystem=filesystem),
+                self.modalities,
+            )
+            for f in files
+        ]
         table = pa.concat_tables(tables) if tables else None
         self.windows = 0
         self.batches: list[dict[str, Any]] = []
@@ -87,8 +100,13 @@ class HeldOutValidator:
                 self.batches.append({k: v[rows] for k, v in batch.items()})
         present = batch["present"]
         candidates = all_pairs(self.modalities) if pairs is None else [tuple(p) for p in pairs]
-        self.pairs = [(a, b) for a, b in candidates if a in self.modalities and b in self.modalities
-                      and (present[:, MODALITY_KEYS.index(a)] & present[:, MODALITY_KEYS.index(b)]).any()]
+        self.pairs = [
+            (a, b)
+            for a, b in candidates
+            if a in self.modalities
+            and b in self.modalities
+            and (present[:, MODALITY_KEYS.index(a)] & present[:, MODALITY_KEYS.index(b)]).any()
+        ]
 
     def __bool__(self) -> bool:
         return bool(self.batches) and bool(self.pairs)
@@ -96,8 +114,12 @@ class HeldOutValidator:
     def __call__(self, encoder: SleepEncoder, *, device: torch.device | str = "cpu") -> dict[str, float]:
         """Flat metrics ``val/<pair>/<figure>`` plus ``val/loss_ratio_mean``, ``val/top1_over_chance_mean``."""
         figures = self.figures(encoder, device=device)
-        flat = {f"{PREFIX}/{pair}/{name}": value for pair, values in figures.items() for name, value in values.items()
-                if name in ("loss", "chance_loss", "loss_ratio", "top1", "top5", "chance_top1", "top1_over_chance", "n")}
+        flat = {
+            f"{PREFIX}/{pair}/{name}": value
+            for pair, values in figures.items()
+            for name, value in values.items()
+            if name in ("loss", "chance_loss", "loss_ratio", "top1", "top5", "chance_top1", "top1_over_chance", "n")
+        }
         if flat:
             flat.update({f"{PREFIX}/{k}": v for k, v in summarise_pairs(figures).items()})
             flat[f"{PREFIX}/windows"] = float(self.windows)
@@ -169,27 +191,33 @@ def evaluate_contrastive_loss(
     order = np.random.default_rng(shuffle_seed).permutation(table.num_rows)
     table = table.take(pa.array(order))
     if table.num_rows < 2:
-        raise ValueError(f"evaluate_contrastive_loss: expected at least 2 windows with "
-                         f"{', '.join(selected)}, found {table.num_rows}")
+        raise ValueError(
+            f"evaluate_contrastive_loss: expected at least 2 windows with {', '.join(selected)}, found {table.num_rows}"
+        )
     starts = list(range(0, max(table.num_rows - batch_size, 0) + 1, batch_size))
     total, anchors, negatives = 0.0, 0.0, 0.0
     encoder.eval()
     with torch.no_grad():
         for start in starts:
             rows = table.slice(start, batch_size)
-            batch = batch_to_tensors(table_to_batch(rows, modalities=selected, epochs_per_window=epochs_per_window,
-                                                    history_columns=history_columns))
+            batch = batch_to_tensors(
+                table_to_batch(
+                    rows, modalities=selected, epochs_per_window=epochs_per_window, history_columns=history_columns
+                )
+            )
             out = encoder.encode(batch, modalities=selected)
             meta = {k: batch[k] for k in ("age", "sex", "site_id", "night_id", "history")}
-            result = dash_infonce(out.per_modality, out.present, meta, logit_scale=encoder.logit_scale,
-                                  config=dash)
+            result = dash_infonce(out.per_modality, out.present, meta, logit_scale=encoder.logit_scale, config=dash)
             stats = result.to_floats()
             count = stats.get("anchors", 0.0)
             total += stats["loss"] * count
             negatives += stats.get("negatives_per_anchor", 0.0) * count
             anchors += count
     if anchors == 0:
-        raise ValueError(f"evaluate_contrastive_loss: no window holds two of {', '.join(selected)}; "
-                         "nothing to align")
-    return {"loss": total / anchors, "negatives_per_anchor": negatives / anchors,
-            "batches": float(len(starts)), "windows": float(min(table.num_rows, len(starts) * batch_size))}
+        raise ValueError(f"evaluate_contrastive_loss: no window holds two of {', '.join(selected)}; nothing to align")
+    return {
+        "loss": total / anchors,
+        "negatives_per_anchor": negatives / anchors,
+        "batches": float(len(starts)),
+        "windows": float(min(table.num_rows, len(starts) * batch_size)),
+    }

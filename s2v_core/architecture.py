@@ -50,28 +50,31 @@ class ModelConfig:
         for field_name in positive:
             value = getattr(self, field_name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"model config {self.name!r}: {field_name} must be an integer >= 1, "
-                                 f"found {value!r}")
+                raise ValueError(f"model config {self.name!r}: {field_name} must be an integer >= 1, found {value!r}")
         if self.width % self.heads:
-            raise ValueError(f"model config {self.name!r}: width {self.width} is not divisible by "
-                             f"heads {self.heads}; override heads too (e.g. heads=1)")
+            raise ValueError(
+                f"model config {self.name!r}: width {self.width} is not divisible by "
+                f"heads {self.heads}; override heads too (e.g. heads=1)"
+            )
         if not self.mlp_ratio > 0:
             raise ValueError(f"model config {self.name!r}: mlp_ratio must be > 0, found {self.mlp_ratio}")
         for field_name in ("dropout", "modality_dropout"):
             value = getattr(self, field_name)
             if not 0.0 <= value < 1.0:
-                raise ValueError(f"model config {self.name!r}: {field_name} must be in [0, 1), "
-                                 f"found {value}")
+                raise ValueError(f"model config {self.name!r}: {field_name} must be in [0, 1), found {value}")
         if not self.init_temperature > 0:
-            raise ValueError(f"model config {self.name!r}: init_temperature must be > 0, "
-                             f"found {self.init_temperature}")
+            raise ValueError(f"model config {self.name!r}: init_temperature must be > 0, found {self.init_temperature}")
         for field_name, allowed in (("tokenizer", tuple(TOKENIZERS)), ("position", POSITIONS), ("head", HEADS)):
             if getattr(self, field_name) not in allowed:
-                raise ValueError(f"model config {self.name!r}: {field_name} must be one of "
-                                 f"{', '.join(allowed)}, found {getattr(self, field_name)!r}")
+                raise ValueError(
+                    f"model config {self.name!r}: {field_name} must be one of "
+                    f"{', '.join(allowed)}, found {getattr(self, field_name)!r}"
+                )
         if self.position == "rotary" and (self.width // self.heads) % 2:
-            raise ValueError(f"model config {self.name!r}: rotary positions need an even head size, "
-                             f"found width {self.width} / heads {self.heads} = {self.width // self.heads}")
+            raise ValueError(
+                f"model config {self.name!r}: rotary positions need an even head size, "
+                f"found width {self.width} / heads {self.heads} = {self.width // self.heads}"
+            )
 
 
 def _config_dir():
@@ -100,15 +103,22 @@ def model_config(name: str = "tiny", **overrides: Any) -> ModelConfig:
     known = {f.name for f in fields(ModelConfig)}
     unknown = sorted(set(overrides) - known)
     if unknown:
-        raise ValueError(f"model config {name!r}: unknown override(s) {', '.join(unknown)}; "
-                         f"expected some of {', '.join(sorted(known))}")
+        raise ValueError(
+            f"model config {name!r}: unknown override(s) {', '.join(unknown)}; "
+            f"expected some of {', '.join(sorted(known))}"
+        )
     data.update({k: v for k, v in overrides.items() if v is not None})
     return from_mapping(ModelConfig, data, source=source)
 
 
-def resolve_model_config(name: str, *, width: int | None = None, depth: int | None = None,
-                         epochs_per_window: int | None = None,
-                         overrides: Mapping[str, Any] | None = None) -> ModelConfig:
+def resolve_model_config(
+    name: str,
+    *,
+    width: int | None = None,
+    depth: int | None = None,
+    epochs_per_window: int | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> ModelConfig:
     """The one place run options become an architecture (pretrain, sweep and finetune call it).
 
     The named size (``configs/model/<name>.toml``), then ``overrides`` (an

@@ -36,7 +36,7 @@ def rotary_tables(length: int, head_dim: int, device: torch.device) -> tuple[Ten
     bf16 cast would coarsen).
     """
     exponents = torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim
-    inverse_frequency = ROTARY_BASE ** -exponents
+    inverse_frequency = ROTARY_BASE**-exponents
     angles = torch.arange(length, device=device, dtype=torch.float32)[:, None] * inverse_frequency[None, :]
     angles = torch.cat([angles, angles], dim=-1)
     return angles.cos(), angles.sin()

@@ -70,8 +70,7 @@ def _check_type(value: Any, annotation: Any, where: str) -> Any:
         if not isinstance(value, Mapping):
             raise TypeError(f"{where}: expected a mapping, found {type(value).__name__}")
         if args:
-            return {_check_type(k, args[0], where): _check_type(v, args[1], f"{where}.{k}")
-                    for k, v in value.items()}
+            return {_check_type(k, args[0], where): _check_type(v, args[1], f"{where}.{k}") for k, v in value.items()}
         return dict(value)
     if dataclasses.is_dataclass(annotation):
         if isinstance(value, annotation):

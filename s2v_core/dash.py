@@ -75,11 +75,20 @@ class DashConfig:
     max_logit_scale: float = 100.0  # CLIP's clamp of 1/temperature, keeps logits bounded
 
     def __post_init__(self) -> None:
-        for name in ("age_sigma_years", "age_factor", "same_site_factor", "other_site_factor",
-                     "same_sex_factor", "other_sex_factor", "history_factor", "max_logit_scale"):
+        for name in (
+            "age_sigma_years",
+            "age_factor",
+            "same_site_factor",
+            "other_site_factor",
+            "same_sex_factor",
+            "other_sex_factor",
+            "history_factor",
+            "max_logit_scale",
+        ):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise ValueError(f"DashConfig.{name} must be a finite number > 0, found {value!r}")
+
 
 @dataclass(frozen=True)
 class PaperDashConfig:
@@ -94,14 +103,21 @@ class PaperDashConfig:
     max_logit_scale: float = 100.0  # clamp of 1/temperature (τ = 0.2 gives 5, far below)
 
     def __post_init__(self) -> None:
-        for name in ("age_sigma_years", "other_sex_factor", "same_site_gate", "other_site_gate", "epsilon",
-                     "max_logit_scale"):
+        for name in (
+            "age_sigma_years",
+            "other_sex_factor",
+            "same_site_gate",
+            "other_site_gate",
+            "epsilon",
+            "max_logit_scale",
+        ):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise ValueError(f"PaperDashConfig.{name} must be a finite number > 0, found {value!r}")
         if not (math.isfinite(self.same_night_margin) and self.same_night_margin >= 0):
-            raise ValueError(f"PaperDashConfig.same_night_margin must be a finite number >= 0, "
-                             f"found {self.same_night_margin!r}")
+            raise ValueError(
+                f"PaperDashConfig.same_night_margin must be a finite number >= 0, found {self.same_night_margin!r}"
+            )
 
 
 def meta_column(meta: Mapping[str, Tensor], key: str, rows: int, device: torch.device) -> Tensor:
@@ -131,8 +147,7 @@ def meta_columns(meta: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return {k: meta_column(meta, k, len(nights), device) for k in META_KEYS}
 
 
-def dash_log_weights(meta_anchor: Mapping[str, Tensor], meta_all: Mapping[str, Tensor],
-                     config: DashConfig) -> Tensor:
+def dash_log_weights(meta_anchor: Mapping[str, Tensor], meta_all: Mapping[str, Tensor], config: DashConfig) -> Tensor:
     """Unnormalised ``log w_ij`` ``(A, N)`` of anchors vs candidates (symmetric in i, j).
 
     Same inputs as :func:`dash_weights`; all zeros when ``config.enabled`` is false.
@@ -142,8 +157,9 @@ def dash_log_weights(meta_anchor: Mapping[str, Tensor], meta_all: Mapping[str, T
     if not config.enabled:
         return log_w
     if a["history"].shape[1] != b["history"].shape[1]:
-        raise ValueError(f"dash_weights: anchors have {a['history'].shape[1]} history columns, "
-                         f"candidates {b['history'].shape[1]}")
+        raise ValueError(
+            f"dash_weights: anchors have {a['history'].shape[1]} history columns, candidates {b['history'].shape[1]}"
+        )
 
     same_site = a["site_id"][:, None] == b["site_id"][None, :]
     log_w += torch.where(same_site, math.log(config.same_site_factor), math.log(config.other_site_factor))
@@ -170,8 +186,13 @@ def dash_log_weights(meta_anchor: Mapping[str, Tensor], meta_all: Mapping[str, T
     return log_w
 
 
-def dash_weights(meta_anchor: Mapping[str, Tensor], meta_all: Mapping[str, Tensor],
-                 config: DashConfig = DashConfig(), *, normalise: bool = True) -> Tensor:
+def dash_weights(
+    meta_anchor: Mapping[str, Tensor],
+    meta_all: Mapping[str, Tensor],
+    config: DashConfig = DashConfig(),
+    *,
+    normalise: bool = True,
+) -> Tensor:
     """DASH negative weights ``w_ij`` of anchors (rows) against candidates (columns).
 
     Parameters
@@ -213,8 +234,9 @@ def _paper_raw(a: Mapping[str, Tensor], b: Mapping[str, Tensor], config: PaperDa
     return k * gate + config.epsilon
 
 
-def _paper_normalise(raw: Tensor, same_night: Tensor, positive: Tensor, candidates: Tensor,
-                     config: PaperDashConfig) -> Tensor:
+def _paper_normalise(
+    raw: Tensor, same_night: Tensor, positive: Tensor, candidates: Tensor, config: PaperDashConfig
+) -> Tensor:
     """The authors' row normalisation of ``raw`` ``(…, A, N)``, per candidate mask ``(…, 1 or A, N)``."""
     eps = config.epsilon
     off = ~positive & candidates
@@ -227,9 +249,14 @@ def _paper_normalise(raw: Tensor, same_night: Tensor, positive: Tensor, candidat
     return weights / mean.clamp(min=eps)
 
 
-def paper_dash_weights(meta_anchor: Mapping[str, Tensor], meta_all: Mapping[str, Tensor],
-                       config: PaperDashConfig = PaperDashConfig(), *, positive: Tensor | None = None,
-                       candidates: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def paper_dash_weights(
+    meta_anchor: Mapping[str, Tensor],
+    meta_all: Mapping[str, Tensor],
+    config: PaperDashConfig = PaperDashConfig(),
+    *,
+    positive: Tensor | None = None,
+    candidates: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
     """The authors' normalised weights ``w`` and same-night indicator ``h`` of anchors against candidates.
 
     Parameters
@@ -254,8 +281,7 @@ def paper_dash_weights(meta_anchor: Mapping[str, Tensor], meta_all: Mapping[str,
     rows, cols = len(a["night_id"]), len(b["night_id"])
     if positive is None:
         if rows != cols:
-            raise ValueError(f"paper_dash_weights: pass positive= when anchors ({rows}) and candidates ({cols}) "
-                             "differ")
+            raise ValueError(f"paper_dash_weights: pass positive= when anchors ({rows}) and candidates ({cols}) differ")
         positive = torch.eye(rows, dtype=torch.bool, device=a["night_id"].device)
     if candidates is None:
         candidates = torch.ones(cols, dtype=torch.bool, device=positive.device)

@@ -48,11 +48,13 @@ class EMA:
         Momentum at step 0 and at ``total_steps``.
     """
 
-    def __init__(self, module: nn.Module, *, total_steps: int, momentum_start: float = 0.996,
-                 momentum_end: float = 1.0) -> None:
+    def __init__(
+        self, module: nn.Module, *, total_steps: int, momentum_start: float = 0.996, momentum_end: float = 1.0
+    ) -> None:
         if not 0.0 <= momentum_start <= momentum_end <= 1.0:
-            raise ValueError(f"EMA: expected 0 <= momentum_start <= momentum_end <= 1, found "
-                             f"{momentum_start!r}, {momentum_end!r}")
+            raise ValueError(
+                f"EMA: expected 0 <= momentum_start <= momentum_end <= 1, found {momentum_start!r}, {momentum_end!r}"
+            )
         if total_steps < 1:
             raise ValueError(f"EMA: total_steps must be >= 1, found {total_steps!r}")
         self.total_steps, self.momentum_start, self.momentum_end = total_steps, momentum_start, momentum_end
@@ -73,8 +75,10 @@ class EMA:
         params = dict(module.named_parameters())
         missing = [n for n in names if n not in params]
         if missing:
-            raise ValueError(f"EMA.update: the module lacks parameter(s) {', '.join(missing[:3])}; "
-                             "update with the module the EMA was built from")
+            raise ValueError(
+                f"EMA.update: the module lacks parameter(s) {', '.join(missing[:3])}; "
+                "update with the module the EMA was built from"
+            )
         shadow = [self.shadow[n] for n in names]
         torch._foreach_mul_(shadow, m)
         torch._foreach_add_(shadow, [params[n].detach().float() for n in names], alpha=1.0 - m)
@@ -108,20 +112,25 @@ class EMA:
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume: shadow weights, buffers, schedule and last step."""
-        return {"shadow": dict(self.shadow), "buffers": dict(self.buffers), "step": self.step,
-                "total_steps": self.total_steps, "momentum_start": self.momentum_start,
-                "momentum_end": self.momentum_end}
+        return {
+            "shadow": dict(self.shadow),
+            "buffers": dict(self.buffers),
+            "step": self.step,
+            "total_steps": self.total_steps,
+            "momentum_start": self.momentum_start,
+            "momentum_end": self.momentum_end,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` output (the same parameter names are required)."""
         missing = sorted(set(self.shadow) - set(state["shadow"]))
         unexpected = sorted(set(state["shadow"]) - set(self.shadow))
         if missing or unexpected:
-            raise ValueError(f"EMA.load_state_dict: parameter names differ (missing {missing[:3]}, "
-                             f"unexpected {unexpected[:3]})")
+            raise ValueError(
+                f"EMA.load_state_dict: parameter names differ (missing {missing[:3]}, unexpected {unexpected[:3]})"
+            )
         device = next(iter(self.shadow.values())).device if self.shadow else None
         self.shadow = {n: t.detach().float().to(device).clone() for n, t in state["shadow"].items()}
         self.buffers = {n: t.detach().to(device).clone() for n, t in state["buffers"].items()}
         self.step, self.total_steps = int(state["step"]), int(state["total_steps"])
         self.momentum_start, self.momentum_end = float(state["momentum_start"]), float(state["momentum_end"])
-

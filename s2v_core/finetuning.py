@@ -95,15 +95,18 @@ class FinetuneSpec:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"finetune spec: {name} must be an integer >= 1, found {value!r}")
         if not isinstance(self.epochs_per_window, int) or self.epochs_per_window < 0:
-            raise ValueError(f"finetune spec: epochs_per_window must be an integer >= 0, found "
-                             f"{self.epochs_per_window!r}")
+            raise ValueError(
+                f"finetune spec: epochs_per_window must be an integer >= 0, found {self.epochs_per_window!r}"
+            )
         for name in ("head_dropout", "lora_dropout", "modality_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"finetune spec: {name} must be in [0, 1), found {getattr(self, name)!r}")
         unknown = [t for t in self.lora_targets if t not in LORA_TARGETS]
         if not self.lora_targets or unknown:
-            raise ValueError(f"--lora-targets: expected a non-empty subset of {', '.join(LORA_TARGETS)}, "
-                             f"found {', '.join(self.lora_targets) or 'nothing'}")
+            raise ValueError(
+                f"--lora-targets: expected a non-empty subset of {', '.join(LORA_TARGETS)}, "
+                f"found {', '.join(self.lora_targets) or 'nothing'}"
+            )
 
     @property
     def task_definition(self) -> Task:
@@ -156,8 +159,18 @@ class GatedFusion(nn.Module):
 class TaskHead(nn.Module):
     """Epoch features ``(B, E, width)`` → ``(B, E, outputs)`` (epoch level) or ``(B, outputs)`` (night level)."""
 
-    def __init__(self, kind: str, width: int, outputs: int, *, level: str, hidden: int, depth: int,
-                 dropout: float, heads: int = 1) -> None:
+    def __init__(
+        self,
+        kind: str,
+        width: int,
+        outputs: int,
+        *,
+        level: str,
+        hidden: int,
+        depth: int,
+        dropout: float,
+        heads: int = 1,
+    ) -> None:
         super().__init__()
         self.kind, self.level = kind, level
         if kind == "linear":
@@ -195,8 +208,10 @@ class FineTunedModel(nn.Module):
         modalities = spec.modalities or encoder.modalities
         missing = [m for m in modalities if m not in encoder.modalities]
         if missing:
-            raise ValueError(f"--modalities: {', '.join(missing)} not built into the encoder "
-                             f"(it has {', '.join(encoder.modalities)})")
+            raise ValueError(
+                f"--modalities: {', '.join(missing)} not built into the encoder "
+                f"(it has {', '.join(encoder.modalities)})"
+            )
         self.spec = dataclasses.replace(spec, modalities=tuple(k for k in MODALITY_KEYS if k in modalities))
         self.task = spec.task_definition
         self.base_config = encoder.config
@@ -205,8 +220,16 @@ class FineTunedModel(nn.Module):
         self.encoder = encoder
         width = encoder.config.width
         self.fusion = GatedFusion()
-        self.head = TaskHead(spec.head, width, self.task.outputs, level=self.task.level, hidden=spec.head_hidden,
-                             depth=spec.head_depth, dropout=spec.head_dropout, heads=encoder.config.heads)
+        self.head = TaskHead(
+            spec.head,
+            width,
+            self.task.outputs,
+            level=self.task.level,
+            hidden=spec.head_hidden,
+            depth=spec.head_depth,
+            dropout=spec.head_dropout,
+            heads=encoder.config.heads,
+        )
         self._configure_encoder()
 
     def _configure_encoder(self) -> None:
@@ -215,8 +238,13 @@ class FineTunedModel(nn.Module):
         if spec.mode == "lora":
             from peft import LoraConfig, inject_adapter_in_model
 
-            config = LoraConfig(r=spec.lora_r, lora_alpha=spec.lora_alpha, lora_dropout=spec.lora_dropout,
-                                target_modules=list(spec.lora_targets), bias="none")
+            config = LoraConfig(
+                r=spec.lora_r,
+                lora_alpha=spec.lora_alpha,
+                lora_dropout=spec.lora_dropout,
+                target_modules=list(spec.lora_targets),
+                bias="none",
+            )
             inject_adapter_in_model(config, encoder)  # marks only the adapters trainable
         # What only the contrastive objective reads never trains here.
         for module in (encoder.head, getattr(encoder, "mask_embedding", None)):
@@ -252,7 +280,7 @@ class FineTunedModel(nn.Module):
         parts = []
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.spec.mode != "frozen"):
             for start in range(0, length, chunk):
-                piece = {k: batch[k][:, start:start + chunk] for k in modalities}
+                piece = {k: batch[k][:, start : start + chunk] for k in modalities}
                 out = self.encoder.encode({**piece, "present": present}, modalities)
                 parts.append(self.fusion(out.hidden, out.present))
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
@@ -284,8 +312,9 @@ def batch_targets(task: Task, batch: Mapping[str, np.ndarray]) -> np.ndarray:
 
 
 @torch.no_grad()
-def predict(model: FineTunedModel, batches: Iterable[Mapping[str, np.ndarray]], *,
-            device: torch.device | str = "cpu") -> tuple[np.ndarray, np.ndarray]:
+def predict(
+    model: FineTunedModel, batches: Iterable[Mapping[str, np.ndarray]], *, device: torch.device | str = "cpu"
+) -> tuple[np.ndarray, np.ndarray]:
     """Targets and head outputs of every row of ``batches`` (eval mode), ready for :func:`score`.
 
     Epoch-level tasks give one row per scored epoch (unknown stages dropped);
@@ -324,8 +353,9 @@ def predict(model: FineTunedModel, batches: Iterable[Mapping[str, np.ndarray]], 
 
 def _base_state(encoder: SleepEncoder) -> dict[str, Tensor]:
     """The encoder's own weights, without LoRA parameters and with peft's ``base_layer`` names undone."""
-    return {k.replace(".base_layer.", "."): v.detach().cpu() for k, v in encoder.state_dict().items()
-            if "lora_" not in k}
+    return {
+        k.replace(".base_layer.", "."): v.detach().cpu() for k, v in encoder.state_dict().items() if "lora_" not in k
+    }
 
 
 def save_finetuned(model: FineTunedModel, directory: str | Path, *, extra: Mapping[str, Any] | None = None) -> Path:
@@ -338,14 +368,22 @@ def save_finetuned(model: FineTunedModel, directory: str | Path, *, extra: Mappi
     if model.spec.mode == "lora":
         from peft import get_peft_model_state_dict
 
-        torch.save({k: v.detach().cpu() for k, v in get_peft_model_state_dict(model.encoder).items()},
-                   directory / ADAPTER_FILE)
+        torch.save(
+            {k: v.detach().cpu() for k, v in get_peft_model_state_dict(model.encoder).items()}, directory / ADAPTER_FILE
+        )
     torch.save({"fusion": model.fusion.state_dict(), "head": model.head.state_dict()}, directory / TASK_MODEL_FILE)
     task = model.task
-    description = {"format": FINETUNED_FORMAT, "spec": to_mapping(model.spec), "task": task.name,
-                   "level": task.level, "kind": task.kind, "classes": list(task.classes),
-                   "modalities": list(model.spec.modalities),
-                   "epochs_per_window": model.window_epochs, **(extra or {})}
+    description = {
+        "format": FINETUNED_FORMAT,
+        "spec": to_mapping(model.spec),
+        "task": task.name,
+        "level": task.level,
+        "kind": task.kind,
+        "classes": list(task.classes),
+        "modalities": list(model.spec.modalities),
+        "epochs_per_window": model.window_epochs,
+        **(extra or {}),
+    }
     (directory / DESCRIPTION_FILE).write_text(json.dumps(description, indent=2) + "\n", encoding="utf-8")
     return directory
 
@@ -354,12 +392,15 @@ def read_description(directory: str | Path) -> dict:
     """The ``finetuned.json`` of a fine-tuned model directory (``FileNotFoundError`` naming it if absent)."""
     path = Path(directory) / DESCRIPTION_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"--model {directory}: not a fine-tuned model (no {DESCRIPTION_FILE}; "
-                                f"`s2v finetune` writes RUN_DIR/model)")
+        raise FileNotFoundError(
+            f"--model {directory}: not a fine-tuned model (no {DESCRIPTION_FILE}; `s2v finetune` writes RUN_DIR/model)"
+        )
     description = json.loads(path.read_text(encoding="utf-8"))
     if description.get("format") != FINETUNED_FORMAT:
-        raise ValueError(f"{path}: fine-tuned model format {description.get('format')!r} is not readable by "
-                         f"this version; expected {FINETUNED_FORMAT}")
+        raise ValueError(
+            f"{path}: fine-tuned model format {description.get('format')!r} is not readable by "
+            f"this version; expected {FINETUNED_FORMAT}"
+        )
     return description
 
 
@@ -375,8 +416,10 @@ def load_finetuned(directory: str | Path, *, map_location: Any = "cpu") -> FineT
         adapter = torch.load(directory / ADAPTER_FILE, map_location=map_location, weights_only=True)
         result = set_peft_model_state_dict(model.encoder, adapter)
         if getattr(result, "unexpected_keys", None):
-            raise ValueError(f"{directory / ADAPTER_FILE}: adapter weights that match no LoRA layer: "
-                             f"{', '.join(result.unexpected_keys[:5])}")
+            raise ValueError(
+                f"{directory / ADAPTER_FILE}: adapter weights that match no LoRA layer: "
+                f"{', '.join(result.unexpected_keys[:5])}"
+            )
     parts = torch.load(directory / TASK_MODEL_FILE, map_location=map_location, weights_only=True)
     model.fusion.load_state_dict(parts["fusion"])
     model.head.load_state_dict(parts["head"])

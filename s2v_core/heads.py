@@ -60,8 +60,16 @@ class MaskedBatchNorm(nn.Module):
     def forward(self, x: Tensor, valid: Tensor) -> Tensor:
         x = x.float()
         if not self.training:
-            return F.batch_norm(x.flatten(0, 1), self.running_mean.float(), self.running_var.float(),
-                                self.weight.float(), self.bias.float(), False, 0.0, self.eps).view_as(x)
+            return F.batch_norm(
+                x.flatten(0, 1),
+                self.running_mean.float(),
+                self.running_var.float(),
+                self.weight.float(),
+                self.bias.float(),
+                False,
+                0.0,
+                self.eps,
+            ).view_as(x)
         groups, features = x.shape[0], x.shape[2]
         weight = valid.to(x.dtype)[..., None]  # (G, R, 1)
         # Shifted sums (shift = the running mean, equal on every rank) keep E[x²] - E[x]²

@@ -58,8 +58,10 @@ def convert_tokenizer_state(state: dict[str, Tensor], prefix: str = "") -> dict[
     """Format-1 stem weights (``convs.*``, ``out.*`` under ``prefix``) → :class:`ConvTokenizer` weights."""
     patch = state[f"{prefix}convs.0.weight"]
     channels = patch.shape[0]
-    out = {f"{prefix}patch.weight": patch.reshape(channels, STEM_PATCH),
-           f"{prefix}patch.bias": state[f"{prefix}convs.0.bias"]}
+    out = {
+        f"{prefix}patch.weight": patch.reshape(channels, STEM_PATCH),
+        f"{prefix}patch.bias": state[f"{prefix}convs.0.bias"],
+    }
     layer = 0
     while f"{prefix}convs.{2 * (layer + 1)}.weight" in state:
         index = 2 * (layer + 1)
@@ -76,8 +78,13 @@ def convert_tokenizer_state(state: dict[str, Tensor], prefix: str = "") -> dict[
     return out
 
 
-_LAYER_RENAMES = {"self_attn.out_proj.": "attn.out_proj.", "linear1.": "mlp.fc1.", "linear2.": "mlp.fc2.",
-                  "norm1.": "norm1.", "norm2.": "norm2."}
+_LAYER_RENAMES = {
+    "self_attn.out_proj.": "attn.out_proj.",
+    "linear1.": "mlp.fc1.",
+    "linear2.": "mlp.fc2.",
+    "norm1.": "norm1.",
+    "norm2.": "norm2.",
+}
 
 
 def convert_format1_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -86,8 +93,7 @@ def convert_format1_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
     Raises ``ValueError`` naming the first key it does not know how to map.
     """
     converted: dict[str, Tensor] = {}
-    tokenizer_prefixes = sorted({m.group(0) for key in state
-                                 if (m := re.match(r"tokenizers\.[a-z0-9_]+\.", key))})
+    tokenizer_prefixes = sorted({m.group(0) for key in state if (m := re.match(r"tokenizers\.[a-z0-9_]+\.", key))})
     for prefix in tokenizer_prefixes:
         converted.update(convert_tokenizer_state(state, prefix))
     for key, value in state.items():
@@ -110,9 +116,8 @@ def convert_format1_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
             continue
         for old, new in _LAYER_RENAMES.items():
             if rest.startswith(old):
-                converted[layer + new + rest[len(old):]] = value
+                converted[layer + new + rest[len(old) :]] = value
                 break
         else:
             raise ValueError(f"format-1 encoder: cannot convert weight {key!r}")
     return converted
-

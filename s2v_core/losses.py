@@ -119,8 +119,9 @@ class _ContiguousGrad(torch.autograd.Function):
         return grad.contiguous()
 
 
-def _gather_meta(meta: Mapping[str, Tensor], present: Tensor, gather: Callable[[Tensor], Tensor] | None,
-                 world_size: int) -> tuple[dict[str, Tensor], dict[str, Tensor], Tensor]:
+def _gather_meta(
+    meta: Mapping[str, Tensor], present: Tensor, gather: Callable[[Tensor], Tensor] | None, world_size: int
+) -> tuple[dict[str, Tensor], dict[str, Tensor], Tensor]:
     rows = present.shape[0]
     local = {k: meta_column(meta, k, rows, present.device) for k in META_KEYS}
     if world_size == 1:
@@ -130,14 +131,23 @@ def _gather_meta(meta: Mapping[str, Tensor], present: Tensor, gather: Callable[[
     ints = torch.stack([local["site_id"], local["night_id"]], 1)
     floats_all, ints_all = gather(floats.contiguous()), gather(ints.contiguous())
     nine = len(MODALITY_KEYS)
-    everyone = {"age": floats_all[:, 0], "sex": floats_all[:, 1], "history": floats_all[:, 2 + nine:],
-                "site_id": ints_all[:, 0], "night_id": ints_all[:, 1]}
-    return local, everyone, floats_all[:, 2:2 + nine] > 0.5
+    everyone = {
+        "age": floats_all[:, 0],
+        "sex": floats_all[:, 1],
+        "history": floats_all[:, 2 + nine :],
+        "site_id": ints_all[:, 0],
+        "night_id": ints_all[:, 1],
+    }
+    return local, everyone, floats_all[:, 2 : 2 + nine] > 0.5
 
 
-def _negative_terms(config: DashConfig | PaperDashConfig, meta_local: Mapping[str, Tensor],
-                    meta_all: Mapping[str, Tensor], there: Tensor,
-                    positive: Tensor) -> tuple[Tensor, Tensor | None, Tensor, Tensor, Tensor]:
+def _negative_terms(
+    config: DashConfig | PaperDashConfig,
+    meta_local: Mapping[str, Tensor],
+    meta_all: Mapping[str, Tensor],
+    there: Tensor,
+    positive: Tensor,
+) -> tuple[Tensor, Tensor | None, Tensor, Tensor, Tensor]:
     """Logit shifts per candidate modality and what the statistics need (no gradient).
 
     Returns ``shift`` ``(M, B, N)`` (``log w``, 0 at the positive, ``-inf`` where
@@ -172,9 +182,11 @@ def _negative_terms(config: DashConfig | PaperDashConfig, meta_local: Mapping[st
     return shift, margin, negatives, row_weights, other_night
 
 
-def _weight_stats(weights: Tensor, negative: Tensor, meta_local: Mapping[str, Tensor],
-                  meta_all: Mapping[str, Tensor]) -> dict[str, Tensor]:
+def _weight_stats(
+    weights: Tensor, negative: Tensor, meta_local: Mapping[str, Tensor], meta_all: Mapping[str, Tensor]
+) -> dict[str, Tensor]:
     """Mean normalised weight of the negatives, split by same/other site and sex (NaN when empty)."""
+
     def mean_where(mask: Tensor) -> Tensor:
         mask = (mask & negative).float()
         return (weights * mask).sum() / mask.sum()  # 0 / 0 = NaN for an empty category
@@ -182,13 +194,17 @@ def _weight_stats(weights: Tensor, negative: Tensor, meta_local: Mapping[str, Te
     same_site = meta_local["site_id"][:, None] == meta_all["site_id"][None, :]
     sex_a, sex_b = meta_local["sex"][:, None], meta_all["sex"][None, :]
     sex_known = ~torch.isnan(sex_a) & ~torch.isnan(sex_b)
-    return {"weight_same_site": mean_where(same_site), "weight_other_site": mean_where(~same_site),
-            "weight_same_sex": mean_where(sex_known & (sex_a == sex_b)),
-            "weight_other_sex": mean_where(sex_known & (sex_a != sex_b))}
+    return {
+        "weight_same_site": mean_where(same_site),
+        "weight_other_site": mean_where(~same_site),
+        "weight_same_sex": mean_where(sex_known & (sex_a == sex_b)),
+        "weight_other_sex": mean_where(sex_known & (sex_a != sex_b)),
+    }
 
 
-def _chunk_loss(q: Tensor, k: Tensor, shift: Tensor, margin: Tensor | None, scale: Tensor, weight: Tensor,
-                offset: int) -> Tensor:
+def _chunk_loss(
+    q: Tensor, k: Tensor, shift: Tensor, margin: Tensor | None, scale: Tensor, weight: Tensor, offset: int
+) -> Tensor:
     """Negative log-likelihood summed over the anchors of one chunk of epoch positions.
 
     ``q`` ``(E', M, B, P)`` anchors of each modality, ``k`` ``(E', M, N, P)`` the
@@ -201,14 +217,23 @@ def _chunk_loss(q: Tensor, k: Tensor, shift: Tensor, margin: Tensor | None, scal
         sim = sim - margin
     log_prob = torch.log_softmax(scale * sim + shift, dim=-1)
     rows = q.shape[2]
-    picked = log_prob[..., offset:offset + rows].diagonal(dim1=-2, dim2=-1)  # (E', M, B)
+    picked = log_prob[..., offset : offset + rows].diagonal(dim1=-2, dim2=-1)  # (E', M, B)
     return -(picked * weight).sum()
 
 
-def dash_infonce(per_modality: Mapping[str, Tensor], present: Tensor, meta: Mapping[str, Tensor], *,
-                 logit_scale: Tensor, config: DashConfig | PaperDashConfig = DashConfig(), rank: int = 0,
-                 world_size: int = 1, gather: Callable[[Tensor], Tensor] | None = None,
-                 negatives: str = "global", epoch_chunk: int | None = None) -> LossOutput:
+def dash_infonce(
+    per_modality: Mapping[str, Tensor],
+    present: Tensor,
+    meta: Mapping[str, Tensor],
+    *,
+    logit_scale: Tensor,
+    config: DashConfig | PaperDashConfig = DashConfig(),
+    rank: int = 0,
+    world_size: int = 1,
+    gather: Callable[[Tensor], Tensor] | None = None,
+    negatives: str = "global",
+    epoch_chunk: int | None = None,
+) -> LossOutput:
     """DASH-InfoNCE over all pairs of the given modalities and all epoch positions (module docstring).
 
     Parameters
@@ -247,8 +272,7 @@ def dash_infonce(per_modality: Mapping[str, Tensor], present: Tensor, meta: Mapp
     if epoch_chunk is not None and (not isinstance(epoch_chunk, int) or epoch_chunk < 1):
         raise ValueError(f"dash_infonce: epoch_chunk must be an integer >= 1 or None, found {epoch_chunk!r}")
     if not isinstance(config, (DashConfig, PaperDashConfig)):
-        raise TypeError(f"dash_infonce: config must be a DashConfig or PaperDashConfig, "
-                        f"found {type(config).__name__}")
+        raise TypeError(f"dash_infonce: config must be a DashConfig or PaperDashConfig, found {type(config).__name__}")
     if negatives == "local":
         rank, world_size, gather = 0, 1, None
     if world_size > 1 and gather is None:
@@ -258,19 +282,41 @@ def dash_infonce(per_modality: Mapping[str, Tensor], present: Tensor, meta: Mapp
         raise ValueError("dash_infonce: per_modality is empty")
     # float32 similarities even inside a bf16/fp16 autocast region (softmax over many negatives).
     with torch.autocast(device_type=present.device.type, enabled=False):
-        return _infonce(per_modality, keys, present.bool(), meta, logit_scale=logit_scale, config=config,
-                        rank=rank, world_size=world_size, gather=gather, epoch_chunk=epoch_chunk)
+        return _infonce(
+            per_modality,
+            keys,
+            present.bool(),
+            meta,
+            logit_scale=logit_scale,
+            config=config,
+            rank=rank,
+            world_size=world_size,
+            gather=gather,
+            epoch_chunk=epoch_chunk,
+        )
 
 
-def _infonce(per_modality: Mapping[str, Tensor], keys: list[str], present: Tensor, meta: Mapping[str, Tensor], *,
-             logit_scale: Tensor, config: DashConfig | PaperDashConfig, rank: int, world_size: int,
-             gather: Callable[[Tensor], Tensor] | None, epoch_chunk: int | None) -> LossOutput:
+def _infonce(
+    per_modality: Mapping[str, Tensor],
+    keys: list[str],
+    present: Tensor,
+    meta: Mapping[str, Tensor],
+    *,
+    logit_scale: Tensor,
+    config: DashConfig | PaperDashConfig,
+    rank: int,
+    world_size: int,
+    gather: Callable[[Tensor], Tensor] | None,
+    epoch_chunk: int | None,
+) -> LossOutput:
     local_z = torch.stack([per_modality[k] for k in keys], 1).float()  # (B, M, E, P)
     rows, n_mod, epochs, _ = local_z.shape
     all_z = _ContiguousGrad.apply(gather(local_z.contiguous())) if world_size > 1 else local_z
     if all_z.shape[0] != rows * world_size:
-        raise ValueError(f"dash_infonce: gathered {all_z.shape[0]} windows, expected world_size * B = "
-                         f"{world_size} * {rows}; every worker must hold the same batch size")
+        raise ValueError(
+            f"dash_infonce: gathered {all_z.shape[0]} windows, expected world_size * B = "
+            f"{world_size} * {rows}; every worker must hold the same batch size"
+        )
     meta_local, meta_all, present_all = _gather_meta(meta, present, gather, world_size)
     columns = [MODALITY_KEYS.index(k) for k in keys]
     here = torch.stack([present[:, c] for c in columns], 1)  # (B, M)
@@ -280,10 +326,13 @@ def _infonce(per_modality: Mapping[str, Tensor], keys: list[str], present: Tenso
     scale = logit_scale.float().reshape(()).exp().clamp(max=config.max_logit_scale)
 
     with torch.no_grad():
-        positive = (torch.arange(total, device=present.device)[None, :]
-                    == offset + torch.arange(rows, device=present.device)[:, None])  # (B, N)
+        positive = (
+            torch.arange(total, device=present.device)[None, :]
+            == offset + torch.arange(rows, device=present.device)[:, None]
+        )  # (B, N)
         shift, margin, negatives_of, row_weights, other_night = _negative_terms(
-            config, meta_local, meta_all, there, positive)
+            config, meta_local, meta_all, there, positive
+        )
         stats = _weight_stats(row_weights, other_night, meta_local, meta_all)
 
     # The partner of anchor modality a is (a + s) mod M for s = 1 … M-1: rolling the
@@ -303,8 +352,15 @@ def _infonce(per_modality: Mapping[str, Tensor], keys: list[str], present: Tenso
         global_anchors = global_anchors + (there & torch.roll(there, -step, dims=1)).sum()
         negatives_sum = negatives_sum + (torch.roll(negatives_of, -step, dims=0) * anchor).sum()
         for start in range(0, epochs, chunk):
-            part = (q[start:start + chunk], partner_k[start:start + chunk], partner_shift, margin, scale, anchor,
-                    offset)
+            part = (
+                q[start : start + chunk],
+                partner_k[start : start + chunk],
+                partner_shift,
+                margin,
+                scale,
+                anchor,
+                offset,
+            )
             if chunk < epochs:
                 local_sum = local_sum + checkpoint(_chunk_loss, *part, use_reentrant=False, preserve_rng_state=False)
             else:
@@ -316,7 +372,12 @@ def _infonce(per_modality: Mapping[str, Tensor], keys: list[str], present: Tenso
         loss = local_sum / local_anchors.clamp(min=1.0)
     there_f = there.float()
     pairs = torch.triu((there_f.T @ there_f) > 0, diagonal=1).sum()
-    stats.update(loss=loss.detach(), temperature=(1.0 / scale).detach(), pairs=pairs.float(),
-                 anchors=local_anchors, global_batch=local_z.new_full((), float(total)),
-                 negatives_per_anchor=negatives_sum * epochs / local_anchors.clamp(min=1.0))
+    stats.update(
+        loss=loss.detach(),
+        temperature=(1.0 / scale).detach(),
+        pairs=pairs.float(),
+        anchors=local_anchors,
+        global_batch=local_z.new_full((), float(total)),
+        negatives_per_anchor=negatives_sum * epochs / local_anchors.clamp(min=1.0),
+    )
     return LossOutput(loss=loss, stats=stats)

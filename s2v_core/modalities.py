@@ -44,19 +44,20 @@ class Modality:
 MODALITIES: tuple[Modality, ...] = (
     # Electrophysiology: 128 Hz keeps sleep spindles (11-16 Hz), alpha and the
     # EMG band below Nyquist (64 Hz) while halving typical PSG storage.
-    Modality("eeg", 128, "uV",
-             ("C3-M2", "C4-M1", "EEG", "EEG(sec)", "EEG Fpz-Cz", "EEG1", "F4-M1", "O2-M1")),
-    Modality("eog", 128, "uV",
-             ("E1-M2", "EOG(L)", "EOG-L", "EOG horizontal", "LOC", "ROC")),
+    Modality("eeg", 128, "uV", ("C3-M2", "C4-M1", "EEG", "EEG(sec)", "EEG Fpz-Cz", "EEG1", "F4-M1", "O2-M1")),
+    Modality("eog", 128, "uV", ("E1-M2", "EOG(L)", "EOG-L", "EOG horizontal", "LOC", "ROC")),
     Modality("emg", 128, "uV", ("Chin1-Chin2", "EMG", "EMG submental", "CHIN")),
     Modality("ecg", 128, "uV", ("ECG", "EKG", "ECG1", "ECG II")),
     # Slow physiological series: heart rate and SpO2 change over seconds.
     Modality("hr", 4, "bpm", ("H.R.", "HR", "Pulse", "PR")),
     Modality("spo2", 4, "%", ("SpO2", "SaO2", "SAO2", "Oxygen Saturation")),
     # Respiration (0.1-1 Hz) with room for snoring envelopes and flow shape.
-    Modality("airflow", 16, "a.u.",
-             ("Airflow", "Flow", "NASAL PRES", "Nasal Pressure", "Resp oro-nasal",
-              "NEW AIR", "Thermistor")),
+    Modality(
+        "airflow",
+        16,
+        "a.u.",
+        ("Airflow", "Flow", "NASAL PRES", "Nasal Pressure", "Resp oro-nasal", "NEW AIR", "Thermistor"),
+    ),
     Modality("thorax", 16, "a.u.", ("THOR RES", "Thor", "Chest", "Thoracic", "RIP Thora")),
     Modality("abdomen", 16, "a.u.", ("ABDO RES", "Abdo", "Abdomen", "Abdominal", "RIP Abdom")),
 )
@@ -70,9 +71,7 @@ def get_modality(key: str) -> Modality:
     try:
         return _BY_KEY[key]
     except KeyError:
-        raise KeyError(
-            f"unknown modality {key!r}; expected one of {', '.join(MODALITY_KEYS)}"
-        ) from None
+        raise KeyError(f"unknown modality {key!r}; expected one of {', '.join(MODALITY_KEYS)}") from None
 
 
 def modality_index(key: str) -> int:

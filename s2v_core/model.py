@@ -131,10 +131,12 @@ class SleepEncoder(nn.Module):
         self.config = config
         self.modalities: tuple[str, ...] = tuple(k for k in MODALITY_KEYS if k in wanted)
         width = config.width
-        self.tokenizers = nn.ModuleDict({
-            key: build_tokenizer(config.tokenizer, get_modality(key).samples_per_epoch, config)
-            for key in self.modalities
-        })
+        self.tokenizers = nn.ModuleDict(
+            {
+                key: build_tokenizer(config.tokenizer, get_modality(key).samples_per_epoch, config)
+                for key in self.modalities
+            }
+        )
         # Indexed by registry position so that checkpoints of encoders built on
         # different subsets share the meaning of each row.
         self.modality_embedding = nn.Embedding(len(MODALITY_KEYS), width)
@@ -148,12 +150,19 @@ class SleepEncoder(nn.Module):
             self.mask_embedding = nn.Embedding(len(MODALITY_KEYS), width)
             nn.init.ones_(self.mask_embedding.weight)
         self.token_dropout = nn.Dropout(config.dropout)
-        self.backbone = Backbone(width, config.depth, config.heads, int(round(config.mlp_ratio * width)),
-                                 config.dropout, rotary=config.position == "rotary")
+        self.backbone = Backbone(
+            width,
+            config.depth,
+            config.heads,
+            int(round(config.mlp_ratio * width)),
+            config.dropout,
+            rotary=config.position == "rotary",
+        )
         self.head = build_head(config.head, width, config.projection_dim)
         # log(1/temperature), CLIP's parametrisation: positive and well scaled.
-        self.logit_scale = nn.Parameter(torch.log(torch.tensor(1.0 / config.init_temperature)),
-                                        requires_grad=config.learn_temperature)
+        self.logit_scale = nn.Parameter(
+            torch.log(torch.tensor(1.0 / config.init_temperature)), requires_grad=config.learn_temperature
+        )
         # Registry positions on the module's device: embedding rows are looked up
         # without a host-to-device copy per call.
         self.register_buffer("registry_index", torch.arange(len(MODALITY_KEYS)), persistent=False)
@@ -190,8 +199,10 @@ class SleepEncoder(nn.Module):
         if modalities is None:
             selected = tuple(k for k in self.modalities if k in batch)
             if not selected:
-                raise ValueError(f"encode: the batch holds none of the encoder's modalities "
-                                 f"{', '.join(self.modalities)}; found keys {', '.join(sorted(batch))}")
+                raise ValueError(
+                    f"encode: the batch holds none of the encoder's modalities "
+                    f"{', '.join(self.modalities)}; found keys {', '.join(sorted(batch))}"
+                )
             return selected
         if isinstance(modalities, str):
             modalities = [m.strip() for m in modalities.split(",") if m.strip()]
@@ -199,12 +210,15 @@ class SleepEncoder(nn.Module):
             raise ValueError("encode: modalities is empty; pass None to encode every modality in the batch")
         unknown = [m for m in modalities if m not in self.modalities]
         if unknown:
-            raise ValueError(f"encode: modality {', '.join(map(repr, unknown))} was not built into this "
-                             f"encoder; it has {', '.join(self.modalities)}")
+            raise ValueError(
+                f"encode: modality {', '.join(map(repr, unknown))} was not built into this "
+                f"encoder; it has {', '.join(self.modalities)}"
+            )
         missing = [m for m in modalities if m not in batch]
         if missing:
-            raise ValueError(f"encode: modality {', '.join(map(repr, missing))} requested but the batch "
-                             f"has no such key")
+            raise ValueError(
+                f"encode: modality {', '.join(map(repr, missing))} requested but the batch has no such key"
+            )
         return tuple(k for k in self.modalities if k in set(modalities))
 
     def _drop_modalities(self, keep: Tensor) -> Tensor:
@@ -225,13 +239,16 @@ class SleepEncoder(nn.Module):
         if not 0.0 <= mask_rate < 1.0:
             raise ValueError(f"encode: mask_rate must be in [0, 1), found {mask_rate!r}")
         if mask_rate > 0 and not self.config.mask_tokens:
-            raise ValueError(f"encode: mask_rate {mask_rate} needs an encoder built with mask_tokens=True "
-                             f"(model config {self.config.name!r} has mask_tokens=False)")
+            raise ValueError(
+                f"encode: mask_rate {mask_rate} needs an encoder built with mask_tokens=True "
+                f"(model config {self.config.name!r} has mask_tokens=False)"
+            )
         return mask_rate > 0 and self.training
 
     # -- forward ----------------------------------------------------------------------------------
-    def encode(self, batch: Mapping[str, Tensor], modalities: Sequence[str] | None = None, *,
-               mask_rate: float = 0.0) -> EncoderOutput:
+    def encode(
+        self, batch: Mapping[str, Tensor], modalities: Sequence[str] | None = None, *, mask_rate: float = 0.0
+    ) -> EncoderOutput:
         """Encode whatever modalities of ``batch`` are present.
 
         Parameters
@@ -258,8 +275,9 @@ class SleepEncoder(nn.Module):
         selected = self._select(batch, modalities)
         present_in = batch["present"]
         if present_in.ndim != 2 or present_in.shape[1] != len(MODALITY_KEYS):
-            raise ValueError(f"encode: present must have shape (B, {len(MODALITY_KEYS)}), "
-                             f"found {tuple(present_in.shape)}")
+            raise ValueError(
+                f"encode: present must have shape (B, {len(MODALITY_KEYS)}), found {tuple(present_in.shape)}"
+            )
         present_in = present_in.bool()
         rows, epochs = self._check_shapes(batch, selected, present_in.shape[0])
         masking = self._masking(mask_rate)
@@ -307,10 +325,16 @@ class SleepEncoder(nn.Module):
         fused_hidden = hidden.sum(0) / counts.to(hidden.dtype)[:, None, None]
         # A fresh tensor made inside forward, so the temperature can be read safely
         # even when a wrapper (DeepSpeed ZeRO-3) partitions parameters outside it.
-        return EncoderOutput(per_modality={k: projected[m] for m, k in enumerate(selected)}, present=keep,
-                             fused=fused, window=window, logit_scale=self.logit_scale * 1.0,
-                             hidden={k: hidden[m] for m, k in enumerate(selected)},
-                             fused_hidden=fused_hidden, window_hidden=fused_hidden.mean(dim=1))
+        return EncoderOutput(
+            per_modality={k: projected[m] for m, k in enumerate(selected)},
+            present=keep,
+            fused=fused,
+            window=window,
+            logit_scale=self.logit_scale * 1.0,
+            hidden={k: hidden[m] for m, k in enumerate(selected)},
+            fused_hidden=fused_hidden,
+            window_hidden=fused_hidden.mean(dim=1),
+        )
 
     forward = encode
 
@@ -338,17 +362,20 @@ class SleepEncoder(nn.Module):
             x = batch[key]
             samples = get_modality(key).samples_per_epoch
             if x.ndim != 3 or x.shape[0] != rows or x.shape[2] != samples:
-                raise ValueError(f"encode: {key} must have shape ({rows}, epochs, {samples}) "
-                                 f"({samples} samples per 30-s epoch), found {tuple(x.shape)}")
+                raise ValueError(
+                    f"encode: {key} must have shape ({rows}, epochs, {samples}) "
+                    f"({samples} samples per 30-s epoch), found {tuple(x.shape)}"
+                )
             if epochs is None:
                 epochs = x.shape[1]
             elif x.shape[1] != epochs:
-                raise ValueError(f"encode: {key} has {x.shape[1]} epochs per window, other modalities "
-                                 f"have {epochs}")
+                raise ValueError(f"encode: {key} has {x.shape[1]} epochs per window, other modalities have {epochs}")
         if self.config.position == "absolute" and epochs > self.config.epochs_per_window:
-            raise ValueError(f"encode: windows of {epochs} epochs exceed the model's epochs_per_window "
-                             f"{self.config.epochs_per_window} (absolute positions); build the model with "
-                             f"a larger value or with position='rotary'")
+            raise ValueError(
+                f"encode: windows of {epochs} epochs exceed the model's epochs_per_window "
+                f"{self.config.epochs_per_window} (absolute positions); build the model with "
+                f"a larger value or with position='rotary'"
+            )
         return rows, epochs
 
 
@@ -398,8 +425,9 @@ def pool_night(window_embeddings: Tensor | np.ndarray, night_ids: Any) -> tuple[
     """
     ids = np.asarray(night_ids.cpu() if isinstance(night_ids, Tensor) else night_ids)
     if ids.ndim != 1 or len(ids) != len(window_embeddings):
-        raise ValueError(f"pool_night: expected one night id per window ({len(window_embeddings)}), "
-                         f"found shape {ids.shape}")
+        raise ValueError(
+            f"pool_night: expected one night id per window ({len(window_embeddings)}), found shape {ids.shape}"
+        )
     nights, inverse = np.unique(ids, return_inverse=True)
     as_tensor = isinstance(window_embeddings, Tensor)
     values = window_embeddings if as_tensor else torch.from_numpy(np.asarray(window_embeddings))
@@ -421,16 +449,16 @@ def count_parameters(model: nn.Module, *, non_embedding: bool = True) -> int:
     ``N`` does not change with the number of modalities a model was built for.
     """
     excluded = ("tokenizers.", "modality_embedding.", "mask_embedding.", "position_embedding", "logit_scale")
-    return sum(param.numel() for name, param in model.named_parameters()
-               if not (non_embedding and name.startswith(excluded)))
+    return sum(
+        param.numel() for name, param in model.named_parameters() if not (non_embedding and name.startswith(excluded))
+    )
 
 
 def save_encoder(model: SleepEncoder, directory: str | Path) -> Path:
     """Write ``model_config.json`` (format, config, modalities) and ``encoder.pt`` (state dict) to ``directory``."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    description = {"format": ENCODER_FORMAT, "config": to_mapping(model.config),
-                   "modalities": list(model.modalities)}
+    description = {"format": ENCODER_FORMAT, "config": to_mapping(model.config), "modalities": list(model.modalities)}
     (directory / MODEL_CONFIG_FILE).write_text(json.dumps(description, indent=2) + "\n", encoding="utf-8")
     torch.save(model.state_dict(), directory / WEIGHTS_FILE)
     return directory
@@ -450,8 +478,10 @@ def load_encoder(directory: str | Path, *, map_location: Any = "cpu") -> SleepEn
     description = json.loads(config_path.read_text(encoding="utf-8"))
     version = description.get("format")
     if version not in (FORMAT1, ENCODER_FORMAT):
-        raise ValueError(f"load_encoder: {config_path}: encoder format {version!r} is not readable by this "
-                         f"version; expected format {ENCODER_FORMAT} (or {FORMAT1}, converted on load)")
+        raise ValueError(
+            f"load_encoder: {config_path}: encoder format {version!r} is not readable by this "
+            f"version; expected format {ENCODER_FORMAT} (or {FORMAT1}, converted on load)"
+        )
     config = from_mapping(ModelConfig, description["config"], source=str(config_path))
     model = SleepEncoder(config, description["modalities"])
     state = torch.load(directory / WEIGHTS_FILE, map_location=map_location, weights_only=True)

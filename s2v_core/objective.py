@@ -44,8 +44,9 @@ PAIRINGS = ("all_pairs", "random_pair")
 NEGATIVES = ("global", "local")
 #: ModelConfig fields a preset may not set: the size is ``--model``'s choice, and the
 #: temperature and mask tokens follow from ``[objective]``.
-_NOT_IN_MODEL_TABLE = frozenset({"name", "width", "depth", "heads", "init_temperature", "learn_temperature",
-                                 "mask_tokens"})
+_NOT_IN_MODEL_TABLE = frozenset(
+    {"name", "width", "depth", "heads", "init_temperature", "learn_temperature", "mask_tokens"}
+)
 
 
 @dataclass(frozen=True)
@@ -66,8 +67,9 @@ class Objective:
     def __post_init__(self) -> None:
         for name, allowed in (("dash", DASH_FORMULAS), ("pairing", PAIRINGS), ("negatives", NEGATIVES)):
             if getattr(self, name) not in allowed:
-                raise ValueError(f"objective.{name}: expected one of {', '.join(allowed)}, "
-                                 f"found {getattr(self, name)!r}")
+                raise ValueError(
+                    f"objective.{name}: expected one of {', '.join(allowed)}, found {getattr(self, name)!r}"
+                )
         if not self.project.enabled:
             raise ValueError('objective.project.enabled: turn DASH off with dash = "off", not here')
         if not (math.isfinite(self.temperature) and self.temperature > 0):
@@ -75,21 +77,22 @@ class Objective:
         if not 0.0 <= self.mask_rate < 1.0:
             raise ValueError(f"objective.mask_rate: expected a value in [0, 1), found {self.mask_rate!r}")
         if self.epoch_chunk < 0:
-            raise ValueError(f"objective.epoch_chunk: expected an integer >= 0 (0 = unchunked), "
-                             f"found {self.epoch_chunk!r}")
+            raise ValueError(
+                f"objective.epoch_chunk: expected an integer >= 0 (0 = unchunked), found {self.epoch_chunk!r}"
+            )
 
     @property
     def dash_config(self) -> DashConfig | PaperDashConfig:
         """The weights' config for :func:`s2v_core.losses.dash_infonce` (``off`` = project, disabled)."""
         if self.dash == "paper":
             return self.paper
-        return DashConfig(**{**{f.name: getattr(self.project, f.name) for f in fields(DashConfig)},
-                             "enabled": self.dash == "project"})
+        return DashConfig(
+            **{**{f.name: getattr(self.project, f.name) for f in fields(DashConfig)}, "enabled": self.dash == "project"}
+        )
 
     def loss_options(self) -> dict[str, Any]:
         """Keyword arguments of :func:`s2v_core.losses.dash_infonce` this objective fixes."""
-        return {"config": self.dash_config, "negatives": self.negatives,
-                "epoch_chunk": self.epoch_chunk or None}
+        return {"config": self.dash_config, "negatives": self.negatives, "epoch_chunk": self.epoch_chunk or None}
 
     def step_modalities(self, modalities: Sequence[str], *, seed: int, step: int) -> tuple[str, ...]:
         """The modalities one training step encodes: all of them, or :func:`draw_pair`'s pair."""
@@ -116,18 +119,24 @@ class TrainingDefaults:
 
     def __post_init__(self) -> None:
         if self.warmup_steps < 0 or (self.warmup_fraction > 0 and self.warmup_steps):
-            raise ValueError("training: expected warmup_steps >= 0, and 0 when warmup_fraction is set, found "
-                             f"warmup_steps={self.warmup_steps!r}, warmup_fraction={self.warmup_fraction!r}")
+            raise ValueError(
+                "training: expected warmup_steps >= 0, and 0 when warmup_fraction is set, found "
+                f"warmup_steps={self.warmup_steps!r}, warmup_fraction={self.warmup_fraction!r}"
+            )
         if not self.lr > 0 or self.weight_decay < 0 or self.grad_clip < 0:
-            raise ValueError(f"training: expected lr > 0, weight_decay >= 0, grad_clip >= 0, found "
-                             f"{self.lr!r}, {self.weight_decay!r}, {self.grad_clip!r}")
+            raise ValueError(
+                f"training: expected lr > 0, weight_decay >= 0, grad_clip >= 0, found "
+                f"{self.lr!r}, {self.weight_decay!r}, {self.grad_clip!r}"
+            )
         if not all(0.0 <= b < 1.0 for b in self.betas):
             raise ValueError(f"training.betas: expected two values in [0, 1), found {self.betas!r}")
         if not 0.0 <= self.warmup_fraction < 1.0:
             raise ValueError(f"training.warmup_fraction: expected a value in [0, 1), found {self.warmup_fraction!r}")
         if not 0.0 <= self.ema_momentum_start <= self.ema_momentum_end <= 1.0:
-            raise ValueError(f"training: expected 0 <= ema_momentum_start <= ema_momentum_end <= 1, found "
-                             f"{self.ema_momentum_start!r}, {self.ema_momentum_end!r}")
+            raise ValueError(
+                f"training: expected 0 <= ema_momentum_start <= ema_momentum_end <= 1, found "
+                f"{self.ema_momentum_start!r}, {self.ema_momentum_end!r}"
+            )
 
 
 @dataclass(frozen=True)
@@ -143,9 +152,12 @@ class ObjectivePreset:
 
     def model_overrides(self) -> dict[str, Any]:
         """``model_config(size, **overrides)`` arguments: ``[model]`` plus temperature and mask tokens."""
-        return {**dict(self.model), "init_temperature": self.objective.temperature,
-                "learn_temperature": self.objective.learn_temperature,
-                "mask_tokens": self.objective.mask_rate > 0}
+        return {
+            **dict(self.model),
+            "init_temperature": self.objective.temperature,
+            "learn_temperature": self.objective.learn_temperature,
+            "mask_tokens": self.objective.mask_rate > 0,
+        }
 
 
 def _preset_dir():
@@ -171,8 +183,10 @@ def load_objective(name_or_path: str | Path) -> ObjectivePreset:
     else:
         path = Path(name_or_path)
         if path.suffix != ".toml" or not path.is_file():
-            raise ValueError(f"objective {text_name!r}: expected one of {', '.join(available_objectives())} "
-                             f"or an existing .toml preset file")
+            raise ValueError(
+                f"objective {text_name!r}: expected one of {', '.join(available_objectives())} "
+                f"or an existing .toml preset file"
+            )
         source, text, name = str(path), path.read_text(encoding="utf-8"), path.stem
     try:
         data = tomllib.loads(text)
@@ -186,12 +200,16 @@ def load_objective(name_or_path: str | Path) -> ObjectivePreset:
     model = dict(data.get("model", {}))
     forbidden = sorted(set(model) & _NOT_IN_MODEL_TABLE)
     if forbidden:
-        raise ValueError(f"{source}: [model] may not set {', '.join(forbidden)} (the size comes from --model; "
-                         f"temperature and mask tokens from [objective])")
+        raise ValueError(
+            f"{source}: [model] may not set {', '.join(forbidden)} (the size comes from --model; "
+            f"temperature and mask tokens from [objective])"
+        )
     from_mapping(ModelConfig, model, source=f"{source} [model]")  # unknown keys, types, values
     first = text.splitlines()[0] if text else ""
     return ObjectivePreset(
-        name=name, source=source, command=first.lstrip("# ").strip(),
+        name=name,
+        source=source,
+        command=first.lstrip("# ").strip(),
         objective=from_mapping(Objective, data["objective"], source=f"{source} [objective]"),
         model=tuple(model.items()),
         training=from_mapping(TrainingDefaults, data.get("training", {}), source=f"{source} [training]"),

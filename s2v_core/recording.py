@@ -71,8 +71,9 @@ class DecodedRecording:
     notes: tuple[str, ...]
 
 
-def choose_channels(channels: tuple[ChannelHeader, ...], site: SiteConfig
-                    ) -> tuple[dict[str, ChannelHeader], tuple[str, ...]]:
+def choose_channels(
+    channels: tuple[ChannelHeader, ...], site: SiteConfig
+) -> tuple[dict[str, ChannelHeader], tuple[str, ...]]:
     """Pick one channel per modality; return ``(chosen, unknown labels)``.
 
     Preference: the registry aliases in registry order (the canonical
@@ -101,8 +102,9 @@ def choose_channels(channels: tuple[ChannelHeader, ...], site: SiteConfig
     return chosen, tuple(unknown)
 
 
-def _stages(hypnogram: str | None, hypnogram_format: str, hypnogram_epoch_seconds: float,
-            n_epochs: int, notes: list[str]) -> np.ndarray:
+def _stages(
+    hypnogram: str | None, hypnogram_format: str, hypnogram_epoch_seconds: float, n_epochs: int, notes: list[str]
+) -> np.ndarray:
     if hypnogram is None:
         return np.full(n_epochs, UNKNOWN_STAGE, dtype=np.int8)
     try:
@@ -118,8 +120,9 @@ def _stages(hypnogram: str | None, hypnogram_format: str, hypnogram_epoch_second
     return stages
 
 
-def _with_scored_events(metadata: RecordingMetadata, hypnogram: str | None, hypnogram_format: str,
-                        stages: np.ndarray, notes: list[str]) -> RecordingMetadata:
+def _with_scored_events(
+    metadata: RecordingMetadata, hypnogram: str | None, hypnogram_format: str, stages: np.ndarray, notes: list[str]
+) -> RecordingMetadata:
     """Add the event indices of an NSRR XML hypnogram (``ahi_scored`` …) to the outcomes.
 
     A value of the site's metadata table of the same name wins. Unreadable
@@ -152,26 +155,34 @@ def _list_column(values: np.ndarray, present: np.ndarray, arrow_type: pa.DataTyp
     return pa.ListArray.from_arrays(offsets, flat, mask=mask)
 
 
-def _usable_channels(chosen: dict[str, ChannelHeader], signal_path: str
-                     ) -> tuple[dict[str, ChannelHeader], list[str]]:
+def _usable_channels(chosen: dict[str, ChannelHeader], signal_path: str) -> tuple[dict[str, ChannelHeader], list[str]]:
     """Drop channels whose sampling rate is implausible or too slow for their modality."""
     usable, rejected = {}, []
     for key, channel in chosen.items():
         rate, store_rate = channel.sample_rate_hz, get_modality(key).store_rate_hz
         if not (math.isfinite(rate) and PLAUSIBLE_RATE_HZ[0] <= rate <= PLAUSIBLE_RATE_HZ[1]):
-            rejected.append(f"{signal_path}: channel {channel.label!r} has an absurd sampling rate "
-                            f"{rate:g} Hz; {key} not used")
+            rejected.append(
+                f"{signal_path}: channel {channel.label!r} has an absurd sampling rate {rate:g} Hz; {key} not used"
+            )
         elif rate < store_rate / MIN_RATE_FACTOR:
-            rejected.append(f"{signal_path}: channel {channel.label!r} at {rate:g} Hz is below "
-                            f"{store_rate / MIN_RATE_FACTOR:g} Hz, too slow for {key}; not used")
+            rejected.append(
+                f"{signal_path}: channel {channel.label!r} at {rate:g} Hz is below "
+                f"{store_rate / MIN_RATE_FACTOR:g} Hz, too slow for {key}; not used"
+            )
         else:
             usable[key] = channel
     return usable, rejected
 
 
-def _modality_windows(values: np.ndarray, channel: ChannelHeader, key: str, n_windows: int,
-                      epochs_per_window: int, notes: list[str], source: str
-                      ) -> tuple[np.ndarray, np.ndarray] | None:
+def _modality_windows(
+    values: np.ndarray,
+    channel: ChannelHeader,
+    key: str,
+    n_windows: int,
+    epochs_per_window: int,
+    notes: list[str],
+    source: str,
+) -> tuple[np.ndarray, np.ndarray] | None:
     """One channel -> ``(float16 windows (n_windows, E * samples_per_epoch), good mask)``.
 
     Windows with NaN/inf or a flat signal are marked not good (the modality
@@ -183,8 +194,10 @@ def _modality_windows(values: np.ndarray, channel: ChannelHeader, key: str, n_wi
     bad, flat = window_quality(values, bounds, constant_is_flat=key not in _CONSTANT_PLAUSIBLE)
     good = ~(bad | flat)
     if bad.any() or flat.any():
-        notes.append(f"{source}: {key} ({channel.label}): {int(bad.sum())} of {n_windows} windows with "
-                     f"NaN/inf, {int(flat.sum())} flat; modality absent there")
+        notes.append(
+            f"{source}: {key} ({channel.label}): {int(bad.sum())} of {n_windows} windows with "
+            f"NaN/inf, {int(flat.sum())} flat; modality absent there"
+        )
     if not good.any():
         return None
     if bad.any():
@@ -197,8 +210,17 @@ def _modality_windows(values: np.ndarray, channel: ChannelHeader, key: str, n_wi
     return normalise(windows, center, spread).astype(np.float16), good
 
 
-def _store_table(columns: dict[str, pa.Array], present: np.ndarray, stages: np.ndarray, *, recording_id: str,
-                 subject_id: str, site: str, metadata: RecordingMetadata, epochs_per_window: int) -> pa.Table:
+def _store_table(
+    columns: dict[str, pa.Array],
+    present: np.ndarray,
+    stages: np.ndarray,
+    *,
+    recording_id: str,
+    subject_id: str,
+    site: str,
+    metadata: RecordingMetadata,
+    epochs_per_window: int,
+) -> pa.Table:
     """Assemble the rows of one night in the exact order and types of ``store_schema``."""
     n_windows = present.shape[0]
     everywhere = np.ones(n_windows, dtype=bool)
@@ -276,14 +298,19 @@ def decode_recording(
         notes.extend(rejected)
         if not usable:
             found = ", ".join(f"{c.label} ({c.sample_rate_hz:g} Hz)" for c in header.channels[:12])
-            why = ("; ".join(r.split(": ", 1)[1] for r in rejected) if rejected
-                   else f"no channel maps to a modality (found {found})")
+            why = (
+                "; ".join(r.split(": ", 1)[1] for r in rejected)
+                if rejected
+                else f"no channel maps to a modality (found {found})"
+            )
             raise UnreadableRecording(f"{signal_path}: no usable channel: {why}")
         window_seconds = epochs_per_window * EPOCH_SECONDS
         n_windows = int(header.duration_seconds // window_seconds)
         if n_windows < 1:
-            raise UnreadableRecording(f"{signal_path}: {header.duration_seconds:g} s of signal is shorter "
-                                      f"than one window ({window_seconds} s)")
+            raise UnreadableRecording(
+                f"{signal_path}: {header.duration_seconds:g} s of signal is shorter "
+                f"than one window ({window_seconds} s)"
+            )
         n_epochs = int(header.duration_seconds // EPOCH_SECONDS)
         stages = _stages(hypnogram_path, site.hypnogram.format, site.hypnogram.epoch_seconds, n_epochs, notes)
         metadata = _with_scored_events(metadata, hypnogram_path, site.hypnogram.format, stages, notes)
@@ -293,8 +320,9 @@ def decode_recording(
             if key not in usable:
                 continue
             # One channel at a time: memory stays at one channel plus the float16 windows so far.
-            decoded = _modality_windows(reader.read(usable[key].index), usable[key], key, n_windows,
-                                        epochs_per_window, notes, signal_path)
+            decoded = _modality_windows(
+                reader.read(usable[key].index), usable[key], key, n_windows, epochs_per_window, notes, signal_path
+            )
             if decoded is not None:
                 windows, good = decoded
                 columns[key] = _list_column(windows, good, pa.float16())
@@ -302,13 +330,25 @@ def decode_recording(
     finally:
         reader.close()
     if not present.any():
-        raise UnreadableRecording(f"{signal_path}: every usable channel is NaN or flat in every window "
-                                  f"({', '.join(usable)})")
-    table = _store_table(columns, present, stages, recording_id=recording_id,
-                         subject_id=subject_id or metadata.subject_id or recording_id, site=site.name,
-                         metadata=metadata, epochs_per_window=epochs_per_window)
+        raise UnreadableRecording(
+            f"{signal_path}: every usable channel is NaN or flat in every window ({', '.join(usable)})"
+        )
+    table = _store_table(
+        columns,
+        present,
+        stages,
+        recording_id=recording_id,
+        subject_id=subject_id or metadata.subject_id or recording_id,
+        site=site.name,
+        metadata=metadata,
+        epochs_per_window=epochs_per_window,
+    )
     modalities = tuple(key for k, key in enumerate(MODALITY_KEYS) if present[:, k].any())
     return DecodedRecording(
-        table=table, windows=n_windows, modalities=modalities,
+        table=table,
+        windows=n_windows,
+        modalities=modalities,
         channels={key: usable[key].label for key in modalities},
-        unknown_channels=unknown, notes=tuple(notes))
+        unknown_channels=unknown,
+        notes=tuple(notes),
+    )

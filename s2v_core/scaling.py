@@ -79,37 +79,72 @@ def _ones(x: np.ndarray) -> np.ndarray:
 
 FORMS: dict[str, Form] = {
     "additive": Form(
-        "additive", "L = E + A*N^-alpha + B*M^-beta", ("alpha", "beta"), ("E", "A", "B"), True, True,
+        "additive",
+        "L = E + A*N^-alpha + B*M^-beta",
+        ("alpha", "beta"),
+        ("E", "A", "B"),
+        True,
+        True,
         lambda n, m, mr, e: np.column_stack([_ones(n), n ** -e[0], m ** -e[1]]),
         lambda e, nr, mr, m0: {"A": nr ** e[0], "B": mr ** e[1]},
-        {"alpha": ("A",), "beta": ("B",)}),
+        {"alpha": ("A",), "beta": ("B",)},
+    ),
     "multiplicative": Form(
-        "multiplicative", "L = E + A*N^-alpha*M^-beta", ("alpha", "beta"), ("E", "A"), True, True,
+        "multiplicative",
+        "L = E + A*N^-alpha*M^-beta",
+        ("alpha", "beta"),
+        ("E", "A"),
+        True,
+        True,
         lambda n, m, mr, e: np.column_stack([_ones(n), n ** -e[0] * m ** -e[1]]),
         lambda e, nr, mr, m0: {"A": nr ** e[0] * mr ** e[1]},
-        {"alpha": ("A",), "beta": ("A",)}),
+        {"alpha": ("A",), "beta": ("A",)},
+    ),
     "interaction": Form(
-        "interaction", "L = E + A*N^-alpha + B*M^-beta + C*N^-alpha*M^-beta", ("alpha", "beta"),
-        ("E", "A", "B", "C"), True, True,
+        "interaction",
+        "L = E + A*N^-alpha + B*M^-beta + C*N^-alpha*M^-beta",
+        ("alpha", "beta"),
+        ("E", "A", "B", "C"),
+        True,
+        True,
         lambda n, m, mr, e: np.column_stack([_ones(n), n ** -e[0], m ** -e[1], n ** -e[0] * m ** -e[1]]),
         lambda e, nr, mr, m0: {"A": nr ** e[0], "B": mr ** e[1], "C": nr ** e[0] * mr ** e[1]},
-        {"alpha": ("A", "C"), "beta": ("B", "C")}),
+        {"alpha": ("A", "C"), "beta": ("B", "C")},
+    ),
     "saturating": Form(
-        "saturating", "L = E + A*N^-alpha + B*exp(-beta*M)", ("alpha", "beta"), ("E", "A", "B"), True, True,
+        "saturating",
+        "L = E + A*N^-alpha + B*exp(-beta*M)",
+        ("alpha", "beta"),
+        ("E", "A", "B"),
+        True,
+        True,
         # exp(-beta (M - M_min)) keeps the column O(1); B is mapped back to exp(-beta M).
         lambda n, m, mr, e: np.column_stack([_ones(n), n ** -e[0], np.exp(-e[1] * (mr - mr.min()))]),
         lambda e, nr, mr, m0: {"A": nr ** e[0], "B": float(np.exp(e[1] * m0))},
-        {"alpha": ("A",), "beta": ("B",)}),
+        {"alpha": ("A",), "beta": ("B",)},
+    ),
     "n_only": Form(
-        "n_only", "L = E + A*N^-alpha", ("alpha",), ("E", "A"), True, False,
+        "n_only",
+        "L = E + A*N^-alpha",
+        ("alpha",),
+        ("E", "A"),
+        True,
+        False,
         lambda n, m, mr, e: np.column_stack([_ones(n), n ** -e[0]]),
         lambda e, nr, mr, m0: {"A": nr ** e[0]},
-        {"alpha": ("A",)}),
+        {"alpha": ("A",)},
+    ),
     "m_only": Form(
-        "m_only", "L = E + B*M^-beta", ("beta",), ("E", "B"), False, True,
+        "m_only",
+        "L = E + B*M^-beta",
+        ("beta",),
+        ("E", "B"),
+        False,
+        True,
         lambda n, m, mr, e: np.column_stack([_ones(m), m ** -e[0]]),
         lambda e, nr, mr, m0: {"B": mr ** e[0]},
-        {"beta": ("B",)}),
+        {"beta": ("B",)},
+    ),
 }
 #: Forms compared by :func:`fit_scaling_laws` when both N and M vary.
 JOINT_FORMS = ("additive", "multiplicative", "interaction", "saturating", "n_only", "m_only")
@@ -172,22 +207,35 @@ class LawFit:
 
     def predict_interval(self, n_params=None, modality_counts=None) -> tuple[np.ndarray, np.ndarray]:
         """Bootstrap percentile interval of the prediction (``(nan, nan)`` without a bootstrap)."""
-        shape = np.broadcast(np.asarray(n_params if n_params is not None else 1.0),
-                             np.asarray(modality_counts if modality_counts is not None else 1.0)).shape
+        shape = np.broadcast(
+            np.asarray(n_params if n_params is not None else 1.0),
+            np.asarray(modality_counts if modality_counts is not None else 1.0),
+        ).shape
         if self.samples is None or not len(self.samples):
             return np.full(shape, np.nan), np.full(shape, np.nan)
-        draws = np.array([evaluate_law(self.form, dict(zip(self.names, row)), n_params, modality_counts)
-                          for row in self.samples])
+        draws = np.array(
+            [evaluate_law(self.form, dict(zip(self.names, row)), n_params, modality_counts) for row in self.samples]
+        )
         tail = 100.0 * (1.0 - self.confidence) / 2.0
         lo, hi = np.percentile(draws, [tail, 100.0 - tail], axis=0)
         return lo, hi
 
     def to_dict(self) -> dict:
         """JSON-ready summary."""
-        return {"form": self.form, "law": self.law, "params": dict(self.params),
-                "ci": {k: [lo, hi] for k, (lo, hi) in self.ci.items()}, "confidence": self.confidence,
-                "bootstrap": self.bootstrap, "n_points": self.n_points, "rss": self.rss, "rmse": self.rmse,
-                "aic": self.aic, "bic": self.bic, "at_bound": list(self.at_bound)}
+        return {
+            "form": self.form,
+            "law": self.law,
+            "params": dict(self.params),
+            "ci": {k: [lo, hi] for k, (lo, hi) in self.ci.items()},
+            "confidence": self.confidence,
+            "bootstrap": self.bootstrap,
+            "n_points": self.n_points,
+            "rss": self.rss,
+            "rmse": self.rmse,
+            "aic": self.aic,
+            "bic": self.bic,
+            "at_bound": list(self.at_bound),
+        }
 
 
 def evaluate_law(form: str, params: dict[str, float], n_params=None, modality_counts=None) -> np.ndarray:
@@ -196,16 +244,19 @@ def evaluate_law(form: str, params: dict[str, float], n_params=None, modality_co
     n = np.asarray(n_params, dtype=float) if spec.uses_n else None
     m = np.asarray(modality_counts, dtype=float) if spec.uses_m else None
     if (spec.uses_n and n_params is None) or (spec.uses_m and modality_counts is None):
-        raise ValueError(f"scaling-law form {form!r} ({spec.law}) needs "
-                         f"{'n_params' if spec.uses_n and n_params is None else 'modality_counts'}")
+        raise ValueError(
+            f"scaling-law form {form!r} ({spec.law}) needs "
+            f"{'n_params' if spec.uses_n and n_params is None else 'modality_counts'}"
+        )
     p = params
     if form == "additive":
         return p["E"] + p["A"] * n ** -p["alpha"] + p["B"] * m ** -p["beta"]
     if form == "multiplicative":
         return p["E"] + p["A"] * n ** -p["alpha"] * m ** -p["beta"]
     if form == "interaction":
-        return (p["E"] + p["A"] * n ** -p["alpha"] + p["B"] * m ** -p["beta"]
-                + p["C"] * n ** -p["alpha"] * m ** -p["beta"])
+        return (
+            p["E"] + p["A"] * n ** -p["alpha"] + p["B"] * m ** -p["beta"] + p["C"] * n ** -p["alpha"] * m ** -p["beta"]
+        )
     if form == "saturating":
         return p["E"] + p["A"] * n ** -p["alpha"] + p["B"] * np.exp(-p["beta"] * m)
     if form == "n_only":
@@ -215,11 +266,18 @@ def evaluate_law(form: str, params: dict[str, float], n_params=None, modality_co
 
 # -- one form ------------------------------------------------------------------------------------------
 
+
 class _Problem:
     """Variable projection for one form on fixed points (with optional row multiplicities)."""
 
-    def __init__(self, form: str, y: np.ndarray, n: np.ndarray | None, m: np.ndarray | None,
-                 multiplicity: np.ndarray | None = None):
+    def __init__(
+        self,
+        form: str,
+        y: np.ndarray,
+        n: np.ndarray | None,
+        m: np.ndarray | None,
+        multiplicity: np.ndarray | None = None,
+    ):
         self.spec = _form(form)
         keep = np.ones(len(y), dtype=bool) if multiplicity is None else multiplicity > 0
         self.y = y[keep]
@@ -261,8 +319,13 @@ class _Problem:
         seeds = [candidates[i] for i in order[:2]] + [np.asarray(s, dtype=float) for s in starts]
         best, best_cost = candidates[order[0]], costs[order[0]]
         for start in seeds:
-            result = minimize(self.profile, start, method="Nelder-Mead", bounds=[(0.0, MAX_EXPONENT)] * k,
-                              options={"xatol": 1e-7, "fatol": 1e-14, "maxiter": 400 * k})
+            result = minimize(
+                self.profile,
+                start,
+                method="Nelder-Mead",
+                bounds=[(0.0, MAX_EXPONENT)] * k,
+                options={"xatol": 1e-7, "fatol": 1e-14, "maxiter": 400 * k},
+            )
             if np.isfinite(result.fun) and result.fun < best_cost:
                 best, best_cost = np.asarray(result.x, dtype=float), float(result.fun)
         if not np.isfinite(best_cost):
@@ -276,8 +339,9 @@ class _Problem:
         scale = float(self.y.min())
         for name, value in zip(self.spec.exponents, exponents):
             # A term with no weight says nothing about its exponent: report 0 (no dependence).
-            carried = any(coef[self.spec.coefficients.index(c)] > ZERO_COEFFICIENT * scale
-                          for c in self.spec.carriers[name])
+            carried = any(
+                coef[self.spec.coefficients.index(c)] > ZERO_COEFFICIENT * scale for c in self.spec.carriers[name]
+            )
             params[name] = float(value) if carried else 0.0
         return params
 
@@ -343,8 +407,11 @@ def fit_law(
     k = len(spec.coefficients) + len(spec.exponents) + 1  # + noise variance
     size = len(y)
     loglik_term = size * np.log(max(rss, 1e-300) / size)
-    at_bound = tuple(name for name, value in zip(spec.exponents, exponents)
-                     if value >= MAX_EXPONENT * (1 - 1e-6) and params[name] > 0)
+    at_bound = tuple(
+        name
+        for name, value in zip(spec.exponents, exponents)
+        if value >= MAX_EXPONENT * (1 - 1e-6) and params[name] > 0
+    )
     samples = None
     ci: dict[str, tuple[float, float]] = {}
     if bootstrap:
@@ -370,10 +437,20 @@ def fit_law(
             tail = 100.0 * (1.0 - confidence) / 2.0
             lo, hi = np.percentile(samples, [tail, 100.0 - tail], axis=0)
             ci = {name: (float(lo[i]), float(hi[i])) for i, name in enumerate((*spec.coefficients, *spec.exponents))}
-    return LawFit(form=form, params=params, rss=rss, n_points=size,
-                  aic=float(loglik_term + 2 * k), bic=float(loglik_term + k * np.log(size)),
-                  rmse=float(np.sqrt(rss / size)), ci=ci, confidence=confidence,
-                  bootstrap=0 if samples is None else len(samples), at_bound=at_bound, samples=samples)
+    return LawFit(
+        form=form,
+        params=params,
+        rss=rss,
+        n_points=size,
+        aic=float(loglik_term + 2 * k),
+        bic=float(loglik_term + k * np.log(size)),
+        rmse=float(np.sqrt(rss / size)),
+        ci=ci,
+        confidence=confidence,
+        bootstrap=0 if samples is None else len(samples),
+        at_bound=at_bound,
+        samples=samples,
+    )
 
 
 def _resample(labels: np.ndarray, rng: np.random.Generator, spec: Form, n, m, *, tries: int = 50):
@@ -389,8 +466,11 @@ def _resample(labels: np.ndarray, rng: np.random.Generator, spec: Form, n, m, *,
             counts = np.bincount(rng.integers(0, len(levels), len(levels)), minlength=len(levels))
             mult *= counts[index]
         drawn = mult > 0
-        ok = all(values is None or len(np.unique(values[drawn])) >= MIN_DISTINCT
-                 for values, used in ((n, spec.uses_n), (m, spec.uses_m)) if used)
+        ok = all(
+            values is None or len(np.unique(values[drawn])) >= MIN_DISTINCT
+            for values, used in ((n, spec.uses_n), (m, spec.uses_m))
+            if used
+        )
         if ok and drawn.sum() > len(spec.coefficients) + len(spec.exponents):
             return mult
     return None
@@ -410,6 +490,7 @@ def group_multiplicities(groups, *, seed: int = 0) -> np.ndarray:
 
 # -- comparing forms -----------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Verdict:
     """Whether one law (over N: ``alpha``; over M: ``beta``) is identified, and why (in words)."""
@@ -422,9 +503,14 @@ class Verdict:
     interval: tuple[float, float] | None = None
 
     def to_dict(self) -> dict:
-        return {"law": self.law, "exponent": self.exponent, "identified": self.identified,
-                "verdict": ("identified: " if self.identified else "not identified: ") + self.reason,
-                "estimate": self.estimate, "interval": list(self.interval) if self.interval else None}
+        return {
+            "law": self.law,
+            "exponent": self.exponent,
+            "identified": self.identified,
+            "verdict": ("identified: " if self.identified else "not identified: ") + self.reason,
+            "estimate": self.estimate,
+            "interval": list(self.interval) if self.interval else None,
+        }
 
 
 @dataclass(frozen=True)
@@ -444,13 +530,18 @@ class ScalingAnalysis:
 
     def ranking(self, criterion: str) -> list[str]:
         """Forms ordered best first by ``criterion`` (bic, aic or cv)."""
-        score = {"bic": lambda f: self.fits[f].bic, "aic": lambda f: self.fits[f].aic,
-                 "cv": lambda f: _nan_last(self.cv_rmse.get(f, np.nan))}[criterion]
+        score = {
+            "bic": lambda f: self.fits[f].bic,
+            "aic": lambda f: self.fits[f].aic,
+            "cv": lambda f: _nan_last(self.cv_rmse.get(f, np.nan)),
+        }[criterion]
         return sorted(self.fits, key=score)
 
     def to_dict(self) -> dict:
         return {
-            "criterion": self.criterion, "selected": self.selected, "law": FORMS[self.selected].law,
+            "criterion": self.criterion,
+            "selected": self.selected,
+            "law": FORMS[self.selected].law,
             "selected_by": {c: self.ranking(c)[0] for c in CRITERIA},
             "forms": {name: {**fit.to_dict(), "cv_rmse": self.cv_rmse.get(name)} for name, fit in self.fits.items()},
             "verdicts": {k: v.to_dict() for k, v in self.verdicts.items()},
@@ -517,24 +608,40 @@ def fit_scaling_laws(
             notes.append(f"{name} not fitted: {error}")
     if not fits:
         raise ValueError("no candidate form could be fitted: " + "; ".join(notes))
-    cv = {name: cross_validated_rmse(name, y, n, m, grid=max(8, grid // 2)) if cross_validate else float("nan")
-          for name in fits}
-    ranked = sorted(fits, key={"bic": lambda f: fits[f].bic, "aic": lambda f: fits[f].aic,
-                               "cv": lambda f: _nan_last(cv[f])}[criterion])
+    cv = {
+        name: cross_validated_rmse(name, y, n, m, grid=max(8, grid // 2)) if cross_validate else float("nan")
+        for name in fits
+    }
+    ranked = sorted(
+        fits,
+        key={"bic": lambda f: fits[f].bic, "aic": lambda f: fits[f].aic, "cv": lambda f: _nan_last(cv[f])}[criterion],
+    )
     selected = ranked[0]
     if bootstrap:
-        fits[selected] = fit_law(selected, y, n_params=n, modality_counts=m, groups=labels, bootstrap=bootstrap,
-                                 confidence=confidence, seed=seed, grid=grid)
+        fits[selected] = fit_law(
+            selected,
+            y,
+            n_params=n,
+            modality_counts=m,
+            groups=labels,
+            bootstrap=bootstrap,
+            confidence=confidence,
+            seed=seed,
+            grid=grid,
+        )
     by = {"bic": min(fits, key=lambda f: fits[f].bic), "aic": min(fits, key=lambda f: fits[f].aic)}
     if cross_validate:
         by["cv"] = min(fits, key=lambda f: _nan_last(cv[f]))
     disagree = sorted({c for c, f in by.items() if f != selected})
     if disagree:
         notes.append(f"{criterion} selects {selected}; " + ", ".join(f"{c} selects {by[c]}" for c in disagree))
-    verdicts = {law: _verdict(law, fits[selected], criterion, distinct)
-                for law, distinct in (("N", len(np.unique(n))), ("M", len(np.unique(m))))}
-    return ScalingAnalysis(fits=fits, cv_rmse=cv, criterion=criterion, selected=selected, verdicts=verdicts,
-                           notes=tuple(notes))
+    verdicts = {
+        law: _verdict(law, fits[selected], criterion, distinct)
+        for law, distinct in (("N", len(np.unique(n))), ("M", len(np.unique(m))))
+    }
+    return ScalingAnalysis(
+        fits=fits, cv_rmse=cv, criterion=criterion, selected=selected, verdicts=verdicts, notes=tuple(notes)
+    )
 
 
 def cross_validated_rmse(form: str, losses, n_params, modality_counts, *, grid: int = 12) -> float:
@@ -551,8 +658,13 @@ def cross_validated_rmse(form: str, losses, n_params, modality_counts, *, grid: 
         held = (n == cell[0]) & (m == cell[1])
         train = ~held
         try:
-            fit = fit_law(form, y[train], n_params=n[train] if spec.uses_n else None,
-                          modality_counts=m[train] if spec.uses_m else None, grid=grid)
+            fit = fit_law(
+                form,
+                y[train],
+                n_params=n[train] if spec.uses_n else None,
+                modality_counts=m[train] if spec.uses_m else None,
+                grid=grid,
+            )
         except ValueError:
             continue
         predicted = fit.predict(n[held], m[held])
@@ -567,11 +679,17 @@ def _verdict(law: str, fit: LawFit, criterion: str, distinct: int) -> Verdict:
     spec = FORMS[fit.form]
     what = "parameters N" if law == "N" else "modality count M"
     if distinct < MIN_DISTINCT:
-        return Verdict(law, exponent, False, f"only {distinct} distinct value(s) of {what}; "
-                                             f"at least {MIN_DISTINCT} are needed")
+        return Verdict(
+            law, exponent, False, f"only {distinct} distinct value(s) of {what}; at least {MIN_DISTINCT} are needed"
+        )
     if exponent not in spec.exponents:
-        return Verdict(law, exponent, False, f"the form selected by {criterion} ({fit.form}: {spec.law}) has no "
-                                             f"{what} term; the data do not support a dependence on it")
+        return Verdict(
+            law,
+            exponent,
+            False,
+            f"the form selected by {criterion} ({fit.form}: {spec.law}) has no "
+            f"{what} term; the data do not support a dependence on it",
+        )
     estimate = fit.params[exponent]
     if not fit.ci:
         return Verdict(law, exponent, False, "no bootstrap interval was computed", estimate)
@@ -579,23 +697,55 @@ def _verdict(law: str, fit: LawFit, criterion: str, distinct: int) -> Verdict:
     interval = (lo, hi)
     pct = f"{100 * fit.confidence:g} %"
     if hi - lo <= 1e-9 * max(1.0, abs(estimate)):
-        return Verdict(law, exponent, False, f"the bootstrap interval of {exponent} has zero width ({fit.bootstrap} "
-                                             "refits that all agree): too few groups to resample", estimate, interval)
+        return Verdict(
+            law,
+            exponent,
+            False,
+            f"the bootstrap interval of {exponent} has zero width ({fit.bootstrap} "
+            "refits that all agree): too few groups to resample",
+            estimate,
+            interval,
+        )
     if exponent in fit.at_bound or hi >= MAX_EXPONENT * (1 - 1e-6):
-        return Verdict(law, exponent, False, f"{exponent} reaches the search bound {MAX_EXPONENT:g} "
-                                             f"({pct} interval [{lo:.3g}, {hi:.3g}])", estimate, interval)
+        return Verdict(
+            law,
+            exponent,
+            False,
+            f"{exponent} reaches the search bound {MAX_EXPONENT:g} ({pct} interval [{lo:.3g}, {hi:.3g}])",
+            estimate,
+            interval,
+        )
     if estimate <= 0:
-        return Verdict(law, exponent, False, f"the {what} term has a zero coefficient in the selected form "
-                                             f"({fit.form})", estimate, interval)
+        return Verdict(
+            law,
+            exponent,
+            False,
+            f"the {what} term has a zero coefficient in the selected form ({fit.form})",
+            estimate,
+            interval,
+        )
     if lo <= 0:
-        return Verdict(law, exponent, False, f"the {pct} interval of {exponent}, [{lo:.3g}, {hi:.3g}], includes 0",
-                       estimate, interval)
-    return Verdict(law, exponent, True, f"{exponent} = {estimate:.3g}, {pct} interval [{lo:.3g}, {hi:.3g}] "
-                                        f"excludes 0, in the {fit.form} form selected by {criterion}",
-                   estimate, interval)
+        return Verdict(
+            law,
+            exponent,
+            False,
+            f"the {pct} interval of {exponent}, [{lo:.3g}, {hi:.3g}], includes 0",
+            estimate,
+            interval,
+        )
+    return Verdict(
+        law,
+        exponent,
+        True,
+        f"{exponent} = {estimate:.3g}, {pct} interval [{lo:.3g}, {hi:.3g}] "
+        f"excludes 0, in the {fit.form} form selected by {criterion}",
+        estimate,
+        interval,
+    )
 
 
 # -- extrapolation -------------------------------------------------------------------------------------
+
 
 def held_out_forecast(
     losses: Sequence[float],
@@ -631,8 +781,17 @@ def held_out_forecast(
     tm = _positive_finite("targets_m", targets_m)
     if len(tn) != len(tm):
         raise ValueError(f"targets_n has {len(tn)} values but targets_m has {len(tm)}")
-    analysis = fit_scaling_laws(y, n_params=n, modality_counts=m, groups=groups, forms=forms, criterion=criterion,
-                                bootstrap=bootstrap, seed=seed, cross_validate=criterion == "cv")
+    analysis = fit_scaling_laws(
+        y,
+        n_params=n,
+        modality_counts=m,
+        groups=groups,
+        forms=forms,
+        criterion=criterion,
+        bootstrap=bootstrap,
+        seed=seed,
+        cross_validate=criterion == "cv",
+    )
     fit = analysis.best
     lo, hi = fit.predict_interval(tn, tm)
     predicted = np.broadcast_to(fit.predict(tn, tm), tn.shape)
@@ -642,10 +801,24 @@ def held_out_forecast(
         along = n if axis == "n" else m
         below = same & (along < (tn_i if axis == "n" else tm_i))
         naive = float(np.mean(y[below & (along == along[below].max())])) if below.any() else None
-        rows.append({"n_params": float(tn_i), "modality_count": float(tm_i), "predicted": float(predicted[i]),
-                     "interval": [float(lo[i]), float(hi[i])], "no_scaling": naive})
-    return {"axis": axis, "form": fit.form, "law": fit.law, "params": fit.params, "fit_points": len(y),
-            "verdicts": {k: v.to_dict() for k, v in analysis.verdicts.items()}, "targets": rows}
+        rows.append(
+            {
+                "n_params": float(tn_i),
+                "modality_count": float(tm_i),
+                "predicted": float(predicted[i]),
+                "interval": [float(lo[i]), float(hi[i])],
+                "no_scaling": naive,
+            }
+        )
+    return {
+        "axis": axis,
+        "form": fit.form,
+        "law": fit.law,
+        "params": fit.params,
+        "fit_points": len(y),
+        "verdicts": {k: v.to_dict() for k, v in analysis.verdicts.items()},
+        "targets": rows,
+    }
 
 
 def score_forecast(forecast: dict, observed: dict[tuple[float, float], float]) -> dict:
@@ -671,17 +844,22 @@ def score_forecast(forecast: dict, observed: dict[tuple[float, float], float]) -
                 naive.append(row["no_scaling_relative_error"])
                 matched.append(row["relative_error"])
         rows.append(row)
-    out = {"targets": rows, "scored": len(law),
-           "relative_error": float(np.mean(law)) if law else None,
-           "no_scaling_relative_error": float(np.mean(naive)) if naive else None,
-           # the law on the same targets as the no-scaling forecast (a corner cell has none)
-           "relative_error_where_no_scaling": float(np.mean(matched)) if matched else None}
-    out["beats_no_scaling"] = (None if not matched else
-                               out["relative_error_where_no_scaling"] < out["no_scaling_relative_error"])
+    out = {
+        "targets": rows,
+        "scored": len(law),
+        "relative_error": float(np.mean(law)) if law else None,
+        "no_scaling_relative_error": float(np.mean(naive)) if naive else None,
+        # the law on the same targets as the no-scaling forecast (a corner cell has none)
+        "relative_error_where_no_scaling": float(np.mean(matched)) if matched else None,
+    }
+    out["beats_no_scaling"] = (
+        None if not matched else out["relative_error_where_no_scaling"] < out["no_scaling_relative_error"]
+    )
     return out
 
 
 # -- validation helpers --------------------------------------------------------------------------------
+
 
 def _form(name: str) -> Form:
     if name not in FORMS:
@@ -701,7 +879,8 @@ def _positive_finite(label: str, values) -> np.ndarray:
     if bad.any():
         raise ValueError(
             f"{label}: expected finite values > 0, found {', '.join(repr(float(v)) for v in array[bad][:5])} "
-            f"at position(s) {', '.join(map(str, np.flatnonzero(bad)[:5]))}")
+            f"at position(s) {', '.join(map(str, np.flatnonzero(bad)[:5]))}"
+        )
     return array
 
 
@@ -719,13 +898,17 @@ def _check_points(spec: Form, losses, n_params, modality_counts):
             raise ValueError(f"{label} has {len(values)} values but losses has {len(y)}")
         distinct = np.unique(values)
         if len(distinct) < MIN_DISTINCT:
-            raise ValueError(f"{label} has {len(distinct)} distinct value(s) "
-                             f"({', '.join(f'{v:g}' for v in distinct)}); at least {MIN_DISTINCT} are needed "
-                             "to identify an offset, a coefficient and an exponent")
+            raise ValueError(
+                f"{label} has {len(distinct)} distinct value(s) "
+                f"({', '.join(f'{v:g}' for v in distinct)}); at least {MIN_DISTINCT} are needed "
+                "to identify an offset, a coefficient and an exponent"
+            )
     k = len(spec.coefficients) + len(spec.exponents)
     if len(y) <= k:
-        raise ValueError(f"scaling-law form {spec.name!r} ({spec.law}) has {k} parameters but only {len(y)} "
-                         "points were given; run more trials")
+        raise ValueError(
+            f"scaling-law form {spec.name!r} ({spec.law}) has {k} parameters but only {len(y)} "
+            "points were given; run more trials"
+        )
     return y, n, m
 
 
@@ -743,7 +926,9 @@ def _check_groups(groups, size: int) -> np.ndarray:
     labels = np.vectorize(str, otypes=[object])(labels).astype(str)
     varying = [j for j in range(labels.shape[1]) if len(np.unique(labels[:, j])) > 1]
     if not varying:
-        logger.warning("every bootstrap group factor has a single level (one seed, one subset): "
-                       "resampling points instead, which treats them as independent")
+        logger.warning(
+            "every bootstrap group factor has a single level (one seed, one subset): "
+            "resampling points instead, which treats them as independent"
+        )
         return np.arange(size).reshape(-1, 1)
     return labels[:, varying]

@@ -51,8 +51,9 @@ def window_bounds(n_windows: int, window_seconds: float, rate_hz: float, n_sampl
     return np.minimum(bounds, n_samples)
 
 
-def window_quality(values: np.ndarray, bounds: np.ndarray, *, constant_is_flat: bool = True
-                   ) -> tuple[np.ndarray, np.ndarray]:
+def window_quality(
+    values: np.ndarray, bounds: np.ndarray, *, constant_is_flat: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
     """Which windows contain NaN/inf and which are flat (a disconnected sensor).
 
     Parameters

@@ -74,20 +74,26 @@ class SplitConfig:
     def __post_init__(self) -> None:
         for row in self.assigned:
             if len(row) != 3 or row[2] not in SPLIT_NAMES:
-                raise ValueError(f"splits: expected assignments (site, subject_id, split) with split one of "
-                                 f"{', '.join(SPLIT_NAMES)}, found {row!r}")
+                raise ValueError(
+                    f"splits: expected assignments (site, subject_id, split) with split one of "
+                    f"{', '.join(SPLIT_NAMES)}, found {row!r}"
+                )
         fractions = (self.train, self.val, self.test)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"splits: seed must be an integer >= 0, found {self.seed!r}")
         if any(not isinstance(f, (int, float)) or not 0.0 <= f <= 1.0 for f in fractions):
-            raise ValueError(f"splits: fractions must lie in [0, 1], found train={self.train!r}, "
-                             f"val={self.val!r}, test={self.test!r}")
+            raise ValueError(
+                f"splits: fractions must lie in [0, 1], found train={self.train!r}, "
+                f"val={self.val!r}, test={self.test!r}"
+            )
         if not math.isclose(sum(fractions), 1.0, abs_tol=1e-6):
-            raise ValueError(f"splits: fractions must sum to 1, found {self.train} + {self.val} + {self.test} "
-                             f"= {sum(fractions):g}")
+            raise ValueError(
+                f"splits: fractions must sum to 1, found {self.train} + {self.val} + {self.test} = {sum(fractions):g}"
+            )
         if self.train <= 0 or self.test <= 0:
-            raise ValueError(f"splits: train and test fractions must be > 0, found train={self.train}, "
-                             f"test={self.test}")
+            raise ValueError(
+                f"splits: train and test fractions must be > 0, found train={self.train}, test={self.test}"
+            )
 
     @property
     def fractions(self) -> dict[str, float]:
@@ -110,8 +116,9 @@ def parse_fractions(text: str, *, option: str = "--fractions") -> tuple[float, f
     try:
         values = tuple(float(p) for p in parts)
     except ValueError:
-        raise ValueError(f"{option}: expected three numbers train,val,test (e.g. 0.8,0.1,0.1), "
-                         f"found {text!r}") from None
+        raise ValueError(
+            f"{option}: expected three numbers train,val,test (e.g. 0.8,0.1,0.1), found {text!r}"
+        ) from None
     if len(values) != 3:
         raise ValueError(f"{option}: expected three numbers train,val,test, found {len(values)} in {text!r}")
     return values  # type: ignore[return-value]
@@ -120,7 +127,7 @@ def parse_fractions(text: str, *, option: str = "--fractions") -> tuple[float, f
 def subject_unit(site: str, subject_id: str, *, seed: int) -> float:
     """The subject's position ``u`` in [0, 1): a keyed hash of site and subject id."""
     key = seed.to_bytes(8, "little")
-    digest = hashlib.blake2b(f"{site}\x1f{subject_id}".encode("utf-8"), digest_size=8, key=key).digest()
+    digest = hashlib.blake2b(f"{site}\x1f{subject_id}".encode(), digest_size=8, key=key).digest()
     return int.from_bytes(digest, "little") / 2.0**64
 
 
@@ -184,7 +191,8 @@ def read_split_file(store: str) -> dict:
     if filesystem.get_file_info(path).type != pafs.FileType.File:
         raise MissingSplitsError(
             f"store {store} has no subject splits ({SPLITS_FILE}); it was ingested before splits existed. "
-            f"Run `s2v split --data {store}` once to assign every subject to train/val/test")
+            f"Run `s2v split --data {store}` once to assign every subject to train/val/test"
+        )
     with filesystem.open_input_stream(path) as stream:
         data = json.loads(stream.read().decode("utf-8"))
     if data.get("format") != SPLITS_FORMAT:
@@ -197,8 +205,13 @@ def read_splits(store: str) -> SplitConfig:
     data = read_split_file(store)
     fractions = data.get("fractions") or {}
     assigned = tuple((str(a["site"]), str(a["subject_id"]), str(a["split"])) for a in data.get("assigned") or ())
-    return SplitConfig(seed=int(data["seed"]), train=float(fractions["train"]), val=float(fractions["val"]),
-                       test=float(fractions["test"]), assigned=assigned)
+    return SplitConfig(
+        seed=int(data["seed"]),
+        train=float(fractions["train"]),
+        val=float(fractions["val"]),
+        test=float(fractions["test"]),
+        assigned=assigned,
+    )
 
 
 def read_assignments(text: str, *, source: str) -> tuple[tuple[str, str, str], ...]:
@@ -206,13 +219,16 @@ def read_assignments(text: str, *, source: str) -> tuple[tuple[str, str, str], .
     reader = csv.DictReader(io.StringIO(text))
     missing = {"site", "subject_id", "split"} - set(reader.fieldnames or ())
     if missing:
-        raise ValueError(f"{source}: expected CSV columns site, subject_id, split; missing {', '.join(sorted(missing))}")
+        raise ValueError(
+            f"{source}: expected CSV columns site, subject_id, split; missing {', '.join(sorted(missing))}"
+        )
     rows = []
     for number, row in enumerate(reader, start=2):
         if row["split"] not in SPLIT_NAMES:
             # The split column only: other cells may identify a person.
-            raise ValueError(f"{source}, line {number}: expected split one of {', '.join(SPLIT_NAMES)}, "
-                             f"found {row['split']!r}")
+            raise ValueError(
+                f"{source}, line {number}: expected split one of {', '.join(SPLIT_NAMES)}, found {row['split']!r}"
+            )
         rows.append((row["site"], row["subject_id"], row["split"]))
     return tuple(rows)
 
@@ -225,10 +241,15 @@ def write_splits(store: str, config: SplitConfig, *, used_by: Sequence[str] = ()
         store_id = read_split_file(store).get("store_id") or uuid.uuid4().hex
     except MissingSplitsError:
         store_id = uuid.uuid4().hex
-    body = {"format": SPLITS_FORMAT, "store_id": store_id, "seed": config.seed, "fractions": config.fractions,
-            "method": HASH_METHOD,
-            "assigned": [{"site": a, "subject_id": b, "split": c} for a, b, c in config.assigned],
-            "used_by": sorted(set(used_by))}
+    body = {
+        "format": SPLITS_FORMAT,
+        "store_id": store_id,
+        "seed": config.seed,
+        "fractions": config.fractions,
+        "method": HASH_METHOD,
+        "assigned": [{"site": a, "subject_id": b, "split": c} for a, b, c in config.assigned],
+        "used_by": sorted(set(used_by)),
+    }
     data = (json.dumps(body, indent=1) + "\n").encode("utf-8")
     temporary = posixpath.join(posixpath.dirname(path), f".{SPLITS_FILE}.tmp")
     with filesystem.open_output_stream(temporary) as stream:
@@ -250,8 +271,11 @@ def ensure_splits(store: str, config: SplitConfig | None = None) -> SplitConfig:
 def split_record(store: str, splits: Sequence[str]) -> dict:
     """What a run records about the subjects it used: store id, assignment and split names."""
     data = read_split_file(store)
-    return {"store_id": data.get("store_id"), "assignment": read_splits(store).fingerprint,
-            "splits": list(select_splits(splits, option="splits"))}
+    return {
+        "store_id": data.get("store_id"),
+        "assignment": read_splits(store).fingerprint,
+        "splits": list(select_splits(splits, option="splits")),
+    }
 
 
 def record_use(store: str, run: str) -> None:

@@ -108,9 +108,15 @@ def _as_model(model: FineTunedModel | str | Path) -> FineTunedModel:
 
 
 @torch.no_grad()
-def embed_recording(path: str | Path, *, model: FineTunedModel | str | Path, site_config: SiteConfig | str | Path |
-                    None = None, modalities: Sequence[str] | None = None, name: str = "recording",
-                    device: str = "cpu") -> RecordingEmbedding:
+def embed_recording(
+    path: str | Path,
+    *,
+    model: FineTunedModel | str | Path,
+    site_config: SiteConfig | str | Path | None = None,
+    modalities: Sequence[str] | None = None,
+    name: str = "recording",
+    device: str = "cpu",
+) -> RecordingEmbedding:
     """Read one EDF/EDF+/BDF file and return its fused epoch features under ``model``.
 
     Parameters
@@ -137,15 +143,18 @@ def embed_recording(path: str | Path, *, model: FineTunedModel | str | Path, sit
     model = _as_model(model)
     path = Path(path)
     site = load_site_config(site_config) if isinstance(site_config, (str, Path)) else site_config
-    decoded = decode_recording(str(path), recording_id=name, site=site or SiteConfig(name=PSEUDONYM_SITE),
-                               epochs_per_window=1)
+    decoded = decode_recording(
+        str(path), recording_id=name, site=site or SiteConfig(name=PSEUDONYM_SITE), epochs_per_window=1
+    )
     wanted = set(parse_modalities(list(modalities), option="--modalities")) if modalities else set(MODALITY_KEYS)
     usable = tuple(k for k in model.spec.modalities if k in decoded.modalities and k in wanted)
     if not usable:
-        raise ValueError(f"{name}: the recording has {', '.join(decoded.modalities)}; the model reads "
-                         f"{', '.join(model.spec.modalities)}"
-                         + (f" (--modalities {', '.join(sorted(wanted))})" if modalities else "")
-                         + ": nothing in common to stage from")
+        raise ValueError(
+            f"{name}: the recording has {', '.join(decoded.modalities)}; the model reads "
+            f"{', '.join(model.spec.modalities)}"
+            + (f" (--modalities {', '.join(sorted(wanted))})" if modalities else "")
+            + ": nothing in common to stage from"
+        )
     batch = table_to_batch(decoded.table, modalities=usable, epochs_per_window=1)
     epochs = decoded.windows
     length = model.window_epochs  # the window length the head was trained on
@@ -162,8 +171,13 @@ def embed_recording(path: str | Path, *, model: FineTunedModel | str | Path, sit
             continue  # every modality broken here: no features, the epochs are left unstaged
         features[start:stop] = model.features(batch_to_tensors(window, device))[0].float().cpu().numpy()
         present[start:stop] = window_present
-    return RecordingEmbedding(features=features, present=present, windows=windows,
-                              modalities=usable, channels={k: decoded.channels[k] for k in usable})
+    return RecordingEmbedding(
+        features=features,
+        present=present,
+        windows=windows,
+        modalities=usable,
+        channels={k: decoded.channels[k] for k in usable},
+    )
 
 
 def sleep_summary(stages: np.ndarray, classes: Sequence[str], *, staged: np.ndarray | None = None) -> dict:
@@ -194,19 +208,31 @@ def sleep_summary(stages: np.ndarray, classes: Sequence[str], *, staged: np.ndar
         waso = float((staged[between] & (stages[between] == 0)).sum() * minutes)
     counts = {name: float((staged & (stages == i)).sum() * minutes) for i, name in enumerate(classes)}
     return {
-        "epochs": int(len(stages)), "staged_epochs": int(staged.sum()), "epoch_seconds": EPOCH_SECONDS,
-        "time_in_bed_min": in_bed, "total_sleep_time_min": tst,
+        "epochs": int(len(stages)),
+        "staged_epochs": int(staged.sum()),
+        "epoch_seconds": EPOCH_SECONDS,
+        "time_in_bed_min": in_bed,
+        "total_sleep_time_min": tst,
         "sleep_efficiency_percent": (100.0 * tst / in_bed) if in_bed else None,
-        "sleep_onset_latency_min": onset, "waso_min": waso, "stage_minutes": counts,
-        "stage_percent_of_tst": {name: (100.0 * value / tst if tst else None)
-                                 for name, value in counts.items() if name != classes[0]},
+        "sleep_onset_latency_min": onset,
+        "waso_min": waso,
+        "stage_minutes": counts,
+        "stage_percent_of_tst": {
+            name: (100.0 * value / tst if tst else None) for name, value in counts.items() if name != classes[0]
+        },
     }
 
 
-def stage_recording(path: str | Path, *, model: FineTunedModel | str | Path, out: str | Path | None = None,
-                    name: str | None = None, identities: Identities | None = None,
-                    site_config: SiteConfig | str | Path | None = None,
-                    modalities: Sequence[str] | None = None) -> StagingResult:
+def stage_recording(
+    path: str | Path,
+    *,
+    model: FineTunedModel | str | Path,
+    out: str | Path | None = None,
+    name: str | None = None,
+    identities: Identities | None = None,
+    site_config: SiteConfig | str | Path | None = None,
+    modalities: Sequence[str] | None = None,
+) -> StagingResult:
     """Stage one recording; with ``out``, write ``NAME_hypnogram.csv``, ``NAME_hypnogram.png``, ``NAME_summary.json``.
 
     ``name`` defaults to the pseudonym of the path (:func:`recording_name`).
@@ -218,8 +244,9 @@ def stage_recording(path: str | Path, *, model: FineTunedModel | str | Path, out
     model = _as_model(model)
     task = model.task
     if task.level != "epoch" or task.kind != "classification" or task.stage_map[0] != 0:
-        raise ValueError(f"--model: a staging model is needed (task staging/staging4/staging3), found task "
-                         f"{task.name!r}")
+        raise ValueError(
+            f"--model: a staging model is needed (task staging/staging4/staging3), found task {task.name!r}"
+        )
     path = Path(path)
     name = name or recording_name(path, identities=identities or Identities(load_pseudonym_key()))
     try:
@@ -228,28 +255,38 @@ def stage_recording(path: str | Path, *, model: FineTunedModel | str | Path, out
         raise type(exc)(_scrub(str(exc), path, name)) from None
     staged = embedding.present.any(axis=1)
     with torch.no_grad():
-        logits = torch.cat([model.head(torch.from_numpy(embedding.features[start:stop])[None])[0]
-                            for start, stop in embedding.windows])
+        logits = torch.cat(
+            [model.head(torch.from_numpy(embedding.features[start:stop])[None])[0] for start, stop in embedding.windows]
+        )
     probabilities = torch.softmax(logits.float(), dim=-1).numpy()
     stages = np.where(staged, probabilities.argmax(axis=1), -1)
-    summary = {"format": SUMMARY_FORMAT, "recording": name, "task": task.name, "classes": list(task.classes),
-               "modalities": list(embedding.modalities), "channels": embedding.channels,
-               **sleep_summary(stages, task.classes, staged=staged)}
+    summary = {
+        "format": SUMMARY_FORMAT,
+        "recording": name,
+        "task": task.name,
+        "classes": list(task.classes),
+        "modalities": list(embedding.modalities),
+        "channels": embedding.channels,
+        **sleep_summary(stages, task.classes, staged=staged),
+    }
     files: dict[str, str] = {}
     if out is not None:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         files["csv"] = str(_write_csv(out / f"{name}_hypnogram.csv", stages, probabilities, task.classes, staged))
-        files["png"] = str(plot_predicted_hypnogram(stages, probabilities, task.classes,
-                                                    out / f"{name}_hypnogram.png", title=name))
+        files["png"] = str(
+            plot_predicted_hypnogram(stages, probabilities, task.classes, out / f"{name}_hypnogram.png", title=name)
+        )
         files["summary"] = str(out / f"{name}_summary.json")
         Path(files["summary"]).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    return StagingResult(name=name, stages=stages, probabilities=probabilities, classes=task.classes,
-                         summary=summary, files=files)
+    return StagingResult(
+        name=name, stages=stages, probabilities=probabilities, classes=task.classes, summary=summary, files=files
+    )
 
 
-def _write_csv(path: Path, stages: np.ndarray, probabilities: np.ndarray, classes: Sequence[str],
-               staged: np.ndarray) -> Path:
+def _write_csv(
+    path: Path, stages: np.ndarray, probabilities: np.ndarray, classes: Sequence[str], staged: np.ndarray
+) -> Path:
     """One row per 30-s epoch: index, onset (s from the recording start), stage name, class probabilities."""
     with open(path, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
@@ -275,9 +312,16 @@ def find_recordings(paths: Sequence[str | Path]) -> list[Path]:
     return unique
 
 
-def stage(paths: str | Path | Sequence[str | Path], *, model: FineTunedModel | str | Path, out: str | Path,
-          site_config: SiteConfig | str | Path | None = None, modalities: Sequence[str] | None = None,
-          mapping: str | Path | None = None, identities: Identities | None = None) -> list[dict]:
+def stage(
+    paths: str | Path | Sequence[str | Path],
+    *,
+    model: FineTunedModel | str | Path,
+    out: str | Path,
+    site_config: SiteConfig | str | Path | None = None,
+    modalities: Sequence[str] | None = None,
+    mapping: str | Path | None = None,
+    identities: Identities | None = None,
+) -> list[dict]:
     """Stage files and folders one after the other, in this process (``s2v stage`` spreads folders over Ray).
 
     Parameters
@@ -308,31 +352,57 @@ def stage(paths: str | Path | Sequence[str | Path], *, model: FineTunedModel | s
     identities = identities or Identities(load_pseudonym_key())
     loaded = _as_model(model)
     recordings = find_recordings(paths)
-    results = [stage_one(path, name=recording_name(path, identities=identities), model=loaded, out=out,
-                         site_config=site_config, modalities=modalities) for path in recordings]
+    results = [
+        stage_one(
+            path,
+            name=recording_name(path, identities=identities),
+            model=loaded,
+            out=out,
+            site_config=site_config,
+            modalities=modalities,
+        )
+        for path in recordings
+    ]
     write_results(results, out, mapping=mapping, recordings=recordings, identities=identities)
     return results
 
 
-def stage_one(path: str | Path, *, name: str, model: FineTunedModel | str | Path, out: str | Path,
-              site_config: SiteConfig | str | Path | None = None,
-              modalities: Sequence[str] | None = None) -> dict:
+def stage_one(
+    path: str | Path,
+    *,
+    name: str,
+    model: FineTunedModel | str | Path,
+    out: str | Path,
+    site_config: SiteConfig | str | Path | None = None,
+    modalities: Sequence[str] | None = None,
+) -> dict:
     """Stage one file as ``name`` and never raise for a bad recording: its result line says why (one line)."""
     try:
-        result = stage_recording(path, model=model, out=out, name=name, site_config=site_config,
-                                 modalities=modalities)
+        result = stage_recording(path, model=model, out=out, name=name, site_config=site_config, modalities=modalities)
     except Exception as exc:  # noqa: BLE001 - one bad file must not stop the others
-        reason = _scrub(str(exc) if isinstance(exc, (ValueError, OSError)) else f"{type(exc).__name__}: {exc}",
-                        Path(path), name)
+        reason = _scrub(
+            str(exc) if isinstance(exc, (ValueError, OSError)) else f"{type(exc).__name__}: {exc}", Path(path), name
+        )
         logger.warning("%s: not staged: %s", name, reason)
         return {"name": name, "status": "failed", "reason": " ".join(reason.split()), "epochs": 0, "files": {}}
-    return {"name": name, "status": "ok", "reason": None, "epochs": result.summary["epochs"],
-            "modalities": result.summary["modalities"],
-            "files": {k: Path(v).name for k, v in result.files.items()}}
+    return {
+        "name": name,
+        "status": "ok",
+        "reason": None,
+        "epochs": result.summary["epochs"],
+        "modalities": result.summary["modalities"],
+        "files": {k: Path(v).name for k, v in result.files.items()},
+    }
 
 
-def write_results(results: list[dict], out: str | Path, *, mapping: str | Path | None,
-                  recordings: Sequence[Path], identities: Identities) -> None:
+def write_results(
+    results: list[dict],
+    out: str | Path,
+    *,
+    mapping: str | Path | None,
+    recordings: Sequence[Path],
+    identities: Identities,
+) -> None:
     """``OUT/results.json`` (no file names) and, when asked, the user's pseudonym → path mapping."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -340,8 +410,10 @@ def write_results(results: list[dict], out: str | Path, *, mapping: str | Path |
     if mapping is not None:
         mapping = Path(mapping)
         if out.resolve() in mapping.resolve().parents:
-            raise ValueError(f"--mapping {mapping}: expected a file outside --out {out} (it holds the input "
-                             "file names, which --out never does)")
+            raise ValueError(
+                f"--mapping {mapping}: expected a file outside --out {out} (it holds the input "
+                "file names, which --out never does)"
+            )
         with open(mapping, "w", newline="", encoding="utf-8") as handle:
             writer = csv.writer(handle)
             writer.writerow(["name", "path"])

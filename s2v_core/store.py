@@ -95,8 +95,13 @@ def write_store_file(table: pa.Table, where, *, filesystem=None) -> None:
     import pyarrow.parquet as pq
 
     signals = set(MODALITY_KEYS)
-    pq.write_table(table, where, filesystem=filesystem, compression="zstd",
-                   use_dictionary=[name for name in table.column_names if name not in signals])
+    pq.write_table(
+        table,
+        where,
+        filesystem=filesystem,
+        compression="zstd",
+        use_dictionary=[name for name in table.column_names if name not in signals],
+    )
 
 
 def schema_info(schema: pa.Schema) -> tuple[int, int]:
@@ -142,8 +147,10 @@ def store_files(root: str) -> tuple[list[str], pafs.FileSystem]:
         return _subset_files(filesystem, path, root)
     infos = filesystem.get_file_info(pafs.FileSelector(path, recursive=True))
     files = sorted(
-        info.path for info in infos
-        if info.type == pafs.FileType.File and info.base_name.endswith(".parquet")
+        info.path
+        for info in infos
+        if info.type == pafs.FileType.File
+        and info.base_name.endswith(".parquet")
         and not info.base_name.startswith((".", "_"))
     )
     if not files:
@@ -202,11 +209,13 @@ def open_store(root: str | os.PathLike, *, option: str = "--data"):
     try:
         files, filesystem = store_files(str(root))
     except FileNotFoundError:
-        raise ValueError(f"{option}: expected a store written by `s2v ingest` (a directory or a URI), "
-                         f"found no directory at {root}") from None
+        raise ValueError(
+            f"{option}: expected a store written by `s2v ingest` (a directory or a URI), found no directory at {root}"
+        ) from None
     except EmptyStoreError:
-        raise ValueError(f"{option}: expected Parquet files (site=<name>/<recording>.parquet) "
-                         f"under {root}, found none") from None
+        raise ValueError(
+            f"{option}: expected Parquet files (site=<name>/<recording>.parquet) under {root}, found none"
+        ) from None
     return pads.dataset(files, format="parquet", filesystem=filesystem)
 
 
@@ -227,7 +236,8 @@ def split_files(root: str, splits: Sequence[str]) -> tuple[list[str], pafs.FileS
     import pyarrow.dataset as pads
 
     table = pads.dataset(files, format="parquet", filesystem=filesystem).to_table(
-        columns=["site", "subject_id", "__filename"])
+        columns=["site", "subject_id", "__filename"]
+    )
     assigned = assign_splits(table.column("site").to_pylist(), table.column("subject_id").to_pylist(), config)
     keep = {str(f) for f, s in zip(table.column("__filename").to_pylist(), assigned) if s in wanted}
     return [f for f in files if f in keep], filesystem
@@ -237,8 +247,7 @@ def row_splits(table: pa.Table, root: str) -> np.ndarray:
     """The split (``train``/``val``/``test``) of each row of ``table`` (needs ``site`` and ``subject_id``)."""
     from s2v_core.splits import assign_splits, read_splits
 
-    return assign_splits(table.column("site").to_pylist(), table.column("subject_id").to_pylist(),
-                         read_splits(root))
+    return assign_splits(table.column("site").to_pylist(), table.column("subject_id").to_pylist(), read_splits(root))
 
 
 def stable_id(text: str) -> int:
@@ -259,8 +268,9 @@ def present_matrix(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
     return np.asarray(flat, dtype=bool).reshape(len(column), len(MODALITY_KEYS))
 
 
-def modality_array(table: pa.Table, key: str, epochs_per_window: int, *,
-                   dtype: type = np.float32) -> tuple[np.ndarray, np.ndarray]:
+def modality_array(
+    table: pa.Table, key: str, epochs_per_window: int, *, dtype: type = np.float32
+) -> tuple[np.ndarray, np.ndarray]:
     """Decode one modality column into ``(values, present)``.
 
     Returns
@@ -320,17 +330,19 @@ def table_to_batch(
     batch["stages"] = stages.astype(np.int64).reshape(table.num_rows, epochs_per_window)
     batch["age"] = table.column("age").to_numpy(zero_copy_only=False).astype(np.float32)
     sex = table.column("sex").combine_chunks()
-    batch["sex"] = np.where(sex.is_null().to_numpy(zero_copy_only=False), np.nan,
-                            sex.fill_null(0).to_numpy(zero_copy_only=False)).astype(np.float32)
+    batch["sex"] = np.where(
+        sex.is_null().to_numpy(zero_copy_only=False), np.nan, sex.fill_null(0).to_numpy(zero_copy_only=False)
+    ).astype(np.float32)
     batch["site_id"] = np.array([stable_id(s) for s in table.column("site").to_pylist()], dtype=np.int64)
     # Recording ids are site-given and may repeat across sites ("1001"), so a
     # night is identified by site and recording id together.
     batch["night_id"] = np.array(
-        [stable_id(f"{s}/{r}") for s, r in zip(table.column("site").to_pylist(),
-                                               table.column("recording_id").to_pylist())],
+        [
+            stable_id(f"{s}/{r}")
+            for s, r in zip(table.column("site").to_pylist(), table.column("recording_id").to_pylist())
+        ],
         dtype=np.int64,
     )
     history = [outcome_values(table, name) for name in history_columns]
-    batch["history"] = (np.stack(history, axis=1) if history
-                        else np.zeros((table.num_rows, 0))).astype(np.float32)
+    batch["history"] = (np.stack(history, axis=1) if history else np.zeros((table.num_rows, 0))).astype(np.float32)
     return batch

@@ -38,8 +38,9 @@ STEM_PADDING = 2
 def stem_steps(samples_per_epoch: int) -> list[int]:
     """Time steps after each stem layer (patch layer first) for one epoch of ``samples_per_epoch``."""
     if samples_per_epoch % STEM_PATCH:
-        raise ValueError(f"tokenizer: samples_per_epoch {samples_per_epoch} is not a multiple "
-                         f"of the patch length {STEM_PATCH}")
+        raise ValueError(
+            f"tokenizer: samples_per_epoch {samples_per_epoch} is not a multiple of the patch length {STEM_PATCH}"
+        )
     steps = [samples_per_epoch // STEM_PATCH]
     while steps[-1] > STEM_MAX_STEPS:
         # padding 2 with kernel 8 / stride 4 gives exactly ceil(steps / 4) outputs.

@@ -119,13 +119,21 @@ def write_toy_store(
             )
             write_store_file(table, root / f"site={site}" / f"{recording_id}.parquet")
             from_end = recordings_per_site - r
-            split = "test" if from_end <= test_per_site else "val" if from_end <= test_per_site + val_per_site else "train"
+            split = (
+                "test" if from_end <= test_per_site else "val" if from_end <= test_per_site + val_per_site else "train"
+            )
             assigned.append((site, table.column("subject_id")[0].as_py(), split))
-            manifest.append({
-                "recording_id": recording_id, "site": site, "source": f"toy/{recording_id}",
-                "status": "ok", "reason": None, "windows": windows_per_recording,
-                "modalities": list(night_modalities),
-            })
+            manifest.append(
+                {
+                    "recording_id": recording_id,
+                    "site": site,
+                    "source": f"toy/{recording_id}",
+                    "status": "ok",
+                    "reason": None,
+                    "windows": windows_per_recording,
+                    "modalities": list(night_modalities),
+                }
+            )
     with open(root / "manifest.jsonl", "w", encoding="utf-8") as handle:
         handle.writelines(json.dumps(entry) + "\n" for entry in manifest)
     write_splits(str(root), SplitConfig(assigned=tuple(assigned)))

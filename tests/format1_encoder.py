@@ -20,8 +20,20 @@ from torch import Tensor, nn
 from s2v_core.modalities import MODALITY_KEYS, get_modality
 
 #: The config fields format 1 knew (and wrote to model_config.json).
-FORMAT1_FIELDS = ("name", "width", "depth", "heads", "mlp_ratio", "dropout", "projection_dim", "modality_dropout",
-                  "epochs_per_window", "init_temperature", "learn_temperature", "stem_channels")
+FORMAT1_FIELDS = (
+    "name",
+    "width",
+    "depth",
+    "heads",
+    "mlp_ratio",
+    "dropout",
+    "projection_dim",
+    "modality_dropout",
+    "epochs_per_window",
+    "init_temperature",
+    "learn_temperature",
+    "stem_channels",
+)
 
 
 class EpochTokenizer(nn.Module):
@@ -49,15 +61,22 @@ class Format1Encoder(nn.Module):
         self.config = config
         self.modalities = tuple(k for k in MODALITY_KEYS if k in set(modalities))
         width = config.width
-        self.tokenizers = nn.ModuleDict({k: EpochTokenizer(get_modality(k).samples_per_epoch, width,
-                                                           config.stem_channels) for k in self.modalities})
+        self.tokenizers = nn.ModuleDict(
+            {k: EpochTokenizer(get_modality(k).samples_per_epoch, width, config.stem_channels) for k in self.modalities}
+        )
         self.modality_embedding = nn.Embedding(len(MODALITY_KEYS), width)
         self.position_embedding = nn.Parameter(torch.zeros(config.epochs_per_window, width))
         nn.init.normal_(self.modality_embedding.weight, std=0.02)
         nn.init.normal_(self.position_embedding, std=0.02)
-        layer = nn.TransformerEncoderLayer(width, config.heads, dim_feedforward=int(round(config.mlp_ratio * width)),
-                                           dropout=config.dropout, activation="gelu", batch_first=True,
-                                           norm_first=True)
+        layer = nn.TransformerEncoderLayer(
+            width,
+            config.heads,
+            dim_feedforward=int(round(config.mlp_ratio * width)),
+            dropout=config.dropout,
+            activation="gelu",
+            batch_first=True,
+            norm_first=True,
+        )
         self.backbone = nn.TransformerEncoder(layer, config.depth, enable_nested_tensor=False)
         self.final_norm = nn.LayerNorm(width)
         self.head = nn.Linear(width, config.projection_dim)
@@ -65,8 +84,10 @@ class Format1Encoder(nn.Module):
 
     def encode(self, batch) -> tuple[dict[str, Tensor], Tensor]:
         """Eval-mode encode of windows holding every built modality: (per_modality, fused)."""
-        tokens = [self.tokenizers[k](batch[k]) + self.modality_embedding(torch.tensor(MODALITY_KEYS.index(k)))
-                  for k in self.modalities]
+        tokens = [
+            self.tokenizers[k](batch[k]) + self.modality_embedding(torch.tensor(MODALITY_KEYS.index(k)))
+            for k in self.modalities
+        ]
         epochs = tokens[0].shape[1]
         hidden = self.final_norm(self.backbone(torch.cat(tokens) + self.position_embedding[:epochs]))
         projected = F.normalize(self.head(hidden), dim=-1).chunk(len(self.modalities))

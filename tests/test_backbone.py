@@ -17,15 +17,16 @@ def test_projections_are_named_linears_that_adapters_can_target():
 
 def test_equals_a_norm_first_transformer_encoder_with_converted_weights():
     torch.manual_seed(0)
-    layer = nn.TransformerEncoderLayer(16, 4, dim_feedforward=32, dropout=0.0, activation="gelu",
-                                       batch_first=True, norm_first=True)
+    layer = nn.TransformerEncoderLayer(
+        16, 4, dim_feedforward=32, dropout=0.0, activation="gelu", batch_first=True, norm_first=True
+    )
     old = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
     final = nn.LayerNorm(16)
     nn.init.normal_(final.weight)
     state = {f"backbone.{k}": v for k, v in old.state_dict().items()}
     state.update({f"final_norm.{k}": v for k, v in final.state_dict().items()})
     new = Backbone(16, 2, 4, 32, 0.0, rotary=False).eval()
-    new.load_state_dict({k[len("backbone."):]: v for k, v in convert_format1_state(state).items()})
+    new.load_state_dict({k[len("backbone.") :]: v for k, v in convert_format1_state(state).items()})
     x = torch.randn(3, 7, 16)
     assert torch.allclose(new(x), final(old(x)), atol=1e-5)
 

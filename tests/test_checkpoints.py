@@ -8,9 +8,18 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.checkpoints import (ENCODER_DIR, ENGINE_DIR, ENGINE_TAG, DataPosition, checkpoint_dir_name,
-                                   checkpoint_problems, incomplete_checkpoints, latest_checkpoint, list_checkpoints,
-                                   write_state)
+from pipelines.checkpoints import (
+    ENCODER_DIR,
+    ENGINE_DIR,
+    ENGINE_TAG,
+    DataPosition,
+    checkpoint_dir_name,
+    checkpoint_problems,
+    incomplete_checkpoints,
+    latest_checkpoint,
+    list_checkpoints,
+    write_state,
+)
 from pipelines.pretrain import setup
 from pipelines.train_config import PretrainConfig, config_to_dict
 from s2v_core.model import SleepEncoder, model_config, save_encoder
@@ -28,13 +37,27 @@ def engine_files(world_size: int, zero_stage: int) -> list[str]:
     return names
 
 
-def complete_checkpoint(directory: Path, config: PretrainConfig, *, step: int, world_size: int = 2,
-                        zero_stage: int = 0, encoder: SleepEncoder | None = None) -> Path:
+def complete_checkpoint(
+    directory: Path,
+    config: PretrainConfig,
+    *,
+    step: int,
+    world_size: int = 2,
+    zero_stage: int = 0,
+    encoder: SleepEncoder | None = None,
+) -> Path:
     """A checkpoint directory with everything Ray Train assembles from every rank (fake engine bytes)."""
     write_state_dir = Path(directory)
     write_state_dir.mkdir(parents=True, exist_ok=True)
-    write_state(write_state_dir, config=config_to_dict(config), step=step, seed=config.seed,
-                position=DataPosition(epoch=1, batches_in_epoch=2), metrics={"loss": 1.0}, world_size=world_size)
+    write_state(
+        write_state_dir,
+        config=config_to_dict(config),
+        step=step,
+        seed=config.seed,
+        position=DataPosition(epoch=1, batches_in_epoch=2),
+        metrics={"loss": 1.0},
+        world_size=world_size,
+    )
     save_encoder(encoder or SleepEncoder(model_config("tiny"), ("eeg", "ecg", "hr")), write_state_dir / ENCODER_DIR)
     engine = write_state_dir / ENGINE_DIR
     (engine / ENGINE_TAG).mkdir(parents=True, exist_ok=True)
@@ -75,8 +98,14 @@ def test_state_and_an_empty_encoder_dir_are_not_a_checkpoint(tmp_path):
 
 
 def test_resume_skips_a_partial_checkpoint_and_falls_back_to_the_newest_complete_one(tmp_path, caplog):
-    store = write_toy_store(tmp_path / "store", sites=2, recordings_per_site=3, windows_per_recording=4,
-                            epochs_per_window=4, modalities=("eeg", "ecg", "hr"))
+    store = write_toy_store(
+        tmp_path / "store",
+        sites=2,
+        recordings_per_site=3,
+        windows_per_recording=4,
+        epochs_per_window=4,
+        modalities=("eeg", "ecg", "hr"),
+    )
     config = PretrainConfig(data=str(store), output=str(tmp_path / "run"), workers=2, global_batch=8)
     first = setup(config)
     checkpoints = Path(first.run_dir) / "checkpoints"
@@ -85,8 +114,15 @@ def test_resume_skips_a_partial_checkpoint_and_falls_back_to_the_newest_complete
     # step 4: a worker died while Ray assembled it (state.json, an empty encoder/, no engine)
     partial = checkpoints / checkpoint_dir_name(4)
     (partial / ENCODER_DIR).mkdir(parents=True)
-    write_state(partial, config=config_to_dict(first.config), step=4, seed=0, position=DataPosition(),
-                metrics={"loss": 1.0}, world_size=2)
+    write_state(
+        partial,
+        config=config_to_dict(first.config),
+        step=4,
+        seed=0,
+        position=DataPosition(),
+        metrics={"loss": 1.0},
+        world_size=2,
+    )
     caplog.set_level(logging.WARNING)
     resumed = setup(config, resume=True)
     assert resumed.resume_from == str(checkpoints / checkpoint_dir_name(2))

@@ -106,14 +106,38 @@ def test_no_patient_data_or_work_folder_is_uploaded_with_a_job(tmp_path):
 
     from ray._private.runtime_env.packaging import _zip_files
 
-    shipped = {"pipelines/ingest.py", "s2v_core/io/edf.py", "cluster/runtime_env.yaml", "README.md",
-               "pyproject.toml", "tune/sweep.py", "s2v_core/store.py"}
-    private = {"night.edf", "NIGHT.EDF", "cohort/shhs/shhs1-200001.edf", "raw/x.bdf", "raw/x.rec",
-               "annotations/shhs1-200001-nsrr.xml", "datasets/shhs1-dataset.csv", "subjects.tsv",
-               "links.csv", "pseudonym.key", "store/manifest.jsonl", "store/site=a/0123456789abcdef.parquet",
-               "runs/tiny/state.json", "emb/embed.json", "emb-wearable/embed.json", "reports/staging.json",
-               "sweep/scaling.json", "demo-workdir/store/x.parquet", "mlflow.db", "mlruns/0/meta.yaml",
-               "mlartifacts/s2v-ingest/r/artifacts/manifest.jsonl"}
+    shipped = {
+        "pipelines/ingest.py",
+        "s2v_core/io/edf.py",
+        "cluster/runtime_env.yaml",
+        "README.md",
+        "pyproject.toml",
+        "tune/sweep.py",
+        "s2v_core/store.py",
+    }
+    private = {
+        "night.edf",
+        "NIGHT.EDF",
+        "cohort/shhs/shhs1-200001.edf",
+        "raw/x.bdf",
+        "raw/x.rec",
+        "annotations/shhs1-200001-nsrr.xml",
+        "datasets/shhs1-dataset.csv",
+        "subjects.tsv",
+        "links.csv",
+        "pseudonym.key",
+        "store/manifest.jsonl",
+        "store/site=a/0123456789abcdef.parquet",
+        "runs/tiny/state.json",
+        "emb/embed.json",
+        "emb-wearable/embed.json",
+        "reports/staging.json",
+        "sweep/scaling.json",
+        "demo-workdir/store/x.parquet",
+        "mlflow.db",
+        "mlruns/0/meta.yaml",
+        "mlartifacts/s2v-ingest/r/artifacts/manifest.jsonl",
+    }
     for name in shipped | private:
         (tmp_path / "work" / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / "work" / name).write_text("x")

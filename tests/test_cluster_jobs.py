@@ -298,8 +298,14 @@ def test_ingest_job(cluster, jobs_dir, pseudonym_key_file):
     sites = sorted(p for p in (jobs_dir / "raw").iterdir() if p.is_dir())
     store = jobs_dir / "store"
     # A fixed key: the same ids, hence the same train split (and windows for the pretrain job), every run.
-    job = ["ingest", *[arg for site in sites for arg in ("--input", str(site))], "--output", str(store),
-           "--pseudonym-key-file", str(pseudonym_key_file)]
+    job = [
+        "ingest",
+        *[arg for site in sites for arg in ("--input", str(site))],
+        "--output",
+        str(store),
+        "--pseudonym-key-file",
+        str(pseudonym_key_file),
+    ]
     result = s2v_submit(cluster, jobs_dir, job, submission_id="s2v-ingest", timeout=420)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     manifest = [json.loads(line) for line in (store / "manifest.jsonl").read_text().splitlines()]

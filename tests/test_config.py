@@ -33,13 +33,16 @@ def test_unknown_keys_are_errors_naming_the_source():
         from_mapping(Outer, {"name": "x", "inner": {"sigmaa": 1}}, source="run.toml")
 
 
-@pytest.mark.parametrize("data,where", [
-    ({"name": "x", "steps": "3"}, "cfg.steps: expected an integer"),
-    ({"name": "x", "steps": True}, "cfg.steps: expected an integer"),
-    ({"name": 1}, "cfg.name: expected str"),
-    ({"name": "x", "inner": {"sigma": "big"}}, "cfg.inner.sigma: expected a number"),
-    ({"name": "x", "maybe": "no"}, "cfg.maybe"),
-])
+@pytest.mark.parametrize(
+    "data,where",
+    [
+        ({"name": "x", "steps": "3"}, "cfg.steps: expected an integer"),
+        ({"name": "x", "steps": True}, "cfg.steps: expected an integer"),
+        ({"name": 1}, "cfg.name: expected str"),
+        ({"name": "x", "inner": {"sigma": "big"}}, "cfg.inner.sigma: expected a number"),
+        ({"name": "x", "maybe": "no"}, "cfg.maybe"),
+    ],
+)
 def test_wrong_types_are_errors(data, where):
     with pytest.raises(TypeError, match=where.replace(".", r"\.")):
         from_mapping(Outer, data, source="cfg")

@@ -15,8 +15,12 @@ NAN = float("nan")
 
 def example_meta():
     """Five windows: a missing age, two sites, both sexes, and two windows (0 and 4) of one night."""
-    return {"age": torch.tensor([40.0, 60.0, NAN, 50.0, 40.0]), "sex": torch.tensor([0.0, 1.0, 0.0, 0.0, 0.0]),
-            "site_id": torch.tensor([1, 1, 2, 2, 1]), "night_id": torch.tensor([10, 11, 12, 13, 10])}
+    return {
+        "age": torch.tensor([40.0, 60.0, NAN, 50.0, 40.0]),
+        "sex": torch.tensor([0.0, 1.0, 0.0, 0.0, 0.0]),
+        "site_id": torch.tensor([1, 1, 2, 2, 1]),
+        "night_id": torch.tensor([10, 11, 12, 13, 10]),
+    }
 
 
 def hand_raw():

@@ -18,7 +18,7 @@ def test_demo_prints_headline_figures(tmp_path, monkeypatch, capsys):
     assert s2v(["demo", "--workdir", str(tmp_path / "demo"), "--no-sweep", "--steps", "20"]) == 0
     printed = capsys.readouterr().out
     # Ray's own progress output may come first on stdout: the summary is the JSON object before "Headline".
-    summary = json.loads(printed[printed.index('{\n  "workdir"'):printed.index("\nHeadline")])
+    summary = json.loads(printed[printed.index('{\n  "workdir"') : printed.index("\nHeadline")])
 
     staging = summary["staging"]
     for head in ("linear", "temporal", "majority"):

@@ -10,8 +10,8 @@ import torch
 
 from pipelines.embed import embed, embed_local, embed_table, read_embeddings
 from pipelines.model_io import load_encoder_spec
-from s2v_core.model import SleepEncoder, model_config, save_encoder
 from s2v_core.modalities import MODALITY_KEYS
+from s2v_core.model import SleepEncoder, model_config, save_encoder
 from s2v_core.splits import SplitConfig
 from s2v_core.toystore import write_toy_store
 
@@ -20,8 +20,14 @@ EPOCHS = 4
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    return write_toy_store(tmp_path_factory.mktemp("store"), sites=2, recordings_per_site=3,
-                           windows_per_recording=3, epochs_per_window=EPOCHS, seed=1)
+    return write_toy_store(
+        tmp_path_factory.mktemp("store"),
+        sites=2,
+        recordings_per_site=3,
+        windows_per_recording=3,
+        epochs_per_window=EPOCHS,
+        seed=1,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -32,14 +38,19 @@ def encoder_dir(tmp_path_factory):
 
 def _store_table(store):
     files = sorted(str(p) for p in store.rglob("*.parquet"))
-    return pads.dataset(files, format="parquet").to_table().sort_by([("recording_id", "ascending"),
-                                                                     ("window_index", "ascending")])
+    return (
+        pads.dataset(files, format="parquet")
+        .to_table()
+        .sort_by([("recording_id", "ascending"), ("window_index", "ascending")])
+    )
 
 
 def test_embedding_rows_have_documented_shapes_and_are_deterministic(store, encoder_dir):
     encoder, _ = load_encoder_spec(str(encoder_dir))
     table = _store_table(store)
-    out = embed_table(encoder, table, modalities=MODALITY_KEYS, epochs_per_window=EPOCHS, splits=SplitConfig(), per_modality=True)
+    out = embed_table(
+        encoder, table, modalities=MODALITY_KEYS, epochs_per_window=EPOCHS, splits=SplitConfig(), per_modality=True
+    )
     dim = encoder.config.projection_dim
     assert out.num_rows == table.num_rows
     epoch = np.array(out.column("epoch_embedding").to_pylist(), dtype=np.float32)
@@ -51,7 +62,9 @@ def test_embedding_rows_have_documented_shapes_and_are_deterministic(store, enco
     again = embed_table(encoder, table, modalities=MODALITY_KEYS, epochs_per_window=EPOCHS, splits=SplitConfig())
     assert again.column("epoch_embedding").equals(out.column("epoch_embedding"))
     # The same window embedded inside a different batch gives the same embedding.
-    alone = embed_table(encoder, table.slice(5, 1), modalities=MODALITY_KEYS, epochs_per_window=EPOCHS, splits=SplitConfig())
+    alone = embed_table(
+        encoder, table.slice(5, 1), modalities=MODALITY_KEYS, epochs_per_window=EPOCHS, splits=SplitConfig()
+    )
     np.testing.assert_allclose(alone.column("epoch_embedding")[0].as_py(), epoch[5], atol=1e-5)
 
 
@@ -59,7 +72,9 @@ def test_modality_subset_changes_inputs_not_output_shape(store, encoder_dir):
     encoder, _ = load_encoder_spec(str(encoder_dir))
     table = _store_table(store)
     eeg = embed_table(encoder, table, modalities=("eeg",), epochs_per_window=EPOCHS, splits=SplitConfig())
-    wearable = embed_table(encoder, table, modalities=("hr", "spo2", "thorax"), epochs_per_window=EPOCHS, splits=SplitConfig())
+    wearable = embed_table(
+        encoder, table, modalities=("hr", "spo2", "thorax"), epochs_per_window=EPOCHS, splits=SplitConfig()
+    )
     full = embed_table(encoder, table, modalities=MODALITY_KEYS, epochs_per_window=EPOCHS, splits=SplitConfig())
     for out in (eeg, wearable):
         assert out.schema.field("epoch_embedding").type == full.schema.field("epoch_embedding").type
@@ -67,11 +82,18 @@ def test_modality_subset_changes_inputs_not_output_shape(store, encoder_dir):
     assert not np.allclose(eeg.column("window_embedding").to_pylist(), full.column("window_embedding").to_pylist())
     assert [row[:1] + [any(row[1:])] for row in eeg.column("present").to_pylist()] == [[True, False]] * table.num_rows
     # Garbage in a column that was not requested does not move the EEG-only embedding.
-    noisy = table.set_column(table.schema.get_field_index("ecg"), "ecg",
-                             pa.array([[np.float16(1e3)] * len(r) if r else None
-                                       for r in table.column("ecg").to_pylist()], pa.list_(pa.float16())))
-    assert embed_table(encoder, noisy, modalities=("eeg",), epochs_per_window=EPOCHS, splits=SplitConfig()).column(
-        "epoch_embedding").equals(eeg.column("epoch_embedding"))
+    noisy = table.set_column(
+        table.schema.get_field_index("ecg"),
+        "ecg",
+        pa.array(
+            [[np.float16(1e3)] * len(r) if r else None for r in table.column("ecg").to_pylist()], pa.list_(pa.float16())
+        ),
+    )
+    assert (
+        embed_table(encoder, noisy, modalities=("eeg",), epochs_per_window=EPOCHS, splits=SplitConfig())
+        .column("epoch_embedding")
+        .equals(eeg.column("epoch_embedding"))
+    )
 
 
 def test_embed_local_writes_the_documented_layout(store, encoder_dir, tmp_path):
@@ -90,8 +112,14 @@ def test_embed_local_writes_the_documented_layout(store, encoder_dir, tmp_path):
 
 
 def test_bad_inputs_give_one_clear_message(store, encoder_dir, tmp_path, monkeypatch, capsys):
-    only_eeg = write_toy_store(tmp_path / "eeg_store", sites=1, recordings_per_site=1, windows_per_recording=2,
-                               epochs_per_window=EPOCHS, modalities=("eeg",))
+    only_eeg = write_toy_store(
+        tmp_path / "eeg_store",
+        sites=1,
+        recordings_per_site=1,
+        windows_per_recording=2,
+        epochs_per_window=EPOCHS,
+        modalities=("eeg",),
+    )
     with pytest.raises(ValueError, match="no window holds any of the requested modalities ecg"):
         embed(str(encoder_dir), str(only_eeg), str(tmp_path / "out"), modalities="ecg")
     with pytest.raises(ValueError, match="unknown modality 'ekg'"):
@@ -101,8 +129,17 @@ def test_bad_inputs_give_one_clear_message(store, encoder_dir, tmp_path, monkeyp
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     from pipelines.cli import main
 
-    code = main(["embed", "--checkpoint", "runs:/0123456789abcdef0123456789abcdef/encoder",
-                 "--data", str(store), "--output", str(tmp_path / "out")])
+    code = main(
+        [
+            "embed",
+            "--checkpoint",
+            "runs:/0123456789abcdef0123456789abcdef/encoder",
+            "--data",
+            str(store),
+            "--output",
+            str(tmp_path / "out"),
+        ]
+    )
     errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line.lower()]
     assert code == 2 and len(errors) == 1  # MLflow's own INFO lines aside, one line, no traceback
     assert errors[0].startswith("s2v embed: error: ") and "no MLflow run '0123456789abcdef" in errors[0]
@@ -110,8 +147,14 @@ def test_bad_inputs_give_one_clear_message(store, encoder_dir, tmp_path, monkeyp
 
 @pytest.mark.integration
 def test_ray_embed_matches_in_process_embedding(ray_local, store, encoder_dir, tmp_path):
-    summary = embed(str(encoder_dir), str(store), str(tmp_path / "emb"), modalities="eeg,ecg,abdomen",
-                    batch_size=4, per_modality=True)
+    summary = embed(
+        str(encoder_dir),
+        str(store),
+        str(tmp_path / "emb"),
+        modalities="eeg,ecg,abdomen",
+        batch_size=4,
+        per_modality=True,
+    )
     encoder, _ = load_encoder_spec(str(encoder_dir))
     embed_local(encoder, str(store), str(tmp_path / "local"), modalities="eeg,ecg,abdomen")
     ray_emb = read_embeddings(tmp_path / "emb", per_modality=True)

@@ -21,8 +21,16 @@ from s2v_core.toystore import write_toy_store
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("evaluate")
     # Per site: 2 train, 1 val, 1 test subject (one night each).
-    store = write_toy_store(root / "store", sites=2, recordings_per_site=4, windows_per_recording=4,
-                            epochs_per_window=4, seed=2, val_per_site=1, test_per_site=1)
+    store = write_toy_store(
+        root / "store",
+        sites=2,
+        recordings_per_site=4,
+        windows_per_recording=4,
+        epochs_per_window=4,
+        seed=2,
+        val_per_site=1,
+        test_per_site=1,
+    )
     torch.manual_seed(0)
     encoder = SleepEncoder(model_config("tiny"))
     checkpoint = save_encoder(encoder, root / "encoder")
@@ -79,33 +87,40 @@ def test_staging_report_beats_majority_and_is_logged_under_the_pretraining_run(s
         assert np.array(staging[head]["pooled"]["confusion"]).shape == (5, 5)
     # Even an untrained encoder keeps the toy stage signal (carrier frequency) partly separable.
     assert staging["linear"]["summary"]["macro_f1"]["mean"] > majority + 0.1
-    assert {p.split("/")[-1] for p in report["plots"]} == {"confusion_linear.png", "confusion_temporal.png",
-                                                           "hypnogram.png"}
+    assert {p.split("/")[-1] for p in report["plots"]} == {
+        "confusion_linear.png",
+        "confusion_temporal.png",
+        "hypnogram.png",
+    }
     run = client.get_run(report["mlflow"]["run_id"])
     assert run.data.tags["s2v.pretrain_run_id"] == pretrain
     assert run.data.tags["mlflow.parentRunId"] == pretrain
     assert run.data.metrics["staging.linear.summary.macro_f1"] == pytest.approx(
-        staging["linear"]["summary"]["macro_f1"]["mean"])
+        staging["linear"]["summary"]["macro_f1"]["mean"]
+    )
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert "REPORT.json" in artifacts and "plots" in artifacts
 
 
 def test_scoring_subjects_the_encoder_saw_is_refused_unless_transductive(setup, tmp_path):
-    seen = _with_training(setup, tmp_path, {**split_record(str(setup["store"]), ["train", "val", "test"]),
-                                            "store": str(setup["store"])})
+    seen = _with_training(
+        setup, tmp_path, {**split_record(str(setup["store"]), ["train", "val", "test"]), "store": str(setup["store"])}
+    )
     with pytest.raises(ValueError, match=r"pretrained on the train/val/test subjects .* --transductive"):
         evaluate(seen, "staging", str(tmp_path / "r.json"), log_to_mlflow=False)
     unknown = _with_training(setup, tmp_path / "u", None)
     with pytest.raises(ValueError, match=r"what pretrained the encoder is unknown .* --transductive"):
         evaluate(unknown, "outcome:ahi", str(tmp_path / "r.json"), log_to_mlflow=False)
-    report = evaluate(seen, "staging", str(tmp_path / "r.json"), folds=3, heads=("linear",), log_to_mlflow=False,
-                      transductive=True)
+    report = evaluate(
+        seen, "staging", str(tmp_path / "r.json"), folds=3, heads=("linear",), log_to_mlflow=False, transductive=True
+    )
     assert report["protocol"]["mode"] == "transductive" and "caveat" in report["protocol"]
     assert len(report["staging"]["linear"]["per_fold"]) == 3
     # An encoder pretrained on another store has seen none of these subjects.
     other = write_toy_store(tmp_path / "other", sites=1, recordings_per_site=2, windows_per_recording=1)
-    elsewhere = _with_training(setup, tmp_path / "e", {**split_record(str(other), ["train", "val", "test"]),
-                                                       "store": str(other)})
+    elsewhere = _with_training(
+        setup, tmp_path / "e", {**split_record(str(other), ["train", "val", "test"]), "store": str(other)}
+    )
     report = evaluate(elsewhere, "staging", str(tmp_path / "r.json"), heads=("linear",), log_to_mlflow=False)
     assert report["protocol"]["encoder_pretrained_on"] == "another store"
 
@@ -113,14 +128,21 @@ def test_scoring_subjects_the_encoder_saw_is_refused_unless_transductive(setup, 
 def test_outcome_and_site_tasks(setup, tmp_path):
     ahi = evaluate(str(setup["emb"]), "outcome:ahi", str(tmp_path / "ahi.json"), log_to_mlflow=False)
     assert ahi["outcome"]["kind"] == "regression" and set(ahi["outcome"]["summary"]) >= {"mae", "r2"}
-    hypertension = evaluate(str(setup["emb"]), "outcome:hypertension", str(tmp_path / "ht.json"),
-                            log_to_mlflow=False, transductive=True, folds=3)
+    hypertension = evaluate(
+        str(setup["emb"]),
+        "outcome:hypertension",
+        str(tmp_path / "ht.json"),
+        log_to_mlflow=False,
+        transductive=True,
+        folds=3,
+    )
     assert hypertension["outcome"]["kind"] == "classification"
     assert "auprc" in hypertension["outcome"]["per_fold"][0]
     age = evaluate(str(setup["emb"]), "outcome:age", str(tmp_path / "age.json"), log_to_mlflow=False)
     assert age["outcome"]["n_nights"] == 8 and len(age["outcome"]["per_fold"]) == 1
-    site = evaluate(str(setup["emb"]), "site", str(tmp_path / "site.json"), log_to_mlflow=False,
-                    compare=str(setup["emb"]))
+    site = evaluate(
+        str(setup["emb"]), "site", str(tmp_path / "site.json"), log_to_mlflow=False, compare=str(setup["emb"])
+    )
     assert site["site"]["night"]["sites"] == ["site0", "site1"]
     assert site["site"]["window"]["chance_balanced"] == 0.5
     assert "macro_f1" in site["site"]["staging_linear"]
@@ -146,8 +168,18 @@ def test_bad_inputs_give_one_clear_message(setup, tmp_path, capsys):
     pq.write_table(table.set_column(table.schema.get_field_index("stages"), "stages", stages), part)
     from pipelines.cli import main
 
-    code = main(["evaluate", "--embeddings", str(unlabelled), "--task", "staging",
-                 "--report", str(tmp_path / "r.json"), "--no-mlflow"])
+    code = main(
+        [
+            "evaluate",
+            "--embeddings",
+            str(unlabelled),
+            "--task",
+            "staging",
+            "--report",
+            str(tmp_path / "r.json"),
+            "--no-mlflow",
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1
     assert err[0].startswith("s2v evaluate: error: --task staging:") and "no sleep stage labels" in err[0]
@@ -155,9 +187,19 @@ def test_bad_inputs_give_one_clear_message(setup, tmp_path, capsys):
 
 @pytest.mark.integration
 def test_label_efficiency_robustness_and_yasa_peer(setup, tmp_path, ray_local):
-    report = evaluate(str(setup["emb"]), "staging", str(tmp_path / "REPORT.json"), heads=("linear",),
-                      data=str(setup["store"]), checkpoint=str(setup["checkpoint"]), label_efficiency_curve=True,
-                      robustness=True, scenarios=["only:eeg", "wearable"], peer="yasa", log_to_mlflow=False)
+    report = evaluate(
+        str(setup["emb"]),
+        "staging",
+        str(tmp_path / "REPORT.json"),
+        heads=("linear",),
+        data=str(setup["store"]),
+        checkpoint=str(setup["checkpoint"]),
+        label_efficiency_curve=True,
+        robustness=True,
+        scenarios=["only:eeg", "wearable"],
+        peer="yasa",
+        log_to_mlflow=False,
+    )
     curves = report["label_efficiency"]["curves"]
     assert set(curves) == {"linear_probe_pretrained", "supervised_from_scratch"}
     assert set(curves["supervised_from_scratch"]) == {"0.01", "0.1", "1.0"}

@@ -24,17 +24,18 @@ def _clinic(cohort) -> None:
     """A site as a hospital exports it: ``clinic/Doe_John/Doe_John_1961-02-03.edf``, hypnogram and table."""
     clinic = cohort / "clinic"
     (clinic / PATIENT).mkdir(parents=True)
-    (clinic / "site.toml").write_text('name = "clinic"\nignore_channels = ["Position"]\n'
-                                      '[hypnogram]\nformat = "csv"\npattern = "{stem}.csv"\n'
-                                      '[metadata]\nfile = "patients.csv"\nsubject_column = "patient"\n')
+    (clinic / "site.toml").write_text(
+        'name = "clinic"\nignore_channels = ["Position"]\n'
+        '[hypnogram]\nformat = "csv"\npattern = "{stem}.csv"\n'
+        '[metadata]\nfile = "patients.csv"\nsubject_column = "patient"\n'
+    )
     night = f"{PATIENT}_{BORN}"
     write_edf(clinic / PATIENT / f"{night}.edf", _night(1800, seed=7), file_type="edf+")
     _hypnogram(clinic / PATIENT / f"{night}.csv", 60, seed=7)
     (clinic / "patients.csv").write_text(f"recording_id,patient,age,sex\n{night},{PATIENT},93,M\n")
 
 
-def test_synthetic_cohort_staging_beats_majority(ray_local, tmp_path, monkeypatch, capsys, caplog,
-                                                 pseudonym_key_file):
+def test_synthetic_cohort_staging_beats_majority(ray_local, tmp_path, monkeypatch, capsys, caplog, pseudonym_key_file):
     # The evaluation run must land in the pretraining run's own MLflow store (RUN_DIR/mlflow.db).
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     (tmp_path / "cwd").mkdir()
@@ -42,19 +43,56 @@ def test_synthetic_cohort_staging_beats_majority(ray_local, tmp_path, monkeypatc
     caplog.set_level(logging.INFO)
     cohort, store, run_dir = tmp_path / "cohort", tmp_path / "store", tmp_path / "run"
     emb, report = tmp_path / "emb", tmp_path / "eval" / "REPORT.json"
-    assert s2v(["synth", str(cohort), "--sites", "3", "--recordings-per-site", "2", "--hours", "0.5",
-                "--seed", "0"]) == 0
+    assert (
+        s2v(["synth", str(cohort), "--sites", "3", "--recordings-per-site", "2", "--hours", "0.5", "--seed", "0"]) == 0
+    )
     _clinic(cohort)
-    assert s2v(["ingest", "--input", str(cohort), "--output", str(store), "--epochs-per-window", "5",
-                "--pseudonym-key-file", str(pseudonym_key_file)]) == 0  # fixed key: the same splits every run
-    assert s2v(["pretrain", "--data", str(store), "--output", str(run_dir), "--model", "tiny",
-                "--workers", "2", "--steps", "20", "--global-batch", "16",
-                "--modalities", "eeg,eog,emg,ecg,spo2"]) == 0
-    assert s2v(["embed", "--checkpoint", str(run_dir), "--data", str(store), "--output", str(emb),
-                "--batch-size", "16"]) == 0
+    assert (
+        s2v(
+            [
+                "ingest",
+                "--input",
+                str(cohort),
+                "--output",
+                str(store),
+                "--epochs-per-window",
+                "5",
+                "--pseudonym-key-file",
+                str(pseudonym_key_file),
+            ]
+        )
+        == 0
+    )  # fixed key: the same splits every run
+    assert (
+        s2v(
+            [
+                "pretrain",
+                "--data",
+                str(store),
+                "--output",
+                str(run_dir),
+                "--model",
+                "tiny",
+                "--workers",
+                "2",
+                "--steps",
+                "20",
+                "--global-batch",
+                "16",
+                "--modalities",
+                "eeg,eog,emg,ecg,spo2",
+            ]
+        )
+        == 0
+    )
+    assert (
+        s2v(["embed", "--checkpoint", str(run_dir), "--data", str(store), "--output", str(emb), "--batch-size", "16"])
+        == 0
+    )
     printed_before = capsys.readouterr()
-    assert s2v(["evaluate", "--embeddings", str(emb), "--task", "staging", "--report", str(report),
-                "--folds", "3"]) == 0
+    assert (
+        s2v(["evaluate", "--embeddings", str(emb), "--task", "staging", "--report", str(report), "--folds", "3"]) == 0
+    )
 
     result = json.loads(report.read_text())
     assert set(result) >= {"report_format", "task", "embeddings", "protocol", "staging", "plots", "mlflow"}
@@ -73,8 +111,12 @@ def test_synthetic_cohort_staging_beats_majority(ray_local, tmp_path, monkeypatc
     # store, manifest, run dir and checkpoints, MLflow store and artifacts, embeddings, report,
     # plots, printed text and logs.
     printed = capsys.readouterr()
-    blobs = [p.read_bytes() for folder in (store, run_dir, emb, report.parent, tmp_path / "cwd")
-             for p in folder.rglob("*") if p.is_file()]
+    blobs = [
+        p.read_bytes()
+        for folder in (store, run_dir, emb, report.parent, tmp_path / "cwd")
+        for p in folder.rglob("*")
+        if p.is_file()
+    ]
     blobs += [(printed_before.out + printed_before.err + printed.out + printed.err + caplog.text).encode()]
     key = pseudonym_key_file.read_text().strip()
     for secret in (PATIENT, BORN, PATIENT.upper(), key):

@@ -18,8 +18,13 @@ def _unit(x):
 def test_retrieval_is_perfect_for_identical_views_and_chance_for_constant_ones():
     rng = np.random.default_rng(0)
     views = _unit(rng.standard_normal((50, 8)))
-    assert retrieval(views, views) == {"n": 50.0, "top1": 1.0, "chance_top1": 1 / 50, "top5": 1.0,
-                                       "chance_top5": 5 / 50}
+    assert retrieval(views, views) == {
+        "n": 50.0,
+        "top1": 1.0,
+        "chance_top1": 1 / 50,
+        "top5": 1.0,
+        "chance_top5": 5 / 50,
+    }
     constant = np.ones((50, 8)) / math.sqrt(8)
     figures = retrieval(constant, constant)
     # Ties are broken at random in expectation: a constant encoder scores exactly chance, not 1.
@@ -41,8 +46,10 @@ def test_constant_embeddings_score_the_chance_loss_exactly():
 def test_an_encoder_that_shares_information_across_modalities_beats_chance():
     rng = torch.Generator().manual_seed(0)
     latent = torch.randn(64, 5, 16, generator=rng)  # what the two modalities of a window share
-    per_modality = {"ecg": F.normalize(latent + 0.3 * torch.randn(64, 5, 16, generator=rng), dim=-1),
-                    "hr": F.normalize(latent + 0.3 * torch.randn(64, 5, 16, generator=rng), dim=-1)}
+    per_modality = {
+        "ecg": F.normalize(latent + 0.3 * torch.randn(64, 5, 16, generator=rng), dim=-1),
+        "hr": F.normalize(latent + 0.3 * torch.randn(64, 5, 16, generator=rng), dim=-1),
+    }
     present = torch.zeros(64, len(MODALITY_KEYS), dtype=torch.bool)
     present[:, [MODALITY_KEYS.index("ecg"), MODALITY_KEYS.index("hr")]] = True
     present[:8, MODALITY_KEYS.index("hr")] = False  # windows without hr are not scored

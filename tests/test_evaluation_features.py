@@ -34,8 +34,9 @@ def test_features_recover_known_rhythms_rates_and_levels():
     breathing = np.sin(2 * np.pi * (15 / 60) * t16)  # 15 breaths/min
     spo2 = np.full(t4.shape, 96.0)
     spo2[1, 40:60] = 90.0
-    features = epoch_features(_batch(eeg=alpha_eeg, eog=delta_eog, ecg=beats, airflow=breathing,
-                                     hr=60 + 0 * t4, spo2=spo2), context=False)
+    features = epoch_features(
+        _batch(eeg=alpha_eeg, eog=delta_eog, ecg=beats, airflow=breathing, hr=60 + 0 * t4, spo2=spo2), context=False
+    )
     assert features.shape == (1, 2, sum(len(v) for v in FEATURES.values()))
     assert (_feature(features, "eeg", "rel_alpha") > 0.9).all()
     assert (_feature(features, "eog", "rel_delta") > 0.9).all()

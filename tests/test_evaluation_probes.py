@@ -50,8 +50,7 @@ def test_label_efficiency_trains_on_fewer_nights():
     x, stages, subjects = _embeddings()
     nights = np.repeat(np.arange(60), 2)
     folds = grouped_folds(subjects, folds=3, seed=0)
-    curves = label_efficiency({"linear": linear_staging_probe(x, stages)}, stages, nights, folds,
-                              fractions=(0.05, 1.0))
+    curves = label_efficiency({"linear": linear_staging_probe(x, stages)}, stages, nights, folds, fractions=(0.05, 1.0))
     assert set(curves["linear"]) == {"0.05", "1.0"}
     assert curves["linear"]["0.05"]["train_nights"][0] == 2
     assert curves["linear"]["1.0"]["train_nights"][0] == 40
@@ -90,11 +89,22 @@ def test_plots_write_png_files(tmp_path):
     paths = [
         plot_confusion(matrix, tmp_path / "c.png"),
         plot_hypnogram(np.array([0, 1, 2, 3, 4, -1]), np.array([0, 2, 2, 3, 4, 0]), tmp_path / "h.png"),
-        plot_robustness({"psg": {"macro_f1": 0.7, "kappa": 0.6, "accuracy": 0.8},
-                         "eeg": {"macro_f1": 0.6, "kappa": 0.5, "accuracy": 0.7}}, tmp_path / "r.png"),
-        plot_label_efficiency({"probe": {"0.1": {"summary": {"macro_f1": {"mean": 0.5, "sd": 0.1}}},
-                                         "1.0": {"summary": {"macro_f1": {"mean": 0.7, "sd": 0.05}}}}},
-                              tmp_path / "l.png"),
+        plot_robustness(
+            {
+                "psg": {"macro_f1": 0.7, "kappa": 0.6, "accuracy": 0.8},
+                "eeg": {"macro_f1": 0.6, "kappa": 0.5, "accuracy": 0.7},
+            },
+            tmp_path / "r.png",
+        ),
+        plot_label_efficiency(
+            {
+                "probe": {
+                    "0.1": {"summary": {"macro_f1": {"mean": 0.5, "sd": 0.1}}},
+                    "1.0": {"summary": {"macro_f1": {"mean": 0.7, "sd": 0.05}}},
+                }
+            },
+            tmp_path / "l.png",
+        ),
     ]
     for path in paths:
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

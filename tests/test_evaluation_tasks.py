@@ -8,8 +8,19 @@ import numpy as np
 import pytest
 import torch
 
-from s2v_core.evaluation.tasks import (TASKS, Task, concordance_index, cox_partial_likelihood, get_task, icc,
-                                       map_stages, night_targets, pearson_r, severity_classes, severity_kappa)
+from s2v_core.evaluation.tasks import (
+    TASKS,
+    Task,
+    concordance_index,
+    cox_partial_likelihood,
+    get_task,
+    icc,
+    map_stages,
+    night_targets,
+    pearson_r,
+    severity_classes,
+    severity_kappa,
+)
 
 # Shrout & Fleiss (1979), Table 2: 6 targets rated by 4 judges; ICC(2,1) = 0.29.
 SHROUT_FLEISS = np.array([[9, 2, 5, 8], [6, 1, 3, 2], [8, 4, 6, 8], [7, 1, 2, 6], [10, 5, 6, 9], [6, 2, 4, 7]])
@@ -84,8 +95,7 @@ def test_severity_classes_and_kappa():
 
 
 def test_ahi_task_reports_r_icc_and_severity_kappa():
-    figures = get_task("ahi").metrics(np.array([1.0, 10.0, 20.0, 40.0, np.nan]),
-                                      np.array([2.0, 6.0, 16.0, 29.0, 5.0]))
+    figures = get_task("ahi").metrics(np.array([1.0, 10.0, 20.0, 40.0, np.nan]), np.array([2.0, 6.0, 16.0, 29.0, 5.0]))
     assert figures["n"] == 4
     assert figures["mae"] == pytest.approx((1 + 4 + 4 + 11) / 4)
     assert set(figures) >= {"pearson_r", "icc", "severity_kappa", "severity_confusion"}
@@ -149,8 +159,10 @@ def test_night_targets_read_columns_and_name_missing_ones():
     outcomes = {"ahi": np.array([3.0, 40.0]), "death": np.array([0.0, 1.0]), "time": np.array([9.0, 2.0])}
     age, sex = np.array([40.0, 70.0]), np.array([0.0, 1.0])
     assert night_targets(get_task("sex"), age=age, sex=sex, outcomes=outcomes).tolist() == [0.0, 1.0]
-    assert night_targets(get_task("survival:death,time"), age=age, sex=sex,
-                         outcomes=outcomes).tolist() == [[0.0, 9.0], [1.0, 2.0]]
+    assert night_targets(get_task("survival:death,time"), age=age, sex=sex, outcomes=outcomes).tolist() == [
+        [0.0, 9.0],
+        [1.0, 2.0],
+    ]
     with pytest.raises(ValueError, match="no outcome column 'stroke'; found ahi, death, time"):
         night_targets(get_task("outcome:stroke"), age=age, sex=sex, outcomes=outcomes)
 
@@ -159,6 +171,7 @@ def test_binary_and_survival_metrics():
     figures = get_task("sex").metrics(np.array([0, 0, 1, 1]), np.array([-2.0, 0.1, 0.0, 3.0]))
     assert figures["auroc"] == pytest.approx(0.75)
     assert "auprc" in figures
-    survival = get_task("survival:death,time").metrics(np.array([[1, 1.0], [1, 2.0], [0, 3.0], [1, 4.0]]),
-                                                       np.array([4.0, 3.0, 2.0, 1.0]))
+    survival = get_task("survival:death,time").metrics(
+        np.array([[1, 1.0], [1, 2.0], [0, 3.0], [1, 4.0]]), np.array([4.0, 3.0, 2.0, 1.0])
+    )
     assert survival["c_index"] == pytest.approx(1.0) and survival["events"] == 3

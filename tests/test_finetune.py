@@ -30,8 +30,17 @@ def _pretrain_run_dir(root, store, *, splits=("train",)):
 @pytest.fixture
 def store(tmp_path):
     # Per site: 3 train, 1 val, 1 test subject (one night each).
-    return write_toy_store(tmp_path / "store", sites=2, recordings_per_site=5, windows_per_recording=4,
-                           epochs_per_window=4, modalities=MODALITIES, seed=3, val_per_site=1, test_per_site=1)
+    return write_toy_store(
+        tmp_path / "store",
+        sites=2,
+        recordings_per_site=5,
+        windows_per_recording=4,
+        epochs_per_window=4,
+        modalities=MODALITIES,
+        seed=3,
+        val_per_site=1,
+        test_per_site=1,
+    )
 
 
 def test_protocol_refuses_encoders_that_saw_the_test_subjects(tmp_path, store):
@@ -76,9 +85,19 @@ def test_finetune_lora_end_to_end_nested_under_pretraining_and_resumable(ray_loc
     (run_dir / "mlflow_run.json").write_text(json.dumps({"tracking_uri": uri, "run_id": parent}))
 
     output = tmp_path / "ft"
-    config = FinetuneConfig(checkpoint=str(run_dir), data=str(store), output=str(output), task="staging",
-                            mode="lora", head="temporal", steps=4, batch_size=4, eval_every=2,
-                            checkpoint_every=2, lr=3e-3)
+    config = FinetuneConfig(
+        checkpoint=str(run_dir),
+        data=str(store),
+        output=str(output),
+        task="staging",
+        mode="lora",
+        head="temporal",
+        steps=4,
+        batch_size=4,
+        eval_every=2,
+        checkpoint_every=2,
+        lr=3e-3,
+    )
     report = finetune(config)
     assert report["steps"] == 4 and report["best_step"] in (2, 4)
     assert report["test"]["n_epochs"] == 2 * 4 * 4  # 2 test nights x 4 windows x 4 epochs
@@ -117,16 +136,44 @@ def test_cli_flags_map_onto_the_config():
     from pipelines.finetune import config_from_args
 
     args = build_parser("finetune").parse_args(
-        ["finetune", "--checkpoint", "runs/tiny", "--data", "store", "--output", "runs/ft", "--mode", "lora",
-         "--head", "temporal", "--lora-r", "4", "--lora-targets", "q_proj,v_proj", "--modalities", "ecg,eeg",
-         "--task", "staging4", "--steps", "7", "--train-tokenizers"])
+        [
+            "finetune",
+            "--checkpoint",
+            "runs/tiny",
+            "--data",
+            "store",
+            "--output",
+            "runs/ft",
+            "--mode",
+            "lora",
+            "--head",
+            "temporal",
+            "--lora-r",
+            "4",
+            "--lora-targets",
+            "q_proj,v_proj",
+            "--modalities",
+            "ecg,eeg",
+            "--task",
+            "staging4",
+            "--steps",
+            "7",
+            "--train-tokenizers",
+        ]
+    )
     config = config_from_args(args)
-    assert (config.mode, config.head, config.lora_r, config.steps, config.task) == ("lora", "temporal", 4, 7,
-                                                                                     "staging4")
+    assert (config.mode, config.head, config.lora_r, config.steps, config.task) == (
+        "lora",
+        "temporal",
+        4,
+        7,
+        "staging4",
+    )
     assert config.lora_targets == ("q_proj", "v_proj") and config.modalities == ("eeg", "ecg")
     assert config.train_tokenizers and config.lora_alpha == 16 and config.lora_dropout == 0.05
-    bad = build_parser("finetune").parse_args(["finetune", "--checkpoint", "c", "--data", "d", "--output", "o",
-                                               "--lora-targets", "q_proj,qkv"])
+    bad = build_parser("finetune").parse_args(
+        ["finetune", "--checkpoint", "c", "--data", "d", "--output", "o", "--lora-targets", "q_proj,qkv"]
+    )
     with pytest.raises(ValueError, match="--lora-targets"):
         config_from_args(bad)
 
@@ -135,8 +182,18 @@ def test_cli_flags_map_onto_the_config():
 def test_finetune_night_level_task_through_ray(ray_local, tmp_path, store):
     """AHI (an outcome of the store's `outcomes` map): window-level training, per-night scoring."""
     run_dir = _pretrain_run_dir(tmp_path, store)
-    config = FinetuneConfig(checkpoint=str(run_dir), data=str(store), output=str(tmp_path / "ahi"), task="ahi",
-                            mode="frozen", head="mlp", steps=2, batch_size=4, eval_every=1, checkpoint_every=2)
+    config = FinetuneConfig(
+        checkpoint=str(run_dir),
+        data=str(store),
+        output=str(tmp_path / "ahi"),
+        task="ahi",
+        mode="frozen",
+        head="mlp",
+        steps=2,
+        batch_size=4,
+        eval_every=1,
+        checkpoint_every=2,
+    )
     report = finetune(config, mlflow=False)
     assert report["test"]["n"] == 2  # two test nights, one prediction each
     assert {"mae", "pearson_r", "icc", "severity_kappa"} <= set(report["test"])

@@ -6,8 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-from s2v_core.finetuning import (ADAPTER_FILE, FineTunedModel, FinetuneSpec, GatedFusion, drop_modalities,
-                                 load_finetuned, save_finetuned)
+from s2v_core.finetuning import (
+    ADAPTER_FILE,
+    FineTunedModel,
+    FinetuneSpec,
+    GatedFusion,
+    drop_modalities,
+    load_finetuned,
+    save_finetuned,
+)
 from s2v_core.modalities import MODALITY_KEYS, get_modality
 from s2v_core.model import SleepEncoder, batch_to_tensors, model_config
 
@@ -35,8 +42,11 @@ def test_gated_fusion_softmax_over_present_modalities():
     fusion = GatedFusion()
     with torch.no_grad():
         fusion.gate[EEG], fusion.gate[ECG], fusion.gate[SPO2] = 1.0, 0.0, 5.0
-    hidden = {"eeg": torch.full((3, 2, 4), 1.0), "ecg": torch.full((3, 2, 4), 10.0),
-              "spo2": torch.full((3, 2, 4), 100.0)}
+    hidden = {
+        "eeg": torch.full((3, 2, 4), 1.0),
+        "ecg": torch.full((3, 2, 4), 10.0),
+        "spo2": torch.full((3, 2, 4), 100.0),
+    }
     present = torch.zeros(3, len(MODALITY_KEYS), dtype=torch.bool)
     present[0, EEG] = True  # one modality: used as it is
     present[1, [EEG, ECG]] = True  # spo2 absent: its large gate must not matter
@@ -141,8 +151,9 @@ def test_full_mode_trains_the_backbone_but_not_frozen_tokenizers():
 
 @pytest.mark.parametrize("mode", ["frozen", "lora", "full"])
 def test_save_and_load_round_trip(tmp_path, mode):
-    model = FineTunedModel(_encoder(), FinetuneSpec(task="staging3", mode=mode, head="temporal",
-                                                    modalities=("eeg", "ecg")))
+    model = FineTunedModel(
+        _encoder(), FinetuneSpec(task="staging3", mode=mode, head="temporal", modalities=("eeg", "ecg"))
+    )
     _train(model, steps=2)
     model.eval()
     batch = _batch(seed=9)
@@ -172,14 +183,22 @@ def test_night_task_targets_and_per_night_pooling(tmp_path):
     from s2v_core.store import table_to_batch
     from s2v_core.toystore import write_toy_store
 
-    store = write_toy_store(tmp_path / "store", sites=1, recordings_per_site=3, windows_per_recording=3,
-                            epochs_per_window=4, modalities=("hr", "spo2"), seed=1)
+    store = write_toy_store(
+        tmp_path / "store",
+        sites=1,
+        recordings_per_site=3,
+        windows_per_recording=3,
+        epochs_per_window=4,
+        modalities=("hr", "spo2"),
+        seed=1,
+    )
     torch.manual_seed(0)
     encoder = SleepEncoder(model_config("tiny", width=16, depth=1, heads=2, epochs_per_window=4), ("hr", "spo2"))
     model = FineTunedModel(encoder, FinetuneSpec(task="ahi", head="mlp"))
     tables = [pq.read_table(path) for path in sorted(store.glob("site=*/*.parquet"))]
-    batches = [table_to_batch(t, modalities=("hr", "spo2"), epochs_per_window=4, history_columns=("ahi",))
-               for t in tables]
+    batches = [
+        table_to_batch(t, modalities=("hr", "spo2"), epochs_per_window=4, history_columns=("ahi",)) for t in tables
+    ]
     first = batch_targets(model.task, batches[0])
     assert first.shape == (3,) and np.all(first == first[0]) and first[0] > 0  # one AHI per night
     target, output = predict(model, batches)
@@ -197,8 +216,10 @@ def test_windows_longer_than_the_encoder_are_encoded_in_chunks():
     batch = _batch(rows=2, epochs=10)
     with torch.no_grad():
         features = model.features(batch)
-        pieces = [model.features({**{k: batch[k][:, a:b] for k in MODALITIES}, "present": batch["present"]})
-                  for a, b in ((0, 4), (4, 8), (8, 10))]
+        pieces = [
+            model.features({**{k: batch[k][:, a:b] for k in MODALITIES}, "present": batch["present"]})
+            for a, b in ((0, 4), (4, 8), (8, 10))
+        ]
         assert model(batch).shape == (2, 10, 5)  # the temporal head reads all 10 epochs at once
     assert features.shape == (2, 10, 16)
     assert torch.allclose(features, torch.cat(pieces, dim=1))

@@ -20,10 +20,27 @@ from s2v_core.objective import load_objective
 from tests.test_model import random_batch
 
 KEYS = ("eeg", "ecg", "hr", "spo2")
-SYNCING = {Tensor.item, Tensor.tolist, Tensor.__bool__, Tensor.__int__, Tensor.__float__, Tensor.__index__,
-           Tensor.nonzero, torch.nonzero, Tensor.nonzero_static, torch.argwhere, torch.masked_select,
-           Tensor.masked_select, torch.unique, Tensor.unique, Tensor.index_copy, Tensor.index_copy_,
-           Tensor.cpu, Tensor.numpy, torch.repeat_interleave}
+SYNCING = {
+    Tensor.item,
+    Tensor.tolist,
+    Tensor.__bool__,
+    Tensor.__int__,
+    Tensor.__float__,
+    Tensor.__index__,
+    Tensor.nonzero,
+    torch.nonzero,
+    Tensor.nonzero_static,
+    torch.argwhere,
+    torch.masked_select,
+    Tensor.masked_select,
+    torch.unique,
+    Tensor.unique,
+    Tensor.index_copy,
+    Tensor.index_copy_,
+    Tensor.cpu,
+    Tensor.numpy,
+    torch.repeat_interleave,
+}
 
 
 class ForbidHostSync(TorchFunctionMode):
@@ -49,9 +66,13 @@ def make_step(preset: str):
     model = SleepEncoder(model_config("tiny", **overrides), KEYS).train()
     batch = random_batch(6, KEYS, epochs=4)
     batch["present"][0, 1] = batch["present"][2, 3] = False  # ragged presence
-    batch.update(age=torch.tensor([30.0, 40.0, float("nan"), 60.0, 70.0, 80.0]), sex=torch.tensor([0.0, 1.0] * 3),
-                 site_id=torch.tensor([1, 1, 2, 2, 3, 3]), night_id=torch.tensor([1, 1, 2, 3, 4, 5]),
-                 history=torch.tensor([[1.0], [0.0], [float("nan")], [1.0], [0.0], [1.0]]))
+    batch.update(
+        age=torch.tensor([30.0, 40.0, float("nan"), 60.0, 70.0, 80.0]),
+        sex=torch.tensor([0.0, 1.0] * 3),
+        site_id=torch.tensor([1, 1, 2, 2, 3, 3]),
+        night_id=torch.tensor([1, 1, 2, 3, 4, 5]),
+        history=torch.tensor([[1.0], [0.0], [float("nan")], [1.0], [0.0], [1.0]]),
+    )
     modalities = objective.objective.step_modalities(KEYS, seed=0, step=1)
     options = {**objective.objective.loss_options(), "epoch_chunk": 2}
 
@@ -72,8 +93,13 @@ def test_encode_loss_and_backward_use_no_host_synchronising_operation(preset):
 
 def test_the_guard_catches_what_it_should():
     x = torch.ones(3)
-    for bad in (lambda: x.sum().item(), lambda: bool(x.any()), lambda: x[x > 0], lambda: torch.tensor([1, 2]),
-                lambda: x.nonzero()):
+    for bad in (
+        lambda: x.sum().item(),
+        lambda: bool(x.any()),
+        lambda: x[x > 0],
+        lambda: torch.tensor([1, 2]),
+        lambda: x.nonzero(),
+    ):
         with pytest.raises(AssertionError), ForbidHostSync():
             bad()
 

@@ -25,7 +25,7 @@ SECONDS = 1800  # half-hour nights keep the Ray runs short on 2 cores
 
 def _patch(path: Path, offset: int, text: bytes) -> None:
     raw = bytearray(path.read_bytes())
-    raw[offset:offset + len(text)] = text
+    raw[offset : offset + len(text)] = text
     path.write_bytes(bytes(raw))
 
 
@@ -41,7 +41,8 @@ def cohort(tmp_path_factory) -> Path:
             f'name = "{site}"\nignore_channels = ["Position"]\n'
             '[hypnogram]\nformat = "csv"\npattern = "{stem}.csv"\n'
             '[metadata]\nfile = "subjects.csv"\nsubject_column = "subject"\n'
-            '[metadata.outcomes]\nahi = "ahi"\n')
+            '[metadata.outcomes]\nahi = "ahi"\n'
+        )
         rows = ["recording_id,subject,age,sex,ahi"]
         for r in range(2):
             key = f"{site}{r}"
@@ -68,7 +69,7 @@ def cohort(tmp_path_factory) -> Path:
     _patch(bad / "absurd.edf", 244, b"1e-7    ")  # record duration -> GHz sampling rates
     night = _night(SECONDS, seed=9)
     ecg = night["ECG"][1]
-    ecg[256 * 600:256 * 900] = 0.0  # flat for all of window 2 (600-900 s)
+    ecg[256 * 600 : 256 * 900] = 0.0  # flat for all of window 2 (600-900 s)
     write_edf(bad / "flat.edf", night, file_type="edf")
     write_edf(bad / "nan.edf", _night(SECONDS, seed=11), file_type="edf")
     # physical maximum of channel 4 (ECG) = "nan": every ECG value decodes to NaN
@@ -114,21 +115,38 @@ def test_bad_input_never_stops_the_run_and_is_named(store):
     out, summary = store
     manifest = _manifest(out)
     quarantined = {source: line["reason"] for source, line in manifest.items() if line["status"] == "quarantined"}
-    assert set(quarantined) == {"alpha/empty.edf", "alpha/notedf.edf", "alpha/orphan.csv", "alpha/alpha0_copy.edf",
-                                "alpha/again/alpha1.edf", "alpha/absurd.edf"}
+    assert set(quarantined) == {
+        "alpha/empty.edf",
+        "alpha/notedf.edf",
+        "alpha/orphan.csv",
+        "alpha/alpha0_copy.edf",
+        "alpha/again/alpha1.edf",
+        "alpha/absurd.edf",
+    }
     assert "empty file" in quarantined["alpha/empty.edf"]
     assert "not an EDF/BDF file" in quarantined["alpha/notedf.edf"]
     assert "hypnogram with no matching signal" in quarantined["alpha/orphan.csv"]
     assert f"same content as file {manifest['alpha/alpha0.edf']['file_id']}" in quarantined["alpha/alpha0_copy.edf"]
-    assert (f"duplicate recording_id {manifest['alpha/alpha1.edf']['recording_id']!r}"
-            in quarantined["alpha/again/alpha1.edf"])
+    assert (
+        f"duplicate recording_id {manifest['alpha/alpha1.edf']['recording_id']!r}"
+        in quarantined["alpha/again/alpha1.edf"]
+    )
     assert "absurd sampling rate" in quarantined["alpha/absurd.edf"]
     for source, reason in quarantined.items():
         assert reason.startswith(f"file {manifest[source]['file_id']}: ") and "\n" not in reason
         assert source not in reason and Path(source).name not in reason
     ok = {source: line for source, line in manifest.items() if line["status"] == "ok"}
-    assert set(ok) == {"alpha/alpha0.edf", "alpha/alpha1.edf", "beta/beta0.edf", "beta/beta1.edf",
-                       "alpha/nohyp.edf", "alpha/truncated.edf", "alpha/liar.edf", "alpha/flat.edf", "alpha/nan.edf"}
+    assert set(ok) == {
+        "alpha/alpha0.edf",
+        "alpha/alpha1.edf",
+        "beta/beta0.edf",
+        "beta/beta1.edf",
+        "alpha/nohyp.edf",
+        "alpha/truncated.edf",
+        "alpha/liar.edf",
+        "alpha/flat.edf",
+        "alpha/nan.edf",
+    }
     assert "no hypnogram" in ok["alpha/nohyp.edf"]["reason"]
     assert "truncated" in ok["alpha/truncated.edf"]["reason"] and ok["alpha/truncated.edf"]["windows"] == 3
     assert "declares 99999" in ok["alpha/liar.edf"]["reason"] and ok["alpha/liar.edf"]["windows"] == 6
@@ -164,12 +182,16 @@ def test_store_round_trip(store, cohort):
     beta1 = table_to_batch(table.filter(pads.field("recording_id") == ids["beta1"]), epochs_per_window=10)
     assert beta1["age"][0] == 51 and beta1["sex"][0] == 1
     subject = table.filter(pads.field("recording_id") == ids["beta1"]).column("subject_id")[0].as_py()
-    assert subject == next(r["subject_id"] for r in links(out)
-                           if r["recording_key"] == "beta1" and r["kind"] == "signal") != "beta-s1"
+    assert (
+        subject
+        == next(r["subject_id"] for r in links(out) if r["recording_key"] == "beta1" and r["kind"] == "signal")
+        != "beta-s1"
+    )
     nohyp = table_to_batch(table.filter(pads.field("recording_id") == ids["nohyp"]), epochs_per_window=10)
     assert (nohyp["stages"] == -1).all() and np.isnan(nohyp["age"]).all()
-    flat = table_to_batch(table.filter(pads.field("recording_id") == ids["flat"]).sort_by("window_index"),
-                          epochs_per_window=10)
+    flat = table_to_batch(
+        table.filter(pads.field("recording_id") == ids["flat"]).sort_by("window_index"), epochs_per_window=10
+    )
     assert flat["present"][:, MODALITY_KEYS.index("ecg")].tolist() == [True, True, False, True, True, True]
 
 
@@ -221,7 +243,12 @@ def test_synthetic_cohort_through_the_cli_is_deidentified(ray_local, tmp_path, c
     from mlflow.tracking import MlflowClient
 
     [run] = MlflowClient(tracking_uri=os.environ["MLFLOW_TRACKING_URI"]).search_runs(
-        [MlflowClient(tracking_uri=os.environ["MLFLOW_TRACKING_URI"]).get_experiment_by_name("s2v-ingest").experiment_id])
+        [
+            MlflowClient(tracking_uri=os.environ["MLFLOW_TRACKING_URI"])
+            .get_experiment_by_name("s2v-ingest")
+            .experiment_id
+        ]
+    )
     assert run.data.metrics["ok"] == 6 and run.data.metrics["hours_per_s"] > 0
     assert list((tmp_path / "mlruns" / "mlartifacts").rglob("manifest.jsonl"))
     # De-identification: no byte of any output (store, manifest, MLflow, printed text, logs) carries header PHI.
@@ -243,31 +270,47 @@ def test_real_recordings_through_the_pipeline(ray_local, real_data, tmp_path):
         'ignore_channels = ["FP1-A1", "EOG2-A1", "POS", "PHONO", "PULSE", "hypnogram", "hypnogram_aut"]\n'
         '[channels]\n"C3-A1" = "eeg"\n"O1-A1" = "eeg"\n"EOG1-A1" = "eog"\n"EMG1" = "emg"\n"NAF1" = "airflow"\n'
         '"VTH" = "thorax"\n"VAB" = "abdomen"\n"SAO2" = "spo2"\n"PR" = "hr"\n'
-        '[hypnogram]\nformat = "dreams_txt"\npattern = "Hypnogram_{stem}.txt"\nepoch_seconds = 5.0\n')
+        '[hypnogram]\nformat = "dreams_txt"\npattern = "Hypnogram_{stem}.txt"\nepoch_seconds = 5.0\n'
+    )
     sleepedf = tmp_path / "sleepedf.toml"
-    sleepedf.write_text('name = "sleepedf"\nsignals = ["short_psg.edf"]\nkey_regex = "^(?P<key>short_psg)$"\n'
-                        '[hypnogram]\npattern = "SC4001EC-Hypnogram.edf"\n')
+    sleepedf.write_text(
+        'name = "sleepedf"\nsignals = ["short_psg.edf"]\nkey_regex = "^(?P<key>short_psg)$"\n'
+        '[hypnogram]\npattern = "SC4001EC-Hypnogram.edf"\n'
+    )
     out = tmp_path / "store"
-    first = ingest([str(real_data / "DREAMS_Spindles")], str(out), site_config=str(dreams), epochs_per_window=5,
-                   link_table=str(tmp_path / "links.csv"))
-    second = ingest([str(real_data / "SleepEDF_SC4001")], str(out), site_config=str(sleepedf), epochs_per_window=5,
-                    link_table=str(tmp_path / "links.csv"))
+    first = ingest(
+        [str(real_data / "DREAMS_Spindles")],
+        str(out),
+        site_config=str(dreams),
+        epochs_per_window=5,
+        link_table=str(tmp_path / "links.csv"),
+    )
+    second = ingest(
+        [str(real_data / "SleepEDF_SC4001")],
+        str(out),
+        site_config=str(sleepedf),
+        epochs_per_window=5,
+        link_table=str(tmp_path / "links.csv"),
+    )
     assert (first.ok, second.ok) == (1, 1)
     manifest = _manifest(out)
     ids = recording_ids(out)
     excerpt = manifest["excerpt3.edf"]
     assert excerpt["status"] == "ok" and excerpt["windows"] == 12 and len(excerpt["modalities"]) == 9
-    assert excerpt["channels"]["eeg"] == "C3-A1" and excerpt["unknown_channels"] == ["event_pneumo",
-                                                                                      "event_pneumo_aut",
-                                                                                      "event_neuro"]
+    assert excerpt["channels"]["eeg"] == "C3-A1" and excerpt["unknown_channels"] == [
+        "event_pneumo",
+        "event_pneumo_aut",
+        "event_neuro",
+    ]
     # the other excerpts' hypnograms have no signal here: listed, not lost silently
     orphans = [s for s, line in manifest.items() if s.startswith("Hypnogram_") and line["status"] == "quarantined"]
     assert len(orphans) == 7
     crop = manifest["short_psg.edf"]
     assert crop["windows"] == 2 and crop["modalities"] == ["eeg", "eog"] and "longer than the signal" in crop["reason"]
     table = _dataset(out).to_table()
-    stages = table_to_batch(table.filter(pads.field("recording_id") == ids["excerpt3"]).sort_by("window_index"),
-                            epochs_per_window=5)["stages"].reshape(-1)
+    stages = table_to_batch(
+        table.filter(pads.field("recording_id") == ids["excerpt3"]).sort_by("window_index"), epochs_per_window=5
+    )["stages"].reshape(-1)
     assert len(stages) == 60 and 3 in stages.tolist() and -1 not in stages.tolist()
     crop_stages = table_to_batch(table.filter(pads.field("recording_id") == ids["short_psg"]), epochs_per_window=5)
     assert (crop_stages["stages"] == 0).all()

@@ -34,8 +34,9 @@ REPO = Path(__file__).resolve().parents[1]
 def _site(root: Path, name: str, files: dict[str, int], *, toml: str = "") -> Path:
     folder = root / name
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "site.toml").write_text(f'name = "{name}"\nignore_channels = ["Position"]\n'
-                                      f'[hypnogram]\nformat = "none"\n{toml}')
+    (folder / "site.toml").write_text(
+        f'name = "{name}"\nignore_channels = ["Position"]\n[hypnogram]\nformat = "none"\n{toml}'
+    )
     for file, seed in files.items():
         (folder / file).parent.mkdir(parents=True, exist_ok=True)
         write_edf(folder / file, _night(SECONDS, seed=seed), file_type="edf")
@@ -57,8 +58,13 @@ def test_a_recording_that_kills_its_worker_is_quarantined_and_the_run_finishes(r
     # Testing aid: the task decoding lab/killer.edf SIGKILLs its own worker, every attempt.
     monkeypatch.setenv(TESTING_SIGKILL_ENV, "lab/killer.edf")
     store = tmp_path / "store"
-    summary = ingest([str(cohort)], str(store), epochs_per_window=10, link_table=str(tmp_path / "links.csv"),
-                     limits=IngestLimits(task_retries=1))
+    summary = ingest(
+        [str(cohort)],
+        str(store),
+        epochs_per_window=10,
+        link_table=str(tmp_path / "links.csv"),
+        limits=IngestLimits(task_retries=1),
+    )
     assert (summary.ok, summary.quarantined) == (2, 1)
     killer = _links(tmp_path / "links.csv")["lab/killer.edf"]
     [line] = [line for line in _lines(store) if line["status"] == "quarantined"]
@@ -73,8 +79,9 @@ def test_a_recording_that_kills_its_worker_is_quarantined_and_the_run_finishes(r
 
 
 def test_copies_of_remote_inputs_left_by_dead_workers_are_removed(tmp_path):
-    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
-                              text=True, check=True)
+    finished = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True
+    )
     dead = tmp_path / f"s2v-ingest-{int(finished.stdout)}-abc123"
     alive = tmp_path / f"s2v-ingest-{os.getpid()}-def456"
     other = tmp_path / "someone-elses-dir"
@@ -109,8 +116,9 @@ def test_changed_deleted_and_pruned_inputs(ray_local, tmp_path):
     pruned = ingest([str(cohort)], str(store), epochs_per_window=10, prune=True)
     assert (pruned.ok, pruned.skipped, pruned.withdrawn, pruned.stale) == (0, 2, 1, 0)
     assert not files["lab/b.edf"].exists()
-    assert ids["lab/b.edf"] not in set(open_store(str(store)).to_table(columns=["recording_id"])
-                                       .column("recording_id").to_pylist())
+    assert ids["lab/b.edf"] not in set(
+        open_store(str(store)).to_table(columns=["recording_id"]).column("recording_id").to_pylist()
+    )
     [withdrawn] = [line for line in _lines(store) if line["status"] == "withdrawn"]
     assert withdrawn["recording_id"] == ids["lab/b.edf"] and "erased" in withdrawn["reason"]
     # an orphan windows file (a crash between the file and its line) is erased by --prune too
@@ -155,19 +163,23 @@ def test_ids_readers_would_hide_and_ids_shared_by_sites(ray_local, tmp_path):
 def _readme_nsrr_site_toml() -> str:
     """The NSRR site.toml exactly as the README shows it."""
     readme = (REPO / "README.md").read_text()
-    section = readme[readme.index("NSRR cohorts"):]
+    section = readme[readme.index("NSRR cohorts") :]
     return re.search(r"```toml\n(.*?)```", section, re.S).group(1)
 
 
 def _nsrr_xml(stages: list[int]) -> str:
     concepts = {0: "Wake|0", 1: "Stage 1 sleep|1", 2: "Stage 2 sleep|2", 3: "Stage 3 sleep|3", 4: "REM sleep|5"}
-    events = "".join(f"<ScoredEvent><EventType>Stages|Stages</EventType><EventConcept>{concepts[s]}</EventConcept>"
-                     f"<Start>{30 * i}.0</Start><Duration>30.0</Duration></ScoredEvent>"
-                     for i, s in enumerate(stages))
-    return ('<?xml version="1.0" encoding="UTF-8" standalone="no"?>\n<PSGAnnotation><SoftwareVersion>Compumedics'
-            '</SoftwareVersion><EpochLength>30</EpochLength><ScoredEvents><ScoredEvent><EventType/><EventConcept>'
-            f'Recording Start Time</EventConcept><Start>0</Start><Duration>{30 * len(stages)}.0</Duration>'
-            f'<ClockTime>00.00.00 23.00.00</ClockTime></ScoredEvent>{events}</ScoredEvents></PSGAnnotation>\n')
+    events = "".join(
+        f"<ScoredEvent><EventType>Stages|Stages</EventType><EventConcept>{concepts[s]}</EventConcept>"
+        f"<Start>{30 * i}.0</Start><Duration>30.0</Duration></ScoredEvent>"
+        for i, s in enumerate(stages)
+    )
+    return (
+        '<?xml version="1.0" encoding="UTF-8" standalone="no"?>\n<PSGAnnotation><SoftwareVersion>Compumedics'
+        "</SoftwareVersion><EpochLength>30</EpochLength><ScoredEvents><ScoredEvent><EventType/><EventConcept>"
+        f"Recording Start Time</EventConcept><Start>0</Start><Duration>{30 * len(stages)}.0</Duration>"
+        f"<ClockTime>00.00.00 23.00.00</ClockTime></ScoredEvent>{events}</ScoredEvents></PSGAnnotation>\n"
+    )
 
 
 def test_the_nsrr_layout_of_the_readme_gets_its_stages(ray_local, tmp_path):
@@ -178,9 +190,21 @@ def test_the_nsrr_layout_of_the_readme_gets_its_stages(ray_local, tmp_path):
     rng = np.random.default_rng(0)
     expected = {}
     for nsrrid in ("200001", "200002"):
-        channels = {label: (rate, rng.normal(0, 30, int(rate * SECONDS))) for label, rate in (
-            ("EEG(sec)", 125.0), ("ECG", 125.0), ("EMG", 125.0), ("EOG(L)", 50.0), ("EEG", 125.0),
-            ("THOR RES", 10.0), ("ABDO RES", 10.0), ("NEW AIR", 10.0), ("H.R.", 1.0), ("POSITION", 1.0))}
+        channels = {
+            label: (rate, rng.normal(0, 30, int(rate * SECONDS)))
+            for label, rate in (
+                ("EEG(sec)", 125.0),
+                ("ECG", 125.0),
+                ("EMG", 125.0),
+                ("EOG(L)", 50.0),
+                ("EEG", 125.0),
+                ("THOR RES", 10.0),
+                ("ABDO RES", 10.0),
+                ("NEW AIR", 10.0),
+                ("H.R.", 1.0),
+                ("POSITION", 1.0),
+            )
+        }
         channels["SaO2"] = (1.0, 95 + rng.integers(-2, 3, SECONDS).astype(float))
         edf = shhs / "polysomnography" / "edfs" / "shhs1" / f"shhs1-{nsrrid}.edf"
         edf.parent.mkdir(parents=True, exist_ok=True)
@@ -194,10 +218,12 @@ def test_the_nsrr_layout_of_the_readme_gets_its_stages(ray_local, tmp_path):
         profusion.write_text("<CMPStudyConfig/>")  # NSRR's other annotation folder: not a hypnogram here
     (shhs / "datasets").mkdir()
     (shhs / "datasets" / "shhs1-dataset-0.21.0.csv").write_text(
-        "nsrrid,age_s1,gender,ahi_a0h3,htnderv_s1\n200001,63,1,12.5,1\n200002,93,2,3.1,0\n")
+        "nsrrid,age_s1,gender,ahi_a0h3,htnderv_s1\n200001,63,1,12.5,1\n200002,93,2,3.1,0\n"
+    )
     store = tmp_path / "store"
-    summary = ingest([str(shhs)], str(store), epochs_per_window=10, ids="original",
-                     link_table=str(tmp_path / "links.csv"))
+    summary = ingest(
+        [str(shhs)], str(store), epochs_per_window=10, ids="original", link_table=str(tmp_path / "links.csv")
+    )
     assert (summary.ok, summary.quarantined) == (2, 0)
     for line in _lines(store):
         assert line["reason"] is None or "hypnogram" not in line["reason"], line["reason"]

@@ -48,8 +48,9 @@ def test_lines_cut_by_a_crash_are_skipped_and_a_rewrite_is_atomic(tmp_path):
 
 
 def test_an_old_manifest_loses_its_paths_when_rewritten(tmp_path):
-    (tmp_path / "manifest.jsonl").write_text(json.dumps(
-        {"recording_id": "a1", "site": "a", "source": "Doe_John/Doe_John.edf", "status": "ok"}) + "\n")
+    (tmp_path / "manifest.jsonl").write_text(
+        json.dumps({"recording_id": "a1", "site": "a", "source": "Doe_John/Doe_John.edf", "status": "ok"}) + "\n"
+    )
     fs = pafs.LocalFileSystem()
     rewrite_manifest(fs, str(tmp_path), read_manifest(fs, str(tmp_path)))
     assert "Doe_John" not in (tmp_path / "manifest.jsonl").read_text()
@@ -96,10 +97,15 @@ def test_a_stale_lease_is_taken_over(tmp_path, holder):
     if holder == "expired":
         lease = {"run_id": "old", "host": "elsewhere", "pid": 1, "expires": time.time() - 1}
     else:
-        finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
-                                  text=True, check=True)
-        lease = {"run_id": "old", "host": socket.gethostname(), "pid": int(finished.stdout),
-                 "expires": time.time() + 3600}
+        finished = subprocess.run(
+            [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True
+        )
+        lease = {
+            "run_id": "old",
+            "host": socket.gethostname(),
+            "pid": int(finished.stdout),
+            "expires": time.time() + 3600,
+        }
     (tmp_path / LEASE_NAME).write_text(json.dumps(lease))
     with store_lease(pafs.LocalFileSystem(), str(tmp_path), store="STORE") as run_id:
         assert json.loads((tmp_path / LEASE_NAME).read_text())["run_id"] == run_id != "old"
@@ -133,8 +139,9 @@ def _sources(decided) -> dict[str, str]:
 
 def test_cross_site_id_reuse_keeps_both_nights_and_duplicates_within_a_site_are_refused(cohort):
     for identities in (IDS, ORIGINAL):
-        decided = plan(discover([str(cohort)], site_config=None, identities=identities), previous=[],
-                       identities=identities)
+        decided = plan(
+            discover([str(cohort)], site_config=None, identities=identities), previous=[], identities=identities
+        )
         kept = {(t.source.site.name, t.source.source) for t in decided.tasks}
         assert {("a", "a/1001.edf"), ("b", "b/1001.edf")} <= kept  # same key and content, two sites
         ids = {t.source.source: t.entry.recording_id for t in decided.tasks}

@@ -14,7 +14,7 @@ KEY = PseudonymKey(b"a test key of enough length", origin="test")
 ORIGINAL = Identities(KEY, mode="original")
 PSEUDONYMOUS = Identities(KEY)
 
-SITE_TOML = '''name = "clinic"
+SITE_TOML = """name = "clinic"
 signals = ["*-PSG.edf"]
 key_regex = "^(?P<key>SC\\\\d{4})E0-PSG$"
 [hypnogram]
@@ -24,7 +24,7 @@ pattern = "{key}E?-Hypnogram.edf"
 file = "subjects.csv"
 key_column = "record"
 subject_column = "subject"
-'''
+"""
 
 
 def _touch(path, content=b"0       "):
@@ -67,8 +67,9 @@ def test_a_site_directory_with_site_toml(site):
     unkeyed = by_source["notes-PSG.edf"]
     assert not unkeyed.key_matched and len(unkeyed.recording_id) == 16 and "notes" not in unkeyed.recording_id
     assert discover_site(config, uri, identities=ORIGINAL).sources[-1].recording_id == unkeyed.recording_id  # stable
-    assert [(f.source, f.reason) for f in listing.skipped] == [("SC4009EX-Hypnogram.edf",
-                                                                "hypnogram with no matching signal file")]
+    assert [(f.source, f.reason) for f in listing.skipped] == [
+        ("SC4009EX-Hypnogram.edf", "hypnogram with no matching signal file")
+    ]
 
 
 def test_a_parent_of_sites_and_default_configs(site, tmp_path):
@@ -149,8 +150,19 @@ def test_ids_are_keyed_hashes_that_hold_no_site_key(site):
     assert rows[("hypnogram", "SC4001EC-Hypnogram.edf")].file_id == first.hypnogram_file_id
 
 
-@pytest.mark.parametrize("key, safe", [("SC4001", True), ("1001", True), (".hidden", False), ("_x", False),
-                                       (".tmp-evil", False), ("a/b", False), ("Doe John", False), ("", False)])
+@pytest.mark.parametrize(
+    "key, safe",
+    [
+        ("SC4001", True),
+        ("1001", True),
+        (".hidden", False),
+        ("_x", False),
+        (".tmp-evil", False),
+        ("a/b", False),
+        ("Doe John", False),
+        ("", False),
+    ],
+)
 def test_original_ids_are_kept_only_when_safe(key, safe):
     identifier, note = ORIGINAL.identifier("lab", key, what="recording key")
     assert (identifier == key) is safe and (note is None) is safe
@@ -202,9 +214,12 @@ def test_metadata_table_must_be_inside_the_site(tmp_path):
 
 def test_hypnogram_patterns_climb_to_the_nsrr_annotation_folders(tmp_path):
     site = tmp_path / "shhs"
-    _touch(site / "site.toml", b'name = "shhs1"\nsignals = ["polysomnography/edfs/shhs1/*.edf"]\n'
-                               b'key_regex = "^shhs1-(?P<key>\\\\d+)$"\n[hypnogram]\nformat = "nsrr_xml"\n'
-                               b'pattern = "../../annotations-events-nsrr/shhs1/shhs1-{key}-nsrr.xml"\n')
+    _touch(
+        site / "site.toml",
+        b'name = "shhs1"\nsignals = ["polysomnography/edfs/shhs1/*.edf"]\n'
+        b'key_regex = "^shhs1-(?P<key>\\\\d+)$"\n[hypnogram]\nformat = "nsrr_xml"\n'
+        b'pattern = "../../annotations-events-nsrr/shhs1/shhs1-{key}-nsrr.xml"\n',
+    )
     _touch(site / "polysomnography" / "edfs" / "shhs1" / "shhs1-200001.edf")
     _touch(site / "polysomnography" / "edfs" / "shhs1" / "shhs1-200002.edf")
     _touch(site / "polysomnography" / "annotations-events-nsrr" / "shhs1" / "shhs1-200001-nsrr.xml")
@@ -216,9 +231,14 @@ def test_hypnogram_patterns_climb_to_the_nsrr_annotation_folders(tmp_path):
     assert by_key["200001"].hypnogram == "polysomnography/annotations-events-nsrr/shhs1/shhs1-200001-nsrr.xml"
     assert by_key["200002"].hypnogram is None and "no hypnogram matching" in by_key["200002"].hypnogram_problem
     assert [f.source for f in listing.skipped] == [
-        "polysomnography/annotations-events-nsrr/shhs1/shhs1-299999-nsrr.xml"]
+        "polysomnography/annotations-events-nsrr/shhs1/shhs1-299999-nsrr.xml"
+    ]
     # a pattern that leaves the site is refused, not searched outside it
-    escaping = config.__class__(name="x", hypnogram=config.hypnogram.__class__(pattern="../../../../x-{key}.xml"),
-                                signals=config.signals, key_regex=config.key_regex)
+    escaping = config.__class__(
+        name="x",
+        hypnogram=config.hypnogram.__class__(pattern="../../../../x-{key}.xml"),
+        signals=config.signals,
+        key_regex=config.key_regex,
+    )
     problem = discover_site(escaping, uri, identities=ORIGINAL).sources[0].hypnogram_problem
     assert "leads out of the site directory" in problem

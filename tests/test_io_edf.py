@@ -19,12 +19,22 @@ from s2v_core.io.edf import NumpyEdfReader, PyEdfLibReader, open_edf, open_signa
 FAKE_PATIENT = "Jane_Q_Testpatient"
 
 
-def write_edf(path: Path, channels: dict[str, tuple[float, np.ndarray]], *, file_type: str = "edf+",
-              annotations: tuple[tuple[float, float, str], ...] = (), unit: str = "uV",
-              record_seconds: int = 1) -> Path:
+def write_edf(
+    path: Path,
+    channels: dict[str, tuple[float, np.ndarray]],
+    *,
+    file_type: str = "edf+",
+    annotations: tuple[tuple[float, float, str], ...] = (),
+    unit: str = "uV",
+    record_seconds: int = 1,
+) -> Path:
     """Write ``{label: (rate Hz, values)}`` as EDF (``edf``, ``edf+``, ``bdf``, ``bdf+``) with a fake patient."""
-    kinds = {"edf": pyedflib.FILETYPE_EDF, "edf+": pyedflib.FILETYPE_EDFPLUS,
-             "bdf": pyedflib.FILETYPE_BDF, "bdf+": pyedflib.FILETYPE_BDFPLUS}
+    kinds = {
+        "edf": pyedflib.FILETYPE_EDF,
+        "edf+": pyedflib.FILETYPE_EDFPLUS,
+        "bdf": pyedflib.FILETYPE_BDF,
+        "bdf+": pyedflib.FILETYPE_BDFPLUS,
+    }
     digital = (-8388608, 8388607) if file_type.startswith("bdf") else (-32768, 32767)
     writer = pyedflib.EdfWriter(str(path), len(channels), file_type=kinds[file_type])
     try:
@@ -35,9 +45,17 @@ def write_edf(path: Path, channels: dict[str, tuple[float, np.ndarray]], *, file
             low, high = float(np.floor(np.min(values))), float(np.ceil(np.max(values)))
             if high - low < 1e-3:
                 low, high = low - 1.0, high + 1.0
-            headers.append({"label": label, "dimension": unit, "sample_frequency": rate,
-                            "physical_min": low, "physical_max": high,
-                            "digital_min": digital[0], "digital_max": digital[1]})
+            headers.append(
+                {
+                    "label": label,
+                    "dimension": unit,
+                    "sample_frequency": rate,
+                    "physical_min": low,
+                    "physical_max": high,
+                    "digital_min": digital[0],
+                    "digital_max": digital[1],
+                }
+            )
         writer.setSignalHeaders(headers)
         if file_type.endswith("+"):
             writer.setPatientName(FAKE_PATIENT)
@@ -155,10 +173,10 @@ def test_non_compliant_digital_range_is_read_by_the_fallback(tmp_path):
     dmax_at = dmin_at + n * 8
     pmin_at, pmax_at = 256 + n * (16 + 80 + 8), 256 + n * (16 + 80 + 8 + 8)
     channel = layout.header.channels[0]
-    raw[dmin_at:dmin_at + 8] = b"-65536  "
-    raw[dmax_at:dmax_at + 8] = b"65534   "
-    raw[pmin_at:pmin_at + 8] = f"{2 * channel.physical_min:<8.6g}".encode()[:8].ljust(8)
-    raw[pmax_at:pmax_at + 8] = f"{2 * channel.physical_max:<8.6g}".encode()[:8].ljust(8)
+    raw[dmin_at : dmin_at + 8] = b"-65536  "
+    raw[dmax_at : dmax_at + 8] = b"65534   "
+    raw[pmin_at : pmin_at + 8] = f"{2 * channel.physical_min:<8.6g}".encode()[:8].ljust(8)
+    raw[pmax_at : pmax_at + 8] = f"{2 * channel.physical_max:<8.6g}".encode()[:8].ljust(8)
     path.write_bytes(bytes(raw))
     with pytest.raises(OSError):
         pyedflib.EdfReader(str(path))
@@ -191,11 +209,14 @@ def test_header_that_lies_about_its_length(tmp_path):
     assert open_edf(path).header.n_records == 60
 
 
-@pytest.mark.parametrize("content, message", [
-    (b"", "empty file"),
-    (b"PK\x03\x04 this is a zip archive" + b"\0" * 300, "not an EDF/BDF file"),
-    (b"0       " + b" " * 100, "shorter than the 256-byte"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"", "empty file"),
+        (b"PK\x03\x04 this is a zip archive" + b"\0" * 300, "not an EDF/BDF file"),
+        (b"0       " + b" " * 100, "shorter than the 256-byte"),
+    ],
+)
 def test_files_that_are_not_edf_are_refused_with_a_reason(tmp_path, content, message):
     path = tmp_path / "fake.edf"
     path.write_bytes(content)

@@ -30,22 +30,52 @@ NSRR_XML = """<?xml version="1.0" encoding="UTF-8"?>
 EXPECTED = [0, 0, 1, 2, 2, 3, 3, 4, -1, -1]
 
 
-@pytest.mark.parametrize("label, code", [
-    ("Sleep stage W", 0), ("Sleep stage 1", 1), ("Sleep stage 2", 2), ("Sleep stage 3", 3),
-    ("Sleep stage 4", 3), ("Sleep stage R", 4), ("Sleep stage ?", -1), ("Movement time", -1),
-    ("Sleep stage N1", 1), ("Sleep stage N3", 3), ("Wake|0", 0), ("Stage 4 sleep|4", 3),
-    ("REM sleep|5", 4), ("Unscored|9", -1), ("N2", 2), ("REM", 4), ("Lights off", None), ("Arousal", None),
-])
+@pytest.mark.parametrize(
+    "label, code",
+    [
+        ("Sleep stage W", 0),
+        ("Sleep stage 1", 1),
+        ("Sleep stage 2", 2),
+        ("Sleep stage 3", 3),
+        ("Sleep stage 4", 3),
+        ("Sleep stage R", 4),
+        ("Sleep stage ?", -1),
+        ("Movement time", -1),
+        ("Sleep stage N1", 1),
+        ("Sleep stage N3", 3),
+        ("Wake|0", 0),
+        ("Stage 4 sleep|4", 3),
+        ("REM sleep|5", 4),
+        ("Unscored|9", -1),
+        ("N2", 2),
+        ("REM", 4),
+        ("Lights off", None),
+        ("Arousal", None),
+    ],
+)
 def test_stage_vocabulary(label, code):
     assert stage_code(label) == code
 
 
 def test_r_and_k_edf_annotations(tmp_path):
-    labels = ["Sleep stage W", "Sleep stage W", "Sleep stage 1", "Sleep stage 2", "Sleep stage 2",
-              "Sleep stage 3", "Sleep stage 4", "Sleep stage R", "Movement time", "Sleep stage ?"]
+    labels = [
+        "Sleep stage W",
+        "Sleep stage W",
+        "Sleep stage 1",
+        "Sleep stage 2",
+        "Sleep stage 2",
+        "Sleep stage 3",
+        "Sleep stage 4",
+        "Sleep stage R",
+        "Movement time",
+        "Sleep stage ?",
+    ]
     annotations = tuple((30.0 * i, 30.0, label) for i, label in enumerate(labels)) + ((45.0, 0.0, "Lights off"),)
-    path = write_edf(tmp_path / "x-Hypnogram.edf", {"EEG": (100.0, np.random.default_rng(0).normal(size=30000))},
-                     annotations=annotations)
+    path = write_edf(
+        tmp_path / "x-Hypnogram.edf",
+        {"EEG": (100.0, np.random.default_rng(0).normal(size=30000))},
+        annotations=annotations,
+    )
     hypnogram = read_hypnogram(path)
     assert epoch_stages(hypnogram).tolist() == EXPECTED
     assert any("non-stage" in note for note in hypnogram.notes)
@@ -58,12 +88,15 @@ def test_nsrr_xml(tmp_path):
     assert epoch_stages(read_hypnogram(path)).tolist() == EXPECTED
 
 
-@pytest.mark.parametrize("text, suffix", [
-    ("stage\nW\nW\nN1\nN2\nN2\nN3\nS4\nR\nMT\n?\n", ".csv"),
-    ("epoch\tstage\n0\t0\n1\t0\n2\t1\n3\t2\n4\t2\n5\t3\n6\t3\n7\t4\n8\t-1\n9\t9\n", ".tsv"),
-    ("0\n0\n1\n2\n2\n3\n3\n4\n-1\n-1\n", ".csv"),
-    ("onset,stage\n0,W\n30,W\n60,N1\n90,N2\n120,N2\n150,N3\n180,N3\n210,REM\n", ".csv"),
-])
+@pytest.mark.parametrize(
+    "text, suffix",
+    [
+        ("stage\nW\nW\nN1\nN2\nN2\nN3\nS4\nR\nMT\n?\n", ".csv"),
+        ("epoch\tstage\n0\t0\n1\t0\n2\t1\n3\t2\n4\t2\n5\t3\n6\t3\n7\t4\n8\t-1\n9\t9\n", ".tsv"),
+        ("0\n0\n1\n2\n2\n3\n3\n4\n-1\n-1\n", ".csv"),
+        ("onset,stage\n0,W\n30,W\n60,N1\n90,N2\n120,N2\n150,N3\n180,N3\n210,REM\n", ".csv"),
+    ],
+)
 def test_csv_and_tsv(tmp_path, text, suffix):
     path = tmp_path / f"x{suffix}"
     path.write_text(text)
@@ -86,9 +119,14 @@ def test_gaps_between_events_are_unknown():
     assert epoch_stages(hypnogram).tolist() == [2, -1, -1, 4]
 
 
-@pytest.mark.parametrize("n_epochs, expected, warned", [
-    (4, [1, 2, 3, 4], False), (2, [1, 2], True), (6, [1, 2, 3, 4, -1, -1], True),
-])
+@pytest.mark.parametrize(
+    "n_epochs, expected, warned",
+    [
+        (4, [1, 2, 3, 4], False),
+        (2, [1, 2], True),
+        (6, [1, 2, 3, 4, -1, -1], True),
+    ],
+)
 def test_alignment_on_the_overlap_never_shifts(n_epochs, expected, warned):
     aligned, note = align_stages(np.array([1, 2, 3, 4], dtype=np.int8), n_epochs, source="h.edf")
     assert aligned.tolist() == expected and aligned.dtype == np.int8
@@ -130,21 +168,25 @@ def test_dreams_text_and_channel_agree(real_data):
     assert len(from_text) == 60  # 360 five-second epochs -> 60 thirty-second epochs
     reader = open_edf(folder / "excerpt3.edf")
     channel = next(c for c in reader.header.channels if c.label == "hypnogram")
-    from_channel = epoch_stages(read_dreams_channel(reader.read(channel.index), channel.sample_rate_hz,
-                                                    source="excerpt3.edf:hypnogram"))
+    from_channel = epoch_stages(
+        read_dreams_channel(reader.read(channel.index), channel.sample_rate_hz, source="excerpt3.edf:hypnogram")
+    )
     np.testing.assert_array_equal(from_text, from_channel)
     # R&K codes 1 and 0 (S3, S4) both become N3; raw code 5 is wake.
     raw = [int(line) for line in (folder / "Hypnogram_excerpt3.txt").read_text().split()[1:]]
     assert 1 in raw and 3 in from_text.tolist()
 
 
-@pytest.mark.parametrize("name, content, message", [
-    ("x.xml", "<PSGAnnotation><ScoredEvents></ScoredEvents>", "not well-formed"),
-    ("x.xml", "<PSGAnnotation><ScoredEvents></ScoredEvents></PSGAnnotation>", "no ScoredEvent"),
-    ("x.csv", "", "empty hypnogram"),
-    ("x.txt", "[Hypnogram]\nfive\n", "not a numeric DREAMS stage code"),
-    ("x.hyp", "W\n", "cannot tell the hypnogram format"),
-])
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("x.xml", "<PSGAnnotation><ScoredEvents></ScoredEvents>", "not well-formed"),
+        ("x.xml", "<PSGAnnotation><ScoredEvents></ScoredEvents></PSGAnnotation>", "no ScoredEvent"),
+        ("x.csv", "", "empty hypnogram"),
+        ("x.txt", "[Hypnogram]\nfive\n", "not a numeric DREAMS stage code"),
+        ("x.hyp", "W\n", "cannot tell the hypnogram format"),
+    ],
+)
 def test_bad_hypnograms_are_refused_with_a_reason(tmp_path, name, content, message):
     path = tmp_path / name
     path.write_text(content)
@@ -160,9 +202,11 @@ def test_dispatch_table_covers_the_site_config_formats():
 
 
 def _xml(events) -> str:
-    scored = "".join(f"<ScoredEvent><EventType>Stages|Stages</EventType><EventConcept>{concept}</EventConcept>"
-                     f"<Start>{start}</Start><Duration>{duration}</Duration></ScoredEvent>"
-                     for concept, start, duration in events)
+    scored = "".join(
+        f"<ScoredEvent><EventType>Stages|Stages</EventType><EventConcept>{concept}</EventConcept>"
+        f"<Start>{start}</Start><Duration>{duration}</Duration></ScoredEvent>"
+        for concept, start, duration in events
+    )
     return f"<PSGAnnotation><ScoredEvents>{scored}</ScoredEvents></PSGAnnotation>"
 
 
@@ -171,8 +215,18 @@ def test_absurd_and_non_finite_times_cost_nothing(tmp_path):
 
     path = tmp_path / "x-nsrr.xml"
     # A 1e12-s onset would size a 1-TB stage grid; NaN and inf times cannot be placed at all.
-    path.write_text(_xml([("Wake|0", 0, 60), ("Stage 2 sleep|2", 60, 30), ("REM sleep|5", "1e12", 30),
-                          ("Stage 1 sleep|1", "nan", 30), ("Stage 3 sleep|3", 90, "inf"), ("Wake|0", 120, -30)]))
+    path.write_text(
+        _xml(
+            [
+                ("Wake|0", 0, 60),
+                ("Stage 2 sleep|2", 60, 30),
+                ("REM sleep|5", "1e12", 30),
+                ("Stage 1 sleep|1", "nan", 30),
+                ("Stage 3 sleep|3", 90, "inf"),
+                ("Wake|0", 120, -30),
+            ]
+        )
+    )
     hypnogram = read_hypnogram(path)
     stages, notes = stages_for_signal(hypnogram, 6, source=str(path))
     assert stages.tolist() == [0, 0, 2, -1, -1, -1]
@@ -188,11 +242,15 @@ def test_a_bad_hypnogram_drops_only_the_stages(tmp_path):
 
     signal = write_edf(tmp_path / "night.edf", {"EEG": (100.0, np.random.default_rng(0).normal(size=100 * 600))})
     site = SiteConfig(name="lab", hypnogram=HypnogramConfig(format="nsrr_xml"))
-    for name, events in (("nan.xml", [("Wake|0", "nan", 30)]), ("huge.xml", [("Wake|0", "1e12", 30)]),
-                         ("mixed.xml", [("Wake|0", 0, 300), ("REM sleep|5", "nan", 30)])):
+    for name, events in (
+        ("nan.xml", [("Wake|0", "nan", 30)]),
+        ("huge.xml", [("Wake|0", "1e12", 30)]),
+        ("mixed.xml", [("Wake|0", 0, 300), ("REM sleep|5", "nan", 30)]),
+    ):
         (tmp_path / name).write_text(_xml(events))
-        decoded = decode_recording(str(signal), recording_id="r", site=site, hypnogram_path=str(tmp_path / name),
-                                   epochs_per_window=10)
+        decoded = decode_recording(
+            str(signal), recording_id="r", site=site, hypnogram_path=str(tmp_path / name), epochs_per_window=10
+        )
         stages = table_stages(decoded.table)
         assert decoded.windows == 2 and len(stages) == 20
         if name == "mixed.xml":
@@ -206,14 +264,20 @@ def table_stages(table) -> list[int]:
     return [stage for window in table.column("stages").to_pylist() for stage in window]
 
 
-@pytest.mark.parametrize("name, content", [
-    ("x.csv", "onset,stage\n0,W\nDoe_John_1961,N1\n"),
-    ("x.txt", "[Hypnogram]\n5\nDoe_John_1961\n"),
-    ("x.txt", "Doe_John_1961 first line\n5\n"),
-    ("x.xml", "<PSGAnnotation><ScoredEvents><ScoredEvent><EventType>Stages|Stages</EventType>"
-              "<EventConcept>Doe_John_1961</EventConcept><Start>x</Start><Duration>30</Duration>"
-              "</ScoredEvent></ScoredEvents></PSGAnnotation>"),
-])
+@pytest.mark.parametrize(
+    "name, content",
+    [
+        ("x.csv", "onset,stage\n0,W\nDoe_John_1961,N1\n"),
+        ("x.txt", "[Hypnogram]\n5\nDoe_John_1961\n"),
+        ("x.txt", "Doe_John_1961 first line\n5\n"),
+        (
+            "x.xml",
+            "<PSGAnnotation><ScoredEvents><ScoredEvent><EventType>Stages|Stages</EventType>"
+            "<EventConcept>Doe_John_1961</EventConcept><Start>x</Start><Duration>30</Duration>"
+            "</ScoredEvent></ScoredEvents></PSGAnnotation>",
+        ),
+    ],
+)
 def test_messages_never_repeat_file_contents(tmp_path, name, content):
     path = tmp_path / name
     path.write_text(content)

@@ -7,8 +7,7 @@ import stat
 
 import pytest
 
-from s2v_core.io.identity import (PSEUDONYM_KEY_ENV, Identities, PseudonymKey, default_key_path,
-                                  load_pseudonym_key)
+from s2v_core.io.identity import PSEUDONYM_KEY_ENV, Identities, PseudonymKey, default_key_path, load_pseudonym_key
 
 
 def test_a_key_is_generated_once_in_a_private_file(tmp_path, caplog):

@@ -12,9 +12,15 @@ shhs1-1,P1,63,1,12.5,1,Alice Secret
 shhs1-2,P1,64,2,,0,Alice Secret
 shhs1-3,P2,,9,3.0,no,Bob Secret
 """
-CONFIG = MetadataConfig(file="t.csv", key_column="nsrrid", subject_column="pid", age_column="age_s1",
-                        sex_column="gender", sex_values={"1": 1, "2": 0},
-                        outcomes={"ahi": "ahi_a0h3", "hypertension": "htnderv_s1"})
+CONFIG = MetadataConfig(
+    file="t.csv",
+    key_column="nsrrid",
+    subject_column="pid",
+    age_column="age_s1",
+    sex_column="gender",
+    sex_values={"1": 1, "2": 0},
+    outcomes={"ahi": "ahi_a0h3", "hypertension": "htnderv_s1"},
+)
 
 
 def test_columns_are_mapped_per_site(tmp_path):
@@ -23,7 +29,12 @@ def test_columns_are_mapped_per_site(tmp_path):
     table = read_site_metadata(str(path), CONFIG)
     assert set(table) == {"shhs1-1", "shhs1-2", "shhs1-3"}
     first = table["shhs1-1"]
-    assert (first.subject_id, first.age, first.sex, first.outcomes) == ("P1", 63.0, 1, {"ahi": 12.5, "hypertension": 1.0})
+    assert (first.subject_id, first.age, first.sex, first.outcomes) == (
+        "P1",
+        63.0,
+        1,
+        {"ahi": 12.5, "hypertension": 1.0},
+    )
     assert table["shhs1-2"].sex == 0 and table["shhs1-2"].outcomes == {"hypertension": 0.0}
     unknown = table["shhs1-3"]
     assert unknown.age is None and unknown.sex is None and unknown.outcomes == {"ahi": 3.0, "hypertension": 0.0}
@@ -61,6 +72,7 @@ def test_errors_never_echo_a_row():
 
 
 def test_ages_above_89_are_top_coded():
-    table = parse_site_metadata("recording_id,age,sex\na,89,F\nb,89.5,F\nc,104,M\nd,,M\n", MetadataConfig(),
-                                source="m.csv")
+    table = parse_site_metadata(
+        "recording_id,age,sex\na,89,F\nb,89.5,F\nc,104,M\nd,,M\n", MetadataConfig(), source="m.csv"
+    )
     assert [table[k].age for k in "abcd"] == [89.0, 90.0, 90.0, None]

@@ -25,7 +25,8 @@ def test_s2v_core_source_never_imports_frameworks():
 def test_importing_every_core_module_loads_no_framework():
     modules = sorted(
         "s2v_core." + ".".join(p.relative_to(CORE).with_suffix("").parts)
-        for p in CORE.rglob("*.py") if p.name != "__init__.py"
+        for p in CORE.rglob("*.py")
+        if p.name != "__init__.py"
     )
     code = (
         "import importlib, sys\n"
@@ -53,7 +54,7 @@ ALLOWED_ENTRY_POINT_IMPORTS = {
     ("pipelines.demo", "*"): "the demo runs every command in order",
     ("pipelines.submit", "pipelines.cli"): "submit parses the job's command line with the CLI's own parser",
     ("pipelines.evaluate", "pipelines.embed"): "robustness re-embeds the test nights per sensor subset, "
-                                               "and the embeddings format still lives in embed",
+    "and the embeddings format still lives in embed",
 }
 
 
@@ -93,11 +94,15 @@ def layering_violations(modules: dict[str, set[str]]) -> list[str]:
     problems = []
     for importer, imported in modules.items():
         for target in sorted({_owner(name, known) for name in imported} - {None, importer}):
-            if LAYER[target.split(".")[0]] > LAYER[importer.split(".")[0]] and \
-                    (importer, target) not in ALLOWED_UPWARD:
+            if LAYER[target.split(".")[0]] > LAYER[importer.split(".")[0]] and (importer, target) not in ALLOWED_UPWARD:
                 problems.append(f"{importer} imports {target}: an arrow up the layers")
-            if importer in entry_points and target in entry_points and not (
-                    (importer, target) in ALLOWED_ENTRY_POINT_IMPORTS or (importer, "*") in ALLOWED_ENTRY_POINT_IMPORTS):
+            if (
+                importer in entry_points
+                and target in entry_points
+                and not (
+                    (importer, target) in ALLOWED_ENTRY_POINT_IMPORTS or (importer, "*") in ALLOWED_ENTRY_POINT_IMPORTS
+                )
+            ):
                 problems.append(f"{importer} imports {target}: one entry point importing another")
     return problems
 

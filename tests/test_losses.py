@@ -10,15 +10,30 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from s2v_core.losses import (DashConfig, LossOutput, PaperDashConfig, dash_infonce, dash_log_weights, dash_weights,
-                             paper_dash_weights)
+from s2v_core.losses import (
+    DashConfig,
+    LossOutput,
+    PaperDashConfig,
+    dash_infonce,
+    dash_log_weights,
+    dash_weights,
+    paper_dash_weights,
+)
 from s2v_core.modalities import MODALITY_KEYS
 
 KEYS = ("eeg", "ecg", "spo2")
 
 
-def make_case(rows: int = 8, *, epochs: int = 2, dim: int = 6, keys=KEYS, seed: int = 0,
-              same_meta: bool = False, all_present: bool = False):
+def make_case(
+    rows: int = 8,
+    *,
+    epochs: int = 2,
+    dim: int = 6,
+    keys=KEYS,
+    seed: int = 0,
+    same_meta: bool = False,
+    all_present: bool = False,
+):
     """Random normalised embeddings, a ragged presence mask and metadata with gaps."""
     generator = torch.Generator().manual_seed(seed)
     z = {k: F.normalize(torch.randn(rows, epochs, dim, generator=generator), dim=-1) for k in keys}
@@ -28,9 +43,13 @@ def make_case(rows: int = 8, *, epochs: int = 2, dim: int = 6, keys=KEYS, seed: 
         present[:, column] = True if all_present else torch.rand(rows, generator=generator) < 0.75
         z[k] = z[k] * present[:, column, None, None]  # absent rows are zero, as the encoder makes them
     if same_meta:
-        meta = {"age": torch.full((rows,), 50.0), "sex": torch.zeros(rows),
-                "site_id": torch.zeros(rows, dtype=torch.int64),
-                "night_id": torch.arange(rows, dtype=torch.int64), "history": torch.zeros(rows, 1)}
+        meta = {
+            "age": torch.full((rows,), 50.0),
+            "sex": torch.zeros(rows),
+            "site_id": torch.zeros(rows, dtype=torch.int64),
+            "night_id": torch.arange(rows, dtype=torch.int64),
+            "history": torch.zeros(rows, 1),
+        }
     else:
         age = 20 + 60 * torch.rand(rows, generator=generator)
         age[1] = float("nan")
@@ -38,8 +57,13 @@ def make_case(rows: int = 8, *, epochs: int = 2, dim: int = 6, keys=KEYS, seed: 
         sex[2] = float("nan")
         history = torch.randint(0, 2, (rows, 2), generator=generator).float()
         history[3, 0] = float("nan")
-        meta = {"age": age, "sex": sex, "site_id": torch.randint(0, 3, (rows,), generator=generator) * 1000003,
-                "night_id": torch.tensor([i // 2 if i < 4 else i for i in range(rows)]), "history": history}
+        meta = {
+            "age": age,
+            "sex": sex,
+            "site_id": torch.randint(0, 3, (rows,), generator=generator) * 1000003,
+            "night_id": torch.tensor([i // 2 if i < 4 else i for i in range(rows)]),
+            "history": history,
+        }
     return z, present, meta
 
 
@@ -68,8 +92,11 @@ def negative_terms(meta, present, i, b, config):
     rows = len(nights)
     if isinstance(config, PaperDashConfig):  # every window holding b, same night included (tiny weight, margin)
         w, _ = paper_dash_weights(meta, meta, config, candidates=present[:, b])
-        return {j: (math.log(max(w[i, j].item(), 1e-6)), config.same_night_margin * (nights[j] == nights[i]))
-                for j in range(rows) if j != i and present[j, b]}
+        return {
+            j: (math.log(max(w[i, j].item(), 1e-6)), config.same_night_margin * (nights[j] == nights[i]))
+            for j in range(rows)
+            if j != i and present[j, b]
+        }
     negatives = [j for j in range(rows) if present[j, b] and nights[j] != nights[i]]
     raw = {j: raw_weight(meta, i, j, config) for j in negatives}
     mean = sum(raw.values()) / max(len(raw), 1)
@@ -89,12 +116,15 @@ def loop_reference(z, present, meta, scale, config=DashConfig()) -> torch.Tensor
             negatives = negative_terms(meta, present, i, cb, config)
             for e in range(epochs):
                 logits = [scale * (z[a][i, e] @ z[b][i, e])]
-                logits += [scale * (z[a][i, e] @ z[b][j, e] - margin) + log_w for j, (log_w, margin) in negatives.items()]
+                logits += [
+                    scale * (z[a][i, e] @ z[b][j, e] - margin) + log_w for j, (log_w, margin) in negatives.items()
+                ]
                 terms.append(-(logits[0] - torch.logsumexp(torch.stack(logits), 0)))
     return torch.stack(terms).mean()
 
 
 # -- w_ij -----------------------------------------------------------------------------------------
+
 
 def test_raw_weights_are_symmetric_and_match_the_formula():
     _, _, meta = make_case(8)
@@ -117,9 +147,13 @@ def test_normalised_weights_have_mean_one_and_mask_the_same_night():
 
 def test_missing_metadata_is_neutral():
     config = DashConfig()
-    meta = {"age": torch.tensor([40.0, float("nan"), 40.0]), "sex": torch.tensor([1.0, float("nan"), 0.0]),
-            "site_id": torch.tensor([1, 2, 2]), "night_id": torch.tensor([1, 2, 3]),
-            "history": torch.tensor([[1.0], [float("nan")], [0.0]])}
+    meta = {
+        "age": torch.tensor([40.0, float("nan"), 40.0]),
+        "sex": torch.tensor([1.0, float("nan"), 0.0]),
+        "site_id": torch.tensor([1, 2, 2]),
+        "night_id": torch.tensor([1, 2, 3]),
+        "history": torch.tensor([[1.0], [float("nan")], [0.0]]),
+    }
     raw = dash_weights(meta, meta, config, normalise=False)
     # Night 1 knows nothing of night 0 but its site: only the site factor applies.
     assert math.isclose(raw[0, 1].item(), config.other_site_factor, rel_tol=1e-6)
@@ -131,9 +165,13 @@ def test_missing_metadata_is_neutral():
 
 def test_weights_grow_as_nights_are_more_alike():
     config = DashConfig()
-    meta = {"age": torch.tensor([50.0, 51.0, 80.0, 50.0, 50.0]), "sex": torch.tensor([0.0, 0.0, 0.0, 1.0, 0.0]),
-            "site_id": torch.tensor([7, 7, 7, 7, 8]), "night_id": torch.arange(5),
-            "history": torch.ones(5, 1)}
+    meta = {
+        "age": torch.tensor([50.0, 51.0, 80.0, 50.0, 50.0]),
+        "sex": torch.tensor([0.0, 0.0, 0.0, 1.0, 0.0]),
+        "site_id": torch.tensor([7, 7, 7, 7, 8]),
+        "night_id": torch.arange(5),
+        "history": torch.ones(5, 1),
+    }
     raw = dash_weights(meta, meta, config, normalise=False)[0]  # night 0 against each night
     assert raw[0] > raw[1] > raw[2]  # age 50 vs 50, 51, 80
     assert math.isclose(raw[0] / raw[3], config.same_sex_factor / config.other_sex_factor, rel_tol=1e-6)
@@ -156,13 +194,17 @@ def test_config_rejects_non_positive_factors():
 
 # -- the loss -------------------------------------------------------------------------------------
 
+
 def clip_infonce(z, scale):
     """The standard symmetric CLIP InfoNCE of every pair of modalities and epoch position."""
     keys = [k for k in MODALITY_KEYS if k in z]
     rows, epochs = next(iter(z.values())).shape[:2]
     target = torch.arange(rows)
-    terms = [F.cross_entropy(scale * z[a][:, e] @ z[b][:, e].T, target)
-             for a, b in itertools.permutations(keys, 2) for e in range(epochs)]
+    terms = [
+        F.cross_entropy(scale * z[a][:, e] @ z[b][:, e].T, target)
+        for a, b in itertools.permutations(keys, 2)
+        for e in range(epochs)
+    ]
     return torch.stack(terms).mean()
 
 
@@ -206,8 +248,18 @@ def test_dash_weighting_changes_the_loss_and_reports_its_categories():
     plain = dash_infonce(z, present, meta, logit_scale=scale, config=DashConfig(enabled=False))
     assert not torch.allclose(weighted.loss, plain.loss)
     stats = weighted.stats
-    assert {"negatives_per_anchor", "pairs", "weight_same_site", "weight_other_site", "weight_same_sex",
-            "weight_other_sex", "temperature", "anchors", "global_batch", "loss"} <= set(stats)
+    assert {
+        "negatives_per_anchor",
+        "pairs",
+        "weight_same_site",
+        "weight_other_site",
+        "weight_same_sex",
+        "weight_other_sex",
+        "temperature",
+        "anchors",
+        "global_batch",
+        "loss",
+    } <= set(stats)
     assert stats["weight_same_site"] > 1.0 > stats["weight_other_site"]
     assert stats["weight_same_sex"] > stats["weight_other_sex"]
     assert plain.stats["weight_same_site"] == pytest.approx(1.0) == plain.stats["weight_other_sex"]
@@ -242,6 +294,7 @@ def test_temperature_is_clamped():
 
 # -- cross-worker negatives with a faked gather ----------------------------------------------------
 
+
 def run_ranks(world_size: int, work):
     """Run ``work(rank, gather)`` in one thread per rank; ``gather`` is an in-process all_gather.
 
@@ -259,6 +312,7 @@ def run_ranks(world_size: int, work):
             slots[call, rank] = tensor
             barrier.wait(timeout=30)
             return torch.cat([slots[call, r] for r in range(world_size)])
+
         return gather
 
     def target(rank):
@@ -294,9 +348,16 @@ def test_faked_gather_equals_the_single_process_loss_and_gradients(world_size, c
 
     def work(rank, gather):
         part = slice(rank * per_rank, (rank + 1) * per_rank)
-        return dash_infonce({k: v[part] for k, v in shared.items()}, present[part],
-                            {k: v[part] for k, v in meta.items()}, logit_scale=scales[rank],
-                            rank=rank, world_size=world_size, gather=gather, config=config)
+        return dash_infonce(
+            {k: v[part] for k, v in shared.items()},
+            present[part],
+            {k: v[part] for k, v in meta.items()},
+            logit_scale=scales[rank],
+            rank=rank,
+            world_size=world_size,
+            gather=gather,
+            config=config,
+        )
 
     outs: list[LossOutput] = run_ranks(world_size, work)
     mean_loss = torch.stack([o.loss for o in outs]).mean()
@@ -315,14 +376,23 @@ def test_world_size_errors_are_explicit():
     with pytest.raises(ValueError, match="gather"):
         dash_infonce(z, present, meta, logit_scale=torch.tensor(1.0), rank=0, world_size=2)
     with pytest.raises(ValueError, match="rank"):
-        dash_infonce(z, present, meta, logit_scale=torch.tensor(1.0), rank=2, world_size=2,
-                     gather=lambda t: torch.cat([t, t]))
+        dash_infonce(
+            z, present, meta, logit_scale=torch.tensor(1.0), rank=2, world_size=2, gather=lambda t: torch.cat([t, t])
+        )
     with pytest.raises(ValueError, match="same batch size"):
-        dash_infonce(z, present, meta, logit_scale=torch.tensor(1.0), rank=0, world_size=2,
-                     gather=lambda t: torch.cat([t, t[:1]]))
+        dash_infonce(
+            z,
+            present,
+            meta,
+            logit_scale=torch.tensor(1.0),
+            rank=0,
+            world_size=2,
+            gather=lambda t: torch.cat([t, t[:1]]),
+        )
 
 
 # -- the authors' formula, chunking, local negatives, statistics ------------------------------------
+
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_paper_formula_equals_its_loop_reference(seed):
@@ -360,11 +430,22 @@ def test_local_negatives_score_each_worker_on_its_own_batch_without_a_collective
 
     for rank in range(2):
         part = slice(rank * 6, (rank + 1) * 6)
-        local = dash_infonce({k: v[part] for k, v in z.items()}, present[part],
-                             {k: v[part] for k, v in meta.items()}, logit_scale=torch.tensor(2.0),
-                             rank=rank, world_size=2, gather=refuse, negatives="local")
-        alone = dash_infonce({k: v[part] for k, v in z.items()}, present[part],
-                             {k: v[part] for k, v in meta.items()}, logit_scale=torch.tensor(2.0))
+        local = dash_infonce(
+            {k: v[part] for k, v in z.items()},
+            present[part],
+            {k: v[part] for k, v in meta.items()},
+            logit_scale=torch.tensor(2.0),
+            rank=rank,
+            world_size=2,
+            gather=refuse,
+            negatives="local",
+        )
+        alone = dash_infonce(
+            {k: v[part] for k, v in z.items()},
+            present[part],
+            {k: v[part] for k, v in meta.items()},
+            logit_scale=torch.tensor(2.0),
+        )
         assert torch.equal(local.loss, alone.loss) and local.stats["global_batch"] == 6
 
 

@@ -15,8 +15,8 @@ import torch.multiprocessing as mp
 
 from pipelines.train_loop import make_gather
 from s2v_core.losses import DashConfig, PaperDashConfig, dash_infonce
-from s2v_core.model import SleepEncoder, model_config
 from s2v_core.modalities import MODALITY_KEYS, get_modality
+from s2v_core.model import SleepEncoder, model_config
 from tests.gloo_workers import finish_worker
 
 WORLD_SIZE = 2
@@ -24,8 +24,11 @@ ROWS = 8  # global batch; 4 windows per worker
 EPOCHS = 2
 KEYS = ("eeg", "spo2", "airflow")
 #: (name, DASH config, negatives) of each setting a worker runs.
-SETTINGS = (("project", DashConfig(), "global"), ("paper", PaperDashConfig(), "global"),
-            ("paper-local", PaperDashConfig(), "local"))
+SETTINGS = (
+    ("project", DashConfig(), "global"),
+    ("paper", PaperDashConfig(), "global"),
+    ("paper-local", PaperDashConfig(), "local"),
+)
 
 
 def make_batch() -> dict[str, torch.Tensor]:
@@ -39,9 +42,12 @@ def make_batch() -> dict[str, torch.Tensor]:
     age = 20 + 60 * torch.rand(ROWS, generator=generator)
     age[3] = float("nan")
     batch.update(
-        present=present, age=age, sex=torch.tensor([0, 1, 0, float("nan"), 1, 1, 0, 0]),
+        present=present,
+        age=age,
+        sex=torch.tensor([0, 1, 0, float("nan"), 1, 1, 0, 0]),
         # Night 3 spans both workers: its windows must not be negatives across the boundary either.
-        night_id=torch.tensor([1, 2, 3, 3, 3, 5, 6, 7]), site_id=torch.tensor([10, 10, 20, 20, 20, 30, 10, 30]),
+        night_id=torch.tensor([1, 2, 3, 3, 3, 5, 6, 7]),
+        site_id=torch.tensor([10, 10, 20, 20, 20, 30, 10, 30]),
         history=torch.tensor([[1.0], [0.0], [1.0], [1.0], [1.0], [float("nan")], [0.0], [1.0]]),
     )
     return batch
@@ -55,8 +61,17 @@ def make_model() -> SleepEncoder:
 def loss_and_gradients(batch, model, *, rank=0, world_size=1, gather=None, config=DashConfig(), negatives="global"):
     inputs = {k: batch[k].clone().requires_grad_() for k in KEYS}
     out = model.encode({**batch, **inputs})
-    result = dash_infonce(out.per_modality, out.present, batch, logit_scale=model.logit_scale,
-                          rank=rank, world_size=world_size, gather=gather, config=config, negatives=negatives)
+    result = dash_infonce(
+        out.per_modality,
+        out.present,
+        batch,
+        logit_scale=model.logit_scale,
+        rank=rank,
+        world_size=world_size,
+        gather=gather,
+        config=config,
+        negatives=negatives,
+    )
     result.loss.backward()
     params = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
     return result, {k: v.grad for k, v in inputs.items()}, params
@@ -72,14 +87,24 @@ def worker(rank: int, init_file: str, out_dir: str) -> None:
         saved = {}
         for name, config, negatives in SETTINGS:
             result, input_grads, params = loss_and_gradients(
-                local, make_model(), rank=rank, world_size=WORLD_SIZE, gather=make_gather(WORLD_SIZE),
-                config=config, negatives=negatives)
+                local,
+                make_model(),
+                rank=rank,
+                world_size=WORLD_SIZE,
+                gather=make_gather(WORLD_SIZE),
+                config=config,
+                negatives=negatives,
+            )
             # What DDP/DeepSpeed do with parameter gradients: average them over workers.
             for grad in params.values():
                 dist.all_reduce(grad)
                 grad /= WORLD_SIZE
-            saved[name] = {"loss": result.loss.detach(), "stats": result.to_floats(), "inputs": input_grads,
-                           "params": params}
+            saved[name] = {
+                "loss": result.loss.detach(),
+                "stats": result.to_floats(),
+                "inputs": input_grads,
+                "params": params,
+            }
         torch.save(saved, f"{out_dir}/rank{rank}.pt")
     except BaseException:
         dist.destroy_process_group()

@@ -1,7 +1,11 @@
 import pytest
 
 from s2v_core.modalities import (
-    MODALITY_KEYS, get_modality, match_channel, modality_index, parse_modalities,
+    MODALITY_KEYS,
+    get_modality,
+    match_channel,
+    modality_index,
+    parse_modalities,
 )
 
 
@@ -12,11 +16,21 @@ def test_registry_has_the_nine_modalities_with_store_rates():
     assert get_modality("thorax").samples_per_epoch == 480
 
 
-@pytest.mark.parametrize("label,key", [
-    ("EEG Fpz-Cz", "eeg"), ("c3-m2", "eeg"), ("EOG  horizontal", "eog"), ("EMG submental", "emg"),
-    ("EKG", "ecg"), ("H.R.", "hr"), ("SaO2", "spo2"), ("NASAL PRES", "airflow"),
-    ("THOR RES", "thorax"), ("ABDO RES", "abdomen"),
-])
+@pytest.mark.parametrize(
+    "label,key",
+    [
+        ("EEG Fpz-Cz", "eeg"),
+        ("c3-m2", "eeg"),
+        ("EOG  horizontal", "eog"),
+        ("EMG submental", "emg"),
+        ("EKG", "ecg"),
+        ("H.R.", "hr"),
+        ("SaO2", "spo2"),
+        ("NASAL PRES", "airflow"),
+        ("THOR RES", "thorax"),
+        ("ABDO RES", "abdomen"),
+    ],
+)
 def test_aliases_match_case_insensitively(label, key):
     assert match_channel(label) == key
 

@@ -32,8 +32,9 @@ EPOCHS = 3
 
 def random_batch(rows: int, modalities, *, epochs: int = EPOCHS, present=None, seed: int = 0):
     generator = torch.Generator().manual_seed(seed)
-    batch = {key: torch.randn(rows, epochs, get_modality(key).samples_per_epoch, generator=generator)
-             for key in modalities}
+    batch = {
+        key: torch.randn(rows, epochs, get_modality(key).samples_per_epoch, generator=generator) for key in modalities
+    }
     if present is None:
         present = torch.zeros(rows, len(MODALITY_KEYS), dtype=torch.bool)
         for key in modalities:
@@ -59,10 +60,12 @@ def encoder():
 
 # -- named sizes ----------------------------------------------------------------------------------
 
+
 def test_named_sizes_are_shipped_and_headed_by_their_command():
     names = available_model_configs()
     assert {"tiny", "small", "base", "large"} <= set(names)
     from importlib import resources
+
     for name in names:
         text = resources.files("s2v_core").joinpath("configs", "model", f"{name}.toml").read_text()
         assert text.startswith("# s2v pretrain"), name
@@ -84,13 +87,16 @@ def test_width_and_depth_overrides_keep_the_name():
         config.width = 8
 
 
-@pytest.mark.parametrize("call, words", [
-    (lambda: model_config("huge"), ["huge", "tiny", "small", "base", "large"]),
-    (lambda: model_config("tiny", widht=64), ["widht", "width"]),
-    (lambda: model_config("tiny", width=30, heads=4), ["divisible", "heads"]),
-    (lambda: model_config("tiny", modality_dropout=1.0), ["modality_dropout"]),
-    (lambda: ModelConfig(depth=0), ["depth"]),
-])
+@pytest.mark.parametrize(
+    "call, words",
+    [
+        (lambda: model_config("huge"), ["huge", "tiny", "small", "base", "large"]),
+        (lambda: model_config("tiny", widht=64), ["widht", "width"]),
+        (lambda: model_config("tiny", width=30, heads=4), ["divisible", "heads"]),
+        (lambda: model_config("tiny", modality_dropout=1.0), ["modality_dropout"]),
+        (lambda: ModelConfig(depth=0), ["depth"]),
+    ],
+)
 def test_bad_configs_are_value_errors_that_say_why(call, words):
     with pytest.raises(ValueError) as error:
         call()
@@ -209,10 +215,17 @@ def test_temperature_parameter_follows_the_config():
 
 # -- store batches, pooling, checkpoints -----------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def toy_batch(tmp_path_factory):
-    root = write_toy_store(tmp_path_factory.mktemp("toy"), sites=2, recordings_per_site=3,
-                           windows_per_recording=2, epochs_per_window=EPOCHS, seed=3)
+    root = write_toy_store(
+        tmp_path_factory.mktemp("toy"),
+        sites=2,
+        recordings_per_site=3,
+        windows_per_recording=2,
+        epochs_per_window=EPOCHS,
+        seed=3,
+    )
     table = open_store(str(root)).to_table()
     return table_to_batch(table, epochs_per_window=EPOCHS, history_columns=["hypertension"])
 
@@ -257,6 +270,7 @@ def test_save_and_load_round_trip(tmp_path):
 
 # -- learning -------------------------------------------------------------------------------------
 
+
 def test_tiny_model_overfits_a_handful_of_windows(toy_batch):
     torch.manual_seed(0)
     keys = ("eeg", "ecg", "spo2", "airflow")
@@ -280,8 +294,12 @@ def test_every_parameter_gets_a_gradient_even_when_a_modality_is_absent():
     """Data-parallel wrappers need the same set of gradients on every worker, whatever it saw."""
     model = SleepEncoder(model_config("tiny", modality_dropout=0.0), ["eeg", "ecg", "spo2"]).train()
     batch = random_batch(4, ("eeg", "ecg"))  # no SpO2 in this step
-    batch.update(age=torch.full((4,), 40.0), sex=torch.zeros(4), site_id=torch.zeros(4, dtype=torch.int64),
-                 night_id=torch.arange(4))
+    batch.update(
+        age=torch.full((4,), 40.0),
+        sex=torch.zeros(4),
+        site_id=torch.zeros(4, dtype=torch.int64),
+        night_id=torch.arange(4),
+    )
     out = model.encode(batch)
     dash_infonce(out.per_modality, out.present, batch, logit_scale=model.logit_scale).loss.backward()
     missing = [name for name, p in model.named_parameters() if p.grad is None]
@@ -300,6 +318,7 @@ def test_an_epochs_amplitude_reaches_its_token():
 
 
 # -- features, masking, long context ------------------------------------------------------------------
+
 
 def paper_model(modalities=("eeg", "ecg", "hr"), **overrides):
     options = dict(tokenizer="mlp", position="rotary", head="simclr", mask_tokens=True, modality_dropout=0.0)
@@ -320,8 +339,9 @@ def test_hidden_states_are_returned_per_modality_and_fused_over_present_ones(enc
     assert torch.allclose(out.fused_hidden[1], expected, atol=1e-6)
     assert torch.allclose(out.window_hidden, out.fused_hidden.mean(1))
     # The projection is the head's, on those hidden states.
-    assert torch.allclose(out.per_modality["eeg"][0], F.normalize(encoder.head(out.hidden["eeg"][0]), dim=-1),
-                          atol=1e-6)
+    assert torch.allclose(
+        out.per_modality["eeg"][0], F.normalize(encoder.head(out.hidden["eeg"][0]), dim=-1), atol=1e-6
+    )
 
 
 def test_token_masking_replaces_the_requested_fraction_and_trains_the_mask_token():

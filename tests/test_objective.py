@@ -14,8 +14,8 @@ import torch.multiprocessing as mp
 
 from pipelines.train_config import PretrainConfig
 from s2v_core.dash import DashConfig, PaperDashConfig
-from s2v_core.modalities import MODALITY_KEYS
 from s2v_core.losses import dash_infonce
+from s2v_core.modalities import MODALITY_KEYS
 from s2v_core.model import ModelConfig, SleepEncoder, model_config
 from s2v_core.objective import Objective, available_objectives, draw_pair, load_objective
 from tests.gloo_workers import run_in_group
@@ -43,7 +43,12 @@ def test_project_preset_is_exactly_the_behaviour_before_presets():
     before = PretrainConfig()
     training = preset.training
     assert (training.lr, training.weight_decay, training.warmup_steps, training.min_lr_ratio, training.grad_clip) == (
-        before.lr, before.weight_decay, before.warmup_steps, before.min_lr_ratio, before.grad_clip)
+        before.lr,
+        before.weight_decay,
+        before.warmup_steps,
+        before.min_lr_ratio,
+        before.grad_clip,
+    )
     assert training.betas == (0.9, 0.98) and not training.ema
 
 
@@ -51,18 +56,36 @@ def test_paper_preset_is_the_authors_recipe():
     preset = load_objective("paper")
     objective = preset.objective
     assert objective.dash_config == PaperDashConfig()
-    assert (objective.temperature, objective.learn_temperature, objective.pairing, objective.mask_rate,
-            objective.negatives) == (0.2, False, "random_pair", 0.15, "local")
+    assert (
+        objective.temperature,
+        objective.learn_temperature,
+        objective.pairing,
+        objective.mask_rate,
+        objective.negatives,
+    ) == (0.2, False, "random_pair", 0.15, "local")
     config = model_config("base", **preset.model_overrides())
     assert (config.tokenizer, config.position, config.head, config.projection_dim, config.mask_tokens) == (
-        "mlp", "rotary", "simclr", 128, True)
+        "mlp",
+        "rotary",
+        "simclr",
+        128,
+        True,
+    )
     assert (config.width, config.depth, config.heads, int(config.mlp_ratio * config.width)) == (768, 12, 16, 3072)
     large = model_config("large")
     assert (large.width, large.depth, large.heads) == (1024, 16, 16)
     training = preset.training
-    assert (training.lr, training.weight_decay, training.betas, training.warmup_fraction, training.min_lr_ratio,
-            training.grad_clip, training.ema, training.ema_momentum_start, training.ema_momentum_end) == (
-        5e-5, 0.01, (0.9, 0.95), 0.03, 0.1, 1.0, True, 0.996, 1.0)
+    assert (
+        training.lr,
+        training.weight_decay,
+        training.betas,
+        training.warmup_fraction,
+        training.min_lr_ratio,
+        training.grad_clip,
+        training.ema,
+        training.ema_momentum_start,
+        training.ema_momentum_end,
+    ) == (5e-5, 0.01, (0.9, 0.95), 0.03, 0.1, 1.0, True, 0.996, 1.0)
 
 
 def test_dash_off_disables_the_weights_and_step_modalities_follow_the_pairing():
@@ -73,19 +96,22 @@ def test_dash_off_disables_the_weights_and_step_modalities_follow_the_pairing():
     assert pair == draw_pair(modalities, seed=0, step=5) and len(pair) == 2
 
 
-@pytest.mark.parametrize("text, words", [
-    ("[objective]\ndash = 'paper'\n[extras]\nx = 1\n", ["bad.toml", "unknown table", "extras"]),
-    ("[objective]\ndahs = 'paper'\n", ["bad.toml [objective]", "dahs"]),
-    ("[objective]\n[objective.paper]\nepsilon = 'tiny'\n", ["bad.toml [objective].paper.epsilon", "number"]),
-    ("[objective]\npairing = 'two'\n", ["pairing", "random_pair"]),
-    ("[objective]\n[model]\nwidth = 64\n", ["bad.toml", "may not set width"]),
-    ("[objective]\n[model]\ninit_temperature = 0.1\n", ["may not set init_temperature", "[objective]"]),
-    ("[objective]\n[model]\ntokenizer = 'cnn'\n", ["tokenizer", "conv, mlp"]),
-    ("[objective]\n[training]\nbetas = [0.9]\n", ["bad.toml [training].betas", "2 items"]),
-    ("[objective]\n[training]\nwarmup_fraction = 0.05\n", ["warmup_steps"]),
-    ("[model]\nhead = 'simclr'\n", ["bad.toml", "[objective]"]),
-    ("[objective]\n[objective.project]\nenabled = false\n", ["dash = \"off\""]),
-])
+@pytest.mark.parametrize(
+    "text, words",
+    [
+        ("[objective]\ndash = 'paper'\n[extras]\nx = 1\n", ["bad.toml", "unknown table", "extras"]),
+        ("[objective]\ndahs = 'paper'\n", ["bad.toml [objective]", "dahs"]),
+        ("[objective]\n[objective.paper]\nepsilon = 'tiny'\n", ["bad.toml [objective].paper.epsilon", "number"]),
+        ("[objective]\npairing = 'two'\n", ["pairing", "random_pair"]),
+        ("[objective]\n[model]\nwidth = 64\n", ["bad.toml", "may not set width"]),
+        ("[objective]\n[model]\ninit_temperature = 0.1\n", ["may not set init_temperature", "[objective]"]),
+        ("[objective]\n[model]\ntokenizer = 'cnn'\n", ["tokenizer", "conv, mlp"]),
+        ("[objective]\n[training]\nbetas = [0.9]\n", ["bad.toml [training].betas", "2 items"]),
+        ("[objective]\n[training]\nwarmup_fraction = 0.05\n", ["warmup_steps"]),
+        ("[model]\nhead = 'simclr'\n", ["bad.toml", "[objective]"]),
+        ("[objective]\n[objective.project]\nenabled = false\n", ['dash = "off"']),
+    ],
+)
 def test_preset_files_are_parsed_strictly_with_errors_naming_the_file(tmp_path, text, words):
     path = tmp_path / "bad.toml"
     path.write_text("# s2v pretrain --objective bad.toml\n" + text)
@@ -139,12 +165,17 @@ def test_a_paper_encoder_trains_one_random_pair_step_with_every_parameter_in_the
     preset = load_objective("paper")
     model = SleepEncoder(model_config("tiny", **preset.model_overrides()), ("eeg", "ecg", "hr")).train()
     batch = random_batch(4, ("eeg", "ecg", "hr"), seed=1)
-    batch.update(age=torch.tensor([30.0, 40.0, 50.0, 60.0]), sex=torch.tensor([0.0, 1.0, 0.0, 1.0]),
-                 site_id=torch.zeros(4, dtype=torch.int64), night_id=torch.arange(4))
+    batch.update(
+        age=torch.tensor([30.0, 40.0, 50.0, 60.0]),
+        sex=torch.tensor([0.0, 1.0, 0.0, 1.0]),
+        site_id=torch.zeros(4, dtype=torch.int64),
+        night_id=torch.arange(4),
+    )
     pair = preset.objective.step_modalities(model.modalities, seed=0, step=0)
     out = model.encode(batch, modalities=pair, mask_rate=preset.objective.mask_rate)
-    result = dash_infonce(out.per_modality, out.present, batch, logit_scale=out.logit_scale,
-                          **preset.objective.loss_options())
+    result = dash_infonce(
+        out.per_modality, out.present, batch, logit_scale=out.logit_scale, **preset.objective.loss_options()
+    )
     result.loss.backward()
     assert sorted(out.per_modality) == sorted(pair)
     assert [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None] == []
@@ -157,11 +188,13 @@ def test_a_120_epoch_pretraining_step_with_the_paper_objective_runs_on_cpu():
     keys = ("eeg", "ecg", "spo2")
     model = SleepEncoder(model_config("tiny", **load_objective("paper").model_overrides()), keys).train()
     batch = random_batch(4, keys, epochs=120)
-    meta = {"age": torch.tensor([30.0, 50.0, float("nan"), 70.0]), "sex": torch.tensor([0.0, 1.0, 1.0, 0.0]),
-            "site_id": torch.tensor([1, 1, 2, 2]), "night_id": torch.tensor([1, 1, 2, 3])}
-    out = model.encode(batch, modalities=objective.step_modalities(keys, seed=0, step=0),
-                       mask_rate=objective.mask_rate)
-    result = dash_infonce(out.per_modality, out.present, meta, logit_scale=out.logit_scale,
-                          **objective.loss_options())
+    meta = {
+        "age": torch.tensor([30.0, 50.0, float("nan"), 70.0]),
+        "sex": torch.tensor([0.0, 1.0, 1.0, 0.0]),
+        "site_id": torch.tensor([1, 1, 2, 2]),
+        "night_id": torch.tensor([1, 1, 2, 3]),
+    }
+    out = model.encode(batch, modalities=objective.step_modalities(keys, seed=0, step=0), mask_rate=objective.mask_rate)
+    result = dash_infonce(out.per_modality, out.present, meta, logit_scale=out.logit_scale, **objective.loss_options())
     result.loss.backward()
     assert math.isfinite(result.loss.item()) and result.to_floats()["anchors"] == 2 * 4 * 120

@@ -10,10 +10,17 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipelines import cli
-from pipelines.checkpoints import (ENCODER_DIR, DataPosition, checkpoint_dir_name, data_position,
-                                   latest_checkpoint, list_checkpoints, read_state)
+from pipelines.checkpoints import (
+    ENCODER_DIR,
+    DataPosition,
+    checkpoint_dir_name,
+    data_position,
+    latest_checkpoint,
+    list_checkpoints,
+    read_state,
+)
 from pipelines.model_io import load_trained_encoder
-from pipelines.pretrain import PRETRAIN_CONFIG_FILE, DS_CONFIG_FILE, setup
+from pipelines.pretrain import DS_CONFIG_FILE, PRETRAIN_CONFIG_FILE, setup
 from pipelines.train_config import PretrainConfig
 from pipelines.train_data import inspect_store, keep_windows_with
 from s2v_core.model import SleepEncoder, model_config, save_encoder
@@ -23,8 +30,14 @@ from s2v_core.toystore import write_toy_store
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    return write_toy_store(tmp_path_factory.mktemp("store"), sites=2, recordings_per_site=3,
-                           windows_per_recording=4, epochs_per_window=4, modalities=("eeg", "ecg", "hr"))
+    return write_toy_store(
+        tmp_path_factory.mktemp("store"),
+        sites=2,
+        recordings_per_site=3,
+        windows_per_recording=4,
+        epochs_per_window=4,
+        modalities=("eeg", "ecg", "hr"),
+    )
 
 
 def config_for(store, tmp_path, **kwargs):
@@ -109,7 +122,8 @@ def test_checkpoint_state_round_trip_and_latest(tmp_path):
     (tmp_path / "checkpoints" / "step_00000099").mkdir()  # incomplete (no state.json): ignored
     (tmp_path / "checkpoints" / "step_00000098" / ENCODER_DIR).mkdir(parents=True)  # state + empty encoder/
     (tmp_path / "checkpoints" / "step_00000098" / "state.json").write_text(
-        (tmp_path / "checkpoints" / "step_00000003" / "state.json").read_text())
+        (tmp_path / "checkpoints" / "step_00000003" / "state.json").read_text()
+    )
     assert [Path(p).name for p in list_checkpoints(tmp_path)] == ["step_00000003", "step_00000006", "step_00000012"]
     latest = Path(latest_checkpoint(tmp_path))
     state = read_state(latest)
@@ -161,8 +175,9 @@ def test_mlflow_logging_leaves_the_tracking_uri_of_the_process_alone(store, tmp_
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     run_ids = []
     for name in ("first", "second"):
-        prepared = start_mlflow_run(setup(PretrainConfig(data=str(store), output=str(tmp_path / name),
-                                                         workers=2, global_batch=8)))
+        prepared = start_mlflow_run(
+            setup(PretrainConfig(data=str(store), output=str(tmp_path / name), workers=2, global_batch=8))
+        )
         checkpoint = _fake_checkpoint(prepared.run_dir, prepared.config, 1)
         save_encoder(SleepEncoder(model_config("tiny"), ("eeg", "ecg", "hr")), checkpoint / ENCODER_DIR)
         cleanup(prepared, checkpoint)
@@ -180,10 +195,24 @@ def test_gpu_workers_rewrite_the_deepspeed_config_without_reading_the_store_agai
     from pipelines.train_config import PretrainConfig
     from s2v_core.toystore import write_toy_store
 
-    store = write_toy_store(tmp_path / "store", sites=2, recordings_per_site=2, windows_per_recording=6,
-                            epochs_per_window=4, modalities=("eeg", "ecg"), seed=0)
-    config = PretrainConfig(data=str(store), output=str(tmp_path / "run"), model="tiny", workers=1,
-                            global_batch=4, steps=2, train_splits=("train", "val", "test"))
+    store = write_toy_store(
+        tmp_path / "store",
+        sites=2,
+        recordings_per_site=2,
+        windows_per_recording=6,
+        epochs_per_window=4,
+        modalities=("eeg", "ecg"),
+        seed=0,
+    )
+    config = PretrainConfig(
+        data=str(store),
+        output=str(tmp_path / "run"),
+        model="tiny",
+        workers=1,
+        global_batch=4,
+        steps=2,
+        train_splits=("train", "val", "test"),
+    )
     prepared = setup(config)
     assert not prepared.on_gpu
     monkeypatch.setattr(pretrain_module, "inspect_store", lambda *a, **k: pytest.fail("store read again"))

@@ -32,16 +32,34 @@ STEPS, GLOBAL_BATCH, WORKERS, FAIL_AT = 30, 16, 2, 17
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    return write_toy_store(tmp_path_factory.mktemp("store"), sites=3, recordings_per_site=4,
-                           windows_per_recording=8, epochs_per_window=4, modalities=MODALITIES, seed=1)
+    return write_toy_store(
+        tmp_path_factory.mktemp("store"),
+        sites=3,
+        recordings_per_site=4,
+        windows_per_recording=8,
+        epochs_per_window=4,
+        modalities=MODALITIES,
+        seed=1,
+    )
 
 
 @pytest.fixture(scope="module")
 def trained(ray_local, store, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("run")
-    config = PretrainConfig(data=str(store), output=str(run_dir), workers=WORKERS, model="tiny",
-                            steps=STEPS, global_batch=GLOBAL_BATCH, checkpoint_every=5, lr=2e-3,
-                            warmup_steps=3, zero_stage=2, fail_at_step=FAIL_AT, keep_checkpoints=10)
+    config = PretrainConfig(
+        data=str(store),
+        output=str(run_dir),
+        workers=WORKERS,
+        model="tiny",
+        steps=STEPS,
+        global_batch=GLOBAL_BATCH,
+        checkpoint_every=5,
+        lr=2e-3,
+        warmup_steps=3,
+        zero_stage=2,
+        fail_at_step=FAIL_AT,
+        keep_checkpoints=10,
+    )
     return config, pretrain(config)
 
 
@@ -135,9 +153,17 @@ def test_resume_of_a_finished_run_trains_nothing_and_a_changed_config_is_refused
 
 def test_zero3_checkpoints_resume_after_a_failure(ray_local, store, tmp_path):
     """ZeRO-3 partitions the parameters themselves: its checkpoints must still restart the run."""
-    config = PretrainConfig(data=str(store), output=str(tmp_path / "z3"), workers=WORKERS, model="tiny",
-                            steps=6, global_batch=GLOBAL_BATCH, checkpoint_every=3, zero_stage=3,
-                            fail_at_step=5)
+    config = PretrainConfig(
+        data=str(store),
+        output=str(tmp_path / "z3"),
+        workers=WORKERS,
+        model="tiny",
+        steps=6,
+        global_batch=GLOBAL_BATCH,
+        checkpoint_every=3,
+        zero_stage=3,
+        fail_at_step=5,
+    )
     result = pretrain(config)
     assert result.steps == 6 and (Path(result.run_dir) / ".failed_at_step_5").is_file()
     assert read_state(result.checkpoint)["metrics"]["optimizer_steps"] == 6

@@ -29,16 +29,35 @@ MODALITIES = ("eeg", "ecg", "hr", "spo2")
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     # Per site: 2 train nights, 1 val night (2 windows of 120 epochs each).
-    return write_toy_store(tmp_path_factory.mktemp("store"), sites=2, recordings_per_site=3,
-                           windows_per_recording=2, epochs_per_window=120, modalities=MODALITIES, seed=3,
-                           val_per_site=1)
+    return write_toy_store(
+        tmp_path_factory.mktemp("store"),
+        sites=2,
+        recordings_per_site=3,
+        windows_per_recording=2,
+        epochs_per_window=120,
+        modalities=MODALITIES,
+        seed=3,
+        val_per_site=1,
+    )
 
 
 def test_paper_objective_trains_on_long_windows_with_ema_and_resumes(ray_local, store, tmp_path):
     # The last worker raises once before step 4: the group restarts from the step-2 checkpoint (EMA included).
-    config = load_pretrain_config(None, data=str(store), output=str(tmp_path / "run"), objective="paper",
-                                  model="tiny", workers=2, steps=4, global_batch=4, checkpoint_every=2,
-                                  validate_every=2, lr=1e-3, fail_at_step=4, keep_checkpoints=5)
+    config = load_pretrain_config(
+        None,
+        data=str(store),
+        output=str(tmp_path / "run"),
+        objective="paper",
+        model="tiny",
+        workers=2,
+        steps=4,
+        global_batch=4,
+        checkpoint_every=2,
+        validate_every=2,
+        lr=1e-3,
+        fail_at_step=4,
+        keep_checkpoints=5,
+    )
     assert config.ema and config.loss_objective.pairing == "random_pair" and config.betas == (0.9, 0.95)
     first = pretrain(config)
     assert first.steps == 4 and (tmp_path / "run" / ".failed_at_step_4").is_file()
@@ -47,8 +66,11 @@ def test_paper_objective_trains_on_long_windows_with_ema_and_resumes(ray_local, 
     assert (checkpoint / EMA_FILE).is_file() and (checkpoint / ONLINE_ENCODER_DIR / "encoder.pt").is_file()
     averaged, online = load_encoder(checkpoint / "encoder"), load_encoder(checkpoint / ONLINE_ENCODER_DIR)
     assert averaged.config.position == "rotary" and averaged.config.head == "simclr"
-    differ = [k for k, v in averaged.state_dict().items() if v.is_floating_point()
-              and not torch.equal(v, online.state_dict()[k])]
+    differ = [
+        k
+        for k, v in averaged.state_dict().items()
+        if v.is_floating_point() and not torch.equal(v, online.state_dict()[k])
+    ]
     assert differ, "the EMA weights should lag the optimiser's"
     # Held-out validation on the val subjects ran and was recorded with the final metrics.
     metrics = read_state(first.checkpoint)["metrics"]

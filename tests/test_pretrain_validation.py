@@ -15,8 +15,14 @@ from s2v_core.toystore import write_toy_store
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    return write_toy_store(tmp_path_factory.mktemp("store"), sites=2, recordings_per_site=3,
-                           windows_per_recording=4, epochs_per_window=4, modalities=("eeg", "ecg", "hr"))
+    return write_toy_store(
+        tmp_path_factory.mktemp("store"),
+        sites=2,
+        recordings_per_site=3,
+        windows_per_recording=4,
+        epochs_per_window=4,
+        modalities=("eeg", "ecg", "hr"),
+    )
 
 
 def test_loss_is_deterministic_and_near_chance_for_a_random_encoder(store):
@@ -47,8 +53,15 @@ def test_rejects_unusable_input(store):
 
 def test_batches_mix_nights_longer_than_a_batch(tmp_path):
     """Nights of 16 windows, batches of 8: in store order every batch would be one night, no negatives."""
-    store = write_toy_store(tmp_path / "long", sites=2, recordings_per_site=2, windows_per_recording=16,
-                            epochs_per_window=2, modalities=("eeg", "ecg"), seed=3)
+    store = write_toy_store(
+        tmp_path / "long",
+        sites=2,
+        recordings_per_site=2,
+        windows_per_recording=16,
+        epochs_per_window=2,
+        modalities=("eeg", "ecg"),
+        seed=3,
+    )
     encoder = SleepEncoder(model_config("tiny"), ("eeg", "ecg"))
     result = evaluate_contrastive_loss(encoder, store, batch_size=8)
     # 4 nights mixed at random: about 3/4 of the other 7 windows of a batch are other nights'.
@@ -74,21 +87,37 @@ class _CopyingEncoder(torch.nn.Module):
             profile = batch[key].pow(2).mean(-1).sqrt()  # (B, E)
             profile = profile - profile.mean(-1, keepdim=True)
             per_modality[key] = torch.nn.functional.normalize(profile, dim=-1)[:, None, :].expand(
-                -1, profile.shape[1], -1)
+                -1, profile.shape[1], -1
+            )
         fused = torch.stack(list(per_modality.values())).mean(0)
-        return EncoderOutput(per_modality=per_modality, present=batch["present"].bool(), fused=fused,
-                             window=fused.mean(1))
+        return EncoderOutput(
+            per_modality=per_modality, present=batch["present"].bool(), fused=fused, window=fused.mean(1)
+        )
 
 
 def test_held_out_validator_scores_val_subjects_against_chance(tmp_path):
     from pipelines.validation import HeldOutValidator
     from s2v_core.store import split_files
 
-    store = write_toy_store(tmp_path / "store", sites=2, recordings_per_site=6, windows_per_recording=6,
-                            epochs_per_window=4, modalities=("eeg", "ecg", "hr"), val_per_site=3)
+    store = write_toy_store(
+        tmp_path / "store",
+        sites=2,
+        recordings_per_site=6,
+        windows_per_recording=6,
+        epochs_per_window=4,
+        modalities=("eeg", "ecg", "hr"),
+        val_per_site=3,
+    )
     files, filesystem = split_files(str(store), ["val"])
-    validator = HeldOutValidator(files, filesystem, modalities=("eeg", "ecg", "hr"), epochs_per_window=4,
-                                 max_epochs=4 * 30, batch_size=12, seed=0)
+    validator = HeldOutValidator(
+        files,
+        filesystem,
+        modalities=("eeg", "ecg", "hr"),
+        epochs_per_window=4,
+        max_epochs=4 * 30,
+        batch_size=12,
+        seed=0,
+    )
     assert validator.windows == 30 and validator.pairs == [("eeg", "ecg"), ("eeg", "hr"), ("ecg", "hr")]
     copying = validator(_CopyingEncoder())
     torch.manual_seed(0)

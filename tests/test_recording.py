@@ -41,8 +41,14 @@ def test_round_trip_schema_windows_stages_and_mask(tmp_path):
     signal = write_edf(tmp_path / "r1.edf", _night(1230), file_type="edf+")  # 41 epochs -> 4 windows of 10
     stages = _hypnogram(tmp_path / "r1.csv", 41)
     metadata = RecordingMetadata(subject_id="s1", age=51.0, sex=0, outcomes={"ahi": 7.5})
-    decoded = decode_recording(str(signal), recording_id="r1", site=SITE, metadata=metadata,
-                               hypnogram_path=str(tmp_path / "r1.csv"), epochs_per_window=10)
+    decoded = decode_recording(
+        str(signal),
+        recording_id="r1",
+        site=SITE,
+        metadata=metadata,
+        hypnogram_path=str(tmp_path / "r1.csv"),
+        epochs_per_window=10,
+    )
     table = decoded.table
     assert table.schema.equals(store_schema(10), check_metadata=True)
     table.validate(full=True)
@@ -66,8 +72,8 @@ def test_round_trip_schema_windows_stages_and_mask(tmp_path):
 def test_nan_and_flat_stretches_mark_the_modality_absent_in_those_windows(tmp_path):
     night = _night(1200)
     ecg = night["ECG"][1].copy()
-    ecg[256 * 700:256 * 701] = 0.0
-    ecg[256 * 300:256 * 600] = ecg[256 * 300]  # window 1 flat (300-600 s)
+    ecg[256 * 700 : 256 * 701] = 0.0
+    ecg[256 * 300 : 256 * 600] = ecg[256 * 300]  # window 1 flat (300-600 s)
     night["ECG"] = (256.0, ecg)
     signal = write_edf(tmp_path / "r.edf", night, file_type="edf")
     decoded = decode_recording(str(signal), recording_id="r", site=SITE, epochs_per_window=10)
@@ -80,8 +86,13 @@ def test_nan_and_flat_stretches_mark_the_modality_absent_in_those_windows(tmp_pa
 
 def test_signal_without_hypnogram_is_kept_with_unknown_stages(tmp_path):
     signal = write_edf(tmp_path / "r.edf", _night(600), file_type="edf")
-    decoded = decode_recording(str(signal), recording_id="r", site=SITE, epochs_per_window=10,
-                               hypnogram_problem="r.edf: no hypnogram matching 'r.csv'; stages set to -1")
+    decoded = decode_recording(
+        str(signal),
+        recording_id="r",
+        site=SITE,
+        epochs_per_window=10,
+        hypnogram_problem="r.edf: no hypnogram matching 'r.csv'; stages set to -1",
+    )
     assert decoded.windows == 2
     assert (table_to_batch(decoded.table, epochs_per_window=10)["stages"] == -1).all()
     assert "no hypnogram" in decoded.notes[0]
@@ -90,8 +101,9 @@ def test_signal_without_hypnogram_is_kept_with_unknown_stages(tmp_path):
 def test_short_hypnogram_is_aligned_on_the_overlap(tmp_path):
     signal = write_edf(tmp_path / "r.edf", _night(600), file_type="edf")
     stages = _hypnogram(tmp_path / "r.csv", 15)
-    decoded = decode_recording(str(signal), recording_id="r", site=SITE, epochs_per_window=10,
-                               hypnogram_path=str(tmp_path / "r.csv"))
+    decoded = decode_recording(
+        str(signal), recording_id="r", site=SITE, epochs_per_window=10, hypnogram_path=str(tmp_path / "r.csv")
+    )
     got = table_to_batch(decoded.table, epochs_per_window=10)["stages"].reshape(-1)
     assert got[:15].tolist() == stages.tolist() and (got[15:] == -1).all()
     assert any("shorter than the signal" in note for note in decoded.notes)
@@ -100,8 +112,13 @@ def test_short_hypnogram_is_aligned_on_the_overlap(tmp_path):
 def test_unreadable_hypnogram_keeps_the_signals(tmp_path):
     signal = write_edf(tmp_path / "r.edf", _night(600), file_type="edf")
     (tmp_path / "r.xml").write_text("<oops")
-    decoded = decode_recording(str(signal), recording_id="r", site=SiteConfig(name="lab"),
-                               hypnogram_path=str(tmp_path / "r.xml"), epochs_per_window=10)
+    decoded = decode_recording(
+        str(signal),
+        recording_id="r",
+        site=SiteConfig(name="lab"),
+        hypnogram_path=str(tmp_path / "r.xml"),
+        epochs_per_window=10,
+    )
     assert decoded.windows == 2 and "hypnogram unreadable" in decoded.notes[0]
 
 
@@ -151,12 +168,28 @@ def test_all_flat_is_quarantined(tmp_path):
 
 def test_dreams_excerpt_with_its_five_second_hypnogram(real_data):
     folder = real_data / "DREAMS_Spindles"
-    site = SiteConfig(name="dreams", channels={"C3-A1": "eeg", "EOG1-A1": "eog", "EMG1": "emg", "NAF1": "airflow",
-                                              "VTH": "thorax", "VAB": "abdomen", "SAO2": "spo2", "PR": "hr"},
-                      ignore_channels=("POS", "PHONO", "hypnogram", "hypnogram_aut"),
-                      hypnogram=HypnogramConfig(format="dreams_txt", epoch_seconds=5.0))
-    decoded = decode_recording(str(folder / "excerpt3.edf"), recording_id="excerpt3", site=site,
-                               hypnogram_path=str(folder / "Hypnogram_excerpt3.txt"), epochs_per_window=10)
+    site = SiteConfig(
+        name="dreams",
+        channels={
+            "C3-A1": "eeg",
+            "EOG1-A1": "eog",
+            "EMG1": "emg",
+            "NAF1": "airflow",
+            "VTH": "thorax",
+            "VAB": "abdomen",
+            "SAO2": "spo2",
+            "PR": "hr",
+        },
+        ignore_channels=("POS", "PHONO", "hypnogram", "hypnogram_aut"),
+        hypnogram=HypnogramConfig(format="dreams_txt", epoch_seconds=5.0),
+    )
+    decoded = decode_recording(
+        str(folder / "excerpt3.edf"),
+        recording_id="excerpt3",
+        site=site,
+        hypnogram_path=str(folder / "Hypnogram_excerpt3.txt"),
+        epochs_per_window=10,
+    )
     assert decoded.windows == 6  # 30 min
     assert set(decoded.modalities) == {"eeg", "eog", "emg", "ecg", "hr", "spo2", "airflow", "thorax", "abdomen"}
     stages = table_to_batch(decoded.table, epochs_per_window=10)["stages"].reshape(-1)
@@ -166,8 +199,13 @@ def test_dreams_excerpt_with_its_five_second_hypnogram(real_data):
 
 def test_sleep_edf_crop_with_its_full_night_hypnogram(real_data):
     folder = real_data / "SleepEDF_SC4001"
-    decoded = decode_recording(str(folder / "short_psg.edf"), recording_id="SC4001", site=SiteConfig(name="sleepedf"),
-                               hypnogram_path=str(folder / "SC4001EC-Hypnogram.edf"), epochs_per_window=5)
+    decoded = decode_recording(
+        str(folder / "short_psg.edf"),
+        recording_id="SC4001",
+        site=SiteConfig(name="sleepedf"),
+        hypnogram_path=str(folder / "SC4001EC-Hypnogram.edf"),
+        epochs_per_window=5,
+    )
     assert decoded.windows == 2 and decoded.modalities == ("eeg", "eog")
     assert (table_to_batch(decoded.table, epochs_per_window=5)["stages"] == 0).all()  # the first 5 min are wake
     assert any("longer than the signal" in note for note in decoded.notes)
@@ -175,9 +213,12 @@ def test_sleep_edf_crop_with_its_full_night_hypnogram(real_data):
 
 
 def test_openbci_bdf_flat_ecg_is_absent(real_data):
-    decoded = decode_recording(str(real_data / "OpenBCI_COsleep" / "multiple_annotation_chans.bdf"),
-                               recording_id="cosleep", epochs_per_window=2,
-                               site=SiteConfig(name="openbci", channels={"C3": "eeg", "EOG": "eog"}))
+    decoded = decode_recording(
+        str(real_data / "OpenBCI_COsleep" / "multiple_annotation_chans.bdf"),
+        recording_id="cosleep",
+        epochs_per_window=2,
+        site=SiteConfig(name="openbci", channels={"C3": "eeg", "EOG": "eog"}),
+    )
     assert decoded.windows == 4 and decoded.modalities == ("eeg", "eog", "emg")
     assert any("ecg (ECG)" in note and "4 flat" in note for note in decoded.notes)
     assert isinstance(decoded.table, pa.Table)

@@ -9,24 +9,30 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.runtime import (RedactingFilter, mlflow_artifact_location, mlflow_experiment, redact,
-                               redact_values)
+from pipelines.runtime import RedactingFilter, mlflow_artifact_location, mlflow_experiment, redact, redact_values
 
 SECRET = "wJalrXUtnFEMI-K7MDENG"
 
 
-@pytest.mark.parametrize("location, shown", [
-    (f"s3://AKIAEXAMPLE:{SECRET}@bucket/store", "s3://***@bucket/store"),
-    (f"s3://bucket/store?endpoint_override=10.0.0.5:9000&scheme=http&secret_key={SECRET}",
-     "s3://bucket/store?endpoint_override=10.0.0.5:9000&scheme=http&secret_key=***"),
-    (f"gs://bucket/store?access_token={SECRET}", "gs://bucket/store?access_token=***"),
-    (f"https://user:{SECRET}@mlflow.example.org", "https://***@mlflow.example.org"),
-    (f"https://blob/x?sv=2022&sig={SECRET}", "https://blob/x?sv=2022&sig=***"),
-    (f"https://b/k?X-Amz-Credential=AKIA&X-Amz-Signature={SECRET}&X-Amz-Date=1",
-     "https://b/k?X-Amz-Credential=***&X-Amz-Signature=***&X-Amz-Date=1"),
-    ("s3://bucket/store?endpoint_override=h:9000", "s3://bucket/store?endpoint_override=h:9000"),
-    ("/data/cohort/shhs", "/data/cohort/shhs"),
-])
+@pytest.mark.parametrize(
+    "location, shown",
+    [
+        (f"s3://AKIAEXAMPLE:{SECRET}@bucket/store", "s3://***@bucket/store"),
+        (
+            f"s3://bucket/store?endpoint_override=10.0.0.5:9000&scheme=http&secret_key={SECRET}",
+            "s3://bucket/store?endpoint_override=10.0.0.5:9000&scheme=http&secret_key=***",
+        ),
+        (f"gs://bucket/store?access_token={SECRET}", "gs://bucket/store?access_token=***"),
+        (f"https://user:{SECRET}@mlflow.example.org", "https://***@mlflow.example.org"),
+        (f"https://blob/x?sv=2022&sig={SECRET}", "https://blob/x?sv=2022&sig=***"),
+        (
+            f"https://b/k?X-Amz-Credential=AKIA&X-Amz-Signature={SECRET}&X-Amz-Date=1",
+            "https://b/k?X-Amz-Credential=***&X-Amz-Signature=***&X-Amz-Date=1",
+        ),
+        ("s3://bucket/store?endpoint_override=h:9000", "s3://bucket/store?endpoint_override=h:9000"),
+        ("/data/cohort/shhs", "/data/cohort/shhs"),
+    ],
+)
 def test_credentials_in_uris_are_redacted_and_nothing_else(location, shown):
     assert redact(location) == shown
     assert redact(f"--data {location} failed") == f"--data {shown} failed"
@@ -51,7 +57,9 @@ def test_nested_values_and_log_lines_are_redacted(caplog):
 def test_artifacts_live_next_to_the_tracking_store(tmp_path, monkeypatch):
     monkeypatch.delenv("S2V_MLFLOW_ARTIFACT_ROOT", raising=False)
     store = f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
-    assert mlflow_artifact_location(store, "s2v evaluate") == (tmp_path / "runs" / "mlartifacts" / "s2v_evaluate").as_uri()
+    assert (
+        mlflow_artifact_location(store, "s2v evaluate") == (tmp_path / "runs" / "mlartifacts" / "s2v_evaluate").as_uri()
+    )
     assert mlflow_artifact_location("http://127.0.0.1:5000", "x") is None  # the server's --artifacts-destination
     assert mlflow_artifact_location(str(tmp_path / "mlruns"), "x") is None  # a file store keeps them inside
     with pytest.raises(ValueError, match="S2V_MLFLOW_ARTIFACT_ROOT"):
@@ -90,8 +98,14 @@ def test_pretraining_logs_locations_without_their_credentials(tmp_path, monkeypa
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(tmp_path)
-    store = write_toy_store(tmp_path / "store", sites=2, recordings_per_site=3, windows_per_recording=4,
-                            epochs_per_window=4, modalities=("eeg", "ecg", "hr"))
+    store = write_toy_store(
+        tmp_path / "store",
+        sites=2,
+        recordings_per_site=3,
+        windows_per_recording=4,
+        epochs_per_window=4,
+        modalities=("eeg", "ecg", "hr"),
+    )
     prepared = setup(PretrainConfig(data=str(store), output=str(tmp_path / "run"), workers=2, global_batch=8))
     # As if --data had been s3://KEY:SECRET@bucket/store (the store itself was read locally above).
     secret_data = f"s3://AKIAEXAMPLE:{SECRET}@bucket/store?endpoint_override=h:9000"

@@ -105,8 +105,7 @@ def test_intervals_cover_the_truth_in_most_replicates():
     covered = []
     for replicate in range(10):
         y, n, m, s = sweep_points("additive", noise=0.02, seeds=5, seed=100 + replicate)
-        fit = fit_law("additive", y, n_params=n, modality_counts=m, groups=s, bootstrap=40, grid=GRID,
-                      seed=replicate)
+        fit = fit_law("additive", y, n_params=n, modality_counts=m, groups=s, bootstrap=40, grid=GRID, seed=replicate)
         covered.append(fit.ci["alpha"][0] <= LAWS["additive"]["alpha"] <= fit.ci["alpha"][1])
     # 95 % intervals from 5 groups are somewhat narrow; 7 of 10 guards against gross undercoverage.
     assert sum(covered) >= 7, covered
@@ -126,8 +125,7 @@ def test_cluster_bootstrap_moves_whole_groups():
 
 def test_a_single_seed_falls_back_to_resampling_points():
     y, n, m, s = sweep_points("additive", noise=0.01, seeds=1, seed=9)
-    fit = fit_law("additive", y, n_params=n, modality_counts=m, groups=np.column_stack([s, s]), bootstrap=20,
-                  grid=GRID)
+    fit = fit_law("additive", y, n_params=n, modality_counts=m, groups=np.column_stack([s, s]), bootstrap=20, grid=GRID)
     # One group would give 20 identical refits (a zero-width interval); points give a real spread.
     assert fit.ci["alpha"][1] - fit.ci["alpha"][0] > 1e-4
     multiplicities = group_multiplicities(np.zeros(6), seed=0)
@@ -137,8 +135,17 @@ def test_a_single_seed_falls_back_to_resampling_points():
 def test_a_zero_width_interval_is_not_identified():
     from s2v_core.scaling import LawFit, _verdict
 
-    fit = LawFit(form="n_only", params={"E": 1.0, "A": 2.0, "alpha": 0.3}, rss=0.0, n_points=9, aic=0.0, bic=0.0,
-                 rmse=0.0, ci={"E": (1.0, 1.0), "A": (2.0, 2.0), "alpha": (0.3, 0.3)}, bootstrap=10)
+    fit = LawFit(
+        form="n_only",
+        params={"E": 1.0, "A": 2.0, "alpha": 0.3},
+        rss=0.0,
+        n_points=9,
+        aic=0.0,
+        bic=0.0,
+        rmse=0.0,
+        ci={"E": (1.0, 1.0), "A": (2.0, 2.0), "alpha": (0.3, 0.3)},
+        bootstrap=10,
+    )
     verdict = _verdict("N", fit, "bic", distinct=3)
     assert not verdict.identified and "zero width" in verdict.reason
 
@@ -158,13 +165,16 @@ def test_cross_validation_prefers_the_true_form_over_a_wrong_one():
     assert right < wrong
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"losses": [1.0, 2.0, 3.0, 4.0, 5.0], "n_params": [1, 2, 3, 4, 5]}, "needs modality_counts"),
-    ({"losses": [1.0, 2.0, -3.0, 4.0, 5.0], "n_params": [1, 2, 3, 4, 5]}, "losses: expected finite"),
-    ({"losses": [1.0, 2.0, 3.0, 4.0], "n_params": [1, 2, 3]}, "n_params has 3 values but losses has 4"),
-    ({"losses": [1.0, 2.0, 3.0, 4.0], "n_params": [1, 1, 2, 2]}, "2 distinct value"),
-    ({"losses": [1.0, 2.0, 3.0], "n_params": [1, 2, 3]}, "only 3 points"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"losses": [1.0, 2.0, 3.0, 4.0, 5.0], "n_params": [1, 2, 3, 4, 5]}, "needs modality_counts"),
+        ({"losses": [1.0, 2.0, -3.0, 4.0, 5.0], "n_params": [1, 2, 3, 4, 5]}, "losses: expected finite"),
+        ({"losses": [1.0, 2.0, 3.0, 4.0], "n_params": [1, 2, 3]}, "n_params has 3 values but losses has 4"),
+        ({"losses": [1.0, 2.0, 3.0, 4.0], "n_params": [1, 1, 2, 2]}, "2 distinct value"),
+        ({"losses": [1.0, 2.0, 3.0], "n_params": [1, 2, 3]}, "only 3 points"),
+    ],
+)
 def test_bad_input_is_a_clear_error(kwargs, message):
     form = "additive" if "needs modality_counts" in message else "n_only"
     with pytest.raises(ValueError, match=message):
@@ -185,9 +195,10 @@ def test_exponent_at_the_search_bound_is_not_identified():
     # A term that falls off faster than the bound allows: only the smallest N differs.
     n = np.repeat([1e3, 1e4, 1e5, 1e6], 3)
     m = np.tile([2, 4, 8], 4)
-    y = 1.0 + 0.5 * m ** -0.5 + np.where(n == 1e3, 0.5, 0.0)
-    analysis = fit_scaling_laws(y, n_params=n, modality_counts=m, forms=("additive",), bootstrap=10,
-                                grid=GRID, cross_validate=False)
+    y = 1.0 + 0.5 * m**-0.5 + np.where(n == 1e3, 0.5, 0.0)
+    analysis = fit_scaling_laws(
+        y, n_params=n, modality_counts=m, forms=("additive",), bootstrap=10, grid=GRID, cross_validate=False
+    )
     assert analysis.best.params["alpha"] == pytest.approx(MAX_EXPONENT)
     assert not analysis.verdicts["N"].identified
     assert "search bound" in analysis.verdicts["N"].reason
@@ -196,9 +207,17 @@ def test_exponent_at_the_search_bound_is_not_identified():
 def test_held_out_forecast_uses_the_smaller_models_and_beats_no_scaling():
     y, n, m, s = sweep_points("additive", noise=0.005, seed=8)
     largest = n == n.max()
-    forecast = held_out_forecast(y[~largest], n_params=n[~largest], modality_counts=m[~largest],
-                                 targets_n=np.full(len(M_GRID), n.max()), targets_m=M_GRID, axis="n",
-                                 groups=s[~largest], bootstrap=20, forms=("additive", "n_only", "m_only"))
+    forecast = held_out_forecast(
+        y[~largest],
+        n_params=n[~largest],
+        modality_counts=m[~largest],
+        targets_n=np.full(len(M_GRID), n.max()),
+        targets_m=M_GRID,
+        axis="n",
+        groups=s[~largest],
+        bootstrap=20,
+        forms=("additive", "n_only", "m_only"),
+    )
     assert forecast["fit_points"] == int((~largest).sum())
     observed = {(float(n.max()), float(c)): float(np.mean(y[largest & (m == c)])) for c in M_GRID}
     scored = score_forecast(forecast, observed)
@@ -213,20 +232,30 @@ def test_held_out_forecast_uses_the_smaller_models_and_beats_no_scaling():
 def test_held_out_forecast_along_m_uses_the_next_smaller_count_as_no_scaling():
     y, n, m, _s = sweep_points("additive", noise=0.0, seeds=1)
     keep = m < 9
-    forecast = held_out_forecast(y[keep], n_params=n[keep], modality_counts=m[keep], targets_n=N_GRID,
-                                 targets_m=np.full(len(N_GRID), 9.0), axis="m", bootstrap=0,
-                                 forms=("additive",))
+    forecast = held_out_forecast(
+        y[keep],
+        n_params=n[keep],
+        modality_counts=m[keep],
+        targets_n=N_GRID,
+        targets_m=np.full(len(N_GRID), 9.0),
+        axis="m",
+        bootstrap=0,
+        forms=("additive",),
+    )
     for target, width in zip(forecast["targets"], N_GRID):
         assert target["no_scaling"] == pytest.approx(float(y[(n == width) & (m == 7)][0]))
-        assert target["predicted"] == pytest.approx(float(evaluate_law("additive", LAWS["additive"], width, 9)),
-                                                    rel=1e-3)
+        assert target["predicted"] == pytest.approx(
+            float(evaluate_law("additive", LAWS["additive"], width, 9)), rel=1e-3
+        )
 
 
 def test_forecast_score_compares_with_no_scaling_on_the_same_targets():
-    forecast = {"targets": [
-        {"n_params": 1e6, "modality_count": 2.0, "predicted": 2.0, "interval": [1.9, 2.1], "no_scaling": 2.4},
-        {"n_params": 1e6, "modality_count": 9.0, "predicted": 1.0, "interval": [0.9, 1.1], "no_scaling": None},
-    ]}
+    forecast = {
+        "targets": [
+            {"n_params": 1e6, "modality_count": 2.0, "predicted": 2.0, "interval": [1.9, 2.1], "no_scaling": 2.4},
+            {"n_params": 1e6, "modality_count": 9.0, "predicted": 1.0, "interval": [0.9, 1.1], "no_scaling": None},
+        ]
+    }
     scored = score_forecast(forecast, {(1e6, 2.0): 2.0, (1e6, 9.0): 2.0})
     assert scored["scored"] == 2
     assert scored["relative_error"] == pytest.approx(0.25)  # (0 + 0.5) / 2

@@ -10,7 +10,10 @@ def write(tmp_path, text):
 
 
 def test_full_site_config_loads(tmp_path):
-    cfg = load_site_config(write(tmp_path, """
+    cfg = load_site_config(
+        write(
+            tmp_path,
+            """
 name = "shhs_like"
 key_regex = "^(?P<key>shhs1-\\\\d+)"
 ignore_channels = ["POSITION"]
@@ -25,7 +28,9 @@ key_column = "nsrrid"
 sex_values = { "1" = 1, "2" = 0 }
 [metadata.outcomes]
 ahi = "ahi_a0h3"
-"""))
+""",
+        )
+    )
     assert cfg.channels == {"EEG(sec)": "eeg"}
     assert cfg.hypnogram.format == "nsrr_xml"
     assert cfg.metadata.outcomes == {"ahi": "ahi_a0h3"}
@@ -33,14 +38,17 @@ ahi = "ahi_a0h3"
     assert cfg.recording_key("other.edf") is None
 
 
-@pytest.mark.parametrize("text,message", [
-    ('name = "s"\nchanel = 1\n', "unknown key"),
-    ('name = "s"\n[channels]\n"X" = "eegg"\n', "unknown modality"),
-    ('name = "s"\n[hypnogram]\nformat = "edf"\n', "format: expected one of"),
-    ('name = "s"\nkey_regex = "(.+)"\n', "(?P<key>"),
-    ('name = "bad name"\n', "site name"),
-    ('signals = ["*.edf"]\n', "missing required key 'name'"),
-])
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ('name = "s"\nchanel = 1\n', "unknown key"),
+        ('name = "s"\n[channels]\n"X" = "eegg"\n', "unknown modality"),
+        ('name = "s"\n[hypnogram]\nformat = "edf"\n', "format: expected one of"),
+        ('name = "s"\nkey_regex = "(.+)"\n', "(?P<key>"),
+        ('name = "bad name"\n', "site name"),
+        ('signals = ["*.edf"]\n', "missing required key 'name'"),
+    ],
+)
 def test_invalid_site_configs_name_the_problem(tmp_path, text, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("?", r"\?")):
         load_site_config(write(tmp_path, text))

@@ -2,18 +2,26 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 
 from pipelines import split as split_command
-from s2v_core.splits import (SPLIT_NAMES, MissingSplitsError, SplitConfig, assign_splits, read_assignments,
-                             read_split_file, read_splits, record_use, seen_splits, split_record, subject_split,
-                             write_splits)
-from s2v_core.store import row_splits, split_files, store_files
+from s2v_core.splits import (
+    SPLIT_NAMES,
+    MissingSplitsError,
+    SplitConfig,
+    assign_splits,
+    read_assignments,
+    read_split_file,
+    read_splits,
+    record_use,
+    seen_splits,
+    split_record,
+    subject_split,
+    write_splits,
+)
+from s2v_core.store import row_splits, split_files, store_files, write_store_file
 from s2v_core.toystore import toy_windows, write_toy_store
-from s2v_core.store import write_store_file
 
 
 def test_assignment_is_deterministic_and_depends_on_the_seed():
@@ -42,8 +50,15 @@ def test_explicit_assignments_take_precedence():
     assert subject_split("b", "s1", config) == subject_split("b", "s1", SplitConfig(seed=0))
 
 
-@pytest.mark.parametrize("bad", [dict(train=0.5, val=0.1, test=0.1), dict(train=1.2, val=-0.1, test=-0.1),
-                                 dict(train=0.0, val=0.5, test=0.5), dict(seed=-1)])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(train=0.5, val=0.1, test=0.1),
+        dict(train=1.2, val=-0.1, test=-0.1),
+        dict(train=0.0, val=0.5, test=0.5),
+        dict(seed=-1),
+    ],
+)
 def test_invalid_configs_are_errors(bad):
     with pytest.raises(ValueError, match="splits:"):
         SplitConfig(**bad)
@@ -52,27 +67,44 @@ def test_invalid_configs_are_errors(bad):
 def test_adding_a_site_and_nights_never_moves_a_subject(tmp_path):
     store = write_toy_store(tmp_path / "store", sites=2, recordings_per_site=6, windows_per_recording=2)
     write_splits(str(store), SplitConfig(seed=5))  # the hash, no explicit assignment
-    table = __import__("s2v_core.store", fromlist=["open_store"]).open_store(str(store)).to_table(
-        columns=["site", "subject_id"])
-    before = dict(zip(zip(table.column("site").to_pylist(), table.column("subject_id").to_pylist()),
-                      row_splits(table, str(store))))
+    table = (
+        __import__("s2v_core.store", fromlist=["open_store"])
+        .open_store(str(store))
+        .to_table(columns=["site", "subject_id"])
+    )
+    before = dict(
+        zip(
+            zip(table.column("site").to_pylist(), table.column("subject_id").to_pylist()), row_splits(table, str(store))
+        )
+    )
     rng = np.random.default_rng(1)
     (store / "site=site9").mkdir()
     for r in range(4):  # a new site, and a second night of an existing subject
-        write_store_file(toy_windows(site="site9", recording_id=f"site9-r{r:03d}", windows=2, epochs_per_window=4,
-                                     rng=rng), store / "site=site9" / f"site9-r{r:03d}.parquet")
-    write_store_file(toy_windows(site="site0", recording_id="site0-r000-night2", windows=2, epochs_per_window=4,
-                                 rng=rng), store / "site=site0" / "site0-r000-night2.parquet")
-    table = __import__("s2v_core.store", fromlist=["open_store"]).open_store(str(store)).to_table(
-        columns=["site", "subject_id"])
-    after = dict(zip(zip(table.column("site").to_pylist(), table.column("subject_id").to_pylist()),
-                     row_splits(table, str(store))))
+        write_store_file(
+            toy_windows(site="site9", recording_id=f"site9-r{r:03d}", windows=2, epochs_per_window=4, rng=rng),
+            store / "site=site9" / f"site9-r{r:03d}.parquet",
+        )
+    write_store_file(
+        toy_windows(site="site0", recording_id="site0-r000-night2", windows=2, epochs_per_window=4, rng=rng),
+        store / "site=site0" / "site0-r000-night2.parquet",
+    )
+    table = (
+        __import__("s2v_core.store", fromlist=["open_store"])
+        .open_store(str(store))
+        .to_table(columns=["site", "subject_id"])
+    )
+    after = dict(
+        zip(
+            zip(table.column("site").to_pylist(), table.column("subject_id").to_pylist()), row_splits(table, str(store))
+        )
+    )
     assert {k: after[k] for k in before} == before
 
 
 def test_split_files_select_nights_by_subject(tmp_path):
-    store = write_toy_store(tmp_path / "store", sites=2, recordings_per_site=4, windows_per_recording=2,
-                            val_per_site=1, test_per_site=1)
+    store = write_toy_store(
+        tmp_path / "store", sites=2, recordings_per_site=4, windows_per_recording=2, val_per_site=1, test_per_site=1
+    )
     train, _ = split_files(str(store), ["train"])
     test, _ = split_files(str(store), ["test"])
     everything, _ = store_files(str(store))

@@ -17,8 +17,10 @@ from s2v_core.staging import sleep_summary, stage_recording
 IDENTITIES = Identities(PseudonymKey(b"s2v-test-pseudonym-key-0123456789abcdef", origin="test"))
 PATIENT = "Doe_John_1961-02-03"
 #: DREAMS labels that are not registry aliases, mapped the way a site config does for ingest.
-DREAMS_SITE = ('name = "dreams"\n[channels]\n"C3-A1" = "eeg"\n"EOG1-A1" = "eog"\n"EMG1" = "emg"\n'
-               '"NAF1" = "airflow"\n"VTH" = "thorax"\n"VAB" = "abdomen"\n')
+DREAMS_SITE = (
+    'name = "dreams"\n[channels]\n"C3-A1" = "eeg"\n"EOG1-A1" = "eog"\n"EMG1" = "emg"\n'
+    '"NAF1" = "airflow"\n"VTH" = "thorax"\n"VAB" = "abdomen"\n'
+)
 
 
 @pytest.fixture(scope="module")
@@ -72,8 +74,9 @@ def test_dreams_without_site_config_uses_what_maps(real_data, model_dir):
 
 
 def test_sleep_edf_crop(real_data, model_dir, tmp_path):
-    result = stage_recording(real_data / "SleepEDF_SC4001" / "short_psg.edf", model=model_dir, out=tmp_path,
-                             identities=IDENTITIES)
+    result = stage_recording(
+        real_data / "SleepEDF_SC4001" / "short_psg.edf", model=model_dir, out=tmp_path, identities=IDENTITIES
+    )
     assert len(result.stages) == 10  # 300 s
     # Its 1-Hz EMG envelope and respiration are too slow for their modalities: not used.
     assert result.summary["modalities"] == ["eeg", "eog"]
@@ -134,15 +137,18 @@ def test_s2v_stage_folder_on_ray(ray_local, real_data, model_dir, tmp_path, caps
 
     folder = tmp_path / "inputs"
     folder.mkdir()
-    for name, source in (("a.edf", "SleepEDF_SC4001/short_psg.edf"),
-                         ("b.bdf", "OpenBCI_COsleep/multiple_annotation_chans.bdf"),
-                         ("c.edf", "HMC_SN001/test_edfann.edf")):
+    for name, source in (
+        ("a.edf", "SleepEDF_SC4001/short_psg.edf"),
+        ("b.bdf", "OpenBCI_COsleep/multiple_annotation_chans.bdf"),
+        ("c.edf", "HMC_SN001/test_edfann.edf"),
+    ):
         (folder / name).symlink_to(real_data / source)
     key = tmp_path / "key"
     key.write_text("s2v-test-pseudonym-key-0123456789abcdef\n")
     out = tmp_path / "out"
-    assert s2v(["stage", str(folder), "--model", str(model_dir), "--out", str(out),
-                "--pseudonym-key-file", str(key)]) == 0
+    assert (
+        s2v(["stage", str(folder), "--model", str(model_dir), "--out", str(out), "--pseudonym-key-file", str(key)]) == 0
+    )
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert (printed["staged"], printed["failed"]) == (2, 1)
     results = json.loads((out / "results.json").read_text())

@@ -55,8 +55,12 @@ def s3():
     from moto.server import ThreadedMotoServer
 
     with pytest.MonkeyPatch.context() as patch:
-        for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                            "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}.items():
+        for name, value in {
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_EC2_METADATA_DISABLED": "true",
+        }.items():
             patch.setenv(name, value)
         server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
         server.start()
@@ -76,8 +80,15 @@ def ray_local(s3, ray_local):
 
 @pytest.fixture(scope="module")
 def local_store(tmp_path_factory) -> Path:
-    return write_toy_store(tmp_path_factory.mktemp("store"), sites=2, recordings_per_site=3,
-                           windows_per_recording=4, epochs_per_window=4, modalities=MODALITIES, seed=2)
+    return write_toy_store(
+        tmp_path_factory.mktemp("store"),
+        sites=2,
+        recordings_per_site=3,
+        windows_per_recording=4,
+        epochs_per_window=4,
+        modalities=MODALITIES,
+        seed=2,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -97,14 +108,19 @@ def test_a_store_at_a_uri_reads_like_the_same_store_on_disk(s3, s3_store, local_
     files, filesystem = store_files(s3_store)
     assert isinstance(filesystem, pafs.S3FileSystem)
     assert [f.split("/store/", 1)[1] for f in files] == [
-        str(p.relative_to(local_store)) for p in sorted(local_store.rglob("*.parquet"))]
+        str(p.relative_to(local_store)) for p in sorted(local_store.rglob("*.parquet"))
+    ]
     remote, local = inspect_store(s3_store), inspect_store(local_store)
-    assert (remote.windows, remote.usable_windows, remote.modalities) == (local.windows, local.usable_windows,
-                                                                          local.modalities)
+    assert (remote.windows, remote.usable_windows, remote.modalities) == (
+        local.windows,
+        local.usable_windows,
+        local.modalities,
+    )
     # What a Ray Data read task does with the summary's paths and filesystem.
     items = {"path": np.array(remote.files[:2]), "slot": np.arange(2)}
-    table = read_store_files(items, columns=training_columns(MODALITIES, ()), modalities=MODALITIES,
-                             filesystem=remote.filesystem)
+    table = read_store_files(
+        items, columns=training_columns(MODALITIES, ()), modalities=MODALITIES, filesystem=remote.filesystem
+    )
     assert table.num_rows == 8
     with pytest.raises(ValueError, match="--data: expected a store .* found no directory"):
         inspect_store(s3.uri("nothing-here"))
@@ -116,8 +132,17 @@ def test_sweep_reads_the_splits_and_held_out_windows_of_a_uri_store(s3, tmp_path
     from tune.sweep import check_store
     from tune.trial import HeldOutScorer
 
-    local = write_toy_store(tmp_path / "split-store", sites=2, recordings_per_site=4, windows_per_recording=4,
-                            epochs_per_window=4, modalities=MODALITIES, seed=3, val_per_site=1, test_per_site=1)
+    local = write_toy_store(
+        tmp_path / "split-store",
+        sites=2,
+        recordings_per_site=4,
+        windows_per_recording=4,
+        epochs_per_window=4,
+        modalities=MODALITIES,
+        seed=3,
+        val_per_site=1,
+        test_per_site=1,
+    )
     uri = s3.upload(local, "split-store")
     cfg = SweepConfig(data=uri, output=str(tmp_path / "sweep"), widths=(16,), modality_counts=(2,))
     available, epochs_per_window = check_store(cfg)  # splits.json read from the bucket
@@ -164,8 +189,9 @@ def test_uri_outputs_that_cannot_work_stop_before_ray(s3, s3_store, tmp_path, mo
     with pytest.raises(ValueError, match=r"--output s3://.*set MLFLOW_TRACKING_URI"):
         pretrain(config)
     assert s3.kind("runs/no-mlflow") == pafs.FileType.NotFound and not ray.is_initialized()
-    code = main(["sweep", "--data", s3_store, "--output", s3.uri("sweeps/grid"), "--widths", "16",
-                 "--modality-counts", "2"])
+    code = main(
+        ["sweep", "--data", s3_store, "--output", s3.uri("sweeps/grid"), "--widths", "16", "--modality-counts", "2"]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "s2v sweep: error: --output: expected a local directory or a path on storage" in err
 
@@ -181,24 +207,39 @@ def test_pretrain_and_embed_read_and_write_s3(s3, s3_store, ray_local, tmp_path,
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
     client = MlflowClient(tracking_uri=tracking_uri)
     # The last worker fails once before step 3: the group restarts from the step-2 checkpoint on s3.
-    config = PretrainConfig(data=s3_store, output=s3.uri("runs/tiny"), workers=2, model="tiny", steps=4,
-                            global_batch=8, checkpoint_every=2, fail_at_step=3)
+    config = PretrainConfig(
+        data=s3_store,
+        output=s3.uri("runs/tiny"),
+        workers=2,
+        model="tiny",
+        steps=4,
+        global_batch=8,
+        checkpoint_every=2,
+        fail_at_step=3,
+    )
     # Artifacts next to the SQLite store, not in the current directory's mlruns/.
     client.create_experiment(config.mlflow_experiment, artifact_location=(tmp_path / "artifacts").as_uri())
 
     result = pretrain(config)
     assert result.steps == 4 and result.checkpoint == s3.uri(f"runs/tiny/checkpoints/{checkpoint_dir_name(4)}")
-    assert list_checkpoints(config.output) == [s3.uri(f"runs/tiny/checkpoints/{checkpoint_dir_name(s)}")
-                                               for s in (2, 4)]
-    for key in ("pretrain_config.json", "ds_config.json", "mlflow_run.json", "encoder/model_config.json",
-                ".failed_at_step_3",
-                f"checkpoints/{checkpoint_dir_name(4)}/engine/latest"):
+    assert list_checkpoints(config.output) == [
+        s3.uri(f"runs/tiny/checkpoints/{checkpoint_dir_name(s)}") for s in (2, 4)
+    ]
+    for key in (
+        "pretrain_config.json",
+        "ds_config.json",
+        "mlflow_run.json",
+        "encoder/model_config.json",
+        ".failed_at_step_3",
+        f"checkpoints/{checkpoint_dir_name(4)}/engine/latest",
+    ):
         assert s3.kind(f"runs/tiny/{key}") == pafs.FileType.File, key
     run = client.get_run(result.mlflow_run_id)
     assert run.info.status == "FINISHED" and run.data.tags["s2v.run_dir"] == config.output
     assert [m.step for m in client.get_metric_history(result.mlflow_run_id, "loss")] == [1, 2, 3, 4]
     assert {"ds_config.json", "pretrain_config.json", "encoder"} <= {
-        a.path for a in client.list_artifacts(result.mlflow_run_id)}
+        a.path for a in client.list_artifacts(result.mlflow_run_id)
+    }
     # --resume finds the latest checkpoint at the URI (already at 4 steps: nothing to train).
     assert pretrain(config, resume=True).checkpoint == result.checkpoint
 
@@ -225,8 +266,10 @@ def test_ingest_reads_sites_from_s3_and_writes_the_store_there(s3, ray_local, tm
     summary = ingest(inputs, output, epochs_per_window=5, mlflow_tracking_uri=tracking_uri)
     assert (summary.ok, summary.quarantined, summary.windows) == (2, 0, 24)
     assert summary.manifest == s3.uri("stores/ingested/manifest.jsonl").replace("s3://", "s3://***@")
-    lines = [json.loads(line) for line in s3.fs.open_input_stream(
-        f"{BUCKET}/stores/ingested/manifest.jsonl").read().decode().splitlines()]
+    lines = [
+        json.loads(line)
+        for line in s3.fs.open_input_stream(f"{BUCKET}/stores/ingested/manifest.jsonl").read().decode().splitlines()
+    ]
     assert sorted(line["site"] for line in lines) == sorted(site.name for site in cohort.sites)
     assert {line["status"] for line in lines} == {"ok"}
     # Written as one part per run and merged once, not rewritten per line; no part is left.

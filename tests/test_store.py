@@ -7,14 +7,20 @@ from s2v_core.toystore import write_toy_store
 
 
 def test_toy_store_round_trips_through_the_schema(tmp_path):
-    root = write_toy_store(tmp_path / "store", sites=2, recordings_per_site=3,
-                           windows_per_recording=2, epochs_per_window=3,
-                           modalities=("eeg", "spo2", "thorax"))
+    root = write_toy_store(
+        tmp_path / "store",
+        sites=2,
+        recordings_per_site=3,
+        windows_per_recording=2,
+        epochs_per_window=3,
+        modalities=("eeg", "spo2", "thorax"),
+    )
     table = open_store(str(root)).to_table()
     assert table.num_rows == 12
     assert schema_info(table.schema) == (SCHEMA_VERSION, 3)
-    batch = table_to_batch(table, modalities=("eeg", "spo2", "thorax"), epochs_per_window=3,
-                           history_columns=("hypertension",))
+    batch = table_to_batch(
+        table, modalities=("eeg", "spo2", "thorax"), epochs_per_window=3, history_columns=("hypertension",)
+    )
     assert batch["eeg"].shape == (12, 3, 3840)
     assert batch["spo2"].shape == (12, 3, 120)
     assert batch["stages"].shape == (12, 3)
@@ -35,13 +41,16 @@ def test_stable_id_is_stable_and_non_negative():
 
 def test_schema_info_rejects_foreign_parquet():
     import pyarrow as pa
+
     with pytest.raises(ValueError, match="not a sleep2vec store"):
         schema_info(pa.schema([pa.field("a", pa.int32())]))
 
 
 def test_same_recording_id_at_two_sites_are_different_nights(tmp_path):
     import pyarrow as pa
+
     from s2v_core.toystore import toy_windows
+
     rng = np.random.default_rng(0)
     a = toy_windows(site="a", recording_id="1001", windows=1, epochs_per_window=2, modalities=("spo2",), rng=rng)
     b = toy_windows(site="b", recording_id="1001", windows=1, epochs_per_window=2, modalities=("spo2",), rng=rng)
@@ -50,8 +59,14 @@ def test_same_recording_id_at_two_sites_are_different_nights(tmp_path):
 
 
 def test_store_files_skip_the_manifest_and_hidden_temporaries(tmp_path):
-    root = write_toy_store(tmp_path / "store", sites=1, recordings_per_site=2, windows_per_recording=1,
-                           epochs_per_window=2, modalities=("spo2",))
+    root = write_toy_store(
+        tmp_path / "store",
+        sites=1,
+        recordings_per_site=2,
+        windows_per_recording=1,
+        epochs_per_window=2,
+        modalities=("spo2",),
+    )
     (root / "site=site0" / ".site0-r009.parquet.tmp-1").write_bytes(b"partial")
     files, _ = store_files(str(root))
     assert [f.rsplit("/", 1)[1] for f in files] == ["site0-r000.parquet", "site0-r001.parquet"]
@@ -69,13 +84,21 @@ def test_store_files_keep_signals_plain_encoded_and_round_trip(tmp_path):
     from s2v_core.store import write_store_file
     from s2v_core.toystore import toy_windows
 
-    table = toy_windows(site="a", recording_id="n1", windows=3, epochs_per_window=2,
-                        modalities=("eeg", "hr"), rng=np.random.default_rng(0))
+    table = toy_windows(
+        site="a",
+        recording_id="n1",
+        windows=3,
+        epochs_per_window=2,
+        modalities=("eeg", "hr"),
+        rng=np.random.default_rng(0),
+    )
     write_store_file(table, str(tmp_path / "n1.parquet"))
     assert pq.read_table(tmp_path / "n1.parquet").equals(table)
     row_group = pq.ParquetFile(tmp_path / "n1.parquet").metadata.row_group(0)
-    encodings = {row_group.column(i).path_in_schema.split(".")[0]: row_group.column(i).encodings
-                 for i in range(row_group.num_columns)}
+    encodings = {
+        row_group.column(i).path_in_schema.split(".")[0]: row_group.column(i).encodings
+        for i in range(row_group.num_columns)
+    }
     # Dictionary pages of float16 samples decoded 4-5x slower than plain ones.
     assert all("RLE_DICTIONARY" not in encodings[k] for k in MODALITY_KEYS)
     assert "RLE_DICTIONARY" in encodings["recording_id"]
@@ -84,8 +107,14 @@ def test_store_files_keep_signals_plain_encoded_and_round_trip(tmp_path):
 def test_a_store_subset_reads_as_the_files_it_lists(tmp_path):
     from s2v_core.store import EmptyStoreError, write_store_subset
 
-    root = write_toy_store(tmp_path / "store", sites=2, recordings_per_site=2, windows_per_recording=1,
-                           epochs_per_window=2, modalities=("spo2",))
+    root = write_toy_store(
+        tmp_path / "store",
+        sites=2,
+        recordings_per_site=2,
+        windows_per_recording=1,
+        epochs_per_window=2,
+        modalities=("spo2",),
+    )
     files, _ = store_files(str(root))
     subset = write_store_subset(str(tmp_path / "splits" / "train.subset.json"), store=str(root), files=files[1:3])
     assert store_files(subset)[0] == files[1:3]

@@ -142,12 +142,15 @@ def test_bad_options_of_the_sub_command_fail_before_submission(capsys, monkeypat
     assert shlex.quote("--no-such-option") in err
 
 
-@pytest.mark.parametrize("argument", [
-    "s3://AKIAEXAMPLE:wJalrXUtnFEMI@bucket/store",
-    "--data=s3://AKIAEXAMPLE:wJalrXUtnFEMI@bucket/store",
-    "gs://bucket/store?access_token=ya29.secret",
-    "https://blob.example/x?sv=2022&sig=abcdef",
-])
+@pytest.mark.parametrize(
+    "argument",
+    [
+        "s3://AKIAEXAMPLE:wJalrXUtnFEMI@bucket/store",
+        "--data=s3://AKIAEXAMPLE:wJalrXUtnFEMI@bucket/store",
+        "gs://bucket/store?access_token=ya29.secret",
+        "https://blob.example/x?sv=2022&sig=abcdef",
+    ],
+)
 def test_entrypoint_arguments_with_credentials_are_refused(argument, capsys, monkeypatch):
     monkeypatch.chdir(REPO)
     job = ["ingest", "--input", "s3://bucket/raw", "--output", "s3://bucket/store"]

@@ -22,30 +22,54 @@ STORE_MODALITIES = ("eeg", "eog", "ecg", "hr", "spo2")
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> Path:
-    return write_toy_store(tmp_path_factory.mktemp("sweep") / "store", sites=2, recordings_per_site=4,
-                           windows_per_recording=4, epochs_per_window=4, modalities=STORE_MODALITIES, seed=0,
-                           val_per_site=1, test_per_site=1)
+    return write_toy_store(
+        tmp_path_factory.mktemp("sweep") / "store",
+        sites=2,
+        recordings_per_site=4,
+        windows_per_recording=4,
+        epochs_per_window=4,
+        modalities=STORE_MODALITIES,
+        seed=0,
+        val_per_site=1,
+        test_per_site=1,
+    )
 
 
 def config(store, output, **overrides) -> SweepConfig:
-    values = {"data": str(store), "output": str(output), "widths": (16, 32), "modality_counts": (2, 3),
-              "steps": 2, "global_batch": 4, "bootstrap": 10, "seeds": 1, "subsets_per_count": 1,
-              "scoring_pairs": (("eeg", "ecg"),), "score_windows": 8, "probe_windows": 16, "validation_batch": 4}
+    values = {
+        "data": str(store),
+        "output": str(output),
+        "widths": (16, 32),
+        "modality_counts": (2, 3),
+        "steps": 2,
+        "global_batch": 4,
+        "bootstrap": 10,
+        "seeds": 1,
+        "subsets_per_count": 1,
+        "scoring_pairs": (("eeg", "ecg"),),
+        "score_windows": 8,
+        "probe_windows": 16,
+        "validation_batch": 4,
+    }
     values.update(overrides)
     return SweepConfig(**values)
 
 
 # -- validation before Tune starts -------------------------------------------------------------
 
-@pytest.mark.parametrize("overrides, message", [
-    ({"widths": (32, 0)}, "--widths: expected positive integers"),
-    ({"modality_counts": (1, 3)}, "--modality-counts: found 1"),
-    ({"depths": (1, 2, 3)}, "--depths: expected one depth per width \\(2\\), found 3"),
-    ({"global_batch": 5, "workers_per_trial": 2}, "not divisible"),
-    ({"seeds": 0}, "--seeds: expected an integer >= 1, found 0"),
-    ({"lr_multipliers": (1.0, -2.0)}, "--lr-multipliers: expected numbers > 0"),
-    ({"scoring_pairs": (("eeg", "eyes"),)}, "--scoring-pairs: unknown modality"),
-])
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"widths": (32, 0)}, "--widths: expected positive integers"),
+        ({"modality_counts": (1, 3)}, "--modality-counts: found 1"),
+        ({"depths": (1, 2, 3)}, "--depths: expected one depth per width \\(2\\), found 3"),
+        ({"global_batch": 5, "workers_per_trial": 2}, "not divisible"),
+        ({"seeds": 0}, "--seeds: expected an integer >= 1, found 0"),
+        ({"lr_multipliers": (1.0, -2.0)}, "--lr-multipliers: expected numbers > 0"),
+        ({"scoring_pairs": (("eeg", "eyes"),)}, "--scoring-pairs: unknown modality"),
+    ],
+)
 def test_invalid_options_name_the_option(tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message):
         config(tmp_path / "store", tmp_path / "out", **overrides)
@@ -72,13 +96,15 @@ def test_cli_rejects_bad_counts_pairs_and_stores_before_ray(store, tmp_path, cap
 
 
 def test_a_store_without_test_subjects_is_refused_naming_the_split(tmp_path):
-    bare = write_toy_store(tmp_path / "bare", sites=1, recordings_per_site=3, modalities=("eeg", "ecg"), seed=0,
-                           val_per_site=1)
+    bare = write_toy_store(
+        tmp_path / "bare", sites=1, recordings_per_site=3, modalities=("eeg", "ecg"), seed=0, val_per_site=1
+    )
     with pytest.raises(ValueError, match="has no 'test' subject"):
         check_store(config(bare, tmp_path / "out"))
 
 
 # -- the plan --------------------------------------------------------------------------------------
+
 
 def test_subsets_are_random_distinct_and_always_hold_the_scoring_pairs(store):
     available = store_modalities(store)
@@ -98,8 +124,15 @@ def test_subsets_are_random_distinct_and_always_hold_the_scoring_pairs(store):
 
 
 def test_plan_varies_width_and_depth_together_with_seeds_lr_and_phases(store, tmp_path):
-    cfg = config(store, tmp_path, widths=(16, 24, 32, 48, 64), modality_counts=(2, 3, 4, 5), seeds=3,
-                 subsets_per_count=2, width_per_block=16)
+    cfg = config(
+        store,
+        tmp_path,
+        widths=(16, 24, 32, 48, 64),
+        modality_counts=(2, 3, 4, 5),
+        seeds=3,
+        subsets_per_count=2,
+        width_per_block=16,
+    )
     trials, summary = plan_trials(cfg, available=STORE_MODALITIES)
     sizes = [(s["width"], s["depth"]) for s in summary["sizes"]]
     assert sizes == [(16, 1), (24, 2), (32, 2), (48, 3), (64, 4)]
@@ -115,8 +148,9 @@ def test_plan_varies_width_and_depth_together_with_seeds_lr_and_phases(store, tm
     held = {t["key"] for t in trials if t["phase"] == "held_out"}
     assert held == {t["key"] for t in trials if t["width"] == 64 or t["modality_count"] == 5}
     assert summary["held_out"] == {"n_params": n[-1], "modality_count": 5}
-    unregistered, _ = plan_trials(config(store, tmp_path, widths=(16, 24, 32, 48), preregister=False),
-                                  available=STORE_MODALITIES)
+    unregistered, _ = plan_trials(
+        config(store, tmp_path, widths=(16, 24, 32, 48), preregister=False), available=STORE_MODALITIES
+    )
     assert {t["phase"] for t in unregistered} == {"main"}
 
 
@@ -129,10 +163,12 @@ def test_plan_uses_the_objective_presets_architecture(store, tmp_path):
 
 # -- the real thing --------------------------------------------------------------------------------
 
+
 @pytest.mark.integration
 @pytest.mark.timeout(2400)
-def test_preregistered_sweep_writes_the_forecast_before_the_held_out_trials_start(store, tmp_path, ray_local,
-                                                                                 monkeypatch):
+def test_preregistered_sweep_writes_the_forecast_before_the_held_out_trials_start(
+    store, tmp_path, ray_local, monkeypatch
+):
     import mlflow
 
     from tune.sweep import sweep
@@ -141,8 +177,7 @@ def test_preregistered_sweep_writes_the_forecast_before_the_held_out_trials_star
     (tmp_path / "cwd").mkdir()
     monkeypatch.chdir(tmp_path / "cwd")  # MLflow artifacts go next to the sweep's store, not here
     output = tmp_path / "sweep"
-    cfg = config(store, output, widths=(8, 12, 16, 24), depths=(1, 1, 1, 2), modality_counts=(2, 3),
-                 max_concurrent=1)
+    cfg = config(store, output, widths=(8, 12, 16, 24), depths=(1, 1, 1, 2), modality_counts=(2, 3), max_concurrent=1)
     report = sweep(cfg)
 
     assert report["counts"] == {"trials": 8, "finished": 8, "failed": 0}, report["trials"]
@@ -170,8 +205,7 @@ def test_preregistered_sweep_writes_the_forecast_before_the_held_out_trials_star
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{output / 'mlflow.db'}")
     parent_id = json.loads((output / "sweep.json").read_text())["parent_run_id"]
     experiment_id = client.get_run(parent_id).info.experiment_id
-    children = [r for r in client.search_runs([experiment_id])
-                if r.data.tags.get("mlflow.parentRunId") == parent_id]
+    children = [r for r in client.search_runs([experiment_id]) if r.data.tags.get("mlflow.parentRunId") == parent_id]
     assert sorted(r.info.run_name for r in children) == sorted(t["key"] for t in report["trials"])
     assert all(r.info.status == "FINISHED" and "test_loss" in r.data.metrics for r in children)
     assert {a.path for a in client.list_artifacts(parent_id)} >= {"scaling.json", "scaling.png", "predictions.json"}
@@ -187,17 +221,46 @@ def test_cli_options_map_onto_the_config_and_trials_train_the_paper_objective_on
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)
-    cfg = config_from_args(parser.parse_args([
-        "--data", str(store), "--output", str(tmp_path / "out"), "--widths", "16,32", "--modality-counts", "2,3",
-        "--depths", "1,2", "--seeds", "2", "--scoring-pairs", "ecg-eeg", "--lr-multipliers", "0.5,2",
-        "--steps", "7", "--no-preregister"]))
+    cfg = config_from_args(
+        parser.parse_args(
+            [
+                "--data",
+                str(store),
+                "--output",
+                str(tmp_path / "out"),
+                "--widths",
+                "16,32",
+                "--modality-counts",
+                "2,3",
+                "--depths",
+                "1,2",
+                "--seeds",
+                "2",
+                "--scoring-pairs",
+                "ecg-eeg",
+                "--lr-multipliers",
+                "0.5,2",
+                "--steps",
+                "7",
+                "--no-preregister",
+            ]
+        )
+    )
     assert cfg.sizes == ((16, 1), (32, 2)) and cfg.seeds == 2 and cfg.scoring_pairs == (("eeg", "ecg"),)
     assert cfg.lr_multipliers == (0.5, 2.0) and not cfg.preregister and cfg.objective == "paper" and not cfg.ema
     trials, _ = plan_trials(cfg, available=STORE_MODALITIES)
     trial = next(t for t in trials if t["key"] == "w32-d2-m3-k0-s1")
-    settings = {"data": cfg.data, "model": cfg.model, "objective": cfg.objective, "ema": cfg.ema,
-                "workers": 1, "steps": cfg.steps, "global_batch": cfg.global_batch, "score_windows": 8,
-                "device": "cpu"}
+    settings = {
+        "data": cfg.data,
+        "model": cfg.model,
+        "objective": cfg.objective,
+        "ema": cfg.ema,
+        "workers": 1,
+        "steps": cfg.steps,
+        "global_batch": cfg.global_batch,
+        "score_windows": 8,
+        "device": "cpu",
+    }
     pretrain = trial_pretrain_config(trial, settings, lr=trial["lr"] * 2.0, run_dir=tmp_path / "run")
     assert pretrain.train_splits == ("train",) and pretrain.seed == 1 and pretrain.steps == 7
     assert pretrain.lr == pytest.approx(cfg.lr * 32 / 32 * 2.0) and not pretrain.ema

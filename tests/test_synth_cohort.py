@@ -23,8 +23,9 @@ HOURS = 0.25
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory):
     """One site of every archetype, two short nights each."""
-    return write_cohort(tmp_path_factory.mktemp("cohort"), sites=len(DEFAULT_CYCLE), recordings_per_site=2,
-                        hours=HOURS, seed=7)
+    return write_cohort(
+        tmp_path_factory.mktemp("cohort"), sites=len(DEFAULT_CYCLE), recordings_per_site=2, hours=HOURS, seed=7
+    )
 
 
 def _signal_files(site_dir: Path, config) -> list[Path]:
@@ -45,7 +46,7 @@ def test_layout_one_directory_per_site_named_after_its_archetype(cohort):
 def test_repeated_archetypes_get_numbered_site_names():
     keys = tuple(DEFAULT_CYCLE[i % len(DEFAULT_CYCLE)] for i in range(len(DEFAULT_CYCLE) + 2))
     names = site_names(keys)
-    assert names[len(DEFAULT_CYCLE):] == ("shhs_like_2", "mesa_like_2")
+    assert names[len(DEFAULT_CYCLE) :] == ("shhs_like_2", "mesa_like_2")
     assert len(set(names)) == len(names)
 
 
@@ -58,8 +59,11 @@ def test_every_site_config_loads_and_maps_every_channel(cohort):
         for path in files:
             with pyedflib.EdfReader(str(path)) as reader:
                 labels = reader.getSignalLabels()
-            unmapped = [label for label in labels
-                        if match_channel(label, config.channels) is None and label not in config.ignore_channels]
+            unmapped = [
+                label
+                for label in labels
+                if match_channel(label, config.channels) is None and label not in config.ignore_channels
+            ]
             assert unmapped == [], f"{path.name}: channels with no modality and not ignored"
             # Mapped channels land on the modality the archetype meant.
             spec = {c.label: c.modality for c in ARCHETYPES[site.archetype].channels}
@@ -120,12 +124,33 @@ def _epochs_of(path: Path, style: str) -> list[str]:
 
 def test_hypnograms_cover_the_night_in_the_site_wording(cohort):
     wording = {
-        "edf_rk": {"Sleep stage W", "Sleep stage 1", "Sleep stage 2", "Sleep stage 3", "Sleep stage 4",
-                   "Sleep stage R", "Sleep stage ?", "Movement time"},
-        "edf_aasm": {"Sleep stage W", "Sleep stage N1", "Sleep stage N2", "Sleep stage N3", "Sleep stage R",
-                     "Sleep stage ?"},
-        "nsrr_xml": {"Wake|0", "Stage 1 sleep|1", "Stage 2 sleep|2", "Stage 3 sleep|3", "Stage 4 sleep|4",
-                     "REM sleep|5", "Movement|6"},
+        "edf_rk": {
+            "Sleep stage W",
+            "Sleep stage 1",
+            "Sleep stage 2",
+            "Sleep stage 3",
+            "Sleep stage 4",
+            "Sleep stage R",
+            "Sleep stage ?",
+            "Movement time",
+        },
+        "edf_aasm": {
+            "Sleep stage W",
+            "Sleep stage N1",
+            "Sleep stage N2",
+            "Sleep stage N3",
+            "Sleep stage R",
+            "Sleep stage ?",
+        },
+        "nsrr_xml": {
+            "Wake|0",
+            "Stage 1 sleep|1",
+            "Stage 2 sleep|2",
+            "Stage 3 sleep|3",
+            "Stage 4 sleep|4",
+            "REM sleep|5",
+            "Movement|6",
+        },
         "csv": {"W", "N1", "N2", "N3", "REM", "?"},
     }
     for site in cohort.sites:
@@ -204,15 +229,29 @@ def test_same_seed_identical_bytes_and_different_seed_different_nights(tmp_path)
 
 def test_cli_writes_a_cohort_and_rejects_bad_options(tmp_path, capsys):
     out = tmp_path / "cli"
-    assert s2v(["synth", str(out), "--sites", "2", "--recordings-per-site", "1", "--hours", "0.02",
-                "--seed", "1"]) == 0
+    assert s2v(["synth", str(out), "--sites", "2", "--recordings-per-site", "1", "--hours", "0.02", "--seed", "1"]) == 0
     assert "2 sites, 2 recordings" in capsys.readouterr().out
     assert sorted(p.name for p in out.iterdir()) == ["mesa_like", "shhs_like"]
     assert s2v(["synth", str(out), "--sites", "0"]) == 2
     assert "sites must be >= 1" in capsys.readouterr().err
     assert s2v(["synth", str(out), "--archetypes", "nope"]) == 2
-    assert s2v(["synth", str(tmp_path / "one"), "--sites", "1", "--recordings-per-site", "1", "--hours", "0.02",
-                "--archetypes", "psg_512"]) == 0
+    assert (
+        s2v(
+            [
+                "synth",
+                str(tmp_path / "one"),
+                "--sites",
+                "1",
+                "--recordings-per-site",
+                "1",
+                "--hours",
+                "0.02",
+                "--archetypes",
+                "psg_512",
+            ]
+        )
+        == 0
+    )
     assert (tmp_path / "one" / "psg_512" / "SN001.edf").is_file()
 
 

@@ -26,8 +26,9 @@ _NSRR = {"0": W, "1": N1, "2": N2, "3": N3, "4": N3, "5": REM}
 @pytest.fixture(scope="module")
 def psg(tmp_path_factory):
     """Two 3-h SHHS-like nights (EEG/EMG 125 Hz, EOG 50 Hz, 60 Hz mains): W, N1-N3 and a first REM period."""
-    return write_cohort(tmp_path_factory.mktemp("psg"), sites=1, recordings_per_site=2, hours=3.0, seed=11,
-                        archetypes=("shhs_like",)).sites[0]
+    return write_cohort(
+        tmp_path_factory.mktemp("psg"), sites=1, recordings_per_site=2, hours=3.0, seed=11, archetypes=("shhs_like",)
+    ).sites[0]
 
 
 def _nsrr_stages(path) -> np.ndarray:
@@ -49,8 +50,7 @@ def _per_stage(psg, measure, picks=("EEG", "EMG", "EOG(L)")) -> dict[int, float]
     values: dict[int, list[float]] = {}
     for recording in psg.recordings:
         stages = _nsrr_stages(recording.hypnogram_path)
-        raw = mne.io.read_raw_edf(recording.signal_path, include=list(picks), preload=True,
-                                  verbose="error")
+        raw = mne.io.read_raw_edf(recording.signal_path, include=list(picks), preload=True, verbose="error")
         for stage, value in zip(stages, measure(raw, stages.size)):
             values.setdefault(int(stage), []).append(float(value))
     return {stage: float(np.median(v)) for stage, v in values.items()}
@@ -102,8 +102,9 @@ def test_rapid_eye_movements_are_conjugate_in_rem_while_eeg_leaks_in_phase(psg):
     def correlation(raw, count):
         rate = raw.info["sfreq"]
         sos = sps.butter(2, [0.3, 5.0], "bandpass", fs=rate, output="sos")
-        left, right = (_epochs(sps.sosfiltfilt(sos, raw.get_data(picks=[name])[0]), rate, count)
-                       for name in ("EOG(L)", "EOG(R)"))
+        left, right = (
+            _epochs(sps.sosfiltfilt(sos, raw.get_data(picks=[name])[0]), rate, count) for name in ("EOG(L)", "EOG(R)")
+        )
         left = left - left.mean(axis=1, keepdims=True)
         right = right - right.mean(axis=1, keepdims=True)
         return (left * right).sum(axis=1) / np.sqrt((left**2).sum(axis=1) * (right**2).sum(axis=1))
@@ -136,8 +137,11 @@ def test_heart_rate_and_site_mains_read_back_with_pyedflib(psg):
 
 
 def _events(path, concept: str) -> list[tuple[float, float]]:
-    return [(float(e.findtext("Start")), float(e.findtext("Duration")))
-            for e in ET.parse(path).getroot().iter("ScoredEvent") if e.findtext("EventConcept") == concept]
+    return [
+        (float(e.findtext("Start")), float(e.findtext("Duration")))
+        for e in ET.parse(path).getroot().iter("ScoredEvent")
+        if e.findtext("EventConcept") == concept
+    ]
 
 
 def test_obstructive_apnoea_stops_airflow_while_effort_goes_on_out_of_phase(psg):
@@ -147,8 +151,11 @@ def test_obstructive_apnoea_stops_airflow_while_effort_goes_on_out_of_phase(psg)
             labels = reader.getSignalLabels()
             flow, thorax, abdomen = (reader.readSignal(labels.index(n)) for n in ("NEW AIR", "THOR RES", "ABDO RES"))
             rate = reader.getSampleFrequency(labels.index("NEW AIR"))
-        others = [e for name in ("Obstructive apnea", "Central apnea", "Hypopnea")
-                  for e in _events(recording.hypnogram_path, f"{name}|{name}")]
+        others = [
+            e
+            for name in ("Obstructive apnea", "Central apnea", "Hypopnea")
+            for e in _events(recording.hypnogram_path, f"{name}|{name}")
+        ]
         for onset, duration in _events(recording.hypnogram_path, "Obstructive apnea|Obstructive apnea"):
             during = slice(int((onset + 3) * rate), int((onset + duration - 2) * rate))
             before = slice(int((onset - 40) * rate), int((onset - 10) * rate))
@@ -158,8 +165,11 @@ def test_obstructive_apnoea_stops_airflow_while_effort_goes_on_out_of_phase(psg)
             assert flow[during].std() < 0.3 * flow[before].std()
             assert thorax[during].std() > 0.5 * thorax[before].std()
             # Paradoxical breathing: thorax and abdomen move against each other.
-            assert np.corrcoef(thorax[during], abdomen[during])[0, 1] < 0 < np.corrcoef(
-                thorax[before], abdomen[before])[0, 1]
+            assert (
+                np.corrcoef(thorax[during], abdomen[during])[0, 1]
+                < 0
+                < np.corrcoef(thorax[before], abdomen[before])[0, 1]
+            )
             checked += 1
     assert checked >= 3
 
@@ -170,7 +180,7 @@ def _desaturations(spo2: np.ndarray, rate: float) -> int:
     valid = per_second > 50
     count, in_event = 0, False
     for i in range(120, per_second.size):
-        window = per_second[i - 120:i][valid[i - 120:i]]
+        window = per_second[i - 120 : i][valid[i - 120 : i]]
         if not valid[i] or window.size == 0:
             continue
         dropped = per_second[i] <= window.max() - 3
@@ -181,8 +191,7 @@ def _desaturations(spo2: np.ndarray, rate: float) -> int:
 
 
 def test_spo2_desaturation_count_rises_with_ahi(tmp_path):
-    site = write_cohort(tmp_path, sites=1, recordings_per_site=8, hours=1.0, seed=5,
-                        archetypes=("hst_like",)).sites[0]
+    site = write_cohort(tmp_path, sites=1, recordings_per_site=8, hours=1.0, seed=5, archetypes=("hst_like",)).sites[0]
     with site.metadata_path.open() as handle:
         ahi = [float(row["ahi_3pct"]) for row in csv.DictReader(handle)]
     counts = []

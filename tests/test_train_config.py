@@ -8,14 +8,29 @@ import json
 import pytest
 
 from pipelines import pretrain as pretrain_module
-from pipelines.train_config import (PretrainConfig, config_differences, config_from_dict, config_to_dict,
-                                    deepspeed_config, load_pretrain_config, use_bf16)
+from pipelines.train_config import (
+    PretrainConfig,
+    config_differences,
+    config_from_dict,
+    config_to_dict,
+    deepspeed_config,
+    load_pretrain_config,
+    use_bf16,
+)
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_deepspeed_config_carries_the_run_config(stage):
-    config = PretrainConfig(workers=2, global_batch=16, grad_accum=3, zero_stage=stage, grad_clip=0.5,
-                            steps=40, warmup_steps=5, min_lr_ratio=0.2)
+    config = PretrainConfig(
+        workers=2,
+        global_batch=16,
+        grad_accum=3,
+        zero_stage=stage,
+        grad_clip=0.5,
+        steps=40,
+        warmup_steps=5,
+        min_lr_ratio=0.2,
+    )
     ds = deepspeed_config(config, on_gpu=False)
     assert ds["zero_optimization"]["stage"] == stage
     assert ds["train_micro_batch_size_per_gpu"] == 8
@@ -57,19 +72,22 @@ def test_warmup_is_clamped_to_the_run_length():
     assert ds["scheduler"]["params"]["warmup_num_steps"] == 4
 
 
-@pytest.mark.parametrize("kwargs, option", [
-    ({"global_batch": 9, "workers": 2}, "--global-batch"),
-    ({"zero_stage": 4}, "--zero-stage"),
-    ({"steps": 0}, "--steps"),
-    ({"workers": 0}, "--workers"),
-    ({"lr": 0.0}, "--lr"),
-    ({"precision": "fp16"}, "--precision"),
-    ({"device": "tpu"}, "--device"),
-    ({"report_every": -1}, "report_every"),
-    ({"log_every": 0}, "--log-every"),
-    ({"nights_per_block": 0}, "--nights-per-block"),
-    ({"shuffle_buffer": -5}, "shuffle_buffer"),
-])
+@pytest.mark.parametrize(
+    "kwargs, option",
+    [
+        ({"global_batch": 9, "workers": 2}, "--global-batch"),
+        ({"zero_stage": 4}, "--zero-stage"),
+        ({"steps": 0}, "--steps"),
+        ({"workers": 0}, "--workers"),
+        ({"lr": 0.0}, "--lr"),
+        ({"precision": "fp16"}, "--precision"),
+        ({"device": "tpu"}, "--device"),
+        ({"report_every": -1}, "report_every"),
+        ({"log_every": 0}, "--log-every"),
+        ({"nights_per_block": 0}, "--nights-per-block"),
+        ({"shuffle_buffer": -5}, "shuffle_buffer"),
+    ],
+)
 def test_invalid_values_name_the_option(kwargs, option):
     with pytest.raises(ValueError, match=option):
         PretrainConfig(**kwargs)
@@ -85,7 +103,7 @@ def test_config_file_maps_strictly_and_flags_override(tmp_path):
     path.write_text('data = "S"\noutput = "R"\nsteps = 7\nmodalities = ["ecg", "eeg"]\nlr = 1e-3\n')
     config = load_pretrain_config(str(path), steps=9, lr=None)
     assert (config.steps, config.lr, config.modalities) == (9, 1e-3, ("ecg", "eeg"))
-    path.write_text('stpes = 7\n')
+    path.write_text("stpes = 7\n")
     with pytest.raises(ValueError, match="stpes"):
         load_pretrain_config(str(path))
     path.write_text('steps = "many"\n')
@@ -96,8 +114,25 @@ def test_config_file_maps_strictly_and_flags_override(tmp_path):
 def test_cli_flags_map_onto_the_config():
     parser = argparse.ArgumentParser()
     pretrain_module.add_arguments(parser)
-    args = parser.parse_args(["--data", "S", "--output", "R", "--workers", "2", "--global-batch", "8",
-                              "--modalities", "eeg,ecg", "--zero-stage", "1", "--no-dash", "--steps", "5"])
+    args = parser.parse_args(
+        [
+            "--data",
+            "S",
+            "--output",
+            "R",
+            "--workers",
+            "2",
+            "--global-batch",
+            "8",
+            "--modalities",
+            "eeg,ecg",
+            "--zero-stage",
+            "1",
+            "--no-dash",
+            "--steps",
+            "5",
+        ]
+    )
     config = pretrain_module.config_from_args(args)
     assert config.modalities == ("eeg", "ecg") and config.dash is False
     assert (config.zero_stage, config.steps, config.per_worker_batch) == (1, 5, 4)
@@ -108,8 +143,15 @@ def test_round_trip_and_differences_ignore_runtime_fields():
     config = PretrainConfig(data="a", output="b", modalities=("eeg",), fail_at_step=3)
     again = config_from_dict(json.loads(json.dumps(config_to_dict(config))))
     assert again == config
-    moved = PretrainConfig(data="elsewhere", output="b2", modalities=("eeg",), max_failures=3,
-                           log_every=10, report_every=5, progress_seconds=0)
+    moved = PretrainConfig(
+        data="elsewhere",
+        output="b2",
+        modalities=("eeg",),
+        max_failures=3,
+        log_every=10,
+        report_every=5,
+        progress_seconds=0,
+    )
     assert config_differences(config, moved) == {}
     changed = PretrainConfig(data="a", output="b", modalities=("eeg",), lr=1e-2)
     assert set(config_differences(config, changed)) == {"lr"}

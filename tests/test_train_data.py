@@ -11,8 +11,7 @@ import pytest
 from pipelines.checkpoints import DataPosition, checkpoint_dir_name, data_position, write_state
 from pipelines.pretrain import setup
 from pipelines.train_config import PretrainConfig, config_to_dict
-from pipelines.train_data import (MIN_STEPS_PER_PASS, pass_order, read_store_files, store_repeats,
-                                  training_columns)
+from pipelines.train_data import MIN_STEPS_PER_PASS, pass_order, read_store_files, store_repeats, training_columns
 from s2v_core.store import open_store
 from s2v_core.toystore import write_toy_store
 from tests.test_checkpoints import complete_checkpoint
@@ -22,8 +21,14 @@ MODALITIES = ("eeg", "ecg", "hr")
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    return write_toy_store(tmp_path_factory.mktemp("store"), sites=2, recordings_per_site=4,
-                           windows_per_recording=6, epochs_per_window=4, modalities=MODALITIES)
+    return write_toy_store(
+        tmp_path_factory.mktemp("store"),
+        sites=2,
+        recordings_per_site=4,
+        windows_per_recording=6,
+        epochs_per_window=4,
+        modalities=MODALITIES,
+    )
 
 
 def test_a_small_store_is_repeated_within_a_pass_but_never_beyond_the_run():
@@ -40,7 +45,7 @@ def test_a_small_store_is_repeated_within_a_pass_but_never_beyond_the_run():
 def test_each_copy_of_a_pass_is_a_seeded_permutation_of_the_files():
     files = [f"night{i}.parquet" for i in range(10)]
     order = pass_order(files, repeats=3, seed=7)
-    copies = [order[i * 10:(i + 1) * 10] for i in range(3)]
+    copies = [order[i * 10 : (i + 1) * 10] for i in range(3)]
     assert all(sorted(copy) == files for copy in copies)
     assert copies[0] != copies[1] != copies[2]
     assert pass_order(files, repeats=3, seed=7) == order
@@ -58,11 +63,18 @@ def test_a_read_task_mixes_the_windows_of_its_nights(store):
     assert sorted(nights) == sorted(plain.column("recording_id").to_pylist())
     # In file order a batch of 4 holds one night; mixed, the first batches hold several.
     assert len(set(plain.column("recording_id").to_pylist()[:4])) == 1
-    assert max(len(set(nights[i:i + 4])) for i in range(0, 24, 4)) >= 3
+    assert max(len(set(nights[i : i + 4])) for i in range(0, 24, 4)) >= 3
+
     # Rows move whole: each window keeps its own night, stages and signal.
     def rows(table):
-        return sorted(zip(table.column("recording_id").to_pylist(), map(str, table.column("stages").to_pylist()),
-                          map(str, table.column("eeg").to_pylist())))
+        return sorted(
+            zip(
+                table.column("recording_id").to_pylist(),
+                map(str, table.column("stages").to_pylist()),
+                map(str, table.column("eeg").to_pylist()),
+            )
+        )
+
     assert rows(mixed) == rows(plain)
 
 
@@ -72,14 +84,28 @@ def test_a_resumed_run_keeps_the_pass_layout_it_was_checkpointed_with(store, tmp
     assert first.store_repeats == store_repeats(48, windows_per_step=8, steps=20) == 5
     directory = Path(first.run_dir) / "checkpoints" / checkpoint_dir_name(4)
     complete_checkpoint(directory, first.config, step=4)  # a checkpoint with every rank's files
-    write_state(directory, config=config_to_dict(first.config), step=4, seed=0, metrics={"loss": 1.0},
-                position=DataPosition(epoch=0, batches_in_epoch=4, store_repeats=3), world_size=2)
+    write_state(
+        directory,
+        config=config_to_dict(first.config),
+        step=4,
+        seed=0,
+        metrics={"loss": 1.0},
+        position=DataPosition(epoch=0, batches_in_epoch=4, store_repeats=3),
+        world_size=2,
+    )
     assert setup(config, resume=True).store_repeats == 3
 
 
 def test_checkpoints_from_before_repeated_passes_read_as_one_copy(tmp_path):
     state = {"data_position": {"epoch": 2, "batches_in_epoch": 5}}
     assert data_position(state) == DataPosition(epoch=2, batches_in_epoch=5, store_repeats=1)
-    written = write_state(tmp_path, config={}, step=1, seed=0, metrics={}, world_size=1,
-                          position=DataPosition(epoch=1, batches_in_epoch=2, store_repeats=4))
+    written = write_state(
+        tmp_path,
+        config={},
+        step=1,
+        seed=0,
+        metrics={},
+        world_size=1,
+        position=DataPosition(epoch=1, batches_in_epoch=2, store_repeats=4),
+    )
     assert data_position(json.loads(written.read_text())).store_repeats == 4

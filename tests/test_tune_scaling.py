@@ -23,14 +23,31 @@ def trials(*, seeds=3, noise=0.005, seed=0):
             for subset in range(2):
                 for s in range(seeds):
                     noise_loss, noise_error = np.exp(rng.normal(0.0, noise, 2))
-                    out.append({
-                        "key": f"w{width}-d1-m{m}-k{subset}-s{s}", "status": "finished", "n_params": n,
-                        "modality_count": m, "subset": subset, "seed": s,
-                        "phase": "held_out" if n == max(N_PARAMS) or m == max(COUNTS) else "main",
-                        "test_loss": float(evaluate_law("additive", LOSS_LAW, n, m) * noise_loss),
-                        "downstream_error": float(evaluate_law("additive", ERROR_LAW, n, m) * noise_error)})
-    out.append({"key": "broken", "status": "failed", "n_params": 5e6, "modality_count": 2, "subset": 0, "seed": 0,
-                "phase": "main", "error": "RuntimeError: boom"})
+                    out.append(
+                        {
+                            "key": f"w{width}-d1-m{m}-k{subset}-s{s}",
+                            "status": "finished",
+                            "n_params": n,
+                            "modality_count": m,
+                            "subset": subset,
+                            "seed": s,
+                            "phase": "held_out" if n == max(N_PARAMS) or m == max(COUNTS) else "main",
+                            "test_loss": float(evaluate_law("additive", LOSS_LAW, n, m) * noise_loss),
+                            "downstream_error": float(evaluate_law("additive", ERROR_LAW, n, m) * noise_error),
+                        }
+                    )
+    out.append(
+        {
+            "key": "broken",
+            "status": "failed",
+            "n_params": 5e6,
+            "modality_count": 2,
+            "subset": 0,
+            "seed": 0,
+            "phase": "main",
+            "error": "RuntimeError: boom",
+        }
+    )
     return out
 
 
@@ -46,8 +63,10 @@ def test_report_fits_both_figures_and_says_both_laws_are_identified(tmp_path):
     assert set(loss["forms"]) >= {"additive", "multiplicative", "saturating", "n_only", "m_only"}
     assert all({"aic", "bic", "cv_rmse"} <= set(f) for f in loss["forms"].values())
     assert report["verdicts"]["N"].startswith("identified") and report["verdicts"]["M"].startswith("identified")
-    assert abs(report["downstream"]["forms"][report["downstream"]["selected"]]["params"]["alpha"]
-               - ERROR_LAW["alpha"]) < 0.06
+    assert (
+        abs(report["downstream"]["forms"][report["downstream"]["selected"]]["params"]["alpha"] - ERROR_LAW["alpha"])
+        < 0.06
+    )
     # The forecast was fitted on the main phase only and is scored against the held-out cells.
     n_forecast = report["extrapolation"]["forecasts"]["n"]
     assert n_forecast["scored"] == len(COUNTS)

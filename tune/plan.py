@@ -95,9 +95,13 @@ class SweepConfig:
             raise ValueError(
                 f"--output: expected a local directory or a path on storage every node mounts (Tune's state, "
                 f"the trial log and the MLflow store live there), found the URI {self.output}; "
-                "the store (--data) may be a URI")
-        for option, values in (("--widths", self.widths), ("--modality-counts", self.modality_counts),
-                               ("--depths", self.depths)):
+                "the store (--data) may be a URI"
+            )
+        for option, values in (
+            ("--widths", self.widths),
+            ("--modality-counts", self.modality_counts),
+            ("--depths", self.depths),
+        ):
             bad = [v for v in values if not isinstance(v, int) or isinstance(v, bool) or v < 1]
             if bad:
                 raise ValueError(f"{option}: expected positive integers, found {bad}")
@@ -106,24 +110,33 @@ class SweepConfig:
         if not self.widths or not self.modality_counts:
             raise ValueError("--widths and --modality-counts need at least one value each")
         if self.depths and len(self.depths) != len(self.widths):
-            raise ValueError(f"--depths: expected one depth per width ({len(self.widths)}), "
-                             f"found {len(self.depths)} in {list(self.depths)}")
+            raise ValueError(
+                f"--depths: expected one depth per width ({len(self.widths)}), "
+                f"found {len(self.depths)} in {list(self.depths)}"
+            )
         if min(self.modality_counts) < 2:
-            raise ValueError(f"--modality-counts: found {min(self.modality_counts)}; the contrastive objective "
-                             "aligns pairs of modalities, so a trial needs at least 2")
-        for option, value in (("--width-per-block", self.width_per_block),
-                              ("--subsets-per-count", self.subsets_per_count), ("--seeds", self.seeds),
-                              ("--steps", self.steps), ("--global-batch", self.global_batch),
-                              ("--lr-base-width", self.lr_base_width),
-                              ("--workers-per-trial", self.workers_per_trial),
-                              ("--score-windows", self.score_windows),
-                              ("--validation-batch", self.validation_batch),
-                              ("--probe-windows", self.probe_windows)):
+            raise ValueError(
+                f"--modality-counts: found {min(self.modality_counts)}; the contrastive objective "
+                "aligns pairs of modalities, so a trial needs at least 2"
+            )
+        for option, value in (
+            ("--width-per-block", self.width_per_block),
+            ("--subsets-per-count", self.subsets_per_count),
+            ("--seeds", self.seeds),
+            ("--steps", self.steps),
+            ("--global-batch", self.global_batch),
+            ("--lr-base-width", self.lr_base_width),
+            ("--workers-per-trial", self.workers_per_trial),
+            ("--score-windows", self.score_windows),
+            ("--validation-batch", self.validation_batch),
+            ("--probe-windows", self.probe_windows),
+        ):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{option}: expected an integer >= 1, found {value!r}")
         if self.global_batch % self.workers_per_trial:
-            raise ValueError(f"--global-batch {self.global_batch} is not divisible by "
-                             f"--workers-per-trial {self.workers_per_trial}")
+            raise ValueError(
+                f"--global-batch {self.global_batch} is not divisible by --workers-per-trial {self.workers_per_trial}"
+            )
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"--lr: expected a learning rate > 0, found {self.lr!r}")
         if not self.lr_multipliers or any(not (v > 0 and math.isfinite(v)) for v in self.lr_multipliers):
@@ -171,8 +184,9 @@ def scoring_pairs(available, *, chosen=(), seed: int = 0) -> tuple[tuple[str, st
     if chosen:
         missing = sorted({k for pair in chosen for k in pair} - set(available))
         if missing:
-            raise ValueError(f"--scoring-pairs: {', '.join(missing)} not in the store, which holds "
-                             f"{', '.join(available)}")
+            raise ValueError(
+                f"--scoring-pairs: {', '.join(missing)} not in the store, which holds {', '.join(available)}"
+            )
         return tuple(tuple(p) for p in chosen)
     if len(available) < 2:
         raise ValueError(f"--data: the store holds {len(available)} modality; a sweep needs at least 2")
@@ -194,17 +208,22 @@ def modality_subsets(available, counts, *, pairs, per_count: int, seed: int = 0)
     rest = [k for k in available if k not in base]
     too_small = [c for c in counts if c < len(base)]
     if too_small:
-        raise ValueError(f"--modality-counts: {too_small} are below the {len(base)} modalities of the scoring "
-                         f"pairs ({', '.join(sorted(base))}), which every subset holds")
+        raise ValueError(
+            f"--modality-counts: {too_small} are below the {len(base)} modalities of the scoring "
+            f"pairs ({', '.join(sorted(base))}), which every subset holds"
+        )
     too_many = [c for c in counts if c > len(available)]
     if too_many:
-        raise ValueError(f"--modality-counts: {too_many} exceed the {len(available)} modalities present "
-                         f"in the store ({', '.join(available)})")
+        raise ValueError(
+            f"--modality-counts: {too_many} exceed the {len(available)} modalities present "
+            f"in the store ({', '.join(available)})"
+        )
     out = {}
     for count in counts:
         combos = list(itertools.combinations(rest, count - len(base)))
-        chosen = np.random.default_rng([seed, 1, count]).choice(len(combos), size=min(per_count, len(combos)),
-                                                                replace=False)
+        chosen = np.random.default_rng([seed, 1, count]).choice(
+            len(combos), size=min(per_count, len(combos)), replace=False
+        )
         out[count] = [tuple(k for k in MODALITY_KEYS if k in base | set(combos[i])) for i in sorted(chosen)]
     return out
 
@@ -234,11 +253,16 @@ def plan_trials(cfg: SweepConfig, *, available) -> tuple[list[dict], dict]:
 
     for what, have in (("sizes", len(cfg.widths)), ("seeds", cfg.seeds), ("modality_counts", len(cfg.modality_counts))):
         if have < RECOMMENDED[what]:
-            logger.warning("%d %s (at least %d recommended): the fit and its intervals will be weak or absent",
-                           have, what.replace("_", " "), RECOMMENDED[what])
+            logger.warning(
+                "%d %s (at least %d recommended): the fit and its intervals will be weak or absent",
+                have,
+                what.replace("_", " "),
+                RECOMMENDED[what],
+            )
     pairs = scoring_pairs(available, chosen=cfg.scoring_pairs, seed=cfg.seed)
-    subsets = modality_subsets(available, cfg.modality_counts, pairs=pairs, per_count=cfg.subsets_per_count,
-                               seed=cfg.seed)
+    subsets = modality_subsets(
+        available, cfg.modality_counts, pairs=pairs, per_count=cfg.subsets_per_count, seed=cfg.seed
+    )
     overrides = load_objective(cfg.objective).model_overrides()
     axes = held_out_axes(cfg)
     widest, most = max(cfg.widths), max(cfg.modality_counts)
@@ -250,21 +274,35 @@ def plan_trials(cfg: SweepConfig, *, available) -> tuple[list[dict], dict]:
         torch.manual_seed(0)
         n_params[width] = count_parameters(SleepEncoder(config, tuple(pairs[0])), non_embedding=True)
     if len(set(n_params.values())) != len(n_params):
-        raise ValueError(f"--widths/--depths: two sizes have the same parameter count ({n_params}); "
-                         "each size must differ in N")
+        raise ValueError(
+            f"--widths/--depths: two sizes have the same parameter count ({n_params}); each size must differ in N"
+        )
     trials = []
     for (width, depth), count, seed in itertools.product(cfg.sizes, cfg.modality_counts, cfg.trial_seeds()):
         for index, subset in enumerate(subsets[count]):
             held = (axes["n"] and width == widest) or (axes["m"] and count == most)
-            trials.append({
-                "key": trial_key(width, depth, count, index, seed), "width": width, "depth": depth,
-                "modality_count": count, "subset": index, "modalities": list(subset), "seed": seed,
-                "n_params": n_params[width], "lr": cfg.learning_rate(width),
-                "scoring_pairs": [list(p) for p in pairs], "phase": "held_out" if held else "main",
-            })
-    summary = {"scoring_pairs": [list(p) for p in pairs],
-               "modality_subsets": {str(c): [list(s) for s in v] for c, v in subsets.items()},
-               "sizes": [{"width": w, "depth": d, "n_params": n_params[w]} for w, d in cfg.sizes],
-               "held_out": {"n_params": n_params[widest] if axes["n"] else None,
-                            "modality_count": most if axes["m"] else None}}
+            trials.append(
+                {
+                    "key": trial_key(width, depth, count, index, seed),
+                    "width": width,
+                    "depth": depth,
+                    "modality_count": count,
+                    "subset": index,
+                    "modalities": list(subset),
+                    "seed": seed,
+                    "n_params": n_params[width],
+                    "lr": cfg.learning_rate(width),
+                    "scoring_pairs": [list(p) for p in pairs],
+                    "phase": "held_out" if held else "main",
+                }
+            )
+    summary = {
+        "scoring_pairs": [list(p) for p in pairs],
+        "modality_subsets": {str(c): [list(s) for s in v] for c, v in subsets.items()},
+        "sizes": [{"width": w, "depth": d, "n_params": n_params[w]} for w, d in cfg.sizes],
+        "held_out": {
+            "n_params": n_params[widest] if axes["n"] else None,
+            "modality_count": most if axes["m"] else None,
+        },
+    }
     return trials, summary

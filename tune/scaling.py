@@ -36,8 +36,14 @@ LOSS_KEY = "test_loss"
 DOWNSTREAM_KEY = "downstream_error"
 
 
-def build_report(trials: list[dict], *, plan: dict | None = None, predictions: dict | None = None,
-                 bootstrap: int = 200, seed: int = 0) -> dict:
+def build_report(
+    trials: list[dict],
+    *,
+    plan: dict | None = None,
+    predictions: dict | None = None,
+    bootstrap: int = 200,
+    seed: int = 0,
+) -> dict:
     """Fit the scaling laws on the finished trials and score the pre-registered forecast.
 
     Parameters
@@ -60,24 +66,42 @@ def build_report(trials: list[dict], *, plan: dict | None = None, predictions: d
     """
     finished = [t for t in trials if t.get("status") == "finished" and _finite(t.get(LOSS_KEY))]
     report: dict = {
-        "trials": sorted(trials, key=lambda t: (t.get("n_params", 0), t.get("modality_count", 0),
-                                                t.get("subset", 0), t.get("seed", 0))),
-        "counts": {"trials": len(trials),
-                   "finished": sum(t.get("status") == "finished" for t in trials),
-                   "failed": sum(t.get("status") == "failed" for t in trials)},
+        "trials": sorted(
+            trials,
+            key=lambda t: (t.get("n_params", 0), t.get("modality_count", 0), t.get("subset", 0), t.get("seed", 0)),
+        ),
+        "counts": {
+            "trials": len(trials),
+            "finished": sum(t.get("status") == "finished" for t in trials),
+            "failed": sum(t.get("status") == "failed" for t in trials),
+        },
         "design": plan or {},
     }
     report["loss"] = _analysis(finished, LOSS_KEY, bootstrap=bootstrap, seed=seed)
-    report["downstream"] = _analysis([t for t in finished if _finite(t.get(DOWNSTREAM_KEY))
-                                      and t[DOWNSTREAM_KEY] > 0], DOWNSTREAM_KEY, bootstrap=bootstrap, seed=seed)
+    report["downstream"] = _analysis(
+        [t for t in finished if _finite(t.get(DOWNSTREAM_KEY)) and t[DOWNSTREAM_KEY] > 0],
+        DOWNSTREAM_KEY,
+        bootstrap=bootstrap,
+        seed=seed,
+    )
     report["verdicts"] = {law: value["verdict"] for law, value in report["loss"].get("verdicts", {}).items()} or {
         "N": "not identified: " + report["loss"].get("error", "no fit"),
-        "M": "not identified: " + report["loss"].get("error", "no fit")}
+        "M": "not identified: " + report["loss"].get("error", "no fit"),
+    }
     report["extrapolation"] = _extrapolation(finished, predictions)
     report["extrapolation_summary"] = {
-        axis: {k: v.get(k) for k in ("relative_error", "relative_error_where_no_scaling", "no_scaling_relative_error",
-                                     "beats_no_scaling", "error")}
-        for axis, v in report["extrapolation"].get("forecasts", {}).items()}
+        axis: {
+            k: v.get(k)
+            for k in (
+                "relative_error",
+                "relative_error_where_no_scaling",
+                "no_scaling_relative_error",
+                "beats_no_scaling",
+                "error",
+            )
+        }
+        for axis, v in report["extrapolation"].get("forecasts", {}).items()
+    }
     return report
 
 
@@ -86,10 +110,13 @@ def _analysis(points: list[dict], key: str, *, bootstrap: int, seed: int) -> dic
         return {"metric": key, "error": "no finished trial"}
     try:
         analysis = fit_scaling_laws(
-            [p[key] for p in points], n_params=[p["n_params"] for p in points],
+            [p[key] for p in points],
+            n_params=[p["n_params"] for p in points],
             modality_counts=[p["modality_count"] for p in points],
             groups=np.column_stack([[p.get("seed", 0) for p in points], [p.get("subset", 0) for p in points]]),
-            bootstrap=bootstrap, seed=seed)
+            bootstrap=bootstrap,
+            seed=seed,
+        )
     except ValueError as error:
         return {"metric": key, "trials": len(points), "error": str(error)}
     return {"metric": key, "trials": len(points), **analysis.to_dict()}
@@ -103,8 +130,11 @@ def _extrapolation(finished: list[dict], predictions: dict | None) -> dict:
         if t.get("phase") == "held_out":
             observed.setdefault((float(t["n_params"]), float(t["modality_count"])), []).append(t[LOSS_KEY])
     means = {cell: float(np.mean(values)) for cell, values in observed.items()}
-    out = {"written_at": predictions.get("written_at"), "written_at_iso": predictions.get("written_at_iso"),
-           "forecasts": {}}
+    out = {
+        "written_at": predictions.get("written_at"),
+        "written_at_iso": predictions.get("written_at_iso"),
+        "forecasts": {},
+    }
     for axis, forecast in predictions.get("forecasts", {}).items():
         if "error" in forecast:
             out["forecasts"][axis] = {"error": forecast["error"]}
@@ -114,6 +144,7 @@ def _extrapolation(finished: list[dict], predictions: dict | None) -> dict:
 
 
 # -- plots ---------------------------------------------------------------------------------------------
+
 
 def plot_report(report: dict, path: str | Path) -> Path:
     """Draw ``scaling.png`` (six panels, see the module docstring) and return its path."""
@@ -135,8 +166,9 @@ def plot_report(report: dict, path: str | Path) -> Path:
     by_n, by_m, surface, residual, extrap = axes[0, 0], axes[0, 1], axes[0, 2], axes[1, 0], axes[1, 1]
     for i, m in enumerate(ms):
         sel = [t for t in points if t["modality_count"] == m]
-        by_n.plot([t["n_params"] for t in sel], [t[LOSS_KEY] for t in sel], "o", color=f"C{i % 10}", alpha=0.6,
-                  label=f"M={m}")
+        by_n.plot(
+            [t["n_params"] for t in sel], [t[LOSS_KEY] for t in sel], "o", color=f"C{i % 10}", alpha=0.6, label=f"M={m}"
+        )
         if params and ns:
             grid = np.geomspace(min(ns), max(ns), 60)
             by_n.plot(grid, law(grid, np.full_like(grid, m)), "-", color=f"C{i % 10}")
@@ -146,8 +178,14 @@ def plot_report(report: dict, path: str | Path) -> Path:
     by_n.set_title(f"loss vs N per M ({form or 'no fit'})")
     for i, n in enumerate(ns):
         sel = [t for t in points if t["n_params"] == n]
-        by_m.plot([t["modality_count"] for t in sel], [t[LOSS_KEY] for t in sel], "o", color=f"C{i % 10}",
-                  alpha=0.6, label=f"N={n:.3g}")
+        by_m.plot(
+            [t["modality_count"] for t in sel],
+            [t[LOSS_KEY] for t in sel],
+            "o",
+            color=f"C{i % 10}",
+            alpha=0.6,
+            label=f"N={n:.3g}",
+        )
         if params and ms:
             grid = np.linspace(min(ms), max(ms), 60)
             by_m.plot(grid, law(np.full_like(grid, n), grid), "-", color=f"C{i % 10}")
@@ -181,8 +219,13 @@ def plot_report(report: dict, path: str | Path) -> Path:
         obs = [r["observed"] for r in rows]
         pred = [r["predicted"] for r in rows]
         err = np.array([[r["predicted"] - r["interval"][0], r["interval"][1] - r["predicted"]] for r in rows]).T
-        extrap.errorbar(obs, pred, yerr=np.nan_to_num(np.abs(err)), fmt=markers.get(axis, "o"),
-                        label=f"law, held-out largest {axis.upper()}")
+        extrap.errorbar(
+            obs,
+            pred,
+            yerr=np.nan_to_num(np.abs(err)),
+            fmt=markers.get(axis, "o"),
+            label=f"law, held-out largest {axis.upper()}",
+        )
         naive = [(r["observed"], r["no_scaling"]) for r in rows if r.get("no_scaling") is not None]
         if naive:
             extrap.plot(*zip(*naive), "x", label=f"no scaling, {axis.upper()}")
@@ -196,16 +239,30 @@ def plot_report(report: dict, path: str | Path) -> Path:
     extrap.set_title("pre-registered extrapolation")
     words = axes[1, 2]
     words.axis("off")
-    words.text(0.0, 1.0, "\n\n".join(f"{law_name}: {text}" for law_name, text in report.get("verdicts", {}).items()),
-               va="top", wrap=True, fontsize=9)
+    words.text(
+        0.0,
+        1.0,
+        "\n\n".join(f"{law_name}: {text}" for law_name, text in report.get("verdicts", {}).items()),
+        va="top",
+        wrap=True,
+        fontsize=9,
+    )
     path = Path(path)
     figure.savefig(path, dpi=110)
     return path
 
 
-def write_report(sweep_dir: str | Path, trials: list[dict], *, plan: dict | None = None,
-                 predictions: dict | None = None, bootstrap: int = 200, seed: int = 0,
-                 mlflow_run_id: str | None = None, tracking_uri: str | None = None) -> dict:
+def write_report(
+    sweep_dir: str | Path,
+    trials: list[dict],
+    *,
+    plan: dict | None = None,
+    predictions: dict | None = None,
+    bootstrap: int = 200,
+    seed: int = 0,
+    mlflow_run_id: str | None = None,
+    tracking_uri: str | None = None,
+) -> dict:
     """Write ``scaling.json`` and ``scaling.png`` under ``sweep_dir``; log both to MLflow.
 
     When ``mlflow_run_id`` (the sweep's parent run) is given, the two files
@@ -236,8 +293,7 @@ def write_report(sweep_dir: str | Path, trials: list[dict], *, plan: dict | None
 
 def headline_metrics(report: dict) -> dict[str, float]:
     """The few numbers worth a metric on the parent run (finite ones only)."""
-    out = {"trials_finished": float(report["counts"]["finished"]),
-           "trials_failed": float(report["counts"]["failed"])}
+    out = {"trials_finished": float(report["counts"]["finished"]), "trials_failed": float(report["counts"]["failed"])}
     for prefix, analysis in (("loss", report.get("loss", {})), ("downstream", report.get("downstream", {}))):
         selected = analysis.get("forms", {}).get(analysis.get("selected"), {})
         for name in ("alpha", "beta", "E"):

@@ -84,15 +84,19 @@ def check_store(cfg: SweepConfig) -> tuple[tuple[str, ...], int]:
     for split in ("train", "val", "test"):
         files, _ = split_files(cfg.data, [split])  # MissingSplitsError names `s2v split`
         if not files:
-            raise ValueError(f"--data: the store {cfg.data} has no {split!r} subject in its splits.json; a sweep "
-                             "trains on train, chooses on val and reports on test (s2v split --data STORE)")
+            raise ValueError(
+                f"--data: the store {cfg.data} has no {split!r} subject in its splits.json; a sweep "
+                "trains on train, chooses on val and reports on test (s2v split --data STORE)"
+            )
     return store_modalities(cfg.data), schema_info(open_store(cfg.data).schema)[1]
 
 
 # -- the pre-registered forecast -----------------------------------------------------------------------
 
-def write_predictions(output: Path, records: list[dict], trials: list[dict], *, axes: dict[str, bool],
-                      bootstrap: int, seed: int) -> dict:
+
+def write_predictions(
+    output: Path, records: list[dict], trials: list[dict], *, axes: dict[str, bool], bootstrap: int, seed: int
+) -> dict:
     """Fit on the finished ``main`` trials and write the forecast of every ``held_out`` cell.
 
     One forecast per held-out axis: ``n`` (the largest N at every count) and
@@ -109,23 +113,38 @@ def write_predictions(output: Path, records: list[dict], trials: list[dict], *, 
     m_max = max((t["modality_count"] for t in held), default=None)
     forecasts = {}
     for axis, enabled in axes.items():
-        cells = sorted({(t["n_params"], t["modality_count"]) for t in held
-                        if (t["n_params"] == n_max if axis == "n" else t["modality_count"] == m_max)})
+        cells = sorted(
+            {
+                (t["n_params"], t["modality_count"])
+                for t in held
+                if (t["n_params"] == n_max if axis == "n" else t["modality_count"] == m_max)
+            }
+        )
         if not enabled or not cells:
             continue
         try:
             forecasts[axis] = held_out_forecast(
-                [p[LOSS_KEY] for p in points], n_params=[p["n_params"] for p in points],
+                [p[LOSS_KEY] for p in points],
+                n_params=[p["n_params"] for p in points],
                 modality_counts=[p["modality_count"] for p in points],
-                targets_n=[c[0] for c in cells], targets_m=[c[1] for c in cells], axis=axis,
+                targets_n=[c[0] for c in cells],
+                targets_m=[c[1] for c in cells],
+                axis=axis,
                 groups=np.column_stack([[p["seed"] for p in points], [p["subset"] for p in points]]),
-                bootstrap=bootstrap, seed=seed)
+                bootstrap=bootstrap,
+                seed=seed,
+            )
         except ValueError as error:
             forecasts[axis] = {"axis": axis, "error": str(error)}
     now = time.time()
-    content = {"written_at": now, "written_at_iso": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)),
-               "metric": LOSS_KEY, "fitted_on": sorted(p["key"] for p in points),
-               "held_out": sorted(t["key"] for t in held), "forecasts": forecasts}
+    content = {
+        "written_at": now,
+        "written_at_iso": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)),
+        "metric": LOSS_KEY,
+        "fitted_on": sorted(p["key"] for p in points),
+        "held_out": sorted(t["key"] for t in held),
+        "forecasts": forecasts,
+    }
     path = output / PREDICTIONS_FILE
     temporary = path.with_suffix(".tmp")
     temporary.write_text(json.dumps(content, indent=2, default=_json_default) + "\n")
@@ -136,8 +155,8 @@ def write_predictions(output: Path, records: list[dict], trials: list[dict], *, 
 
 # -- run ---------------------------------------------------------------------------------------------
 
-def sweep(cfg: SweepConfig, *, resume: bool = False, address: str | None = None,
-          num_cpus: int | None = None) -> dict:
+
+def sweep(cfg: SweepConfig, *, resume: bool = False, address: str | None = None, num_cpus: int | None = None) -> dict:
     """Run (or resume) the sweep described by ``cfg`` and return the scaling report.
 
     Parameters
@@ -168,15 +187,18 @@ def sweep(cfg: SweepConfig, *, resume: bool = False, address: str | None = None,
     if resume and not state_path.is_file():
         raise FileNotFoundError(f"--resume: {state_path} does not exist; no sweep was started in {output}")
     if not resume and any((output / tune_name(p)).exists() for p in PHASES):
-        raise ValueError(f"--output: {output} already holds a sweep; pass --resume to continue it "
-                         "or choose another directory")
+        raise ValueError(
+            f"--output: {output} already holds a sweep; pass --resume to continue it or choose another directory"
+        )
     available, epochs_per_window = check_store(cfg)
     trials, summary = plan_trials(cfg, available=available)
     summary["tokens_per_trial"] = cfg.steps * cfg.global_batch * epochs_per_window * 2
-    summary["compute"] = (f"{cfg.steps} steps x {cfg.global_batch} windows x {epochs_per_window} epochs x 2 "
-                          f"modalities (one pair per step) = {summary['tokens_per_trial']} epoch tokens per "
-                          f"trial and learning rate; lr = {cfg.lr:g} x {cfg.lr_base_width} / width (muP-style) x "
-                          f"each of {list(cfg.lr_multipliers)}, best on val")
+    summary["compute"] = (
+        f"{cfg.steps} steps x {cfg.global_batch} windows x {epochs_per_window} epochs x 2 "
+        f"modalities (one pair per step) = {summary['tokens_per_trial']} epoch tokens per "
+        f"trial and learning rate; lr = {cfg.lr:g} x {cfg.lr_base_width} / width (muP-style) x "
+        f"each of {list(cfg.lr_multipliers)}, best on val"
+    )
     output.mkdir(parents=True, exist_ok=True)
     tracking_uri = mlflow_tracking_uri(output)
     client = mlflow.MlflowClient(tracking_uri=tracking_uri)
@@ -189,7 +211,8 @@ def sweep(cfg: SweepConfig, *, resume: bool = False, address: str | None = None,
             raise ValueError(
                 f"--resume: options differ from the sweep in {output}: "
                 + "; ".join(f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in changed)
-                + " (resume with the original options, or start a new --output)")
+                + " (resume with the original options, or start a new --output)"
+            )
         parent_id = state["parent_run_id"]
         client.update_run(parent_id, status="RUNNING")
     else:
@@ -201,13 +224,23 @@ def sweep(cfg: SweepConfig, *, resume: bool = False, address: str | None = None,
         state = {"config": asdict(cfg), "parent_run_id": parent_id, "plan": summary}
         state_path.write_text(json.dumps(state, indent=2) + "\n")
 
-    settings = {"output": str(output), "data": cfg.data, "model": cfg.model, "objective": cfg.objective,
-                "ema": cfg.ema,
-                "steps": cfg.steps, "global_batch": cfg.global_batch, "workers": cfg.workers_per_trial,
-                "device": cfg.device, "lr_multipliers": list(cfg.lr_multipliers),
-                "score_windows": cfg.score_windows, "probe_windows": cfg.probe_windows,
-                "validation_batch": cfg.validation_batch, "score_seed": cfg.seed,
-                "mlflow": {"tracking_uri": tracking_uri, "parent_run_id": parent_id, "experiment": EXPERIMENT}}
+    settings = {
+        "output": str(output),
+        "data": cfg.data,
+        "model": cfg.model,
+        "objective": cfg.objective,
+        "ema": cfg.ema,
+        "steps": cfg.steps,
+        "global_batch": cfg.global_batch,
+        "workers": cfg.workers_per_trial,
+        "device": cfg.device,
+        "lr_multipliers": list(cfg.lr_multipliers),
+        "score_windows": cfg.score_windows,
+        "probe_windows": cfg.probe_windows,
+        "validation_batch": cfg.validation_batch,
+        "score_seed": cfg.seed,
+        "mlflow": {"tracking_uri": tracking_uri, "parent_run_id": parent_id, "experiment": EXPERIMENT},
+    }
     init_ray(address, num_cpus=num_cpus)
     records: list[dict] = []
     predictions = None
@@ -219,34 +252,58 @@ def sweep(cfg: SweepConfig, *, resume: bool = False, address: str | None = None,
         if phase == "held_out":
             path = output / PREDICTIONS_FILE
             # A forecast is written once: a resumed sweep keeps the one made before the held-out runs.
-            predictions = (json.loads(path.read_text()) if path.is_file()
-                           else write_predictions(output, records, trials, axes=held_out_axes(cfg),
-                                             bootstrap=cfg.bootstrap, seed=cfg.seed))
-        phase_records = run_phase(cfg, phase, planned, settings, resume=resume, tracking_uri=tracking_uri,
-                                  parent_id=parent_id)
+            predictions = (
+                json.loads(path.read_text())
+                if path.is_file()
+                else write_predictions(
+                    output, records, trials, axes=held_out_axes(cfg), bootstrap=cfg.bootstrap, seed=cfg.seed
+                )
+            )
+        phase_records = run_phase(
+            cfg, phase, planned, settings, resume=resume, tracking_uri=tracking_uri, parent_id=parent_id
+        )
         records += phase_records
         if any(r["status"] == "unfinished" for r in phase_records):
             interrupted = True
             break  # held-out trials never start before the main phase has finished and the forecast exists
     ran = {r["key"] for r in records}
     records += [{**t, "status": "unfinished"} for t in trials if t["key"] not in ran]
-    report = write_report(output, records, plan=summary, predictions=predictions, bootstrap=cfg.bootstrap,
-                          seed=cfg.seed, mlflow_run_id=parent_id, tracking_uri=tracking_uri)
+    report = write_report(
+        output,
+        records,
+        plan=summary,
+        predictions=predictions,
+        bootstrap=cfg.bootstrap,
+        seed=cfg.seed,
+        mlflow_run_id=parent_id,
+        tracking_uri=tracking_uri,
+    )
     # Trials Tune stopped mid-way (interrupt) leave their child run open; a
     # resumed trial gets a new one, so close these as KILLED.
     experiment_id = client.get_run(parent_id).info.experiment_id
-    for child in client.search_runs([experiment_id], filter_string=(
-            f"tags.mlflow.parentRunId = '{parent_id}' and attributes.status = 'RUNNING'")):
+    for child in client.search_runs(
+        [experiment_id], filter_string=(f"tags.mlflow.parentRunId = '{parent_id}' and attributes.status = 'RUNNING'")
+    ):
         client.set_terminated(child.info.run_id, status="KILLED")
     client.set_terminated(parent_id, status="KILLED" if interrupted else "FINISHED")
     if interrupted:
-        logger.warning("sweep interrupted with %d unfinished trial(s); continue with --resume",
-                       sum(r["status"] == "unfinished" for r in records))
+        logger.warning(
+            "sweep interrupted with %d unfinished trial(s); continue with --resume",
+            sum(r["status"] == "unfinished" for r in records),
+        )
     return {**report, "interrupted": interrupted}
 
 
-def run_phase(cfg: SweepConfig, phase: str, planned: list[dict], settings: dict, *, resume: bool,
-              tracking_uri: str, parent_id: str) -> list[dict]:
+def run_phase(
+    cfg: SweepConfig,
+    phase: str,
+    planned: list[dict],
+    settings: dict,
+    *,
+    resume: bool,
+    tracking_uri: str,
+    parent_id: str,
+) -> list[dict]:
     """Run (or restore and finish) the Tune experiment of one phase; one record per planned trial."""
     from ray import tune
 
@@ -261,15 +318,28 @@ def run_phase(cfg: SweepConfig, phase: str, planned: list[dict], settings: dict,
         # The run config (callbacks, failure config) comes back from Tune's saved state.
         tuner = tune.Tuner.restore(str(experiment_path), trainable, resume_errored=True)
     else:
-        callbacks = [SweepMLflowCallback(tracking_uri=tracking_uri, experiment_name=EXPERIMENT,
-                                         tags={"mlflow.parentRunId": parent_id, "s2v.kind": "sweep-trial",
-                                               "s2v.phase": phase})]
-        run_config = tune.RunConfig(name=tune_name(phase), storage_path=str(output), callbacks=callbacks,
-                                    failure_config=tune.FailureConfig(max_failures=cfg.max_failures), verbose=1)
+        callbacks = [
+            SweepMLflowCallback(
+                tracking_uri=tracking_uri,
+                experiment_name=EXPERIMENT,
+                tags={"mlflow.parentRunId": parent_id, "s2v.kind": "sweep-trial", "s2v.phase": phase},
+            )
+        ]
+        run_config = tune.RunConfig(
+            name=tune_name(phase),
+            storage_path=str(output),
+            callbacks=callbacks,
+            failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
+            verbose=1,
+        )
         tuner = tune.Tuner(
-            trainable, param_space=_param_space(planned, settings), run_config=run_config,
-            tune_config=tune.TuneConfig(max_concurrent_trials=cfg.max_concurrent or default_concurrency(cfg),
-                                        trial_dirname_creator=lambda t: t.config["trial"]["key"]),
+            trainable,
+            param_space=_param_space(planned, settings),
+            run_config=run_config,
+            tune_config=tune.TuneConfig(
+                max_concurrent_trials=cfg.max_concurrent or default_concurrency(cfg),
+                trial_dirname_creator=lambda t: t.config["trial"]["key"],
+            ),
         )
     return collect_records(tuner.fit(), planned)
 
@@ -287,13 +357,16 @@ def default_concurrency(cfg: SweepConfig) -> int:
     total, gpus = resources.get("CPU", 1.0), resources.get("GPU", 0.0)
     on_gpu = cfg.device == "gpu" or (cfg.device == "auto" and gpus >= cfg.workers_per_trial)
     if cfg.device == "gpu" and gpus < cfg.workers_per_trial:
-        raise ValueError(f"--device gpu: a trial's {cfg.workers_per_trial} workers need as many GPUs; "
-                         f"the cluster has {gpus:g}")
+        raise ValueError(
+            f"--device gpu: a trial's {cfg.workers_per_trial} workers need as many GPUs; the cluster has {gpus:g}"
+        )
     # GPU workers hold 1 CPU each too (s2v pretrain's resources_per_worker).
     per_trial = cfg.cpus_per_trial + cfg.workers_per_trial
     if per_trial > total:
-        raise ValueError(f"--workers-per-trial {cfg.workers_per_trial} (1 CPU each) plus --cpus-per-trial "
-                         f"{cfg.cpus_per_trial:g} needs {per_trial:g} CPUs; the cluster has {total:g}")
+        raise ValueError(
+            f"--workers-per-trial {cfg.workers_per_trial} (1 CPU each) plus --cpus-per-trial "
+            f"{cfg.cpus_per_trial:g} needs {per_trial:g} CPUs; the cluster has {total:g}"
+        )
     fit = int(total // per_trial)
     if on_gpu:
         fit = min(fit, int(gpus // cfg.workers_per_trial))
@@ -327,8 +400,19 @@ def collect_records(grid, trials: list[dict]) -> list[dict]:
             record["status"] = "finished"
         else:
             record["status"] = "unfinished"
-        for key in ("val_loss", "test_loss", "staging_macro_f1", "downstream_error", "lr_chosen", "train_loss",
-                    "train_seconds", "steps", "val_windows", "test_windows", "trial_id"):
+        for key in (
+            "val_loss",
+            "test_loss",
+            "staging_macro_f1",
+            "downstream_error",
+            "lr_chosen",
+            "train_loss",
+            "train_seconds",
+            "steps",
+            "val_windows",
+            "test_windows",
+            "trial_id",
+        ):
             if key in metrics:
                 record[key] = metrics[key]
         records.append(record)
@@ -341,13 +425,16 @@ def _flat_params(cfg: SweepConfig) -> dict[str, str]:
 
 # -- CLI -------------------------------------------------------------------------------------------
 
+
 def _numbers(option: str, kind):
     def parse(text: str) -> tuple:
         try:
             return tuple(kind(v) for v in text.split(",") if v.strip())
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{option}: expected comma-separated {kind.__name__}s, "
-                                             f"found {text!r}") from None
+            raise argparse.ArgumentTypeError(
+                f"{option}: expected comma-separated {kind.__name__}s, found {text!r}"
+            ) from None
+
     return parse
 
 
@@ -361,47 +448,99 @@ def _pairs(text: str) -> tuple[tuple[str, str], ...]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = SweepConfig(data="", output="", widths=(1,), modality_counts=(2,))
     parser.add_argument("--data", required=True, help="the store with its splits.json (a path or a URI)")
-    parser.add_argument("--output", required=True,
-                        help="SWEEP_DIR for Tune state, predictions.json, scaling.json/png: a local or shared path")
-    parser.add_argument("--widths", required=True, type=_numbers("--widths", int),
-                        help="encoder widths, e.g. 16,24,32,48,64 (>= 5 sizes for a law)")
-    parser.add_argument("--modality-counts", required=True, type=_numbers("--modality-counts", int),
-                        help="numbers of pretraining modalities, e.g. 2,3,5,9")
-    parser.add_argument("--depths", type=_numbers("--depths", int), default=(),
-                        help="one depth per width (default: round(width / --width-per-block))")
-    parser.add_argument("--width-per-block", type=int, default=defaults.width_per_block,
-                        help="shape kept across sizes when depths are derived")
-    parser.add_argument("--subsets-per-count", type=int, default=defaults.subsets_per_count,
-                        help="random modality subsets per count")
-    parser.add_argument("--scoring-pairs", type=_pairs, default=(),
-                        help="pairs every trial is scored on and every subset holds, e.g. eeg-ecg "
-                             "(default: one seeded pair)")
+    parser.add_argument(
+        "--output",
+        required=True,
+        help="SWEEP_DIR for Tune state, predictions.json, scaling.json/png: a local or shared path",
+    )
+    parser.add_argument(
+        "--widths",
+        required=True,
+        type=_numbers("--widths", int),
+        help="encoder widths, e.g. 16,24,32,48,64 (>= 5 sizes for a law)",
+    )
+    parser.add_argument(
+        "--modality-counts",
+        required=True,
+        type=_numbers("--modality-counts", int),
+        help="numbers of pretraining modalities, e.g. 2,3,5,9",
+    )
+    parser.add_argument(
+        "--depths",
+        type=_numbers("--depths", int),
+        default=(),
+        help="one depth per width (default: round(width / --width-per-block))",
+    )
+    parser.add_argument(
+        "--width-per-block",
+        type=int,
+        default=defaults.width_per_block,
+        help="shape kept across sizes when depths are derived",
+    )
+    parser.add_argument(
+        "--subsets-per-count", type=int, default=defaults.subsets_per_count, help="random modality subsets per count"
+    )
+    parser.add_argument(
+        "--scoring-pairs",
+        type=_pairs,
+        default=(),
+        help="pairs every trial is scored on and every subset holds, e.g. eeg-ecg (default: one seeded pair)",
+    )
     parser.add_argument("--seeds", type=int, default=defaults.seeds, help="seeds per point")
     parser.add_argument("--objective", default=defaults.objective, help="objective preset (paper: random pair)")
-    parser.add_argument("--ema", action="store_true",
-                        help="keep the preset's EMA weights (off: short trials would save a lagging average)")
+    parser.add_argument(
+        "--ema",
+        action="store_true",
+        help="keep the preset's EMA weights (off: short trials would save a lagging average)",
+    )
     parser.add_argument("--model", default=defaults.model, help="named model size the widths override")
     parser.add_argument("--steps", type=int, default=defaults.steps, help="optimiser steps per trial (fixed compute)")
     parser.add_argument("--global-batch", type=int, default=defaults.global_batch, help="windows per step")
     parser.add_argument("--lr", type=float, default=defaults.lr, help="peak learning rate at --lr-base-width")
-    parser.add_argument("--lr-base-width", type=int, default=defaults.lr_base_width,
-                        help="width at which --lr applies (lr scales as base / width)")
-    parser.add_argument("--lr-multipliers", type=_numbers("--lr-multipliers", float),
-                        default=defaults.lr_multipliers, help="learning-rate grid per trial, best on val")
-    parser.add_argument("--workers-per-trial", type=int, default=defaults.workers_per_trial,
-                        help="Ray Train workers per trial (1 CPU or 1 GPU each)")
-    parser.add_argument("--device", choices=("auto", "cpu", "gpu"), default=defaults.device,
-                        help="trial workers' device (auto: GPUs when the cluster has one per worker)")
-    parser.add_argument("--cpus-per-trial", type=float, default=defaults.cpus_per_trial,
-                        help="CPUs of each trial's own process (launch + scoring), besides its workers")
-    parser.add_argument("--max-concurrent", type=int, default=defaults.max_concurrent,
-                        help="trials at once (0: as many as fit)")
-    parser.add_argument("--score-windows", type=int, default=defaults.score_windows,
-                        help="val and test windows scored per trial")
-    parser.add_argument("--probe-windows", type=int, default=defaults.probe_windows,
-                        help="train windows the staging probe is fitted on")
-    parser.add_argument("--no-preregister", action="store_true",
-                        help="run every trial at once, without a forecast of the largest size and count")
+    parser.add_argument(
+        "--lr-base-width",
+        type=int,
+        default=defaults.lr_base_width,
+        help="width at which --lr applies (lr scales as base / width)",
+    )
+    parser.add_argument(
+        "--lr-multipliers",
+        type=_numbers("--lr-multipliers", float),
+        default=defaults.lr_multipliers,
+        help="learning-rate grid per trial, best on val",
+    )
+    parser.add_argument(
+        "--workers-per-trial",
+        type=int,
+        default=defaults.workers_per_trial,
+        help="Ray Train workers per trial (1 CPU or 1 GPU each)",
+    )
+    parser.add_argument(
+        "--device",
+        choices=("auto", "cpu", "gpu"),
+        default=defaults.device,
+        help="trial workers' device (auto: GPUs when the cluster has one per worker)",
+    )
+    parser.add_argument(
+        "--cpus-per-trial",
+        type=float,
+        default=defaults.cpus_per_trial,
+        help="CPUs of each trial's own process (launch + scoring), besides its workers",
+    )
+    parser.add_argument(
+        "--max-concurrent", type=int, default=defaults.max_concurrent, help="trials at once (0: as many as fit)"
+    )
+    parser.add_argument(
+        "--score-windows", type=int, default=defaults.score_windows, help="val and test windows scored per trial"
+    )
+    parser.add_argument(
+        "--probe-windows", type=int, default=defaults.probe_windows, help="train windows the staging probe is fitted on"
+    )
+    parser.add_argument(
+        "--no-preregister",
+        action="store_true",
+        help="run every trial at once, without a forecast of the largest size and count",
+    )
     parser.add_argument("--bootstrap", type=int, default=defaults.bootstrap, help="bootstrap refits")
     parser.add_argument("--max-failures", type=int, default=defaults.max_failures, help="retries per trial")
     parser.add_argument("--seed", type=int, default=defaults.seed)
@@ -412,15 +551,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> SweepConfig:
     return SweepConfig(
-        data=args.data, output=args.output, widths=args.widths, modality_counts=args.modality_counts,
-        depths=args.depths, width_per_block=args.width_per_block, subsets_per_count=args.subsets_per_count,
-        scoring_pairs=args.scoring_pairs, seeds=args.seeds, objective=args.objective, ema=args.ema,
+        data=args.data,
+        output=args.output,
+        widths=args.widths,
+        modality_counts=args.modality_counts,
+        depths=args.depths,
+        width_per_block=args.width_per_block,
+        subsets_per_count=args.subsets_per_count,
+        scoring_pairs=args.scoring_pairs,
+        seeds=args.seeds,
+        objective=args.objective,
+        ema=args.ema,
         model=args.model,
-        steps=args.steps, global_batch=args.global_batch, lr=args.lr, lr_base_width=args.lr_base_width,
-        lr_multipliers=args.lr_multipliers, workers_per_trial=args.workers_per_trial, device=args.device,
-        cpus_per_trial=args.cpus_per_trial, max_concurrent=args.max_concurrent, score_windows=args.score_windows,
-        probe_windows=args.probe_windows, preregister=not args.no_preregister, bootstrap=args.bootstrap,
-        max_failures=args.max_failures, seed=args.seed,
+        steps=args.steps,
+        global_batch=args.global_batch,
+        lr=args.lr,
+        lr_base_width=args.lr_base_width,
+        lr_multipliers=args.lr_multipliers,
+        workers_per_trial=args.workers_per_trial,
+        device=args.device,
+        cpus_per_trial=args.cpus_per_trial,
+        max_concurrent=args.max_concurrent,
+        score_windows=args.score_windows,
+        probe_windows=args.probe_windows,
+        preregister=not args.no_preregister,
+        bootstrap=args.bootstrap,
+        max_failures=args.max_failures,
+        seed=args.seed,
     )
 
 
@@ -433,9 +590,17 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if ray.is_initialized() and not (args.address or os.environ.get("RAY_ADDRESS")):
             ray.shutdown()
-    print(json.dumps({"scaling_json": str(Path(cfg.output) / "scaling.json"), **report["counts"],
-                      "verdicts": report.get("verdicts"), "extrapolation": report.get("extrapolation_summary")},
-                     indent=2))
+    print(
+        json.dumps(
+            {
+                "scaling_json": str(Path(cfg.output) / "scaling.json"),
+                **report["counts"],
+                "verdicts": report.get("verdicts"),
+                "extrapolation": report.get("extrapolation_summary"),
+            },
+            indent=2,
+        )
+    )
     return 130 if report["interrupted"] else 0
 
 

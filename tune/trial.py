@@ -43,9 +43,14 @@ def run_trial(config: dict) -> None:
     trial, settings = config["trial"], config["settings"]
     log_event(settings["output"], trial["key"], "start", phase=trial["phase"])
     started = time.monotonic()
-    scorer = HeldOutScorer(settings["data"], pairs=[tuple(p) for p in trial["scoring_pairs"]],
-                           windows=settings["score_windows"], probe_windows=settings["probe_windows"],
-                           batch_size=settings["validation_batch"], seed=settings["score_seed"])
+    scorer = HeldOutScorer(
+        settings["data"],
+        pairs=[tuple(p) for p in trial["scoring_pairs"]],
+        windows=settings["score_windows"],
+        probe_windows=settings["probe_windows"],
+        batch_size=settings["validation_batch"],
+        seed=settings["score_seed"],
+    )
     candidates = []
     for index, multiplier in enumerate(settings["lr_multipliers"]):
         lr = trial["lr"] * multiplier
@@ -54,13 +59,26 @@ def run_trial(config: dict) -> None:
     val_loss, lr, encoder_dir, train_metrics = min(candidates, key=lambda c: c[0])
     test_loss = scorer.loss(encoder_dir, "test")
     f1 = scorer.staging_f1(encoder_dir)
-    metrics = {"val_loss": val_loss, "test_loss": test_loss, "staging_macro_f1": f1,
-               "downstream_error": 1.0 - f1, "lr_chosen": lr,
-               "train_loss": train_metrics.get("loss", float("nan")), "steps": train_metrics.get("step", 0),
-               "train_seconds": time.monotonic() - started, "n_params": trial["n_params"],
-               "val_windows": scorer.windows("val"), "test_windows": scorer.windows("test")}
-    log_event(settings["output"], trial["key"], "finish", test_loss=test_loss,
-              val_loss_by_lr={f"{c[1]:.6g}": c[0] for c in candidates})
+    metrics = {
+        "val_loss": val_loss,
+        "test_loss": test_loss,
+        "staging_macro_f1": f1,
+        "downstream_error": 1.0 - f1,
+        "lr_chosen": lr,
+        "train_loss": train_metrics.get("loss", float("nan")),
+        "steps": train_metrics.get("step", 0),
+        "train_seconds": time.monotonic() - started,
+        "n_params": trial["n_params"],
+        "val_windows": scorer.windows("val"),
+        "test_windows": scorer.windows("test"),
+    }
+    log_event(
+        settings["output"],
+        trial["key"],
+        "finish",
+        test_loss=test_loss,
+        val_loss_by_lr={f"{c[1]:.6g}": c[0] for c in candidates},
+    )
     tune.report(metrics)
 
 
@@ -79,6 +97,7 @@ def log_event(output: str, key: str, event: str, **extra) -> None:
 
 
 # -- training --------------------------------------------------------------------------------------
+
 
 def pretrain_trial(trial: dict, settings: dict, *, lr: float, attempt: int = 0) -> tuple[str, dict]:
     """Pretrain one point at ``lr`` with ``s2v pretrain``'s trainer; return ``(encoder_dir, last_metrics)``.
@@ -123,11 +142,25 @@ def trial_pretrain_config(trial: dict, settings: dict, *, lr: float, run_dir: st
     from pipelines.train_config import load_pretrain_config
 
     return load_pretrain_config(
-        None, data=settings["data"], output=str(run_dir), workers=settings["workers"], model=settings["model"],
-        objective=settings["objective"], width=trial["width"], depth=trial["depth"],
-        modalities=tuple(trial["modalities"]), steps=settings["steps"], global_batch=settings["global_batch"],
-        lr=lr, seed=trial["seed"], checkpoint_every=settings["steps"], keep_checkpoints=1, max_failures=0,
-        validate_every=0, validation_epochs=settings["score_windows"], device=settings["device"],
+        None,
+        data=settings["data"],
+        output=str(run_dir),
+        workers=settings["workers"],
+        model=settings["model"],
+        objective=settings["objective"],
+        width=trial["width"],
+        depth=trial["depth"],
+        modalities=tuple(trial["modalities"]),
+        steps=settings["steps"],
+        global_batch=settings["global_batch"],
+        lr=lr,
+        seed=trial["seed"],
+        checkpoint_every=settings["steps"],
+        keep_checkpoints=1,
+        max_failures=0,
+        validate_every=0,
+        validation_epochs=settings["score_windows"],
+        device=settings["device"],
         ema=settings.get("ema", False),
     )
 
@@ -149,8 +182,9 @@ def trial_mlflow_run(mlflow: dict, *, wait_seconds: float = 30.0) -> str | None:
     query = f"tags.trial_name = '{name}' and tags.mlflow.parentRunId = '{mlflow['parent_run_id']}'"
     deadline = time.monotonic() + wait_seconds
     while experiment is not None:
-        runs = client.search_runs([experiment.experiment_id], filter_string=query,
-                                  order_by=["attributes.start_time DESC"], max_results=1)
+        runs = client.search_runs(
+            [experiment.experiment_id], filter_string=query, order_by=["attributes.start_time DESC"], max_results=1
+        )
         if runs:
             return runs[0].info.run_id
         if time.monotonic() > deadline:
@@ -161,6 +195,7 @@ def trial_mlflow_run(mlflow: dict, *, wait_seconds: float = 30.0) -> str | None:
 
 
 # -- scoring ---------------------------------------------------------------------------------------
+
 
 class HeldOutScorer:
     """The fixed held-out problem every trial of a sweep is scored on (see the module docstring).
@@ -199,12 +234,20 @@ class HeldOutScorer:
         if split not in self._validators:
             files, filesystem = split_files(self.store, [split])
             if not files:
-                raise ValueError(f"--data: the store {self.store} has no {split!r} subject; a sweep scores on "
-                                 "val and test subjects (s2v split --data STORE)")
+                raise ValueError(
+                    f"--data: the store {self.store} has no {split!r} subject; a sweep scores on "
+                    "val and test subjects (s2v split --data STORE)"
+                )
             self._validators[split] = HeldOutValidator(
-                files, filesystem, modalities=self.modalities, epochs_per_window=self.epochs_per_window,
-                max_epochs=self.windows_per_split[split] * self.epochs_per_window, batch_size=self.batch_size,
-                seed=self.seed, pairs=self.pairs)
+                files,
+                filesystem,
+                modalities=self.modalities,
+                epochs_per_window=self.epochs_per_window,
+                max_epochs=self.windows_per_split[split] * self.epochs_per_window,
+                batch_size=self.batch_size,
+                seed=self.seed,
+                pairs=self.pairs,
+            )
         return self._validators[split]
 
     def windows(self, split: str) -> int:
@@ -219,8 +262,10 @@ class HeldOutScorer:
         figures = validator.figures(load_encoder(encoder_dir).eval())
         missing = [pair_name(*p) for p in self.pairs if pair_name(*p) not in figures]
         if missing:
-            raise ValueError(f"no {split} window holds both modalities of the scoring pair(s) "
-                             f"{', '.join(missing)}; choose other --scoring-pairs")
+            raise ValueError(
+                f"no {split} window holds both modalities of the scoring pair(s) "
+                f"{', '.join(missing)}; choose other --scoring-pairs"
+            )
         return float(np.mean([figures[pair_name(*p)]["loss"] for p in self.pairs]))
 
     def staging_f1(self, encoder_dir: str) -> float:
@@ -248,22 +293,39 @@ class HeldOutScorer:
         from s2v_core.store import split_files, table_to_batch
 
         files, filesystem = split_files(self.store, [split])
-        columns = ["recording_id", "site", "subject_id", "window_index", "present", "stages", "age", "sex",
-                   *self.modalities]
-        table = keep_windows_with(pa.concat_tables([pq.read_table(str(f), columns=columns, filesystem=filesystem)
-                                                    for f in files]), self.modalities)
-        order = np.random.default_rng([self.seed, 3]).permutation(table.num_rows)[:self.windows_per_split[split]]
+        columns = [
+            "recording_id",
+            "site",
+            "subject_id",
+            "window_index",
+            "present",
+            "stages",
+            "age",
+            "sex",
+            *self.modalities,
+        ]
+        table = keep_windows_with(
+            pa.concat_tables([pq.read_table(str(f), columns=columns, filesystem=filesystem) for f in files]),
+            self.modalities,
+        )
+        order = np.random.default_rng([self.seed, 3]).permutation(table.num_rows)[: self.windows_per_split[split]]
         table = table.take(pa.array(np.sort(order)))
         fused, stages = [], []
         for start in range(0, table.num_rows, self.batch_size):
-            batch = batch_to_tensors(table_to_batch(table.slice(start, self.batch_size), modalities=self.modalities,
-                                                    epochs_per_window=self.epochs_per_window))
+            batch = batch_to_tensors(
+                table_to_batch(
+                    table.slice(start, self.batch_size),
+                    modalities=self.modalities,
+                    epochs_per_window=self.epochs_per_window,
+                )
+            )
             fused.append(model.encode(batch, modalities=self.modalities).fused.numpy())
             stages.append(batch["stages"].numpy())
         return np.concatenate(fused), np.concatenate(stages)
 
 
 # -- MLflow -----------------------------------------------------------------------------------------
+
 
 class SweepMLflowCallback(MLflowLoggerCallback):
     """Tune's MLflow logger, plus the error of a failed trial as a tag of its run.
@@ -278,8 +340,9 @@ class SweepMLflowCallback(MLflowLoggerCallback):
         # the same, with credentials in URIs redacted.
         if trial not in self._trial_runs:
             # Named by point and seed (w64-d4-m5-k1-s2), tagged with Tune's trial name for the lookup.
-            run = self.mlflow_util.start_run(tags={**self.tags, "trial_name": str(trial)},
-                                             run_name=trial.config["trial"]["key"])
+            run = self.mlflow_util.start_run(
+                tags={**self.tags, "trial_name": str(trial)}, run_name=trial.config["trial"]["key"]
+            )
             self._trial_runs[trial] = run.info.run_id
         self.mlflow_util.log_params(run_id=self._trial_runs[trial], params_to_log=redact_values(trial.config))
 
@@ -288,6 +351,5 @@ class SweepMLflowCallback(MLflowLoggerCallback):
             from mlflow import MlflowClient
 
             message = str(getattr(trial, "error_message", None) or "trial failed")
-            MlflowClient(tracking_uri=self.tracking_uri).set_tag(self._trial_runs[trial], "error",
-                                                                 message[-4000:])
+            MlflowClient(tracking_uri=self.tracking_uri).set_tag(self._trial_runs[trial], "error", message[-4000:])
         super().log_trial_end(trial, failed=failed)

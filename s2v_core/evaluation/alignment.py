@@ -76,8 +76,10 @@ def retrieval(query: np.ndarray, gallery: np.ndarray, *, ks: Sequence[int] = (1,
     # Ties are broken at random, in expectation: with `higher` candidates above the
     # partner and `tied` level with it, P(rank < k) = clip((k - higher) / (tied + 1), 0, 1).
     # An encoder with constant embeddings then scores chance, not a perfect 1.
-    directions = [((similarity > own[:, None]).sum(axis=1), (similarity == own[:, None]).sum(axis=1) - 1),
-                  ((similarity > own[None, :]).sum(axis=0), (similarity == own[None, :]).sum(axis=0) - 1)]
+    directions = [
+        ((similarity > own[:, None]).sum(axis=1), (similarity == own[:, None]).sum(axis=1) - 1),
+        ((similarity > own[None, :]).sum(axis=0), (similarity == own[None, :]).sum(axis=0) - 1),
+    ]
     for k in ks:
         hits = [np.clip((k - higher) / (tied + 1.0), 0.0, 1.0).mean() for higher, tied in directions]
         out[f"top{k}"] = float(np.mean(hits))
@@ -90,7 +92,9 @@ def window_means(per_epoch: torch.Tensor) -> torch.Tensor:
     return F.normalize(per_epoch.float().mean(dim=1), dim=-1)
 
 
-def plain_pair_loss(za: torch.Tensor, zb: torch.Tensor, nights: torch.Tensor, *, scale: float) -> tuple[float, float, float]:
+def plain_pair_loss(
+    za: torch.Tensor, zb: torch.Tensor, nights: torch.Tensor, *, scale: float
+) -> tuple[float, float, float]:
     """Symmetric InfoNCE of one modality pair over one batch, per epoch position.
 
     Parameters
@@ -173,6 +177,7 @@ class AlignmentMeter:
 
 def summarise_pairs(figures: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
     """Means over pairs of the loss ratio and top-1 over chance (the progress line's figures)."""
+
     def mean(name: str) -> float:
         # A pair whose batches held one night only has no negatives: no chance level, no ratio.
         values = [f[name] for f in figures.values() if math.isfinite(f[name])]

@@ -32,8 +32,7 @@ from scipy import signal
 
 from s2v_core.modalities import MODALITY_KEYS, get_modality
 
-BANDS_HZ = {"delta": (0.5, 4.0), "theta": (4.0, 8.0), "alpha": (8.0, 12.0), "sigma": (12.0, 16.0),
-            "beta": (16.0, 30.0)}
+BANDS_HZ = {"delta": (0.5, 4.0), "theta": (4.0, 8.0), "alpha": (8.0, 12.0), "sigma": (12.0, 16.0), "beta": (16.0, 30.0)}
 #: Feature names per modality, in the order :func:`epoch_features` writes them.
 FEATURES: dict[str, tuple[str, ...]] = {
     "eeg": (*(f"rel_{b}" for b in BANDS_HZ), "log_power"),

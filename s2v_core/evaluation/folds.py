@@ -42,8 +42,9 @@ def held_out_fold(splits: np.ndarray) -> Fold:
     test = rows[splits == "test"]
     train = rows[(splits == "train") | (splits == "val")]
     if len(test) == 0:
-        raise ValueError("held-out evaluation: no window belongs to a test subject "
-                         "(see `s2v split --data STORE`); nothing to score")
+        raise ValueError(
+            "held-out evaluation: no window belongs to a test subject (see `s2v split --data STORE`); nothing to score"
+        )
     if len(train) == 0:
         raise ValueError("held-out evaluation: no window belongs to a train or val subject; nothing to fit on")
     return Fold(train=train, test=test, val=rows[splits == "val"])
@@ -83,8 +84,7 @@ def grouped_folds(
         raise ValueError(f"--folds must be >= 2, got {folds}")
     if n_groups < folds:
         raise ValueError(
-            f"--folds {folds} needs at least {folds} subjects, found {n_groups}; "
-            "use fewer folds or more subjects"
+            f"--folds {folds} needs at least {folds} subjects, found {n_groups}; use fewer folds or more subjects"
         )
     rows = np.arange(len(groups))
     if labels is not None:

@@ -32,8 +32,10 @@ def confusion(y_true: np.ndarray, y_pred: np.ndarray, *, n_classes: int = N_STAG
     y_true, y_pred = y_true[keep], y_pred[keep]
     bad = (y_true < 0) | (y_true >= n_classes) | (y_pred < 0) | (y_pred >= n_classes)
     if bad.any():
-        raise ValueError(f"stage codes must lie in 0..{n_classes - 1} (or -1 unknown); "
-                         f"found {sorted(set(y_true[bad]) | set(y_pred[bad]))}")
+        raise ValueError(
+            f"stage codes must lie in 0..{n_classes - 1} (or -1 unknown); "
+            f"found {sorted(set(y_true[bad]) | set(y_pred[bad]))}"
+        )
     return np.bincount(y_true * n_classes + y_pred, minlength=n_classes**2).reshape(n_classes, n_classes)
 
 
@@ -128,7 +130,9 @@ def summarise(per_fold: Sequence[Mapping[str, object]]) -> dict:
     for name in names:
         values = np.array([f[name] for f in per_fold if f.get(name) is not None], dtype=np.float64)
         if values.size:
-            out[name] = {"mean": float(values.mean()),
-                         "sd": float(values.std(ddof=1)) if values.size > 1 else 0.0,
-                         "n_folds": int(values.size)}
+            out[name] = {
+                "mean": float(values.mean()),
+                "sd": float(values.std(ddof=1)) if values.size > 1 else 0.0,
+                "n_folds": int(values.size),
+            }
     return out

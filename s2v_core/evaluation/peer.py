@@ -74,11 +74,16 @@ def yasa_stages(
             channels.append(signal)
     # µV -> V: MNE holds volts, YASA multiplies back to µV.
     data = np.stack([c.reshape(-1) * NOMINAL_UV[n.lower()] * 1e-6 for n, c in zip(names, channels)])
-    info = mne.create_info(names, sfreq=rate, ch_types=["eeg", "eog", "emg"][:len(names)], verbose=False)
+    info = mne.create_info(names, sfreq=rate, ch_types=["eeg", "eog", "emg"][: len(names)], verbose=False)
     raw = mne.io.RawArray(data, info, verbose=False)
     metadata = {"age": float(age), "male": bool(male)} if age is not None and male is not None else None
-    staging = yasa.SleepStaging(raw, eeg_name="EEG", eog_name="EOG" if eog is not None else None,
-                                emg_name="EMG" if emg is not None else None, metadata=metadata)
+    staging = yasa.SleepStaging(
+        raw,
+        eeg_name="EEG",
+        eog_name="EOG" if eog is not None else None,
+        emg_name="EMG" if emg is not None else None,
+        metadata=metadata,
+    )
     with warnings.catch_warnings():
         # YASA's shipped classifiers were pickled with an older scikit-learn.
         warnings.simplefilter("ignore")

@@ -30,8 +30,15 @@ def plot_confusion(matrix: Sequence[Sequence[int]], path: str | Path, *, title: 
     image = ax.imshow(share, vmin=0, vmax=1, cmap="Blues")
     for i in range(counts.shape[0]):
         for j in range(counts.shape[1]):
-            ax.text(j, i, f"{share[i, j]:.2f}\n({int(counts[i, j])})", ha="center", va="center",
-                    fontsize=7, color="white" if share[i, j] > 0.5 else "black")
+            ax.text(
+                j,
+                i,
+                f"{share[i, j]:.2f}\n({int(counts[i, j])})",
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="white" if share[i, j] > 0.5 else "black",
+            )
     ax.set_xticks(range(len(STAGE_NAMES)), STAGE_NAMES)
     ax.set_yticks(range(len(STAGE_NAMES)), STAGE_NAMES)
     ax.set_xlabel("predicted")
@@ -59,8 +66,12 @@ def plot_hypnogram(true: np.ndarray, predicted: np.ndarray, path: str | Path, *,
     return _save(fig, path)
 
 
-def plot_robustness(matrix: Mapping[str, Mapping[str, float]], path: str | Path, *,
-                    metrics: Sequence[str] = ("macro_f1", "kappa", "accuracy")) -> Path:
+def plot_robustness(
+    matrix: Mapping[str, Mapping[str, float]],
+    path: str | Path,
+    *,
+    metrics: Sequence[str] = ("macro_f1", "kappa", "accuracy"),
+) -> Path:
     """Heat-map: one row per modality scenario, one column per staging metric."""
     plt = _pyplot()
     scenarios = list(matrix)
@@ -69,8 +80,15 @@ def plot_robustness(matrix: Mapping[str, Mapping[str, float]], path: str | Path,
     image = ax.imshow(values, vmin=0, vmax=1, cmap="viridis", aspect="auto")
     for i in range(values.shape[0]):
         for j in range(values.shape[1]):
-            ax.text(j, i, f"{values[i, j]:.2f}", ha="center", va="center", fontsize=7,
-                    color="black" if values[i, j] > 0.5 else "white")
+            ax.text(
+                j,
+                i,
+                f"{values[i, j]:.2f}",
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="black" if values[i, j] > 0.5 else "white",
+            )
     ax.set_xticks(range(len(metrics)), metrics)
     ax.set_yticks(range(len(scenarios)), scenarios)
     ax.set_title("Any-subset robustness (staging, linear probe)")
@@ -78,8 +96,9 @@ def plot_robustness(matrix: Mapping[str, Mapping[str, float]], path: str | Path,
     return _save(fig, path)
 
 
-def plot_label_efficiency(curves: Mapping[str, Mapping[str, Mapping]], path: str | Path, *,
-                          metric: str = "macro_f1") -> Path:
+def plot_label_efficiency(
+    curves: Mapping[str, Mapping[str, Mapping]], path: str | Path, *, metric: str = "macro_f1"
+) -> Path:
     """Metric (mean ± sd over folds) against the fraction of labelled training nights, one line per model."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.5))
@@ -108,8 +127,9 @@ def _save(fig, path: str | Path) -> Path:
     return path
 
 
-def plot_predicted_hypnogram(stages: np.ndarray, probabilities: np.ndarray, classes: Sequence[str],
-                             path: str | Path, *, title: str = "") -> Path:
+def plot_predicted_hypnogram(
+    stages: np.ndarray, probabilities: np.ndarray, classes: Sequence[str], path: str | Path, *, title: str = ""
+) -> Path:
     """A predicted hypnogram (one class per 30-s epoch, hours on x) above its class probabilities.
 
     ``stages`` holds class indices into ``classes`` (−1: unscored, left blank);
@@ -119,8 +139,11 @@ def plot_predicted_hypnogram(stages: np.ndarray, probabilities: np.ndarray, clas
     stages = np.asarray(stages)
     hours = np.arange(len(stages) + 1) * 30 / 3600
     # Clinical convention: W on top, REM next, then lighter to deeper NREM.
-    order = [0, *([len(classes) - 1] if classes[-1] == "REM" else []),
-             *[i for i in range(1, len(classes)) if classes[i] != "REM"]]
+    order = [
+        0,
+        *([len(classes) - 1] if classes[-1] == "REM" else []),
+        *[i for i in range(1, len(classes)) if classes[i] != "REM"],
+    ]
     height = {c: len(order) - 1 - rank for rank, c in enumerate(order)}
     y = np.array([height.get(int(s), np.nan) for s in stages], dtype=float)
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 4), sharex=True, height_ratios=(2, 1))

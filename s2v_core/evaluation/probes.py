@@ -49,13 +49,21 @@ def _linear_model(seed: int, *, max_iter: int = 1000, regression: bool = False, 
     head = Ridge(alpha=1.0) if regression else LogisticRegression(max_iter=max_iter, random_state=seed)
     if impute:
         # Features of absent modalities are NaN: the training mean plus a missing-value indicator.
-        return make_pipeline(SimpleImputer(strategy="mean", add_indicator=True, keep_empty_features=True),
-                             StandardScaler(), head)
+        return make_pipeline(
+            SimpleImputer(strategy="mean", add_indicator=True, keep_empty_features=True), StandardScaler(), head
+        )
     return make_pipeline(StandardScaler(), head)
 
 
-def fit_linear_stager(epoch_embeddings: np.ndarray, stages: np.ndarray, rows: np.ndarray, *, seed: int = 0,
-                      max_train_epochs: int = 100_000, impute: bool = False):
+def fit_linear_stager(
+    epoch_embeddings: np.ndarray,
+    stages: np.ndarray,
+    rows: np.ndarray,
+    *,
+    seed: int = 0,
+    max_train_epochs: int = 100_000,
+    impute: bool = False,
+):
     """Fit the per-epoch logistic-regression stager on ``rows`` of ``(N, E, P)`` embeddings.
 
     Returns a fitted scikit-learn pipeline, or the single stage code when the
@@ -101,8 +109,9 @@ def linear_staging_probe(
     """
 
     def fit_predict(train_rows: np.ndarray, test_rows: np.ndarray, val_rows: np.ndarray | None = None) -> np.ndarray:
-        model = fit_linear_stager(epoch_embeddings, stages, train_rows, seed=seed, max_train_epochs=max_train_epochs,
-                                  impute=impute)
+        model = fit_linear_stager(
+            epoch_embeddings, stages, train_rows, seed=seed, max_train_epochs=max_train_epochs, impute=impute
+        )
         return predict_stages(model, epoch_embeddings[test_rows])
 
     return fit_predict
@@ -252,8 +261,11 @@ def label_efficiency(
         for name, probe in probes.items():
             logger.info("label efficiency: %s on %.0f%% of training nights", name, 100 * fraction)
             result = cross_validate_staging(probe, stages, reduced)
-            out[name][str(fraction)] = {"summary": result["summary"], "per_fold": result["per_fold"],
-                                        "train_nights": train_nights}
+            out[name][str(fraction)] = {
+                "summary": result["summary"],
+                "per_fold": result["per_fold"],
+                "train_nights": train_nights,
+            }
     return out
 
 
@@ -282,8 +294,11 @@ def cross_validate_outcome(
     binary = set(np.unique(target)) <= {0.0, 1.0}
     if binary and len(np.unique(target)) < 2:
         raise ValueError(f"a binary outcome needs both classes; every night has value {target[0]:g}")
-    split = ([held_out_fold(np.asarray(splits)[keep])] if splits is not None
-             else grouped_folds(subjects, folds=folds, seed=seed, labels=target if binary else None))
+    split = (
+        [held_out_fold(np.asarray(splits)[keep])]
+        if splits is not None
+        else grouped_folds(subjects, folds=folds, seed=seed, labels=target if binary else None)
+    )
     per_fold = []
     for fold in split:
         model = _linear_model(seed, regression=not binary)
@@ -292,12 +307,16 @@ def cross_validate_outcome(
             score = np.full(len(fold.test), float(y_train[0]))
         else:
             model.fit(features[fold.train], y_train)
-            score = (model.predict_proba(features[fold.test])[:, 1] if binary
-                     else model.predict(features[fold.test]))
-        per_fold.append(binary_metrics(target[fold.test], score) if binary
-                        else regression_metrics(target[fold.test], score))
-    return {"kind": "classification" if binary else "regression", "n_nights": int(target.size),
-            "per_fold": per_fold, "summary": summarise(per_fold)}
+            score = model.predict_proba(features[fold.test])[:, 1] if binary else model.predict(features[fold.test])
+        per_fold.append(
+            binary_metrics(target[fold.test], score) if binary else regression_metrics(target[fold.test], score)
+        )
+    return {
+        "kind": "classification" if binary else "regression",
+        "n_nights": int(target.size),
+        "per_fold": per_fold,
+        "summary": summarise(per_fold),
+    }
 
 
 def cross_validate_site(
@@ -323,8 +342,9 @@ def cross_validate_site(
     names, codes = np.unique(sites, return_inverse=True)
     if len(names) < 2:
         raise ValueError(f"the site probe needs at least 2 sites; the embeddings hold only {names.tolist()}")
-    split = ([held_out_fold(splits)] if splits is not None
-             else grouped_folds(subjects, folds=folds, seed=seed, labels=codes))
+    split = (
+        [held_out_fold(splits)] if splits is not None else grouped_folds(subjects, folds=folds, seed=seed, labels=codes)
+    )
     per_fold = []
     for fold in split:
         model = _linear_model(seed)
@@ -332,10 +352,12 @@ def cross_validate_site(
             predicted = np.full(len(fold.test), codes[fold.train][0])
         else:
             predicted = model.fit(features[fold.train], codes[fold.train]).predict(features[fold.test])
-        per_fold.append({
-            "accuracy": float((predicted == codes[fold.test]).mean()),
-            "balanced_accuracy": float(balanced_accuracy_score(codes[fold.test], predicted)),
-        })
+        per_fold.append(
+            {
+                "accuracy": float((predicted == codes[fold.test]).mean()),
+                "balanced_accuracy": float(balanced_accuracy_score(codes[fold.test], predicted)),
+            }
+        )
     return {
         "sites": names.tolist(),
         "chance_majority": float(np.bincount(codes).max() / codes.size),

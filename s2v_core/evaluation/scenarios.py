@@ -44,6 +44,7 @@ def robustness_scenarios(available: Sequence[str], *, names: Sequence[str] | Non
         return scenarios
     unknown = [n for n in names if n not in scenarios]
     if unknown:
-        raise ValueError(f"--scenarios: unknown scenario {', '.join(map(repr, unknown))}; "
-                         f"expected some of {', '.join(scenarios)}")
+        raise ValueError(
+            f"--scenarios: unknown scenario {', '.join(map(repr, unknown))}; expected some of {', '.join(scenarios)}"
+        )
     return {n: scenarios[n] for n in names}

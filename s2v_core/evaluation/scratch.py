@@ -84,7 +84,7 @@ def scratch_staging_probe(
         predictions = []
         with torch.inference_mode():
             for start in range(0, len(rows), 64):
-                chunk = rows[start:start + 64]
+                chunk = rows[start : start + 64]
                 predictions.append(model(batch_to_tensors({k: signals[k][chunk] for k in keys})).argmax(-1).numpy())
         model.train()
         return np.concatenate(predictions).astype(np.int64) if predictions else np.zeros((0, stages.shape[1]), int)

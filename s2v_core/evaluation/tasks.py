@@ -83,10 +83,13 @@ class Task:
             raise ValueError(f"task {self.name!r}: level must be one of {', '.join(LEVELS)}, found {self.level!r}")
         if self.kind not in KINDS:
             raise ValueError(f"task {self.name!r}: kind must be one of {', '.join(KINDS)}, found {self.kind!r}")
-        if self.stage_map and (len(self.stage_map) != len(STAGE_NAMES)
-                               or sorted(set(self.stage_map)) != list(range(len(self.classes)))):
-            raise ValueError(f"task {self.name!r}: stage_map must give each of {', '.join(STAGE_NAMES)} a class "
-                             f"in 0..{len(self.classes) - 1} and use every class, found {self.stage_map}")
+        if self.stage_map and (
+            len(self.stage_map) != len(STAGE_NAMES) or sorted(set(self.stage_map)) != list(range(len(self.classes)))
+        ):
+            raise ValueError(
+                f"task {self.name!r}: stage_map must give each of {', '.join(STAGE_NAMES)} a class "
+                f"in 0..{len(self.classes) - 1} and use every class, found {self.stage_map}"
+            )
 
     @property
     def outputs(self) -> int:
@@ -174,8 +177,9 @@ def severity_classes(ahi: np.ndarray, thresholds: Sequence[float] = AHI_SEVERITY
     return np.digitize(np.asarray(ahi, dtype=np.float64), thresholds, right=False)
 
 
-def severity_kappa(ahi_true: np.ndarray, ahi_pred: np.ndarray,
-                   thresholds: Sequence[float] = AHI_SEVERITY_THRESHOLDS) -> float | None:
+def severity_kappa(
+    ahi_true: np.ndarray, ahi_pred: np.ndarray, thresholds: Sequence[float] = AHI_SEVERITY_THRESHOLDS
+) -> float | None:
     """Cohen's κ between the severity classes of true and predicted AHI; ``None`` if undefined."""
     from sklearn.metrics import cohen_kappa_score
 
@@ -210,8 +214,9 @@ def concordance_index(time: np.ndarray, event: np.ndarray, risk: np.ndarray) -> 
     event = np.asarray(event, dtype=bool).ravel()
     risk = np.asarray(risk, dtype=np.float64).ravel()
     if not (time.shape == event.shape == risk.shape):
-        raise ValueError(f"concordance_index: time, event and risk differ in length: "
-                         f"{time.size}, {event.size}, {risk.size}")
+        raise ValueError(
+            f"concordance_index: time, event and risk differ in length: {time.size}, {event.size}, {risk.size}"
+        )
     earlier = (time[:, None] < time[None, :]) & event[:, None]  # i failed before j was last seen
     comparable = earlier.sum()
     if comparable == 0:
@@ -237,13 +242,16 @@ def _known(target: np.ndarray, prediction: np.ndarray) -> tuple[np.ndarray, np.n
 
 def _regression_metrics(task: Task, target: np.ndarray, prediction: np.ndarray) -> dict:
     target, prediction = _known(target, prediction)
-    figures = {"mae": float(np.abs(target - prediction).mean()), "pearson_r": pearson_r(target, prediction),
-               "n": int(target.size), "unit": task.unit}
+    figures = {
+        "mae": float(np.abs(target - prediction).mean()),
+        "pearson_r": pearson_r(target, prediction),
+        "n": int(target.size),
+        "unit": task.unit,
+    }
     if task.name.partition(":")[0] == "ahi":  # ahi, or ahi:COLUMN (e.g. ahi:ahi_scored)
         figures["icc"] = icc(np.column_stack([target, prediction]))
         figures["severity_kappa"] = severity_kappa(target, prediction)
-        matrix = confusion(severity_classes(target), severity_classes(prediction),
-                           n_classes=len(AHI_SEVERITY_NAMES))
+        matrix = confusion(severity_classes(target), severity_classes(prediction), n_classes=len(AHI_SEVERITY_NAMES))
         figures["severity_confusion"] = matrix.tolist()
     return figures
 
@@ -260,8 +268,11 @@ def _survival_metrics(task: Task, target: np.ndarray, prediction: np.ndarray) ->
     target = np.asarray(target, dtype=np.float64).reshape(-1, 2)
     risk = prediction.reshape(len(target), -1)[:, 0].astype(np.float64)
     keep = np.isfinite(target).all(axis=1)
-    return {"c_index": concordance_index(target[keep, 1], target[keep, 0], risk[keep]),
-            "events": int(target[keep, 0].sum()), "n": int(keep.sum())}
+    return {
+        "c_index": concordance_index(target[keep, 1], target[keep, 0], risk[keep]),
+        "events": int(target[keep, 0].sum()),
+        "n": int(keep.sum()),
+    }
 
 
 #: kind → figures from (task, targets, head outputs).
@@ -350,17 +361,27 @@ LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
 
 
 # -- the table ----------------------------------------------------------------------------------------
-TASKS: dict[str, Task] = {task.name: task for task in (
-    Task("staging", "epoch", "classification", ("stages",), classes=STAGE_NAMES, stage_map=(0, 1, 2, 3, 4)),
-    # Light sleep = N1 + N2, deep = N3 (the consumer-wearable grouping).
-    Task("staging4", "epoch", "classification", ("stages",), classes=("W", "light", "deep", "REM"),
-         stage_map=(0, 1, 1, 2, 3)),
-    Task("staging3", "epoch", "classification", ("stages",), classes=("W", "NREM", "REM"),
-         stage_map=(0, 1, 1, 1, 2)),
-    Task("age", "night", "regression", ("age",), unit="years"),
-    Task("sex", "night", "binary", ("sex",)),
-    Task("ahi", "night", "regression", ("ahi",), unit="events/h"),
-)}
+TASKS: dict[str, Task] = {
+    task.name: task
+    for task in (
+        Task("staging", "epoch", "classification", ("stages",), classes=STAGE_NAMES, stage_map=(0, 1, 2, 3, 4)),
+        # Light sleep = N1 + N2, deep = N3 (the consumer-wearable grouping).
+        Task(
+            "staging4",
+            "epoch",
+            "classification",
+            ("stages",),
+            classes=("W", "light", "deep", "REM"),
+            stage_map=(0, 1, 1, 2, 3),
+        ),
+        Task(
+            "staging3", "epoch", "classification", ("stages",), classes=("W", "NREM", "REM"), stage_map=(0, 1, 1, 1, 2)
+        ),
+        Task("age", "night", "regression", ("age",), unit="years"),
+        Task("sex", "night", "binary", ("sex",)),
+        Task("ahi", "night", "regression", ("ahi",), unit="events/h"),
+    )
+}
 
 
 def _outcome_task(argument: str) -> Task:
@@ -374,14 +395,18 @@ def _ahi_task(argument: str) -> Task:
 def _survival_task(argument: str) -> Task:
     parts = [p.strip() for p in argument.split(",")]
     if len(parts) != 2 or not all(parts):
-        raise ValueError(f"--task survival:{argument}: expected survival:EVENT,TIME (two outcome columns), "
-                         f"found {argument!r}")
+        raise ValueError(
+            f"--task survival:{argument}: expected survival:EVENT,TIME (two outcome columns), found {argument!r}"
+        )
     return Task(f"survival:{parts[0]},{parts[1]}", "night", "survival", tuple(parts))
 
 
 #: Tasks parametrised by store columns: ``prefix:ARGUMENT``.
-TASK_FAMILIES: dict[str, Callable[[str], Task]] = {"outcome": _outcome_task, "ahi": _ahi_task,
-                                                   "survival": _survival_task}
+TASK_FAMILIES: dict[str, Callable[[str], Task]] = {
+    "outcome": _outcome_task,
+    "ahi": _ahi_task,
+    "survival": _survival_task,
+}
 
 
 def get_task(name: str) -> Task:
@@ -391,12 +416,12 @@ def get_task(name: str) -> Task:
     prefix, _, argument = name.partition(":")
     if prefix in TASK_FAMILIES and argument.strip():
         return TASK_FAMILIES[prefix](argument.strip())
-    raise ValueError(f"--task: expected one of {', '.join(TASKS)} or "
-                     f"{', '.join(f'{p}:…' for p in TASK_FAMILIES)}, found {name!r}")
+    raise ValueError(
+        f"--task: expected one of {', '.join(TASKS)} or {', '.join(f'{p}:…' for p in TASK_FAMILIES)}, found {name!r}"
+    )
 
 
-def night_targets(task: Task, *, age: np.ndarray, sex: np.ndarray,
-                  outcomes: Mapping[str, np.ndarray]) -> np.ndarray:
+def night_targets(task: Task, *, age: np.ndarray, sex: np.ndarray, outcomes: Mapping[str, np.ndarray]) -> np.ndarray:
     """A night-level task's targets from per-row ``age`` (years), ``sex`` (0/1) and outcome columns.
 
     Returns float64 ``(n,)`` (NaN unknown), or ``(n, 2)`` (event, time) for survival.
@@ -409,8 +434,10 @@ def night_targets(task: Task, *, age: np.ndarray, sex: np.ndarray,
         if name in sources:
             return sources[name]
         if name not in outcomes:
-            raise ValueError(f"--task {task.name}: the store has no outcome column {name!r}; "
-                             f"found {', '.join(sorted(outcomes)) or 'none'}")
+            raise ValueError(
+                f"--task {task.name}: the store has no outcome column {name!r}; "
+                f"found {', '.join(sorted(outcomes)) or 'none'}"
+            )
         return np.asarray(outcomes[name], np.float64)
 
     values = [column(name) for name in task.columns]

@@ -109,8 +109,7 @@ class SignalFile(Protocol):
         """Physical values of channel ``index`` as float32 in ``channel.unit``."""
         ...
 
-    def close(self) -> None:
-        ...
+    def close(self) -> None: ...
 
 
 @dataclass(frozen=True)

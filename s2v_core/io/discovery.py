@@ -59,8 +59,23 @@ def join(base_uri: str, *relative: str) -> str:
 
 
 #: Query-parameter names (split on "_", "-", ".") that carry a credential.
-_SECRET_PARTS = frozenset({"token", "secret", "password", "passwd", "pwd", "signature", "sig", "credential",
-                           "credentials", "sessiontoken", "apikey", "auth", "authorization"})
+_SECRET_PARTS = frozenset(
+    {
+        "token",
+        "secret",
+        "password",
+        "passwd",
+        "pwd",
+        "signature",
+        "sig",
+        "credential",
+        "credentials",
+        "sessiontoken",
+        "apikey",
+        "auth",
+        "authorization",
+    }
+)
 _SECRET_NAMES = ("access_key", "secret_key", "access-key", "secret-key", "accesskey", "secretkey", "key")
 _USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.\-]*://)(?P<userinfo>[^/@\s?#'\"]+@)")
 _QUERY = re.compile(r"(?P<lead>[?&;])(?P<name>[A-Za-z0-9_.\-]+)=(?P<value>[^&\s#'\"]*)")
@@ -82,8 +97,9 @@ def redact(text: str) -> str:
     before it is logged, recorded or shown.
     """
     text = _USERINFO.sub(lambda m: m["scheme"] + REDACTED + "@", str(text))
-    return _QUERY.sub(lambda m: (f"{m['lead']}{m['name']}={REDACTED}" if _secret_name(m["name"]) and m["value"]
-                                 else m.group(0)), text)
+    return _QUERY.sub(
+        lambda m: f"{m['lead']}{m['name']}={REDACTED}" if _secret_name(m["name"]) and m["value"] else m.group(0), text
+    )
 
 
 @dataclass(frozen=True)
@@ -225,8 +241,9 @@ def find_sites(input_uri: str, *, site_config: str | None = None) -> list[tuple[
         return [(_load_config(fs, posixpath.join(root, SITE_CONFIG_NAME)), input_uri)]
     children = fs.get_file_info(pafs.FileSelector(root, recursive=False))
     subdirs = [c for c in children if c.type == pafs.FileType.Directory]
-    direct_signals = any(c.type == pafs.FileType.File and c.base_name.lower().endswith(_SIGNAL_SUFFIXES)
-                         for c in children)
+    direct_signals = any(
+        c.type == pafs.FileType.File and c.base_name.lower().endswith(_SIGNAL_SUFFIXES) for c in children
+    )
     if direct_signals or not subdirs:
         return [(_default_config(info.base_name or root), input_uri)]
     sites = []
@@ -247,7 +264,8 @@ def _default_config(name: str) -> SiteConfig:
 def _matches(pattern: str, relative: str) -> bool:
     # Patterns without a directory part match at any depth (recursive search).
     return fnmatch.fnmatchcase(relative, pattern) or (
-        "/" not in pattern and fnmatch.fnmatchcase(posixpath.basename(relative), pattern))
+        "/" not in pattern and fnmatch.fnmatchcase(posixpath.basename(relative), pattern)
+    )
 
 
 def _inside(path: str, root: str) -> bool:
@@ -315,9 +333,11 @@ def list_site_files(fs: pafs.FileSystem, site_root: str) -> tuple[dict[str, int]
     """
     if isinstance(fs, pafs.LocalFileSystem):
         return _walk_local(site_root)
-    files = {posixpath.relpath(f.path, site_root): f.size
-             for f in fs.get_file_info(pafs.FileSelector(site_root, recursive=True))
-             if f.type == pafs.FileType.File}
+    files = {
+        posixpath.relpath(f.path, site_root): f.size
+        for f in fs.get_file_info(pafs.FileSelector(site_root, recursive=True))
+        if f.type == pafs.FileType.File
+    }
     return files, []
 
 
@@ -326,8 +346,9 @@ def _glob_literal(text: str) -> str:
     return "".join(f"[{c}]" if c in "*?[" else c for c in text)
 
 
-def hypnogram_candidates(pattern: str, signal: str, hypnogram_files: set[str], *, key: str, stem: str
-                         ) -> list[str] | None:
+def hypnogram_candidates(
+    pattern: str, signal: str, hypnogram_files: set[str], *, key: str, stem: str
+) -> list[str] | None:
     """The hypnogram files a signal's pattern matches, or ``None`` when it leads out of the site.
 
     ``pattern`` is relative to the signal's directory and may climb with
@@ -339,13 +360,20 @@ def hypnogram_candidates(pattern: str, signal: str, hypnogram_files: set[str], *
     if resolved == ".." or resolved.startswith("../") or resolved.startswith("/"):
         return None
     parts = resolved.split("/")
-    return sorted(r for r in hypnogram_files
-                  if r.count("/") == len(parts) - 1
-                  and all(fnmatch.fnmatchcase(a, b) for a, b in zip(r.split("/"), parts)))
+    return sorted(
+        r
+        for r in hypnogram_files
+        if r.count("/") == len(parts) - 1 and all(fnmatch.fnmatchcase(a, b) for a, b in zip(r.split("/"), parts))
+    )
 
 
-def discover_site(config: SiteConfig, site_uri: str, *, identities: Identities, input_uri: str | None = None,
-                  ) -> SiteListing:
+def discover_site(
+    config: SiteConfig,
+    site_uri: str,
+    *,
+    identities: Identities,
+    input_uri: str | None = None,
+) -> SiteListing:
     """Signal files, their hypnograms and metadata rows of one site directory.
 
     Parameters
@@ -379,20 +407,26 @@ def discover_site(config: SiteConfig, site_uri: str, *, identities: Identities, 
     # Which files are hypnograms: their name matches the pattern's last segment (any directory).
     hyp_glob = posixpath.basename(hyp.pattern).replace("{key}", "*").replace("{stem}", "*")
     site_files = {SITE_CONFIG_NAME} | ({config.metadata.file} if config.metadata is not None else set())
-    hypnogram_files = set() if hyp.format == "none" else {
-        r for r in files if fnmatch.fnmatchcase(posixpath.basename(r), hyp_glob) and r not in site_files}
-    signals = sorted(r for r in files if r not in hypnogram_files
-                     and any(_matches(p, r) for p in config.signals))
+    hypnogram_files = (
+        set()
+        if hyp.format == "none"
+        else {r for r in files if fnmatch.fnmatchcase(posixpath.basename(r), hyp_glob) and r not in site_files}
+    )
+    signals = sorted(r for r in files if r not in hypnogram_files and any(_matches(p, r) for p in config.signals))
 
     metadata: dict[str, RecordingMetadata] = {}
     if config.metadata is not None:
         table = posixpath.normpath(config.metadata.file)
         # Looked up in the confined listing: a link to a table outside the site is not read.
         if table not in files:
-            raise FileNotFoundError(f"site {site!r}: metadata table {config.metadata.file} not found "
-                                    f"in {redact(site_uri)}")
-        metadata = parse_site_metadata(_read_text(fs, posixpath.join(site_root, table)), config.metadata,
-                                       source=posixpath.join(redact(site_uri), table))
+            raise FileNotFoundError(
+                f"site {site!r}: metadata table {config.metadata.file} not found in {redact(site_uri)}"
+            )
+        metadata = parse_site_metadata(
+            _read_text(fs, posixpath.join(site_root, table)),
+            config.metadata,
+            source=posixpath.join(redact(site_uri), table),
+        )
 
     sources, links, claimed, without_row = [], [], set(), 0
     for relative in signals:
@@ -401,8 +435,10 @@ def discover_site(config: SiteConfig, site_uri: str, *, identities: Identities, 
         notes: list[str] = []
         if key is None:
             recording_id = identities.pseudonym(site, relative)
-            notes.append(f"file name does not match key_regex {config.key_regex!r}; recording_id is the keyed "
-                         "hash of its path (no metadata row)")
+            notes.append(
+                f"file name does not match key_regex {config.key_regex!r}; recording_id is the keyed "
+                "hash of its path (no metadata row)"
+            )
         else:
             recording_id, note = identities.identifier(site, key, what="recording key")
             notes += [note] if note else []
@@ -417,8 +453,9 @@ def discover_site(config: SiteConfig, site_uri: str, *, identities: Identities, 
                 claimed.add(found[0])
             elif found:
                 claimed.update(found)  # claimed (not orphans), but which one is meant is unclear
-                problem = (f"hypnogram pattern {hyp.pattern!r} matches {len(found)} files, expected one; "
-                           "stages set to -1")
+                problem = (
+                    f"hypnogram pattern {hyp.pattern!r} matches {len(found)} files, expected one; stages set to -1"
+                )
             else:
                 problem = f"no hypnogram matching the pattern {hyp.pattern!r}; stages set to -1"
         row = metadata.get(key) if key is not None else None
@@ -433,17 +470,29 @@ def discover_site(config: SiteConfig, site_uri: str, *, identities: Identities, 
             notes += [note] if note else []
         source = prefix + relative
         file_id = identities.file_id(site, source)
-        sources.append(RecordingSource(
-            site=config, input_uri=input_uri, source=source, recording_id=recording_id,
-            size_bytes=files[relative], hypnogram=hypnogram, hypnogram_problem=problem,
-            metadata=replace(row, subject_id=subject_id), key_matched=key is not None, file_id=file_id,
-            hypnogram_file_id=hypnogram_id, notes=tuple(notes)))
+        sources.append(
+            RecordingSource(
+                site=config,
+                input_uri=input_uri,
+                source=source,
+                recording_id=recording_id,
+                size_bytes=files[relative],
+                hypnogram=hypnogram,
+                hypnogram_problem=problem,
+                metadata=replace(row, subject_id=subject_id),
+                key_matched=key is not None,
+                file_id=file_id,
+                hypnogram_file_id=hypnogram_id,
+                notes=tuple(notes),
+            )
+        )
         links.append(LinkRow(site, source, file_id, "signal", key, recording_id, subject_key, subject_id))
         if hypnogram:
             links.append(LinkRow(site, hypnogram, hypnogram_id, "hypnogram", key, recording_id))
     if without_row:
-        logger.warning("site %s: %d of %d recordings have no row in the metadata table", site, without_row,
-                       len(signals))
+        logger.warning(
+            "site %s: %d of %d recordings have no row in the metadata table", site, without_row, len(signals)
+        )
     skipped = [(prefix + r, "hypnogram with no matching signal file") for r in sorted(hypnogram_files - claimed)]
     skipped += [(prefix + r, problem) for r, problem in link_problems]
     if link_problems:
@@ -453,8 +502,9 @@ def discover_site(config: SiteConfig, site_uri: str, *, identities: Identities, 
     return SiteListing(site=site, sources=sources, skipped=skipped_files, links=links)
 
 
-def fingerprint(fs: pafs.FileSystem, path: str, size: int, *, key: bytes = b"", samples: int = 16,
-                block: int = 65536) -> str:
+def fingerprint(
+    fs: pafs.FileSystem, path: str, size: int, *, key: bytes = b"", samples: int = 16, block: int = 65536
+) -> str:
     """A content fingerprint that finds byte-identical copies without reading whole nights.
 
     Hashes the size, the first MiB and ``samples`` blocks spread over the

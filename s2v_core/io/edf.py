@@ -40,8 +40,15 @@ _BDF_VERSION = b"\xffBIOSEMI"
 _UNITS = {"uv": "uV", "µv": "uV", "mv": "mV", "v": "V", "nv": "nV", "%": "%", "bpm": "bpm"}
 # (field name, width in bytes) of the per-signal header block, in file order.
 _SIGNAL_FIELDS = (
-    ("label", 16), ("transducer", 80), ("unit", 8), ("physical_min", 8), ("physical_max", 8),
-    ("digital_min", 8), ("digital_max", 8), ("prefiltering", 80), ("samples_per_record", 8),
+    ("label", 16),
+    ("transducer", 80),
+    ("unit", 8),
+    ("physical_min", 8),
+    ("physical_max", 8),
+    ("digital_min", 8),
+    ("digital_max", 8),
+    ("prefiltering", 80),
+    ("samples_per_record", 8),
     ("reserved", 32),
 )
 
@@ -74,8 +81,9 @@ def _number(raw: bytes, what: str, path: str) -> float:
         return float(text)
     except ValueError:
         # The field's text is not repeated: a file that is not a recording may hold anything there.
-        raise UnreadableRecording(f"{path}: header field {what!r} is not a number "
-                                  f"({len(text)} characters that do not parse as one)") from None
+        raise UnreadableRecording(
+            f"{path}: header field {what!r} is not a number ({len(text)} characters that do not parse as one)"
+        ) from None
 
 
 def _normalise_unit(unit: str) -> str:
@@ -84,9 +92,17 @@ def _normalise_unit(unit: str) -> str:
 
 #: Leading bytes of files that are often mistaken for recordings -> what they are
 #: (said instead of echoing a file's bytes, which may be a CSV row of patient data).
-_MAGIC = ((b"PK\x03\x04", "a ZIP archive"), (b"%PDF", "a PDF document"), (b"<?xml", "an XML file"),
-          (b"<", "an HTML/XML file"), (b"\x1f\x8b", "a gzip archive"), (b"PAR1", "a Parquet file"),
-          (b"\x89HDF", "an HDF5 file"), (b"MATLAB", "a MATLAB file"), (b"\xef\xbb\xbf", "a text file"))
+_MAGIC = (
+    (b"PK\x03\x04", "a ZIP archive"),
+    (b"%PDF", "a PDF document"),
+    (b"<?xml", "an XML file"),
+    (b"<", "an HTML/XML file"),
+    (b"\x1f\x8b", "a gzip archive"),
+    (b"PAR1", "a Parquet file"),
+    (b"\x89HDF", "an HDF5 file"),
+    (b"MATLAB", "a MATLAB file"),
+    (b"\xef\xbb\xbf", "a text file"),
+)
 
 
 def _looks_like(head: bytes) -> str:
@@ -126,8 +142,10 @@ def parse_layout(handle, size: int, path: str) -> _Layout:
     elif version.strip() == b"0":
         bytes_per_sample, family = 2, "EDF"
     else:
-        raise UnreadableRecording(f"{path}: not an EDF/BDF file (its first bytes are those of "
-                                  f"{_looks_like(fixed[:64])}, not the EDF version '0' or BDF's '\\xffBIOSEMI')")
+        raise UnreadableRecording(
+            f"{path}: not an EDF/BDF file (its first bytes are those of "
+            f"{_looks_like(fixed[:64])}, not the EDF version '0' or BDF's '\\xffBIOSEMI')"
+        )
     # Bytes 8-184 (patient id, recording id, start date, start time) are PHI
     # and deliberately never decoded.
     header_bytes = int(_number(fixed[184:192], "number of bytes in header", path))
@@ -146,17 +164,22 @@ def parse_layout(handle, size: int, path: str) -> _Layout:
     if len(block) < header_bytes - 256:
         raise UnreadableRecording(f"{path}: truncated header ({size} bytes, header needs {header_bytes})")
     if reserved.startswith(("EDF+D", "BDF+D")):
-        raise UnreadableRecording(f"{path}: {reserved[:5]} (discontinuous) recording; only continuous EDF/EDF+C/BDF is ingested")
+        raise UnreadableRecording(
+            f"{path}: {reserved[:5]} (discontinuous) recording; only continuous EDF/EDF+C/BDF is ingested"
+        )
     file_type = family + ("+C" if reserved.startswith(("EDF+C", "BDF+C")) else "")
 
     fields: dict[str, list[str]] = {}
     offset = 0
     for name, width in _SIGNAL_FIELDS:
-        fields[name] = [block[offset + i * width: offset + (i + 1) * width].decode("latin-1").strip()
-                        for i in range(n_signals)]
+        fields[name] = [
+            block[offset + i * width : offset + (i + 1) * width].decode("latin-1").strip() for i in range(n_signals)
+        ]
         offset += width * n_signals
-    samples = [int(_number(v.encode(), f"samples per record of signal {i}", path))
-               for i, v in enumerate(fields["samples_per_record"])]
+    samples = [
+        int(_number(v.encode(), f"samples per record of signal {i}", path))
+        for i, v in enumerate(fields["samples_per_record"])
+    ]
     if any(n < 1 for n in samples):
         raise UnreadableRecording(f"{path}: a signal declares {min(samples)} samples per record, expected >= 1")
     starts = tuple(int(s) for s in np.concatenate([[0], np.cumsum(samples)[:-1]]))
@@ -172,12 +195,16 @@ def parse_layout(handle, size: int, path: str) -> _Layout:
         notes.append(f"{path}: header record count is -1 (unknown); read {complete} complete records")
     elif declared_records > complete:
         n_records = complete
-        notes.append(f"{path}: truncated: header declares {declared_records} data records, "
-                     f"file holds {complete} complete records; read those")
+        notes.append(
+            f"{path}: truncated: header declares {declared_records} data records, "
+            f"file holds {complete} complete records; read those"
+        )
     elif declared_records < complete:
         n_records = declared_records
-        notes.append(f"{path}: header declares {declared_records} data records but the file holds "
-                     f"{complete}; read the declared records only")
+        notes.append(
+            f"{path}: header declares {declared_records} data records but the file holds "
+            f"{complete}; read the declared records only"
+        )
     else:
         n_records = declared_records
     if leftover and declared_records == complete:
@@ -189,23 +216,37 @@ def parse_layout(handle, size: int, path: str) -> _Layout:
             continue
         if record_seconds <= 0:
             raise UnreadableRecording(f"{path}: record duration {record_seconds} s, expected > 0 for signal files")
-        channels.append(ChannelHeader(
-            index=i,
-            label=fields["label"][i],
-            unit=_normalise_unit(fields["unit"][i]),
-            sample_rate_hz=samples[i] / record_seconds,
-            samples_per_record=samples[i],
-            physical_min=_number(fields["physical_min"][i].encode(), f"physical minimum of signal {i}", path),
-            physical_max=_number(fields["physical_max"][i].encode(), f"physical maximum of signal {i}", path),
-            digital_min=int(_number(fields["digital_min"][i].encode(), f"digital minimum of signal {i}", path)),
-            digital_max=int(_number(fields["digital_max"][i].encode(), f"digital maximum of signal {i}", path)),
-        ))
-    header = SignalHeader(path=path, file_type=file_type, n_records=n_records,
-                          record_seconds=record_seconds, channels=tuple(channels),
-                          reader="", notes=tuple(notes))
-    return _Layout(header=header, header_bytes=header_bytes, bytes_per_sample=bytes_per_sample,
-                   record_samples=record_samples, starts=starts, annotation_indices=annotations,
-                   consistent=not notes)
+        channels.append(
+            ChannelHeader(
+                index=i,
+                label=fields["label"][i],
+                unit=_normalise_unit(fields["unit"][i]),
+                sample_rate_hz=samples[i] / record_seconds,
+                samples_per_record=samples[i],
+                physical_min=_number(fields["physical_min"][i].encode(), f"physical minimum of signal {i}", path),
+                physical_max=_number(fields["physical_max"][i].encode(), f"physical maximum of signal {i}", path),
+                digital_min=int(_number(fields["digital_min"][i].encode(), f"digital minimum of signal {i}", path)),
+                digital_max=int(_number(fields["digital_max"][i].encode(), f"digital maximum of signal {i}", path)),
+            )
+        )
+    header = SignalHeader(
+        path=path,
+        file_type=file_type,
+        n_records=n_records,
+        record_seconds=record_seconds,
+        channels=tuple(channels),
+        reader="",
+        notes=tuple(notes),
+    )
+    return _Layout(
+        header=header,
+        header_bytes=header_bytes,
+        bytes_per_sample=bytes_per_sample,
+        record_samples=record_samples,
+        starts=starts,
+        annotation_indices=annotations,
+        consistent=not notes,
+    )
 
 
 def _scale(digital: np.ndarray, channel: ChannelHeader) -> np.ndarray:
@@ -236,15 +277,16 @@ class NumpyEdfReader:
             raise UnreadableRecording(f"{path}: no complete data record")
         dtype = np.int16 if layout.bytes_per_sample == 2 else np.uint8
         width = layout.record_samples * (1 if layout.bytes_per_sample == 2 else 3)
-        self._data = np.memmap(path, dtype=dtype, mode="r", offset=layout.header_bytes,
-                               shape=(layout.header.n_records, width))
+        self._data = np.memmap(
+            path, dtype=dtype, mode="r", offset=layout.header_bytes, shape=(layout.header.n_records, width)
+        )
 
     def _digital(self, file_index: int) -> np.ndarray:
         layout = self._layout
         start, stop = layout.span(file_index)
         if layout.bytes_per_sample == 2:
             return np.ascontiguousarray(self._data[:, start:stop]).reshape(-1)
-        raw = np.ascontiguousarray(self._data[:, 3 * start:3 * stop]).reshape(-1, 3).astype(np.int32)
+        raw = np.ascontiguousarray(self._data[:, 3 * start : 3 * stop]).reshape(-1, 3).astype(np.int32)
         value = raw[:, 0] | (raw[:, 1] << 8) | (raw[:, 2] << 16)
         return (value ^ 0x800000) - 0x800000  # sign-extend 24-bit two's complement
 
@@ -264,7 +306,7 @@ class NumpyEdfReader:
         layout = self._layout
         start, stop = layout.span(file_index)
         raw = self._data.view(np.uint8).reshape(layout.header.n_records, layout.record_bytes)
-        return raw[:, start * layout.bytes_per_sample:stop * layout.bytes_per_sample].tobytes()
+        return raw[:, start * layout.bytes_per_sample : stop * layout.bytes_per_sample].tobytes()
 
     def close(self) -> None:
         self._data = None  # drops the memmap
@@ -287,8 +329,10 @@ class PyEdfLibReader:
         self._pyedflib_index = {ch.index: k for k, ch in enumerate(self.header.channels)}
         if self._reader.signals_in_file != len(self.header.channels):
             self._reader.close()
-            raise OSError(f"{path}: pyedflib sees {self._reader.signals_in_file} signals, "
-                          f"header lists {len(self.header.channels)}")
+            raise OSError(
+                f"{path}: pyedflib sees {self._reader.signals_in_file} signals, "
+                f"header lists {len(self.header.channels)}"
+            )
 
     def read(self, index: int) -> np.ndarray:
         """Physical values (float32, in the channel's unit) of the channel with file index ``index``."""
@@ -360,7 +404,8 @@ def open_signal(path: str | os.PathLike):
     suffix = Path(path).suffix.lower()
     if suffix not in SIGNAL_READERS:
         raise UnreadableRecording(
-            f"{path}: no signal reader for {suffix!r}; expected one of {', '.join(sorted(SIGNAL_READERS))}")
+            f"{path}: no signal reader for {suffix!r}; expected one of {', '.join(sorted(SIGNAL_READERS))}"
+        )
     return SIGNAL_READERS[suffix](path)
 
 

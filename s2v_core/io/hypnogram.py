@@ -23,8 +23,7 @@ HYPNOGRAM_READERS = {
     "csv": lambda path, epoch_seconds: read_stage_csv(path, epoch_seconds=epoch_seconds),
     "dreams_txt": lambda path, epoch_seconds: read_dreams_txt(path, epoch_seconds=epoch_seconds),
 }
-_BY_EXTENSION = {".edf": "edf_annotations", ".bdf": "edf_annotations", ".xml": "nsrr_xml",
-                 ".csv": "csv", ".tsv": "csv"}
+_BY_EXTENSION = {".edf": "edf_annotations", ".bdf": "edf_annotations", ".xml": "nsrr_xml", ".csv": "csv", ".tsv": "csv"}
 
 
 def detect_format(path: str | os.PathLike) -> str:
@@ -38,11 +37,11 @@ def detect_format(path: str | os.PathLike) -> str:
         return "dreams_txt" if first.startswith("[Hypnogram") else "csv"
     raise UnreadableRecording(
         f"{path}: cannot tell the hypnogram format from {suffix!r}; set [hypnogram].format to one of "
-        f"{', '.join(HYPNOGRAM_READERS)}")
+        f"{', '.join(HYPNOGRAM_READERS)}"
+    )
 
 
-def read_hypnogram(path: str | os.PathLike, *, format: str = "auto",
-                   epoch_seconds: float = EPOCH_SECONDS) -> Hypnogram:
+def read_hypnogram(path: str | os.PathLike, *, format: str = "auto", epoch_seconds: float = EPOCH_SECONDS) -> Hypnogram:
     """Read a hypnogram file of any supported format.
 
     Parameters

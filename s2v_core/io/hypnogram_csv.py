@@ -72,8 +72,9 @@ def read_stage_csv(path: str | os.PathLike, *, epoch_seconds: float = EPOCH_SECO
             delimiter = ","
     rows = list(csv.reader(io.StringIO("\n".join(lines)), delimiter=delimiter))
     first = [cell.strip().casefold() for cell in rows[0]]
-    has_header = (any(c in _STAGE_COLUMNS or c in _ONSET_COLUMNS for c in first)
-                  or (len(first) == 1 and stage_code(first[0]) is None and not _is_number(first[0])))
+    has_header = any(c in _STAGE_COLUMNS or c in _ONSET_COLUMNS for c in first) or (
+        len(first) == 1 and stage_code(first[0]) is None and not _is_number(first[0])
+    )
     stage_col, onset_col = len(first) - 1, None
     if has_header:
         stage_col = next((i for i, c in enumerate(first) if c in _STAGE_COLUMNS), len(first) - 1)
@@ -84,8 +85,10 @@ def read_stage_csv(path: str | os.PathLike, *, epoch_seconds: float = EPOCH_SECO
     first_row = 2 if has_header else 1
     for number, row in enumerate(rows, start=first_row):
         if len(row) <= max(stage_col, onset_col or 0):
-            raise UnreadableRecording(f"{path}: non-empty row {number} has {len(row)} cells, expected at least "
-                                      f"{max(stage_col, onset_col or 0) + 1}")
+            raise UnreadableRecording(
+                f"{path}: non-empty row {number} has {len(row)} cells, expected at least "
+                f"{max(stage_col, onset_col or 0) + 1}"
+            )
         if onset_col is not None and not _is_number(row[onset_col]):
             # The row's text is never repeated: a misnamed file may hold patient data.
             raise UnreadableRecording(f"{path}: non-empty row {number}: the onset cell is not a number")
@@ -94,8 +97,9 @@ def read_stage_csv(path: str | os.PathLike, *, epoch_seconds: float = EPOCH_SECO
         events = events_from_codes(codes, epoch_seconds=epoch_seconds)
     else:
         events = tuple(StageEvent(float(row[onset_col]), epoch_seconds, code) for row, code in zip(rows, codes))
-    return Hypnogram(events=tuple(sorted(events, key=lambda e: e.onset_seconds)),
-                     epoch_seconds=epoch_seconds, source=path)
+    return Hypnogram(
+        events=tuple(sorted(events, key=lambda e: e.onset_seconds)), epoch_seconds=epoch_seconds, source=path
+    )
 
 
 def _is_number(text: str, *, finite: bool = False) -> bool:
@@ -125,12 +129,14 @@ def read_dreams_txt(path: str | os.PathLike, *, epoch_seconds: float = DREAMS_EP
         raise UnreadableRecording(f"{path}: non-empty line {bad} is not a numeric DREAMS stage code")
     raw = [int(float(line)) for line in lines[1:]]
     codes = [DREAMS_CODES.get(value, UNKNOWN_STAGE) for value in raw]
-    return Hypnogram(events=events_from_codes(codes, epoch_seconds=epoch_seconds),
-                     epoch_seconds=epoch_seconds, source=path)
+    return Hypnogram(
+        events=events_from_codes(codes, epoch_seconds=epoch_seconds), epoch_seconds=epoch_seconds, source=path
+    )
 
 
-def read_dreams_channel(values: np.ndarray, sample_rate_hz: float, *, source: str,
-                        epoch_seconds: float = DREAMS_EPOCH_SECONDS) -> Hypnogram:
+def read_dreams_channel(
+    values: np.ndarray, sample_rate_hz: float, *, source: str, epoch_seconds: float = DREAMS_EPOCH_SECONDS
+) -> Hypnogram:
     """Read DREAMS R&K codes from a hypnogram *channel* (1 Hz in the DREAMS EDFs).
 
     Parameters
@@ -149,5 +155,6 @@ def read_dreams_channel(values: np.ndarray, sample_rate_hz: float, *, source: st
     centres = ((np.arange(n_epochs) + 0.5) * per_epoch).astype(np.int64)
     raw = np.rint(np.asarray(values, dtype=np.float64)[centres]).astype(np.int64)
     codes = [DREAMS_CODES.get(int(value), UNKNOWN_STAGE) for value in raw]
-    return Hypnogram(events=events_from_codes(codes, epoch_seconds=epoch_seconds),
-                     epoch_seconds=epoch_seconds, source=source)
+    return Hypnogram(
+        events=events_from_codes(codes, epoch_seconds=epoch_seconds), epoch_seconds=epoch_seconds, source=source
+    )

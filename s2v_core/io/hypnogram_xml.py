@@ -53,7 +53,8 @@ def read_nsrr_xml(path: str | os.PathLike) -> Hypnogram:
         except ValueError:
             # Which event, not what it holds: the file's text is never repeated in a message.
             raise UnreadableRecording(
-                f"{path}: ScoredEvent {number} (a stage) lacks a numeric Start/Duration") from None
+                f"{path}: ScoredEvent {number} (a stage) lacks a numeric Start/Duration"
+            ) from None
         events.append(StageEvent(onset, duration, code))
     if not events:
         raise UnreadableRecording(f"{path}: no ScoredEvent with EventType 'Stages|Stages'")

@@ -79,8 +79,9 @@ def default_key_path(environ: Mapping[str, str] | None = None) -> Path:
 def _checked(text: str, where: str) -> bytes:
     text = text.strip()
     if len(text) < MIN_KEY_CHARACTERS:
-        raise ValueError(f"{where}: expected a pseudonym key of at least {MIN_KEY_CHARACTERS} characters, "
-                         f"found {len(text)}")
+        raise ValueError(
+            f"{where}: expected a pseudonym key of at least {MIN_KEY_CHARACTERS} characters, found {len(text)}"
+        )
     return text.encode("utf-8")
 
 
@@ -101,14 +102,17 @@ def _generate_key_file(path: Path) -> PseudonymKey:
         return _read_key_file(path, option="pseudonym key file")
     with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
         handle.write(secrets.token_hex(32) + "\n")
-    logger.warning("generated a new pseudonym key at %s (mode 0600). Keep it and back it up: the same key gives "
-                   "the same ids on every re-ingest, and whoever holds it can link ids to the sites' own keys",
-                   path)
+    logger.warning(
+        "generated a new pseudonym key at %s (mode 0600). Keep it and back it up: the same key gives "
+        "the same ids on every re-ingest, and whoever holds it can link ids to the sites' own keys",
+        path,
+    )
     return _read_key_file(path, option="pseudonym key file")
 
 
-def load_pseudonym_key(key_file: str | os.PathLike | None = None, *,
-                       environ: Mapping[str, str] | None = None) -> PseudonymKey:
+def load_pseudonym_key(
+    key_file: str | os.PathLike | None = None, *, environ: Mapping[str, str] | None = None
+) -> PseudonymKey:
     """The project secret: ``key_file``, else ``S2V_PSEUDONYM_KEY``, else the generated default file.
 
     Parameters
@@ -178,7 +182,8 @@ class Identities:
             return original, None
         return self.pseudonym(site, original), (
             f"{what} is not a safe id (expected letters, digits, '_', '-', '.', starting with a letter or "
-            "digit, at most 128 characters); stored as its keyed hash")
+            "digit, at most 128 characters); stored as its keyed hash"
+        )
 
     def file_id(self, site: str, relative_path: str) -> str:
         """A pseudonymous name of an input file (site + path relative to its input)."""

@@ -76,14 +76,20 @@ def parse_site_metadata(text: str, config: MetadataConfig, *, source: str) -> di
     delimiter = "\t" if first_line.count("\t") > first_line.count(",") else ","
     reader = csv.DictReader(io.StringIO(text.lstrip("\ufeff")), delimiter=delimiter)
     columns = reader.fieldnames or []
-    wanted = {"key_column": config.key_column, "subject_column": config.subject_column,
-              "age_column": config.age_column, "sex_column": config.sex_column}
+    wanted = {
+        "key_column": config.key_column,
+        "subject_column": config.subject_column,
+        "age_column": config.age_column,
+        "sex_column": config.sex_column,
+    }
     wanted |= {f"outcomes.{name}": column for name, column in config.outcomes.items()}
     missing = {option: column for option, column in wanted.items() if column is not None and column not in columns}
     if missing:
         # The first line is not repeated: in a table without a header it is a patient's row.
-        raise ValueError(f"metadata table {source}: columns {missing} not found among the {len(columns)} "
-                         "columns of its first line (expected a header line naming the columns)")
+        raise ValueError(
+            f"metadata table {source}: columns {missing} not found among the {len(columns)} "
+            "columns of its first line (expected a header line naming the columns)"
+        )
     table: dict[str, RecordingMetadata] = {}
     first_line_of: dict[str, int] = {}
     for row in reader:
@@ -92,12 +98,15 @@ def parse_site_metadata(text: str, config: MetadataConfig, *, source: str) -> di
             continue
         if key in table:
             # Line numbers, not the key: keys are often names or hospital numbers.
-            raise ValueError(f"metadata table {source}: line {reader.line_num} repeats the {config.key_column!r} "
-                             f"value of line {first_line_of[key]}; a key appears twice, expected one row per key")
+            raise ValueError(
+                f"metadata table {source}: line {reader.line_num} repeats the {config.key_column!r} "
+                f"value of line {first_line_of[key]}; a key appears twice, expected one row per key"
+            )
         first_line_of[key] = reader.line_num
         sex_raw = (row.get(config.sex_column) or "").strip() if config.sex_column else ""
-        outcomes = {name: value for name, column in config.outcomes.items()
-                    if (value := _float(row.get(column))) is not None}
+        outcomes = {
+            name: value for name, column in config.outcomes.items() if (value := _float(row.get(column))) is not None
+        }
         table[key] = RecordingMetadata(
             subject_id=(row.get(config.subject_column) or "").strip() or None if config.subject_column else None,
             age=top_code_age(_float(row.get(config.age_column))) if config.age_column else None,

@@ -68,10 +68,20 @@ class MetadataConfig:
     age_column: str | None = "age"
     sex_column: str | None = "sex"
     # Raw CSV values -> 0 female / 1 male; anything else is unknown (null).
-    sex_values: dict[str, int] = field(default_factory=lambda: {
-        "F": 0, "f": 0, "female": 0, "Female": 0, "0": 0,
-        "M": 1, "m": 1, "male": 1, "Male": 1, "1": 1,
-    })
+    sex_values: dict[str, int] = field(
+        default_factory=lambda: {
+            "F": 0,
+            "f": 0,
+            "female": 0,
+            "Female": 0,
+            "0": 0,
+            "M": 1,
+            "m": 1,
+            "male": 1,
+            "Male": 1,
+            "1": 1,
+        }
+    )
     # Store outcome name -> CSV column, carried into the store's `outcomes` map.
     outcomes: dict[str, str] = field(default_factory=dict)
 
@@ -99,8 +109,7 @@ class SiteConfig:
         bad = {label: key for label, key in self.channels.items() if key not in MODALITY_KEYS}
         if bad:
             raise ValueError(
-                f"site {self.name!r} [channels]: unknown modality for {bad}; "
-                f"expected one of {', '.join(MODALITY_KEYS)}"
+                f"site {self.name!r} [channels]: unknown modality for {bad}; expected one of {', '.join(MODALITY_KEYS)}"
             )
         if self.hypnogram.format not in HYPNOGRAM_FORMATS:
             raise ValueError(
@@ -114,8 +123,10 @@ class SiteConfig:
         if "key" not in pattern.groupindex:
             raise ValueError(f"site {self.name!r} key_regex {self.key_regex!r}: expected a (?P<key>...) group")
         if self.metadata is not None and not is_inside(self.metadata.file):
-            raise ValueError(f"site {self.name!r} [metadata].file {self.metadata.file!r}: expected a path inside "
-                             "the site directory (relative, without '..' leading out of it)")
+            raise ValueError(
+                f"site {self.name!r} [metadata].file {self.metadata.file!r}: expected a path inside "
+                "the site directory (relative, without '..' leading out of it)"
+            )
 
     def recording_key(self, signal_path: str | Path) -> str | None:
         """The recording key of a signal file, or None when ``key_regex`` does not match."""

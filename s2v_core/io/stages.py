@@ -26,15 +26,34 @@ from s2v_core.store import UNKNOWN_STAGE
 
 #: Normalised label -> store code (W=0 N1=1 N2=2 N3=3 REM=4, -1 unknown).
 STAGE_VOCABULARY: dict[str, int] = {
-    "w": 0, "wake": 0, "awake": 0,
-    "1": 1, "n1": 1, "s1": 1,
-    "2": 2, "n2": 2, "s2": 2,
+    "w": 0,
+    "wake": 0,
+    "awake": 0,
+    "1": 1,
+    "n1": 1,
+    "s1": 1,
+    "2": 2,
+    "n2": 2,
+    "s2": 2,
     # R&K stage 3 and stage 4 together are AASM N3 (slow-wave sleep).
-    "3": 3, "4": 3, "n3": 3, "n4": 3, "s3": 3, "s4": 3, "sws": 3,
-    "r": 4, "rem": 4,
-    "?": UNKNOWN_STAGE, "m": UNKNOWN_STAGE, "mt": UNKNOWN_STAGE, "movement": UNKNOWN_STAGE,
-    "movement time": UNKNOWN_STAGE, "unscored": UNKNOWN_STAGE, "unknown": UNKNOWN_STAGE,
-    "artifact": UNKNOWN_STAGE, "-1": UNKNOWN_STAGE,
+    "3": 3,
+    "4": 3,
+    "n3": 3,
+    "n4": 3,
+    "s3": 3,
+    "s4": 3,
+    "sws": 3,
+    "r": 4,
+    "rem": 4,
+    "?": UNKNOWN_STAGE,
+    "m": UNKNOWN_STAGE,
+    "mt": UNKNOWN_STAGE,
+    "movement": UNKNOWN_STAGE,
+    "movement time": UNKNOWN_STAGE,
+    "unscored": UNKNOWN_STAGE,
+    "unknown": UNKNOWN_STAGE,
+    "artifact": UNKNOWN_STAGE,
+    "-1": UNKNOWN_STAGE,
 }
 _PREFIXES = ("sleep stage ", "sleep_stage_", "stage ")
 _SUFFIXES = (" sleep",)
@@ -53,7 +72,7 @@ def stage_code(label: str) -> int | None:
     text = " ".join(label.split("|")[0].strip().casefold().split())
     for prefix in _PREFIXES:
         if text.startswith(prefix):
-            text = text[len(prefix):]
+            text = text[len(prefix) :]
     for suffix in _SUFFIXES:
         if text.endswith(suffix) and text != suffix.strip():
             text = text[: -len(suffix)]
@@ -65,8 +84,9 @@ def stage_code(label: str) -> int | None:
 MAX_HYPNOGRAM_SECONDS = 7 * 86_400.0
 
 
-def usable_events(hypnogram: Hypnogram, *, max_seconds: float | None = None
-                  ) -> tuple[tuple[StageEvent, ...], tuple[str, ...]]:
+def usable_events(
+    hypnogram: Hypnogram, *, max_seconds: float | None = None
+) -> tuple[tuple[StageEvent, ...], tuple[str, ...]]:
     """The events that can be placed on a recording, clipped to ``[0, max_seconds)``.
 
     Events with a non-finite onset or duration, or a negative duration, are
@@ -87,16 +107,21 @@ def usable_events(hypnogram: Hypnogram, *, max_seconds: float | None = None
             kept.append(StageEvent(onset, min(duration, limit - onset), event.stage))
     notes = []
     if broken:
-        notes.append(f"{hypnogram.source}: {broken} of {len(hypnogram.events)} stage events have a non-finite "
-                     "onset/duration or a negative duration; ignored")
+        notes.append(
+            f"{hypnogram.source}: {broken} of {len(hypnogram.events)} stage events have a non-finite "
+            "onset/duration or a negative duration; ignored"
+        )
     if beyond and max_seconds is None:
-        notes.append(f"{hypnogram.source}: {beyond} stage events start more than "
-                     f"{MAX_HYPNOGRAM_SECONDS / 86_400:g} days after the recording start; ignored")
+        notes.append(
+            f"{hypnogram.source}: {beyond} stage events start more than "
+            f"{MAX_HYPNOGRAM_SECONDS / 86_400:g} days after the recording start; ignored"
+        )
     return tuple(kept), tuple(notes)
 
 
-def epoch_stages(hypnogram: Hypnogram, *, epoch_seconds: float = EPOCH_SECONDS,
-                 max_seconds: float | None = None) -> np.ndarray:
+def epoch_stages(
+    hypnogram: Hypnogram, *, epoch_seconds: float = EPOCH_SECONDS, max_seconds: float | None = None
+) -> np.ndarray:
     """Stages per 30-s epoch from the recording start (int8, -1 where unscored).
 
     Parameters
@@ -139,11 +164,16 @@ def stages_for_signal(hypnogram: Hypnogram, n_epochs: int, *, source: str) -> tu
     """
     signal_seconds = n_epochs * EPOCH_SECONDS
     events, notes = usable_events(hypnogram, max_seconds=signal_seconds)
-    stages = epoch_stages(Hypnogram(events=events, epoch_seconds=hypnogram.epoch_seconds, source=hypnogram.source),
-                          max_seconds=signal_seconds)
+    stages = epoch_stages(
+        Hypnogram(events=events, epoch_seconds=hypnogram.epoch_seconds, source=hypnogram.source),
+        max_seconds=signal_seconds,
+    )
     # The hypnogram's own length, for the note only: counted, never allocated.
-    finite_ends = [e.onset_seconds + e.duration_seconds for e in hypnogram.events
-                   if np.isfinite(e.onset_seconds) and np.isfinite(e.duration_seconds) and e.duration_seconds >= 0]
+    finite_ends = [
+        e.onset_seconds + e.duration_seconds
+        for e in hypnogram.events
+        if np.isfinite(e.onset_seconds) and np.isfinite(e.duration_seconds) and e.duration_seconds >= 0
+    ]
     scored_epochs = int(np.ceil(max(finite_ends) / EPOCH_SECONDS - 1e-9)) if finite_ends else 0
     aligned, note = align_stages(stages, n_epochs, source=source, scored_epochs=scored_epochs)
     return aligned, notes + ((note,) if note else ())
@@ -162,8 +192,9 @@ def _majority(cells: np.ndarray) -> np.ndarray:
     return codes[score.argmax(axis=1)].astype(np.int8)
 
 
-def align_stages(stages: np.ndarray, n_epochs: int, *, source: str,
-                 scored_epochs: int | None = None) -> tuple[np.ndarray, str | None]:
+def align_stages(
+    stages: np.ndarray, n_epochs: int, *, source: str, scored_epochs: int | None = None
+) -> tuple[np.ndarray, str | None]:
     """Align 30-s hypnogram stages with a signal of ``n_epochs`` epochs.
 
     Returns ``(aligned, note)``: ``aligned`` has exactly ``n_epochs`` int8
@@ -179,12 +210,15 @@ def align_stages(stages: np.ndarray, n_epochs: int, *, source: str,
     if scored == n_epochs:
         return aligned, None
     relation = "longer" if scored > n_epochs else "shorter"
-    return aligned, (f"{source}: hypnogram ({scored} epochs) is {relation} than the signal "
-                     f"({n_epochs} epochs); stages aligned on the first {min(scored, n_epochs)} epochs, rest -1")
+    return aligned, (
+        f"{source}: hypnogram ({scored} epochs) is {relation} than the signal "
+        f"({n_epochs} epochs); stages aligned on the first {min(scored, n_epochs)} epochs, rest -1"
+    )
 
 
-def events_from_codes(codes: np.ndarray | list[int], *, epoch_seconds: float,
-                      onset_seconds: float = 0.0) -> tuple[StageEvent, ...]:
+def events_from_codes(
+    codes: np.ndarray | list[int], *, epoch_seconds: float, onset_seconds: float = 0.0
+) -> tuple[StageEvent, ...]:
     """Consecutive epochs of ``epoch_seconds`` (store codes) as merged stage events."""
     codes = np.asarray(codes, dtype=np.int64)
     if codes.size == 0:
@@ -192,5 +226,7 @@ def events_from_codes(codes: np.ndarray | list[int], *, epoch_seconds: float,
     change = np.flatnonzero(np.diff(codes)) + 1
     starts = np.concatenate([[0], change])
     stops = np.concatenate([change, [codes.size]])
-    return tuple(StageEvent(onset_seconds + float(a) * epoch_seconds, float(b - a) * epoch_seconds, int(codes[a]))
-                 for a, b in zip(starts, stops))
+    return tuple(
+        StageEvent(onset_seconds + float(a) * epoch_seconds, float(b - a) * epoch_seconds, int(codes[a]))
+        for a, b in zip(starts, stops)
+    )

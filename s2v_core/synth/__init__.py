@@ -10,14 +10,34 @@ Modules: :mod:`~s2v_core.synth.hypnogram` (stage process),
 """
 
 from s2v_core.synth.cohort import (
-    CohortSummary, RecordingSummary, SiteSummary, fake_identity, render_channels, write_cohort, write_site,
+    CohortSummary,
+    RecordingSummary,
+    SiteSummary,
+    fake_identity,
+    render_channels,
+    write_cohort,
+    write_site,
 )
 from s2v_core.synth.hypnogram import NightHypnogram, simulate_hypnogram
 from s2v_core.synth.night import Night, Subject, draw_subject, simulate_night
 from s2v_core.synth.sites import ARCHETYPES, DEFAULT_CYCLE, ChannelSpec, SiteArchetype
 
 __all__ = [
-    "ARCHETYPES", "DEFAULT_CYCLE", "ChannelSpec", "CohortSummary", "Night", "NightHypnogram",
-    "RecordingSummary", "SiteArchetype", "SiteSummary", "Subject", "draw_subject", "fake_identity",
-    "render_channels", "simulate_hypnogram", "simulate_night", "write_cohort", "write_site",
+    "ARCHETYPES",
+    "DEFAULT_CYCLE",
+    "ChannelSpec",
+    "CohortSummary",
+    "Night",
+    "NightHypnogram",
+    "RecordingSummary",
+    "SiteArchetype",
+    "SiteSummary",
+    "Subject",
+    "draw_subject",
+    "fake_identity",
+    "render_channels",
+    "simulate_hypnogram",
+    "simulate_night",
+    "write_cohort",
+    "write_site",
 ]

@@ -79,19 +79,21 @@ class Cardiorespiratory:
         freq = sig.to_rate(base_hz * factor * (1.0 + irregular * jitter), _CTRL, fs, n)
         self.phase = 2 * np.pi * np.cumsum(np.clip(freq, 0.05, 1.0)) / fs
         # Tidal volume: stable in N3, variable in REM and wake.
-        tidal = sig.to_rate(np.exp(0.8 * irregular * sig.shaped_noise(factor.size, _CTRL, sig.peak(0.0, 0.03), rng)),
-                            _CTRL, fs, n)
+        tidal = sig.to_rate(
+            np.exp(0.8 * irregular * sig.shaped_noise(factor.size, _CTRL, sig.peak(0.0, 0.03), rng)), _CTRL, fs, n
+        )
         recovery = np.zeros(self.seconds * _CTRL, dtype=np.float32)
         ends = night.event_onsets_s + night.event_durations_s
         sig.add_bursts(recovery, ends, np.full(ends.size, 12.0), np.full(ends.size, 0.8))
         tidal = tidal * (1.0 + sig.to_rate(recovery, _CTRL, fs, n))
         # Airflow stops in apnoeas (obstructive and central), is halved in hypopnoeas.
-        flow_gate = (self._event_gate((OBSTRUCTIVE, CENTRAL), 0.05, fs)
-                     * self._event_gate((HYPOPNOEA,), 0.45, fs))
+        flow_gate = self._event_gate((OBSTRUCTIVE, CENTRAL), 0.05, fs) * self._event_gate((HYPOPNOEA,), 0.45, fs)
         effort_gate = self._event_gate((CENTRAL,), 0.05, fs) * self._event_gate((HYPOPNOEA,), 0.8, fs)
         # Paradox: abdomen moves against the thorax while the airway is closed.
         paradox = (1.0 - self._event_gate((OBSTRUCTIVE,), 0.0, fs)) * np.pi * 0.9
-        self.airflow_signal = (tidal * flow_gate * (np.sin(self.phase) + 0.2 * np.sin(2 * self.phase))).astype(np.float32)
+        self.airflow_signal = (tidal * flow_gate * (np.sin(self.phase) + 0.2 * np.sin(2 * self.phase))).astype(
+            np.float32
+        )
         self.thorax_signal = (0.9 * tidal * effort_gate * np.sin(self.phase - np.pi / 2)).astype(np.float32)
         self.abdomen_signal = (tidal * effort_gate * np.sin(self.phase - np.pi / 2 - 0.3 - paradox)).astype(np.float32)
 
@@ -101,8 +103,12 @@ class Cardiorespiratory:
         drift = 2.0 * sig.shaped_noise(offset.size, _CTRL, sig.peak(0.0, 0.01), rng)
         surge = np.zeros(offset.size, dtype=np.float32)
         # Arousals accelerate the heart by ~10 bpm; apnoeas slow it a little.
-        sig.add_bursts(surge, night.arousal_onsets_s, night.arousal_durations_s + 6.0,
-                       rng.uniform(6.0, 14.0, night.arousal_onsets_s.size))
+        sig.add_bursts(
+            surge,
+            night.arousal_onsets_s,
+            night.arousal_durations_s + 6.0,
+            rng.uniform(6.0, 14.0, night.arousal_onsets_s.size),
+        )
         slow = 1.0 - self._event_gate((OBSTRUCTIVE, CENTRAL), 0.0, _CTRL) * 1.0
         hr = night.subject.heart_rate_bpm + offset + drift + surge - 4.0 * slow
         # Respiratory sinus arrhythmia: ~+-3 bpm, larger in the young.
@@ -126,8 +132,13 @@ class Cardiorespiratory:
         rng = self.rng
         samples = self.seconds * rate_hz
         t = np.arange(int(0.7 * rate_hz)) / rate_hz
-        waves = ((0.12, 0.10, 0.025), (-0.12, 0.19, 0.008), (1.0, 0.21, 0.010),
-                 (-0.25, 0.23, 0.010), (0.3, 0.45, 0.045))  # (mV, centre s, width s): P Q R S T
+        waves = (
+            (0.12, 0.10, 0.025),
+            (-0.12, 0.19, 0.008),
+            (1.0, 0.21, 0.010),
+            (-0.25, 0.23, 0.010),
+            (0.3, 0.45, 0.045),
+        )  # (mV, centre s, width s): P Q R S T
         template = sum(a * np.exp(-0.5 * ((t - c) / w) ** 2) for a, c, w in waves)
         beats = self.beats() - 0.21
         amplitude = rng.uniform(0.7, 1.4) * (1.0 + 0.05 * rng.standard_normal(beats.size))
@@ -142,8 +153,7 @@ class Cardiorespiratory:
 
     def respiration(self, kind: str, rate_hz: int) -> np.ndarray:
         """Airflow, thorax or abdomen (a.u., ~unit amplitude) at ``rate_hz``."""
-        source = {"airflow": self.airflow_signal, "thorax": self.thorax_signal,
-                  "abdomen": self.abdomen_signal}[kind]
+        source = {"airflow": self.airflow_signal, "thorax": self.thorax_signal, "abdomen": self.abdomen_signal}[kind]
         noisy = source + 0.03 * self.rng.standard_normal(source.size, dtype=np.float32)
         return sig.resample(noisy, RESP_RATE_HZ, rate_hz, self.seconds * rate_hz)
 
@@ -152,15 +162,20 @@ class Cardiorespiratory:
         night, rng = self.night, self.rng
         t = np.arange(self.seconds * rate_hz) / rate_hz
         value = np.full(t.size, night.subject.spo2_baseline, dtype=np.float64)
-        value += 0.4 * sig.to_rate(sig.shaped_noise(self.seconds * _CTRL, _CTRL, sig.peak(0.0, 0.005), rng),
-                                   _CTRL, rate_hz, t.size)
+        value += 0.4 * sig.to_rate(
+            sig.shaped_noise(self.seconds * _CTRL, _CTRL, sig.peak(0.0, 0.005), rng), _CTRL, rate_hz, t.size
+        )
         # REM and wake: baseline shifts of a fraction of a percent.
         column = _column(night.hypnogram.stages)
-        value += sig.to_rate(sig.epochs_to_control(np.where(column == REM, -0.5, 0.0)
-                                                   + np.where(column == W, 0.3, 0.0), smooth_seconds=60.0),
-                             _CTRL, rate_hz, t.size)
-        for onset, duration, depth in zip(night.event_onsets_s, night.event_durations_s,
-                                          night.event_desaturations):
+        value += sig.to_rate(
+            sig.epochs_to_control(
+                np.where(column == REM, -0.5, 0.0) + np.where(column == W, 0.3, 0.0), smooth_seconds=60.0
+            ),
+            _CTRL,
+            rate_hz,
+            t.size,
+        )
+        for onset, duration, depth in zip(night.event_onsets_s, night.event_durations_s, night.event_desaturations):
             fall = onset + SPO2_DELAY_S * 0.5
             nadir = onset + duration + SPO2_DELAY_S * 0.5
             back = nadir + rng.uniform(10.0, 18.0)
@@ -169,7 +184,7 @@ class Cardiorespiratory:
         value = np.clip(np.round(value), 50.0, 100.0)
         for _ in range(rng.poisson(1.0)):
             start = int(rng.uniform(0, max(self.seconds - 60, 1)) * rate_hz)
-            value[start:start + int(rng.uniform(5, 30) * rate_hz)] = 0.0
+            value[start : start + int(rng.uniform(5, 30) * rate_hz)] = 0.0
         return value.astype(np.float32)
 
 

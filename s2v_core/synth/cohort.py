@@ -31,16 +31,59 @@ from s2v_core.synth.night import Night, Subject, draw_subject, simulate_night
 from s2v_core.synth.physiology import Electrophysiology
 from s2v_core.synth.sites import ChannelSpec, SiteArchetype, resolve_archetypes, site_names
 from s2v_core.synth.writers import (
-    HeaderIdentity, site_config_toml, write_edf_hypnogram, write_metadata_csv, write_nsrr_xml,
-    write_signals, write_stage_csv,
+    HeaderIdentity,
+    site_config_toml,
+    write_edf_hypnogram,
+    write_metadata_csv,
+    write_nsrr_xml,
+    write_signals,
+    write_stage_csv,
 )
 
 log = logging.getLogger(__name__)
 
-_GIVEN = ("Jane", "John", "Maria", "Ahmed", "Yuki", "Olga", "Pierre", "Amara", "Lars", "Chen",
-          "Fatima", "Diego", "Ingrid", "Kwame", "Sofia", "Ravi", "Hanna", "Tomasz", "Leila", "Mateo")
-_FAMILY = ("Doe", "Smith", "Moreau", "Nakamura", "Okafor", "Lindqvist", "Kowalski", "Haddad", "Garcia",
-           "Jansen", "Ivanova", "Mensah", "Rossi", "Patel", "Schmidt", "Fernandes", "Novak", "Dubois")
+_GIVEN = (
+    "Jane",
+    "John",
+    "Maria",
+    "Ahmed",
+    "Yuki",
+    "Olga",
+    "Pierre",
+    "Amara",
+    "Lars",
+    "Chen",
+    "Fatima",
+    "Diego",
+    "Ingrid",
+    "Kwame",
+    "Sofia",
+    "Ravi",
+    "Hanna",
+    "Tomasz",
+    "Leila",
+    "Mateo",
+)
+_FAMILY = (
+    "Doe",
+    "Smith",
+    "Moreau",
+    "Nakamura",
+    "Okafor",
+    "Lindqvist",
+    "Kowalski",
+    "Haddad",
+    "Garcia",
+    "Jansen",
+    "Ivanova",
+    "Mensah",
+    "Rossi",
+    "Patel",
+    "Schmidt",
+    "Fernandes",
+    "Novak",
+    "Dubois",
+)
 _HYPNOGRAM_LETTERS = "CHJMPRVW"
 _ELECTRO = ("eeg", "eog", "emg")
 
@@ -116,7 +159,8 @@ def fake_identity(*, seed: int, site: int, recording: int) -> HeaderIdentity:
     rng = _stream(seed, site, recording, 1)
     birth = dt.date(1925, 1, 1) + dt.timedelta(days=int(rng.integers(0, 365 * 80)))
     start = dt.datetime(1995, 1, 1, 21, 0, 0) + dt.timedelta(
-        days=int(rng.integers(0, 365 * 25)), minutes=int(rng.integers(0, 150)))
+        days=int(rng.integers(0, 365 * 25)), minutes=int(rng.integers(0, 150))
+    )
     return HeaderIdentity(
         patient_name=f"{_FAMILY[rng.integers(len(_FAMILY))]}_{_GIVEN[rng.integers(len(_GIVEN))]}",
         patient_code=f"MRN{int(rng.integers(10**6, 10**7))}",
@@ -150,8 +194,14 @@ def render_channels(archetype: SiteArchetype, night: Night, rng: np.random.Gener
     return data
 
 
-def _render(spec: ChannelSpec, archetype: SiteArchetype, night: Night, electro: Electrophysiology,
-            cardio: Cardiorespiratory, rng: np.random.Generator) -> np.ndarray:
+def _render(
+    spec: ChannelSpec,
+    archetype: SiteArchetype,
+    night: Night,
+    electro: Electrophysiology,
+    cardio: Cardiorespiratory,
+    rng: np.random.Generator,
+) -> np.ndarray:
     rate, kind = spec.rate_hz, spec.kind
     samples = night.seconds * rate
     if kind == "eeg":
@@ -183,26 +233,37 @@ def _render(spec: ChannelSpec, archetype: SiteArchetype, night: Night, electro: 
     return values
 
 
-def _add_artefacts(values: np.ndarray, rate: int, night: Night, archetype: SiteArchetype,
-                   rng: np.random.Generator) -> None:
+def _add_artefacts(
+    values: np.ndarray, rate: int, night: Night, archetype: SiteArchetype, rng: np.random.Generator
+) -> None:
     """Electrode pops, movement bursts and flat (disconnected) stretches, in place."""
     hours = night.seconds / 3600.0
     tau = np.arange(int(3 * rate)) / rate
     for onset in rng.uniform(0, night.seconds - 4, rng.poisson(0.5 * hours)):
         start = int(onset * rate)
         stop = min(start + tau.size, values.size)
-        values[start:stop] += rng.choice([-1, 1]) * rng.uniform(100, 400) * np.exp(-tau[:stop - start] / rng.uniform(0.2, 0.8))
+        values[start:stop] += (
+            rng.choice([-1, 1]) * rng.uniform(100, 400) * np.exp(-tau[: stop - start] / rng.uniform(0.2, 0.8))
+        )
     for epoch in np.flatnonzero(night.hypnogram.stages < 0):
         start, stop = epoch * EPOCH_SECONDS * rate, (epoch + 1) * EPOCH_SECONDS * rate
         values[start:stop] += np.cumsum(rng.standard_normal(stop - start)) * (30.0 / np.sqrt(rate))
     if rng.random() < archetype.flat_segment_probability:
         length = int(rng.uniform(10, 120) * rate)
         start = int(rng.uniform(0, max(values.size - length, 1)))
-        values[start:start + length] = 0.0
+        values[start : start + length] = 0.0
 
 
-def _metadata_row(archetype: SiteArchetype, key: str, subject: str, night_number: int, person, night: Night,
-                  rng: np.random.Generator, start: dt.datetime) -> list[object]:
+def _metadata_row(
+    archetype: SiteArchetype,
+    key: str,
+    subject: str,
+    night_number: int,
+    person,
+    night: Night,
+    rng: np.random.Generator,
+    start: dt.datetime,
+) -> list[object]:
     age, sex, _, bmi = person
     meta = archetype.metadata
     ahi = night.event_onsets_s.size / night.sleep_hours if night.sleep_hours > 0 else 0.0
@@ -216,9 +277,15 @@ def _metadata_row(archetype: SiteArchetype, key: str, subject: str, night_number
     row[meta.sex_column] = meta.male_value if sex == 1 else meta.female_value
     row[meta.ahi_column] = round(ahi, 2)
     row[meta.hypertension_column] = hypertension
-    extras = {"bmi_s1": round(bmi, 1), "bmi5c": round(bmi, 1), "bmi": round(bmi, 1),
-              "race1c": int(rng.integers(1, 5)), "epworth": int(rng.integers(0, 25)),
-              "night": night_number, "lights_off": f"{start:%H:%M:%S}"}
+    extras = {
+        "bmi_s1": round(bmi, 1),
+        "bmi5c": round(bmi, 1),
+        "bmi": round(bmi, 1),
+        "race1c": int(rng.integers(1, 5)),
+        "epworth": int(rng.integers(0, 25)),
+        "night": night_number,
+        "lights_off": f"{start:%H:%M:%S}",
+    }
     for column in meta.extra_columns:
         row[column] = extras[column]
     return list(row.values())
@@ -227,23 +294,29 @@ def _metadata_row(archetype: SiteArchetype, key: str, subject: str, night_number
 def _metadata_header(archetype: SiteArchetype) -> list[str]:
     meta = archetype.metadata
     header = [meta.key_column] + ([meta.subject_column] if meta.subject_column else [])
-    return header + [meta.age_column, meta.sex_column, meta.ahi_column, meta.hypertension_column,
-                     *meta.extra_columns]
+    return header + [meta.age_column, meta.sex_column, meta.ahi_column, meta.hypertension_column, *meta.extra_columns]
 
 
 def _names(archetype: SiteArchetype, recording: int, rng: np.random.Generator) -> dict[str, object]:
     nights = archetype.population.nights_per_subject
     subject_number = archetype.first_subject_id + recording // nights
-    return {"subject": subject_number, "night": recording % nights + 1, "index": recording + 1,
-            "letter": _HYPNOGRAM_LETTERS[int(rng.integers(len(_HYPNOGRAM_LETTERS)))]}
+    return {
+        "subject": subject_number,
+        "night": recording % nights + 1,
+        "index": recording + 1,
+        "letter": _HYPNOGRAM_LETTERS[int(rng.integers(len(_HYPNOGRAM_LETTERS)))],
+    }
 
 
-def _check_site_directory(directory: Path, archetype: SiteArchetype, *, site_index: int, recordings: int,
-                          seed: int) -> list[dict[str, object]]:
+def _check_site_directory(
+    directory: Path, archetype: SiteArchetype, *, site_index: int, recordings: int, seed: int
+) -> list[dict[str, object]]:
     """File-name fields of every recording; refuse a directory holding files this run would not write."""
     if recordings > archetype.max_recordings:
-        raise ValueError(f"recordings_per_site: the {archetype.key} naming convention holds at most "
-                         f"{archetype.max_recordings} recordings, found {recordings}")
+        raise ValueError(
+            f"recordings_per_site: the {archetype.key} naming convention holds at most "
+            f"{archetype.max_recordings} recordings, found {recordings}"
+        )
     all_names = [_names(archetype, r, _stream(seed, site_index, r, 2)) for r in range(recordings)]
     planned = {archetype.signal_name.format(**n) for n in all_names}
     planned |= {archetype.hypnogram_name.format(**n) for n in all_names}
@@ -252,21 +325,23 @@ def _check_site_directory(directory: Path, archetype: SiteArchetype, *, site_ind
         # A stale recording of an earlier, larger run would be ingested as part of the site.
         foreign = sorted(p.name for p in directory.iterdir() if p.name not in planned)
         if foreign:
-            raise ValueError(f"{directory}: expected an empty or earlier `s2v synth` site directory, found "
-                             f"other files ({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}); "
-                             "remove them or write to another OUT")
+            raise ValueError(
+                f"{directory}: expected an empty or earlier `s2v synth` site directory, found "
+                f"other files ({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}); "
+                "remove them or write to another OUT"
+            )
     return all_names
 
 
-def write_site(directory: Path, name: str, archetype: SiteArchetype, *, site_index: int,
-               recordings: int, hours: float, seed: int) -> SiteSummary:
+def write_site(
+    directory: Path, name: str, archetype: SiteArchetype, *, site_index: int, recordings: int, hours: float, seed: int
+) -> SiteSummary:
     """Write one site (signals, hypnograms, metadata, site.toml) into ``directory``.
 
     Files of an earlier run with the same names are overwritten; any other file
     in ``directory`` is an error (it would be ingested as part of the site).
     """
-    all_names = _check_site_directory(directory, archetype, site_index=site_index, recordings=recordings,
-                                      seed=seed)
+    all_names = _check_site_directory(directory, archetype, site_index=site_index, recordings=recordings, seed=seed)
     directory.mkdir(parents=True, exist_ok=True)
     epochs = max(int(round(hours * 3600 / EPOCH_SECONDS)), 1)
     summaries, rows = [], []
@@ -283,27 +358,56 @@ def write_site(directory: Path, name: str, archetype: SiteArchetype, *, site_ind
         signal_path = directory / archetype.signal_name.format(**names)
         hypnogram_path = directory / archetype.hypnogram_name.format(**names)
         data = render_channels(archetype, night, rng)
-        write_signals(signal_path, archetype.channels, data, file_format=archetype.signal_format,
-                      identity=identity, equipment=archetype.equipment)
+        write_signals(
+            signal_path,
+            archetype.channels,
+            data,
+            file_format=archetype.signal_format,
+            identity=identity,
+            equipment=archetype.equipment,
+        )
         _write_hypnogram(hypnogram_path, archetype, night, identity)
         config = SiteConfig(name=name, key_regex=archetype.key_regex)
         key = config.recording_key(signal_path)
         subject_id = f"P{names['subject']:03d}" if archetype.key == "wearable_like" else str(names["subject"])
-        rows.append(_metadata_row(archetype, key, subject_id, int(names["night"]),
-                                  (age, sex, ahi, bmi), night, _stream(seed, site_index, recording, 3),
-                                  identity.start))
-        summaries.append(RecordingSummary(
-            key=key, subject=subject_id, signal_path=signal_path, hypnogram_path=hypnogram_path,
-            hours=night.seconds / 3600.0, age=age, sex=sex,
-            ahi=float(rows[-1][_metadata_header(archetype).index(archetype.metadata.ahi_column)]),
-            identity=identity))
+        rows.append(
+            _metadata_row(
+                archetype,
+                key,
+                subject_id,
+                int(names["night"]),
+                (age, sex, ahi, bmi),
+                night,
+                _stream(seed, site_index, recording, 3),
+                identity.start,
+            )
+        )
+        summaries.append(
+            RecordingSummary(
+                key=key,
+                subject=subject_id,
+                signal_path=signal_path,
+                hypnogram_path=hypnogram_path,
+                hours=night.seconds / 3600.0,
+                age=age,
+                sex=sex,
+                ahi=float(rows[-1][_metadata_header(archetype).index(archetype.metadata.ahi_column)]),
+                identity=identity,
+            )
+        )
         log.debug("site %s: wrote %s (%.2f h)", name, signal_path.name, night.seconds / 3600.0)
     metadata_path = directory / archetype.metadata.file
     write_metadata_csv(metadata_path, _metadata_header(archetype), rows)
     site_config = directory / "site.toml"
     site_config.write_text(site_config_toml(name, archetype), encoding="utf-8")
-    return SiteSummary(name=name, archetype=archetype.key, directory=directory, site_config=site_config,
-                       metadata_path=metadata_path, recordings=tuple(summaries))
+    return SiteSummary(
+        name=name,
+        archetype=archetype.key,
+        directory=directory,
+        site_config=site_config,
+        metadata_path=metadata_path,
+        recordings=tuple(summaries),
+    )
 
 
 def _write_hypnogram(path: Path, archetype: SiteArchetype, night: Night, identity: HeaderIdentity) -> None:
@@ -315,8 +419,9 @@ def _write_hypnogram(path: Path, archetype: SiteArchetype, night: Night, identit
         label = next((c.label for c in archetype.channels if c.kind == "spo2"), "SpO2")
         airflow = next((c.label for c in archetype.channels if c.kind == "airflow"), "Airflow")
         # SHHS-1 was scored with R&K (stage 4 kept in NSRR XML); MESA with AASM.
-        write_nsrr_xml(path, night, start=start, rk=archetype.key == "shhs_like", spo2_label=label,
-                       airflow_label=airflow)
+        write_nsrr_xml(
+            path, night, start=start, rk=archetype.key == "shhs_like", spo2_label=label, airflow_label=airflow
+        )
     else:
         write_stage_csv(path, night.hypnogram)
 
@@ -367,13 +472,25 @@ def write_cohort(
     started = time.perf_counter()
     written = []
     for index, (name, archetype) in enumerate(zip(names, chosen)):
-        written.append(write_site(root / name, name, archetype, site_index=index,
-                                  recordings=recordings_per_site, hours=hours, seed=seed))
+        written.append(
+            write_site(
+                root / name, name, archetype, site_index=index, recordings=recordings_per_site, hours=hours, seed=seed
+            )
+        )
         log.info("site %s (%s): %d recordings", name, archetype.key, recordings_per_site)
     total_hours = sum(r.hours for s in written for r in s.recordings)
-    return CohortSummary(root=root, sites=tuple(written), hours_written=total_hours,
-                         seconds=time.perf_counter() - started)
+    return CohortSummary(
+        root=root, sites=tuple(written), hours_written=total_hours, seconds=time.perf_counter() - started
+    )
 
 
-__all__ = ["CohortSummary", "RecordingSummary", "SiteSummary", "Subject", "fake_identity",
-           "render_channels", "write_cohort", "write_site"]
+__all__ = [
+    "CohortSummary",
+    "RecordingSummary",
+    "SiteSummary",
+    "Subject",
+    "fake_identity",
+    "render_channels",
+    "write_cohort",
+    "write_site",
+]

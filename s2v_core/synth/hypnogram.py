@@ -72,7 +72,7 @@ def _cycle(rng: np.random.Generator, index: int, *, age: float, ahi: float) -> l
     rem = _minutes(rng, min(6.0 + 8.0 * index, 35.0), 3.0, 2.0)
     # Slow-wave sleep: ~40 min in the first cycle at 20 years, shrinking ~1 %/year
     # and by about half with each cycle; severe apnoea fragments it further.
-    sws_minutes = max(40.0 - 0.45 * (age - 20.0), 6.0) * (0.45 ** index) * (1.0 - min(ahi, 60.0) / 150.0)
+    sws_minutes = max(40.0 - 0.45 * (age - 20.0), 6.0) * (0.45**index) * (1.0 - min(ahi, 60.0) / 150.0)
     sws = _minutes(rng, sws_minutes, 0.25 * sws_minutes + 0.5, 0.0) if sws_minutes > 2.0 else 0
     nrem = max(length - rem - sws, 4 * _EPOCHS_PER_MINUTE)
     descent = max(int(nrem * rng.uniform(0.35, 0.55)), 2)
@@ -101,10 +101,10 @@ def _fragment(stages: np.ndarray, rng: np.random.Generator, *, age: float, ahi: 
     starts = rng.choice(asleep, size=min(count, asleep.size), replace=False, p=weights / weights.sum())
     for start in np.sort(starts):
         wake = int(rng.integers(1, 4))
-        stages[start:start + wake] = W
+        stages[start : start + wake] = W
         if rng.random() < 0.06:
             stages[start] = UNKNOWN_STAGE
-        stages[start + wake:start + wake + int(rng.integers(1, 3))] = N1
+        stages[start + wake : start + wake + int(rng.integers(1, 3))] = N1
     # Isolated N1 epochs inside N2 (light, unstable NREM).
     n2 = np.flatnonzero(stages == N2)
     if n2.size:

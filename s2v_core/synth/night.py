@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from s2v_core.modalities import EPOCH_SECONDS
-from s2v_core.synth.hypnogram import N1, N2, N3, REM, W, NightHypnogram, simulate_hypnogram
+from s2v_core.synth.hypnogram import N1, N2, N3, REM, NightHypnogram, W, simulate_hypnogram
 
 #: Respiratory event kinds (AASM): obstructive apnoea, central apnoea, hypopnoea.
 OBSTRUCTIVE, CENTRAL, HYPOPNOEA = 0, 1, 2
@@ -89,7 +89,9 @@ def draw_subject(*, age: float, sex: int, ahi: float, rng: np.random.Generator) 
         # SpO2 falls slightly with age and with apnoea severity.
         spo2_baseline=float(np.clip(rng.normal(97.0 - 0.03 * (age - 40.0) - 0.03 * ahi, 0.8), 91.0, 99.0)),
         # Women have higher EEG amplitudes; amplitude declines with age.
-        eeg_scale=float(rng.lognormal(0.0, 0.15) * (1.1 if sex == 0 else 1.0) * np.clip(1.1 - 0.004 * (age - 20.0), 0.8, 1.15)),
+        eeg_scale=float(
+            rng.lognormal(0.0, 0.15) * (1.1 if sex == 0 else 1.0) * np.clip(1.1 - 0.004 * (age - 20.0), 0.8, 1.15)
+        ),
         alpha_hz=float(np.clip(rng.normal(10.4 - 0.015 * (age - 20.0), 0.5), 8.0, 12.0)),
         spindle_hz=float(np.clip(rng.normal(13.0, 0.5), 11.5, 14.5)),
     )
@@ -175,8 +177,14 @@ def simulate_night(subject: Subject, *, epochs: int, rng: np.random.Generator) -
     event_arousals = onsets[ends_in_arousal] + durations[ends_in_arousal] - 1.0
     sleep_epochs = np.flatnonzero(np.isin(hypnogram.stages, (N1, N2, REM)))
     spontaneous_count = rng.poisson((5.0 + 0.12 * subject.age) * len(sleep_epochs) * EPOCH_SECONDS / 3600.0)
-    spontaneous = (rng.choice(sleep_epochs, size=spontaneous_count) * EPOCH_SECONDS
-                   + rng.uniform(0, EPOCH_SECONDS, spontaneous_count)) if sleep_epochs.size else np.zeros(0)
+    spontaneous = (
+        (
+            rng.choice(sleep_epochs, size=spontaneous_count) * EPOCH_SECONDS
+            + rng.uniform(0, EPOCH_SECONDS, spontaneous_count)
+        )
+        if sleep_epochs.size
+        else np.zeros(0)
+    )
     arousal_onsets = np.sort(np.concatenate([event_arousals, spontaneous]))
     arousal_durations = rng.uniform(3.0, 14.0, arousal_onsets.size)
     # Awakening epochs themselves are arousals too: their onset is the epoch start.

@@ -51,12 +51,42 @@ DEPTH_AMPLITUDE_UV = {"slow": 26.0, "delta": 12.0}
 EMG_TONE_UV = (18.0, 10.0, 7.0, 6.0, 2.0, 45.0)
 #: Location gains of the shared sources (scalp topography).
 LOCATION_GAINS: dict[str, dict[str, float]] = {
-    "frontal": {"slow": 1.3, "delta": 1.2, "theta": 1.0, "alpha": 0.5, "sigma": 0.8, "beta": 0.9,
-                "background": 1.0, "kcomplex": 1.2, "vertex": 0.8, "sawtooth": 0.8},
-    "central": {"slow": 1.0, "delta": 1.0, "theta": 1.0, "alpha": 0.8, "sigma": 1.0, "beta": 1.0,
-                "background": 1.0, "kcomplex": 1.0, "vertex": 1.0, "sawtooth": 1.0},
-    "occipital": {"slow": 0.6, "delta": 0.7, "theta": 0.8, "alpha": 1.6, "sigma": 0.6, "beta": 0.8,
-                  "background": 0.9, "kcomplex": 0.5, "vertex": 0.5, "sawtooth": 0.6},
+    "frontal": {
+        "slow": 1.3,
+        "delta": 1.2,
+        "theta": 1.0,
+        "alpha": 0.5,
+        "sigma": 0.8,
+        "beta": 0.9,
+        "background": 1.0,
+        "kcomplex": 1.2,
+        "vertex": 0.8,
+        "sawtooth": 0.8,
+    },
+    "central": {
+        "slow": 1.0,
+        "delta": 1.0,
+        "theta": 1.0,
+        "alpha": 0.8,
+        "sigma": 1.0,
+        "beta": 1.0,
+        "background": 1.0,
+        "kcomplex": 1.0,
+        "vertex": 1.0,
+        "sawtooth": 1.0,
+    },
+    "occipital": {
+        "slow": 0.6,
+        "delta": 0.7,
+        "theta": 0.8,
+        "alpha": 1.6,
+        "sigma": 0.6,
+        "beta": 0.8,
+        "background": 0.9,
+        "kcomplex": 0.5,
+        "vertex": 0.5,
+        "sawtooth": 0.6,
+    },
 }
 # Fraction of each channel's signal that is local (not shared with other derivations).
 _LOCAL_FRACTION = 0.35
@@ -112,7 +142,8 @@ class Electrophysiology:
             controls[name] = sig.epochs_to_control(per_epoch) * jitter * night.subject.eeg_scale
         tone = np.asarray(EMG_TONE_UV, dtype=np.float32)[column] * rng.lognormal(0.0, 0.25)
         controls["emg"] = sig.epochs_to_control(tone, smooth_seconds=3.0) * sig.slow_jitter(
-            self.control_samples, rng, sd=0.25, correlation_seconds=10.0)
+            self.control_samples, rng, sd=0.25, correlation_seconds=10.0
+        )
         controls["sigma"] = np.zeros(self.control_samples, dtype=np.float32)
         self._add_spindles(controls["sigma"], young)
         # Arousals: alpha and beta bursts with a jump in chin tone.
@@ -123,8 +154,9 @@ class Electrophysiology:
         sig.add_bursts(controls["emg"], onsets, durations, rng.uniform(8.0, 25.0, onsets.size))
         # REM twitches: brief phasic bursts of chin EMG on top of atonia.
         twitches = self._events_in(REM, rate_per_epoch=2.0)
-        sig.add_bursts(controls["emg"], twitches, rng.uniform(0.15, 0.5, twitches.size),
-                       rng.uniform(5.0, 15.0, twitches.size))
+        sig.add_bursts(
+            controls["emg"], twitches, rng.uniform(0.15, 0.5, twitches.size), rng.uniform(5.0, 15.0, twitches.size)
+        )
         return controls
 
     def _events_in(self, stage: int, *, rate_per_epoch: float) -> np.ndarray:
@@ -137,9 +169,13 @@ class Electrophysiology:
     def _add_spindles(self, sigma: np.ndarray, young: float) -> None:
         """Spindle envelopes: ~4/min in N2, fewer in N3 and N1, smaller with age."""
         rng = self.rng
-        times = np.concatenate([self._events_in(N2, rate_per_epoch=2.0),
-                                self._events_in(N3, rate_per_epoch=0.7),
-                                self._events_in(N1, rate_per_epoch=0.1)])
+        times = np.concatenate(
+            [
+                self._events_in(N2, rate_per_epoch=2.0),
+                self._events_in(N3, rate_per_epoch=0.7),
+                self._events_in(N1, rate_per_epoch=0.1),
+            ]
+        )
         durations = rng.uniform(0.5, 2.0, times.size)
         amplitudes = rng.uniform(10.0, 28.0, times.size) * np.sqrt(young) * self.night.subject.eeg_scale
         sig.add_bursts(sigma, times, durations, amplitudes)
@@ -217,8 +253,11 @@ class Electrophysiology:
         # Rapid eye movements come in phasic bursts in REM; scanning saccades in wake.
         bursts = self._events_in(REM, rate_per_epoch=1.2)
         per_burst = rng.integers(2, 8, bursts.size)
-        rem_times = np.repeat(bursts, per_burst) + np.concatenate(
-            [np.cumsum(rng.uniform(0.25, 0.9, k)) for k in per_burst]) if bursts.size else np.zeros(0)
+        rem_times = (
+            np.repeat(bursts, per_burst) + np.concatenate([np.cumsum(rng.uniform(0.25, 0.9, k)) for k in per_burst])
+            if bursts.size
+            else np.zeros(0)
+        )
         wake_times = self._events_in(W, rate_per_epoch=12.0)
         times = np.concatenate([rem_times, wake_times])
         amplitude = np.concatenate([rng.uniform(60, 200, rem_times.size), rng.uniform(30, 110, wake_times.size)])
@@ -258,7 +297,7 @@ class Electrophysiology:
         if rate_hz not in self._muscle:
             self._muscle[rate_hz] = sig.muscle_noise(samples + 60 * rate_hz, rate_hz, self.rng)
         shift = int(self.rng.integers(rate_hz * 5, rate_hz * 60))
-        return self._muscle[rate_hz][shift:shift + samples]
+        return self._muscle[rate_hz][shift : shift + samples]
 
     def emg_tone(self, rate_hz: int, samples: int) -> np.ndarray:
         """Chin EMG RMS envelope (uV) on a ``rate_hz`` grid (cached per rate)."""

@@ -32,8 +32,9 @@ def shaped_noise(samples: int, rate_hz: float, shape, rng: np.random.Generator) 
     """
     length = scipy.fft.next_fast_len(samples, real=True)
     freqs = np.fft.rfftfreq(length, 1.0 / rate_hz).astype(np.float32)
-    spectrum = (rng.standard_normal(freqs.size, dtype=np.float32)
-                + 1j * rng.standard_normal(freqs.size, dtype=np.float32)).astype(np.complex64)
+    spectrum = (
+        rng.standard_normal(freqs.size, dtype=np.float32) + 1j * rng.standard_normal(freqs.size, dtype=np.float32)
+    ).astype(np.complex64)
     spectrum *= np.asarray(shape(freqs), dtype=np.float32)
     spectrum[0] = 0.0
     out = scipy.fft.irfft(spectrum, n=length, workers=2)[:samples].astype(np.float32)
@@ -43,10 +44,12 @@ def shaped_noise(samples: int, rate_hz: float, shape, rng: np.random.Generator) 
 
 def band(low: float, high: float, edge: float = 0.3):
     """Amplitude spectrum of a band with smooth (raised-cosine, ``edge`` Hz) flanks."""
+
     def shape(freqs: np.ndarray) -> np.ndarray:
         rise = np.clip((freqs - (low - edge)) / (2 * edge), 0.0, 1.0)
         fall = np.clip(((high + edge) - freqs) / (2 * edge), 0.0, 1.0)
         return np.sin(0.5 * np.pi * rise) ** 2 * np.sin(0.5 * np.pi * fall) ** 2
+
     return shape
 
 
@@ -57,9 +60,11 @@ def peak(centre: float, width: float):
 
 def aperiodic(exponent: float, low: float, high: float):
     """1/f**exponent power spectrum between ``low`` and ``high`` Hz (the EEG background)."""
+
     def shape(freqs: np.ndarray) -> np.ndarray:
         f = np.maximum(freqs, low)
         return f ** (-exponent / 2.0) * band(low, high, edge=min(low, 2.0))(freqs)
+
     return shape
 
 
@@ -85,8 +90,14 @@ def slow_jitter(samples: int, rng: np.random.Generator, *, sd: float, correlatio
     return np.exp(sd * noise).astype(np.float32)
 
 
-def add_bursts(control: np.ndarray, onsets_s: np.ndarray, durations_s: np.ndarray,
-               amplitudes: np.ndarray, *, rate_hz: float = CONTROL_RATE_HZ) -> None:
+def add_bursts(
+    control: np.ndarray,
+    onsets_s: np.ndarray,
+    durations_s: np.ndarray,
+    amplitudes: np.ndarray,
+    *,
+    rate_hz: float = CONTROL_RATE_HZ,
+) -> None:
     """Add Hann-shaped bursts (waxing-waning) to ``control`` in place."""
     for onset, duration, amplitude in zip(onsets_s, durations_s, amplitudes):
         start = int(onset * rate_hz)
@@ -94,7 +105,7 @@ def add_bursts(control: np.ndarray, onsets_s: np.ndarray, durations_s: np.ndarra
         stop = min(start + length, control.size)
         if start >= control.size or stop <= start:
             continue
-        control[start:stop] += amplitude * np.hanning(length + 2)[1:stop - start + 1]
+        control[start:stop] += amplitude * np.hanning(length + 2)[1 : stop - start + 1]
 
 
 def to_rate(control: np.ndarray, from_hz: float, to_hz: float, samples: int) -> np.ndarray:
@@ -160,8 +171,9 @@ def mains(samples: int, rate_hz: int, mains_hz: int, amplitude: float, rng: np.r
     return wave
 
 
-def place_waveforms(samples: int, rate_hz: float, onsets_s: np.ndarray, template: np.ndarray,
-                    amplitudes: np.ndarray) -> np.ndarray:
+def place_waveforms(
+    samples: int, rate_hz: float, onsets_s: np.ndarray, template: np.ndarray, amplitudes: np.ndarray
+) -> np.ndarray:
     """Sum of copies of ``template`` starting at ``onsets_s`` (s) scaled by ``amplitudes``."""
     impulses = np.zeros(samples, dtype=np.float32)
     index = np.round(np.asarray(onsets_s) * rate_hz).astype(np.int64)

@@ -22,8 +22,22 @@ from dataclasses import dataclass
 
 #: Generators a channel can be filled by.
 CHANNEL_KINDS = (
-    "eeg", "eog", "emg", "emg_envelope", "ecg", "hr", "spo2", "airflow", "thorax", "abdomen",
-    "position", "light", "temperature", "snore", "activity", "marker",
+    "eeg",
+    "eog",
+    "emg",
+    "emg_envelope",
+    "ecg",
+    "hr",
+    "spo2",
+    "airflow",
+    "thorax",
+    "abdomen",
+    "position",
+    "light",
+    "temperature",
+    "snore",
+    "activity",
+    "marker",
 )
 #: Hypnogram conventions a site can write (wording differs, the format name is the site config's).
 HYPNOGRAM_STYLES = ("nsrr_xml", "edf_rk", "edf_aasm", "csv")
@@ -154,8 +168,9 @@ class SiteArchetype:
     @property
     def hypnogram_format(self) -> str:
         """The site config's ``[hypnogram].format`` for this archetype."""
-        return {"nsrr_xml": "nsrr_xml", "edf_rk": "edf_annotations",
-                "edf_aasm": "edf_annotations", "csv": "csv"}[self.hypnogram_style]
+        return {"nsrr_xml": "nsrr_xml", "edf_rk": "edf_annotations", "edf_aasm": "edf_annotations", "csv": "csv"}[
+            self.hypnogram_style
+        ]
 
 
 def _ch(label, kind, rate, unit, lo, hi, modality, location="central", gain=1.0, offset=0.0):
@@ -186,12 +201,18 @@ SHHS_LIKE = SiteArchetype(
     mains_hz=60,
     mains_uv=4.0,
     eeg_scale=1.0,
-    population=Population(age_mean=63, age_sd=11, age_range=(40, 90), male_fraction=0.47,
-                          ahi_median=9.0),
-    metadata=MetadataLayout(file="shhs1-dataset.csv", key_column="nsrrid", age_column="age_s1",
-                            sex_column="gender", female_value="2", male_value="1",
-                            ahi_column="ahi_a0h3", hypertension_column="htnderv_s1",
-                            extra_columns=("bmi_s1",)),
+    population=Population(age_mean=63, age_sd=11, age_range=(40, 90), male_fraction=0.47, ahi_median=9.0),
+    metadata=MetadataLayout(
+        file="shhs1-dataset.csv",
+        key_column="nsrrid",
+        age_column="age_s1",
+        sex_column="gender",
+        female_value="2",
+        male_value="1",
+        ahi_column="ahi_a0h3",
+        hypertension_column="htnderv_s1",
+        extra_columns=("bmi_s1",),
+    ),
     signal_name="shhs1-{subject}.edf",
     hypnogram_name="shhs1-{subject}-nsrr.xml",
     signal_globs=("shhs1-*.edf",),
@@ -227,12 +248,18 @@ MESA_LIKE = SiteArchetype(
     mains_hz=60,
     mains_uv=6.0,
     eeg_scale=0.9,
-    population=Population(age_mean=69, age_sd=9, age_range=(54, 94), male_fraction=0.46,
-                          ahi_median=13.0),
-    metadata=MetadataLayout(file="mesa-sleep-dataset.csv", key_column="mesaid",
-                            age_column="sleepage5c", sex_column="gender1", female_value="0",
-                            male_value="1", ahi_column="ahiu35", hypertension_column="htn5c",
-                            extra_columns=("bmi5c", "race1c")),
+    population=Population(age_mean=69, age_sd=9, age_range=(54, 94), male_fraction=0.46, ahi_median=13.0),
+    metadata=MetadataLayout(
+        file="mesa-sleep-dataset.csv",
+        key_column="mesaid",
+        age_column="sleepage5c",
+        sex_column="gender1",
+        female_value="0",
+        male_value="1",
+        ahi_column="ahiu35",
+        hypertension_column="htn5c",
+        extra_columns=("bmi5c", "race1c"),
+    ),
     signal_name="mesa-sleep-{subject}.edf",
     hypnogram_name="mesa-sleep-{subject}-nsrr.xml",
     signal_globs=("mesa-sleep-*.edf",),
@@ -260,12 +287,27 @@ SLEEPEDF_LIKE = SiteArchetype(
     mains_hz=50,
     mains_uv=0.0,
     eeg_scale=1.0,
-    population=Population(age_mean=55, age_sd=20, age_range=(25, 101), male_fraction=0.45,
-                          ahi_median=3.0, ahi_log_sd=0.8, nights_per_subject=2),
-    metadata=MetadataLayout(file="SC-subjects.csv", key_column="record", subject_column="subject",
-                            age_column="age", sex_column="sex", female_value="1", male_value="2",
-                            ahi_column="ahi", hypertension_column="hypertension",
-                            extra_columns=("night", "lights_off")),
+    population=Population(
+        age_mean=55,
+        age_sd=20,
+        age_range=(25, 101),
+        male_fraction=0.45,
+        ahi_median=3.0,
+        ahi_log_sd=0.8,
+        nights_per_subject=2,
+    ),
+    metadata=MetadataLayout(
+        file="SC-subjects.csv",
+        key_column="record",
+        subject_column="subject",
+        age_column="age",
+        sex_column="sex",
+        female_value="1",
+        male_value="2",
+        ahi_column="ahi",
+        hypertension_column="hypertension",
+        extra_columns=("night", "lights_off"),
+    ),
     signal_name="SC4{subject:02d}{night}E0-PSG.edf",
     hypnogram_name="SC4{subject:02d}{night}E{letter}-Hypnogram.edf",
     signal_globs=("*-PSG.edf",),
@@ -293,12 +335,20 @@ HST_LIKE = SiteArchetype(
     mains_hz=50,
     mains_uv=0.0,
     eeg_scale=1.0,
-    population=Population(age_mean=52, age_sd=12, age_range=(20, 85), male_fraction=0.65,
-                          ahi_median=16.0, ahi_log_sd=1.1),
-    metadata=MetadataLayout(file="hst_metadata.csv", key_column="study_id", age_column="age_years",
-                            sex_column="sex", female_value="F", male_value="M",
-                            ahi_column="ahi_3pct", hypertension_column="htn",
-                            extra_columns=("bmi", "epworth")),
+    population=Population(
+        age_mean=52, age_sd=12, age_range=(20, 85), male_fraction=0.65, ahi_median=16.0, ahi_log_sd=1.1
+    ),
+    metadata=MetadataLayout(
+        file="hst_metadata.csv",
+        key_column="study_id",
+        age_column="age_years",
+        sex_column="sex",
+        female_value="F",
+        male_value="M",
+        ahi_column="ahi_3pct",
+        hypertension_column="htn",
+        extra_columns=("bmi", "epworth"),
+    ),
     signal_name="HST{index:05d}.edf",
     hypnogram_name="HST{index:05d}_staging.edf",
     signal_globs=("HST?????.edf",),
@@ -322,12 +372,26 @@ WEARABLE_LIKE = SiteArchetype(
     mains_hz=50,
     mains_uv=0.0,
     eeg_scale=1.0,
-    population=Population(age_mean=36, age_sd=10, age_range=(18, 70), male_fraction=0.5,
-                          ahi_median=4.0, ahi_log_sd=0.9, nights_per_subject=3),
-    metadata=MetadataLayout(file="participants.csv", key_column="recording",
-                            subject_column="participant", age_column="age", sex_column="gender",
-                            female_value="female", male_value="male", ahi_column="ahi",
-                            hypertension_column="hypertension"),
+    population=Population(
+        age_mean=36,
+        age_sd=10,
+        age_range=(18, 70),
+        male_fraction=0.5,
+        ahi_median=4.0,
+        ahi_log_sd=0.9,
+        nights_per_subject=3,
+    ),
+    metadata=MetadataLayout(
+        file="participants.csv",
+        key_column="recording",
+        subject_column="participant",
+        age_column="age",
+        sex_column="gender",
+        female_value="female",
+        male_value="male",
+        ahi_column="ahi",
+        hypertension_column="hypertension",
+    ),
     signal_name="P{subject:03d}_night{night}.bdf",
     hypnogram_name="P{subject:03d}_night{night}_stages.csv",
     signal_globs=("*.bdf",),
@@ -361,11 +425,17 @@ PSG_512 = SiteArchetype(
     mains_hz=50,
     mains_uv=3.0,
     eeg_scale=1.15,
-    population=Population(age_mean=53, age_sd=15, age_range=(18, 88), male_fraction=0.58,
-                          ahi_median=10.0),
-    metadata=MetadataLayout(file="patients.csv", key_column="patient", age_column="Age",
-                            sex_column="Sex", female_value="female", male_value="male",
-                            ahi_column="AHI", hypertension_column="Hypertension"),
+    population=Population(age_mean=53, age_sd=15, age_range=(18, 88), male_fraction=0.58, ahi_median=10.0),
+    metadata=MetadataLayout(
+        file="patients.csv",
+        key_column="patient",
+        age_column="Age",
+        sex_column="Sex",
+        female_value="female",
+        male_value="male",
+        ahi_column="AHI",
+        hypertension_column="Hypertension",
+    ),
     signal_name="SN{index:03d}.edf",
     hypnogram_name="SN{index:03d}_sleepscoring.edf",
     signal_globs=("SN???.edf",),
@@ -381,8 +451,7 @@ ARCHETYPES: dict[str, SiteArchetype] = {
 }
 #: The cycle ``write_cohort`` walks through when no archetypes are named: one
 #: of each kind of real site, then ``shhs_like_2`` and so on.
-DEFAULT_CYCLE: tuple[str, ...] = ("shhs_like", "mesa_like", "sleepedf_like", "hst_like",
-                                  "wearable_like", "psg_512")
+DEFAULT_CYCLE: tuple[str, ...] = ("shhs_like", "mesa_like", "sleepedf_like", "hst_like", "wearable_like", "psg_512")
 
 
 def site_names(archetype_keys: tuple[str, ...]) -> tuple[str, ...]:

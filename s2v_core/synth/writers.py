@@ -28,7 +28,7 @@ import numpy as np
 import pyedflib
 
 from s2v_core.modalities import EPOCH_SECONDS, match_channel
-from s2v_core.synth.hypnogram import N1, N2, N3, REM, W, NightHypnogram
+from s2v_core.synth.hypnogram import N1, N2, N3, REM, NightHypnogram, W
 from s2v_core.synth.night import EVENT_NAMES, Night
 from s2v_core.synth.sites import ChannelSpec, SiteArchetype
 
@@ -60,8 +60,14 @@ class HeaderIdentity:
     @property
     def phi(self) -> tuple[str, ...]:
         """Every identifying string written to the header: none may reach the store."""
-        return (self.patient_name, self.patient_name.replace("_", " "), self.patient_code,
-                self.birthdate_text, self.admincode, self.technician)
+        return (
+            self.patient_name,
+            self.patient_name.replace("_", " "),
+            self.patient_code,
+            self.birthdate_text,
+            self.admincode,
+            self.technician,
+        )
 
 
 def _quantise(values: np.ndarray, spec: ChannelSpec, file_format: str) -> np.ndarray:
@@ -74,8 +80,15 @@ def _quantise(values: np.ndarray, spec: ChannelSpec, file_format: str) -> np.nda
     return scaled.astype(np.int32) + dmin
 
 
-def write_signals(path: Path, channels: Sequence[ChannelSpec], data: Sequence[np.ndarray], *,
-                  file_format: str, identity: HeaderIdentity, equipment: str) -> None:
+def write_signals(
+    path: Path,
+    channels: Sequence[ChannelSpec],
+    data: Sequence[np.ndarray],
+    *,
+    file_format: str,
+    identity: HeaderIdentity,
+    equipment: str,
+) -> None:
     """Write one recording as EDF+C or BDF+C.
 
     Parameters
@@ -96,16 +109,29 @@ def write_signals(path: Path, channels: Sequence[ChannelSpec], data: Sequence[np
     seconds = data[0].size // channels[0].rate_hz
     for spec, values in zip(channels, data):
         if values.size != seconds * spec.rate_hz:
-            raise ValueError(f"{path}: channel {spec.label!r} has {values.size} samples, "
-                             f"expected {seconds * spec.rate_hz} ({seconds} s at {spec.rate_hz} Hz)")
+            raise ValueError(
+                f"{path}: channel {spec.label!r} has {values.size} samples, "
+                f"expected {seconds * spec.rate_hz} ({seconds} s at {spec.rate_hz} Hz)"
+            )
     dmin, dmax = _DIGITAL_RANGE[file_format]
     writer = pyedflib.EdfWriter(str(path), len(channels), file_type=_FILE_TYPE[file_format])
     try:
-        writer.setSignalHeaders([{
-            "label": spec.label, "dimension": spec.unit, "sample_frequency": spec.rate_hz,
-            "physical_min": spec.physical_range[0], "physical_max": spec.physical_range[1],
-            "digital_min": dmin, "digital_max": dmax, "transducer": "", "prefilter": "",
-        } for spec in channels])
+        writer.setSignalHeaders(
+            [
+                {
+                    "label": spec.label,
+                    "dimension": spec.unit,
+                    "sample_frequency": spec.rate_hz,
+                    "physical_min": spec.physical_range[0],
+                    "physical_max": spec.physical_range[1],
+                    "digital_min": dmin,
+                    "digital_max": dmax,
+                    "transducer": "",
+                    "prefilter": "",
+                }
+                for spec in channels
+            ]
+        )
         writer.setStartdatetime(identity.start)
         writer.setPatientName(identity.patient_name)
         writer.setPatientCode(identity.patient_code)
@@ -116,8 +142,13 @@ def write_signals(path: Path, channels: Sequence[ChannelSpec], data: Sequence[np
         writer.setEquipment(equipment)
         # One 1-s data record holds rate_hz samples of every channel: write record by record
         # from one (records, samples-per-record) block instead of pyedflib's per-sample loop.
-        block = np.concatenate([_quantise(values, spec, file_format).reshape(seconds, spec.rate_hz)
-                                for spec, values in zip(channels, data)], axis=1)
+        block = np.concatenate(
+            [
+                _quantise(values, spec, file_format).reshape(seconds, spec.rate_hz)
+                for spec, values in zip(channels, data)
+            ],
+            axis=1,
+        )
         for record in np.ascontiguousarray(block):
             if writer.blockWriteDigitalSamples(record) < 0:
                 raise OSError(f"{path}: pyedflib failed to write a data record")
@@ -126,12 +157,32 @@ def write_signals(path: Path, channels: Sequence[ChannelSpec], data: Sequence[np
 
 
 # -- hypnograms ---------------------------------------------------------------------------
-_RK_LABELS = {0: "Sleep stage W", 1: "Sleep stage 1", 2: "Sleep stage 2", 3: "Sleep stage 3",
-              4: "Sleep stage 4", 5: "Sleep stage R", -1: "Movement time"}
-_AASM_LABELS = {W: "Sleep stage W", N1: "Sleep stage N1", N2: "Sleep stage N2", N3: "Sleep stage N3",
-                REM: "Sleep stage R", -1: "Sleep stage ?"}
-_NSRR_RK = {0: "Wake|0", 1: "Stage 1 sleep|1", 2: "Stage 2 sleep|2", 3: "Stage 3 sleep|3",
-            4: "Stage 4 sleep|4", 5: "REM sleep|5", -1: "Movement|6"}
+_RK_LABELS = {
+    0: "Sleep stage W",
+    1: "Sleep stage 1",
+    2: "Sleep stage 2",
+    3: "Sleep stage 3",
+    4: "Sleep stage 4",
+    5: "Sleep stage R",
+    -1: "Movement time",
+}
+_AASM_LABELS = {
+    W: "Sleep stage W",
+    N1: "Sleep stage N1",
+    N2: "Sleep stage N2",
+    N3: "Sleep stage N3",
+    REM: "Sleep stage R",
+    -1: "Sleep stage ?",
+}
+_NSRR_RK = {
+    0: "Wake|0",
+    1: "Stage 1 sleep|1",
+    2: "Stage 2 sleep|2",
+    3: "Stage 3 sleep|3",
+    4: "Stage 4 sleep|4",
+    5: "REM sleep|5",
+    -1: "Movement|6",
+}
 _CSV_LABELS = {W: "W", N1: "N1", N2: "N2", N3: "N3", REM: "REM", -1: "?"}
 
 
@@ -172,34 +223,54 @@ def write_edf_hypnogram(path: Path, hypnogram: NightHypnogram, *, style: str, id
         writer.close()
 
 
-def write_nsrr_xml(path: Path, night: Night, *, start: dt.datetime, rk: bool, spo2_label: str,
-                   airflow_label: str) -> None:
+def write_nsrr_xml(
+    path: Path, night: Night, *, start: dt.datetime, rk: bool, spo2_label: str, airflow_label: str
+) -> None:
     """NSRR XML: staging runs (R&K concepts when ``rk``) plus respiratory events and desaturations."""
     hypnogram = night.hypnogram
     codes = hypnogram.rk_stages() if rk else np.where(hypnogram.stages == REM, 5, hypnogram.stages)
     seconds = hypnogram.epochs * EPOCH_SECONDS
-    lines = ['<?xml version="1.0" encoding="UTF-8" standalone="no"?>', "<PSGAnnotation>",
-             "<SoftwareVersion>Compumedics</SoftwareVersion>", "<EpochLength>30</EpochLength>",
-             "<ScoredEvents>"]
+    lines = [
+        '<?xml version="1.0" encoding="UTF-8" standalone="no"?>',
+        "<PSGAnnotation>",
+        "<SoftwareVersion>Compumedics</SoftwareVersion>",
+        "<EpochLength>30</EpochLength>",
+        "<ScoredEvents>",
+    ]
 
     def event(kind: str, concept: str, onset: float, duration: float, extra: str = "") -> None:
-        lines.append(f"<ScoredEvent><EventType>{kind}</EventType><EventConcept>{concept}</EventConcept>"
-                     f"<Start>{onset:.1f}</Start><Duration>{duration:.1f}</Duration>{extra}</ScoredEvent>")
+        lines.append(
+            f"<ScoredEvent><EventType>{kind}</EventType><EventConcept>{concept}</EventConcept>"
+            f"<Start>{onset:.1f}</Start><Duration>{duration:.1f}</Duration>{extra}</ScoredEvent>"
+        )
 
-    lines.append("<ScoredEvent><EventType/><EventConcept>Recording Start Time</EventConcept>"
-                 f"<Start>0</Start><Duration>{seconds:.1f}</Duration>"
-                 f"<ClockTime>00.00.00 {start:%H.%M.%S}</ClockTime></ScoredEvent>")
+    lines.append(
+        "<ScoredEvent><EventType/><EventConcept>Recording Start Time</EventConcept>"
+        f"<Start>0</Start><Duration>{seconds:.1f}</Duration>"
+        f"<ClockTime>00.00.00 {start:%H.%M.%S}</ClockTime></ScoredEvent>"
+    )
     for code, first, count in _runs(codes):
         event("Stages|Stages", _NSRR_RK[code], first * EPOCH_SECONDS, count * EPOCH_SECONDS)
-    for onset, duration, kind, depth in zip(night.event_onsets_s, night.event_durations_s,
-                                            night.event_kinds, night.event_desaturations):
+    for onset, duration, kind, depth in zip(
+        night.event_onsets_s, night.event_durations_s, night.event_kinds, night.event_desaturations
+    ):
         name = EVENT_NAMES[int(kind)]
-        event("Respiratory|Respiratory", f"{name}|{name}", onset, duration,
-              f"<SignalLocation>{airflow_label}</SignalLocation>")
-        event("Respiratory|Respiratory", "SpO2 desaturation|SpO2 desaturation", onset + 10.0, duration + 15.0,
-              f"<SignalLocation>{spo2_label}</SignalLocation>"
-              f"<SpO2Nadir>{night.subject.spo2_baseline - depth:.0f}</SpO2Nadir>"
-              f"<SpO2Baseline>{night.subject.spo2_baseline:.0f}</SpO2Baseline>")
+        event(
+            "Respiratory|Respiratory",
+            f"{name}|{name}",
+            onset,
+            duration,
+            f"<SignalLocation>{airflow_label}</SignalLocation>",
+        )
+        event(
+            "Respiratory|Respiratory",
+            "SpO2 desaturation|SpO2 desaturation",
+            onset + 10.0,
+            duration + 15.0,
+            f"<SignalLocation>{spo2_label}</SignalLocation>"
+            f"<SpO2Nadir>{night.subject.spo2_baseline - depth:.0f}</SpO2Nadir>"
+            f"<SpO2Baseline>{night.subject.spo2_baseline:.0f}</SpO2Baseline>",
+        )
     for onset, duration in zip(night.arousal_onsets_s, night.arousal_durations_s):
         event("Arousals|Arousals", "Arousal|Arousal ()", onset, duration)
     lines += ["</ScoredEvents>", "</PSGAnnotation>", ""]
@@ -228,8 +299,11 @@ def _toml_string(text: str) -> str:
 def site_config_toml(name: str, archetype: SiteArchetype) -> str:
     """The ``site.toml`` that lets the ingest read a site written from ``archetype``."""
     meta = archetype.metadata
-    channels = {c.label: c.modality for c in archetype.channels
-                if c.modality is not None and match_channel(c.label) != c.modality}
+    channels = {
+        c.label: c.modality
+        for c in archetype.channels
+        if c.modality is not None and match_channel(c.label) != c.modality
+    }
     ignored = [c.label for c in archetype.channels if c.modality is None]
     lines = [
         f"# Synthetic site written by `s2v synth` from the {archetype.key!r} archetype:",
