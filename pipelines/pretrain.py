@@ -600,6 +600,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--depth", type=int, help="override the backbone depth")
     parser.add_argument("--modalities", help="comma-separated subset (default: all in the store)")
     parser.add_argument(
+        "--history-columns",
+        help="comma-separated outcome columns used as DASH history flags: a negative whose known flags "
+        "agree with the anchor's weighs more (project DASH: x1.25 all agree, x0.8 all disagree); default none",
+    )
+    parser.add_argument(
         "--zero-stage",
         type=int,
         choices=(0, 1, 2, 3),
@@ -648,6 +653,7 @@ def config_from_args(args: argparse.Namespace) -> PretrainConfig:
         "width": args.width,
         "depth": args.depth,
         "modalities": args.modalities,
+        "history_columns": args.history_columns,
         "zero_stage": args.zero_stage,
         "steps": args.steps,
         "global_batch": args.global_batch,

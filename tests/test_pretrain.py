@@ -220,3 +220,13 @@ def test_gpu_workers_rewrite_the_deepspeed_config_without_reading_the_store_agai
     written = json.loads((tmp_path / "run" / DS_CONFIG_FILE).read_text())
     assert gpu.on_gpu and gpu.ds_config == written and written.get("bf16", {}).get("enabled") is True
     assert gpu.store == prepared.store and gpu.model_config == prepared.model_config
+
+
+def test_history_columns_reach_the_config_from_the_command_line():
+    from pipelines.cli import build_parser
+    from pipelines.pretrain import config_from_args
+
+    argv = ["pretrain", "--data", "store", "--output", "run", "--history-columns", "ahi,diabetes"]
+    config = config_from_args(build_parser("pretrain").parse_args(argv))
+    assert config.history_columns == ("ahi", "diabetes")
+    assert config.loss_objective.history_columns == ("ahi", "diabetes")  # what the loss reads
