@@ -62,7 +62,10 @@ def demo(config: DemoConfig, *, address: str | None = None) -> dict:
 
     work = Path(config.workdir).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    os.environ["MLFLOW_TRACKING_URI"] = mlflow_tracking_uri(work)
+    # Every command of the chain (and the Ray workers started below) logs to the demo's store;
+    # the variable is restored on the way out, so nothing run later in this process logs there.
+    tracking_uri = mlflow_tracking_uri(work)
+    previous_uri = os.environ.get("MLFLOW_TRACKING_URI")
     paths = {
         "cohort": work / "cohort",
         "store": work / "store",
@@ -74,8 +77,9 @@ def demo(config: DemoConfig, *, address: str | None = None) -> dict:
     total = 6 if config.sweep else 5
     timings: dict[str, float] = {}
     started = time.perf_counter()
-    init_ray(address, num_cpus=config.num_cpus)
     try:
+        os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
+        init_ray(address, num_cpus=config.num_cpus)
         t = _stage("synth: writing a synthetic multi-site cohort", 1, total)
         if not paths["cohort"].exists():
             cohort = write_cohort(
@@ -189,6 +193,10 @@ def demo(config: DemoConfig, *, address: str | None = None) -> dict:
             timings["sweep_s"] = time.perf_counter() - t
     finally:
         ray.shutdown()
+        if previous_uri is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = previous_uri
     timings["total_s"] = time.perf_counter() - started
     return {
         "workdir": str(work),
@@ -207,7 +215,7 @@ def demo(config: DemoConfig, *, address: str | None = None) -> dict:
         "site_probe": _headline(site),
         "sweep": str(paths["sweep"]) if scaling is not None else None,
         "sweep_verdict": scaling.get("verdict") if scaling else None,
-        "mlflow_tracking_uri": os.environ["MLFLOW_TRACKING_URI"],
+        "mlflow_tracking_uri": tracking_uri,
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
     }
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -29,3 +30,4 @@ def test_demo_prints_headline_figures(tmp_path, monkeypatch, capsys):
     assert "staging, linear probe: kappa" in printed and "wearable sensors, full-PSG probe" in printed
     assert summary["mlflow_tracking_uri"].startswith("sqlite:///") and (tmp_path / "demo" / "mlflow.db").is_file()
     assert not (tmp_path / "mlruns").exists()
+    assert "MLFLOW_TRACKING_URI" not in os.environ  # the demo's store does not leak into later runs
