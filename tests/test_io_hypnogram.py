@@ -285,3 +285,12 @@ def test_messages_never_repeat_file_contents(tmp_path, name, content):
         read_hypnogram(path, format={"x.csv": "csv", "x.txt": "dreams_txt", "x.xml": "nsrr_xml"}[name])
     assert "Doe_John" not in str(caught.value) and "1961" not in str(caught.value)
     assert name in str(caught.value)
+
+
+def test_site_config_formats_are_the_reader_table():
+    # site_config cannot import the readers (import cycle through the store), so a test keeps
+    # the two lists in step: a reader added to the table must be a valid [hypnogram].format.
+    from s2v_core.io.hypnogram import HYPNOGRAM_READERS
+    from s2v_core.io.site_config import HYPNOGRAM_FORMATS
+
+    assert HYPNOGRAM_FORMATS == ("auto", *HYPNOGRAM_READERS, "none")

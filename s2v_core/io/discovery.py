@@ -29,13 +29,15 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
+from s2v_core.io.edf import SIGNAL_READERS
 from s2v_core.io.identity import Identities
 from s2v_core.io.metadata import RecordingMetadata, parse_site_metadata
 from s2v_core.io.site_config import SITE_CONFIG_NAME, SiteConfig, load_site_config
 
 logger = logging.getLogger(__name__)
 
-_SIGNAL_SUFFIXES = (".edf", ".bdf", ".rec")
+#: What discovery counts as a recording: exactly the suffixes the signal-reader table can open.
+_SIGNAL_SUFFIXES = tuple(SIGNAL_READERS)
 
 
 def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
