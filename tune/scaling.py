@@ -64,7 +64,7 @@ def build_report(
     dict
         The content of ``scaling.json`` (JSON-ready).
     """
-    finished = [t for t in trials if t.get("status") == "finished" and _finite(t.get(LOSS_KEY))]
+    finished = [t for t in trials if t.get("status") == "finished" and finite(t.get(LOSS_KEY))]
     report: dict = {
         "trials": sorted(
             trials,
@@ -79,7 +79,7 @@ def build_report(
     }
     report["loss"] = _analysis(finished, LOSS_KEY, bootstrap=bootstrap, seed=seed)
     report["downstream"] = _analysis(
-        [t for t in finished if _finite(t.get(DOWNSTREAM_KEY)) and t[DOWNSTREAM_KEY] > 0],
+        [t for t in finished if finite(t.get(DOWNSTREAM_KEY)) and t[DOWNSTREAM_KEY] > 0],
         DOWNSTREAM_KEY,
         bootstrap=bootstrap,
         seed=seed,
@@ -151,7 +151,7 @@ def plot_report(report: dict, path: str | Path) -> Path:
     # Figure without pyplot: no global backend state in a library.
     from matplotlib.figure import Figure
 
-    points = [t for t in report["trials"] if t.get("status") == "finished" and _finite(t.get(LOSS_KEY))]
+    points = [t for t in report["trials"] if t.get("status") == "finished" and finite(t.get(LOSS_KEY))]
     loss = report.get("loss", {})
     form = loss.get("selected")
     params = loss.get("forms", {}).get(form, {}).get("params") if form else None
@@ -274,7 +274,7 @@ def write_report(
     sweep_dir.mkdir(parents=True, exist_ok=True)
     report = build_report(trials, plan=plan, predictions=predictions, bootstrap=bootstrap, seed=seed)
     json_path = sweep_dir / "scaling.json"
-    json_path.write_text(json.dumps(report, indent=2, default=_json_default) + "\n")
+    json_path.write_text(json.dumps(report, indent=2, default=json_default) + "\n")
     png_path = plot_report(report, sweep_dir / "scaling.png")
     logger.info("scaling report written to %s and %s", json_path, png_path)
     if mlflow_run_id is not None:
@@ -305,17 +305,19 @@ def headline_metrics(report: dict) -> dict[str, float]:
         for name in ("relative_error", "no_scaling_relative_error"):
             if summary.get(name) is not None:
                 out[f"extrapolation_{axis}_{name}"] = summary[name]
-    return {k: float(v) for k, v in out.items() if _finite(v)}
+    return {k: float(v) for k, v in out.items() if finite(v)}
 
 
-def _finite(value) -> bool:
+def finite(value) -> bool:
+    """Whether ``value`` is a number (or numpy scalar) that is not NaN or infinite."""
     try:
         return value is not None and bool(np.isfinite(float(value)))
     except (TypeError, ValueError):
         return False
 
 
-def _json_default(value):
+def json_default(value):
+    """``json.dumps(default=…)`` for numpy scalars and arrays."""
     if isinstance(value, np.generic):
         return value.item()
     if isinstance(value, np.ndarray):

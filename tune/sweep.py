@@ -47,6 +47,7 @@ from pipelines.runtime import mlflow_experiment, redact
 from s2v_core.modalities import MODALITY_KEYS
 from s2v_core.store import open_store
 from tune.plan import PHASES, SweepConfig, held_out_axes, parse_pairs, plan_trials
+from tune.scaling import finite, json_default, write_report
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +108,7 @@ def write_predictions(
     """
     from s2v_core.scaling import held_out_forecast
 
-    points = [r for r in records if r.get("status") == "finished" and _finite(r.get(LOSS_KEY))]
+    points = [r for r in records if r.get("status") == "finished" and finite(r.get(LOSS_KEY))]
     held = [t for t in trials if t["phase"] == "held_out"]
     n_max = max((t["n_params"] for t in held), default=None)
     m_max = max((t["modality_count"] for t in held), default=None)
@@ -147,7 +148,7 @@ def write_predictions(
     }
     path = output / PREDICTIONS_FILE
     temporary = path.with_suffix(".tmp")
-    temporary.write_text(json.dumps(content, indent=2, default=_json_default) + "\n")
+    temporary.write_text(json.dumps(content, indent=2, default=json_default) + "\n")
     os.replace(temporary, path)
     logger.info("forecast of %d held-out trial(s) written to %s", len(held), path)
     return content
@@ -180,7 +181,6 @@ def sweep(cfg: SweepConfig, *, resume: bool = False, address: str | None = None,
     import mlflow
 
     from pipelines.runtime import init_ray, mlflow_tracking_uri
-    from tune.scaling import write_report
 
     output = Path(cfg.output).resolve()
     state_path = output / SWEEP_STATE_FILE
@@ -602,18 +602,3 @@ def run(args: argparse.Namespace) -> int:
         )
     )
     return 130 if report["interrupted"] else 0
-
-
-def _finite(value) -> bool:
-    try:
-        return value is not None and bool(np.isfinite(float(value)))
-    except (TypeError, ValueError):
-        return False
-
-
-def _json_default(value):
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
