@@ -38,8 +38,8 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
-from pipelines.runtime import file_type, join, read_text, redact_values
-from s2v_core.io.discovery import resolve
+from pipelines.runtime import file_type, read_text
+from s2v_core.locations import join, redact_values, resolve
 
 logger = logging.getLogger(__name__)
 

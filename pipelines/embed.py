@@ -78,8 +78,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipelines.model_io import load_encoder_spec
-from pipelines.runtime import absolute, file_type, join, read_text, redact, write_text
-from s2v_core.io.discovery import resolve
+from pipelines.runtime import file_type, read_text, write_text
+from s2v_core.locations import absolute, join, redact, resolve
 from s2v_core.modalities import MODALITY_KEYS, parse_modalities
 from s2v_core.splits import SPLIT_NAMES, SplitConfig, assign_splits, read_splits, split_record
 from s2v_core.store import IDENTITY_COLUMNS, open_store, present_matrix, schema_info

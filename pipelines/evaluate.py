@@ -63,7 +63,7 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 
 from pipelines.embed import Embeddings, embed, read_embeddings
-from pipelines.runtime import absolute, mlflow_experiment, redact
+from pipelines.runtime import mlflow_experiment
 from s2v_core.evaluation import plots
 from s2v_core.evaluation.folds import Fold, grouped_folds, held_out_fold
 from s2v_core.evaluation.metrics import staging_metrics, summarise
@@ -79,6 +79,7 @@ from s2v_core.evaluation.probes import (
     temporal_staging_probe,
 )
 from s2v_core.evaluation.scenarios import robustness_scenarios
+from s2v_core.locations import absolute, redact
 from s2v_core.splits import seen_splits
 from s2v_core.store import STAGE_NAMES, UNKNOWN_STAGE, open_store, outcome_values
 

@@ -59,10 +59,11 @@ from pipelines.manifest import (
     recording_file,
     rewrite_manifest,
 )
-from pipelines.runtime import file_type, init_ray, join, mlflow_experiment, read_text, redact
+from pipelines.runtime import file_type, init_ray, mlflow_experiment, read_text
 from pipelines.store_lease import store_lease
-from s2v_core.io.discovery import SiteListing, discover_site, find_sites, resolve
+from s2v_core.io.discovery import SiteListing, discover_site, find_sites
 from s2v_core.io.identity import ID_MODES, Identities, load_pseudonym_key
+from s2v_core.locations import join, redact, resolve
 from s2v_core.modalities import EPOCH_SECONDS
 from s2v_core.splits import ensure_splits
 

@@ -33,8 +33,8 @@ from pathlib import Path
 import pyarrow.fs as pafs
 
 from pipelines.checkpoints import ENCODER_DIR, latest_checkpoint
-from pipelines.runtime import MLFLOW_RUN_FILE, file_type, is_uri, join, local_directory
-from s2v_core.io.discovery import resolve
+from pipelines.runtime import MLFLOW_RUN_FILE, file_type, local_directory
+from s2v_core.locations import is_uri, join, resolve
 from s2v_core.model import MODEL_CONFIG_FILE, SleepEncoder, load_encoder
 from s2v_core.splits import TRAINING_RECORD_FILE, read_training_record
 

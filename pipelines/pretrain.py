@@ -61,15 +61,11 @@ from pipelines.checkpoints import (
 )
 from pipelines.runtime import (
     MLFLOW_RUN_FILE,
-    absolute,
     check_mlflow_store,
     file_type,
-    join,
     local_directory,
     mlflow_experiment,
     read_text,
-    redact,
-    redact_values,
     replace_directory,
     tracking_uri_scope,
     write_text,
@@ -84,7 +80,7 @@ from pipelines.train_config import (
 )
 from pipelines.train_data import StoreSummary, build_dataset, check_batch_fits, inspect_store, store_repeats
 from s2v_core.config import to_mapping
-from s2v_core.io.discovery import resolve
+from s2v_core.locations import absolute, join, redact, redact_values, resolve
 from s2v_core.modalities import parse_modalities
 from s2v_core.model import ModelConfig
 from s2v_core.objective import available_objectives

@@ -36,11 +36,11 @@ from pipelines.checkpoints import (
     read_state,
     write_state,
 )
-from pipelines.runtime import file_type, join, start_system_metrics, write_text
+from pipelines.runtime import file_type, start_system_metrics, write_text
 from pipelines.train_config import PretrainConfig, config_to_dict
 from pipelines.validation import HeldOutValidator
 from s2v_core.ema import EMA
-from s2v_core.io.discovery import resolve
+from s2v_core.locations import join, resolve
 from s2v_core.losses import dash_infonce
 from s2v_core.model import ModelConfig, SleepEncoder, batch_to_tensors, save_encoder
 from s2v_core.objective import Objective

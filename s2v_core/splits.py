@@ -48,7 +48,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow.fs as pafs
 
-from s2v_core.io.discovery import resolve
+from s2v_core.locations import join, resolve
 
 SPLITS_FILE = "splits.json"
 SPLITS_FORMAT = 1
@@ -173,15 +173,8 @@ def splits_location(store: str) -> str:
     if path.endswith(SUBSET_SUFFIX):
         with filesystem.open_input_stream(path) as stream:
             store = json.loads(stream.read().decode("utf-8"))["store"]
-        return _join(store, SPLITS_FILE)
-    return _join(str(store), SPLITS_FILE)
-
-
-def _join(root: str, name: str) -> str:
-    if "://" in root:
-        base, query = (root.split("?", 1) + [""])[:2]
-        return f"{base.rstrip('/')}/{name}" + (f"?{query}" if query else "")
-    return posixpath.join(root, name)
+        return join(store, SPLITS_FILE)
+    return join(str(store), SPLITS_FILE)
 
 
 def read_split_file(store: str) -> dict:
@@ -296,7 +289,7 @@ TRAINING_RECORD_FILE = "training.json"
 
 
 def training_record_location(encoder_dir: str) -> str:
-    return _join(str(encoder_dir), TRAINING_RECORD_FILE)
+    return join(str(encoder_dir), TRAINING_RECORD_FILE)
 
 
 def read_training_record(encoder_dir: str) -> dict | None:

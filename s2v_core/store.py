@@ -42,7 +42,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from s2v_core.io.discovery import resolve
+from s2v_core.locations import is_uri, resolve
 from s2v_core.modalities import MODALITY_KEYS, get_modality
 
 SCHEMA_VERSION = 1
@@ -182,7 +182,7 @@ def write_store_subset(where: str, *, store: str, files: Sequence[str]) -> str:
     if outside:
         raise ValueError(f"store subset {where}: expected files of the store {store}, found {outside[0]}")
     # Local stores are recorded by absolute path: the subset may be read from another directory.
-    location = str(store) if "://" in str(store) else root
+    location = str(store) if is_uri(store) else root
     filesystem, path = resolve(str(where))
     filesystem.create_dir(posixpath.dirname(path), recursive=True)
     with filesystem.open_output_stream(path) as stream:

@@ -18,9 +18,9 @@ import torch
 from pipelines.checkpoints import ENCODER_DIR, checkpoint_dir_name, list_checkpoints, read_state
 from pipelines.model_io import load_trained_encoder
 from pipelines.pretrain import pretrain, setup
-from pipelines.runtime import absolute, is_uri, join
 from pipelines.train_config import PretrainConfig
 from pipelines.train_data import inspect_store, read_store_files, training_columns
+from s2v_core.locations import absolute, is_uri, join
 from s2v_core.model import SleepEncoder, model_config
 from s2v_core.store import store_files
 from s2v_core.toystore import write_toy_store

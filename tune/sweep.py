@@ -43,7 +43,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.runtime import mlflow_experiment, redact
+from pipelines.runtime import mlflow_experiment
+from s2v_core.locations import redact
 from s2v_core.modalities import MODALITY_KEYS
 from s2v_core.store import open_store
 from tune.plan import PHASES, SweepConfig, held_out_axes, parse_pairs, plan_trials
