@@ -51,7 +51,8 @@ def main() -> None:
 
     import ray
 
-    from pipelines.embed import CARRIED_COLUMNS, embed
+    from pipelines.embed import embed
+    from s2v_core.embeddings import CARRIED_COLUMNS
     from s2v_core.modalities import MODALITY_KEYS
     from s2v_core.model import SleepEncoder, batch_to_tensors, model_config, save_encoder
     from s2v_core.store import open_store, table_to_batch

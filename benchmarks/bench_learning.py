@@ -202,8 +202,9 @@ def main() -> None:
 
     import torch
 
-    from pipelines.embed import embed, read_embeddings
+    from pipelines.embed import embed
     from pipelines.evaluate import evaluate
+    from s2v_core.embeddings import read_embeddings
     from s2v_core.evaluation.features import epoch_features
     from s2v_core.evaluation.folds import held_out_fold
     from s2v_core.evaluation.probes import label_efficiency, linear_staging_probe

@@ -62,8 +62,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pads
 
-from pipelines.embed import Embeddings, embed, read_embeddings
+from pipelines.embed import embed
 from pipelines.runtime import mlflow_experiment
+from s2v_core.embeddings import INFO_FILE, Embeddings, read_embeddings
 from s2v_core.evaluation import plots
 from s2v_core.evaluation.folds import Fold, grouped_folds, held_out_fold
 from s2v_core.evaluation.metrics import staging_metrics, summarise
@@ -507,7 +508,7 @@ def _robustness(
 
 
 def _reusable(path: Path, subset: Sequence[str], checkpoint: str, features: str) -> bool:
-    info_path = path / "embed.json"
+    info_path = path / INFO_FILE
     if not info_path.is_file():
         return False
     info = json.loads(info_path.read_text(encoding="utf-8"))

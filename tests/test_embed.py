@@ -8,8 +8,9 @@ import pyarrow.dataset as pads
 import pytest
 import torch
 
-from pipelines.embed import embed, embed_local, embed_table, read_embeddings
+from pipelines.embed import embed, embed_local, embed_table
 from pipelines.model_io import load_encoder_spec
+from s2v_core.embeddings import read_embeddings
 from s2v_core.modalities import MODALITY_KEYS
 from s2v_core.model import SleepEncoder, model_config, save_encoder
 from s2v_core.splits import SplitConfig

@@ -10,8 +10,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipelines.embed import embed_local, read_embeddings
+from pipelines.embed import embed_local
 from pipelines.evaluate import evaluate
+from s2v_core.embeddings import read_embeddings
 from s2v_core.model import SleepEncoder, model_config, save_encoder
 from s2v_core.splits import TRAINING_RECORD_FILE, split_record
 from s2v_core.toystore import write_toy_store

@@ -53,8 +53,8 @@ ALLOWED_UPWARD = {
 ALLOWED_ENTRY_POINT_IMPORTS = {
     ("pipelines.demo", "*"): "the demo runs every command in order",
     ("pipelines.submit", "pipelines.cli"): "submit parses the job's command line with the CLI's own parser",
-    ("pipelines.evaluate", "pipelines.embed"): "robustness re-embeds the test nights per sensor subset, "
-    "and the embeddings format still lives in embed",
+    ("pipelines.evaluate", "pipelines.embed"): "robustness re-embeds the store once per sensor subset "
+    "with embed's actor pool (the embeddings format itself lives in s2v_core.embeddings)",
 }
 
 

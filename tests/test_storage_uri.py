@@ -201,7 +201,8 @@ def test_uri_outputs_that_cannot_work_stop_before_ray(s3, s3_store, tmp_path, mo
 def test_pretrain_and_embed_read_and_write_s3(s3, s3_store, ray_local, tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
 
-    from pipelines.embed import embed, read_embeddings
+    from pipelines.embed import embed
+    from s2v_core.embeddings import read_embeddings
 
     tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
