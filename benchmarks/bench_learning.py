@@ -112,7 +112,7 @@ def random_init_encoder(reference_dir: str, workdir: Path) -> str:
     import torch
 
     from s2v_core.model import SleepEncoder, load_encoder, save_encoder
-    from s2v_core.splits import TRAINING_RECORD_FILE
+    from s2v_core.run_layout import TRAINING_RECORD_FILE
 
     reference = load_encoder(reference_dir)
     torch.manual_seed(12345)

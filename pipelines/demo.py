@@ -21,6 +21,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from s2v_core.run_layout import CHECKPOINTS_NAME, SWEEP_STATE_FILE
+
 logger = logging.getLogger(__name__)
 
 
@@ -112,7 +114,7 @@ def demo(config: DemoConfig, *, address: str | None = None) -> dict:
                 seed=config.seed,
                 checkpoint_every=max(config.steps // 2, 1),
             ),
-            resume=(paths["run"] / "checkpoints").exists(),
+            resume=(paths["run"] / CHECKPOINTS_NAME).exists(),
             address=address,
         )
         timings["pretrain_s"] = time.perf_counter() - t
@@ -179,7 +181,7 @@ def demo(config: DemoConfig, *, address: str | None = None) -> dict:
                         seed=config.seed,
                         bootstrap=0,
                     ),
-                    resume=(paths["sweep"] / "sweep.json").exists(),
+                    resume=(paths["sweep"] / SWEEP_STATE_FILE).exists(),
                     address=address,
                 )
                 scaling["verdict"] = (

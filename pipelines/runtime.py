@@ -184,11 +184,6 @@ def start_system_metrics(mlflow: dict[str, str] | None, *, resumed: bool = False
     return monitor
 
 
-#: Written in a run directory by ``s2v pretrain`` and ``s2v finetune``: ``{"tracking_uri", "run_id"}``
-#: of its MLflow run (a resumed run continues it; embed and evaluate nest under it).
-MLFLOW_RUN_FILE = "mlflow_run.json"
-
-
 @contextlib.contextmanager
 def tracking_uri_scope(uri: str) -> Iterator[None]:
     """Point MLflow's fluent API at ``uri`` for a block, then restore it.

@@ -49,6 +49,7 @@ import numpy as np
 import pyarrow.fs as pafs
 
 from s2v_core.locations import join, resolve
+from s2v_core.run_layout import TRAINING_RECORD_FILE
 
 SPLITS_FILE = "splits.json"
 SPLITS_FORMAT = 1
@@ -282,10 +283,6 @@ def record_use(store: str, run: str) -> None:
 def select_splits(splits: Iterable[str], *, option: str = "--split") -> tuple[str, ...]:
     """Validate split names (``train``/``val``/``test``) given to an option."""
     return _check_split_names(splits, option=option)
-
-
-#: Written beside a saved encoder by ``s2v pretrain``: which store and subjects trained it.
-TRAINING_RECORD_FILE = "training.json"
 
 
 def training_record_location(encoder_dir: str) -> str:

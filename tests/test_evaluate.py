@@ -14,7 +14,8 @@ from pipelines.embed import embed_local
 from pipelines.evaluate import evaluate
 from s2v_core.embeddings import read_embeddings
 from s2v_core.model import SleepEncoder, model_config, save_encoder
-from s2v_core.splits import TRAINING_RECORD_FILE, split_record
+from s2v_core.run_layout import TRAINING_RECORD_FILE
+from s2v_core.splits import split_record
 from s2v_core.toystore import write_toy_store
 
 

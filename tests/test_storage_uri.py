@@ -15,13 +15,14 @@ import pyarrow.fs as pafs
 import pytest
 import torch
 
-from pipelines.checkpoints import ENCODER_DIR, checkpoint_dir_name, list_checkpoints, read_state
+from pipelines.checkpoints import checkpoint_dir_name, list_checkpoints, read_state
 from pipelines.model_io import load_trained_encoder
 from pipelines.pretrain import pretrain, setup
 from pipelines.train_config import PretrainConfig
 from pipelines.train_data import inspect_store, read_store_files, training_columns
 from s2v_core.locations import absolute, is_uri, join
 from s2v_core.model import SleepEncoder, model_config
+from s2v_core.run_layout import ENCODER_DIR
 from s2v_core.store import store_files
 from s2v_core.toystore import write_toy_store
 from tests.test_checkpoints import complete_checkpoint
