@@ -50,6 +50,7 @@ import pyarrow.fs as pafs
 
 from s2v_core.locations import join, resolve
 from s2v_core.run_layout import TRAINING_RECORD_FILE
+from s2v_core.store_subset import SUBSET_SUFFIX, read_store_subset
 
 SPLITS_FILE = "splits.json"
 SPLITS_FORMAT = 1
@@ -168,13 +169,9 @@ def _check_split_names(splits: Iterable[str], *, option: str) -> tuple[str, ...]
 
 def splits_location(store: str) -> str:
     """Where a store's ``splits.json`` is (a store subset reads its store's)."""
-    from s2v_core.store import SUBSET_SUFFIX  # store imports this module's readers lazily
-
     filesystem, path = resolve(str(store))
     if path.endswith(SUBSET_SUFFIX):
-        with filesystem.open_input_stream(path) as stream:
-            store = json.loads(stream.read().decode("utf-8"))["store"]
-        return join(store, SPLITS_FILE)
+        return join(read_store_subset(filesystem, path)["store"], SPLITS_FILE)
     return join(str(store), SPLITS_FILE)
 
 

@@ -50,7 +50,7 @@ def test_a_path_with_a_scheme_is_never_inside_a_site():
 
 
 def test_a_subset_of_a_local_store_records_its_absolute_path(tmp_path):
-    from s2v_core.store import write_store_subset
+    from s2v_core.store_subset import write_store_subset
 
     store = tmp_path / "store"
     (store / "site=a").mkdir(parents=True)
