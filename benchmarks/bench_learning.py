@@ -204,6 +204,7 @@ def main() -> None:
 
     from pipelines.embed import embed
     from pipelines.evaluate import evaluate
+    from pipelines.evaluate_config import EvaluateConfig
     from s2v_core.embeddings import read_embeddings
     from s2v_core.evaluation.features import epoch_features
     from s2v_core.evaluation.folds import held_out_fold
@@ -277,17 +278,19 @@ def main() -> None:
     for objective in objectives:
         name = f"pretrained_{objective}"
         report = evaluate(
-            str(workdir / "emb" / name),
-            "staging",
-            str(workdir / "reports" / name / "staging.json"),
-            heads=("linear",),
-            data=store,
-            checkpoint=encoders[name],
-            robustness=True,
-            scenarios=list(SCENARIOS),
-            peer="yasa" if result["yasa"] is None else None,
-            log_to_mlflow=False,
-            seed=args.seed,
+            EvaluateConfig(
+                embeddings=str(workdir / "emb" / name),
+                task="staging",
+                report=str(workdir / "reports" / name / "staging.json"),
+                heads=("linear",),
+                data=store,
+                checkpoint=encoders[name],
+                robustness=True,
+                scenarios=list(SCENARIOS),
+                peer="yasa" if result["yasa"] is None else None,
+                log_to_mlflow=False,
+                seed=args.seed,
+            )
         )
         robustness = report["robustness"]
         result["sensor_dropout"][name] = {

@@ -56,6 +56,7 @@ def demo(config: DemoConfig, *, address: str | None = None) -> dict:
 
     from pipelines.embed import embed
     from pipelines.evaluate import evaluate
+    from pipelines.evaluate_config import EvaluateConfig
     from pipelines.ingest import ingest
     from pipelines.pretrain import pretrain
     from pipelines.runtime import init_ray, mlflow_tracking_uri
@@ -125,31 +126,37 @@ def demo(config: DemoConfig, *, address: str | None = None) -> dict:
 
         t = _stage("evaluate: staging (+ any-subset robustness), AHI, site probe", 5, total)
         staging = evaluate(
-            str(paths["embeddings"]),
-            "staging",
-            str(paths["reports"] / "staging.json"),
-            folds=config.folds,
-            seed=config.seed,
-            data=str(paths["store"]),
-            checkpoint=str(paths["run"]),
-            robustness=True,
-            scenarios=config.scenarios,
+            EvaluateConfig(
+                embeddings=str(paths["embeddings"]),
+                task="staging",
+                report=str(paths["reports"] / "staging.json"),
+                folds=config.folds,
+                seed=config.seed,
+                data=str(paths["store"]),
+                checkpoint=str(paths["run"]),
+                robustness=True,
+                scenarios=config.scenarios,
+            ),
             address=address,
         )
         outcome = evaluate(
-            str(paths["embeddings"]),
-            "outcome:ahi",
-            str(paths["reports"] / "ahi.json"),
-            folds=config.folds,
-            seed=config.seed,
+            EvaluateConfig(
+                embeddings=str(paths["embeddings"]),
+                task="outcome:ahi",
+                report=str(paths["reports"] / "ahi.json"),
+                folds=config.folds,
+                seed=config.seed,
+            ),
             address=address,
         )
         site = evaluate(
-            str(paths["embeddings"]),
-            "site",
-            str(paths["reports"] / "site.json"),
-            folds=config.folds,
-            seed=config.seed,
+            EvaluateConfig(
+                embeddings=str(paths["embeddings"]),
+                task="site",
+                report=str(paths["reports"] / "site.json"),
+                folds=config.folds,
+                seed=config.seed,
+            ),
             address=address,
         )
         timings["evaluate_s"] = time.perf_counter() - t

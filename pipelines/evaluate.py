@@ -63,6 +63,7 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 
 from pipelines.embed import embed
+from pipelines.evaluate_config import EvaluateConfig, config_from_args
 from pipelines.runtime import mlflow_experiment
 from s2v_core.embeddings import INFO_FILE, Embeddings, read_embeddings
 from s2v_core.evaluation import plots
@@ -92,84 +93,36 @@ MLFLOW_EXPERIMENT = "sleep2vec-evaluate"
 LABEL_FRACTIONS = (0.01, 0.1, 1.0)
 
 
-def evaluate(
-    embeddings: str,
-    task: str,
-    report: str,
-    *,
-    folds: int = 5,
-    seed: int = 0,
-    heads: Sequence[str] = ("linear", "temporal"),
-    data: str | None = None,
-    checkpoint: str | None = None,
-    robustness: bool = False,
-    scenarios: Sequence[str] | None = None,
-    label_efficiency_curve: bool = False,
-    peer: str | None = None,
-    compare: str | None = None,
-    mlflow_parent_run_id: str | None = None,
-    log_to_mlflow: bool = True,
-    address: str | None = None,
-    transductive: bool = False,
-) -> dict:
-    """Evaluate ``embeddings`` on ``task`` and write ``report`` (JSON) with plots beside it.
+def evaluate(config: EvaluateConfig, *, address: str | None = None) -> dict:
+    """Evaluate the embeddings of ``config`` on its task and write its report (JSON) with plots beside it.
 
     Parameters
     ----------
-    embeddings : str
-        Directory written by ``s2v embed``.
-    task : str
-        ``"staging"``, ``"outcome:<column>"`` or ``"site"``.
-    report : str
-        Path of ``REPORT.json``; plots go to its directory.
-    folds, seed : int
-        Subject-grouped k-fold cross-validation (``transductive`` only) and the seed of folds and probes.
-    heads : sequence of str
-        Staging heads: ``"linear"`` and/or ``"temporal"``.
-    data, checkpoint : str, optional
-        Store and encoder; needed by ``robustness``, ``label_efficiency_curve`` and ``peer``.
-    robustness : bool
-        Add the any-subset robustness matrix (``scenarios`` selects some).
-    label_efficiency_curve : bool
-        Add the label-efficiency curve against a from-scratch encoder trained
-        end to end (a budget that grows with its labels, early stopping on
-        ``val`` subjects).
-    peer : {"yasa"}, optional
-        Add YASA's pretrained staging on the nights that have EEG.
-    compare : str, optional
-        ``site`` task: a second embeddings directory of the same store (e.g. a
-        plain-InfoNCE encoder next to a DASH one) scored with the same folds.
-    mlflow_parent_run_id : str, optional
-        MLflow run to nest the evaluation under (default: the pretraining run).
-    log_to_mlflow : bool
-        Log the report and plots as an MLflow run.
-    transductive : bool
-        Score every subject with k-fold cross-validation, including subjects
-        the encoder was pretrained on (refused otherwise).
+    config : EvaluateConfig
+        The embeddings, the task (``"staging"``, ``"outcome:<column>"`` or
+        ``"site"``), the report path and every option (see
+        :class:`~pipelines.evaluate_config.EvaluateConfig`), validated.
+    address : str, optional
+        Ray cluster address for the robustness embeddings (default
+        ``RAY_ADDRESS``, else a local instance).
 
     Returns
     -------
     dict
-        The report, as written to ``report``.
+        The report, as written to ``config.report``.
+
+    Raises
+    ------
+    ValueError
+        The embeddings do not support the task, or the protocol refuses them
+        (an encoder pretrained on the test subjects, or one whose training is unknown).
     """
+    embeddings, task, folds, seed = config.embeddings, config.task, config.folds, config.seed
+    transductive = config.transductive
     emb = read_embeddings(embeddings)
-    report_path = Path(report)
+    report_path = Path(config.report)
     report_path.parent.mkdir(parents=True, exist_ok=True)
     kind, _, column = task.partition(":")
-    if kind not in ("staging", "outcome", "site") or (kind == "outcome") != bool(column):
-        raise ValueError(f"--task: expected staging, outcome:COLUMN or site, found {task!r}")
-    extras = robustness or label_efficiency_curve or peer
-    if extras and kind != "staging":
-        raise ValueError("--robustness, --label-efficiency and --peer apply to --task staging only")
-    if (robustness or label_efficiency_curve) and not (data and checkpoint):
-        raise ValueError("--robustness and --label-efficiency need --data STORE and --checkpoint CKPT")
-    if compare and kind != "site":
-        raise ValueError("--compare applies to --task site only")
-    if peer and (peer != "yasa" or not data):
-        raise ValueError(f"--peer: only 'yasa' is available and it needs --data STORE; found {peer!r}")
-    unknown_heads = set(heads) - {"linear", "temporal"}
-    if unknown_heads or not heads:
-        raise ValueError(f"--heads: expected linear and/or temporal, found {','.join(heads) or 'nothing'}")
 
     protocol = check_protocol(emb, embeddings, transductive=transductive, folds=folds, seed=seed)
     result: dict = {
@@ -186,17 +139,25 @@ def evaluate(
         window_folds = (
             grouped_folds(emb.subject_id, folds=folds, seed=seed) if transductive else [held_out_fold(emb.split)]
         )
-        result["staging"] = _staging(emb, window_folds, heads, seed, report_path.parent, result["plots"])
-        if label_efficiency_curve:
+        result["staging"] = _staging(emb, window_folds, config.heads, seed, report_path.parent, result["plots"])
+        if config.label_efficiency_curve:
             result["label_efficiency"] = _label_efficiency(
-                emb, window_folds, data, checkpoint, seed, report_path.parent, result["plots"]
+                emb, window_folds, config.data, config.checkpoint, seed, report_path.parent, result["plots"]
             )
-        if robustness:
+        if config.robustness:
             result["robustness"] = _robustness(
-                emb, window_folds, data, checkpoint, scenarios, seed, report_path.parent, result["plots"], address
+                emb,
+                window_folds,
+                config.data,
+                config.checkpoint,
+                config.scenarios,
+                seed,
+                report_path.parent,
+                result["plots"],
+                address,
             )
-        if peer:
-            result["peer"] = {"yasa": _yasa_peer(emb, window_folds, data, seed)}
+        if config.peer:
+            result["peer"] = {"yasa": _yasa_peer(emb, window_folds, config.data, seed)}
     elif kind == "outcome":
         target = _night_target(emb, column)
         result["outcome"] = {
@@ -212,17 +173,19 @@ def evaluate(
         }
     else:
         result["site"] = _site(emb, folds, seed, transductive=transductive)
-        if compare:
+        if config.compare:
             # Same folds and probes on a second encoder's embeddings of the same store
             # (e.g. plain InfoNCE next to DASH): the shortcut comparison on one line.
-            other = read_embeddings(compare)
-            check_protocol(other, compare, transductive=transductive, folds=folds, seed=seed)
+            other = read_embeddings(config.compare)
+            check_protocol(other, config.compare, transductive=transductive, folds=folds, seed=seed)
             result["site_compare"] = {
-                "embeddings": absolute(compare),
+                "embeddings": absolute(config.compare),
                 "encoder_source": other.info.get("encoder_source"),
                 **_site(other, folds, seed, transductive=transductive),
             }
-    result["mlflow"] = _log_mlflow(result, report_path, emb.info, mlflow_parent_run_id) if log_to_mlflow else None
+    result["mlflow"] = (
+        _log_mlflow(result, report_path, emb.info, config.mlflow_parent_run_id) if config.log_to_mlflow else None
+    )
     report_path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     logger.info("wrote %s", report_path)
     return result
@@ -755,24 +718,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    result = evaluate(
-        args.embeddings,
-        args.task,
-        args.report,
-        folds=args.folds,
-        seed=args.seed,
-        heads=tuple(h.strip() for h in args.heads.split(",") if h.strip()),
-        data=args.data,
-        checkpoint=args.checkpoint,
-        robustness=args.robustness,
-        scenarios=[s.strip() for s in args.scenarios.split(",")] if args.scenarios else None,
-        label_efficiency_curve=args.label_efficiency,
-        peer=args.peer,
-        transductive=args.transductive,
-        compare=args.compare,
-        mlflow_parent_run_id=args.mlflow_parent_run_id,
-        log_to_mlflow=not args.no_mlflow,
-        address=args.address,
-    )
+    result = evaluate(config_from_args(args), address=args.address)
     print(json.dumps({"report": args.report, "task": result["task"], "mlflow": result["mlflow"]}))
     return 0
