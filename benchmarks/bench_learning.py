@@ -203,6 +203,7 @@ def main() -> None:
     import torch
 
     from pipelines.embed import embed
+    from pipelines.embed_config import EmbedConfig
     from pipelines.evaluate import evaluate
     from pipelines.evaluate_config import EvaluateConfig
     from s2v_core.embeddings import read_embeddings
@@ -246,7 +247,7 @@ def main() -> None:
     for name, path in encoders.items():
         logger.info("embedding the store with %s", name)
         with contextlib.redirect_stdout(sys.stderr):
-            embed(path, store, str(workdir / "emb" / name), num_actors=2)
+            embed(EmbedConfig(checkpoint=path, data=store, output=str(workdir / "emb" / name), num_actors=2))
         embeddings[name] = read_embeddings(workdir / "emb" / name)
     reference = embeddings["random_init"]
     fold = held_out_fold(reference.split)

@@ -55,6 +55,7 @@ def demo(config: DemoConfig, *, address: str | None = None) -> dict:
     import ray
 
     from pipelines.embed import embed
+    from pipelines.embed_config import EmbedConfig
     from pipelines.evaluate import evaluate
     from pipelines.evaluate_config import EvaluateConfig
     from pipelines.ingest import ingest
@@ -121,7 +122,10 @@ def demo(config: DemoConfig, *, address: str | None = None) -> dict:
         timings["pretrain_s"] = time.perf_counter() - t
 
         t = _stage("embed: batch embedding extraction (Ray Data actors)", 4, total)
-        embed(str(paths["run"]), str(paths["store"]), str(paths["embeddings"]), address=address)
+        embed(
+            EmbedConfig(checkpoint=str(paths["run"]), data=str(paths["store"]), output=str(paths["embeddings"])),
+            address=address,
+        )
         timings["embed_s"] = time.perf_counter() - t
 
         t = _stage("evaluate: staging (+ any-subset robustness), AHI, site probe", 5, total)

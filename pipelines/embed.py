@@ -38,6 +38,7 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from pipelines.embed_config import EmbedConfig, config_from_args
 from pipelines.model_io import load_encoder_spec
 from pipelines.runtime import write_text
 from s2v_core.embeddings import (
@@ -189,59 +190,39 @@ def _count_usable_windows(dataset: pads.Dataset, modalities: Sequence[str]) -> i
     return usable
 
 
-def embed(
-    checkpoint: str,
-    data: str,
-    output: str,
-    *,
-    modalities: str | Sequence[str] | None = None,
-    batch_size: int = 64,
-    num_actors: int | None = None,
-    per_modality: bool = False,
-    address: str | None = None,
-    allow_pickle_model: bool = False,
-    features: str = "hidden",
-) -> EmbedSummary:
-    """Embed every window of the store ``data`` with the encoder ``checkpoint`` into ``output``.
+def embed(config: EmbedConfig, *, address: str | None = None) -> EmbedSummary:
+    """Embed every window of the store ``config.data`` with the encoder ``config.checkpoint`` into ``config.output``.
 
     Parameters
     ----------
-    checkpoint : str
-        Saved encoder directory, pretraining run directory, or MLflow model URI / run id.
-    data : str
-        Store (``STORE/site=<name>/*.parquet``): a path or a URI.
-    output : str
-        Embeddings directory to (re)create, a path or a URI; layout in the module docstring.
-    modalities : str or sequence of str, optional
-        Subset the encoder reads (``"hr,spo2,thorax"``); default every modality
-        the encoder was built for. Only these store columns are read.
-    batch_size : int
-        Windows per forward pass (one window = ``E`` 30-s epochs).
-    num_actors : int, optional
-        Size of the actor pool; default one per CPU (or per GPU) of the cluster.
-    per_modality : bool
-        Also write one ``emb_<modality>`` column per requested modality.
+    config : EmbedConfig
+        The encoder, the store, the output directory (layout in
+        :mod:`s2v_core.embeddings`) and every option
+        (:class:`~pipelines.embed_config.EmbedConfig`), validated.
     address : str, optional
         Ray cluster address; default ``RAY_ADDRESS`` or a local instance.
-    allow_pickle_model : bool
-        Accept an MLflow pytorch model (``runs:/<id>/model``, ``models:/…``), a
-        pickle that runs code when loaded; default: weights-only encoders only.
-    features : {"hidden", "projected"}
-        The backbone's hidden states (downstream default) or the aligned projections.
+
+    Returns
+    -------
+    EmbedSummary
+        What was written, with the throughput.
 
     Raises
     ------
     ValueError
-        Unknown modality, a modality the encoder was not built for, or a store
-        with no window holding any of the requested modalities.
+        A modality the encoder was not built for, or a store with no window
+        holding any of the requested modalities.
     """
     import ray
 
     from pipelines.runtime import init_ray
 
+    checkpoint, data, output, features = config.checkpoint, config.data, config.output, config.features
     started = time.perf_counter()
-    encoder, pretrain_run = load_encoder_spec(checkpoint, allow_pickle=allow_pickle_model)
-    dataset, epochs_per_window, selected, usable = _prepare(encoder, data, modalities, batch_size, checkpoint, features)
+    encoder, pretrain_run = load_encoder_spec(checkpoint, allow_pickle=config.allow_pickle_model)
+    dataset, epochs_per_window, selected, usable = _prepare(
+        encoder, data, config.modalities, config.batch_size, checkpoint, features
+    )
     embedding_dim = _embedding_dim(encoder, features)
     from pipelines.model_io import training_record
 
@@ -260,13 +241,13 @@ def embed(
             out,
             modalities=selected,
             epochs_per_window=epochs_per_window,
-            batch_size=batch_size,
-            num_actors=num_actors,
-            per_modality=per_modality,
+            batch_size=config.batch_size,
+            num_actors=config.num_actors,
+            per_modality=config.per_modality,
             usable=usable,
             splits=read_splits(data),
             features=features,
-            allow_pickle=allow_pickle_model,
+            allow_pickle=config.allow_pickle_model,
         )
     finally:
         if started_ray:  # leave a caller's Ray (tests, evaluate's scenarios) running
@@ -276,7 +257,7 @@ def embed(
         embedding_dim=embedding_dim,
         epochs_per_window=epochs_per_window,
         modalities=selected,
-        per_modality=per_modality,
+        per_modality=config.per_modality,
         source=checkpoint,
         pretrain_run=pretrain_run,
         data=data,
@@ -497,17 +478,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    summary = embed(
-        args.checkpoint,
-        args.data,
-        args.output,
-        modalities=args.modalities,
-        batch_size=args.batch_size,
-        num_actors=args.actors,
-        per_modality=args.per_modality,
-        address=args.address,
-        allow_pickle_model=args.allow_pickle_model,
-        features=args.features,
-    )
+    summary = embed(config_from_args(args), address=args.address)
     print(json.dumps(asdict(summary)))
     return 0

@@ -63,6 +63,7 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 
 from pipelines.embed import embed
+from pipelines.embed_config import EmbedConfig
 from pipelines.evaluate_config import EvaluateConfig, config_from_args
 from pipelines.runtime import mlflow_experiment
 from s2v_core.embeddings import INFO_FILE, Embeddings, read_embeddings
@@ -420,12 +421,14 @@ def _robustness(
                 init_ray(address)
                 try:
                     embed(
-                        checkpoint,
-                        data,
-                        str(path),
-                        modalities=list(subset),
+                        EmbedConfig(
+                            checkpoint=checkpoint,
+                            data=data,
+                            output=str(path),
+                            modalities=list(subset),
+                            features=emb.info.get("features", "hidden"),
+                        ),
                         address=address,
-                        features=emb.info.get("features", "hidden"),
                     )
                 except ValueError as exc:  # no window holds this subset: a gap in the matrix, not a crash
                     logger.warning("robustness scenario %s skipped: %s", name, exc)

@@ -203,6 +203,7 @@ def test_pretrain_and_embed_read_and_write_s3(s3, s3_store, ray_local, tmp_path,
     from mlflow.tracking import MlflowClient
 
     from pipelines.embed import embed
+    from pipelines.embed_config import EmbedConfig
     from s2v_core.embeddings import read_embeddings
 
     tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -246,7 +247,7 @@ def test_pretrain_and_embed_read_and_write_s3(s3, s3_store, ray_local, tmp_path,
     assert pretrain(config, resume=True).checkpoint == result.checkpoint
 
     output = s3.uri("embeddings/tiny")
-    summary = embed(result.run_dir, s3_store, output, batch_size=8)
+    summary = embed(EmbedConfig(checkpoint=result.run_dir, data=s3_store, output=output, batch_size=8))
     emb = read_embeddings(output)
     assert summary.windows == emb.window.shape[0] == inspect_store(s3_store).usable_windows
     assert emb.info["pretrain_run_id"] == result.mlflow_run_id and emb.info["store"] == s3_store
