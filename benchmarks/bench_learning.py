@@ -58,6 +58,7 @@ logger = logging.getLogger("bench_learning")
 def make_store(workdir: Path, args: argparse.Namespace) -> tuple[str, dict]:
     """A synthetic cohort, ingested, with a 60/20/20 subject split; returns the store and timings."""
     from pipelines.ingest import ingest
+    from pipelines.ingest_config import IngestConfig
     from pipelines.split import assign
     from s2v_core.synth import write_cohort
 
@@ -71,7 +72,7 @@ def make_store(workdir: Path, args: argparse.Namespace) -> tuple[str, dict]:
         timings["synth_s"] = round(time.monotonic() - started, 1)
         started = time.monotonic()
         with contextlib.redirect_stdout(sys.stderr):
-            ingest([str(cohort.root)], str(store), workers=2)
+            ingest(IngestConfig(inputs=[str(cohort.root)], output=str(store), workers=2))
         timings["ingest_s"] = round(time.monotonic() - started, 1)
     assign(str(store), seed=args.split_seed, fractions=(0.6, 0.2, 0.2), reassign=True, force=True)
     return str(store), timings

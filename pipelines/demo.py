@@ -59,6 +59,7 @@ def demo(config: DemoConfig, *, address: str | None = None) -> dict:
     from pipelines.evaluate import evaluate
     from pipelines.evaluate_config import EvaluateConfig
     from pipelines.ingest import ingest
+    from pipelines.ingest_config import IngestConfig
     from pipelines.pretrain import pretrain
     from pipelines.runtime import init_ray, mlflow_tracking_uri
     from pipelines.train_config import PretrainConfig
@@ -101,7 +102,9 @@ def demo(config: DemoConfig, *, address: str | None = None) -> dict:
         timings["synth_s"] = time.perf_counter() - t
 
         t = _stage("ingest: recordings -> Parquet store (Ray Data)", 2, total)
-        ingest_summary = ingest([str(paths["cohort"])], str(paths["store"]), address=address)
+        ingest_summary = ingest(
+            IngestConfig(inputs=[str(paths["cohort"])], output=str(paths["store"])), address=address
+        )
         timings["ingest_s"] = time.perf_counter() - t
 
         t = _stage("pretrain: DASH-InfoNCE, Ray Train + DeepSpeed", 3, total)

@@ -259,6 +259,7 @@ def test_ingest_reads_sites_from_s3_and_writes_the_store_there(s3, ray_local, tm
     from mlflow.tracking import MlflowClient
 
     from pipelines.ingest import ingest
+    from pipelines.ingest_config import IngestConfig
     from s2v_core.synth import write_cohort
 
     cohort = write_cohort(tmp_path / "cohort", sites=2, recordings_per_site=1, hours=0.5, seed=4)
@@ -266,7 +267,7 @@ def test_ingest_reads_sites_from_s3_and_writes_the_store_there(s3, ray_local, tm
     # Credentials in the URI (moto accepts any): used to connect, shown nowhere.
     output = s3.uri("stores/ingested").replace("s3://", "s3://testing:testing@")
     tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    summary = ingest(inputs, output, epochs_per_window=5, mlflow_tracking_uri=tracking_uri)
+    summary = ingest(IngestConfig(inputs=inputs, output=output, epochs_per_window=5), mlflow_tracking_uri=tracking_uri)
     assert (summary.ok, summary.quarantined, summary.windows) == (2, 0, 24)
     assert summary.manifest == s3.uri("stores/ingested/manifest.jsonl").replace("s3://", "s3://***@")
     lines = [
@@ -284,5 +285,5 @@ def test_ingest_reads_sites_from_s3_and_writes_the_store_there(s3, ray_local, tm
     assert "manifest.jsonl" in {a.path for a in client.list_artifacts(run.info.run_id)}
     assert b"testing:testing" not in (tmp_path / "mlflow.db").read_bytes()
     # A second run finds the finished recordings in the manifest on s3 and decodes nothing.
-    again = ingest(inputs, output, epochs_per_window=5)
+    again = ingest(IngestConfig(inputs=inputs, output=output, epochs_per_window=5))
     assert (again.ok, again.skipped) == (0, 2)
