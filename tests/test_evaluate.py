@@ -187,6 +187,31 @@ def test_outcome_and_site_tasks(setup, tmp_path):
     assert site["site_compare"]["night"]["summary"] == site["site"]["night"]["summary"]
 
 
+def test_tasks_of_the_task_table_are_scored_by_their_level_and_kind(setup, tmp_path):
+    emb = str(setup["emb"])
+    grouped = evaluate(
+        EvaluateConfig(
+            embeddings=emb, task="staging4", report=str(tmp_path / "s4.json"), heads=("linear",), log_to_mlflow=False
+        )
+    )
+    staging = grouped["staging"]
+    assert grouped["task"] == "staging4" and list(staging["class_counts"]) == ["W", "light", "deep", "REM"]
+    assert list(staging["linear"]["pooled"]["per_class_f1"]) == ["W", "light", "deep", "REM"]
+    assert len(staging["linear"]["pooled"]["confusion"]) == 4
+    five = evaluate(
+        EvaluateConfig(
+            embeddings=emb, task="staging", report=str(tmp_path / "s5.json"), heads=("linear",), log_to_mlflow=False
+        )
+    )["staging"]["class_counts"]
+    assert staging["class_counts"]["light"] == five["N1"] + five["N2"] and staging["class_counts"]["deep"] == five["N3"]
+    age = evaluate(EvaluateConfig(embeddings=emb, task="age", report=str(tmp_path / "age.json"), log_to_mlflow=False))
+    assert age["outcome"]["column"] == "age" and age["outcome"]["n_nights"] == 8
+    with pytest.raises(ValueError, match=r"--task survival:ahi,age: .* no frozen-embedding probe .*s2v finetune"):
+        EvaluateConfig(embeddings=emb, task="survival:ahi,age", report=str(tmp_path / "r.json"))
+    with pytest.raises(ValueError, match=r"known: staging, staging4, staging3, age, sex, ahi, site, outcome:COLUMN"):
+        EvaluateConfig(embeddings=emb, task="sleepiness", report=str(tmp_path / "r.json"))
+
+
 def test_bad_inputs_give_one_clear_message(setup, tmp_path, capsys):
     emb = str(setup["emb"])
     with pytest.raises(ValueError, match=r"no night has outcome 'bmi'; available: age, sex, ahi, hypertension"):
