@@ -64,7 +64,9 @@ def test_staging_report_beats_majority_and_is_logged_under_the_pretraining_run(s
     # A stand-in for the pretraining run in the tracking store that embed recorded.
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(tracking_uri=uri)
-    pretrain = client.create_run(client.create_experiment("pretrain")).info.run_id
+    # Artifacts beside the store, as every command's experiments keep them (not ./mlruns).
+    experiment = client.create_experiment("pretrain", artifact_location=(tmp_path / "mlartifacts").as_uri())
+    pretrain = client.create_run(experiment).info.run_id
     emb = tmp_path / "emb"
     shutil.copytree(setup["emb"], emb)
     info = json.loads((emb / "embed.json").read_text())
