@@ -51,7 +51,9 @@ def main() -> None:
 
     import ray
 
-    from pipelines.embed import CARRIED_COLUMNS, embed
+    from pipelines.embed import embed
+    from pipelines.embed_config import EmbedConfig
+    from s2v_core.embeddings import CARRIED_COLUMNS
     from s2v_core.modalities import MODALITY_KEYS
     from s2v_core.model import SleepEncoder, batch_to_tensors, model_config, save_encoder
     from s2v_core.store import open_store, table_to_batch
@@ -111,11 +113,13 @@ def main() -> None:
             runs = []
             for repeat in range(args.repeats):
                 summary = embed(
-                    str(checkpoint),
-                    str(store),
-                    str(root / f"emb{repeat}"),
-                    batch_size=args.batch_size,
-                    num_actors=args.cpus,
+                    EmbedConfig(
+                        checkpoint=str(checkpoint),
+                        data=str(store),
+                        output=str(root / f"emb{repeat}"),
+                        batch_size=args.batch_size,
+                        num_actors=args.cpus,
+                    )
                 )
                 runs.append(summary.windows_per_second)
         finally:

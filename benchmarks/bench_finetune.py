@@ -45,6 +45,7 @@ logger = logging.getLogger("bench_finetune")
 def make_store(workdir: Path, args: argparse.Namespace) -> str:
     """A synthetic cohort, ingested, with a 60/20/20 subject split."""
     from pipelines.ingest import ingest
+    from pipelines.ingest_config import IngestConfig
     from pipelines.split import assign
     from s2v_core.synth import write_cohort
 
@@ -54,7 +55,7 @@ def make_store(workdir: Path, args: argparse.Namespace) -> str:
             workdir / "cohort", sites=6, recordings_per_site=args.nights_per_site, hours=args.hours, seed=args.seed
         )
         with contextlib.redirect_stdout(sys.stderr):
-            ingest([str(cohort.root)], str(store), workers=2)
+            ingest(IngestConfig(inputs=[str(cohort.root)], output=str(store), workers=2))
     assign(str(store), seed=args.seed, fractions=(0.6, 0.2, 0.2), reassign=True, force=True)
     return str(store)
 

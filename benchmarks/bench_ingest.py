@@ -143,6 +143,7 @@ def s2v_run(signals: list[Path], cohort: Path, store: Path, workers: int) -> tup
     import ray
 
     from pipelines.ingest import ingest
+    from pipelines.ingest_config import IngestConfig
     from pipelines.runtime import init_ray
 
     shutil.rmtree(store, ignore_errors=True)
@@ -159,7 +160,7 @@ def s2v_run(signals: list[Path], cohort: Path, store: Path, workers: int) -> tup
     startup = time.perf_counter() - start
     try:
         start = time.perf_counter()
-        summary = ingest([str(cohort)], str(store), workers=workers)
+        summary = ingest(IngestConfig(inputs=[str(cohort)], output=str(store), workers=workers))
         seconds = time.perf_counter() - start
     finally:
         ray.shutdown()

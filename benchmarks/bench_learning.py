@@ -58,6 +58,7 @@ logger = logging.getLogger("bench_learning")
 def make_store(workdir: Path, args: argparse.Namespace) -> tuple[str, dict]:
     """A synthetic cohort, ingested, with a 60/20/20 subject split; returns the store and timings."""
     from pipelines.ingest import ingest
+    from pipelines.ingest_config import IngestConfig
     from pipelines.split import assign
     from s2v_core.synth import write_cohort
 
@@ -71,7 +72,7 @@ def make_store(workdir: Path, args: argparse.Namespace) -> tuple[str, dict]:
         timings["synth_s"] = round(time.monotonic() - started, 1)
         started = time.monotonic()
         with contextlib.redirect_stdout(sys.stderr):
-            ingest([str(cohort.root)], str(store), workers=2)
+            ingest(IngestConfig(inputs=[str(cohort.root)], output=str(store), workers=2))
         timings["ingest_s"] = round(time.monotonic() - started, 1)
     assign(str(store), seed=args.split_seed, fractions=(0.6, 0.2, 0.2), reassign=True, force=True)
     return str(store), timings
@@ -112,7 +113,7 @@ def random_init_encoder(reference_dir: str, workdir: Path) -> str:
     import torch
 
     from s2v_core.model import SleepEncoder, load_encoder, save_encoder
-    from s2v_core.splits import TRAINING_RECORD_FILE
+    from s2v_core.run_layout import TRAINING_RECORD_FILE
 
     reference = load_encoder(reference_dir)
     torch.manual_seed(12345)
@@ -202,8 +203,11 @@ def main() -> None:
 
     import torch
 
-    from pipelines.embed import embed, read_embeddings
+    from pipelines.embed import embed
+    from pipelines.embed_config import EmbedConfig
     from pipelines.evaluate import evaluate
+    from pipelines.evaluate_config import EvaluateConfig
+    from s2v_core.embeddings import read_embeddings
     from s2v_core.evaluation.features import epoch_features
     from s2v_core.evaluation.folds import held_out_fold
     from s2v_core.evaluation.probes import label_efficiency, linear_staging_probe
@@ -244,7 +248,7 @@ def main() -> None:
     for name, path in encoders.items():
         logger.info("embedding the store with %s", name)
         with contextlib.redirect_stdout(sys.stderr):
-            embed(path, store, str(workdir / "emb" / name), num_actors=2)
+            embed(EmbedConfig(checkpoint=path, data=store, output=str(workdir / "emb" / name), num_actors=2))
         embeddings[name] = read_embeddings(workdir / "emb" / name)
     reference = embeddings["random_init"]
     fold = held_out_fold(reference.split)
@@ -276,17 +280,19 @@ def main() -> None:
     for objective in objectives:
         name = f"pretrained_{objective}"
         report = evaluate(
-            str(workdir / "emb" / name),
-            "staging",
-            str(workdir / "reports" / name / "staging.json"),
-            heads=("linear",),
-            data=store,
-            checkpoint=encoders[name],
-            robustness=True,
-            scenarios=list(SCENARIOS),
-            peer="yasa" if result["yasa"] is None else None,
-            log_to_mlflow=False,
-            seed=args.seed,
+            EvaluateConfig(
+                embeddings=str(workdir / "emb" / name),
+                task="staging",
+                report=str(workdir / "reports" / name / "staging.json"),
+                heads=("linear",),
+                data=store,
+                checkpoint=encoders[name],
+                robustness=True,
+                scenarios=list(SCENARIOS),
+                peer="yasa" if result["yasa"] is None else None,
+                log_to_mlflow=False,
+                seed=args.seed,
+            )
         )
         robustness = report["robustness"]
         result["sensor_dropout"][name] = {

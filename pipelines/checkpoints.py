@@ -38,23 +38,22 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
-from pipelines.runtime import file_type, join, read_text, redact_values
-from s2v_core.io.discovery import resolve
+from pipelines.runtime import file_type, read_text
+from s2v_core.locations import join, redact_values, resolve
+from s2v_core.run_layout import (
+    CHECKPOINT_STATE_FILE,
+    CHECKPOINTS_NAME,
+    EMA_FILE,
+    ENCODER_DIR,
+    ENGINE_DIR,
+    ENGINE_TAG,
+    ONLINE_ENCODER_DIR,
+)
 
 logger = logging.getLogger(__name__)
 
 #: Version of ``state.json``; bump when its keys change meaning.
 CHECKPOINT_FORMAT = 1
-CHECKPOINT_STATE_FILE = "state.json"
-ENCODER_DIR = "encoder"
-#: With EMA: ``encoder/`` holds the averaged weights, this the optimiser's own, EMA_FILE the average's state.
-ONLINE_ENCODER_DIR = "online_encoder"
-EMA_FILE = "ema.pt"
-ENGINE_DIR = "engine"
-#: DeepSpeed checkpoint tag (one tag per directory: the directory is the step).
-ENGINE_TAG = "state"
-#: Ray Train experiment name: checkpoints live under RUN_DIR/checkpoints/.
-CHECKPOINTS_NAME = "checkpoints"
 
 
 @dataclass(frozen=True)
@@ -158,7 +157,7 @@ def checkpoint_problems(
     that died mid-upload leaves a directory with ``state.json`` and part of the
     rest, which must not count (``--resume`` would fail on it).
     """
-    from s2v_core.model import MODEL_CONFIG_FILE, WEIGHTS_FILE
+    from s2v_core.run_layout import MODEL_CONFIG_FILE, WEIGHTS_FILE
 
     problems = [
         f"no {name}"

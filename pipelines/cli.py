@@ -55,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    from pipelines.runtime import RedactingFilter, redact
+    from pipelines.runtime import RedactingFilter
+    from s2v_core.locations import redact
 
     for handler in logging.getLogger().handlers:
         handler.addFilter(RedactingFilter())  # no credentials of a URI in any log line

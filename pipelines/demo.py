@@ -21,6 +21,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from s2v_core.run_layout import CHECKPOINTS_NAME, SWEEP_STATE_FILE
+
 logger = logging.getLogger(__name__)
 
 
@@ -53,8 +55,11 @@ def demo(config: DemoConfig, *, address: str | None = None) -> dict:
     import ray
 
     from pipelines.embed import embed
+    from pipelines.embed_config import EmbedConfig
     from pipelines.evaluate import evaluate
+    from pipelines.evaluate_config import EvaluateConfig
     from pipelines.ingest import ingest
+    from pipelines.ingest_config import IngestConfig
     from pipelines.pretrain import pretrain
     from pipelines.runtime import init_ray, mlflow_tracking_uri
     from pipelines.train_config import PretrainConfig
@@ -97,7 +102,9 @@ def demo(config: DemoConfig, *, address: str | None = None) -> dict:
         timings["synth_s"] = time.perf_counter() - t
 
         t = _stage("ingest: recordings -> Parquet store (Ray Data)", 2, total)
-        ingest_summary = ingest([str(paths["cohort"])], str(paths["store"]), address=address)
+        ingest_summary = ingest(
+            IngestConfig(inputs=[str(paths["cohort"])], output=str(paths["store"])), address=address
+        )
         timings["ingest_s"] = time.perf_counter() - t
 
         t = _stage("pretrain: DASH-InfoNCE, Ray Train + DeepSpeed", 3, total)
@@ -112,42 +119,51 @@ def demo(config: DemoConfig, *, address: str | None = None) -> dict:
                 seed=config.seed,
                 checkpoint_every=max(config.steps // 2, 1),
             ),
-            resume=(paths["run"] / "checkpoints").exists(),
+            resume=(paths["run"] / CHECKPOINTS_NAME).exists(),
             address=address,
         )
         timings["pretrain_s"] = time.perf_counter() - t
 
         t = _stage("embed: batch embedding extraction (Ray Data actors)", 4, total)
-        embed(str(paths["run"]), str(paths["store"]), str(paths["embeddings"]), address=address)
+        embed(
+            EmbedConfig(checkpoint=str(paths["run"]), data=str(paths["store"]), output=str(paths["embeddings"])),
+            address=address,
+        )
         timings["embed_s"] = time.perf_counter() - t
 
         t = _stage("evaluate: staging (+ any-subset robustness), AHI, site probe", 5, total)
         staging = evaluate(
-            str(paths["embeddings"]),
-            "staging",
-            str(paths["reports"] / "staging.json"),
-            folds=config.folds,
-            seed=config.seed,
-            data=str(paths["store"]),
-            checkpoint=str(paths["run"]),
-            robustness=True,
-            scenarios=config.scenarios,
+            EvaluateConfig(
+                embeddings=str(paths["embeddings"]),
+                task="staging",
+                report=str(paths["reports"] / "staging.json"),
+                folds=config.folds,
+                seed=config.seed,
+                data=str(paths["store"]),
+                checkpoint=str(paths["run"]),
+                robustness=True,
+                scenarios=config.scenarios,
+            ),
             address=address,
         )
         outcome = evaluate(
-            str(paths["embeddings"]),
-            "outcome:ahi",
-            str(paths["reports"] / "ahi.json"),
-            folds=config.folds,
-            seed=config.seed,
+            EvaluateConfig(
+                embeddings=str(paths["embeddings"]),
+                task="outcome:ahi",
+                report=str(paths["reports"] / "ahi.json"),
+                folds=config.folds,
+                seed=config.seed,
+            ),
             address=address,
         )
         site = evaluate(
-            str(paths["embeddings"]),
-            "site",
-            str(paths["reports"] / "site.json"),
-            folds=config.folds,
-            seed=config.seed,
+            EvaluateConfig(
+                embeddings=str(paths["embeddings"]),
+                task="site",
+                report=str(paths["reports"] / "site.json"),
+                folds=config.folds,
+                seed=config.seed,
+            ),
             address=address,
         )
         timings["evaluate_s"] = time.perf_counter() - t
@@ -179,7 +195,7 @@ def demo(config: DemoConfig, *, address: str | None = None) -> dict:
                         seed=config.seed,
                         bootstrap=0,
                     ),
-                    resume=(paths["sweep"] / "sweep.json").exists(),
+                    resume=(paths["sweep"] / SWEEP_STATE_FILE).exists(),
                     address=address,
                 )
                 scaling["verdict"] = (

@@ -19,45 +19,7 @@ at a time in eval mode, so memory does not grow with the store. ``CKPT``,
 ``STORE`` and ``EMB`` may each be a local path or a URI (``s3://…``, ``gs://…``):
 everything is read and written through ``pyarrow.fs``.
 
-Embeddings format (``EMB/``), read back with :func:`read_embeddings`
---------------------------------------------------------------------
-
-``EMB/windows/*.parquet`` — one row per store window that has at least one
-of the requested modalities (file order is arbitrary; sort by
-``site, recording_id, window_index``):
-
-=====================  ===============================================================
-``recording_id``       str, night (unique with ``site``: sites may reuse ids); with
-                       ``subject_id`` (str), ``site`` (str),
-                       ``window_index`` (int32), ``start_epoch`` (int32) as in the store
-``split``              str: the subject's split in the store (``train``/``val``/``test``,
-                       ``STORE/splits.json``)
-``stages``             list<int8> ``(E,)``: W=0 N1=1 N2=2 N3=3 REM=4, -1 unknown
-``age``, ``sex``       float32 years / int8 0 female 1 male, null unknown
-``outcomes``           map<str, float64>, the store's per-night outcome columns
-``present``            list<bool> ``(9,)`` registry order: modalities the encoder read
-``epoch_embedding``    list<float32> ``E*P``: fused per-epoch embedding, row-major ``(E, P)``
-                       (``P`` = width for hidden features, projection_dim for projected)
-``window_embedding``   list<float32> ``P``: mean of the epoch embeddings (L2-normalised when projected)
-``emb_<modality>``     list<float32> ``E*P`` per requested modality (``--per-modality``
-                       only); null where that modality is absent
-=====================  ===============================================================
-
-``EMB/nights.parquet`` — one row per night: ``recording_id``, ``subject_id``,
-``site``, ``split``, ``age``, ``sex``, ``outcomes``, ``windows`` (int32), and
-``night_embedding`` (list<float32> ``P``: mean of the night's window
-embeddings, L2-normalised, :func:`s2v_core.model.pool_night`).
-
-``EMB/embed.json`` (also in the schema metadata of ``nights.parquet`` under
-``s2v.embeddings``) — ``format``, ``features`` (hidden | projected), ``embedding_dim`` (P), ``epochs_per_window``
-(E), ``modalities`` (requested subset), ``per_modality``, ``encoder_source``,
-``pretrain_run_id`` and ``pretrain_tracking_uri`` (the pretraining MLflow run,
-null if unknown), ``store``, ``store_splits`` (the store's id and split
-assignment, :func:`s2v_core.splits.split_record`), ``encoder_training`` (the
-store and splits that pretrained the encoder, null if unrecorded: ``s2v
-evaluate`` uses the two to refuse scoring subjects the encoder saw),
-``windows``, ``nights``.
-Embeddings are unit-length (cosine geometry); they carry no signal values.
+The embeddings format (``EMB/``) is described and read in :mod:`s2v_core.embeddings`.
 """
 
 from __future__ import annotations
@@ -65,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -77,25 +38,25 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from pipelines.embed_config import EmbedConfig, config_from_args
 from pipelines.model_io import load_encoder_spec
-from pipelines.runtime import absolute, file_type, join, read_text, redact, write_text
-from s2v_core.io.discovery import resolve
+from pipelines.runtime import write_text
+from s2v_core.embeddings import (
+    CARRIED_COLUMNS,
+    FEATURES,
+    INFO_FILE,
+    WINDOWS_DIR,
+    embeddings_info,
+    float_list_column,
+    fresh_output,
+    write_nights,
+)
+from s2v_core.locations import join
 from s2v_core.modalities import MODALITY_KEYS, parse_modalities
-from s2v_core.splits import SPLIT_NAMES, SplitConfig, assign_splits, read_splits, split_record
-from s2v_core.store import IDENTITY_COLUMNS, open_store, present_matrix, schema_info
+from s2v_core.splits import SplitConfig, assign_splits, read_splits
+from s2v_core.store import open_store, present_matrix, schema_info
 
 logger = logging.getLogger(__name__)
-
-#: Version of the embeddings layout described in this module's docstring.
-EMBEDDINGS_FORMAT = 2
-INFO_FILE = "embed.json"
-WINDOWS_DIR = "windows"
-NIGHTS_FILE = "nights.parquet"
-METADATA_KEY = b"s2v.embeddings"
-#: What an embedding is: the backbone's hidden state (downstream default) or the aligned projection.
-FEATURES = ("hidden", "projected")
-#: Store columns carried through unchanged to every embeddings row.
-CARRIED_COLUMNS = (*IDENTITY_COLUMNS, "stages", "age", "sex", "outcomes")
 
 
 @dataclass(frozen=True)
@@ -110,26 +71,6 @@ class EmbedSummary:
     modalities: tuple[str, ...]  # the subset the encoder read
     seconds: float  # wall-clock time of the whole call
     windows_per_second: float  # windows / seconds
-
-
-@dataclass(frozen=True)
-class Embeddings:
-    """Embeddings read by :func:`read_embeddings`, windows sorted by night then window index."""
-
-    info: dict  # contents of EMB/embed.json
-    epoch: np.ndarray  # float32 (N, E, P) fused per-epoch embeddings
-    window: np.ndarray  # float32 (N, P) window embeddings
-    stages: np.ndarray  # int64 (N, E), -1 unknown
-    recording_id: np.ndarray  # str (N,)
-    night_id: np.ndarray  # str (N,) "site/recording_id": a night (sites may reuse recording ids)
-    subject_id: np.ndarray  # str (N,)
-    split: np.ndarray  # str (N,) the subject's split: train / val / test
-    site: np.ndarray  # str (N,)
-    start_epoch: np.ndarray  # int64 (N,)
-    windows: pa.Table  # the window rows without the embedding columns (metadata, outcomes)
-    nights: pa.Table  # EMB/nights.parquet
-    night: np.ndarray  # float32 (K, P), rows of ``nights``
-    per_modality: dict[str, np.ndarray]  # key -> float32 (N, E, P), NaN where absent
 
 
 class _EmbedActor:
@@ -229,23 +170,14 @@ def embed_table(
         pa.string(),
     )
     columns["present"] = pa.array(out.present.cpu().numpy().tolist(), type=pa.list_(pa.bool_()))
-    columns["epoch_embedding"] = _list_column(fused.float().cpu().numpy().reshape(rows, epochs * dim))
-    columns["window_embedding"] = _list_column(window.float().cpu().numpy())
+    columns["epoch_embedding"] = float_list_column(fused.float().cpu().numpy().reshape(rows, epochs * dim))
+    columns["window_embedding"] = float_list_column(window.float().cpu().numpy())
     if per_modality:
         used = out.present.cpu().numpy()
         for key in modalities:
             values = per_key[key].float().cpu().numpy().reshape(rows, epochs * dim)
-            columns[f"emb_{key}"] = _list_column(values, mask=~used[:, MODALITY_KEYS.index(key)])
+            columns[f"emb_{key}"] = float_list_column(values, mask=~used[:, MODALITY_KEYS.index(key)])
     return pa.table(columns)
-
-
-def _list_column(values: np.ndarray, *, mask: np.ndarray | None = None) -> pa.Array:
-    """``(rows, k)`` float32 array -> ``list<float32>`` column (null where ``mask``)."""
-    values = np.ascontiguousarray(values, dtype=np.float32)
-    offsets = np.arange(0, values.size + 1, values.shape[1], dtype=np.int32)
-    return pa.ListArray.from_arrays(
-        pa.array(offsets), pa.array(values.ravel()), mask=None if mask is None else pa.array(mask)
-    )
 
 
 def _count_usable_windows(dataset: pads.Dataset, modalities: Sequence[str]) -> int:
@@ -258,66 +190,46 @@ def _count_usable_windows(dataset: pads.Dataset, modalities: Sequence[str]) -> i
     return usable
 
 
-def embed(
-    checkpoint: str,
-    data: str,
-    output: str,
-    *,
-    modalities: str | Sequence[str] | None = None,
-    batch_size: int = 64,
-    num_actors: int | None = None,
-    per_modality: bool = False,
-    address: str | None = None,
-    allow_pickle_model: bool = False,
-    features: str = "hidden",
-) -> EmbedSummary:
-    """Embed every window of the store ``data`` with the encoder ``checkpoint`` into ``output``.
+def embed(config: EmbedConfig, *, address: str | None = None) -> EmbedSummary:
+    """Embed every window of the store ``config.data`` with the encoder ``config.checkpoint`` into ``config.output``.
 
     Parameters
     ----------
-    checkpoint : str
-        Saved encoder directory, pretraining run directory, or MLflow model URI / run id.
-    data : str
-        Store (``STORE/site=<name>/*.parquet``): a path or a URI.
-    output : str
-        Embeddings directory to (re)create, a path or a URI; layout in the module docstring.
-    modalities : str or sequence of str, optional
-        Subset the encoder reads (``"hr,spo2,thorax"``); default every modality
-        the encoder was built for. Only these store columns are read.
-    batch_size : int
-        Windows per forward pass (one window = ``E`` 30-s epochs).
-    num_actors : int, optional
-        Size of the actor pool; default one per CPU (or per GPU) of the cluster.
-    per_modality : bool
-        Also write one ``emb_<modality>`` column per requested modality.
+    config : EmbedConfig
+        The encoder, the store, the output directory (layout in
+        :mod:`s2v_core.embeddings`) and every option
+        (:class:`~pipelines.embed_config.EmbedConfig`), validated.
     address : str, optional
         Ray cluster address; default ``RAY_ADDRESS`` or a local instance.
-    allow_pickle_model : bool
-        Accept an MLflow pytorch model (``runs:/<id>/model``, ``models:/…``), a
-        pickle that runs code when loaded; default: weights-only encoders only.
-    features : {"hidden", "projected"}
-        The backbone's hidden states (downstream default) or the aligned projections.
+
+    Returns
+    -------
+    EmbedSummary
+        What was written, with the throughput.
 
     Raises
     ------
     ValueError
-        Unknown modality, a modality the encoder was not built for, or a store
-        with no window holding any of the requested modalities.
+        A modality the encoder was not built for, or a store with no window
+        holding any of the requested modalities.
     """
     import ray
 
     from pipelines.runtime import init_ray
 
+    checkpoint, data, output, features = config.checkpoint, config.data, config.output, config.features
     started = time.perf_counter()
-    encoder, pretrain_run = load_encoder_spec(checkpoint, allow_pickle=allow_pickle_model)
-    dataset, epochs_per_window, selected, usable = _prepare(encoder, data, modalities, batch_size, checkpoint, features)
+    encoder, pretrain_run = load_encoder_spec(checkpoint, allow_pickle=config.allow_pickle_model)
+    dataset, epochs_per_window, selected, usable = _prepare(
+        encoder, data, config.modalities, config.batch_size, checkpoint, features
+    )
     embedding_dim = _embedding_dim(encoder, features)
     from pipelines.model_io import training_record
 
     record = training_record(checkpoint)
     del encoder  # the actors load their own copy
 
-    out = _fresh_output(output)
+    out = fresh_output(output)
     if Path(checkpoint).exists():  # actors may run in another working directory
         checkpoint = str(Path(checkpoint).resolve())
     started_ray = not ray.is_initialized()
@@ -329,20 +241,28 @@ def embed(
             out,
             modalities=selected,
             epochs_per_window=epochs_per_window,
-            batch_size=batch_size,
-            num_actors=num_actors,
-            per_modality=per_modality,
+            batch_size=config.batch_size,
+            num_actors=config.num_actors,
+            per_modality=config.per_modality,
             usable=usable,
             splits=read_splits(data),
             features=features,
-            allow_pickle=allow_pickle_model,
+            allow_pickle=config.allow_pickle_model,
         )
     finally:
         if started_ray:  # leave a caller's Ray (tests, evaluate's scenarios) running
             ray.shutdown()
 
-    info = _info(
-        embedding_dim, epochs_per_window, selected, per_modality, checkpoint, pretrain_run, data, record, features
+    info = embeddings_info(
+        embedding_dim=embedding_dim,
+        epochs_per_window=epochs_per_window,
+        modalities=selected,
+        per_modality=config.per_modality,
+        source=checkpoint,
+        pretrain_run=pretrain_run,
+        data=data,
+        training=record,
+        features=features,
     )
     return _finish(out, output, info, started)
 
@@ -369,7 +289,7 @@ def embed_local(
     started = time.perf_counter()
     dataset, epochs_per_window, selected, _ = _prepare(encoder, data, modalities, batch_size, source, features)
     encoder.eval()
-    out = _fresh_output(output)
+    out = fresh_output(output)
     filesystem, root = out
     filesystem.create_dir(f"{root}/{WINDOWS_DIR}")
     splits = read_splits(data)
@@ -394,16 +314,16 @@ def embed_local(
     finally:
         if writer is not None:
             writer.close()
-    info = _info(
-        _embedding_dim(encoder, features),
-        epochs_per_window,
-        selected,
-        per_modality,
-        source,
-        None,
-        data,
-        training,
-        features,
+    info = embeddings_info(
+        embedding_dim=_embedding_dim(encoder, features),
+        epochs_per_window=epochs_per_window,
+        modalities=selected,
+        per_modality=per_modality,
+        source=source,
+        pretrain_run=None,
+        data=data,
+        training=training,
+        features=features,
     )
     return _finish(out, output, info, started)
 
@@ -440,36 +360,9 @@ def _prepare(encoder, data: str, modalities, batch_size: int, source: str, featu
     return dataset, epochs_per_window, tuple(selected), usable
 
 
-def _info(
-    embedding_dim: int,
-    epochs_per_window: int,
-    modalities: Sequence[str],
-    per_modality: bool,
-    source: str,
-    pretrain_run: dict | None,
-    data: str,
-    training: dict | None,
-    features: str,
-) -> dict:
-    return {
-        "format": EMBEDDINGS_FORMAT,
-        "features": features,
-        "embedding_dim": embedding_dim,
-        "epochs_per_window": epochs_per_window,
-        "modalities": list(modalities),
-        "per_modality": per_modality,
-        "encoder_source": redact(str(source)),
-        "pretrain_run_id": (pretrain_run or {}).get("run_id"),
-        "pretrain_tracking_uri": redact((pretrain_run or {}).get("tracking_uri") or "") or None,
-        "store": redact(absolute(data)),
-        "store_splits": split_record(data, SPLIT_NAMES),
-        "encoder_training": training,
-    }
-
-
 def _finish(out: tuple[pafs.FileSystem, str], output: str, info: dict, started: float) -> EmbedSummary:
     """Pool the nights, write embed.json and summarise."""
-    written, nights = _write_nights(out, info)
+    written, nights = write_nights(out, info)
     info.update(windows=written, nights=nights)
     write_text(join(output, INFO_FILE), json.dumps(info, indent=2) + "\n")
     seconds = time.perf_counter() - started
@@ -484,24 +377,6 @@ def _finish(out: tuple[pafs.FileSystem, str], output: str, info: dict, started: 
         seconds=seconds,
         windows_per_second=written / seconds,
     )
-
-
-def _fresh_output(output: str) -> tuple[pafs.FileSystem, str]:
-    """Create ``output`` (a path or a URI), replacing a previous embeddings directory but nothing else.
-
-    Returns its filesystem and its path there.
-    """
-    filesystem, root = resolve(str(output))
-    if filesystem.get_file_info(root).type != pafs.FileType.NotFound:
-        kinds = {info.base_name: info.type for info in filesystem.get_file_info(pafs.FileSelector(root))}
-        is_embeddings = kinds.get(INFO_FILE) == pafs.FileType.File or kinds.get(WINDOWS_DIR) == pafs.FileType.Directory
-        if kinds and not is_embeddings:
-            raise ValueError(
-                f"--output {str(output)!r} exists and is not an embeddings directory; refusing to replace it"
-            )
-        filesystem.delete_dir(root)
-    filesystem.create_dir(root, recursive=True)
-    return filesystem, root
 
 
 def _run_actor_pool(
@@ -565,106 +440,6 @@ def _run_actor_pool(
     embedded.write_parquet(f"{root}/{WINDOWS_DIR}", filesystem=filesystem)
 
 
-def _write_nights(out: tuple[pafs.FileSystem, str], info: dict) -> tuple[int, int]:
-    """Pool window embeddings per night, streaming over EMB/windows; returns (windows, nights)."""
-    from s2v_core.model import pool_night
-
-    filesystem, root = out
-    dataset = pads.dataset(f"{root}/{WINDOWS_DIR}", format="parquet", filesystem=filesystem)
-    meta_columns = ["recording_id", "subject_id", "site", "split", "age", "sex", "outcomes"]
-    sums: dict[str, np.ndarray] = {}
-    counts: dict[str, int] = {}
-    first_rows: dict[str, dict] = {}
-    windows = 0
-    for batch in dataset.to_batches(columns=[*meta_columns, "window_embedding"]):
-        table = pa.Table.from_batches([batch])
-        ids = np.asarray(
-            [f"{s}/{r}" for s, r in zip(table.column("site").to_pylist(), table.column("recording_id").to_pylist())]
-        )
-        values = table.column("window_embedding").combine_chunks().flatten().to_numpy().reshape(len(ids), -1)
-        # Pool per batch (sums, not means) so that memory stays one vector per night.
-        nights, inverse = np.unique(ids, return_inverse=True)
-        for k, night in enumerate(nights):
-            chosen = inverse == k
-            sums[night] = sums.get(night, 0) + values[chosen].astype(np.float64).sum(axis=0)
-            counts[night] = counts.get(night, 0) + int(chosen.sum())
-            if night not in first_rows:
-                first_rows[night] = table.select(meta_columns).slice(int(np.argmax(chosen)), 1).to_pylist()[0]
-        windows += len(ids)
-    order = sorted(sums)
-    means = np.stack([sums[n] / counts[n] for n in order]).astype(np.float32)
-    _, pooled = pool_night(means, np.arange(len(order)))  # L2-normalise, as the model pools
-    rows = [first_rows[n] for n in order]
-    table = pa.Table.from_pylist(rows, schema=pa.schema([dataset.schema.field(c) for c in meta_columns]))
-    table = table.append_column("windows", pa.array([counts[n] for n in order], type=pa.int32()))
-    table = table.append_column("night_embedding", _list_column(pooled))
-    table = table.replace_schema_metadata({METADATA_KEY: json.dumps(info).encode()})
-    pq.write_table(table, f"{root}/{NIGHTS_FILE}", filesystem=filesystem)
-    return windows, len(order)
-
-
-def read_embeddings(path: str | os.PathLike, *, per_modality: bool = False) -> Embeddings:
-    """Read an embeddings directory (a path or a URI) written by :func:`embed` into numpy arrays.
-
-    Raises ``FileNotFoundError`` when ``path`` is not an embeddings directory.
-    """
-    filesystem, root = resolve(str(path))
-    info_path = join(path, INFO_FILE)
-    if file_type(info_path) != pafs.FileType.File:
-        raise FileNotFoundError(
-            f"--embeddings {str(path)!r}: not an embeddings directory (no {INFO_FILE}; write one with `s2v embed`)"
-        )
-    info = json.loads(read_text(info_path))
-    if info.get("format") != EMBEDDINGS_FORMAT:
-        raise ValueError(
-            f"{path}/{INFO_FILE}: expected embeddings format {EMBEDDINGS_FORMAT}, found {info.get('format')!r}"
-        )
-    table = pads.dataset(f"{root}/{WINDOWS_DIR}", format="parquet", filesystem=filesystem).to_table()
-    table = table.sort_by([("site", "ascending"), ("recording_id", "ascending"), ("window_index", "ascending")])
-    rows, epochs, dim = table.num_rows, info["epochs_per_window"], info["embedding_dim"]
-
-    def matrix(name: str, shape: tuple[int, ...]) -> np.ndarray:
-        column = table.column(name).combine_chunks()
-        values = np.full((rows, int(np.prod(shape))), np.nan, dtype=np.float32)
-        valid = ~column.is_null().to_numpy(zero_copy_only=False)
-        if valid.any():
-            flat = column.filter(pa.array(valid)).flatten().to_numpy(zero_copy_only=False)
-            values[valid] = flat.reshape(int(valid.sum()), -1)
-        return values.reshape(rows, *shape)
-
-    nights = pq.read_table(f"{root}/{NIGHTS_FILE}", filesystem=filesystem)
-    nights = nights.sort_by([("site", "ascending"), ("recording_id", "ascending")])
-    embedding_columns = [c for c in table.column_names if c.endswith("_embedding") or c.startswith("emb_")]
-    stages = table.column("stages").combine_chunks().flatten().to_numpy(zero_copy_only=False)
-    return Embeddings(
-        info=info,
-        epoch=matrix("epoch_embedding", (epochs, dim)),
-        window=matrix("window_embedding", (dim,)),
-        stages=stages.astype(np.int64).reshape(rows, epochs),
-        recording_id=np.asarray(table.column("recording_id").to_pylist()),
-        night_id=np.asarray(
-            [f"{s}/{r}" for s, r in zip(table.column("site").to_pylist(), table.column("recording_id").to_pylist())]
-        ),
-        subject_id=np.asarray(table.column("subject_id").to_pylist()),
-        split=np.asarray(table.column("split").to_pylist()),
-        site=np.asarray(table.column("site").to_pylist()),
-        start_epoch=table.column("start_epoch").to_numpy().astype(np.int64),
-        windows=table.drop_columns(embedding_columns),
-        nights=nights.drop_columns(["night_embedding"]),
-        night=(
-            nights.column("night_embedding")
-            .combine_chunks()
-            .flatten()
-            .to_numpy()
-            .reshape(nights.num_rows, dim)
-            .astype(np.float32)
-        ),
-        per_modality={
-            c[4:]: matrix(c, (epochs, dim)) for c in embedding_columns if per_modality and c.startswith("emb_")
-        },
-    )
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--checkpoint",
@@ -703,17 +478,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    summary = embed(
-        args.checkpoint,
-        args.data,
-        args.output,
-        modalities=args.modalities,
-        batch_size=args.batch_size,
-        num_actors=args.actors,
-        per_modality=args.per_modality,
-        address=args.address,
-        allow_pickle_model=args.allow_pickle_model,
-        features=args.features,
-    )
+    summary = embed(config_from_args(args), address=args.address)
     print(json.dumps(asdict(summary)))
     return 0

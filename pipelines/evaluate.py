@@ -16,6 +16,11 @@ Tasks
     accuracy, per-class F1, confusion matrix) against a majority-class floor.
     ``outcome:COLUMN``: a per-night target from the store's ``outcomes`` map
     (or ``age``/``sex``); 0/1 targets -> AUROC/AUPRC, others -> MAE/R².
+    Any task of the task table (:mod:`s2v_core.evaluation.tasks`) that a
+    frozen probe scores, by its level and kind
+    (:data:`pipelines.evaluate_config.SECTIONS`): ``staging4`` / ``staging3``
+    (W/light/deep/REM, W/NREM/REM) as staging; ``age``, ``sex``, ``ahi`` and
+    ``ahi:COLUMN`` as per-night outcomes. Survival tasks are fine-tuned only.
     ``site``: how well the site is predicted from the night and window
     embeddings (the DASH shortcut check), next to the staging macro-F1 of the
     same embeddings; ``--compare EMB2`` scores a second encoder's embeddings
@@ -52,6 +57,7 @@ known (``MLFLOW_TRACKING_URI``, else the pretraining run's store, else
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import json
 import logging
@@ -62,8 +68,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pads
 
-from pipelines.embed import Embeddings, embed, read_embeddings
-from pipelines.runtime import absolute, mlflow_experiment, redact
+from pipelines.embed import embed
+from pipelines.embed_config import EmbedConfig
+from pipelines.evaluate_config import EvaluateConfig, config_from_args, evaluation_task
+from pipelines.runtime import mlflow_experiment
+from s2v_core.embeddings import INFO_FILE, Embeddings, read_embeddings
 from s2v_core.evaluation import plots
 from s2v_core.evaluation.folds import Fold, grouped_folds, held_out_fold
 from s2v_core.evaluation.metrics import staging_metrics, summarise
@@ -79,6 +88,8 @@ from s2v_core.evaluation.probes import (
     temporal_staging_probe,
 )
 from s2v_core.evaluation.scenarios import robustness_scenarios
+from s2v_core.evaluation.tasks import Task
+from s2v_core.locations import absolute, redact
 from s2v_core.splits import seen_splits
 from s2v_core.store import STAGE_NAMES, UNKNOWN_STAGE, open_store, outcome_values
 
@@ -90,140 +101,124 @@ MLFLOW_EXPERIMENT = "sleep2vec-evaluate"
 LABEL_FRACTIONS = (0.01, 0.1, 1.0)
 
 
-def evaluate(
-    embeddings: str,
-    task: str,
-    report: str,
-    *,
-    folds: int = 5,
-    seed: int = 0,
-    heads: Sequence[str] = ("linear", "temporal"),
-    data: str | None = None,
-    checkpoint: str | None = None,
-    robustness: bool = False,
-    scenarios: Sequence[str] | None = None,
-    label_efficiency_curve: bool = False,
-    peer: str | None = None,
-    compare: str | None = None,
-    mlflow_parent_run_id: str | None = None,
-    log_to_mlflow: bool = True,
-    address: str | None = None,
-    transductive: bool = False,
-) -> dict:
-    """Evaluate ``embeddings`` on ``task`` and write ``report`` (JSON) with plots beside it.
+def evaluate(config: EvaluateConfig, *, address: str | None = None) -> dict:
+    """Evaluate the embeddings of ``config`` on its task and write its report (JSON) with plots beside it.
 
     Parameters
     ----------
-    embeddings : str
-        Directory written by ``s2v embed``.
-    task : str
-        ``"staging"``, ``"outcome:<column>"`` or ``"site"``.
-    report : str
-        Path of ``REPORT.json``; plots go to its directory.
-    folds, seed : int
-        Subject-grouped k-fold cross-validation (``transductive`` only) and the seed of folds and probes.
-    heads : sequence of str
-        Staging heads: ``"linear"`` and/or ``"temporal"``.
-    data, checkpoint : str, optional
-        Store and encoder; needed by ``robustness``, ``label_efficiency_curve`` and ``peer``.
-    robustness : bool
-        Add the any-subset robustness matrix (``scenarios`` selects some).
-    label_efficiency_curve : bool
-        Add the label-efficiency curve against a from-scratch encoder trained
-        end to end (a budget that grows with its labels, early stopping on
-        ``val`` subjects).
-    peer : {"yasa"}, optional
-        Add YASA's pretrained staging on the nights that have EEG.
-    compare : str, optional
-        ``site`` task: a second embeddings directory of the same store (e.g. a
-        plain-InfoNCE encoder next to a DASH one) scored with the same folds.
-    mlflow_parent_run_id : str, optional
-        MLflow run to nest the evaluation under (default: the pretraining run).
-    log_to_mlflow : bool
-        Log the report and plots as an MLflow run.
-    transductive : bool
-        Score every subject with k-fold cross-validation, including subjects
-        the encoder was pretrained on (refused otherwise).
+    config : EvaluateConfig
+        The embeddings, the task (``"staging"``, ``"outcome:<column>"`` or
+        ``"site"``), the report path and every option (see
+        :class:`~pipelines.evaluate_config.EvaluateConfig`), validated.
+    address : str, optional
+        Ray cluster address for the robustness embeddings (default
+        ``RAY_ADDRESS``, else a local instance).
 
     Returns
     -------
     dict
-        The report, as written to ``report``.
-    """
-    emb = read_embeddings(embeddings)
-    report_path = Path(report)
-    report_path.parent.mkdir(parents=True, exist_ok=True)
-    kind, _, column = task.partition(":")
-    if kind not in ("staging", "outcome", "site") or (kind == "outcome") != bool(column):
-        raise ValueError(f"--task: expected staging, outcome:COLUMN or site, found {task!r}")
-    extras = robustness or label_efficiency_curve or peer
-    if extras and kind != "staging":
-        raise ValueError("--robustness, --label-efficiency and --peer apply to --task staging only")
-    if (robustness or label_efficiency_curve) and not (data and checkpoint):
-        raise ValueError("--robustness and --label-efficiency need --data STORE and --checkpoint CKPT")
-    if compare and kind != "site":
-        raise ValueError("--compare applies to --task site only")
-    if peer and (peer != "yasa" or not data):
-        raise ValueError(f"--peer: only 'yasa' is available and it needs --data STORE; found {peer!r}")
-    unknown_heads = set(heads) - {"linear", "temporal"}
-    if unknown_heads or not heads:
-        raise ValueError(f"--heads: expected linear and/or temporal, found {','.join(heads) or 'nothing'}")
+        The report, as written to ``config.report``.
 
-    protocol = check_protocol(emb, embeddings, transductive=transductive, folds=folds, seed=seed)
+    Raises
+    ------
+    ValueError
+        The embeddings do not support the task, or the protocol refuses them
+        (an encoder pretrained on the test subjects, or one whose training is unknown).
+    """
+    section, task = evaluation_task(config.task)
+    emb = read_embeddings(config.embeddings)
+    report_path = Path(config.report)
+    report_path.parent.mkdir(parents=True, exist_ok=True)
+    protocol = check_protocol(
+        emb, config.embeddings, transductive=config.transductive, folds=config.folds, seed=config.seed
+    )
     result: dict = {
         "report_format": REPORT_FORMAT,
-        "task": task,
+        "task": config.task,
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "embeddings": {"path": redact(absolute(embeddings)), **emb.info},
+        "embeddings": {"path": redact(absolute(config.embeddings)), **emb.info},
         "protocol": protocol,
         "plots": [],
     }
-    night_splits = None if transductive else np.asarray(emb.nights.column("split").to_pylist())
-    if kind == "staging":
-        _check_labels(emb, embeddings)
-        window_folds = (
-            grouped_folds(emb.subject_id, folds=folds, seed=seed) if transductive else [held_out_fold(emb.split)]
-        )
-        result["staging"] = _staging(emb, window_folds, heads, seed, report_path.parent, result["plots"])
-        if label_efficiency_curve:
-            result["label_efficiency"] = _label_efficiency(
-                emb, window_folds, data, checkpoint, seed, report_path.parent, result["plots"]
-            )
-        if robustness:
-            result["robustness"] = _robustness(
-                emb, window_folds, data, checkpoint, scenarios, seed, report_path.parent, result["plots"], address
-            )
-        if peer:
-            result["peer"] = {"yasa": _yasa_peer(emb, window_folds, data, seed)}
-    elif kind == "outcome":
-        target = _night_target(emb, column)
-        result["outcome"] = {
-            "column": column,
-            **cross_validate_outcome(
-                emb.night,
-                target,
-                np.asarray(emb.nights.column("subject_id").to_pylist()),
-                folds=folds,
-                seed=seed,
-                splits=night_splits,
-            ),
-        }
-    else:
-        result["site"] = _site(emb, folds, seed, transductive=transductive)
-        if compare:
-            # Same folds and probes on a second encoder's embeddings of the same store
-            # (e.g. plain InfoNCE next to DASH): the shortcut comparison on one line.
-            other = read_embeddings(compare)
-            check_protocol(other, compare, transductive=transductive, folds=folds, seed=seed)
-            result["site_compare"] = {
-                "embeddings": absolute(compare),
-                "encoder_source": other.info.get("encoder_source"),
-                **_site(other, folds, seed, transductive=transductive),
-            }
-    result["mlflow"] = _log_mlflow(result, report_path, emb.info, mlflow_parent_run_id) if log_to_mlflow else None
+    result.update(SECTION_SCORERS[section](emb, task, config, report_path.parent, result["plots"], address))
+    result["mlflow"] = (
+        _log_mlflow(result, report_path, emb.info, config.mlflow_parent_run_id) if config.log_to_mlflow else None
+    )
     report_path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     logger.info("wrote %s", report_path)
     return result
+
+
+def _staging_section(
+    emb: Embeddings, task: Task, config: EvaluateConfig, out_dir: Path, plot_paths: list[str], address: str | None
+) -> dict:
+    """``staging`` (any grouping of the stages in the task table), with its staging-only extras."""
+    _check_labels(emb, config.embeddings, task.name)
+    if task.stage_map != tuple(range(len(STAGE_NAMES))):
+        emb = dataclasses.replace(emb, stages=task.stage_targets(emb.stages))
+    seed = config.seed
+    window_folds = (
+        grouped_folds(emb.subject_id, folds=config.folds, seed=seed)
+        if config.transductive
+        else [held_out_fold(emb.split)]
+    )
+    found = {"staging": _staging(emb, window_folds, config.heads, seed, out_dir, plot_paths, task.classes)}
+    if config.label_efficiency_curve:
+        found["label_efficiency"] = _label_efficiency(
+            emb, window_folds, config.data, config.checkpoint, seed, out_dir, plot_paths
+        )
+    if config.robustness:
+        found["robustness"] = _robustness(
+            emb, window_folds, config.data, config.checkpoint, config.scenarios, seed, out_dir, plot_paths, address
+        )
+    if config.peer:
+        found["peer"] = {"yasa": _yasa_peer(emb, window_folds, config.data, seed)}
+    return found
+
+
+def _outcome_section(
+    emb: Embeddings, task: Task, config: EvaluateConfig, out_dir: Path, plot_paths: list[str], address: str | None
+) -> dict:
+    """``outcome``: a per-night target of the task table (0/1 -> AUROC/AUPRC, numeric -> MAE/R², from its values)."""
+    column = task.columns[0]
+    night_splits = None if config.transductive else np.asarray(emb.nights.column("split").to_pylist())
+    return {
+        "outcome": {
+            "column": column,
+            **cross_validate_outcome(
+                emb.night,
+                _night_target(emb, column, config.task),
+                np.asarray(emb.nights.column("subject_id").to_pylist()),
+                folds=config.folds,
+                seed=config.seed,
+                splits=night_splits,
+            ),
+        }
+    }
+
+
+def _site_section(
+    emb: Embeddings, task: None, config: EvaluateConfig, out_dir: Path, plot_paths: list[str], address: str | None
+) -> dict:
+    """``site``: how well the site is predicted (the DASH shortcut check), optionally beside a second encoder's."""
+    folds, seed, transductive = config.folds, config.seed, config.transductive
+    found = {"site": _site(emb, folds, seed, transductive=transductive)}
+    if config.compare:
+        # Same folds and probes on a second encoder's embeddings of the same store
+        # (e.g. plain InfoNCE next to DASH): the shortcut comparison on one line.
+        other = read_embeddings(config.compare)
+        check_protocol(other, config.compare, transductive=transductive, folds=folds, seed=seed)
+        found["site_compare"] = {
+            "embeddings": absolute(config.compare),
+            "encoder_source": other.info.get("encoder_source"),
+            **_site(other, folds, seed, transductive=transductive),
+        }
+    return found
+
+
+#: Report section (see pipelines.evaluate_config.SECTIONS) -> what scores it. A new task of the
+#: task table lands in one of these by its level and kind; nothing here names a task.
+SECTION_SCORERS = {"staging": _staging_section, "outcome": _outcome_section, "site": _site_section}
 
 
 def check_protocol(emb: Embeddings, path: str, *, transductive: bool, folds: int, seed: int) -> dict:
@@ -287,16 +282,22 @@ def check_protocol(emb: Embeddings, path: str, *, transductive: bool, folds: int
     }
 
 
-def _check_labels(emb: Embeddings, path: str) -> None:
+def _check_labels(emb: Embeddings, path: str, task: str = "staging") -> None:
     if not (emb.stages != UNKNOWN_STAGE).any():
         raise ValueError(
-            f"--task staging: the embeddings {path!r} carry no sleep stage labels "
+            f"--task {task}: the embeddings {path!r} carry no sleep stage labels "
             "(every stage is -1); the store was ingested without hypnograms"
         )
 
 
 def _staging(
-    emb: Embeddings, folds: list[Fold], heads: Sequence[str], seed: int, out_dir: Path, plot_paths: list[str]
+    emb: Embeddings,
+    folds: list[Fold],
+    heads: Sequence[str],
+    seed: int,
+    out_dir: Path,
+    plot_paths: list[str],
+    class_names: Sequence[str] = STAGE_NAMES,
 ) -> dict:
     stages = emb.stages
     scored = stages[stages != UNKNOWN_STAGE]
@@ -305,8 +306,8 @@ def _staging(
         "n_epochs_scored": int(scored.size),
         "n_subjects": int(len(np.unique(emb.subject_id))),
         "n_nights": int(len(np.unique(emb.night_id))),
-        "class_counts": {name: int((scored == i).sum()) for i, name in enumerate(STAGE_NAMES)},
-        "majority": majority_staging(stages, folds),
+        "class_counts": {name: int((scored == i).sum()) for i, name in enumerate(class_names)},
+        "majority": majority_staging(stages, folds, class_names=class_names),
         "heads": {
             "linear": "StandardScaler + LogisticRegression per epoch",
             "temporal": "1-layer bi-GRU (hidden 32) over the window's epochs, Adam 300 steps",
@@ -314,11 +315,11 @@ def _staging(
     }
     probes = {
         "linear": lambda: linear_staging_probe(emb.epoch, stages, seed=seed),
-        "temporal": lambda: temporal_staging_probe(emb.epoch, stages, seed=seed),
+        "temporal": lambda: temporal_staging_probe(emb.epoch, stages, seed=seed, n_classes=len(class_names)),
     }
     for head in heads:
         logger.info("staging: %s head on %d folds", head, len(folds))
-        outcome = cross_validate_staging(probes[head](), stages, folds)
+        outcome = cross_validate_staging(probes[head](), stages, folds, class_names=class_names)
         predictions = outcome.pop("predictions")
         section[head] = outcome
         plot_paths.append(
@@ -327,6 +328,7 @@ def _staging(
                     outcome["pooled"]["confusion"],
                     out_dir / f"confusion_{head}.png",
                     title=f"Sleep staging, {head} head (out-of-fold)",
+                    class_names=class_names,
                 )
             )
         )
@@ -340,6 +342,7 @@ def _staging(
                         predictions[rows].ravel(),
                         out_dir / "hypnogram.png",
                         title=f"{night}: true vs {head} head (out-of-fold)",
+                        class_names=class_names,
                     )
                 )
             )
@@ -351,7 +354,7 @@ def _longest_night(emb: Embeddings, scored: np.ndarray) -> str:
     return str(nights[np.argmax(counts)])
 
 
-def _night_target(emb: Embeddings, column: str) -> np.ndarray:
+def _night_target(emb: Embeddings, column: str, task: str) -> np.ndarray:
     nights = emb.nights
     if column in ("age", "sex"):
         values = nights.column(column).to_numpy(zero_copy_only=False)
@@ -360,8 +363,7 @@ def _night_target(emb: Embeddings, column: str) -> np.ndarray:
     if np.isnan(values).all():
         available = sorted({k for entry in nights.column("outcomes").to_pylist() if entry for k, _ in entry})
         raise ValueError(
-            f"--task outcome:{column}: no night has outcome {column!r}; "
-            f"available: {', '.join(['age', 'sex', *available])}"
+            f"--task {task}: no night has outcome {column!r}; available: {', '.join(['age', 'sex', *available])}"
         )
     return values
 
@@ -455,12 +457,14 @@ def _robustness(
                 init_ray(address)
                 try:
                     embed(
-                        checkpoint,
-                        data,
-                        str(path),
-                        modalities=list(subset),
+                        EmbedConfig(
+                            checkpoint=checkpoint,
+                            data=data,
+                            output=str(path),
+                            modalities=list(subset),
+                            features=emb.info.get("features", "hidden"),
+                        ),
                         address=address,
-                        features=emb.info.get("features", "hidden"),
                     )
                 except ValueError as exc:  # no window holds this subset: a gap in the matrix, not a crash
                     logger.warning("robustness scenario %s skipped: %s", name, exc)
@@ -506,7 +510,7 @@ def _robustness(
 
 
 def _reusable(path: Path, subset: Sequence[str], checkpoint: str, features: str) -> bool:
-    info_path = path / "embed.json"
+    info_path = path / INFO_FILE
     if not info_path.is_file():
         return False
     info = json.loads(info_path.read_text(encoding="utf-8"))
@@ -714,7 +718,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--embeddings", required=True, help="embeddings directory written by `s2v embed` (a path or a URI)"
     )
-    parser.add_argument("--task", required=True, help="staging | outcome:COLUMN (e.g. outcome:ahi) | site")
+    parser.add_argument(
+        "--task",
+        required=True,
+        help="staging | outcome:COLUMN (e.g. outcome:ahi) | site, or another task of the table: "
+        "staging4, staging3, age, sex, ahi, ahi:COLUMN",
+    )
     parser.add_argument("--report", required=True, help="REPORT.json to write; plots go beside it")
     parser.add_argument(
         "--folds", type=int, default=5, help="subject-grouped CV folds of --transductive scoring (default 5)"
@@ -753,24 +762,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    result = evaluate(
-        args.embeddings,
-        args.task,
-        args.report,
-        folds=args.folds,
-        seed=args.seed,
-        heads=tuple(h.strip() for h in args.heads.split(",") if h.strip()),
-        data=args.data,
-        checkpoint=args.checkpoint,
-        robustness=args.robustness,
-        scenarios=[s.strip() for s in args.scenarios.split(",")] if args.scenarios else None,
-        label_efficiency_curve=args.label_efficiency,
-        peer=args.peer,
-        transductive=args.transductive,
-        compare=args.compare,
-        mlflow_parent_run_id=args.mlflow_parent_run_id,
-        log_to_mlflow=not args.no_mlflow,
-        address=args.address,
-    )
+    result = evaluate(config_from_args(args), address=args.address)
     print(json.dumps({"report": args.report, "task": result["task"], "mlflow": result["mlflow"]}))
     return 0

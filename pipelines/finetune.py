@@ -45,18 +45,18 @@ from typing import Any
 
 import numpy as np
 
-from pipelines.runtime import MLFLOW_RUN_FILE, mlflow_experiment, mlflow_tracking_uri, redact
+from pipelines.runtime import mlflow_experiment, mlflow_tracking_uri
 from s2v_core.config import from_mapping, to_mapping
 from s2v_core.finetuning import LORA_TARGETS, FinetuneSpec, load_finetuned, save_finetuned
+from s2v_core.locations import redact
 from s2v_core.modalities import MODALITY_KEYS, parse_modalities
+from s2v_core.run_layout import CHECKPOINTS_NAME, MLFLOW_RUN_FILE, PRETRAINED_ENCODER_DIR
+from s2v_core.run_layout import FINETUNE_CONFIG_FILE as CONFIG_FILE
+from s2v_core.run_layout import FINETUNE_REPORT_FILE as REPORT_FILE
+from s2v_core.run_layout import FINETUNED_MODEL_DIR as MODEL_DIR
 
 logger = logging.getLogger(__name__)
 
-CONFIG_FILE = "finetune_config.json"
-MODEL_DIR = "model"
-REPORT_FILE = "report.json"
-CHECKPOINTS_NAME = "checkpoints"
-PRETRAINED_ENCODER_DIR = "pretrained_encoder"
 MLFLOW_EXPERIMENT = "sleep2vec-finetune"
 
 
@@ -126,8 +126,8 @@ def setup(config: FinetuneConfig, *, resume: bool = False) -> PreparedFinetune:
     ``--transductive``) and an existing run dir without ``--resume``.
     """
     from pipelines.model_io import load_encoder_spec, training_record
-    from pipelines.runtime import is_uri
     from pipelines.train_data import inspect_store
+    from s2v_core.locations import is_uri
     from s2v_core.model import save_encoder
     from s2v_core.splits import split_record
     from s2v_core.store import split_files

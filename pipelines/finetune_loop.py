@@ -38,13 +38,12 @@ from pipelines.train_data import keep_windows_with, training_columns
 from s2v_core.config import from_mapping
 from s2v_core.finetuning import FineTunedModel, FinetuneSpec, batch_targets, predict, save_finetuned
 from s2v_core.model import batch_to_tensors, load_encoder
+from s2v_core.run_layout import BEST_DIR, FINETUNE_STATE_FILE
+from s2v_core.run_layout import FINETUNE_TRAINING_FILE as TRAINING_FILE
 from s2v_core.store import table_to_batch
 
 logger = logging.getLogger(__name__)
 
-FINETUNE_STATE_FILE = "state.json"
-TRAINING_FILE = "training.pt"
-BEST_DIR = "best"
 #: Version of a fine-tuning checkpoint's ``state.json``.
 CHECKPOINT_FORMAT = 1
 

@@ -42,6 +42,7 @@ from dataclasses import dataclass
 
 import pyarrow.fs as pafs
 
+from pipelines.ingest_config import IngestConfig, config_from_args
 from pipelines.ingest_plan import IngestLimits, Plan, Task, plan
 from pipelines.ingest_store import (
     check_settings,
@@ -59,10 +60,11 @@ from pipelines.manifest import (
     recording_file,
     rewrite_manifest,
 )
-from pipelines.runtime import file_type, init_ray, join, mlflow_experiment, read_text, redact
+from pipelines.runtime import file_type, init_ray, mlflow_experiment, read_text
 from pipelines.store_lease import store_lease
-from s2v_core.io.discovery import SiteListing, discover_site, find_sites, resolve
+from s2v_core.io.discovery import SiteListing, discover_site, find_sites
 from s2v_core.io.identity import ID_MODES, Identities, load_pseudonym_key
+from s2v_core.locations import join, redact, resolve
 from s2v_core.modalities import EPOCH_SECONDS
 from s2v_core.splits import ensure_splits
 
@@ -204,73 +206,38 @@ def run_tasks(tasks: list[Task], *, output: str, epochs_per_window: int, limits:
 
 # -- the entry point: setup -> plan -> run -> cleanup ---------------------------------------------------
 def ingest(
-    inputs: list[str],
-    output: str,
+    config: IngestConfig,
     *,
-    site_config: str | None = None,
-    epochs_per_window: int = 10,
     address: str | None = None,
     num_cpus: int | None = None,
-    workers: int | None = None,
     mlflow_tracking_uri: str | None = None,
-    ids: str = "pseudonymous",
-    pseudonym_key_file: str | None = None,
-    link_table: str | None = None,
-    prune: bool = False,
-    limits: IngestLimits = IngestLimits(),
 ) -> IngestSummary:
-    """Ingest the recordings under ``inputs`` into the store at ``output``.
+    """Ingest the recordings under ``config.inputs`` into the store at ``config.output``.
 
     Parameters
     ----------
-    inputs : list of str
-        Site directories or parents of site directories (paths or pyarrow URIs).
-    output : str
-        Store root (path or URI); created if missing.
-    site_config : str, optional
-        Site config file overriding the input's own ``site.toml`` (one input only).
-    epochs_per_window : int
-        30-s epochs per store row (10 = 5 min). Must match an existing store.
+    config : IngestConfig
+        The inputs, the store and every option that shapes it
+        (:class:`~pipelines.ingest_config.IngestConfig`), validated.
     address : str, optional
         Ray cluster address (else ``RAY_ADDRESS``, else a local Ray started here).
     num_cpus : int, optional
         CPUs of a local Ray started here (default: all cores).
-    workers : int, optional
-        Most recordings decoded at the same time per memory class (default: as
-        many as Ray's CPUs and memory allow). Memory per worker is bounded by
-        one recording, and reserved from its header (duration x fastest rate).
     mlflow_tracking_uri : str, optional
         Log the run (counts, hours per second, the manifest) to this MLflow
         store; default ``MLFLOW_TRACKING_URI`` if set, else no MLflow run.
-    ids : {"pseudonymous", "original"}
-        Store ids: keyed hashes of the sites' keys (default), or the keys
-        themselves where they are safe ids (cohorts whose keys are already
-        pseudonymous, such as NSRR's).
-    pseudonym_key_file : str, optional
-        File holding the pseudonym key (else ``S2V_PSEUDONYM_KEY``, else a key
-        generated once in the user's config directory).
-    link_table : str, optional
-        Write the table linking files and site keys to store ids here (a
-        local file outside the store, mode 0600). Only on request.
-    prune : bool
-        Erase recordings whose input is gone: their windows are deleted and
-        their manifest line becomes ``withdrawn``.
-    limits : IngestLimits
-        Retries of a task whose worker died, and the duration and size
-        above which a recording is quarantined unread.
 
     Returns
     -------
     IngestSummary
+
+    Raises
+    ------
+    FileNotFoundError
+        An input is not a directory (nothing is created at the output).
     """
-    if not inputs:
-        raise ValueError("--input: expected at least one input directory")
-    if site_config is not None and len(inputs) != 1:
-        raise ValueError(f"--site-config applies to exactly one --input, found {len(inputs)}")
-    if epochs_per_window < 1:
-        raise ValueError(f"--epochs-per-window: expected >= 1, found {epochs_per_window}")
-    if workers is not None and workers < 1:
-        raise ValueError(f"workers: expected >= 1, found {workers}")
+    inputs, output, epochs_per_window = list(config.inputs), config.output, config.epochs_per_window
+    ids, limits, prune = config.ids, config.limits, config.prune
     for input_uri in inputs:  # before creating anything at the output
         fs, path = resolve(input_uri)
         if fs.get_file_info(path).type != pafs.FileType.Directory:
@@ -278,13 +245,13 @@ def ingest(
 
     # setup
     started = time.perf_counter()
-    identities = Identities(load_pseudonym_key(pseudonym_key_file), mode=ids)
+    identities = Identities(load_pseudonym_key(config.pseudonym_key_file), mode=ids)
     if ids == "original":
         logger.warning(
             "--ids original: the store keeps the sites' own recording and subject keys; use this only "
             "when those keys are already pseudonymous (they must not be names, dates or hospital numbers)"
         )
-    sites = discover(inputs, site_config=site_config, identities=identities)  # config errors before the store
+    sites = discover(inputs, site_config=config.site_config, identities=identities)  # config errors before the store
     fs, root = resolve(output)
     fs.create_dir(root, recursive=True)
     summary_store, manifest = redact(output), redact(join(output, MANIFEST_NAME))
@@ -305,8 +272,10 @@ def ingest(
             prune=prune,
             store=(fs, root),
         )
-        if link_table:
-            written = write_link_table(link_table, [row for listing in sites for row in listing.links], store=output)
+        if config.link_table:
+            written = write_link_table(
+                config.link_table, [row for listing in sites for row in listing.links], store=output
+            )
             logger.info("link table (restricted, mode 0600): %s", written)
         rewrite_manifest(fs, root, decided.kept)
         writer = ManifestWriter(fs, root, run_id=run_id)
@@ -338,7 +307,7 @@ def ingest(
                 output=output,
                 epochs_per_window=epochs_per_window,
                 limits=limits,
-                workers=workers,
+                workers=config.workers,
                 address=address,
                 num_cpus=num_cpus,
             )
@@ -372,7 +341,7 @@ def ingest(
             summary,
             inputs=inputs,
             epochs_per_window=epochs_per_window,
-            workers=workers,
+            workers=config.workers,
             seconds=time.perf_counter() - started,
             identities=identities,
             manifest_location=join(output, MANIFEST_NAME),
@@ -546,21 +515,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    limits = IngestLimits(task_retries=args.task_retries, max_hours=args.max_hours, max_file_gib=args.max_file_gib)
     summary = ingest(
-        args.input,
-        args.output,
-        site_config=args.site_config,
-        epochs_per_window=args.epochs_per_window,
-        address=args.address,
-        num_cpus=args.num_cpus,
-        workers=args.workers,
-        mlflow_tracking_uri=args.mlflow_uri,
-        ids=args.ids,
-        pseudonym_key_file=args.pseudonym_key_file,
-        link_table=args.link_table,
-        prune=args.prune,
-        limits=limits,
+        config_from_args(args), address=args.address, num_cpus=args.num_cpus, mlflow_tracking_uri=args.mlflow_uri
     )
     print(
         f"ingested {summary.ok} recordings ({summary.windows} windows), "

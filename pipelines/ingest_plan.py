@@ -30,10 +30,11 @@ import pyarrow.fs as pafs
 from pipelines.manifest import ManifestEntry, recording_file
 from s2v_core.config import to_mapping
 from s2v_core.io.base import UnreadableRecording
-from s2v_core.io.discovery import RecordingSource, SiteListing, fingerprint, resolve
+from s2v_core.io.discovery import RecordingSource, SiteListing, fingerprint
 from s2v_core.io.edf import parse_layout
 from s2v_core.io.identity import Identities
 from s2v_core.io.metadata import RecordingMetadata
+from s2v_core.locations import resolve
 from s2v_core.recording import PLAUSIBLE_RATE_HZ
 
 logger = logging.getLogger(__name__)

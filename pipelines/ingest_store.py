@@ -21,9 +21,9 @@ import pyarrow.parquet as pq
 
 from pipelines.ingest_task import TEMPORARY_PREFIX
 from pipelines.manifest import MANIFEST_NAME, ManifestEntry, read_manifest, recording_file
-from pipelines.runtime import is_uri, redact
-from s2v_core.io.discovery import LinkRow, resolve
+from s2v_core.io.discovery import LinkRow
 from s2v_core.io.identity import Identities
+from s2v_core.locations import is_uri, redact, resolve
 from s2v_core.store import schema_info
 
 logger = logging.getLogger(__name__)

@@ -27,9 +27,10 @@ import uuid
 from collections.abc import Iterator
 
 from pipelines.manifest import ManifestEntry, recording_file
-from pipelines.runtime import is_uri, process_alive
+from pipelines.runtime import process_alive
 from s2v_core.io.base import UnreadableRecording
-from s2v_core.io.discovery import RecordingSource, resolve
+from s2v_core.io.discovery import RecordingSource
+from s2v_core.locations import is_uri, resolve
 from s2v_core.recording import decode_recording
 from s2v_core.store import write_store_file
 

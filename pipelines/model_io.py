@@ -32,11 +32,12 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
-from pipelines.checkpoints import ENCODER_DIR, latest_checkpoint
-from pipelines.runtime import MLFLOW_RUN_FILE, file_type, is_uri, join, local_directory
-from s2v_core.io.discovery import resolve
-from s2v_core.model import MODEL_CONFIG_FILE, SleepEncoder, load_encoder
-from s2v_core.splits import TRAINING_RECORD_FILE, read_training_record
+from pipelines.checkpoints import latest_checkpoint
+from pipelines.runtime import file_type, local_directory
+from s2v_core.locations import is_uri, join, resolve
+from s2v_core.model import SleepEncoder, load_encoder
+from s2v_core.run_layout import ENCODER_DIR, MLFLOW_RUN_FILE, MODEL_CONFIG_FILE, TRAINING_RECORD_FILE
+from s2v_core.splits import read_training_record
 
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 #: Artifact path of the encoder directory in a pretraining MLflow run (see pipelines.pretrain).

@@ -51,25 +51,13 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
-from pipelines.checkpoints import (
-    CHECKPOINTS_NAME,
-    ENCODER_DIR,
-    data_position,
-    incomplete_checkpoints,
-    latest_checkpoint,
-    read_state,
-)
+from pipelines.checkpoints import data_position, incomplete_checkpoints, latest_checkpoint, read_state
 from pipelines.runtime import (
-    MLFLOW_RUN_FILE,
-    absolute,
     check_mlflow_store,
     file_type,
-    join,
     local_directory,
     mlflow_experiment,
     read_text,
-    redact,
-    redact_values,
     replace_directory,
     tracking_uri_scope,
     write_text,
@@ -84,18 +72,25 @@ from pipelines.train_config import (
 )
 from pipelines.train_data import StoreSummary, build_dataset, check_batch_fits, inspect_store, store_repeats
 from s2v_core.config import to_mapping
-from s2v_core.io.discovery import resolve
+from s2v_core.locations import absolute, join, redact, redact_values, resolve
 from s2v_core.modalities import parse_modalities
 from s2v_core.model import ModelConfig
 from s2v_core.objective import available_objectives
+from s2v_core.run_layout import (
+    CHECKPOINT_STATE_FILE,
+    CHECKPOINTS_NAME,
+    DS_CONFIG_FILE,
+    ENCODER_DIR,
+    MLFLOW_RUN_FILE,
+    PRETRAIN_CONFIG_FILE,
+    checkpoints_location,
+    final_encoder_location,
+)
 from s2v_core.splits import record_use, split_record
 from s2v_core.store import split_files
 
 logger = logging.getLogger(__name__)
 
-PRETRAIN_CONFIG_FILE = "pretrain_config.json"
-DS_CONFIG_FILE = "ds_config.json"
-FINAL_ENCODER_DIR = "encoder"
 #: Artifact path of the final encoder directory and name of the MLflow model in a run.
 MLFLOW_ENCODER_ARTIFACT = "encoder"
 MLFLOW_MODEL_NAME = "model"
@@ -217,7 +212,7 @@ def setup(config: PretrainConfig, *, resume: bool = False, on_gpu: bool = False)
 
 def _check_resume(run_dir: str, config: PretrainConfig, *, resume: bool) -> tuple[str | None, dict[str, Any] | None]:
     """The checkpoint to resume from and its state (``None, None`` for a fresh start)."""
-    checkpoints = join(run_dir, CHECKPOINTS_NAME)
+    checkpoints = checkpoints_location(run_dir)
     filesystem, path = resolve(checkpoints)
     has_history = bool(filesystem.get_file_info(pafs.FileSelector(path, allow_not_found=True)))
     if not resume:
@@ -241,7 +236,7 @@ def _check_resume(run_dir: str, config: PretrainConfig, *, resume: bool) -> tupl
         return None, None
     name = posixpath.basename(resolve(latest)[1])
     state = read_state(latest)
-    previous = config_from_dict(state["config"], source=join(latest, "state.json"))
+    previous = config_from_dict(state["config"], source=join(latest, CHECKPOINT_STATE_FILE))
     differences = config_differences(previous, config)
     if differences:
         listed = "; ".join(
@@ -556,7 +551,7 @@ def cleanup(prepared: PreparedRun, checkpoint: str | os.PathLike, *, log_model: 
     """
     checkpoint = str(checkpoint)
     state = read_state(checkpoint)
-    encoder_dir = join(prepared.run_dir, FINAL_ENCODER_DIR)
+    encoder_dir = final_encoder_location(prepared.run_dir)
     replace_directory(join(checkpoint, ENCODER_DIR), encoder_dir)
     metrics = {k: float(v) for k, v in state["metrics"].items()}
     if prepared.mlflow_run_id is not None and log_model:

@@ -1,16 +1,11 @@
 """Shared runtime set-up for the pipelines: Ray connection, MLflow store, storage locations.
 
-A *location* is what a user passes as ``--data``/``--output``/``--checkpoint``:
-a local path or a URI pyarrow understands (``s3://bucket/key``, ``gs://…``,
-with options such as ``?endpoint_override=host:port&scheme=http``). The
-helpers here read and write small files and directories at either through
-``pyarrow.fs``; bulk data (Parquet, checkpoints) goes through pyarrow and Ray
-with the filesystem that :func:`s2v_core.io.discovery.resolve` returns.
-
-Locations may carry credentials (``s3://KEY:SECRET@bucket``, ``?token=``):
-:func:`redact` removes them from anything logged, recorded in a run file,
-an MLflow param or tag, or printed, and :class:`RedactingFilter` does it for
-every log line of the CLI.
+A *location* (a local path or a URI; :mod:`s2v_core.locations` says which
+is which, joins and redacts them): the helpers here read and write small
+files and directories at either through ``pyarrow.fs``; bulk data (Parquet,
+checkpoints) goes through pyarrow and Ray with the filesystem that
+:func:`s2v_core.locations.resolve` returns. :class:`RedactingFilter` removes
+credentials (:func:`s2v_core.locations.redact`) from every log line of the CLI.
 
 MLflow, one policy for every command (:func:`mlflow_tracking_uri`,
 :func:`mlflow_experiment`): the tracking store is ``MLFLOW_TRACKING_URI`` or
@@ -32,22 +27,9 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
-from s2v_core.io.discovery import join as discovery_join
-from s2v_core.io.discovery import redact, resolve
+from s2v_core.locations import is_uri, join, redact, resolve
 
-__all__ = ["redact"]  # re-exported: the pipelines' one way to make a location safe to show
 logger = logging.getLogger(__name__)
-
-
-def redact_values(data):
-    """``data`` (nested dicts, lists, strings) with :func:`redact` applied to every string in it."""
-    if isinstance(data, str):
-        return redact(data)
-    if isinstance(data, dict):
-        return {key: redact_values(value) for key, value in data.items()}
-    if isinstance(data, (list, tuple)):
-        return type(data)(redact_values(value) for value in data)
-    return data
 
 
 class RedactingFilter(logging.Filter):
@@ -114,22 +96,6 @@ def start_local_ray(*, num_cpus: int, attempts: int = 3, **init_kwargs) -> None:
                 raise
             logger.warning("Ray start-up timed out (attempt %d of %d); retrying", attempt, attempts)
             ray.shutdown()
-
-
-def is_uri(location: str | Path) -> bool:
-    """Whether ``location`` names remote storage (``s3://``, ``gs://``…) rather than a local path."""
-    text = str(location)
-    return "://" in text and not text.startswith("file://")
-
-
-def absolute(location: str | Path) -> str:
-    """A local path made absolute (as recorded in run metadata); a URI as given."""
-    return str(location) if is_uri(location) else resolve(str(location))[1]
-
-
-def join(location: str | Path, *names: str) -> str:
-    """``location`` with ``names`` appended to its path, keeping a URI's ``?options``."""
-    return discovery_join(str(location), *names)
 
 
 def file_type(location: str | Path) -> pafs.FileType:
@@ -218,11 +184,6 @@ def start_system_metrics(mlflow: dict[str, str] | None, *, resumed: bool = False
     return monitor
 
 
-#: Written in a run directory by ``s2v pretrain`` and ``s2v finetune``: ``{"tracking_uri", "run_id"}``
-#: of its MLflow run (a resumed run continues it; embed and evaluate nest under it).
-MLFLOW_RUN_FILE = "mlflow_run.json"
-
-
 @contextlib.contextmanager
 def tracking_uri_scope(uri: str) -> Iterator[None]:
     """Point MLflow's fluent API at ``uri`` for a block, then restore it.
@@ -290,7 +251,7 @@ def mlflow_artifact_location(tracking_uri: str, experiment: str) -> str | None:
         # sqlite:////abs/mlflow.db is absolute, sqlite:///rel/mlflow.db relative to the current directory.
         database = Path(tracking_uri.removeprefix("sqlite:///").split("?")[0]).resolve()
         return (database.parent / MLFLOW_ARTIFACTS_DIR / folder).as_uri()
-    if tracking_uri.startswith(_SERVER_SCHEMES) or "://" not in tracking_uri or tracking_uri.startswith("file:"):
+    if tracking_uri.startswith(_SERVER_SCHEMES) or not is_uri(tracking_uri) or tracking_uri.startswith("file:"):
         return None
     raise ValueError(
         f"MLFLOW_TRACKING_URI {redact(tracking_uri)}: a database store has no place for artifacts "

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import yaml
 
-from pipelines.runtime import redact
+from s2v_core.locations import redact
 
 logger = logging.getLogger(__name__)
 

@@ -24,27 +24,16 @@ from typing import Any
 import pyarrow.fs as pafs
 import torch
 
-from pipelines.checkpoints import (
-    EMA_FILE,
-    ENCODER_DIR,
-    ENGINE_DIR,
-    ENGINE_TAG,
-    ONLINE_ENCODER_DIR,
-    DataPosition,
-    checkpoint_dir_name,
-    data_position,
-    read_state,
-    write_state,
-)
-from pipelines.runtime import file_type, join, start_system_metrics, write_text
+from pipelines.checkpoints import DataPosition, checkpoint_dir_name, data_position, read_state, write_state
+from pipelines.runtime import file_type, start_system_metrics, write_text
 from pipelines.train_config import PretrainConfig, config_to_dict
 from pipelines.validation import HeldOutValidator
 from s2v_core.ema import EMA
-from s2v_core.io.discovery import resolve
+from s2v_core.locations import join, resolve
 from s2v_core.losses import dash_infonce
 from s2v_core.model import ModelConfig, SleepEncoder, batch_to_tensors, save_encoder
 from s2v_core.objective import Objective
-from s2v_core.splits import TRAINING_RECORD_FILE
+from s2v_core.run_layout import EMA_FILE, ENCODER_DIR, ENGINE_DIR, ENGINE_TAG, ONLINE_ENCODER_DIR, TRAINING_RECORD_FILE
 from s2v_core.store import table_to_batch
 
 logger = logging.getLogger(__name__)

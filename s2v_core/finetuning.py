@@ -49,6 +49,7 @@ from s2v_core.config import from_mapping, to_mapping
 from s2v_core.evaluation.tasks import Task, get_task, night_targets
 from s2v_core.modalities import MODALITY_KEYS
 from s2v_core.model import SleepEncoder, load_encoder, save_encoder
+from s2v_core.run_layout import ADAPTER_FILE, DESCRIPTION_FILE, ENCODER_DIR, TASK_MODEL_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -58,10 +59,6 @@ HEAD_KINDS = ("linear", "mlp", "temporal")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
 #: Format of ``finetuned.json``.
 FINETUNED_FORMAT = 1
-DESCRIPTION_FILE = "finetuned.json"
-ENCODER_DIR = "encoder"
-ADAPTER_FILE = "adapter.pt"
-TASK_MODEL_FILE = "task_model.pt"
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ epoch and channel aliases; nothing else hard-codes them.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -22,7 +23,8 @@ class Modality:
     key : str
         Short name used in the store, the CLI and the model (``"eeg"``).
     store_rate_hz : int
-        Sampling rate in Hz that every recording is resampled to at ingest.
+        Sampling rate in Hz that every recording is resampled to at ingest: a
+        positive whole number, so that a 30-s epoch is a whole number of samples.
     unit : str
         Physical unit of the raw signal before normalisation (µV, bpm, %, a.u.).
     aliases : tuple of str
@@ -34,6 +36,17 @@ class Modality:
     store_rate_hz: int
     unit: str
     aliases: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        rate = self.store_rate_hz
+        # A window stores (epochs, samples_per_epoch) arrays: a fractional epoch has no shape.
+        if isinstance(rate, bool) or not isinstance(rate, numbers.Integral):
+            raise ValueError(
+                f"modality {self.key!r}: store_rate_hz must be a whole number of Hz (so that a "
+                f"{EPOCH_SECONDS}-s epoch is a whole number of samples), found {rate!r} ({type(rate).__name__})"
+            )
+        if rate <= 0:
+            raise ValueError(f"modality {self.key!r}: store_rate_hz must be positive, found {rate}")
 
     @property
     def samples_per_epoch(self) -> int:

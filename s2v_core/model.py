@@ -47,6 +47,7 @@ from s2v_core.config import from_mapping, to_mapping
 from s2v_core.heads import MaskedBatchNorm, Reducer, build_head
 from s2v_core.legacy import FORMAT1, convert_format1_state
 from s2v_core.modalities import MODALITY_KEYS, get_modality, parse_modalities
+from s2v_core.run_layout import MODEL_CONFIG_FILE, WEIGHTS_FILE
 from s2v_core.tokenizers import build_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -55,8 +56,6 @@ logger = logging.getLogger(__name__)
 #: 2: tokenizers as GEMMs, a written-out backbone, tokenizer/position/head choices.
 #: 1 (read only, converted on load): ``nn.Conv1d`` stems, ``nn.TransformerEncoder``.
 ENCODER_FORMAT = 2
-MODEL_CONFIG_FILE = "model_config.json"
-WEIGHTS_FILE = "encoder.pt"
 
 
 class EncoderOutput(NamedTuple):

@@ -48,7 +48,9 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow.fs as pafs
 
-from s2v_core.io.discovery import resolve
+from s2v_core.locations import join, resolve
+from s2v_core.run_layout import TRAINING_RECORD_FILE
+from s2v_core.store_subset import SUBSET_SUFFIX, read_store_subset
 
 SPLITS_FILE = "splits.json"
 SPLITS_FORMAT = 1
@@ -167,21 +169,10 @@ def _check_split_names(splits: Iterable[str], *, option: str) -> tuple[str, ...]
 
 def splits_location(store: str) -> str:
     """Where a store's ``splits.json`` is (a store subset reads its store's)."""
-    from s2v_core.store import SUBSET_SUFFIX  # store imports this module's readers lazily
-
     filesystem, path = resolve(str(store))
     if path.endswith(SUBSET_SUFFIX):
-        with filesystem.open_input_stream(path) as stream:
-            store = json.loads(stream.read().decode("utf-8"))["store"]
-        return _join(store, SPLITS_FILE)
-    return _join(str(store), SPLITS_FILE)
-
-
-def _join(root: str, name: str) -> str:
-    if "://" in root:
-        base, query = (root.split("?", 1) + [""])[:2]
-        return f"{base.rstrip('/')}/{name}" + (f"?{query}" if query else "")
-    return posixpath.join(root, name)
+        return join(read_store_subset(filesystem, path)["store"], SPLITS_FILE)
+    return join(str(store), SPLITS_FILE)
 
 
 def read_split_file(store: str) -> dict:
@@ -291,12 +282,8 @@ def select_splits(splits: Iterable[str], *, option: str = "--split") -> tuple[st
     return _check_split_names(splits, option=option)
 
 
-#: Written beside a saved encoder by ``s2v pretrain``: which store and subjects trained it.
-TRAINING_RECORD_FILE = "training.json"
-
-
 def training_record_location(encoder_dir: str) -> str:
-    return _join(str(encoder_dir), TRAINING_RECORD_FILE)
+    return join(str(encoder_dir), TRAINING_RECORD_FILE)
 
 
 def read_training_record(encoder_dir: str) -> dict | None:

@@ -33,17 +33,17 @@ ever part of this schema.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import posixpath
 from collections.abc import Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from s2v_core.io.discovery import resolve
+from s2v_core.locations import resolve
 from s2v_core.modalities import MODALITY_KEYS, get_modality
+from s2v_core.splits import assign_splits, read_splits, select_splits
+from s2v_core.store_subset import SUBSET_SUFFIX, read_store_subset
 
 SCHEMA_VERSION = 1
 SCHEMA_VERSION_KEY = b"s2v.schema_version"
@@ -118,12 +118,6 @@ def schema_info(schema: pa.Schema) -> tuple[int, int]:
     return int(meta[SCHEMA_VERSION_KEY]), int(meta[EPOCHS_PER_WINDOW_KEY])
 
 
-#: A store subset is a JSON file ``{"store": ROOT, "files": [paths relative to ROOT]}`` whose
-#: name ends in this suffix: some of a store's Parquet files, readable wherever a store is
-#: (the sweep's training and validation sides; links cannot point into object storage).
-SUBSET_SUFFIX = ".subset.json"
-
-
 class EmptyStoreError(ValueError):
     """A store (or store subset) that exists but holds no Parquet file."""
 
@@ -134,7 +128,7 @@ def store_files(root: str) -> tuple[list[str], pafs.FileSystem]:
     Only ``*.parquet`` files count: the root also holds ``manifest.jsonl``, and
     ingest's in-flight temporaries are hidden (dot-prefixed) files. ``root``
     may also be a store subset (a file ending in :data:`SUBSET_SUFFIX`, see
-    :func:`write_store_subset`). Returns the sorted file paths on the
+    :func:`s2v_core.store_subset.write_store_subset`). Returns the sorted file paths on the
     filesystem they live on (absolute paths for a local store, bucket-prefixed
     keys for ``s3://``/``gs://``) and that filesystem. Raises
     ``FileNotFoundError`` when ``root`` does not exist and
@@ -159,35 +153,11 @@ def store_files(root: str) -> tuple[list[str], pafs.FileSystem]:
 
 
 def _subset_files(filesystem: pafs.FileSystem, path: str, root: str) -> tuple[list[str], pafs.FileSystem]:
-    with filesystem.open_input_stream(path) as stream:
-        subset = json.loads(stream.read().decode("utf-8"))
+    subset = read_store_subset(filesystem, path)
     if not subset.get("files"):
         raise EmptyStoreError(f"store {root}: no Parquet files (the subset of {subset.get('store')} lists none)")
     store_filesystem, store = resolve(subset["store"])
     return sorted(f"{store}/{name}" for name in subset["files"]), store_filesystem
-
-
-def write_store_subset(where: str, *, store: str, files: Sequence[str]) -> str:
-    """Write a store subset: the ``files`` (paths from :func:`store_files`) of ``store``.
-
-    ``where`` is a local path or a URI ending in :data:`SUBSET_SUFFIX`. The
-    files are recorded relative to the store's root, along with the store's
-    location, so that the subset reads the same from every node. Returns ``where``.
-    """
-    if not str(where).endswith(SUBSET_SUFFIX):
-        raise ValueError(f"store subset {where}: expected a name ending in {SUBSET_SUFFIX}")
-    _, root = resolve(str(store))
-    relative = [posixpath.relpath(f, root) for f in files]
-    outside = [f for f, r in zip(files, relative) if r.startswith("..")]
-    if outside:
-        raise ValueError(f"store subset {where}: expected files of the store {store}, found {outside[0]}")
-    # Local stores are recorded by absolute path: the subset may be read from another directory.
-    location = str(store) if "://" in str(store) else root
-    filesystem, path = resolve(str(where))
-    filesystem.create_dir(posixpath.dirname(path), recursive=True)
-    with filesystem.open_output_stream(path) as stream:
-        stream.write((json.dumps({"store": location, "files": relative}, indent=1) + "\n").encode("utf-8"))
-    return str(where)
 
 
 def open_store(root: str | os.PathLike, *, option: str = "--data"):
@@ -228,8 +198,6 @@ def split_files(root: str, splits: Sequence[str]) -> tuple[list[str], pafs.FileS
     it. Reads only the ``site`` and ``subject_id`` columns. Returns the sorted
     paths and their filesystem, like :func:`store_files` (the list may be empty).
     """
-    from s2v_core.splits import assign_splits, read_splits, select_splits
-
     wanted = set(select_splits(splits, option="splits"))
     config = read_splits(root)
     files, filesystem = store_files(root)
@@ -245,8 +213,6 @@ def split_files(root: str, splits: Sequence[str]) -> tuple[list[str], pafs.FileS
 
 def row_splits(table: pa.Table, root: str) -> np.ndarray:
     """The split (``train``/``val``/``test``) of each row of ``table`` (needs ``site`` and ``subject_id``)."""
-    from s2v_core.splits import assign_splits, read_splits
-
     return assign_splits(table.column("site").to_pylist(), table.column("subject_id").to_pylist(), read_splits(root))
 
 

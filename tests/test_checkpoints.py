@@ -9,9 +9,6 @@ from pathlib import Path
 import pytest
 
 from pipelines.checkpoints import (
-    ENCODER_DIR,
-    ENGINE_DIR,
-    ENGINE_TAG,
     DataPosition,
     checkpoint_dir_name,
     checkpoint_problems,
@@ -23,6 +20,7 @@ from pipelines.checkpoints import (
 from pipelines.pretrain import setup
 from pipelines.train_config import PretrainConfig, config_to_dict
 from s2v_core.model import SleepEncoder, model_config, save_encoder
+from s2v_core.run_layout import ENCODER_DIR, ENGINE_DIR, ENGINE_TAG
 from s2v_core.toystore import write_toy_store
 
 

@@ -8,8 +8,10 @@ import pyarrow.dataset as pads
 import pytest
 import torch
 
-from pipelines.embed import embed, embed_local, embed_table, read_embeddings
+from pipelines.embed import embed, embed_local, embed_table
+from pipelines.embed_config import EmbedConfig
 from pipelines.model_io import load_encoder_spec
+from s2v_core.embeddings import read_embeddings
 from s2v_core.modalities import MODALITY_KEYS
 from s2v_core.model import SleepEncoder, model_config, save_encoder
 from s2v_core.splits import SplitConfig
@@ -121,9 +123,11 @@ def test_bad_inputs_give_one_clear_message(store, encoder_dir, tmp_path, monkeyp
         modalities=("eeg",),
     )
     with pytest.raises(ValueError, match="no window holds any of the requested modalities ecg"):
-        embed(str(encoder_dir), str(only_eeg), str(tmp_path / "out"), modalities="ecg")
+        embed(
+            EmbedConfig(checkpoint=str(encoder_dir), data=str(only_eeg), output=str(tmp_path / "out"), modalities="ecg")
+        )
     with pytest.raises(ValueError, match="unknown modality 'ekg'"):
-        embed(str(encoder_dir), str(store), str(tmp_path / "out"), modalities="ekg")
+        embed(EmbedConfig(checkpoint=str(encoder_dir), data=str(store), output=str(tmp_path / "out"), modalities="ekg"))
     with pytest.raises(FileNotFoundError, match="not an embeddings directory"):
         read_embeddings(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -148,12 +152,14 @@ def test_bad_inputs_give_one_clear_message(store, encoder_dir, tmp_path, monkeyp
 @pytest.mark.integration
 def test_ray_embed_matches_in_process_embedding(ray_local, store, encoder_dir, tmp_path):
     summary = embed(
-        str(encoder_dir),
-        str(store),
-        str(tmp_path / "emb"),
-        modalities="eeg,ecg,abdomen",
-        batch_size=4,
-        per_modality=True,
+        EmbedConfig(
+            checkpoint=str(encoder_dir),
+            data=str(store),
+            output=str(tmp_path / "emb"),
+            modalities="eeg,ecg,abdomen",
+            batch_size=4,
+            per_modality=True,
+        )
     )
     encoder, _ = load_encoder_spec(str(encoder_dir))
     embed_local(encoder, str(store), str(tmp_path / "local"), modalities="eeg,ecg,abdomen")

@@ -10,10 +10,13 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipelines.embed import embed_local, read_embeddings
+from pipelines.embed import embed_local
 from pipelines.evaluate import evaluate
+from pipelines.evaluate_config import EvaluateConfig
+from s2v_core.embeddings import read_embeddings
 from s2v_core.model import SleepEncoder, model_config, save_encoder
-from s2v_core.splits import TRAINING_RECORD_FILE, split_record
+from s2v_core.run_layout import TRAINING_RECORD_FILE
+from s2v_core.splits import split_record
 from s2v_core.toystore import write_toy_store
 
 
@@ -61,13 +64,15 @@ def test_staging_report_beats_majority_and_is_logged_under_the_pretraining_run(s
     # A stand-in for the pretraining run in the tracking store that embed recorded.
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(tracking_uri=uri)
-    pretrain = client.create_run(client.create_experiment("pretrain")).info.run_id
+    # Artifacts beside the store, as every command's experiments keep them (not ./mlruns).
+    experiment = client.create_experiment("pretrain", artifact_location=(tmp_path / "mlartifacts").as_uri())
+    pretrain = client.create_run(experiment).info.run_id
     emb = tmp_path / "emb"
     shutil.copytree(setup["emb"], emb)
     info = json.loads((emb / "embed.json").read_text())
     (emb / "embed.json").write_text(json.dumps({**info, "pretrain_run_id": pretrain, "pretrain_tracking_uri": uri}))
 
-    report = evaluate(str(emb), "staging", str(tmp_path / "out" / "REPORT.json"))
+    report = evaluate(EvaluateConfig(embeddings=str(emb), task="staging", report=str(tmp_path / "out" / "REPORT.json")))
     # Logging must not point the rest of the process at this store (MLflow 3's
     # set_tracking_uri exports MLFLOW_TRACKING_URI; a later pretraining run would follow it).
     assert "MLFLOW_TRACKING_URI" not in os.environ
@@ -107,12 +112,22 @@ def test_scoring_subjects_the_encoder_saw_is_refused_unless_transductive(setup, 
         setup, tmp_path, {**split_record(str(setup["store"]), ["train", "val", "test"]), "store": str(setup["store"])}
     )
     with pytest.raises(ValueError, match=r"pretrained on the train/val/test subjects .* --transductive"):
-        evaluate(seen, "staging", str(tmp_path / "r.json"), log_to_mlflow=False)
+        evaluate(EvaluateConfig(embeddings=seen, task="staging", report=str(tmp_path / "r.json"), log_to_mlflow=False))
     unknown = _with_training(setup, tmp_path / "u", None)
     with pytest.raises(ValueError, match=r"what pretrained the encoder is unknown .* --transductive"):
-        evaluate(unknown, "outcome:ahi", str(tmp_path / "r.json"), log_to_mlflow=False)
+        evaluate(
+            EvaluateConfig(embeddings=unknown, task="outcome:ahi", report=str(tmp_path / "r.json"), log_to_mlflow=False)
+        )
     report = evaluate(
-        seen, "staging", str(tmp_path / "r.json"), folds=3, heads=("linear",), log_to_mlflow=False, transductive=True
+        EvaluateConfig(
+            embeddings=seen,
+            task="staging",
+            report=str(tmp_path / "r.json"),
+            folds=3,
+            heads=("linear",),
+            log_to_mlflow=False,
+            transductive=True,
+        )
     )
     assert report["protocol"]["mode"] == "transductive" and "caveat" in report["protocol"]
     assert len(report["staging"]["linear"]["per_fold"]) == 3
@@ -121,27 +136,51 @@ def test_scoring_subjects_the_encoder_saw_is_refused_unless_transductive(setup, 
     elsewhere = _with_training(
         setup, tmp_path / "e", {**split_record(str(other), ["train", "val", "test"]), "store": str(other)}
     )
-    report = evaluate(elsewhere, "staging", str(tmp_path / "r.json"), heads=("linear",), log_to_mlflow=False)
+    report = evaluate(
+        EvaluateConfig(
+            embeddings=elsewhere,
+            task="staging",
+            report=str(tmp_path / "r.json"),
+            heads=("linear",),
+            log_to_mlflow=False,
+        )
+    )
     assert report["protocol"]["encoder_pretrained_on"] == "another store"
 
 
 def test_outcome_and_site_tasks(setup, tmp_path):
-    ahi = evaluate(str(setup["emb"]), "outcome:ahi", str(tmp_path / "ahi.json"), log_to_mlflow=False)
+    ahi = evaluate(
+        EvaluateConfig(
+            embeddings=str(setup["emb"]), task="outcome:ahi", report=str(tmp_path / "ahi.json"), log_to_mlflow=False
+        )
+    )
     assert ahi["outcome"]["kind"] == "regression" and set(ahi["outcome"]["summary"]) >= {"mae", "r2"}
     hypertension = evaluate(
-        str(setup["emb"]),
-        "outcome:hypertension",
-        str(tmp_path / "ht.json"),
-        log_to_mlflow=False,
-        transductive=True,
-        folds=3,
+        EvaluateConfig(
+            embeddings=str(setup["emb"]),
+            task="outcome:hypertension",
+            report=str(tmp_path / "ht.json"),
+            log_to_mlflow=False,
+            transductive=True,
+            folds=3,
+        )
     )
     assert hypertension["outcome"]["kind"] == "classification"
     assert "auprc" in hypertension["outcome"]["per_fold"][0]
-    age = evaluate(str(setup["emb"]), "outcome:age", str(tmp_path / "age.json"), log_to_mlflow=False)
+    age = evaluate(
+        EvaluateConfig(
+            embeddings=str(setup["emb"]), task="outcome:age", report=str(tmp_path / "age.json"), log_to_mlflow=False
+        )
+    )
     assert age["outcome"]["n_nights"] == 8 and len(age["outcome"]["per_fold"]) == 1
     site = evaluate(
-        str(setup["emb"]), "site", str(tmp_path / "site.json"), log_to_mlflow=False, compare=str(setup["emb"])
+        EvaluateConfig(
+            embeddings=str(setup["emb"]),
+            task="site",
+            report=str(tmp_path / "site.json"),
+            log_to_mlflow=False,
+            compare=str(setup["emb"]),
+        )
     )
     assert site["site"]["night"]["sites"] == ["site0", "site1"]
     assert site["site"]["window"]["chance_balanced"] == 0.5
@@ -150,16 +189,60 @@ def test_outcome_and_site_tasks(setup, tmp_path):
     assert site["site_compare"]["night"]["summary"] == site["site"]["night"]["summary"]
 
 
+def test_tasks_of_the_task_table_are_scored_by_their_level_and_kind(setup, tmp_path):
+    emb = str(setup["emb"])
+    grouped = evaluate(
+        EvaluateConfig(
+            embeddings=emb, task="staging4", report=str(tmp_path / "s4.json"), heads=("linear",), log_to_mlflow=False
+        )
+    )
+    staging = grouped["staging"]
+    assert grouped["task"] == "staging4" and list(staging["class_counts"]) == ["W", "light", "deep", "REM"]
+    assert list(staging["linear"]["pooled"]["per_class_f1"]) == ["W", "light", "deep", "REM"]
+    assert len(staging["linear"]["pooled"]["confusion"]) == 4
+    five = evaluate(
+        EvaluateConfig(
+            embeddings=emb, task="staging", report=str(tmp_path / "s5.json"), heads=("linear",), log_to_mlflow=False
+        )
+    )["staging"]["class_counts"]
+    assert staging["class_counts"]["light"] == five["N1"] + five["N2"] and staging["class_counts"]["deep"] == five["N3"]
+    age = evaluate(EvaluateConfig(embeddings=emb, task="age", report=str(tmp_path / "age.json"), log_to_mlflow=False))
+    assert age["outcome"]["column"] == "age" and age["outcome"]["n_nights"] == 8
+    with pytest.raises(ValueError, match=r"--task survival:ahi,age: .* no frozen-embedding probe .*s2v finetune"):
+        EvaluateConfig(embeddings=emb, task="survival:ahi,age", report=str(tmp_path / "r.json"))
+    with pytest.raises(ValueError, match=r"known: staging, staging4, staging3, age, sex, ahi, site, outcome:COLUMN"):
+        EvaluateConfig(embeddings=emb, task="sleepiness", report=str(tmp_path / "r.json"))
+
+
 def test_bad_inputs_give_one_clear_message(setup, tmp_path, capsys):
     emb = str(setup["emb"])
     with pytest.raises(ValueError, match=r"no night has outcome 'bmi'; available: age, sex, ahi, hypertension"):
-        evaluate(emb, "outcome:bmi", str(tmp_path / "r.json"), folds=3, log_to_mlflow=False)
+        evaluate(
+            EvaluateConfig(
+                embeddings=emb, task="outcome:bmi", report=str(tmp_path / "r.json"), folds=3, log_to_mlflow=False
+            )
+        )
     with pytest.raises(ValueError, match="expected staging, outcome:COLUMN or site"):
-        evaluate(emb, "sleepiness", str(tmp_path / "r.json"), log_to_mlflow=False)
+        evaluate(
+            EvaluateConfig(embeddings=emb, task="sleepiness", report=str(tmp_path / "r.json"), log_to_mlflow=False)
+        )
     with pytest.raises(ValueError, match="need --data STORE and --checkpoint"):
-        evaluate(emb, "staging", str(tmp_path / "r.json"), robustness=True, log_to_mlflow=False)
+        evaluate(
+            EvaluateConfig(
+                embeddings=emb, task="staging", report=str(tmp_path / "r.json"), robustness=True, log_to_mlflow=False
+            )
+        )
     with pytest.raises(ValueError, match="needs at least 9 subjects, found 8"):
-        evaluate(emb, "staging", str(tmp_path / "r.json"), folds=9, log_to_mlflow=False, transductive=True)
+        evaluate(
+            EvaluateConfig(
+                embeddings=emb,
+                task="staging",
+                report=str(tmp_path / "r.json"),
+                folds=9,
+                log_to_mlflow=False,
+                transductive=True,
+            )
+        )
     unlabelled = tmp_path / "unlabelled"
     shutil.copytree(setup["emb"], unlabelled)
     part = next((unlabelled / "windows").glob("*.parquet"))
@@ -188,17 +271,19 @@ def test_bad_inputs_give_one_clear_message(setup, tmp_path, capsys):
 @pytest.mark.integration
 def test_label_efficiency_robustness_and_yasa_peer(setup, tmp_path, ray_local):
     report = evaluate(
-        str(setup["emb"]),
-        "staging",
-        str(tmp_path / "REPORT.json"),
-        heads=("linear",),
-        data=str(setup["store"]),
-        checkpoint=str(setup["checkpoint"]),
-        label_efficiency_curve=True,
-        robustness=True,
-        scenarios=["only:eeg", "wearable"],
-        peer="yasa",
-        log_to_mlflow=False,
+        EvaluateConfig(
+            embeddings=str(setup["emb"]),
+            task="staging",
+            report=str(tmp_path / "REPORT.json"),
+            heads=("linear",),
+            data=str(setup["store"]),
+            checkpoint=str(setup["checkpoint"]),
+            label_efficiency_curve=True,
+            robustness=True,
+            scenarios=["only:eeg", "wearable"],
+            peer="yasa",
+            log_to_mlflow=False,
+        )
     )
     curves = report["label_efficiency"]["curves"]
     assert set(curves) == {"linear_probe_pretrained", "supervised_from_scratch"}

@@ -14,6 +14,7 @@ import pytest
 
 from pipelines.cli import main as s2v
 from pipelines.ingest import ingest
+from pipelines.ingest_config import IngestConfig
 from s2v_core.modalities import MODALITY_KEYS
 from s2v_core.store import schema_info, store_schema, table_to_batch
 from tests.test_io_edf import FAKE_PATIENT, write_edf
@@ -82,7 +83,11 @@ def cohort(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def store(cohort, ray_local, tmp_path_factory):
     out = tmp_path_factory.mktemp("store") / "store"
-    summary = ingest([str(cohort)], str(out), epochs_per_window=10, link_table=str(out.parent / "links.csv"))
+    summary = ingest(
+        IngestConfig(
+            inputs=[str(cohort)], output=str(out), epochs_per_window=10, link_table=str(out.parent / "links.csv")
+        )
+    )
     return out, summary
 
 
@@ -199,7 +204,7 @@ def test_rerun_skips_finished_and_recovers_from_a_crash(store, cohort):
     out, first = store
     files_before = {p: p.stat().st_mtime_ns for p in out.rglob("*.parquet")}
     # Same inputs as URIs: nothing is redone, nothing is written twice.
-    again = ingest([cohort.as_uri()], out.as_uri(), epochs_per_window=10)
+    again = ingest(IngestConfig(inputs=[cohort.as_uri()], output=out.as_uri(), epochs_per_window=10))
     assert (again.ok, again.skipped, again.windows) == (0, 9, 0)
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*.parquet")} == files_before
     assert len(_manifest(out)) == 15
@@ -210,14 +215,14 @@ def test_rerun_skips_finished_and_recovers_from_a_crash(store, cohort):
     with open(out / "manifest.jsonl", "a") as handle:
         handle.write('{"recording_id": "beta0", "site": "be')
     assert len(_dataset(out).files) == len(list(out.rglob("*.parquet"))) == 8  # the partial file is invisible
-    third = ingest([str(cohort)], str(out), epochs_per_window=10)
+    third = ingest(IngestConfig(inputs=[str(cohort)], output=str(out), epochs_per_window=10))
     assert (third.ok, third.skipped) == (1, 8)
     assert not list(out.rglob(".tmp-*"))
     table = _dataset(out).to_table(columns=["recording_id", "window_index"])
     pairs = list(zip(table.column("recording_id").to_pylist(), table.column("window_index").to_pylist()))
     assert len(pairs) == len(set(pairs)) == first.windows  # no window written twice, none lost
     with pytest.raises(ValueError, match="--epochs-per-window 5"):
-        ingest([str(cohort)], str(out), epochs_per_window=5)
+        ingest(IngestConfig(inputs=[str(cohort)], output=str(out), epochs_per_window=5))
 
 
 def test_synthetic_cohort_through_the_cli_is_deidentified(ray_local, tmp_path, capsys, caplog, monkeypatch):
@@ -279,18 +284,22 @@ def test_real_recordings_through_the_pipeline(ray_local, real_data, tmp_path):
     )
     out = tmp_path / "store"
     first = ingest(
-        [str(real_data / "DREAMS_Spindles")],
-        str(out),
-        site_config=str(dreams),
-        epochs_per_window=5,
-        link_table=str(tmp_path / "links.csv"),
+        IngestConfig(
+            inputs=[str(real_data / "DREAMS_Spindles")],
+            output=str(out),
+            site_config=str(dreams),
+            epochs_per_window=5,
+            link_table=str(tmp_path / "links.csv"),
+        )
     )
     second = ingest(
-        [str(real_data / "SleepEDF_SC4001")],
-        str(out),
-        site_config=str(sleepedf),
-        epochs_per_window=5,
-        link_table=str(tmp_path / "links.csv"),
+        IngestConfig(
+            inputs=[str(real_data / "SleepEDF_SC4001")],
+            output=str(out),
+            site_config=str(sleepedf),
+            epochs_per_window=5,
+            link_table=str(tmp_path / "links.csv"),
+        )
     )
     assert (first.ok, second.ok) == (1, 1)
     manifest = _manifest(out)

@@ -19,6 +19,7 @@ import pyarrow.dataset as pads
 import pytest
 
 from pipelines.ingest import ingest
+from pipelines.ingest_config import IngestConfig
 from pipelines.ingest_plan import IngestLimits
 from pipelines.ingest_task import TESTING_SIGKILL_ENV, remove_orphaned_copies
 from s2v_core.io.identity import PSEUDONYM_KEY_ENV
@@ -59,11 +60,13 @@ def test_a_recording_that_kills_its_worker_is_quarantined_and_the_run_finishes(r
     monkeypatch.setenv(TESTING_SIGKILL_ENV, "lab/killer.edf")
     store = tmp_path / "store"
     summary = ingest(
-        [str(cohort)],
-        str(store),
-        epochs_per_window=10,
-        link_table=str(tmp_path / "links.csv"),
-        limits=IngestLimits(task_retries=1),
+        IngestConfig(
+            inputs=[str(cohort)],
+            output=str(store),
+            epochs_per_window=10,
+            link_table=str(tmp_path / "links.csv"),
+            limits=IngestLimits(task_retries=1),
+        )
     )
     assert (summary.ok, summary.quarantined) == (2, 1)
     killer = _links(tmp_path / "links.csv")["lab/killer.edf"]
@@ -74,7 +77,9 @@ def test_a_recording_that_kills_its_worker_is_quarantined_and_the_run_finishes(r
     assert f"{size_mib:.1f} MiB" in line["reason"] and "declaring 0.167 h" in line["reason"]
     assert open_store(str(store)).count_rows() == 4  # the two good nights, 2 windows each
     # The next run tries it again (a transient OOM may not recur); here it dies again.
-    again = ingest([str(cohort)], str(store), epochs_per_window=10, limits=IngestLimits(task_retries=0))
+    again = ingest(
+        IngestConfig(inputs=[str(cohort)], output=str(store), epochs_per_window=10, limits=IngestLimits(task_retries=0))
+    )
     assert (again.ok, again.skipped, again.quarantined) == (0, 2, 1)
 
 
@@ -98,7 +103,7 @@ def test_changed_deleted_and_pruned_inputs(ray_local, tmp_path):
     # sub/c.edf has c.edf's key: a duplicate, quarantined, whose line must not erase c's windows
     site = _site(cohort, "lab", {"a.edf": 1, "b.edf": 2, "c.edf": 3, "sub/c.edf": 4})
     store, links = tmp_path / "store", tmp_path / "links.csv"
-    first = ingest([str(cohort)], str(store), epochs_per_window=10, link_table=str(links))
+    first = ingest(IngestConfig(inputs=[str(cohort)], output=str(store), epochs_per_window=10, link_table=str(links)))
     ids = {path: row["recording_id"] for path, row in _links(links).items() if path != "lab/sub/c.edf"}
     assert (first.ok, first.quarantined) == (3, 1)
     files = {path: store / "site=lab" / f"{rid}.parquet" for path, rid in ids.items()}
@@ -106,14 +111,14 @@ def test_changed_deleted_and_pruned_inputs(ray_local, tmp_path):
     # a.edf is replaced by another recording, b.edf is deleted, c.edf stays
     write_edf(site / "a.edf", _night(SECONDS + 300, seed=11), file_type="edf")
     (site / "b.edf").unlink()
-    second = ingest([str(cohort)], str(store), epochs_per_window=10)
+    second = ingest(IngestConfig(inputs=[str(cohort)], output=str(store), epochs_per_window=10))
     assert (second.ok, second.skipped, second.stale, second.withdrawn, second.quarantined) == (1, 1, 1, 0, 1)
     assert files["lab/a.edf"].read_bytes() != before["lab/a.edf"]  # decoded again
     assert open_store(str(store)).to_table(filter=pads.field("recording_id") == ids["lab/a.edf"]).num_rows == 3
     assert files["lab/b.edf"].read_bytes() == before["lab/b.edf"]  # kept until --prune
     assert files["lab/c.edf"].read_bytes() == before["lab/c.edf"]
     # --prune erases what has no input any more
-    pruned = ingest([str(cohort)], str(store), epochs_per_window=10, prune=True)
+    pruned = ingest(IngestConfig(inputs=[str(cohort)], output=str(store), epochs_per_window=10, prune=True))
     assert (pruned.ok, pruned.skipped, pruned.withdrawn, pruned.stale) == (0, 2, 1, 0)
     assert not files["lab/b.edf"].exists()
     assert ids["lab/b.edf"] not in set(
@@ -124,7 +129,7 @@ def test_changed_deleted_and_pruned_inputs(ray_local, tmp_path):
     # an orphan windows file (a crash between the file and its line) is erased by --prune too
     orphan = store / "site=lab" / "0123456789abcdef.parquet"
     orphan.write_bytes(files["lab/c.edf"].read_bytes())
-    ingest([str(cohort)], str(store), epochs_per_window=10, prune=True)
+    ingest(IngestConfig(inputs=[str(cohort)], output=str(store), epochs_per_window=10, prune=True))
     assert not orphan.exists() and [line["status"] for line in _lines(store)].count("withdrawn") == 1
     assert files["lab/c.edf"].read_bytes() == before["lab/c.edf"]  # the duplicate's line erased nothing
 
@@ -136,7 +141,11 @@ def test_ids_readers_would_hide_and_ids_shared_by_sites(ray_local, tmp_path):
     _site(cohort, "alpha", {"1001.edf": 1, "_under.edf": 2, ".hidden.edf": 3, ".tmp-evil.edf": 4})
     _site(cohort, "beta", {"1001.edf": 1})  # the same key, even the same bytes, at another site
     store, links = tmp_path / "store", tmp_path / "links.csv"
-    summary = ingest([str(cohort)], str(store), epochs_per_window=10, ids="original", link_table=str(links))
+    summary = ingest(
+        IngestConfig(
+            inputs=[str(cohort)], output=str(store), epochs_per_window=10, ids="original", link_table=str(links)
+        )
+    )
     assert (summary.ok, summary.quarantined) == (5, 0)
     rows = _links(links)
     assert rows["alpha/1001.edf"]["recording_id"] == rows["beta/1001.edf"]["recording_id"] == "1001"
@@ -146,17 +155,25 @@ def test_ids_readers_would_hide_and_ids_shared_by_sites(ray_local, tmp_path):
         assert "not a safe id" in line["reason"] and Path(path).stem not in line["reason"]
     table = open_store(str(store)).to_table(columns=["site", "recording_id"])
     assert table.num_rows == 10 and sorted(set(table.column("site").to_pylist())) == ["alpha", "beta"]
-    again = ingest([str(cohort)], str(store), epochs_per_window=10, ids="original")
+    again = ingest(IngestConfig(inputs=[str(cohort)], output=str(store), epochs_per_window=10, ids="original"))
     assert (again.ok, again.skipped) == (0, 5) and open_store(str(store)).count_rows() == 10  # nothing swept
     # The store remembers its id mode and key: mixing them would give the same nights two ids.
     with pytest.raises(ValueError, match="--ids pseudonymous: the store .* holds original ids"):
-        ingest([str(cohort)], str(store), epochs_per_window=10)
+        ingest(IngestConfig(inputs=[str(cohort)], output=str(store), epochs_per_window=10))
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv(PSEUDONYM_KEY_ENV, "another project's key, long enough")
         with pytest.raises(ValueError, match="was written with another key"):
-            ingest([str(cohort)], str(store), epochs_per_window=10, ids="original")
+            ingest(IngestConfig(inputs=[str(cohort)], output=str(store), epochs_per_window=10, ids="original"))
     with pytest.raises(ValueError, match="--link-table .* inside the store"):
-        ingest([str(cohort)], str(store), epochs_per_window=10, ids="original", link_table=str(store / "l.csv"))
+        ingest(
+            IngestConfig(
+                inputs=[str(cohort)],
+                output=str(store),
+                epochs_per_window=10,
+                ids="original",
+                link_table=str(store / "l.csv"),
+            )
+        )
     assert stat.S_IMODE(links.stat().st_mode) == 0o600
 
 
@@ -222,7 +239,13 @@ def test_the_nsrr_layout_of_the_readme_gets_its_stages(ray_local, tmp_path):
     )
     store = tmp_path / "store"
     summary = ingest(
-        [str(shhs)], str(store), epochs_per_window=10, ids="original", link_table=str(tmp_path / "links.csv")
+        IngestConfig(
+            inputs=[str(shhs)],
+            output=str(store),
+            epochs_per_window=10,
+            ids="original",
+            link_table=str(tmp_path / "links.csv"),
+        )
     )
     assert (summary.ok, summary.quarantined) == (2, 0)
     for line in _lines(store):

@@ -7,8 +7,9 @@ import shutil
 import pyarrow.fs as pafs
 import pytest
 
-from s2v_core.io.discovery import discover_site, find_sites, fingerprint, join, resolve
+from s2v_core.io.discovery import discover_site, find_sites, fingerprint
 from s2v_core.io.identity import Identities, PseudonymKey
+from s2v_core.locations import join, resolve
 
 KEY = PseudonymKey(b"a test key of enough length", origin="test")
 ORIGINAL = Identities(KEY, mode="original")

@@ -2,6 +2,7 @@ import pytest
 
 from s2v_core.modalities import (
     MODALITY_KEYS,
+    Modality,
     get_modality,
     match_channel,
     modality_index,
@@ -49,3 +50,21 @@ def test_parse_modalities_orders_and_validates():
         parse_modalities("eeeg")
     with pytest.raises(ValueError, match="twice"):
         parse_modalities("eeg,eeg")
+
+
+@pytest.mark.parametrize("rate", [0, -4])
+def test_a_store_rate_must_be_positive(rate):
+    with pytest.raises(ValueError, match=r"modality 'x': store_rate_hz must be positive, found -?\d"):
+        Modality("x", rate, "a.u.", ())
+
+
+@pytest.mark.parametrize("rate", [4.5, 0.1, "128", True])
+def test_a_store_rate_gives_whole_samples_per_epoch(rate):
+    with pytest.raises(ValueError, match=r"modality 'x': store_rate_hz must be a whole number of Hz .*30-s epoch"):
+        Modality("x", rate, "a.u.", ())
+
+
+def test_a_numpy_integer_rate_is_a_whole_number():
+    import numpy as np
+
+    assert Modality("x", np.int64(8), "a.u.", ()).samples_per_epoch == 240

@@ -11,7 +11,6 @@ import pytest
 
 from pipelines import cli
 from pipelines.checkpoints import (
-    ENCODER_DIR,
     DataPosition,
     checkpoint_dir_name,
     data_position,
@@ -20,10 +19,11 @@ from pipelines.checkpoints import (
     read_state,
 )
 from pipelines.model_io import load_trained_encoder
-from pipelines.pretrain import DS_CONFIG_FILE, PRETRAIN_CONFIG_FILE, setup
+from pipelines.pretrain import setup
 from pipelines.train_config import PretrainConfig
 from pipelines.train_data import inspect_store, keep_windows_with
 from s2v_core.model import SleepEncoder, model_config, save_encoder
+from s2v_core.run_layout import DS_CONFIG_FILE, ENCODER_DIR, PRETRAIN_CONFIG_FILE
 from s2v_core.store import SCHEMA_VERSION_KEY
 from s2v_core.toystore import write_toy_store
 
@@ -191,8 +191,9 @@ def test_gpu_workers_rewrite_the_deepspeed_config_without_reading_the_store_agai
     import json
 
     import pipelines.pretrain as pretrain_module
-    from pipelines.pretrain import DS_CONFIG_FILE, setup, with_gpu_workers
+    from pipelines.pretrain import setup, with_gpu_workers
     from pipelines.train_config import PretrainConfig
+    from s2v_core.run_layout import DS_CONFIG_FILE
     from s2v_core.toystore import write_toy_store
 
     store = write_toy_store(

@@ -16,11 +16,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipelines.checkpoints import ENGINE_DIR, list_checkpoints, read_state
+from pipelines.checkpoints import list_checkpoints, read_state
 from pipelines.model_io import load_trained_encoder
-from pipelines.pretrain import DS_CONFIG_FILE, MLFLOW_MODEL_NAME, pretrain
+from pipelines.pretrain import MLFLOW_MODEL_NAME, pretrain
 from pipelines.train_config import PretrainConfig
 from s2v_core.model import batch_to_tensors
+from s2v_core.run_layout import DS_CONFIG_FILE, ENGINE_DIR
 from s2v_core.store import table_to_batch
 from s2v_core.toystore import write_toy_store
 

@@ -14,11 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipelines.checkpoints import EMA_FILE, ONLINE_ENCODER_DIR, read_state
+from pipelines.checkpoints import read_state
 from pipelines.pretrain import pretrain
 from pipelines.train_config import load_pretrain_config
 from s2v_core.model import load_encoder
-from s2v_core.splits import TRAINING_RECORD_FILE, read_split_file
+from s2v_core.run_layout import EMA_FILE, ONLINE_ENCODER_DIR, TRAINING_RECORD_FILE
+from s2v_core.splits import read_split_file
 from s2v_core.toystore import write_toy_store
 
 pytestmark = pytest.mark.integration

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.runtime import RedactingFilter, mlflow_artifact_location, mlflow_experiment, redact, redact_values
+from pipelines.runtime import RedactingFilter, mlflow_artifact_location, mlflow_experiment
+from s2v_core.locations import redact, redact_values
 
 SECRET = "wJalrXUtnFEMI-K7MDENG"
 

@@ -15,13 +15,14 @@ import pyarrow.fs as pafs
 import pytest
 import torch
 
-from pipelines.checkpoints import ENCODER_DIR, checkpoint_dir_name, list_checkpoints, read_state
+from pipelines.checkpoints import checkpoint_dir_name, list_checkpoints, read_state
 from pipelines.model_io import load_trained_encoder
 from pipelines.pretrain import pretrain, setup
-from pipelines.runtime import absolute, is_uri, join
 from pipelines.train_config import PretrainConfig
 from pipelines.train_data import inspect_store, read_store_files, training_columns
+from s2v_core.locations import absolute, is_uri, join
 from s2v_core.model import SleepEncoder, model_config
+from s2v_core.run_layout import ENCODER_DIR
 from s2v_core.store import store_files
 from s2v_core.toystore import write_toy_store
 from tests.test_checkpoints import complete_checkpoint
@@ -201,7 +202,9 @@ def test_uri_outputs_that_cannot_work_stop_before_ray(s3, s3_store, tmp_path, mo
 def test_pretrain_and_embed_read_and_write_s3(s3, s3_store, ray_local, tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
 
-    from pipelines.embed import embed, read_embeddings
+    from pipelines.embed import embed
+    from pipelines.embed_config import EmbedConfig
+    from s2v_core.embeddings import read_embeddings
 
     tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
@@ -244,7 +247,7 @@ def test_pretrain_and_embed_read_and_write_s3(s3, s3_store, ray_local, tmp_path,
     assert pretrain(config, resume=True).checkpoint == result.checkpoint
 
     output = s3.uri("embeddings/tiny")
-    summary = embed(result.run_dir, s3_store, output, batch_size=8)
+    summary = embed(EmbedConfig(checkpoint=result.run_dir, data=s3_store, output=output, batch_size=8))
     emb = read_embeddings(output)
     assert summary.windows == emb.window.shape[0] == inspect_store(s3_store).usable_windows
     assert emb.info["pretrain_run_id"] == result.mlflow_run_id and emb.info["store"] == s3_store
@@ -256,6 +259,7 @@ def test_ingest_reads_sites_from_s3_and_writes_the_store_there(s3, ray_local, tm
     from mlflow.tracking import MlflowClient
 
     from pipelines.ingest import ingest
+    from pipelines.ingest_config import IngestConfig
     from s2v_core.synth import write_cohort
 
     cohort = write_cohort(tmp_path / "cohort", sites=2, recordings_per_site=1, hours=0.5, seed=4)
@@ -263,7 +267,7 @@ def test_ingest_reads_sites_from_s3_and_writes_the_store_there(s3, ray_local, tm
     # Credentials in the URI (moto accepts any): used to connect, shown nowhere.
     output = s3.uri("stores/ingested").replace("s3://", "s3://testing:testing@")
     tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    summary = ingest(inputs, output, epochs_per_window=5, mlflow_tracking_uri=tracking_uri)
+    summary = ingest(IngestConfig(inputs=inputs, output=output, epochs_per_window=5), mlflow_tracking_uri=tracking_uri)
     assert (summary.ok, summary.quarantined, summary.windows) == (2, 0, 24)
     assert summary.manifest == s3.uri("stores/ingested/manifest.jsonl").replace("s3://", "s3://***@")
     lines = [
@@ -281,5 +285,5 @@ def test_ingest_reads_sites_from_s3_and_writes_the_store_there(s3, ray_local, tm
     assert "manifest.jsonl" in {a.path for a in client.list_artifacts(run.info.run_id)}
     assert b"testing:testing" not in (tmp_path / "mlflow.db").read_bytes()
     # A second run finds the finished recordings in the manifest on s3 and decodes nothing.
-    again = ingest(inputs, output, epochs_per_window=5)
+    again = ingest(IngestConfig(inputs=inputs, output=output, epochs_per_window=5))
     assert (again.ok, again.skipped) == (0, 2)

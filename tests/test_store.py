@@ -105,7 +105,8 @@ def test_store_files_keep_signals_plain_encoded_and_round_trip(tmp_path):
 
 
 def test_a_store_subset_reads_as_the_files_it_lists(tmp_path):
-    from s2v_core.store import EmptyStoreError, write_store_subset
+    from s2v_core.store import EmptyStoreError
+    from s2v_core.store_subset import write_store_subset
 
     root = write_toy_store(
         tmp_path / "store",

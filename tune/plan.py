@@ -44,7 +44,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipelines.runtime import is_uri
+from s2v_core.locations import is_uri
 from s2v_core.modalities import MODALITY_KEYS, parse_modalities
 
 logger = logging.getLogger(__name__)

@@ -43,20 +43,16 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.runtime import mlflow_experiment, redact
+from pipelines.runtime import mlflow_experiment
+from s2v_core.locations import redact
 from s2v_core.modalities import MODALITY_KEYS
+from s2v_core.run_layout import PREDICTIONS_FILE, SWEEP_STATE_FILE
 from s2v_core.store import open_store
 from tune.plan import PHASES, SweepConfig, held_out_axes, parse_pairs, plan_trials
 from tune.scaling import finite, json_default, write_report
 
 logger = logging.getLogger(__name__)
 
-#: Sweep bookkeeping: the resolved config, the plan summary and the parent MLflow run id.
-SWEEP_STATE_FILE = "sweep.json"
-#: The pre-registered forecast of the held-out points.
-PREDICTIONS_FILE = "predictions.json"
-#: Append-only log of trial start/finish events (one JSON object per line).
-TRIAL_LOG = "trial_log.jsonl"
 #: MLflow experiment of the sweep runs.
 EXPERIMENT = "s2v-sweep"
 #: The figure the law is fitted and forecast on (held-out contrastive loss at the scoring pairs, test subjects).

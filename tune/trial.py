@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 from ray.air.integrations.mlflow import MLflowLoggerCallback
 
-from pipelines.runtime import redact_values
+from s2v_core.locations import redact_values
 
 logger = logging.getLogger(__name__)
 

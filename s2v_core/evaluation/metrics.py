@@ -67,24 +67,26 @@ def staging_metrics_from_confusion(matrix: np.ndarray, *, class_names: Sequence[
     }
 
 
-def staging_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> dict:
+def staging_metrics(y_true: np.ndarray, y_pred: np.ndarray, *, class_names: Sequence[str] = STAGE_NAMES) -> dict:
     """Staging metrics of per-epoch stage codes (W=0 … REM=4; true ``-1`` ignored).
 
     Returns accuracy, macro-F1, Cohen's kappa, per-class F1, the number of
     scored epochs and the confusion matrix (``confusion[true][predicted]``).
+    ``class_names`` names codes ``0..len(class_names)-1`` of another grouping
+    of the stages (``s2v_core.evaluation.tasks``: W / light / deep / REM …).
     """
-    matrix = confusion(y_true, y_pred)
-    return {**staging_metrics_from_confusion(matrix), "confusion": matrix.tolist()}
+    matrix = confusion(y_true, y_pred, n_classes=len(class_names))
+    return {**staging_metrics_from_confusion(matrix, class_names=class_names), "confusion": matrix.tolist()}
 
 
-def majority_baseline(y_train: np.ndarray, y_test: np.ndarray) -> dict:
-    """Staging metrics of always predicting the most frequent training stage."""
+def majority_baseline(y_train: np.ndarray, y_test: np.ndarray, *, class_names: Sequence[str] = STAGE_NAMES) -> dict:
+    """Staging metrics of always predicting the most frequent training stage (of ``class_names``)."""
     y_train = np.asarray(y_train).ravel()
     known = y_train[y_train != UNKNOWN_STAGE]
     if known.size == 0:
         raise ValueError("no scored training epochs for the majority baseline")
-    majority = int(np.bincount(known, minlength=N_STAGES).argmax())
-    return staging_metrics(y_test, np.full(np.asarray(y_test).shape, majority))
+    majority = int(np.bincount(known, minlength=len(class_names)).argmax())
+    return staging_metrics(y_test, np.full(np.asarray(y_test).shape, majority), class_names=class_names)
 
 
 def binary_metrics(y_true: np.ndarray, score: np.ndarray) -> dict:

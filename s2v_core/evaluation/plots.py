@@ -20,7 +20,13 @@ def _pyplot():
     return plt
 
 
-def plot_confusion(matrix: Sequence[Sequence[int]], path: str | Path, *, title: str = "Sleep staging") -> Path:
+def plot_confusion(
+    matrix: Sequence[Sequence[int]],
+    path: str | Path,
+    *,
+    title: str = "Sleep staging",
+    class_names: Sequence[str] = STAGE_NAMES,
+) -> Path:
     """Row-normalised confusion matrix (true stage rows, predicted columns) with counts."""
     plt = _pyplot()
     counts = np.asarray(matrix, dtype=np.float64)
@@ -39,8 +45,8 @@ def plot_confusion(matrix: Sequence[Sequence[int]], path: str | Path, *, title: 
                 fontsize=7,
                 color="white" if share[i, j] > 0.5 else "black",
             )
-    ax.set_xticks(range(len(STAGE_NAMES)), STAGE_NAMES)
-    ax.set_yticks(range(len(STAGE_NAMES)), STAGE_NAMES)
+    ax.set_xticks(range(len(class_names)), class_names)
+    ax.set_yticks(range(len(class_names)), class_names)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(title)
@@ -48,18 +54,30 @@ def plot_confusion(matrix: Sequence[Sequence[int]], path: str | Path, *, title: 
     return _save(fig, path)
 
 
-def plot_hypnogram(true: np.ndarray, predicted: np.ndarray, path: str | Path, *, title: str = "") -> Path:
-    """True and predicted hypnogram of one night (one value per 30-s epoch, hours on x)."""
+def plot_hypnogram(
+    true: np.ndarray,
+    predicted: np.ndarray,
+    path: str | Path,
+    *,
+    title: str = "",
+    class_names: Sequence[str] = STAGE_NAMES,
+) -> Path:
+    """True and predicted hypnogram of one night (one value per 30-s epoch, hours on x).
+
+    ``class_names`` names the codes (the AASM stages, or a grouping of them such as W / light / deep / REM).
+    """
     plt = _pyplot()
-    # Clinical hypnograms draw W at the top and N3 at the bottom, REM between W and N1.
-    height = {0: 4, 4: 3, 1: 2, 2: 1, 3: 0}
+    # Clinical hypnograms draw W at the top and the deepest sleep at the bottom, REM just below W.
+    drawn = [name for name in ("W", "REM") if name in class_names]
+    drawn += [name for name in class_names if name not in drawn]
+    height = {class_names.index(name): len(drawn) - 1 - row for row, name in enumerate(drawn)}
     hours = np.arange(len(true)) * 30 / 3600
     fig, axes = plt.subplots(2, 1, figsize=(8, 3.5), sharex=True, sharey=True)
     for ax, stages, label in zip(axes, (true, predicted), ("true", "predicted")):
         y = np.array([height.get(int(s), np.nan) for s in stages], dtype=float)
         y[np.asarray(stages) == UNKNOWN_STAGE] = np.nan
         ax.step(hours, y, where="post", lw=1)
-        ax.set_yticks([4, 3, 2, 1, 0], ["W", "REM", "N1", "N2", "N3"])
+        ax.set_yticks([height[class_names.index(name)] for name in drawn], drawn)
         ax.set_ylabel(label)
     axes[-1].set_xlabel("time from first window (h)")
     axes[0].set_title(title)

@@ -29,7 +29,7 @@ from s2v_core.evaluation.metrics import (
     staging_metrics_from_confusion,
     summarise,
 )
-from s2v_core.store import UNKNOWN_STAGE
+from s2v_core.store import STAGE_NAMES, UNKNOWN_STAGE
 
 logger = logging.getLogger(__name__)
 
@@ -156,11 +156,13 @@ def temporal_staging_probe(
     steps: int = 300,
     batch_windows: int = 64,
     learning_rate: float = 3e-3,
+    n_classes: int = N_STAGES,
 ) -> StagingProbe:
     """A small bi-GRU head trained on the windows' epoch embeddings ``(N, E, P)``.
 
     Trained with Adam for ``steps`` mini-batches of ``batch_windows`` windows;
-    cross-entropy ignores unknown stages.
+    cross-entropy ignores unknown stages. ``n_classes``: the stage codes
+    ``0..n_classes-1`` of ``stages`` (5 AASM stages, or a grouping of them).
     """
 
     def fit_predict(train_rows: np.ndarray, test_rows: np.ndarray, val_rows: np.ndarray | None = None) -> np.ndarray:
@@ -175,7 +177,7 @@ def temporal_staging_probe(
         y = torch.from_numpy(stages[train_rows].astype(np.int64))
         generator = torch.Generator().manual_seed(seed)
         torch.manual_seed(seed)
-        head = TemporalHead(x.shape[-1], hidden=hidden)
+        head = TemporalHead(x.shape[-1], hidden=hidden, n_classes=n_classes)
         optimiser = torch.optim.Adam(head.parameters(), lr=learning_rate)
         loss_fn = nn.CrossEntropyLoss(ignore_index=UNKNOWN_STAGE)
         head.train()
@@ -183,7 +185,7 @@ def temporal_staging_probe(
             for _ in range(steps):
                 pick = torch.randint(0, len(x), (min(batch_windows, len(x)),), generator=generator)
                 logits = head(x[pick])
-                loss = loss_fn(logits.reshape(-1, N_STAGES), y[pick].reshape(-1))
+                loss = loss_fn(logits.reshape(-1, n_classes), y[pick].reshape(-1))
                 optimiser.zero_grad()
                 loss.backward()
                 optimiser.step()
@@ -199,37 +201,40 @@ def cross_validate_staging(
     probe: StagingProbe,
     stages: np.ndarray,
     folds: Sequence[Fold],
+    *,
+    class_names: Sequence[str] = STAGE_NAMES,
 ) -> dict:
     """Out-of-fold staging metrics of ``probe`` over ``folds``.
 
     Returns ``per_fold`` (metrics of each test fold), ``summary`` (mean ± sd
     over folds), ``pooled`` (metrics of all out-of-fold predictions with their
     confusion matrix) and ``predictions`` (``int64 (N, E)``, out-of-fold; not
-    JSON — callers drop it from reports).
+    JSON — callers drop it from reports). ``class_names`` names the codes of
+    ``stages`` (the AASM stages, or a grouping of them).
     """
     predictions = np.full(stages.shape, UNKNOWN_STAGE, dtype=np.int64)
     per_fold = []
     for fold in folds:
         predicted = probe(fold.train, fold.test, fold.val)
         predictions[fold.test] = predicted
-        metrics = staging_metrics(stages[fold.test], predicted)
+        metrics = staging_metrics(stages[fold.test], predicted, class_names=class_names)
         metrics.pop("confusion")
         per_fold.append(metrics)
     scored = np.unique(np.concatenate([fold.test for fold in folds]))  # a held-out fold scores only its test rows
-    matrix = confusion(stages[scored], predictions[scored])
+    matrix = confusion(stages[scored], predictions[scored], n_classes=len(class_names))
     return {
         "per_fold": per_fold,
         "summary": summarise(per_fold),
-        "pooled": {**staging_metrics_from_confusion(matrix), "confusion": matrix.tolist()},
+        "pooled": {**staging_metrics_from_confusion(matrix, class_names=class_names), "confusion": matrix.tolist()},
         "predictions": predictions,
     }
 
 
-def majority_staging(stages: np.ndarray, folds: Sequence[Fold]) -> dict:
+def majority_staging(stages: np.ndarray, folds: Sequence[Fold], *, class_names: Sequence[str] = STAGE_NAMES) -> dict:
     """Fold-wise metrics of predicting the most frequent training stage (the floor to beat)."""
     per_fold = []
     for fold in folds:
-        metrics = majority_baseline(stages[fold.train], stages[fold.test])
+        metrics = majority_baseline(stages[fold.train], stages[fold.test], class_names=class_names)
         metrics.pop("confusion")
         per_fold.append(metrics)
     return {"per_fold": per_fold, "summary": summarise(per_fold)}

@@ -3,7 +3,9 @@
 A task says what is predicted (per 30-s epoch or per night), from which store
 column, with which loss and which figures are reported. Adding a task is one
 entry in :data:`TASKS` (or one prefix in :data:`TASK_FAMILIES` for tasks
-parametrised by a column name, such as ``outcome:hypertension``).
+parametrised by a column name, such as ``outcome:hypertension``): ``s2v
+finetune`` trains it, and ``s2v evaluate`` scores it with frozen-embedding
+probes when its level and kind have one (``pipelines.evaluate_config.SECTIONS``).
 
 =================  =======  ==============  =============================================
 task               level    kind            reported figures

@@ -33,75 +33,12 @@ from s2v_core.io.edf import SIGNAL_READERS
 from s2v_core.io.identity import Identities
 from s2v_core.io.metadata import RecordingMetadata, parse_site_metadata
 from s2v_core.io.site_config import SITE_CONFIG_NAME, SiteConfig, load_site_config
+from s2v_core.locations import join, redact, resolve
 
 logger = logging.getLogger(__name__)
 
 #: What discovery counts as a recording: exactly the suffixes the signal-reader table can open.
 _SIGNAL_SUFFIXES = tuple(SIGNAL_READERS)
-
-
-def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
-    """``(filesystem, path)`` of a local path or a pyarrow-understood URI."""
-    if "://" not in uri:
-        return pafs.LocalFileSystem(), Path(uri).expanduser().resolve().as_posix()
-    return pafs.FileSystem.from_uri(uri)
-
-
-def join(base_uri: str, *relative: str) -> str:
-    """``base_uri`` with ``/``-separated relative parts appended to its path.
-
-    A URI keeps its scheme and its ``?options`` (``s3://b/in?endpoint_override=h:9000``
-    joined with ``site/a.edf`` is ``s3://b/in/site/a.edf?endpoint_override=h:9000``).
-    """
-    parts = [part for part in relative if part]
-    if not parts:
-        return base_uri
-    base, mark, options = base_uri.partition("?") if "://" in base_uri else (base_uri, "", "")
-    return "/".join([base.rstrip("/"), *parts]) + mark + options
-
-
-#: Query-parameter names (split on "_", "-", ".") that carry a credential.
-_SECRET_PARTS = frozenset(
-    {
-        "token",
-        "secret",
-        "password",
-        "passwd",
-        "pwd",
-        "signature",
-        "sig",
-        "credential",
-        "credentials",
-        "sessiontoken",
-        "apikey",
-        "auth",
-        "authorization",
-    }
-)
-_SECRET_NAMES = ("access_key", "secret_key", "access-key", "secret-key", "accesskey", "secretkey", "key")
-_USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.\-]*://)(?P<userinfo>[^/@\s?#'\"]+@)")
-_QUERY = re.compile(r"(?P<lead>[?&;])(?P<name>[A-Za-z0-9_.\-]+)=(?P<value>[^&\s#'\"]*)")
-REDACTED = "***"
-
-
-def _secret_name(name: str) -> bool:
-    lowered = name.casefold()
-    return bool(set(re.split(r"[_.\-]", lowered)) & _SECRET_PARTS) or lowered.endswith(_SECRET_NAMES)
-
-
-def redact(text: str) -> str:
-    """``text`` with credentials in URIs replaced by ``***``.
-
-    The user-info part (``s3://KEY:SECRET@bucket`` -> ``s3://***@bucket``)
-    and the values of query parameters whose name marks a secret (``token``,
-    ``secret_key``, ``X-Amz-Signature``, ``sig`` ...) go; paths and options
-    such as ``endpoint_override`` stay. Use on anything a location may reach
-    before it is logged, recorded or shown.
-    """
-    text = _USERINFO.sub(lambda m: m["scheme"] + REDACTED + "@", str(text))
-    return _QUERY.sub(
-        lambda m: f"{m['lead']}{m['name']}={REDACTED}" if _secret_name(m["name"]) and m["value"] else m.group(0), text
-    )
 
 
 @dataclass(frozen=True)
@@ -258,7 +195,6 @@ def find_sites(input_uri: str, *, site_config: str | None = None) -> list[tuple[
 
 
 def _default_config(name: str) -> SiteConfig:
-    import re
 
     return SiteConfig(name=re.sub(r"[^A-Za-z0-9_.\-]", "_", name) or "site")
 

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from s2v_core.config import from_mapping, load_mapping
+from s2v_core.locations import has_scheme
 from s2v_core.modalities import MODALITY_KEYS
 
 SITE_CONFIG_NAME = "site.toml"
@@ -141,7 +142,7 @@ def is_inside(relative: str) -> bool:
     lead out (``../secret.txt``, ``a/../../b``).
     """
     text = relative.replace("\\", "/")
-    if not text or "://" in text or text.startswith("/") or re.match(r"^[A-Za-z]:", text):
+    if not text or has_scheme(text) or text.startswith("/") or re.match(r"^[A-Za-z]:", text):
         return False
     normal = posixpath.normpath(text)
     return normal != ".." and not normal.startswith("../")
