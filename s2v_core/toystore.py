@@ -67,6 +67,7 @@ def toy_windows(
     columns["age"] = [age] * windows
     columns["sex"] = [sex] * windows
     columns["outcomes"] = [list((outcomes or {}).items())] * windows
+    columns["events"] = [None] * windows  # toy nights have no scored events
     return pa.Table.from_pydict(columns, schema=schema)
 
 
