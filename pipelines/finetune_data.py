@@ -21,7 +21,8 @@ import pyarrow.parquet as pq
 
 from s2v_core.evaluation.tasks import Task
 from s2v_core.io.events import EVENT_FLAGS
-from s2v_core.store import EVENTS_COLUMN
+from s2v_core.modalities import MODALITY_KEYS
+from s2v_core.store import EVENTS_COLUMN, present_matrix
 
 #: Outcome an AHI from detected events is compared with (written by ingest from NSRR XML).
 AHI_REFERENCE = "ahi_scored"
@@ -51,22 +52,26 @@ def labelled_nights(files: Sequence[str], filesystem: Any, task: Task) -> list[s
 
 
 def usable_windows(files: Sequence[str], filesystem: Any, modalities: Sequence[str]) -> list[str]:
-    """Names (:func:`pipelines.train_data.window_key`) of the windows of ``files`` holding one of ``modalities``."""
-    from pipelines.train_data import keep_windows_with, window_key
+    """Names (:func:`pipelines.train_data.window_key`) of the windows of ``files`` holding one of ``modalities``.
 
+    Reads the identity columns and ``present`` only, never the signals.
+    """
+    from pipelines.train_data import window_key
+
+    columns = [MODALITY_KEYS.index(k) for k in modalities]
     keys = []
     for path in files:
-        table = keep_windows_with(
-            pq.read_table(path, columns=["site", "recording_id", "window_index", *modalities], filesystem=filesystem),
-            modalities,
-        )
+        table = pq.read_table(path, columns=["site", "recording_id", "window_index", "present"], filesystem=filesystem)
+        usable = present_matrix(table.column("present"))[:, columns].any(axis=1)
         keys += [
             window_key(s, r, w)
-            for s, r, w in zip(
+            for s, r, w, keep in zip(
                 table.column("site").to_pylist(),
                 table.column("recording_id").to_pylist(),
                 table.column("window_index").to_pylist(),
+                usable,
             )
+            if keep
         ]
     return keys
 
