@@ -539,7 +539,8 @@ def cleanup(prepared: PreparedFinetune, checkpoint: Path) -> dict:
 
         client = MlflowClient(tracking_uri=prepared.mlflow["tracking_uri"])
         run_id = prepared.mlflow["run_id"]
-        for prefix, figures in (("test", test), ("baseline", baseline)):
+        detected = (event_ahi or {}).get("detected") or {}
+        for prefix, figures in (("test", test), ("baseline", baseline), ("test/ahi_from_events", detected)):
             for key, value in figures.items():
                 if isinstance(value, (int, float)) and value is not None and np.isfinite(value):
                     client.log_metric(run_id, f"{prefix}/{key}", float(value))
