@@ -510,6 +510,7 @@ def cleanup(prepared: PreparedFinetune, checkpoint: Path) -> dict:
         prepared.filesystem,
         spec=prepared.spec,
         epochs_per_window=prepared.epochs_per_window,
+        val_files=prepared.val_files,
     )
     report = {
         "task": task.name,

@@ -8,7 +8,8 @@
   subjects; validation and test stay whole.
 - Event tasks whose positives are respiratory events are also scored as an
   AHI from detected events per test night, next to the night's scored
-  ``ahi_scored`` (:mod:`s2v_core.evaluation.events`).
+  ``ahi_scored`` (:mod:`s2v_core.evaluation.events`), with the detection
+  threshold chosen on the val nights.
 """
 
 from __future__ import annotations
@@ -87,18 +88,34 @@ def choose_windows(keys: Sequence[str], count: int, *, seed: int) -> list[str]:
     return sorted(keys[i] for i in chosen)
 
 
-def event_ahi_report(model, files: Sequence[str], filesystem: Any, *, spec, epochs_per_window: int) -> dict | None:
+def event_ahi_report(
+    model, files: Sequence[str], filesystem: Any, *, spec, epochs_per_window: int, val_files: Sequence[str] = ()
+) -> dict | None:
     """AHI from detected events vs the scored ``ahi_scored`` on ``files`` (test nights); None if not applicable.
 
     Applies to event tasks that count respiratory events (apnoea and/or
-    hypopnoea bits, nothing else). See :func:`s2v_core.evaluation.events.ahi_agreement`.
+    hypopnoea bits, nothing else). The detection threshold is chosen on the
+    ``val_files`` nights (:func:`s2v_core.evaluation.events.choose_threshold`),
+    0.5 without them. See :func:`s2v_core.evaluation.events.ahi_agreement`.
     """
-    from pipelines.finetune_loop import read_store_batches
-    from s2v_core.evaluation.events import ahi_agreement, night_event_predictions
+    from s2v_core.evaluation.events import DEFAULT_THRESHOLD, ahi_agreement, choose_threshold
 
     task = spec.task_definition
     if not task.event_bits or task.event_bits & ~AHI_BITS:
         return None
+    threshold = choose_threshold(_nights(model, val_files, filesystem, spec, epochs_per_window)) if val_files else None
+    report = ahi_agreement(
+        _nights(model, files, filesystem, spec, epochs_per_window),
+        threshold=DEFAULT_THRESHOLD if threshold is None else threshold,
+    )
+    chosen = "val nights (closest AHI, MAE)" if threshold is not None else "default (no val night with ahi_scored)"
+    return {"reference": AHI_REFERENCE, "sleep": "scored stages of the store", "threshold_from": chosen, **report}
+
+
+def _nights(model, files: Sequence[str], filesystem: Any, spec, epochs_per_window: int):
+    from pipelines.finetune_loop import read_store_batches
+    from s2v_core.evaluation.events import night_event_predictions
+
     batches = read_store_batches(
         list(files),
         filesystem,
@@ -108,5 +125,4 @@ def event_ahi_report(model, files: Sequence[str], filesystem: Any, *, spec, epoc
         history_columns=(AHI_REFERENCE,),
         extra_columns=("window_index",),
     )
-    report = ahi_agreement(night_event_predictions(model, batches, reference=AHI_REFERENCE))
-    return {"reference": AHI_REFERENCE, "sleep": "scored stages of the store", **report}
+    return night_event_predictions(model, batches, reference=AHI_REFERENCE)

@@ -88,3 +88,20 @@ def test_night_event_predictions_reassemble_nights_in_window_order():
     np.testing.assert_allclose(by_reference[3.0].probability, expected[3:].reshape(-1), rtol=1e-5)
     assert by_reference[11.0].stages.tolist() == batch["stages"][:3].reshape(-1).tolist()
     assert by_reference[3.0].scored.tolist() == (batch["events"][3:].reshape(-1) > 0).astype(float).tolist()
+
+
+def test_threshold_chosen_on_nights_matches_their_scored_ahi():
+    from s2v_core.evaluation.events import choose_threshold
+
+    # A detector that ranks well but is timid: event epochs get 0.3, others 0.1.
+    timid = [
+        _night([0.3, 0.1, 0.3, 0.1], [1, 0, 1, 0], reference=60.0),  # two runs in 1/30 h
+        _night([0.3, 0.1, 0.1, 0.1], [1, 0, 0, 0], reference=30.0),
+    ]
+    threshold = choose_threshold(timid)
+    assert 0.1 <= threshold < 0.3
+    assert ahi_agreement(timid, threshold=threshold)["detected"]["mae"] == pytest.approx(0.0)
+    assert ahi_agreement(timid)["detected"]["mae"] == pytest.approx(45.0)  # 0.5 detects nothing
+    # Every threshold in [0.3, 0.9) fits these nights alike: the one nearest 0.5 wins.
+    assert choose_threshold([_night([0.9, 0.1, 0.9, 0.1], [1, 0, 1, 0], reference=60.0)]) == pytest.approx(0.5)
+    assert choose_threshold([_night([0.9] * 4, [np.nan] * 4, reference=10.0)]) is None

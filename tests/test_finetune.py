@@ -296,6 +296,7 @@ def test_finetune_event_detector_and_ahi_from_events_through_ray(ray_local, tmp_
     assert report["baseline"]["auroc"] == pytest.approx(0.5)
     ahi = report["ahi_from_events"]
     assert ahi["reference"] == "ahi_scored" and ahi["nights"] == 2 and len(ahi["per_night"]) == 2
+    assert ahi["threshold_from"].startswith("val nights") and 0.0 < ahi["threshold"] < 1.0
     assert {"pearson_r", "icc", "severity_kappa", "mae"} <= set(ahi["detected"])
     # Counting runs of the scored labels: never more events than scored epochs (the toy's ahi_scored).
     assert all(labels <= reference + 1e-6 for reference, _, labels in ahi["per_night"])

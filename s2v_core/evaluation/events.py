@@ -146,6 +146,37 @@ def _agreement(reference: np.ndarray, estimate: np.ndarray) -> dict:
     }
 
 
+def choose_threshold(nights: Iterable[NightEvents], *, candidates: Iterable[float] | None = None) -> float | None:
+    """The detection threshold whose AHI from detected events is closest (MAE) to the scored one on ``nights``.
+
+    Meant for the validation nights: a detector trained on a rare positive
+    class (events overlap ~10-20 % of epochs) may rank epochs well (AUROC)
+    and still rarely pass 0.5. ``candidates`` default to 0.05, 0.10 … 0.95;
+    ties go to the threshold nearest 0.5. ``None`` when no night has a
+    reference, scored labels and sleep.
+    """
+    grid = np.round(np.arange(0.05, 0.951, 0.05), 2) if candidates is None else np.asarray(list(candidates), float)
+    usable = [
+        night
+        for night in nights
+        if np.isfinite(night.reference)
+        and np.isfinite(night.scored).any()
+        and ((night.stages >= 1) & (night.stages <= 4)).any()
+    ]
+    if not usable:
+        return None
+    errors = []
+    for threshold in grid:
+        detected = [
+            index_from_epochs(np.nan_to_num(n.probability, nan=0.0) > threshold, (n.stages >= 1) & (n.stages <= 4))
+            for n in usable
+        ]
+        errors.append(np.mean([abs(d - n.reference) for d, n in zip(detected, usable)]))
+    errors = np.asarray(errors)
+    best = np.flatnonzero(errors == errors.min())
+    return float(grid[best[np.argmin(np.abs(grid[best] - DEFAULT_THRESHOLD))]])
+
+
 def ahi_agreement(nights: Iterable[NightEvents], *, threshold: float = DEFAULT_THRESHOLD) -> dict:
     """Per-night AHI from detected events and from the scored epoch labels, against the scored AHI.
 
