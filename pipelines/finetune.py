@@ -4,6 +4,8 @@ Launch::
 
     s2v finetune --checkpoint PRETRAIN_RUN_DIR --data STORE --output RUN_DIR --task staging --mode lora
     s2v finetune --checkpoint ENCODER_DIR --data STORE --output RUN_DIR --task ahi --mode frozen --head mlp
+    s2v finetune … --task events                  # epoch-level respiratory-event detector (+ AHI from events)
+    s2v finetune … --labelled-windows 128         # few-shot: 128 random train windows carry labels
     s2v finetune … --resume                       # continue the latest checkpoint in RUN_DIR
 
 ``main`` → :func:`setup` (validate the options, load the encoder, check the
@@ -80,6 +82,9 @@ class FinetuneConfig:
     train_tokenizers: bool = False  # tokenizers frozen by default
     modality_dropout: float = 0.0  # P(drop a present modality) per window in training, never all
     modalities: tuple[str, ...] = ()  # empty: the encoder's modalities that the store holds
+    # Few-shot protocol: train on this many store windows drawn (by seed) from the train subjects'
+    # usable windows; 0: all of them. Validation and test stay whole.
+    labelled_windows: int = 0
     steps: int = 200  # optimiser steps at most (early stopping may end sooner)
     batch_size: int = 32  # windows per optimiser step over all workers
     workers: int = 1  # Ray Train workers (data parallel)
@@ -114,6 +119,7 @@ class PreparedFinetune:
     resume_from: str | None
     mlflow: dict | None = None
     on_gpu: bool = False
+    train_window_keys: tuple[str, ...] | None = None  # --labelled-windows: the windows training sees
 
 
 # -- setup ------------------------------------------------------------------------------------------
@@ -125,6 +131,7 @@ def setup(config: FinetuneConfig, *, resume: bool = False) -> PreparedFinetune:
     longer than the encoder reads, an encoder pretrained on the test subjects (without
     ``--transductive``) and an existing run dir without ``--resume``.
     """
+    from pipelines.finetune_data import choose_windows, labelled_nights, usable_windows
     from pipelines.model_io import load_encoder_spec, training_record
     from pipelines.train_data import inspect_store
     from s2v_core.locations import is_uri
@@ -143,6 +150,8 @@ def setup(config: FinetuneConfig, *, resume: bool = False) -> PreparedFinetune:
     for name in ("steps", "batch_size", "workers", "eval_every", "patience", "checkpoint_every"):
         if getattr(config, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')}: expected an integer >= 1, found {getattr(config, name)}")
+    if config.labelled_windows < 0:
+        raise ValueError(f"--labelled-windows: expected an integer >= 0 (0: all), found {config.labelled_windows}")
     if config.device not in ("auto", "cpu", "gpu"):
         raise ValueError(f"--device: expected auto, cpu or gpu, found {config.device!r}")
     if config.batch_size % config.workers:
@@ -169,15 +178,33 @@ def setup(config: FinetuneConfig, *, resume: bool = False) -> PreparedFinetune:
         epochs_per_window=summary.epochs_per_window,
     )
     # Store windows longer than the encoder's are encoded in chunks (FineTunedModel.features).
-    if summary.usable_windows < config.batch_size:
+    task = spec.task_definition
+    train_files = labelled_nights(summary.files, summary.filesystem, task)  # event tasks: nights with events
+    if not train_files:
         raise ValueError(
-            f"--batch-size: expected at most {summary.usable_windows} (the train subjects' windows), "
+            f"--task {task.name}: expected train nights with scored events (NSRR XML hypnograms), "
+            f"found none among {len(summary.files)}"
+        )
+    train_windows, window_keys = summary.usable_windows, None
+    if task.event_bits or config.labelled_windows:
+        keys = usable_windows(train_files, summary.filesystem, spec.modalities)
+        if config.labelled_windows:
+            keys = window_keys = tuple(choose_windows(keys, config.labelled_windows, seed=config.seed))
+        train_windows = len(keys)
+    if train_windows < config.batch_size:
+        raise ValueError(
+            f"--batch-size: expected at most {train_windows} (the train subjects' labelled windows), "
             f"found {config.batch_size}"
         )
     test_files, filesystem = split_files(config.data, ["test"])
     val_files, _ = split_files(config.data, ["val"])
+    test_files = labelled_nights(test_files, filesystem, task)
+    val_files = labelled_nights(val_files, filesystem, task)
     if not test_files:
-        raise ValueError(f"--data: the store {config.data} has no test subject to report on; see `s2v split`")
+        raise ValueError(
+            f"--data: the store {config.data} has no test subject to report on"
+            f"{' with scored events' if task.event_bits else ''}; see `s2v split`"
+        )
     if not val_files:
         logger.warning("the store %s has no val subject: no early stopping, the last step is kept", config.data)
     protocol = check_protocol(
@@ -201,14 +228,15 @@ def setup(config: FinetuneConfig, *, resume: bool = False) -> PreparedFinetune:
         run_dir=run_dir,
         encoder_dir=encoder_dir,
         epochs_per_window=summary.epochs_per_window,
-        train_files=summary.files,
-        train_windows=summary.usable_windows,
+        train_files=tuple(train_files),
+        train_windows=train_windows,
         val_files=tuple(val_files),
         test_files=tuple(test_files),
         filesystem=filesystem,
         protocol=protocol,
         pretrain_run=pretrain_run,
         resume_from=resume_from,
+        train_window_keys=window_keys,
     )
 
 
@@ -352,6 +380,8 @@ def build_trainer(prepared: PreparedFinetune):
         seed=config.seed,
         repeats=store_repeats(prepared.train_windows, windows_per_step=config.batch_size, steps=config.steps),
         readers=config.workers,
+        extra_columns=spec.task_definition.store_columns,
+        windows=prepared.train_window_keys,
     )
     return TorchTrainer(
         finetune_loop_per_worker,
@@ -453,6 +483,7 @@ def baseline_predictions(prepared: PreparedFinetune, target: np.ndarray) -> np.n
 
 def cleanup(prepared: PreparedFinetune, checkpoint: Path) -> dict:
     """Copy the best model to ``RUN_DIR/model``, score it on test next to the baseline, log to MLflow."""
+    from pipelines.finetune_data import event_ahi_report
     from pipelines.finetune_loop import BEST_DIR, FINETUNE_STATE_FILE, read_store_batches
     from s2v_core.finetuning import predict
 
@@ -473,6 +504,14 @@ def cleanup(prepared: PreparedFinetune, checkpoint: Path) -> dict:
     target, output = predict(model, batches)
     test = task.metrics(target, output)
     baseline = task.metrics(target, baseline_predictions(prepared, target))
+    event_ahi = event_ahi_report(
+        model,
+        prepared.test_files,
+        prepared.filesystem,
+        spec=prepared.spec,
+        epochs_per_window=prepared.epochs_per_window,
+        val_files=prepared.val_files,
+    )
     report = {
         "task": task.name,
         "mode": prepared.spec.mode,
@@ -483,10 +522,13 @@ def cleanup(prepared: PreparedFinetune, checkpoint: Path) -> dict:
         "best_step": state["best_step"],
         "stopped_early": state["stopped_early"],
         "val": {task.primary[0]: state["best_score"]},
+        "train_windows": prepared.train_windows,
         "test": test,
         "baseline": baseline,
         "model": str(model_dir),
     }
+    if event_ahi is not None:
+        report["ahi_from_events"] = event_ahi
     # The model directory describes itself: its test figures travel with it.
     save_finetuned(
         model,
@@ -498,7 +540,8 @@ def cleanup(prepared: PreparedFinetune, checkpoint: Path) -> dict:
 
         client = MlflowClient(tracking_uri=prepared.mlflow["tracking_uri"])
         run_id = prepared.mlflow["run_id"]
-        for prefix, figures in (("test", test), ("baseline", baseline)):
+        detected = (event_ahi or {}).get("detected") or {}
+        for prefix, figures in (("test", test), ("baseline", baseline), ("test/ahi_from_events", detected)):
             for key, value in figures.items():
                 if isinstance(value, (int, float)) and value is not None and np.isfinite(value):
                     client.log_metric(run_id, f"{prefix}/{key}", float(value))
@@ -528,7 +571,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--task",
         default=defaults.task,
-        help="staging, staging4, staging3, age, sex, ahi, ahi:COL, outcome:COL, survival:EVENT,TIME",
+        help="staging, staging4, staging3, events, arousal, events:KIND[,KIND], age, sex, ahi, ahi:COL, "
+        "outcome:COL, survival:EVENT,TIME",
     )
     parser.add_argument("--mode", default=defaults.mode, choices=("frozen", "lora", "full"))
     parser.add_argument("--head", default=defaults.head, choices=("linear", "mlp", "temporal"))
@@ -547,6 +591,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train-tokenizers", action="store_true", help="also train the per-modality tokenizers")
     parser.add_argument("--modality-dropout", type=float, default=defaults.modality_dropout)
     parser.add_argument("--modalities", help=f"comma-separated subset of {','.join(MODALITY_KEYS)}")
+    parser.add_argument(
+        "--labelled-windows",
+        type=int,
+        default=defaults.labelled_windows,
+        help="few-shot: train on this many random store windows of the train subjects (0: all)",
+    )
     parser.add_argument("--eval-every", type=int, default=defaults.eval_every)
     parser.add_argument("--patience", type=int, default=defaults.patience)
     parser.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every)
@@ -583,6 +633,11 @@ def run(args: argparse.Namespace) -> int:
                 "mode": report["mode"],
                 "test": {k: v for k, v in report["test"].items() if k not in ("confusion", "per_class_f1")},
                 "baseline": {k: v for k, v in report["baseline"].items() if k not in ("confusion", "per_class_f1")},
+                **(
+                    {"ahi_from_events": {k: v for k, v in report["ahi_from_events"].items() if k != "per_night"}}
+                    if "ahi_from_events" in report
+                    else {}
+                ),
             }
         )
     )

@@ -53,11 +53,23 @@ def checkpoint_dir_name(step: int) -> str:
 
 
 def read_store_batches(
-    files: list[str], filesystem: Any, *, spec: FinetuneSpec, epochs_per_window: int, batch_size: int
+    files: list[str],
+    filesystem: Any,
+    *,
+    spec: FinetuneSpec,
+    epochs_per_window: int,
+    batch_size: int,
+    history_columns: tuple[str, ...] | None = None,
+    extra_columns: tuple[str, ...] = (),
 ) -> Iterator[dict[str, np.ndarray]]:
-    """Numpy batches (:func:`s2v_core.store.table_to_batch`) of every usable window of ``files``, in order."""
+    """Numpy batches (:func:`s2v_core.store.table_to_batch`) of every usable window of ``files``, in order.
+
+    The batches carry the task's outcomes and label columns; ``history_columns``
+    (default: the task's outcome columns) and ``extra_columns`` ask for others.
+    """
     task = spec.task_definition
-    columns = training_columns(spec.modalities, task.outcome_columns)
+    history = task.outcome_columns if history_columns is None else history_columns
+    columns = training_columns(spec.modalities, history, (*task.store_columns, *extra_columns))
     for path in files:
         table = keep_windows_with(pq.read_table(str(path), columns=columns, filesystem=filesystem), spec.modalities)
         for start in range(0, table.num_rows, batch_size):
@@ -65,7 +77,7 @@ def read_store_batches(
                 table.slice(start, batch_size),
                 modalities=spec.modalities,
                 epochs_per_window=epochs_per_window,
-                history_columns=task.outcome_columns,
+                history_columns=history,
             )
 
 

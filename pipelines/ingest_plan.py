@@ -41,7 +41,8 @@ logger = logging.getLogger(__name__)
 
 #: Bump when decoding changes what a recording's windows hold: every store then decodes again.
 #: 2: NSRR XML scored events add ahi_scored / oahi_scored / odi_scored to the outcomes.
-DECODER_VERSION = 2
+#: 3: NSRR XML scored events (and arousals) become per-epoch labels in the ``events`` column.
+DECODER_VERSION = 3
 _MIN_FINGERPRINT_BYTES = 256  # smaller files cannot be EDF; the reader reports why
 _GIB = 1 << 30
 #: Memory of a worker before it reads anything (Python, numpy, pyarrow, Ray), bytes.

@@ -156,12 +156,19 @@ def keep_windows_with(table: pa.Table, modalities: Sequence[str]) -> pa.Table:
     return table.filter(pa.array(keep))
 
 
-def training_columns(modalities: Sequence[str], history_columns: Sequence[str]) -> list[str]:
-    """The store columns a training batch needs."""
+def training_columns(
+    modalities: Sequence[str], history_columns: Sequence[str], extra_columns: Sequence[str] = ()
+) -> list[str]:
+    """The store columns a training batch needs (``extra_columns``: e.g. a task's ``events`` labels)."""
     columns = list(BATCH_COLUMNS) + list(modalities)
     if history_columns:
         columns.append("outcomes")
-    return columns
+    return columns + [c for c in extra_columns if c not in columns]
+
+
+def window_key(site: str, recording_id: str, window_index: int) -> str:
+    """The name of one store window, unique in a store (recording ids repeat across sites)."""
+    return f"{site}/{recording_id}/{int(window_index)}"
 
 
 def read_store_files(
@@ -171,8 +178,12 @@ def read_store_files(
     modalities: Sequence[str],
     seed: int | None = None,
     filesystem: pafs.FileSystem | None = None,
+    windows: Sequence[str] | None = None,
 ) -> pa.Table:
     """Ray Data UDF: read the store files named in ``items["path"]`` (needed columns, usable rows).
+
+    With ``windows`` (:func:`window_key` names; ``columns`` must hold
+    ``window_index``), only those windows are kept: a labelled subset.
 
     The paths are on ``filesystem`` (default: local paths or full URIs). It is
     passed as an object rather than re-derived from a URI per file: that keeps
@@ -191,6 +202,14 @@ def read_store_files(
         for path in items["path"]
     ]
     table = pa.concat_tables(tables)
+    if windows is not None:
+        wanted = set(windows)
+        keys = zip(
+            table.column("site").to_pylist(),
+            table.column("recording_id").to_pylist(),
+            table.column("window_index").to_pylist(),
+        )
+        table = table.filter(pa.array([window_key(*key) in wanted for key in keys], type=pa.bool_()))
     if seed is not None and table.num_rows > 1:
         rng = np.random.default_rng([seed, int(items["slot"][0])])
         # Zero-copy one-row slices, then one contiguous copy: 3-8x cheaper than
@@ -243,6 +262,8 @@ def build_dataset(
     nights_per_block: int = 16,
     readers: int = 2,
     filesystem: pafs.FileSystem | None = None,
+    extra_columns: Sequence[str] = (),
+    windows: Sequence[str] | None = None,
 ):
     """A streaming Ray Data dataset of the training windows: one pass of the loop.
 
@@ -261,6 +282,9 @@ def build_dataset(
     to training. Zero-CPU tasks are not limited by the scheduler, so at most
     ``readers`` of them run at once (without a cap Ray starts a worker
     process per file).
+
+    ``extra_columns`` are read too (a task's labels); ``windows`` keeps only
+    the named windows (:func:`window_key`; fine-tuning on a labelled subset).
     """
     import ray.data
 
@@ -274,10 +298,13 @@ def build_dataset(
         num_cpus=0,
         compute=ray.data.TaskPoolStrategy(size=max(1, readers)),
         fn_kwargs={
-            "columns": training_columns(modalities, history_columns),
+            "columns": training_columns(
+                modalities, history_columns, [*extra_columns, *(["window_index"] if windows is not None else [])]
+            ),
             "modalities": list(modalities),
             "seed": seed,
             "filesystem": filesystem,
+            "windows": None if windows is None else list(windows),
         },
     )
     return dataset

@@ -298,9 +298,17 @@ class FineTunedModel(nn.Module):
 def batch_targets(task: Task, batch: Mapping[str, np.ndarray]) -> np.ndarray:
     """The targets of a :func:`s2v_core.store.table_to_batch` batch read with ``history_columns=task.outcome_columns``.
 
-    Epoch-level: ``int64 (B, E)`` classes (−1 unknown); night-level: ``float64 (B,)``
-    (``(B, 2)`` event, time for survival), NaN unknown.
+    Epoch-level: ``int64 (B, E)`` classes (−1 unknown), or for event tasks
+    ``float64 (B, E)`` 1/0 (NaN unknown; the batch needs ``events``); night-level:
+    ``float64 (B,)`` (``(B, 2)`` event, time for survival), NaN unknown.
     """
+    if task.event_bits:
+        if "events" not in batch:
+            raise ValueError(
+                f"--task {task.name}: the store has no per-epoch event labels (column 'events'); "
+                "re-ingest it with this version of s2v (NSRR XML hypnograms carry the events)"
+            )
+        return task.event_targets(batch["events"])
     if task.level == "epoch":
         return task.stage_targets(batch["stages"])
     history = batch["history"]

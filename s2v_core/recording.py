@@ -4,7 +4,8 @@
 modalities, resamples each chosen channel to the store rate, normalises it
 robustly per recording, cuts windows of ``epochs_per_window`` 30-s epochs,
 attaches the 30-s stages of the hypnogram, the site metadata and, for NSRR XML
-hypnograms, the scored-event indices (:mod:`s2v_core.io.events`), and returns
+hypnograms, the scored-event indices and per-epoch event labels
+(:mod:`s2v_core.io.events`), and returns
 an Arrow table that follows :func:`s2v_core.store.store_schema` exactly.
 Memory is bounded by one recording: one channel at its source rate plus the
 float16 windows of the channels done so far.
@@ -22,7 +23,7 @@ import pyarrow as pa
 
 from s2v_core.io.base import ChannelHeader, UnreadableRecording
 from s2v_core.io.edf import open_signal
-from s2v_core.io.events import event_indices, read_nsrr_events
+from s2v_core.io.events import epoch_event_flags, event_indices, read_nsrr_events
 from s2v_core.io.hypnogram import detect_format, read_hypnogram
 from s2v_core.io.metadata import RecordingMetadata
 from s2v_core.io.site_config import SiteConfig
@@ -122,23 +123,28 @@ def _stages(
 
 def _with_scored_events(
     metadata: RecordingMetadata, hypnogram: str | None, hypnogram_format: str, stages: np.ndarray, notes: list[str]
-) -> RecordingMetadata:
-    """Add the event indices of an NSRR XML hypnogram (``ahi_scored`` …) to the outcomes.
+) -> tuple[RecordingMetadata, np.ndarray | None]:
+    """The event indices (``ahi_scored`` …) and per-epoch event labels of an NSRR XML hypnogram.
 
-    A value of the site's metadata table of the same name wins. Unreadable
-    events cost only the indices (a note says so).
+    Returns the metadata with the indices added to its outcomes (a value of
+    the site's metadata table of the same name wins) and the labels of every
+    epoch of ``stages`` (:func:`s2v_core.io.events.epoch_event_flags`), or
+    None when the hypnogram is not NSRR XML. Unreadable events cost only the
+    indices and the labels (a note says so).
     """
-    if hypnogram is None or not ((stages >= 1) & (stages <= 4)).any():
-        return metadata  # no hypnogram, or no sleep scored: no index to give
+    if hypnogram is None:
+        return metadata, None
     try:
         if (detect_format(hypnogram) if hypnogram_format == "auto" else hypnogram_format) != "nsrr_xml":
-            return metadata
-        indices = event_indices(read_nsrr_events(hypnogram), stages)
+            return metadata, None
+        events = read_nsrr_events(hypnogram)
     except Exception as exc:  # noqa: BLE001 - the stages and signals are still good data
         why = str(exc) if isinstance(exc, (UnreadableRecording, OSError)) else f"{hypnogram}: {type(exc).__name__}"
-        notes.append(f"scored events unreadable, no event indices: {why}")
-        return metadata
-    return dataclasses.replace(metadata, outcomes={**indices, **metadata.outcomes}) if indices else metadata
+        notes.append(f"scored events unreadable, no event indices or labels: {why}")
+        return metadata, None
+    flags = epoch_event_flags(events, len(stages))
+    indices = event_indices(events, stages)  # empty when no epoch is scored as sleep
+    return (dataclasses.replace(metadata, outcomes={**indices, **metadata.outcomes}) if indices else metadata), flags
 
 
 def _list_column(values: np.ndarray, present: np.ndarray, arrow_type: pa.DataType) -> pa.Array:
@@ -214,6 +220,7 @@ def _store_table(
     columns: dict[str, pa.Array],
     present: np.ndarray,
     stages: np.ndarray,
+    events: np.ndarray | None,
     *,
     recording_id: str,
     subject_id: str,
@@ -236,6 +243,13 @@ def _store_table(
         "age": pa.array([metadata.age] * n_windows, pa.float32()),
         "sex": pa.array([metadata.sex] * n_windows, pa.int8()),
         "outcomes": pa.array([sorted(metadata.outcomes.items())] * n_windows, pa.map_(pa.string(), pa.float64())),
+        "events": (
+            pa.nulls(n_windows, pa.list_(pa.int8()))
+            if events is None
+            else _list_column(
+                events[: n_windows * epochs_per_window].reshape(n_windows, epochs_per_window), everywhere, pa.int8()
+            )
+        ),
     }
     for key in MODALITY_KEYS:
         data[key] = columns.get(key, pa.nulls(n_windows, pa.list_(pa.float16())))
@@ -313,7 +327,7 @@ def decode_recording(
             )
         n_epochs = int(header.duration_seconds // EPOCH_SECONDS)
         stages = _stages(hypnogram_path, site.hypnogram.format, site.hypnogram.epoch_seconds, n_epochs, notes)
-        metadata = _with_scored_events(metadata, hypnogram_path, site.hypnogram.format, stages, notes)
+        metadata, events = _with_scored_events(metadata, hypnogram_path, site.hypnogram.format, stages, notes)
         columns: dict[str, pa.Array] = {}
         present = np.zeros((n_windows, len(MODALITY_KEYS)), dtype=bool)
         for k, key in enumerate(MODALITY_KEYS):
@@ -337,6 +351,7 @@ def decode_recording(
         columns,
         present,
         stages,
+        events,
         recording_id=recording_id,
         subject_id=subject_id or metadata.subject_id or recording_id,
         site=site.name,

@@ -24,6 +24,14 @@ metadata
     1 male, null if unknown), ``outcomes`` (``map<str, float64>``: per-night
     outcome columns of the site's table, e.g. ``ahi``, ``hypertension``; a map
     so that sites with different outcome columns share one schema).
+``events``
+    ``list<int8>`` of length ``epochs_per_window``, null when the night has no
+    scored events (its hypnogram is not an NSRR XML file): per 30-s epoch the
+    OR of the bits of the scored events overlapping it, apnoea = 1,
+    hypopnoea = 2, SpO2 desaturation = 4, arousal = 8
+    (:data:`s2v_core.io.events.EVENT_FLAGS`). Added after the first stores
+    were written: a store without the column reads as it did, and tasks that
+    need it say so.
 
 The schema metadata carries ``s2v.schema_version`` and
 ``s2v.epochs_per_window``. Nothing from an EDF patient or recording header is
@@ -54,6 +62,11 @@ STAGE_CODES = {"W": 0, "N1": 1, "N2": 2, "N3": 3, "REM": 4}
 UNKNOWN_STAGE = -1
 STAGE_NAMES = ("W", "N1", "N2", "N3", "REM")
 
+#: The per-epoch event-label column (see the module docstring); older stores lack it.
+EVENTS_COLUMN = "events"
+#: ``batch["events"]`` value of an epoch whose night has no scored events.
+UNKNOWN_EVENTS = -1
+
 IDENTITY_COLUMNS = ("recording_id", "subject_id", "site", "window_index", "start_epoch")
 
 
@@ -75,6 +88,7 @@ def store_schema(epochs_per_window: int) -> pa.Schema:
         pa.field("age", pa.float32(), nullable=True),
         pa.field("sex", pa.int8(), nullable=True),
         pa.field("outcomes", pa.map_(pa.string(), pa.float64()), nullable=True),
+        pa.field(EVENTS_COLUMN, pa.list_(pa.int8()), nullable=True),
     ]
     metadata = {
         SCHEMA_VERSION_KEY: str(SCHEMA_VERSION).encode(),
@@ -257,6 +271,18 @@ def modality_array(
     return out, present
 
 
+def event_matrix(column: pa.Array | pa.ChunkedArray, epochs_per_window: int) -> np.ndarray:
+    """The ``events`` column as ``int64 (rows, epochs_per_window)``; null rows are :data:`UNKNOWN_EVENTS`."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    out = np.full((len(column), epochs_per_window), UNKNOWN_EVENTS, dtype=np.int64)
+    known = ~np.asarray(column.is_null().to_numpy(zero_copy_only=False), dtype=bool)
+    if known.any():
+        flat = column.filter(pa.array(known)).flatten().to_numpy(zero_copy_only=False)
+        out[known] = flat.astype(np.int64).reshape(-1, epochs_per_window)
+    return out
+
+
 def outcome_values(table: pa.Table, name: str) -> np.ndarray:
     """Per-row float64 values of outcome ``name`` from the ``outcomes`` map (NaN if missing)."""
     values = np.full(table.num_rows, np.nan)
@@ -283,7 +309,10 @@ def table_to_batch(
     selected), ``stages`` (``int64 (B, E)``), ``age`` (``float32 (B,)``, NaN
     unknown), ``sex`` (``float32 (B,)``, NaN unknown), ``site_id`` and
     ``night_id`` (``int64 (B,)``, stable hashes of the site and of site + recording id) and
-    ``history`` (``float32 (B, H)``, NaN unknown) for ``history_columns``.
+    ``history`` (``float32 (B, H)``, NaN unknown) for ``history_columns``;
+    when ``table`` holds the ``events`` column also ``events`` (``int64 (B, E)``,
+    the event bits per epoch, :data:`UNKNOWN_EVENTS` for a night without
+    scored events) and, with ``window_index``, ``window_index`` (``int64 (B,)``).
     """
     batch: dict[str, np.ndarray] = {}
     present = np.zeros((table.num_rows, len(MODALITY_KEYS)), dtype=bool)
@@ -309,6 +338,10 @@ def table_to_batch(
         ],
         dtype=np.int64,
     )
+    if EVENTS_COLUMN in table.column_names:
+        batch["events"] = event_matrix(table.column(EVENTS_COLUMN), epochs_per_window)
+    if "window_index" in table.column_names:
+        batch["window_index"] = table.column("window_index").to_numpy(zero_copy_only=False).astype(np.int64)
     history = [outcome_values(table, name) for name in history_columns]
     batch["history"] = (np.stack(history, axis=1) if history else np.zeros((table.num_rows, 0))).astype(np.float32)
     return batch

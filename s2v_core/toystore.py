@@ -31,9 +31,16 @@ def toy_windows(
     age: float | None = 50.0,
     sex: int | None = 0,
     outcomes: dict[str, float] | None = None,
+    scored_events: bool = False,
     rng: np.random.Generator,
 ) -> pa.Table:
-    """One night of ``windows`` toy windows as a store table."""
+    """One night of ``windows`` toy windows as a store table.
+
+    With ``scored_events`` the night has per-epoch event labels: a hypopnoea
+    (bit 2) in every N2 epoch (so that the signals, which follow the stages,
+    carry them), and the outcome ``ahi_scored`` counts those epochs per hour
+    of sleep; without, ``events`` is null (no scored events).
+    """
     schema = store_schema(epochs_per_window)
     stages = rng.integers(0, 5, size=(windows, epochs_per_window)).astype(np.int8)
     # One latent envelope per window and epoch, shared by every modality of that window.
@@ -66,7 +73,15 @@ def toy_windows(
     columns["stages"] = [list(s) for s in stages]
     columns["age"] = [age] * windows
     columns["sex"] = [sex] * windows
-    columns["outcomes"] = [list((outcomes or {}).items())] * windows
+    outcomes = dict(outcomes or {})
+    if scored_events:
+        events = np.where(stages == 2, 2, 0).astype(np.int8)
+        sleep_hours = np.count_nonzero(stages >= 1) * EPOCH_SECONDS / 3600.0
+        outcomes["ahi_scored"] = float(np.count_nonzero(events) / sleep_hours) if sleep_hours else 0.0
+        columns["events"] = [list(e) for e in events]
+    else:
+        columns["events"] = [None] * windows
+    columns["outcomes"] = [list(outcomes.items())] * windows
     return pa.Table.from_pydict(columns, schema=schema)
 
 
@@ -81,6 +96,7 @@ def write_toy_store(
     seed: int = 0,
     val_per_site: int = 0,
     test_per_site: int = 0,
+    scored_event_sites: int = 0,
 ) -> Path:
     """Write a toy store under ``root`` (``site=<name>/<recording>.parquet``) and return it.
 
@@ -93,7 +109,8 @@ def write_toy_store(
     ``present`` mask is exercised. Every night is its own subject; the store's
     ``splits.json`` assigns them explicitly: the last ``test_per_site`` nights
     of each site to ``test``, the ``val_per_site`` before them to ``val``, the
-    rest to ``train``.
+    rest to ``train``. The nights of the first ``scored_event_sites`` sites
+    carry per-epoch event labels (see :func:`toy_windows`).
     """
     root = Path(root)
     rng = np.random.default_rng(seed)
@@ -115,6 +132,7 @@ def write_toy_store(
                 age=float(rng.uniform(20, 80)),
                 sex=int(rng.integers(0, 2)),
                 outcomes={"ahi": ahi, "hypertension": float(ahi > 15)},
+                scored_events=s < scored_event_sites,
                 rng=rng,
             )
             write_store_file(table, root / f"site={site}" / f"{recording_id}.parquet")

@@ -175,3 +175,34 @@ def test_binary_and_survival_metrics():
         np.array([[1, 1.0], [1, 2.0], [0, 3.0], [1, 4.0]]), np.array([4.0, 3.0, 2.0, 1.0])
     )
     assert survival["c_index"] == pytest.approx(1.0) and survival["events"] == 3
+
+
+def test_event_tasks_read_the_event_bits_of_each_epoch():
+    events = np.array([[0, 1, 2, 3], [4, 8, 12, -1]])  # apnoea=1 hypopnoea=2 desaturation=4 arousal=8, -1 unknown
+    respiratory = get_task("events")
+    assert (respiratory.level, respiratory.kind, respiratory.event_bits) == ("epoch", "binary", 3)
+    assert respiratory.store_columns == ("events",) and respiratory.outcome_columns == ()
+    target = respiratory.event_targets(events)
+    assert target[0].tolist() == [0.0, 1.0, 1.0, 1.0]
+    assert target[1, :3].tolist() == [0.0, 0.0, 0.0] and np.isnan(target[1, 3])
+    assert get_task("arousal").event_targets(events)[1, :3].tolist() == [0.0, 1.0, 1.0]
+    desaturation = get_task("events:desaturation, arousal")
+    assert desaturation.name == "events:desaturation,arousal" and desaturation.event_bits == 12
+    assert get_task("staging").store_columns == ()
+    with pytest.raises(ValueError, match="expected kinds among apnea, hypopnea, desaturation, arousal, found snore"):
+        get_task("events:snore")
+    with pytest.raises(ValueError, match="an event task reads the column 'events'"):
+        Task("bad", "night", "binary", ("events",), event_bits=1)
+
+
+def test_event_task_loss_and_metrics_skip_epochs_without_labels():
+    task = get_task("events")
+    logits = torch.tensor([[[2.0], [-1.0], [0.5]], [[0.0], [3.0], [-2.0]]])  # (B=2, E=3, 1)
+    target = torch.tensor([[1.0, 0.0, float("nan")], [0.0, 1.0, 0.0]])
+    known = ~torch.isnan(target.reshape(-1))
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(
+        logits.reshape(-1)[known], target.reshape(-1)[known]
+    )
+    assert task.loss(logits, target).item() == pytest.approx(expected.item())
+    figures = task.metrics(np.array([1.0, 0.0, 0.0, 1.0, 0.0]), np.array([2.0, -1.0, 0.0, 3.0, -2.0]))
+    assert figures["auroc"] == pytest.approx(1.0)

@@ -212,3 +212,91 @@ def test_resume_refuses_other_training_options(tmp_path, store):
     assert setup(dataclasses.replace(base, steps=400), resume=True).resume_from == str(checkpoint)
     with pytest.raises(ValueError, match=r"--resume: .*mode: the run has 'frozen', this call 'lora'"):
         setup(dataclasses.replace(base, mode="lora"), resume=True)
+
+
+@pytest.fixture
+def event_store(tmp_path):
+    """Three sites, the first two with scored events; per site 3 train, 1 val, 1 test night."""
+    return write_toy_store(
+        tmp_path / "event-store",
+        sites=3,
+        recordings_per_site=5,
+        windows_per_recording=4,
+        epochs_per_window=4,
+        modalities=MODALITIES,
+        seed=4,
+        val_per_site=1,
+        test_per_site=1,
+        scored_event_sites=2,
+    )
+
+
+def test_event_task_learns_and_scores_only_nights_with_scored_events(tmp_path, event_store):
+    run_dir = _pretrain_run_dir(tmp_path, event_store)
+    config = FinetuneConfig(
+        checkpoint=str(run_dir), data=str(event_store), output=str(tmp_path / "ev"), task="events", batch_size=4
+    )
+    prepared = setup(config)
+    assert all("site=site2" not in f for f in (*prepared.train_files, *prepared.val_files, *prepared.test_files))
+    assert (len(prepared.train_files), len(prepared.val_files), len(prepared.test_files)) == (6, 2, 2)
+    assert prepared.train_windows == 24
+    with pytest.raises(ValueError, match=r"--batch-size: expected at most 24 \(the train subjects' labelled windows"):
+        setup(dataclasses.replace(config, output=str(tmp_path / "ev2"), batch_size=25))
+
+
+def test_event_task_names_stores_without_labels(tmp_path, store):
+    import pyarrow.parquet as pq
+
+    run_dir = _pretrain_run_dir(tmp_path, store)
+    config = FinetuneConfig(checkpoint=str(run_dir), data=str(store), output=str(tmp_path / "ev"), task="arousal")
+    with pytest.raises(ValueError, match="--task arousal: expected train nights with scored events"):
+        setup(dataclasses.replace(config, batch_size=4))
+    old = sorted(store.glob("site=site0/*.parquet"))[0]  # written before the column existed
+    pq.write_table(pq.read_table(old).drop_columns(["events"]), old)
+    with pytest.raises(ValueError, match=r"--task arousal: .*has no per-epoch event labels \(column 'events'\)"):
+        setup(dataclasses.replace(config, batch_size=4))
+
+
+def test_labelled_windows_draw_a_seeded_subset_of_train_windows(tmp_path, store):
+    run_dir = _pretrain_run_dir(tmp_path, store)
+    base = FinetuneConfig(checkpoint=str(run_dir), data=str(store), output=str(tmp_path / "ft"), batch_size=4)
+    first = setup(dataclasses.replace(base, labelled_windows=6))
+    again = setup(dataclasses.replace(base, labelled_windows=6, output=str(tmp_path / "ft2")))
+    other = setup(dataclasses.replace(base, labelled_windows=6, seed=1, output=str(tmp_path / "ft3")))
+    assert first.train_windows == 6 and len(set(first.train_window_keys)) == 6
+    assert first.train_window_keys == again.train_window_keys != other.train_window_keys
+    train_nights = {f.rsplit("/", 1)[1].removesuffix(".parquet") for f in first.train_files}
+    assert {key.split("/")[1] for key in first.train_window_keys} <= train_nights
+    assert setup(dataclasses.replace(base, output=str(tmp_path / "ft4"))).train_window_keys is None
+    with pytest.raises(ValueError, match=r"--labelled-windows: expected at most 24 .* found 25"):
+        setup(dataclasses.replace(base, labelled_windows=25, output=str(tmp_path / "ft5")))
+    with pytest.raises(ValueError, match="--labelled-windows: expected an integer >= 0"):
+        setup(dataclasses.replace(base, labelled_windows=-1, output=str(tmp_path / "ft6")))
+
+
+@pytest.mark.integration
+def test_finetune_event_detector_and_ahi_from_events_through_ray(ray_local, tmp_path, event_store):
+    """Respiratory-event detection per epoch on the labelled nights; AHI from detected events per test night."""
+    run_dir = _pretrain_run_dir(tmp_path, event_store)
+    config = FinetuneConfig(
+        checkpoint=str(run_dir),
+        data=str(event_store),
+        output=str(tmp_path / "events"),
+        task="events",
+        mode="frozen",
+        steps=3,
+        batch_size=4,
+        eval_every=1,
+        checkpoint_every=3,
+        labelled_windows=12,
+    )
+    report = finetune(config, mlflow=False)
+    assert report["train_windows"] == 12
+    assert report["test"]["n"] == 2 * 4 * 4  # two labelled test nights of 4 windows x 4 epochs
+    assert report["baseline"]["auroc"] == pytest.approx(0.5)
+    ahi = report["ahi_from_events"]
+    assert ahi["reference"] == "ahi_scored" and ahi["nights"] == 2 and len(ahi["per_night"]) == 2
+    assert ahi["threshold_from"].startswith("val nights") and 0.0 < ahi["threshold"] < 1.0
+    assert {"pearson_r", "icc", "severity_kappa", "mae"} <= set(ahi["detected"])
+    # Counting runs of the scored labels: never more events than scored epochs (the toy's ahi_scored).
+    assert all(labels <= reference + 1e-6 for reference, _, labels in ahi["per_night"])

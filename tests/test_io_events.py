@@ -92,3 +92,107 @@ def test_synthetic_nsrr_night_gives_back_its_event_rate(tmp_path):
     assert len(night.event_onsets_s) > 10
     assert indices["ahi_scored"] == pytest.approx(len(night.event_onsets_s) / sleep_hours)
     assert indices["odi_scored"] <= indices["ahi_scored"]  # a desaturation 10 s later may fall in wake
+
+
+def _arousal(start, duration) -> str:
+    return (
+        "<ScoredEvent><EventType>Arousals|Arousals</EventType><EventConcept>ASDA arousal|Arousal (ASDA)"
+        f"</EventConcept><Start>{start}</Start><Duration>{duration}</Duration></ScoredEvent>"
+    )
+
+
+def _spanning(concept: str, start, duration) -> str:
+    return _event(concept, start).replace("<Duration>10</Duration>", f"<Duration>{duration}</Duration>")
+
+
+def test_epoch_flags_mark_every_epoch_an_event_overlaps():
+    from s2v_core.io.events import ScoredEvents, epoch_event_flags
+
+    events = ScoredEvents(
+        onsets={
+            "obstructive_apnea": np.array([50.0]),  # 50-90 s: epochs 1 and 2
+            "hypopnea": np.array([60.0, 290.0]),  # 60-70 s: epoch 2 only; 290-330 s clipped to epoch 9
+            "desaturation": np.array([125.0]),  # no duration: the onset epoch 4
+            "arousal": np.array([-10.0]),  # -10..5 s: epoch 0 (the part before the start is clipped)
+        },
+        durations={
+            "obstructive_apnea": np.array([40.0]),
+            "hypopnea": np.array([10.0, 40.0]),
+            "desaturation": np.array([0.0]),
+            "arousal": np.array([15.0]),
+        },
+        source="hand-made",
+    )
+    flags = epoch_event_flags(events, 10)
+    assert flags.dtype == np.int8
+    assert flags.tolist() == [8, 1, 1 | 2, 0, 4, 0, 0, 0, 0, 2]
+
+
+def test_event_labels_round_trip_from_nsrr_xml_through_ingest_into_the_store(tmp_path):
+    """XML events → decode_recording → Parquet store file → table_to_batch: the same per-epoch bits."""
+    import pyarrow.parquet as pq
+
+    from s2v_core.io.site_config import SiteConfig
+    from s2v_core.recording import decode_recording
+    from s2v_core.store import table_to_batch, write_store_file
+
+    signal = write_edf(tmp_path / "night.edf", {"EEG": (100.0, np.random.default_rng(0).normal(size=100 * 600))})
+    hypnogram = tmp_path / "night-nsrr.xml"
+    hypnogram.write_text(
+        _with_events(  # NSRR_XML: an obstructive apnoea at 100-112 s (epoch 3)
+            _spanning("Hypopnea|Hypopnea", 170, 25),  # epochs 5, 6
+            _spanning("SpO2 desaturation|SpO2 desaturation", 400, 30),  # epochs 13, 14
+            _arousal(595, 10),  # epochs 19 (and 20, past the recording: clipped)
+        )
+    )
+    decoded = decode_recording(
+        str(signal), recording_id="r", site=SiteConfig(name="lab"), hypnogram_path=str(hypnogram), epochs_per_window=5
+    )
+    write_store_file(decoded.table, str(tmp_path / "r.parquet"))
+    table = pq.read_table(tmp_path / "r.parquet")
+    batch = table_to_batch(table, modalities=("eeg",), epochs_per_window=5)
+    expected = np.zeros(20, dtype=np.int64)
+    expected[[3]] |= 1
+    expected[[5, 6]] |= 2
+    expected[[13, 14]] |= 4
+    expected[[19]] |= 8
+    assert batch["events"].reshape(-1).tolist() == expected.tolist()
+    assert batch["window_index"].tolist() == [0, 1, 2, 3]
+    # A night whose hypnogram scores no events (a CSV) has no labels: null in the store, -1 in batches.
+    stages_csv = tmp_path / "night.csv"
+    stages_csv.write_text("stage\n" + "W\n" * 20)
+    plain = decode_recording(
+        str(signal), recording_id="r", site=SiteConfig(name="lab"), hypnogram_path=str(stages_csv), epochs_per_window=5
+    )
+    assert plain.table.column("events").null_count == 4
+    assert (table_to_batch(plain.table, modalities=("eeg",), epochs_per_window=5)["events"] == -1).all()
+
+
+def test_a_store_without_the_events_column_still_reads(tmp_path):
+    """Stores written before the column existed: batches come without ``events``."""
+    from s2v_core.store import table_to_batch
+    from s2v_core.toystore import toy_windows
+
+    table = toy_windows(site="a", recording_id="r", windows=2, epochs_per_window=3, rng=np.random.default_rng(0))
+    old = table.drop_columns(["events"])
+    batch = table_to_batch(old, modalities=("eeg",), epochs_per_window=3)
+    assert "events" not in batch and batch["stages"].shape == (2, 3)
+
+
+def test_synthetic_nsrr_xml_carries_apnoeas_and_arousals_as_epoch_labels(tmp_path):
+    import datetime as dt
+
+    from s2v_core.io.events import epoch_event_flags
+    from s2v_core.synth.night import draw_subject, simulate_night
+    from s2v_core.synth.writers import write_nsrr_xml
+
+    rng = np.random.default_rng(5)
+    night = simulate_night(draw_subject(age=55.0, sex=0, ahi=20.0, rng=rng), epochs=600, rng=rng)
+    path = tmp_path / "synth-nsrr.xml"
+    write_nsrr_xml(path, night, start=dt.datetime(2020, 1, 1, 22, 0), rk=True, spo2_label="SpO2", airflow_label="Flow")
+    events = read_nsrr_events(path)
+    assert events.onsets["arousal"].size == night.arousal_onsets_s.size > 0
+    flags = epoch_event_flags(events, 600)
+    onset_epochs = (night.event_onsets_s // 30).astype(int)
+    assert ((flags[onset_epochs] & 3) > 0).all()  # every respiratory event's onset epoch is marked
+    assert ((flags[(night.arousal_onsets_s // 30).astype(int)] & 8) > 0).all()

@@ -14,6 +14,14 @@ task               level    kind            reported figures
                                             confusion (W / N1 / N2 / N3 / REM)
 ``staging4``       epoch    classification  same, W / light (N1+N2) / deep (N3) / REM
 ``staging3``       epoch    classification  same, W / NREM / REM
+``events``         epoch    binary          AUROC, AUPRC of "a respiratory event (apnoea or
+                                            hypopnoea) overlaps this epoch", from the store's
+                                            ``events`` labels; ``s2v finetune`` adds the AHI
+                                            from detected events per night (see
+                                            :mod:`s2v_core.evaluation.events`)
+``arousal``        epoch    binary          AUROC, AUPRC of "an arousal overlaps this epoch"
+``events:K[,K]``   epoch    binary          any of the event kinds K (apnea, hypopnea,
+                                            desaturation, arousal) overlaps this epoch
 ``age``            night    regression      MAE (years), Pearson r
 ``sex``            night    binary          AUROC, AUPRC
 ``ahi``            night    regression      MAE (events/h), Pearson r, ICC(2,1), severity κ
@@ -38,7 +46,8 @@ import torch
 import torch.nn.functional as F
 
 from s2v_core.evaluation.metrics import confusion, staging_metrics_from_confusion
-from s2v_core.store import STAGE_NAMES, UNKNOWN_STAGE
+from s2v_core.io.events import EVENT_FLAGS
+from s2v_core.store import EVENTS_COLUMN, STAGE_NAMES, UNKNOWN_EVENTS, UNKNOWN_STAGE
 
 #: AASM apnoea-hypopnoea index cut-offs (events/h): normal < 5 ≤ mild < 15 ≤ moderate < 30 ≤ severe.
 AHI_SEVERITY_THRESHOLDS = (5.0, 15.0, 30.0)
@@ -57,8 +66,9 @@ class Task:
     name : str
         What ``--task`` takes (``staging``, ``ahi``, ``outcome:hypertension`` …).
     level : str
-        ``epoch`` (one target per 30-s epoch, from the store's ``stages``) or
-        ``night`` (one target per recording, from ``age``/``sex``/``outcomes``).
+        ``epoch`` (one target per 30-s epoch, from the store's ``stages`` or
+        ``events``) or ``night`` (one target per recording, from
+        ``age``/``sex``/``outcomes``).
     kind : str
         ``classification``, ``regression``, ``binary`` or ``survival``.
     columns : tuple of str
@@ -70,6 +80,9 @@ class Task:
         For staging tasks: the class of each AASM stage W, N1, N2, N3, REM.
     unit : str
         Unit of a regression target (years, events/h).
+    event_bits : int
+        For event tasks (epoch level, binary, column ``events``): the bits of
+        :data:`s2v_core.io.events.EVENT_FLAGS` that make an epoch positive.
     """
 
     name: str
@@ -79,8 +92,17 @@ class Task:
     classes: tuple[str, ...] = ()
     stage_map: tuple[int, ...] = ()
     unit: str = ""
+    event_bits: int = 0
 
     def __post_init__(self) -> None:
+        if (self.columns == (EVENTS_COLUMN,)) != (self.event_bits > 0) or (
+            self.event_bits and (self.level, self.kind) != ("epoch", "binary")
+        ):
+            raise ValueError(
+                f"task {self.name!r}: an event task reads the column {EVENTS_COLUMN!r} with event_bits > 0 "
+                f"at epoch level, kind binary; found columns {self.columns}, event_bits {self.event_bits}, "
+                f"level {self.level!r}, kind {self.kind!r}"
+            )
         if self.level not in LEVELS:
             raise ValueError(f"task {self.name!r}: level must be one of {', '.join(LEVELS)}, found {self.level!r}")
         if self.kind not in KINDS:
@@ -102,6 +124,16 @@ class Task:
         """AASM stage codes (W=0 … REM=4, −1 unknown) → this task's classes (−1 stays −1)."""
         return map_stages(stages, self.stage_map)
 
+    def event_targets(self, events: np.ndarray) -> np.ndarray:
+        """Per-epoch event bits (−1: no scored events) → float64 1.0 / 0.0, NaN where unknown."""
+        events = np.asarray(events, dtype=np.int64)
+        return np.where(events == UNKNOWN_EVENTS, np.nan, ((events & self.event_bits) > 0).astype(np.float64))
+
+    @property
+    def store_columns(self) -> tuple[str, ...]:
+        """Store columns the target needs beyond those every batch reads (the ``events`` labels)."""
+        return (EVENTS_COLUMN,) if self.event_bits else ()
+
     @property
     def primary(self) -> tuple[str, float]:
         """The figure that chooses between models (early stopping): its name and sign (+1: higher is better)."""
@@ -110,7 +142,7 @@ class Task:
     @property
     def outcome_columns(self) -> tuple[str, ...]:
         """The store ``outcomes`` entries the target needs (``age``/``sex``/``stages`` are columns of their own)."""
-        return tuple(c for c in self.columns if c not in ("stages", "age", "sex"))
+        return tuple(c for c in self.columns if c not in ("stages", "age", "sex", EVENTS_COLUMN))
 
     def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """The training loss of a batch (see :data:`LOSSES`); rows whose target is unknown are ignored."""
@@ -363,6 +395,19 @@ LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
 
 
 # -- the table ----------------------------------------------------------------------------------------
+def _event_bits(kinds: Sequence[str]) -> int:
+    unknown = [k for k in kinds if k not in EVENT_FLAGS]
+    if not kinds or unknown:
+        raise ValueError(
+            f"--task events:KIND[,KIND]: expected kinds among {', '.join(EVENT_FLAGS)}, "
+            f"found {', '.join(unknown) or 'none'}"
+        )
+    bits = 0
+    for kind in kinds:
+        bits |= EVENT_FLAGS[kind][1]
+    return bits
+
+
 TASKS: dict[str, Task] = {
     task.name: task
     for task in (
@@ -379,6 +424,9 @@ TASKS: dict[str, Task] = {
         Task(
             "staging3", "epoch", "classification", ("stages",), classes=("W", "NREM", "REM"), stage_map=(0, 1, 1, 1, 2)
         ),
+        # What an AHI is counted from: apnoeas and hypopnoeas (AASM), not desaturations alone.
+        Task("events", "epoch", "binary", (EVENTS_COLUMN,), event_bits=_event_bits(("apnea", "hypopnea"))),
+        Task("arousal", "epoch", "binary", (EVENTS_COLUMN,), event_bits=_event_bits(("arousal",))),
         Task("age", "night", "regression", ("age",), unit="years"),
         Task("sex", "night", "binary", ("sex",)),
         Task("ahi", "night", "regression", ("ahi",), unit="events/h"),
@@ -392,6 +440,11 @@ def _outcome_task(argument: str) -> Task:
 
 def _ahi_task(argument: str) -> Task:
     return Task(f"ahi:{argument}", "night", "regression", (argument,), unit="events/h")
+
+
+def _events_task(argument: str) -> Task:
+    kinds = tuple(dict.fromkeys(k.strip() for k in argument.split(",") if k.strip()))
+    return Task(f"events:{','.join(kinds)}", "epoch", "binary", (EVENTS_COLUMN,), event_bits=_event_bits(kinds))
 
 
 def _survival_task(argument: str) -> Task:
@@ -408,6 +461,7 @@ TASK_FAMILIES: dict[str, Callable[[str], Task]] = {
     "outcome": _outcome_task,
     "ahi": _ahi_task,
     "survival": _survival_task,
+    "events": _events_task,
 }
 
 

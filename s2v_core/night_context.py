@@ -1,0 +1,228 @@
+"""Whole-night context for epoch-level tasks: a second-stage transformer over a night's epoch features.
+
+The ``temporal`` head of :mod:`s2v_core.finetuning` reads one store window
+(e.g. 10 epochs = 5 min). A scorer reads more: whether an ambiguous epoch is
+REM or wake, N1 or N2, depends on what came minutes before and after. This
+module adds a second stage on top of a fine-tuned model (any mode: frozen,
+LoRA or full)::
+
+    stage 1 (s2v finetune): windows ─► FineTunedModel.features ─► (E, width) per window
+                                            │ grouped by night, ordered by window_index
+                                            ▼
+    stage 2 (this module):  one night's (epochs, width) ─► NightContextHead ─► (epochs, outputs)
+
+:func:`night_features` runs stage 1 once (eval mode, no gradient) and
+returns one :class:`NightSequence` per night; :class:`NightContextHead` is
+a bidirectional rotary transformer over the whole sequence (relative
+positions, so nights of any length); :func:`train_night_head` fits it on the
+train nights with early stopping on the val nights; :func:`predict_nights`
+gives targets and outputs ready for :meth:`s2v_core.evaluation.tasks.Task.metrics`.
+
+Nights are processed one at a time, never padded together, so attention
+never crosses nights. Windows the store dropped (no usable modality) are
+missing from a sequence: the epochs on either side of such a gap become
+neighbours. Stage 1 stays fixed while stage 2 trains (its features are
+computed once); staging with both stages means running the fine-tuned model
+and then the head over each night.
+
+Pure torch: no Ray, no MLflow.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from s2v_core.backbone import Backbone
+from s2v_core.evaluation.tasks import Task
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class NightSequence:
+    """One night's stage-1 epoch features and its epoch targets, in night order.
+
+    Attributes
+    ----------
+    features : ndarray, float32 ``(epochs, width)``
+    target : ndarray ``(epochs,)``
+        The task's per-epoch targets (classes with −1 unknown, or 1/0 with NaN unknown).
+    """
+
+    features: np.ndarray
+    target: np.ndarray
+
+
+@torch.no_grad()
+def night_features(model, batches: Iterable[Mapping[str, np.ndarray]], *, device="cpu") -> list[NightSequence]:
+    """Stage 1: the fused epoch features of a fine-tuned model, grouped by night and ordered.
+
+    Parameters
+    ----------
+    model : s2v_core.finetuning.FineTunedModel
+        A model of an epoch-level task (its head is not used).
+    batches : iterable of dict
+        :func:`s2v_core.store.table_to_batch` batches with ``night_id`` and
+        ``window_index`` (windows of a night may come in any order and batch).
+    """
+    from s2v_core.finetuning import batch_targets
+    from s2v_core.model import batch_to_tensors
+
+    if model.task.level != "epoch":
+        raise ValueError(f"night_features: task {model.task.name!r} is not an epoch-level task")
+    was_training = model.training
+    model.eval()
+    parts: dict[int, list[tuple[int, np.ndarray, np.ndarray]]] = {}
+    for batch in batches:
+        if "window_index" not in batch:
+            raise ValueError("night_features: the batches need window_index (read the store column)")
+        features = model.features(batch_to_tensors(batch, device)).float().cpu().numpy()
+        target = batch_targets(model.task, batch)
+        for row, night in enumerate(batch["night_id"].tolist()):
+            parts.setdefault(night, []).append((int(batch["window_index"][row]), features[row], target[row]))
+    model.train(was_training)
+    nights = []
+    for rows in parts.values():
+        rows.sort(key=lambda r: r[0])
+        nights.append(NightSequence(np.concatenate([r[1] for r in rows]), np.concatenate([r[2] for r in rows])))
+    return nights
+
+
+class NightContextHead(nn.Module):
+    """A bidirectional rotary transformer over a whole night: ``(epochs, width)`` → ``(epochs, outputs)``.
+
+    Parameters
+    ----------
+    width : int
+        Width of the stage-1 features.
+    outputs : int
+        The task's output width (classes, or 1).
+    depth, heads, hidden, dropout
+        Transformer blocks, attention heads (must divide ``width``),
+        feed-forward width and dropout.
+    """
+
+    def __init__(
+        self, width: int, outputs: int, *, depth: int = 2, heads: int = 2, hidden: int = 128, dropout: float = 0.1
+    ) -> None:
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"NightContextHead: heads ({heads}) must divide width ({width})")
+        self.norm = nn.LayerNorm(width)
+        self.body = Backbone(width, depth, heads, hidden, dropout, rotary=True)
+        self.out = nn.Linear(width, outputs)
+
+    def forward(self, features: Tensor) -> Tensor:
+        """``(epochs, width)`` (one night) or ``(1, epochs, width)`` → the same leading shape with ``outputs``."""
+        single = features.dim() == 2
+        x = features[None] if single else features
+        if x.shape[0] != 1:
+            raise ValueError(f"NightContextHead: expected one night at a time, found a batch of {x.shape[0]}")
+        y = self.out(self.body(self.norm(x)))
+        return y[0] if single else y
+
+
+def _tensors(night: NightSequence) -> tuple[Tensor, Tensor]:
+    return torch.from_numpy(np.asarray(night.features, np.float32)), torch.from_numpy(np.asarray(night.target))
+
+
+@torch.no_grad()
+def predict_nights(
+    head: NightContextHead, nights: Sequence[NightSequence], task: Task
+) -> tuple[np.ndarray, np.ndarray]:
+    """Targets and head outputs of every known epoch of ``nights`` (eval mode), for ``task.metrics``."""
+    was_training = head.training
+    head.eval()
+    targets, outputs = [], []
+    for night in nights:
+        features, target = _tensors(night)
+        output = head(features).numpy()
+        target = target.numpy()
+        keep = target >= 0  # −1 classes and NaN labels are unknown
+        targets.append(target[keep])
+        outputs.append(output[keep])
+    head.train(was_training)
+    if not targets:
+        raise ValueError("predict_nights: no night to score")
+    return np.concatenate(targets), np.concatenate(outputs)
+
+
+def train_night_head(
+    train: Sequence[NightSequence],
+    val: Sequence[NightSequence],
+    task: Task,
+    *,
+    steps: int = 300,
+    lr: float = 1e-3,
+    eval_every: int = 25,
+    patience: int = 4,
+    seed: int = 0,
+    depth: int = 2,
+    heads: int = 2,
+    hidden: int = 128,
+    dropout: float = 0.1,
+) -> tuple[NightContextHead, dict]:
+    """Stage 2: fit a :class:`NightContextHead` on whole train nights, early-stopped on the val nights.
+
+    Each step is one train night drawn at random (seeded), the whole night
+    at once. Every ``eval_every`` steps the task's primary figure (κ for
+    staging) is measured on ``val``; the best weights are kept, and training
+    stops after ``patience`` evaluations without a gain (without ``val``,
+    the last weights are kept).
+
+    Returns
+    -------
+    head : NightContextHead
+        The best head, in eval mode.
+    history : dict
+        ``steps``, ``best_step``, ``best_score`` (the primary figure on val), ``stopped_early``.
+    """
+    if task.level != "epoch":
+        raise ValueError(f"train_night_head: task {task.name!r} is not an epoch-level task")
+    if not train:
+        raise ValueError("train_night_head: no train night")
+    if steps < 1 or eval_every < 1 or patience < 1:
+        raise ValueError(
+            f"train_night_head: steps, eval_every and patience must be >= 1, found {steps}, {eval_every}, {patience}"
+        )
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    width = train[0].features.shape[1]
+    head = NightContextHead(width, task.outputs, depth=depth, heads=heads, hidden=hidden, dropout=dropout)
+    optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=0.01)
+    metric, sign = task.primary
+    best_state, best_score, best_step, without_gain, step = None, None, None, 0, 0
+    head.train()
+    for step in range(1, steps + 1):
+        features, target = _tensors(train[int(rng.integers(len(train)))])
+        loss = task.loss(head(features), target)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if val and (step % eval_every == 0 or step == steps):
+            score = task.metrics(*predict_nights(head, val, task)).get(metric)
+            if score is not None and (best_score is None or sign * score > sign * best_score):
+                best_state, best_score, best_step, without_gain = copy.deepcopy(head.state_dict()), score, step, 0
+            else:
+                without_gain += 1
+            logger.info(
+                "night head step %d loss %.4f val %s %s (best %s)", step, loss.item(), metric, score, best_score
+            )
+            if without_gain >= patience:
+                break
+    if best_state is not None:
+        head.load_state_dict(best_state)
+    history = {
+        "steps": step,
+        "best_step": best_step,
+        "best_score": best_score,
+        "stopped_early": step < steps,
+    }
+    return head.eval(), history

@@ -1,0 +1,99 @@
+"""The whole-night second stage: it sees context across the night, never across nights, and learns from it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from s2v_core.evaluation.tasks import get_task
+from s2v_core.night_context import (
+    NightContextHead,
+    NightSequence,
+    night_features,
+    predict_nights,
+    train_night_head,
+)
+
+
+def test_an_epoch_reads_a_distant_epoch_of_its_own_night_only():
+    torch.manual_seed(0)
+    head = NightContextHead(16, 5, depth=1, heads=2, hidden=32, dropout=0.0).eval()
+    night = torch.randn(400, 16)
+    other = torch.randn(300, 16)
+    with torch.no_grad():
+        before = head(night)
+        changed = night.clone()
+        changed[350] = 3.0 * torch.randn(16)  # 175 min after epoch 0
+        after = head(changed)
+        assert (before[0] - after[0]).abs().max() > 1e-4  # epoch 0 saw epoch 350
+        # Nights go through one at a time: another night's output is the same whatever this one holds.
+        assert torch.equal(head(other), head(other.clone()))
+    nights = [
+        NightSequence(night.numpy(), np.zeros(400, np.int64)),
+        NightSequence(other.numpy(), np.ones(300, np.int64)),
+    ]
+    _, outputs = predict_nights(head, nights, get_task("staging"))
+    nights[0] = NightSequence(changed.numpy(), np.zeros(400, np.int64))
+    _, outputs_changed = predict_nights(head, nights, get_task("staging"))
+    np.testing.assert_allclose(outputs[400:], outputs_changed[400:])  # night 2 untouched by night 1's change
+    assert not np.allclose(outputs[:400], outputs_changed[:400])
+    with pytest.raises(ValueError, match="one night at a time"):
+        head(torch.randn(2, 10, 16))
+
+
+def _context_nights(count: int, rng: np.random.Generator) -> list[NightSequence]:
+    """Every epoch of a night has the night's class; one epoch alone shows it only faintly.
+
+    Feature 0 is +0.5 or -0.5 (the class) plus unit noise: the best guess from one epoch is right
+    69 % of the time (Phi(0.5)), the mean over a night's 60 epochs about 100 %.
+    """
+    nights = []
+    for _ in range(count):
+        label = int(rng.integers(0, 2))
+        features = rng.normal(size=(60, 8)).astype(np.float32)
+        features[:, 0] += 0.5 if label else -0.5
+        nights.append(NightSequence(features, np.full(60, label, dtype=np.int64)))
+    return nights
+
+
+def test_training_learns_what_only_the_rest_of_the_night_says():
+    """Above 90 % accuracy is out of reach of any per-epoch classifier here (69 % at best)."""
+    task = get_task("staging3")  # 3 classes, the nights use two
+    rng = np.random.default_rng(0)
+    train, val, test = _context_nights(40, rng), _context_nights(10, rng), _context_nights(20, rng)
+    head, history = train_night_head(
+        train, val, task, steps=120, eval_every=20, patience=3, depth=1, heads=2, hidden=32, dropout=0.0, lr=3e-3
+    )
+    figures = task.metrics(*predict_nights(head, test, task))
+    assert figures["accuracy"] > 0.9, figures
+    assert history["best_step"] is not None and history["best_score"] > 0.8
+    with pytest.raises(ValueError, match="not an epoch-level task"):
+        train_night_head(train, val, get_task("age"))
+
+
+def test_night_features_group_and_order_windows_by_night():
+    from s2v_core.finetuning import FineTunedModel, FinetuneSpec
+    from s2v_core.model import SleepEncoder, batch_to_tensors, model_config
+
+    torch.manual_seed(0)
+    encoder = SleepEncoder(model_config("tiny", width=16, depth=1, heads=2, epochs_per_window=2), ("hr",))
+    model = FineTunedModel(encoder, FinetuneSpec(task="staging"))
+    rng = np.random.default_rng(0)
+    batch = {
+        "hr": rng.normal(size=(5, 2, 120)).astype(np.float32),
+        "present": np.zeros((5, 9), bool),
+        "stages": rng.integers(0, 5, size=(5, 2)),
+        "night_id": np.array([7, 7, 7, 9, 9]),
+        "window_index": np.array([0, 1, 2, 0, 1]),
+    }
+    batch["present"][:, 3] = True
+    with torch.no_grad():
+        expected = model.eval().features(batch_to_tensors(batch)).numpy()
+    order = np.array([4, 2, 0, 3, 1])
+    shuffled = {k: v[order] for k, v in batch.items()}
+    nights = night_features(model, [{k: v[:3] for k, v in shuffled.items()}, {k: v[3:] for k, v in shuffled.items()}])
+    by_length = {len(n.target): n for n in nights}
+    np.testing.assert_allclose(by_length[6].features, expected[:3].reshape(6, 16), rtol=1e-5)
+    np.testing.assert_allclose(by_length[4].features, expected[3:].reshape(4, 16), rtol=1e-5)
+    assert by_length[6].target.tolist() == batch["stages"][:3].reshape(-1).tolist()
