@@ -149,6 +149,8 @@ def finetune_arm(
         "batch_size": args.batch_size,
         "workers": args.workers,
         "lr": args.lr_full if mode == "full" else args.lr,
+        # full and scratch: the encoder at --lr-full, the fresh fusion and head at --lr as in frozen/LoRA
+        "head_lr": args.lr if mode == "full" else None,
         "eval_every": args.eval_every,
         "checkpoint_every": args.steps,
         "patience": args.patience,
@@ -365,8 +367,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--head", default="temporal", choices=("linear", "mlp", "temporal"))
     parser.add_argument("--steps", type=int, default=600, help="fine-tuning steps at most per run")
     parser.add_argument("--batch-size", type=int, default=32, help="fine-tuning windows per step")
-    parser.add_argument("--lr", type=float, default=1e-3, help="frozen and LoRA learning rate")
-    parser.add_argument("--lr-full", type=float, default=2e-4, help="full and scratch learning rate")
+    parser.add_argument(
+        "--lr", type=float, default=1e-3, help="frozen and LoRA learning rate; the fusion and head's in every arm"
+    )
+    parser.add_argument("--lr-full", type=float, default=2e-4, help="the encoder's learning rate in full and scratch")
     parser.add_argument("--eval-every", type=int, default=50)
     parser.add_argument("--patience", type=int, default=4)
     parser.add_argument("--modality-dropout", type=float, default=0.3, help="staging arms: P(drop a modality)")

@@ -88,7 +88,8 @@ class FinetuneConfig:
     steps: int = 200  # optimiser steps at most (early stopping may end sooner)
     batch_size: int = 32  # windows per optimiser step over all workers
     workers: int = 1  # Ray Train workers (data parallel)
-    lr: float = 1e-3  # AdamW learning rate (heads and adapters take large ones; full mode may want 1e-4)
+    lr: float = 1e-3  # AdamW learning rate of what trains in the encoder (adapters; every weight in full mode, which may want 1e-4)
+    head_lr: float | None = None  # AdamW learning rate of the gated fusion and the head; None: lr
     weight_decay: float = 0.01  # AdamW weight decay
     eval_every: int = 50  # steps between validations on the val subjects
     patience: int = 5  # validations without a gain before stopping
@@ -150,6 +151,10 @@ def setup(config: FinetuneConfig, *, resume: bool = False) -> PreparedFinetune:
     for name in ("steps", "batch_size", "workers", "eval_every", "patience", "checkpoint_every"):
         if getattr(config, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')}: expected an integer >= 1, found {getattr(config, name)}")
+    for name in ("lr", "head_lr"):
+        value = getattr(config, name)
+        if value is not None and not value > 0:
+            raise ValueError(f"--{name.replace('_', '-')}: expected a learning rate > 0, found {value}")
     if config.labelled_windows < 0:
         raise ValueError(f"--labelled-windows: expected an integer >= 0 (0: all), found {config.labelled_windows}")
     if config.device not in ("auto", "cpu", "gpu"):
@@ -579,7 +584,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=defaults.steps)
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="windows per step")
     parser.add_argument("--workers", type=int, default=defaults.workers)
-    parser.add_argument("--lr", type=float, default=defaults.lr)
+    parser.add_argument("--lr", type=float, default=defaults.lr, help="learning rate of the encoder's trained weights")
+    parser.add_argument(
+        "--head-lr",
+        type=float,
+        default=defaults.head_lr,
+        help="learning rate of the gated fusion and the head (default: --lr); a fresh head next to a "
+        "pretrained encoder in --mode full usually wants a larger one than the encoder",
+    )
     parser.add_argument("--lora-r", type=int, default=defaults.lora_r)
     parser.add_argument("--lora-alpha", type=int, default=defaults.lora_alpha)
     parser.add_argument("--lora-dropout", type=float, default=defaults.lora_dropout)

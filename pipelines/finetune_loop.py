@@ -170,7 +170,9 @@ def _finetune(config: dict[str, Any]) -> None:
     torch.manual_seed(cfg.seed)
     model = _model_from(config).to(device)
     task, spec = model.task, model.spec
-    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(
+        model.parameter_groups(lr=cfg.lr, head_lr=cfg.head_lr), lr=cfg.lr, weight_decay=cfg.weight_decay
+    )
     state = {
         "format": CHECKPOINT_FORMAT,
         "step": 0,

@@ -294,6 +294,18 @@ class FineTunedModel(nn.Module):
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
+    def parameter_groups(self, *, lr: float, head_lr: float | None = None) -> list[dict]:
+        """Optimiser groups: the encoder's trained weights at ``lr``, the fusion and head at ``head_lr``.
+
+        A head starts from random weights while a pretrained encoder should move
+        little, so full fine-tuning usually gives the head the larger rate.
+        ``head_lr=None`` uses ``lr`` for both. Empty groups (a frozen encoder) are left out.
+        """
+        encoder = [p for p in self.encoder.parameters() if p.requires_grad]
+        task = [p for module in (self.fusion, self.head) for p in module.parameters() if p.requires_grad]
+        groups = [{"params": encoder, "lr": lr}, {"params": task, "lr": lr if head_lr is None else head_lr}]
+        return [g for g in groups if g["params"]]
+
 
 def batch_targets(task: Task, batch: Mapping[str, np.ndarray]) -> np.ndarray:
     """The targets of a :func:`s2v_core.store.table_to_batch` batch read with ``history_columns=task.outcome_columns``.

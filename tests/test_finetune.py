@@ -62,6 +62,8 @@ def test_setup_names_bad_options(tmp_path, store):
         setup(dataclasses.replace(base, mode="adapters"))
     with pytest.raises(ValueError, match="--task: expected one of staging"):
         setup(dataclasses.replace(base, task="stages"))
+    with pytest.raises(ValueError, match="--head-lr: expected a learning rate > 0, found 0.0"):
+        setup(dataclasses.replace(base, head_lr=0.0))
     with pytest.raises(ValueError, match=r"--modalities: expected modalities of both .* found eeg"):
         setup(dataclasses.replace(base, modalities=("eeg", "hr")))
     assert setup(dataclasses.replace(base, modalities=("spo2",))).spec.modalities == ("spo2",)
@@ -159,9 +161,14 @@ def test_cli_flags_map_onto_the_config():
             "--steps",
             "7",
             "--train-tokenizers",
+            "--lr",
+            "1e-4",
+            "--head-lr",
+            "2e-3",
         ]
     )
     config = config_from_args(args)
+    assert (config.lr, config.head_lr) == (1e-4, 2e-3)
     assert (config.mode, config.head, config.lora_r, config.steps, config.task) == (
         "lora",
         "temporal",

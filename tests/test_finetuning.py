@@ -150,6 +150,18 @@ def test_full_mode_trains_the_backbone_but_not_frozen_tokenizers():
 
 
 @pytest.mark.parametrize("mode", ["frozen", "lora", "full"])
+def test_parameter_groups_cover_every_trained_weight_once_with_the_head_at_its_own_rate(mode):
+    model = FineTunedModel(_encoder(), FinetuneSpec(task="staging", mode=mode, head="mlp"))
+    groups = model.parameter_groups(lr=1e-4, head_lr=1e-3)
+    grouped = [id(p) for g in groups for p in g["params"]]
+    assert sorted(grouped) == sorted(id(p) for p in model.trainable_parameters())
+    head = {id(p) for m in (model.fusion, model.head) for p in m.parameters()}
+    assert all(g["lr"] == (1e-3 if id(g["params"][0]) in head else 1e-4) for g in groups)
+    assert len(groups) == (1 if mode == "frozen" else 2)
+    assert {g["lr"] for g in model.parameter_groups(lr=1e-4)} == {1e-4}
+
+
+@pytest.mark.parametrize("mode", ["frozen", "lora", "full"])
 def test_save_and_load_round_trip(tmp_path, mode):
     model = FineTunedModel(
         _encoder(), FinetuneSpec(task="staging3", mode=mode, head="temporal", modalities=("eeg", "ecg"))
