@@ -237,9 +237,9 @@ def staging_by_subset(encoders: dict, store: str, workdir: Path, args: argparse.
 
 def night_context(report: dict, args: argparse.Namespace) -> dict:
     """Stage 2 over whole nights on the features of the fine-tuned model of ``report`` (all modalities)."""
-    from pipelines.finetune_loop import read_store_batches
+    from pipelines.finetune_data import read_night_features
     from s2v_core.finetuning import load_finetuned
-    from s2v_core.night_context import night_features, predict_nights, train_night_head
+    from s2v_core.night_context import fit_night_context
     from s2v_core.store import split_files
 
     started = time.monotonic()
@@ -248,34 +248,24 @@ def night_context(report: dict, args: argparse.Namespace) -> dict:
     nights = {}
     for split in ("train", "val", "test"):
         files, filesystem = split_files(data, [split])
-        batches = read_store_batches(
-            files,
-            filesystem,
-            spec=model.spec,
-            epochs_per_window=model.window_epochs,
-            batch_size=64,
-            extra_columns=("window_index",),
-        )
-        nights[split] = night_features(model, batches)
-    heads = model.encoder.config.heads
-    head, history = train_night_head(
-        nights["train"],
-        nights["val"],
+        nights[split] = read_night_features(model, files, filesystem, batch_size=64)
+    _, record = fit_night_context(
+        nights,
         model.task,
+        heads=model.encoder.config.heads,
         steps=args.night_steps,
-        eval_every=max(1, args.night_steps // 10),
         patience=args.patience,
         seed=args.seed,
-        heads=heads,
     )
-    figures = model.task.metrics(*predict_nights(head, nights["test"], model.task))
+    figures = record.pop("test")
+    record.pop("nights")
     return {
         "stage1": f"{report['mode']} staging model, {report['head']} head",
         "test": {k: figures[k] for k in STAGING_KEYS},
         "stage1_alone_test": {k: report["test"][k] for k in STAGING_KEYS},
         "kappa_gain": round(figures["kappa"] - report["test"]["kappa"], 4),
         "nights": {split: len(n) for split, n in nights.items()},
-        **history,
+        **record,
         "seconds": round(time.monotonic() - started, 1),
     }
 

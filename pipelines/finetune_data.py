@@ -126,3 +126,34 @@ def _nights(model, files: Sequence[str], filesystem: Any, spec, epochs_per_windo
         extra_columns=("window_index",),
     )
     return night_event_predictions(model, batches, reference=AHI_REFERENCE)
+
+
+def read_night_features(model, files: Sequence[str], filesystem: Any, *, batch_size: int = 64) -> list:
+    """Stage-1 features of every night of ``files`` under ``model`` (``--night-context``; ``bench_finetune``).
+
+    Parameters
+    ----------
+    model : s2v_core.finetuning.FineTunedModel
+        A fine-tuned model of an epoch-level task.
+    files, filesystem
+        Store nights (e.g. :func:`s2v_core.store.split_files` of one split).
+    batch_size : int
+        Windows encoded together.
+
+    Returns
+    -------
+    list of s2v_core.night_context.NightSequence
+        One per night, its windows in ``window_index`` order.
+    """
+    from pipelines.finetune_loop import read_store_batches
+    from s2v_core.night_context import night_features
+
+    batches = read_store_batches(
+        list(files),
+        filesystem,
+        spec=model.spec,
+        epochs_per_window=model.window_epochs,
+        batch_size=batch_size,
+        extra_columns=("window_index",),
+    )
+    return night_features(model, batches, device=next(model.parameters()).device)

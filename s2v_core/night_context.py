@@ -25,15 +25,24 @@ neighbours. Stage 1 stays fixed while stage 2 trains (its features are
 computed once); staging with both stages means running the fine-tuned model
 and then the head over each night.
 
+``s2v finetune --night-context`` trains the head after stage 1 and keeps it in
+the fine-tuned model directory (:func:`save_night_head`: ``night_head.pt``
+and its hyper-parameters under ``"night_head"`` in ``finetuned.json``);
+:func:`load_night_head` finds it there, and ``s2v stage`` applies it over
+each whole recording.
+
 Pure torch: no Ray, no MLflow.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -41,6 +50,7 @@ from torch import Tensor, nn
 
 from s2v_core.backbone import Backbone
 from s2v_core.evaluation.tasks import Task
+from s2v_core.run_layout import DESCRIPTION_FILE, NIGHT_HEAD_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -115,6 +125,15 @@ class NightContextHead(nn.Module):
         super().__init__()
         if width % heads:
             raise ValueError(f"NightContextHead: heads ({heads}) must divide width ({width})")
+        #: What rebuilds this head (:func:`save_night_head` writes it, :func:`load_night_head` reads it).
+        self.hyperparameters = {
+            "width": width,
+            "outputs": outputs,
+            "depth": depth,
+            "heads": heads,
+            "hidden": hidden,
+            "dropout": dropout,
+        }
         self.norm = nn.LayerNorm(width)
         self.body = Backbone(width, depth, heads, hidden, dropout, rotary=True)
         self.out = nn.Linear(width, outputs)
@@ -226,3 +245,117 @@ def train_night_head(
         "stopped_early": step < steps,
     }
     return head.eval(), history
+
+
+def fit_night_context(
+    nights: Mapping[str, Sequence[NightSequence]],
+    task: Task,
+    *,
+    heads: int,
+    steps: int = 300,
+    patience: int = 4,
+    seed: int = 0,
+) -> tuple[NightContextHead, dict]:
+    """Stage 2 as ``s2v finetune --night-context`` and ``bench_finetune`` run it: train, stop on val, score test.
+
+    Parameters
+    ----------
+    nights : mapping of str to sequence of NightSequence
+        ``train`` and ``val`` nights (``val`` may be empty), and optionally ``test``.
+    task : Task
+        The epoch-level task of stage 1.
+    heads : int
+        Attention heads (the stage-1 encoder's, so they divide the feature width).
+    steps, patience, seed
+        As for :func:`train_night_head`; validation every ``max(1, steps // 10)`` steps.
+
+    Returns
+    -------
+    head : NightContextHead
+        The best head on val, in eval mode.
+    record : dict
+        The training history of :func:`train_night_head`, ``nights`` per split,
+        and ``test`` (the task's figures on the test nights) when ``nights`` has them.
+    """
+    head, history = train_night_head(
+        nights["train"],
+        nights.get("val") or [],
+        task,
+        steps=steps,
+        eval_every=max(1, steps // 10),
+        patience=patience,
+        seed=seed,
+        heads=heads,
+    )
+    record = {**history, "nights": {split: len(n) for split, n in nights.items()}}
+    if nights.get("test"):
+        record["test"] = task.metrics(*predict_nights(head, nights["test"], task))
+    return head, record
+
+
+def save_night_head(head: NightContextHead, directory: str | Path, *, extra: Mapping[str, Any] | None = None) -> Path:
+    """Keep ``head`` in a fine-tuned model directory: weights in ``night_head.pt``, the rest in ``finetuned.json``.
+
+    Parameters
+    ----------
+    head : NightContextHead
+    directory : str or Path
+        A directory written by :func:`s2v_core.finetuning.save_finetuned`.
+    extra : mapping, optional
+        Also recorded under ``"night_head"`` in the description (training history, test figures …).
+
+    Returns
+    -------
+    Path
+        The weights file.
+    """
+    from s2v_core.finetuning import read_description
+
+    directory = Path(directory)
+    description = read_description(directory)
+    path = directory / NIGHT_HEAD_FILE
+    torch.save({k: v.detach().cpu() for k, v in head.state_dict().items()}, path)
+    description["night_head"] = {"hyperparameters": dict(head.hyperparameters), **(extra or {})}
+    (directory / DESCRIPTION_FILE).write_text(json.dumps(description, indent=2) + "\n", encoding="utf-8")
+    return path
+
+
+def load_night_head(directory: str | Path, *, map_location: Any = "cpu") -> NightContextHead | None:
+    """The night head kept in a fine-tuned model directory (eval mode), or ``None`` when it has none.
+
+    Raises
+    ------
+    FileNotFoundError
+        The description names a night head but its weights file is missing.
+    """
+    from s2v_core.finetuning import read_description
+
+    directory = Path(directory)
+    record = read_description(directory).get("night_head")
+    if record is None:
+        return None
+    path = directory / NIGHT_HEAD_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{directory}: {DESCRIPTION_FILE} names a night head but {NIGHT_HEAD_FILE} is missing")
+    hyper = record["hyperparameters"]
+    head = NightContextHead(
+        hyper["width"],
+        hyper["outputs"],
+        depth=hyper["depth"],
+        heads=hyper["heads"],
+        hidden=hyper["hidden"],
+        dropout=hyper["dropout"],
+    )
+    head.load_state_dict(torch.load(path, map_location=map_location, weights_only=True))
+    return head.eval()
+
+
+def remove_night_head(directory: str | Path) -> None:
+    """Take the night head out of a fine-tuned model directory (nothing to do when it has none)."""
+    from s2v_core.finetuning import read_description
+
+    directory = Path(directory)
+    description = read_description(directory)
+    (directory / NIGHT_HEAD_FILE).unlink(missing_ok=True)
+    if description.pop("night_head", None) is not None:
+        (directory / DESCRIPTION_FILE).write_text(json.dumps(description, indent=2) + "\n", encoding="utf-8")

@@ -44,6 +44,7 @@ Fine-tuned model (``FINETUNED_MODEL_DIR``, :func:`s2v_core.finetuning.save_finet
       encoder/                    ENCODER_DIR
       adapter.pt                  ADAPTER_FILE
       task_model.pt               TASK_MODEL_FILE
+      night_head.pt               NIGHT_HEAD_FILE        with --night-context: the whole-night stage 2
 
 Sweep (``s2v sweep --output SWEEP_DIR``)::
 
@@ -96,6 +97,8 @@ BEST_DIR = "best"
 DESCRIPTION_FILE = "finetuned.json"
 ADAPTER_FILE = "adapter.pt"
 TASK_MODEL_FILE = "task_model.pt"
+#: ``s2v finetune --night-context``: the whole-night head's weights (hyper-parameters in DESCRIPTION_FILE).
+NIGHT_HEAD_FILE = "night_head.pt"
 
 # -- sweep -------------------------------------------------------------------------------------
 #: Sweep bookkeeping: the resolved config, the plan summary and the parent MLflow run id.

@@ -97,3 +97,42 @@ def test_night_features_group_and_order_windows_by_night():
     np.testing.assert_allclose(by_length[6].features, expected[:3].reshape(6, 16), rtol=1e-5)
     np.testing.assert_allclose(by_length[4].features, expected[3:].reshape(4, 16), rtol=1e-5)
     assert by_length[6].target.tolist() == batch["stages"][:3].reshape(-1).tolist()
+
+
+def test_a_saved_head_is_found_in_the_model_directory_and_gives_the_same_outputs(tmp_path):
+    from s2v_core.finetuning import FineTunedModel, FinetuneSpec, read_description, save_finetuned
+    from s2v_core.model import SleepEncoder, model_config
+    from s2v_core.night_context import load_night_head, remove_night_head, save_night_head
+    from s2v_core.run_layout import NIGHT_HEAD_FILE
+
+    torch.manual_seed(0)
+    encoder = SleepEncoder(model_config("tiny", width=16, depth=1, heads=2, epochs_per_window=2), ("hr",))
+    directory = save_finetuned(FineTunedModel(encoder, FinetuneSpec(task="staging3")), tmp_path / "model")
+    assert load_night_head(directory) is None
+    head = NightContextHead(16, 3, depth=1, heads=2, hidden=24, dropout=0.3)
+    with torch.no_grad():  # not the initial weights: loading must bring these back
+        for parameter in head.parameters():
+            parameter.add_(0.1 * torch.randn_like(parameter))
+    save_night_head(head, directory, extra={"best_step": 7})
+    loaded = load_night_head(directory)
+    night = torch.randn(50, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(night), head.eval()(night))
+    assert loaded.hyperparameters == {"width": 16, "outputs": 3, "depth": 1, "heads": 2, "hidden": 24, "dropout": 0.3}
+    assert not loaded.training and read_description(directory)["night_head"]["best_step"] == 7
+    (directory / NIGHT_HEAD_FILE).rename(tmp_path / "elsewhere.pt")
+    with pytest.raises(FileNotFoundError, match=f"{NIGHT_HEAD_FILE} is missing"):
+        load_night_head(directory)
+    remove_night_head(directory)
+    assert load_night_head(directory) is None and "night_head" not in read_description(directory)
+
+
+def test_fit_night_context_scores_the_test_nights():
+    from s2v_core.night_context import fit_night_context
+
+    rng = np.random.default_rng(1)
+    nights = {"train": _context_nights(6, rng), "val": _context_nights(2, rng), "test": _context_nights(2, rng)}
+    head, record = fit_night_context(nights, get_task("staging"), heads=2, steps=20, patience=2, seed=0)
+    assert record["nights"] == {"train": 6, "val": 2, "test": 2}
+    assert record["test"]["n_epochs"] == 120 and 1 <= record["steps"] <= 20
+    assert isinstance(head, NightContextHead) and not head.training
