@@ -7,6 +7,20 @@ Launch::
     s2v finetune … --task events                  # epoch-level respiratory-event detector (+ AHI from events)
     s2v finetune … --labelled-windows 128         # few-shot: 128 random train windows carry labels
     s2v finetune … --resume                       # continue the latest checkpoint in RUN_DIR
+    s2v finetune … --task staging --night-context # + a whole-night transformer over stage 1's epoch features
+
+``--night-context`` (epoch-level classification tasks: staging, staging4,
+staging3) adds a second stage after the Ray Train run, in this process: the
+best model's epoch features of every train/val/test night
+(:func:`pipelines.finetune_data.read_night_features`), a
+:class:`s2v_core.night_context.NightContextHead` trained on the train nights
+(``--night-steps``, one night a step) and early-stopped on the val nights,
+kept in ``RUN_DIR/model/night_head.pt`` (``s2v stage`` uses it). The report
+gives the test figures of stage 1 alone (``test``) and of both stages
+(``night_context.test``). A finished run resumed with ``--night-context``
+trains only what is missing: stage 1 is not retrained, and a night head
+already trained on the same stage-1 model with the same ``--night-steps``
+and ``--seed`` is kept (only scored again).
 
 ``main`` → :func:`setup` (validate the options, load the encoder, check the
 protocol: the encoder must not have been pretrained on the store's test
@@ -97,6 +111,9 @@ class FinetuneConfig:
     seed: int = 0  # weights of the head, data order, modality dropout
     transductive: bool = False  # allow an encoder pretrained on the test subjects (or of unknown origin)
     device: str = "auto"  # auto (a GPU per worker when the Ray cluster has them) | cpu | gpu
+    # Stage 2 (epoch-level classification tasks): a transformer over each whole night's stage-1 epoch features.
+    night_context: bool = False
+    night_steps: int = 300  # stage-2 steps at most (one train night each; early stopping on val nights)
 
     def spec(self) -> FinetuneSpec:
         names = {f.name for f in dataclasses.fields(FinetuneSpec)}
@@ -155,6 +172,7 @@ def setup(config: FinetuneConfig, *, resume: bool = False) -> PreparedFinetune:
         value = getattr(config, name)
         if value is not None and not value > 0:
             raise ValueError(f"--{name.replace('_', '-')}: expected a learning rate > 0, found {value}")
+    check_night_context(config)
     if config.labelled_windows < 0:
         raise ValueError(f"--labelled-windows: expected an integer >= 0 (0: all), found {config.labelled_windows}")
     if config.device not in ("auto", "cpu", "gpu"):
@@ -245,6 +263,25 @@ def setup(config: FinetuneConfig, *, resume: bool = False) -> PreparedFinetune:
     )
 
 
+def check_night_context(config: FinetuneConfig) -> None:
+    """``--night-context`` needs an epoch-level classification task and whole labelled train nights."""
+    if not config.night_context:
+        return
+    task = config.spec().task_definition
+    if task.level != "epoch" or task.kind != "classification":
+        raise ValueError(
+            f"--night-context: expected an epoch-level classification task (staging, staging4, staging3), "
+            f"found --task {task.name} ({task.level}-level {task.kind})"
+        )
+    if config.night_steps < 1:
+        raise ValueError(f"--night-steps: expected an integer >= 1, found {config.night_steps}")
+    if config.labelled_windows:
+        raise ValueError(
+            f"--night-context: the night head learns from whole labelled train nights; expected no "
+            f"--labelled-windows, found {config.labelled_windows}"
+        )
+
+
 def check_protocol(record: dict | None, store_record: dict, *, transductive: bool, checkpoint: str) -> dict:
     """Refuse to report on test subjects the encoder was pretrained on (or may have been), unless transductive."""
     from s2v_core.splits import seen_splits
@@ -272,7 +309,18 @@ def check_protocol(record: dict | None, store_record: dict, *, transductive: boo
 
 
 #: Options a resumed run may change: how long and how it runs, not what it trains.
-RESUMABLE_CHANGES = ("steps", "patience", "eval_every", "checkpoint_every", "workers", "device", "output")
+#: The night head (stage 2) may be added or retrained on a finished run: stage 1 stays as it is.
+RESUMABLE_CHANGES = (
+    "steps",
+    "patience",
+    "eval_every",
+    "checkpoint_every",
+    "workers",
+    "device",
+    "output",
+    "night_context",
+    "night_steps",
+)
 
 
 def _check_same_run(path: Path, config: FinetuneConfig) -> None:
@@ -494,6 +542,7 @@ def cleanup(prepared: PreparedFinetune, checkpoint: Path) -> dict:
 
     state = json.loads((checkpoint / FINETUNE_STATE_FILE).read_text(encoding="utf-8"))
     model_dir = prepared.run_dir / MODEL_DIR
+    kept_head = _previous_night_head(prepared, model_dir, state)
     if model_dir.exists():
         shutil.rmtree(model_dir)
     shutil.copytree(checkpoint / BEST_DIR, model_dir)
@@ -540,13 +589,23 @@ def cleanup(prepared: PreparedFinetune, checkpoint: Path) -> dict:
         model_dir,
         extra={"test": {k: v for k, v in test.items() if k != "confusion"}, "trained_steps": state["step"]},
     )
+    night = None
+    if prepared.config.night_context:
+        night = night_context_stage(prepared, model, model_dir, state, test, kept_head)
+        report["night_context"] = night
     if prepared.mlflow:
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient(tracking_uri=prepared.mlflow["tracking_uri"])
         run_id = prepared.mlflow["run_id"]
         detected = (event_ahi or {}).get("detected") or {}
-        for prefix, figures in (("test", test), ("baseline", baseline), ("test/ahi_from_events", detected)):
+        night_test = (night or {}).get("test") or {}
+        for prefix, figures in (
+            ("test", test),
+            ("baseline", baseline),
+            ("test/ahi_from_events", detected),
+            ("night_context/test", night_test),
+        ):
             for key, value in figures.items():
                 if isinstance(value, (int, float)) and value is not None and np.isfinite(value):
                     client.log_metric(run_id, f"{prefix}/{key}", float(value))
@@ -561,6 +620,84 @@ def cleanup(prepared: PreparedFinetune, checkpoint: Path) -> dict:
         client.log_artifact(run_id, str(prepared.run_dir / REPORT_FILE))
         client.set_terminated(run_id, "FINISHED")
     return report
+
+
+# -- stage 2: the whole-night head ----------------------------------------------------------------
+def _night_record(prepared: PreparedFinetune, state: dict) -> dict:
+    """What a kept night head must have been trained with to be reused by a resumed run."""
+    return {
+        "stage1_best_step": state["best_step"],
+        "night_steps": prepared.config.night_steps,
+        "seed": prepared.config.seed,
+    }
+
+
+def _previous_night_head(prepared: PreparedFinetune, model_dir: Path, state: dict):
+    """A night head in ``model_dir`` trained on this stage-1 model with these options (a resumed run), or None."""
+    from s2v_core.finetuning import read_description
+    from s2v_core.night_context import load_night_head
+
+    if not prepared.config.night_context or not model_dir.is_dir():
+        return None
+    try:
+        record = read_description(model_dir).get("night_head") or {}
+        if record.get("trained_with") != _night_record(prepared, state):
+            return None
+        return load_night_head(model_dir), record
+    except (OSError, ValueError, KeyError):  # an unreadable leftover: train it again
+        return None
+
+
+def night_context_stage(
+    prepared: PreparedFinetune, model, model_dir: Path, state: dict, stage1_test: dict, kept=None
+) -> dict:
+    """Stage 2 of ``--night-context``: train (or keep) the night head, save it in ``model_dir``, score it on test.
+
+    Returns the report's ``night_context`` part: the test figures of both stages
+    (``test``), of stage 1 alone (``stage1_alone_test``), the primary figure's
+    gain, the nights per split, the training history and whether the head was reused.
+    """
+    import time
+
+    from pipelines.finetune_data import read_night_features
+    from s2v_core.night_context import fit_night_context, predict_nights, save_night_head
+
+    started = time.monotonic()
+    task = model.task
+    config = prepared.config
+    splits = {"test": prepared.test_files}
+    if kept is None:
+        splits = {"train": prepared.train_files, "val": prepared.val_files, **splits}
+    nights = {
+        split: read_night_features(model, files, prepared.filesystem, batch_size=config.batch_size)
+        for split, files in splits.items()
+    }
+    if kept is None:
+        head, record = fit_night_context(
+            nights,
+            task,
+            heads=model.encoder.config.heads,
+            steps=config.night_steps,
+            patience=config.patience,
+            seed=config.seed,
+        )
+        figures = record.pop("test")
+        history = {**record, "trained_with": _night_record(prepared, state)}
+        reused = False
+    else:
+        head, history = kept[0], {k: v for k, v in kept[1].items() if k not in ("hyperparameters", "test")}
+        figures = task.metrics(*predict_nights(head, nights["test"], task))
+        reused = True
+    save_night_head(head, model_dir, extra={**history, "test": {k: v for k, v in figures.items() if k != "confusion"}})
+    metric = task.primary[0]
+    return {
+        "test": figures,
+        "stage1_alone_test": stage1_test,
+        f"{metric}_gain": round(figures[metric] - stage1_test[metric], 4),
+        **history,
+        "reused": reused,
+        "seconds": round(time.monotonic() - started, 1),
+    }
 
 
 # -- CLI --------------------------------------------------------------------------------------------
@@ -615,6 +752,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--device", default=defaults.device, choices=("auto", "cpu", "gpu"), help="worker device")
     parser.add_argument(
+        "--night-context",
+        action="store_true",
+        help="staging tasks: then train a whole-night transformer over the fine-tuned model's epoch features "
+        "(kept in RUN_DIR/model; `s2v stage` uses it)",
+    )
+    parser.add_argument(
+        "--night-steps",
+        type=int,
+        default=defaults.night_steps,
+        help="--night-context: steps at most (one train night each), early-stopped on the val nights",
+    )
+    parser.add_argument(
         "--transductive",
         action="store_true",
         help="allow an encoder pretrained on the test subjects (or of unknown origin)",
@@ -648,6 +797,17 @@ def run(args: argparse.Namespace) -> int:
                 **(
                     {"ahi_from_events": {k: v for k, v in report["ahi_from_events"].items() if k != "per_night"}}
                     if "ahi_from_events" in report
+                    else {}
+                ),
+                **(
+                    {
+                        "night_context": {
+                            k: v
+                            for k, v in report["night_context"]["test"].items()
+                            if k not in ("confusion", "per_class_f1")
+                        }
+                    }
+                    if "night_context" in report
                     else {}
                 ),
             }

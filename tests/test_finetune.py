@@ -133,6 +133,22 @@ def test_finetune_lora_end_to_end_nested_under_pretraining_and_resumable(ray_loc
     assert again["steps"] == 6 and again["test"] == resumed["test"]
 
 
+def test_night_context_only_for_epoch_level_classification(tmp_path, store):
+    run_dir = _pretrain_run_dir(tmp_path, store)
+    base = FinetuneConfig(
+        checkpoint=str(run_dir), data=str(store), output=str(tmp_path / "ft"), batch_size=4, night_context=True
+    )
+    for task, found in (("age", "night-level regression"), ("events", "epoch-level binary")):
+        with pytest.raises(ValueError, match=f"--night-context: expected an epoch-level classification .*{found}"):
+            setup(dataclasses.replace(base, task=task))
+    with pytest.raises(ValueError, match="--night-steps: expected an integer >= 1, found 0"):
+        setup(dataclasses.replace(base, night_steps=0))
+    with pytest.raises(ValueError, match="--night-context: .*expected no --labelled-windows, found 8"):
+        setup(dataclasses.replace(base, labelled_windows=8))
+    for task in ("staging", "staging4", "staging3"):
+        assert setup(dataclasses.replace(base, task=task, output=str(tmp_path / task))).config.night_context
+
+
 def test_cli_flags_map_onto_the_config():
     from pipelines.cli import build_parser
     from pipelines.finetune import config_from_args
@@ -165,9 +181,13 @@ def test_cli_flags_map_onto_the_config():
             "1e-4",
             "--head-lr",
             "2e-3",
+            "--night-context",
+            "--night-steps",
+            "40",
         ]
     )
     config = config_from_args(args)
+    assert config.night_context and config.night_steps == 40
     assert (config.lr, config.head_lr) == (1e-4, 2e-3)
     assert (config.mode, config.head, config.lora_r, config.steps, config.task) == (
         "lora",
@@ -307,3 +327,54 @@ def test_finetune_event_detector_and_ahi_from_events_through_ray(ray_local, tmp_
     assert {"pearson_r", "icc", "severity_kappa", "mae"} <= set(ahi["detected"])
     # Counting runs of the scored labels: never more events than scored epochs (the toy's ahi_scored).
     assert all(labels <= reference + 1e-6 for reference, _, labels in ahi["per_night"])
+
+
+@pytest.mark.integration
+def test_finetune_night_context_adds_a_night_head_that_stage_uses(ray_local, real_data, tmp_path, store, monkeypatch):
+    """Stage 1 on Ray, then --night-context on the finished run: the head is trained, kept, reused, staged with."""
+    from mlflow.tracking import MlflowClient
+
+    from s2v_core.night_context import load_night_head
+    from s2v_core.staging import stage_recording
+    from tests.test_staging import DREAMS_SITE, IDENTITIES
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    output = tmp_path / "ft"
+    config = FinetuneConfig(
+        checkpoint=str(_pretrain_run_dir(tmp_path, store)),
+        data=str(store),
+        output=str(output),
+        task="staging",
+        steps=4,
+        batch_size=4,
+        eval_every=2,
+        checkpoint_every=2,
+        lr=3e-3,
+    )
+    stage1 = finetune(config)
+    assert "night_context" not in stage1 and load_night_head(output / "model") is None
+    night_config = dataclasses.replace(config, night_context=True, night_steps=6)
+    report = finetune(night_config, resume=True)  # finished: stage 1 is not trained again, stage 2 is added
+    assert report["steps"] == 4 and report["test"] == stage1["test"]
+    night = report["night_context"]
+    assert night["reused"] is False and night["nights"] == {"train": 6, "val": 2, "test": 2}
+    assert night["test"]["n_epochs"] == report["test"]["n_epochs"] == 2 * 4 * 4
+    assert night["stage1_alone_test"] == report["test"] and "kappa_gain" in night
+    assert 1 <= night["steps"] <= 6 and night["trained_with"]["night_steps"] == 6
+    assert (output / "model" / "night_head.pt").is_file()
+    described = json.loads((output / "model" / "finetuned.json").read_text())
+    assert described["night_head"]["hyperparameters"]["width"] == 16 and "kappa" in described["night_head"]["test"]
+    metrics = MlflowClient(tracking_uri=report["mlflow"]["tracking_uri"]).get_run(report["mlflow"]["run_id"]).data
+    assert "night_context/test/kappa" in metrics.metrics and "test/kappa" in metrics.metrics
+    again = finetune(night_config, resume=True)  # nothing missing: the head is kept and scored again
+    assert again["night_context"]["reused"] is True and again["night_context"]["test"] == night["test"]
+    assert not (tmp_path / "mlruns").exists()
+
+    site = tmp_path / "dreams.toml"
+    site.write_text(DREAMS_SITE)
+    result = stage_recording(
+        real_data / "DREAMS_Spindles" / "excerpt3.edf", model=output / "model", identities=IDENTITIES, site_config=site
+    )
+    assert result.summary["night_context"] is True and len(result.stages) == 60
+    assert set(result.summary["modalities"]) <= set(MODALITIES) and result.summary["staged_epochs"] > 0
