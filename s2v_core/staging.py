@@ -15,6 +15,13 @@ modalities the recording has and the model reads are used; the gated fusion
 ignores the others. Consecutive epochs are grouped into windows of the
 model's training length (the last one may be shorter) and staged.
 
+When the model directory holds a whole-night head (``s2v finetune
+--night-context``, :func:`s2v_core.night_context.load_night_head`), the
+recording is taken as one night: the head reads the features of all its
+staged epochs in time order at once, and the probabilities and stages are
+its (stage 2); otherwise they are the fine-tuned model's head's, window by
+window. The summary says which (``"night_context": true/false``).
+
 Privacy: a file name may be a patient's name, so nothing derived from it or
 from the EDF header reaches an output. Each recording is named by a keyed
 hash of its path (:class:`s2v_core.io.identity.Identities`, the ingest's
@@ -41,6 +48,7 @@ from s2v_core.io.identity import Identities, load_pseudonym_key
 from s2v_core.io.site_config import SiteConfig, load_site_config
 from s2v_core.modalities import EPOCH_SECONDS, MODALITY_KEYS, parse_modalities
 from s2v_core.model import batch_to_tensors
+from s2v_core.night_context import NightContextHead, load_night_head
 from s2v_core.recording import decode_recording
 from s2v_core.store import table_to_batch
 
@@ -105,6 +113,13 @@ def _scrub(text: str, path: Path, name: str) -> str:
 
 def _as_model(model: FineTunedModel | str | Path) -> FineTunedModel:
     return model if isinstance(model, FineTunedModel) else load_finetuned(model)
+
+
+def _night_head(model: FineTunedModel | str | Path, night_head: NightContextHead | None) -> NightContextHead | None:
+    """The night head to use: the one given, else the one of the model directory (a path), else none."""
+    if night_head is not None or isinstance(model, FineTunedModel):
+        return night_head
+    return load_night_head(model)
 
 
 @torch.no_grad()
@@ -232,15 +247,20 @@ def stage_recording(
     identities: Identities | None = None,
     site_config: SiteConfig | str | Path | None = None,
     modalities: Sequence[str] | None = None,
+    night_head: NightContextHead | None = None,
 ) -> StagingResult:
     """Stage one recording; with ``out``, write ``NAME_hypnogram.csv``, ``NAME_hypnogram.png``, ``NAME_summary.json``.
 
     ``name`` defaults to the pseudonym of the path (:func:`recording_name`).
+    ``night_head`` (stage 2 over the whole recording) defaults to the one kept
+    in the model directory when ``model`` is a path; with a loaded ``model``
+    and no ``night_head``, the model's own head stages the epochs.
     Errors (:class:`~s2v_core.io.base.UnreadableRecording`, ``ValueError``) carry a
     one-line reason naming the recording by ``name``, never by its path.
     """
     from s2v_core.evaluation.plots import plot_predicted_hypnogram
 
+    night_head = _night_head(model, night_head)
     model = _as_model(model)
     task = model.task
     if task.level != "epoch" or task.kind != "classification" or task.stage_map[0] != 0:
@@ -258,6 +278,11 @@ def stage_recording(
         logits = torch.cat(
             [model.head(torch.from_numpy(embedding.features[start:stop])[None])[0] for start, stop in embedding.windows]
         )
+        if night_head is not None and staged.any():
+            # One night, in epoch order; unstaged epochs are left out (as the store leaves out unusable windows).
+            logits[torch.from_numpy(staged)] = night_head.eval()(torch.from_numpy(embedding.features[staged])).to(
+                logits.dtype
+            )
     probabilities = torch.softmax(logits.float(), dim=-1).numpy()
     stages = np.where(staged, probabilities.argmax(axis=1), -1)
     summary = {
@@ -267,6 +292,7 @@ def stage_recording(
         "classes": list(task.classes),
         "modalities": list(embedding.modalities),
         "channels": embedding.channels,
+        "night_context": night_head is not None,
         **sleep_summary(stages, task.classes, staged=staged),
     }
     files: dict[str, str] = {}
@@ -350,6 +376,7 @@ def stage(
     """
     paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
     identities = identities or Identities(load_pseudonym_key())
+    night_head = _night_head(model, None)
     loaded = _as_model(model)
     recordings = find_recordings(paths)
     results = [
@@ -360,6 +387,7 @@ def stage(
             out=out,
             site_config=site_config,
             modalities=modalities,
+            night_head=night_head,
         )
         for path in recordings
     ]
@@ -375,10 +403,19 @@ def stage_one(
     out: str | Path,
     site_config: SiteConfig | str | Path | None = None,
     modalities: Sequence[str] | None = None,
+    night_head: NightContextHead | None = None,
 ) -> dict:
     """Stage one file as ``name`` and never raise for a bad recording: its result line says why (one line)."""
     try:
-        result = stage_recording(path, model=model, out=out, name=name, site_config=site_config, modalities=modalities)
+        result = stage_recording(
+            path,
+            model=model,
+            out=out,
+            name=name,
+            site_config=site_config,
+            modalities=modalities,
+            night_head=night_head,
+        )
     except Exception as exc:  # noqa: BLE001 - one bad file must not stop the others
         reason = _scrub(
             str(exc) if isinstance(exc, (ValueError, OSError)) else f"{type(exc).__name__}: {exc}", Path(path), name
@@ -391,6 +428,7 @@ def stage_one(
         "reason": None,
         "epochs": result.summary["epochs"],
         "modalities": result.summary["modalities"],
+        "night_context": result.summary["night_context"],
         "files": {k: Path(v).name for k, v in result.files.items()},
     }
 

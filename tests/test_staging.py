@@ -175,3 +175,29 @@ def test_recordings_are_encoded_in_the_windows_the_model_was_trained_on(real_dat
     embedding = embed_recording(real_data / "SleepEDF_SC4001" / "short_psg.edf", model=model)
     assert embedding.windows == [(0, 4), (4, 8), (8, 10)]  # the last window is shorter, never padded
     assert model.window_epochs == 4
+
+
+def test_a_night_head_in_the_model_directory_stages_the_whole_recording(real_data, model_dir, dreams_site, tmp_path):
+    import shutil
+
+    from s2v_core import embed_recording
+    from s2v_core.night_context import NightContextHead, save_night_head
+
+    source = real_data / "DREAMS_Spindles" / "excerpt3.edf"
+    plain = stage_recording(source, model=model_dir, identities=IDENTITIES, site_config=dreams_site)
+    assert plain.summary["night_context"] is False
+    with_head = shutil.copytree(model_dir, tmp_path / "model")
+    torch.manual_seed(1)
+    head = NightContextHead(16, 5, depth=1, heads=2, hidden=32, dropout=0.0)
+    save_night_head(head, with_head)
+    result = stage_recording(
+        source, model=with_head, out=tmp_path / "out", identities=IDENTITIES, site_config=dreams_site
+    )
+    assert result.summary["night_context"] is True and len(result.stages) == 60
+    assert json.loads(open(result.files["summary"]).read())["night_context"] is True
+    # Stage 2 over the whole recording in epoch order: the night head's probabilities, not the window head's.
+    features = embed_recording(source, model=model_dir, site_config=dreams_site).features
+    with torch.no_grad():
+        expected = torch.softmax(head.eval()(torch.from_numpy(features)), dim=-1).numpy()
+    np.testing.assert_allclose(result.probabilities, expected, atol=1e-5)
+    assert not np.allclose(result.probabilities, plain.probabilities, atol=1e-3)
