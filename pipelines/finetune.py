@@ -63,7 +63,14 @@ import numpy as np
 
 from pipelines.runtime import mlflow_experiment, mlflow_tracking_uri
 from s2v_core.config import from_mapping, to_mapping
-from s2v_core.finetuning import LORA_TARGETS, FinetuneSpec, load_finetuned, save_finetuned
+from s2v_core.finetuning import (
+    EVENT_THRESHOLD_FROM_KEY,
+    EVENT_THRESHOLD_KEY,
+    LORA_TARGETS,
+    FinetuneSpec,
+    load_finetuned,
+    save_finetuned,
+)
 from s2v_core.locations import redact
 from s2v_core.modalities import MODALITY_KEYS, parse_modalities
 from s2v_core.run_layout import CHECKPOINTS_NAME, MLFLOW_RUN_FILE, PRETRAINED_ENCODER_DIR
@@ -583,12 +590,13 @@ def cleanup(prepared: PreparedFinetune, checkpoint: Path) -> dict:
     }
     if event_ahi is not None:
         report["ahi_from_events"] = event_ahi
-    # The model directory describes itself: its test figures travel with it.
-    save_finetuned(
-        model,
-        model_dir,
-        extra={"test": {k: v for k, v in test.items() if k != "confusion"}, "trained_steps": state["step"]},
-    )
+    # The model directory describes itself: its test figures (and an event detector's threshold,
+    # which `s2v stage --events-model` applies) travel with it.
+    extra = {"test": {k: v for k, v in test.items() if k != "confusion"}, "trained_steps": state["step"]}
+    if event_ahi is not None:
+        extra[EVENT_THRESHOLD_KEY] = event_ahi["threshold"]
+        extra[EVENT_THRESHOLD_FROM_KEY] = event_ahi["threshold_from"]
+    save_finetuned(model, model_dir, extra=extra)
     night = None
     if prepared.config.night_context:
         night = night_context_stage(prepared, model, model_dir, state, test, kept_head)

@@ -21,14 +21,11 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from s2v_core.evaluation.tasks import Task
-from s2v_core.io.events import EVENT_FLAGS
 from s2v_core.modalities import MODALITY_KEYS
 from s2v_core.store import EVENTS_COLUMN, present_matrix
 
 #: Outcome an AHI from detected events is compared with (written by ingest from NSRR XML).
 AHI_REFERENCE = "ahi_scored"
-#: The event bits an AHI counts: apnoeas and hypopnoeas.
-AHI_BITS = EVENT_FLAGS["apnea"][1] | EVENT_FLAGS["hypopnea"][1]
 
 
 def labelled_nights(files: Sequence[str], filesystem: Any, task: Task) -> list[str]:
@@ -98,10 +95,9 @@ def event_ahi_report(
     ``val_files`` nights (:func:`s2v_core.evaluation.events.choose_threshold`),
     0.5 without them. See :func:`s2v_core.evaluation.events.ahi_agreement`.
     """
-    from s2v_core.evaluation.events import DEFAULT_THRESHOLD, ahi_agreement, choose_threshold
+    from s2v_core.evaluation.events import DEFAULT_THRESHOLD, ahi_agreement, choose_threshold, counts_ahi
 
-    task = spec.task_definition
-    if not task.event_bits or task.event_bits & ~AHI_BITS:
+    if not counts_ahi(spec.task_definition):
         return None
     threshold = choose_threshold(_nights(model, val_files, filesystem, spec, epochs_per_window)) if val_files else None
     report = ahi_agreement(

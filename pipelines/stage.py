@@ -5,6 +5,7 @@ Launch::
     s2v stage night.edf --model RUN_DIR/model --out hypnograms/              # one file: no Ray
     s2v stage clinic/ more/ --model RUN_DIR/model --out hypnograms/ --site-config site.toml
     s2v stage clinic/ --model … --out … --mapping ~/private/stage-mapping.csv  # pseudonym → file, yours to keep
+    s2v stage night.edf --model RUN_DIR/model --events-model EVENTS_RUN/model --out …  # + AHI in the summary
 
 A single file is staged in this process; two or more recordings run as Ray
 tasks (a local Ray started on demand, or ``--address`` / ``RAY_ADDRESS``),
@@ -39,11 +40,18 @@ def stage_paths(
     mapping: str | None = None,
     pseudonym_key_file: str | None = None,
     address: str | None = None,
+    events_model: str | None = None,
 ) -> list[dict]:
     """Stage every recording of ``paths`` (see the module docstring); returns one result per recording."""
     from s2v_core.finetuning import read_description
+    from s2v_core.staging import load_event_detector
 
     read_description(model)  # a clear error before any worker starts
+    if events_model is not None:
+        try:
+            load_event_detector(events_model)
+        except FileNotFoundError as exc:
+            raise FileNotFoundError(str(exc).replace("--model", "--events-model", 1)) from None
     recordings = find_recordings(paths)
     if not recordings:
         raise ValueError(f"PATH: no EDF/BDF file in {', '.join(paths)}")
@@ -55,6 +63,7 @@ def stage_paths(
         "out": str(Path(out).resolve()),
         "site_config": site_config,
         "modalities": modalities,
+        "events_model": str(Path(events_model).resolve()) if events_model else None,
     }
     if len(recordings) == 1 and not (address or os.environ.get("RAY_ADDRESS")):
         results = [stage_one(recordings[0], name=names[0], **options)]
@@ -102,6 +111,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--site-config", help="site config file mapping channel labels to modalities (as for ingest)")
     parser.add_argument("--modalities", help="comma-separated subset to use (default: all the recording has)")
     parser.add_argument(
+        "--events-model",
+        help="respiratory-event detector (RUN_DIR/model of `s2v finetune --task events`): adds the AHI to each summary",
+    )
+    parser.add_argument(
         "--mapping", help="also write pseudonym → input path to this CSV (outside --out; yours to keep)"
     )
     parser.add_argument("--pseudonym-key-file", help="key of the output names (default: the ingest's key)")
@@ -119,6 +132,7 @@ def run(args: argparse.Namespace) -> int:
         mapping=args.mapping,
         pseudonym_key_file=args.pseudonym_key_file,
         address=args.address,
+        events_model=args.events_model,
     )
     failed = [r for r in results if r["status"] != "ok"]
     for result in failed:

@@ -22,6 +22,13 @@ staged epochs in time order at once, and the probabilities and stages are
 its (stage 2); otherwise they are the fine-tuned model's head's, window by
 window. The summary says which (``"night_context": true/false``).
 
+With an event detector (``events_model=``, ``s2v stage --events-model``: a
+model fine-tuned with ``--task events``), the same decoded recording is
+embedded under it too, and the summary's ``ahi`` counts runs of epochs whose
+event probability exceeds the detector's threshold (chosen on val nights by
+``s2v finetune``) within the *predicted* sleep, per hour of predicted sleep
+(:func:`event_index`), with its AASM severity class.
+
 Privacy: a file name may be a patient's name, so nothing derived from it or
 from the EDF header reaches an output. Each recording is named by a keyed
 hash of its path (:class:`s2v_core.io.identity.Identities`, the ingest's
@@ -43,7 +50,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from s2v_core.finetuning import FineTunedModel, load_finetuned
+from s2v_core.evaluation.events import DEFAULT_THRESHOLD, count_runs, counts_ahi, index_from_epochs
+from s2v_core.evaluation.tasks import AHI_SEVERITY_NAMES, severity_classes
+from s2v_core.finetuning import (
+    EVENT_THRESHOLD_FROM_KEY,
+    EVENT_THRESHOLD_KEY,
+    FineTunedModel,
+    load_finetuned,
+    read_description,
+)
 from s2v_core.io.identity import Identities, load_pseudonym_key
 from s2v_core.io.site_config import SiteConfig, load_site_config
 from s2v_core.modalities import EPOCH_SECONDS, MODALITY_KEYS, parse_modalities
@@ -122,6 +137,82 @@ def _night_head(model: FineTunedModel | str | Path, night_head: NightContextHead
     return load_night_head(model)
 
 
+@dataclass(frozen=True)
+class EventDetector:
+    """A respiratory-event model (``s2v finetune --task events``) and the probability above which an epoch holds an event.
+
+    :func:`load_event_detector` reads the threshold ``s2v finetune`` chose on the
+    val nights (the one whose AHI from detected events came closest to the
+    scored AHI); a detector built by hand uses 0.5 unless told otherwise.
+    """
+
+    model: FineTunedModel
+    threshold: float = DEFAULT_THRESHOLD
+    threshold_from: str = "default (0.5)"
+
+    def __post_init__(self) -> None:
+        if not counts_ahi(self.model.task):
+            raise ValueError(
+                "--events-model: expected a respiratory-event detector (task events, or events:apnea/"
+                f"events:hypopnea), found task {self.model.task.name!r}"
+            )
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ValueError(f"--events-model: threshold {self.threshold!r} is not a probability in [0, 1]")
+
+
+def load_event_detector(directory: str | Path) -> EventDetector:
+    """The event detector of a fine-tuned model directory, with the threshold kept in its ``finetuned.json``."""
+    description = read_description(directory)
+    model = load_finetuned(directory)
+    threshold = description.get(EVENT_THRESHOLD_KEY)
+    if threshold is None:
+        return EventDetector(model)
+    return EventDetector(model, float(threshold), str(description.get(EVENT_THRESHOLD_FROM_KEY, "finetuned.json")))
+
+
+def _as_detector(detector: EventDetector | str | Path | None) -> EventDetector | None:
+    return detector if detector is None or isinstance(detector, EventDetector) else load_event_detector(detector)
+
+
+def event_index(
+    probability: np.ndarray, stages: np.ndarray, *, detector: EventDetector, modalities: Sequence[str]
+) -> dict:
+    """The summary's ``ahi``: runs of detected event epochs in predicted sleep per hour of predicted sleep.
+
+    ``probability`` is the detector's P(event) per epoch (NaN where it read
+    nothing); ``stages`` the staging model's classes (0 wake, −1 unstaged).
+    Counting is :func:`s2v_core.evaluation.events.index_from_epochs`, as in
+    ``s2v finetune``'s report, but over the *predicted* total sleep time.
+    """
+    asleep = np.asarray(stages) > 0
+    detected = np.nan_to_num(np.asarray(probability, dtype=np.float64), nan=0.0) > detector.threshold
+    index = index_from_epochs(detected, asleep)
+    return {
+        "events_per_hour": index,
+        "events": count_runs(detected & asleep),
+        "severity": None if index is None else AHI_SEVERITY_NAMES[int(severity_classes(np.array([index]))[0])],
+        "event_epochs": int((detected & asleep).sum()),
+        "threshold": detector.threshold,
+        "threshold_from": detector.threshold_from,
+        "sleep": "the predicted hypnogram's sleep epochs",
+        "task": detector.model.task.name,
+        "modalities": list(modalities),
+        "reason": None,
+    }
+
+
+def _event_probabilities(decoded, detector: EventDetector, *, modalities: Sequence[str] | None, name: str):
+    """P(event) per epoch under the detector (NaN where it read nothing) and the modalities it read."""
+    embedding = _embed_decoded(decoded, detector.model, modalities=modalities, name=name)
+    probability = np.full(len(embedding.features), np.nan)
+    with torch.no_grad():
+        for start, stop in embedding.windows:
+            if embedding.present[start:stop].any():
+                logits = detector.model.head(torch.from_numpy(embedding.features[start:stop])[None])[0, :, 0]
+                probability[start:stop] = torch.sigmoid(logits.float()).numpy()
+    return probability, embedding.modalities
+
+
 @torch.no_grad()
 def embed_recording(
     path: str | Path,
@@ -156,11 +247,22 @@ def embed_recording(
         No modality of the recording is one the model reads.
     """
     model = _as_model(model)
-    path = Path(path)
+    return _embed_decoded(
+        _decode(path, site_config=site_config, name=name), model, modalities=modalities, name=name, device=device
+    )
+
+
+def _decode(path: str | Path, *, site_config: SiteConfig | str | Path | None, name: str):
+    """The recording read as the ingest reads it: one store row per 30-s epoch."""
     site = load_site_config(site_config) if isinstance(site_config, (str, Path)) else site_config
-    decoded = decode_recording(
+    return decode_recording(
         str(path), recording_id=name, site=site or SiteConfig(name=PSEUDONYM_SITE), epochs_per_window=1
     )
+
+
+def _embed_decoded(
+    decoded, model: FineTunedModel, *, modalities: Sequence[str] | None, name: str, device: str = "cpu"
+) -> RecordingEmbedding:
     wanted = set(parse_modalities(list(modalities), option="--modalities")) if modalities else set(MODALITY_KEYS)
     usable = tuple(k for k in model.spec.modalities if k in decoded.modalities and k in wanted)
     if not usable:
@@ -248,6 +350,7 @@ def stage_recording(
     site_config: SiteConfig | str | Path | None = None,
     modalities: Sequence[str] | None = None,
     night_head: NightContextHead | None = None,
+    events_model: EventDetector | str | Path | None = None,
 ) -> StagingResult:
     """Stage one recording; with ``out``, write ``NAME_hypnogram.csv``, ``NAME_hypnogram.png``, ``NAME_summary.json``.
 
@@ -255,6 +358,11 @@ def stage_recording(
     ``night_head`` (stage 2 over the whole recording) defaults to the one kept
     in the model directory when ``model`` is a path; with a loaded ``model``
     and no ``night_head``, the model's own head stages the epochs.
+    ``events_model`` (an :class:`EventDetector` or the directory of an
+    ``s2v finetune --task events`` model) adds the AHI from detected events
+    to the summary (:func:`event_index`), a ``p_event`` column to the CSV and
+    the detected events to the PNG; a recording without the modalities it
+    reads is still staged, its ``ahi`` says why it has no value.
     Errors (:class:`~s2v_core.io.base.UnreadableRecording`, ``ValueError``) carry a
     one-line reason naming the recording by ``name``, never by its path.
     """
@@ -262,6 +370,7 @@ def stage_recording(
 
     night_head = _night_head(model, night_head)
     model = _as_model(model)
+    detector = _as_detector(events_model)
     task = model.task
     if task.level != "epoch" or task.kind != "classification" or task.stage_map[0] != 0:
         raise ValueError(
@@ -270,7 +379,8 @@ def stage_recording(
     path = Path(path)
     name = name or recording_name(path, identities=identities or Identities(load_pseudonym_key()))
     try:
-        embedding = embed_recording(path, model=model, site_config=site_config, modalities=modalities, name=name)
+        decoded = _decode(path, site_config=site_config, name=name)
+        embedding = _embed_decoded(decoded, model, modalities=modalities, name=name)
     except (ValueError, OSError) as exc:  # UnreadableRecording is a ValueError
         raise type(exc)(_scrub(str(exc), path, name)) from None
     staged = embedding.present.any(axis=1)
@@ -285,6 +395,16 @@ def stage_recording(
             )
     probabilities = torch.softmax(logits.float(), dim=-1).numpy()
     stages = np.where(staged, probabilities.argmax(axis=1), -1)
+    event_probability, ahi = None, None
+    if detector is not None:
+        try:
+            event_probability, read = _event_probabilities(decoded, detector, modalities=modalities, name=name)
+        except ValueError:  # nothing the detector reads: staged all the same
+            reads = ", ".join(detector.model.spec.modalities)
+            has = ", ".join(k for k in decoded.modalities if not modalities or k in modalities)
+            ahi = {"events_per_hour": None, "reason": f"the events model reads {reads}; the recording gives {has}"}
+        else:
+            ahi = event_index(event_probability, stages, detector=detector, modalities=read)
     summary = {
         "format": SUMMARY_FORMAT,
         "recording": name,
@@ -294,14 +414,22 @@ def stage_recording(
         "channels": embedding.channels,
         "night_context": night_head is not None,
         **sleep_summary(stages, task.classes, staged=staged),
+        **({"ahi": ahi} if detector is not None else {}),
     }
     files: dict[str, str] = {}
     if out is not None:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
-        files["csv"] = str(_write_csv(out / f"{name}_hypnogram.csv", stages, probabilities, task.classes, staged))
+        files["csv"] = str(
+            _write_csv(out / f"{name}_hypnogram.csv", stages, probabilities, task.classes, staged, event_probability)
+        )
+        detected = None
+        if ahi is not None and ahi["events_per_hour"] is not None:
+            detected = (np.nan_to_num(event_probability, nan=0.0) > detector.threshold) & (stages > 0)
         files["png"] = str(
-            plot_predicted_hypnogram(stages, probabilities, task.classes, out / f"{name}_hypnogram.png", title=name)
+            plot_predicted_hypnogram(
+                stages, probabilities, task.classes, out / f"{name}_hypnogram.png", title=name, events=detected
+            )
         )
         files["summary"] = str(out / f"{name}_summary.json")
         Path(files["summary"]).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
@@ -311,15 +439,33 @@ def stage_recording(
 
 
 def _write_csv(
-    path: Path, stages: np.ndarray, probabilities: np.ndarray, classes: Sequence[str], staged: np.ndarray
+    path: Path,
+    stages: np.ndarray,
+    probabilities: np.ndarray,
+    classes: Sequence[str],
+    staged: np.ndarray,
+    event_probability: np.ndarray | None = None,
 ) -> Path:
-    """One row per 30-s epoch: index, onset (s from the recording start), stage name, class probabilities."""
+    """One row per 30-s epoch: index, onset (s from the recording start), stage name, class probabilities.
+
+    With ``event_probability`` a last column ``p_event`` (empty where the detector read nothing).
+    """
     with open(path, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["epoch", "onset_s", "stage", *(f"p_{c}" for c in classes)])
+        writer.writerow(
+            [
+                "epoch",
+                "onset_s",
+                "stage",
+                *(f"p_{c}" for c in classes),
+                *(["p_event"] if event_probability is not None else []),
+            ]
+        )
         for i, (stage, row) in enumerate(zip(stages, probabilities)):
             label = classes[stage] if staged[i] else "unscored"
             values = [f"{p:.4f}" for p in row] if staged[i] else [""] * len(classes)
+            if event_probability is not None:
+                values.append("" if np.isnan(event_probability[i]) else f"{event_probability[i]:.4f}")
             writer.writerow([i, i * EPOCH_SECONDS, label, *values])
     return path
 
@@ -347,6 +493,7 @@ def stage(
     modalities: Sequence[str] | None = None,
     mapping: str | Path | None = None,
     identities: Identities | None = None,
+    events_model: EventDetector | str | Path | None = None,
 ) -> list[dict]:
     """Stage files and folders one after the other, in this process (``s2v stage`` spreads folders over Ray).
 
@@ -368,6 +515,9 @@ def stage(
         holds the file names, so it is never written by default, nor under ``out``).
     identities : Identities, optional
         Pseudonym key (default: the ingest's key, :func:`load_pseudonym_key`).
+    events_model : EventDetector or path, optional
+        A respiratory-event detector (``s2v finetune --task events``): adds the AHI
+        (events per hour of predicted sleep) to each summary.
 
     Returns
     -------
@@ -378,6 +528,7 @@ def stage(
     identities = identities or Identities(load_pseudonym_key())
     night_head = _night_head(model, None)
     loaded = _as_model(model)
+    detector = _as_detector(events_model)
     recordings = find_recordings(paths)
     results = [
         stage_one(
@@ -388,6 +539,7 @@ def stage(
             site_config=site_config,
             modalities=modalities,
             night_head=night_head,
+            events_model=detector,
         )
         for path in recordings
     ]
@@ -404,6 +556,7 @@ def stage_one(
     site_config: SiteConfig | str | Path | None = None,
     modalities: Sequence[str] | None = None,
     night_head: NightContextHead | None = None,
+    events_model: EventDetector | str | Path | None = None,
 ) -> dict:
     """Stage one file as ``name`` and never raise for a bad recording: its result line says why (one line)."""
     try:
@@ -415,6 +568,7 @@ def stage_one(
             site_config=site_config,
             modalities=modalities,
             night_head=night_head,
+            events_model=events_model,
         )
     except Exception as exc:  # noqa: BLE001 - one bad file must not stop the others
         reason = _scrub(
@@ -429,6 +583,7 @@ def stage_one(
         "epochs": result.summary["epochs"],
         "modalities": result.summary["modalities"],
         "night_context": result.summary["night_context"],
+        **({"ahi": result.summary["ahi"]["events_per_hour"]} if "ahi" in result.summary else {}),
         "files": {k: Path(v).name for k, v in result.files.items()},
     }
 

@@ -327,6 +327,11 @@ def test_finetune_event_detector_and_ahi_from_events_through_ray(ray_local, tmp_
     assert {"pearson_r", "icc", "severity_kappa", "mae"} <= set(ahi["detected"])
     # Counting runs of the scored labels: never more events than scored epochs (the toy's ahi_scored).
     assert all(labels <= reference + 1e-6 for reference, _, labels in ahi["per_night"])
+    # The val-chosen threshold travels with the model: `s2v stage --events-model` applies it.
+    from s2v_core.staging import load_event_detector
+
+    detector = load_event_detector(report["model"])
+    assert (detector.threshold, detector.threshold_from) == (ahi["threshold"], ahi["threshold_from"])
 
 
 @pytest.mark.integration

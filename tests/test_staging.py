@@ -201,3 +201,114 @@ def test_a_night_head_in_the_model_directory_stages_the_whole_recording(real_dat
         expected = torch.softmax(head.eval()(torch.from_numpy(features)), dim=-1).numpy()
     np.testing.assert_allclose(result.probabilities, expected, atol=1e-5)
     assert not np.allclose(result.probabilities, plain.probabilities, atol=1e-3)
+
+
+def _constant(model: FineTunedModel, logits) -> FineTunedModel:
+    """``model`` with a head that outputs ``logits`` for every epoch, whatever the input."""
+    with torch.no_grad():
+        model.head.out.weight.zero_()
+        model.head.out.bias.copy_(torch.as_tensor(logits, dtype=torch.float32))
+    return model
+
+
+def _encoder():
+    torch.manual_seed(0)
+    return SleepEncoder(model_config("tiny", width=16, depth=1, heads=2, epochs_per_window=10))
+
+
+@pytest.fixture(scope="module")
+def asleep_model(tmp_path_factory):
+    """A staging model that calls every epoch N2 (so every staged epoch is sleep)."""
+    model = _constant(FineTunedModel(_encoder(), FinetuneSpec(task="staging", head="temporal")), [0, 0, 9, 0, 0])
+    return save_finetuned(model, tmp_path_factory.mktemp("asleep") / "model")
+
+
+def _events_model(directory, *, logit: float, modalities=(), threshold: float | None = 0.3):
+    spec = FinetuneSpec(task="events", head="temporal", modalities=tuple(modalities))
+    model = _constant(FineTunedModel(_encoder(), spec), [logit])
+    extra = {"event_threshold": threshold, "event_threshold_from": "val nights (closest AHI, MAE)"}
+    return save_finetuned(model, directory, extra=extra if threshold is not None else None)
+
+
+def test_event_index_of_a_hand_made_night():
+    from s2v_core.staging import EventDetector, event_index
+
+    detector = EventDetector(FineTunedModel(_encoder(), FinetuneSpec(task="events")), threshold=0.5)
+    probability = np.array([0.9, 0.9, 0.1, 0.8, np.nan, 0.9])
+    stages = np.array([2, 2, 2, 0, 2, 2])  # the event in wake (epoch 3) and the unread epoch 4 do not count
+    ahi = event_index(probability, stages, detector=detector, modalities=["airflow"])
+    assert (ahi["events"], ahi["event_epochs"]) == (2, 3)
+    assert ahi["events_per_hour"] == pytest.approx(2 / (5 * 30 / 3600))  # 48 events/h of sleep
+    assert ahi["severity"] == "severe" and ahi["reason"] is None
+    awake = event_index(probability, np.zeros(6, int), detector=detector, modalities=["airflow"])
+    assert awake["events_per_hour"] is None and awake["severity"] is None
+    with pytest.raises(ValueError, match="--events-model: expected a respiratory-event detector.*'staging'"):
+        EventDetector(FineTunedModel(_encoder(), FinetuneSpec(task="staging")))
+    with pytest.raises(ValueError, match="--events-model: expected a respiratory-event detector.*'arousal'"):
+        EventDetector(FineTunedModel(_encoder(), FinetuneSpec(task="arousal")))
+
+
+def test_stage_with_an_event_detector_reports_the_ahi(real_data, asleep_model, dreams_site, tmp_path):
+    from pipelines.stage import stage_paths
+    from s2v_core.staging import load_event_detector
+
+    source = real_data / "DREAMS_Spindles" / "excerpt3.edf"
+    always = _events_model(tmp_path / "always", logit=9.0)
+    detector = load_event_detector(always)
+    assert (detector.threshold, detector.threshold_from) == (0.3, "val nights (closest AHI, MAE)")
+    result = stage_recording(
+        source,
+        model=asleep_model,
+        events_model=always,
+        out=tmp_path / "out",
+        identities=IDENTITIES,
+        site_config=dreams_site,
+    )
+    ahi = result.summary["ahi"]
+    # Every epoch asleep (N2) and holding an event: one run of 60 epochs in 0.5 h of sleep.
+    assert (ahi["events"], ahi["event_epochs"], ahi["events_per_hour"]) == (1, 60, 2.0)
+    assert ahi["severity"] == "normal" and ahi["threshold"] == 0.3 and "airflow" in ahi["modalities"]
+    rows = _rows(result.files["csv"])
+    assert list(rows[0])[-1] == "p_event" and float(rows[0]["p_event"]) > 0.99
+    assert json.loads(open(result.files["summary"]).read())["ahi"] == ahi
+    never = _events_model(tmp_path / "never", logit=-9.0, threshold=None)
+    assert load_event_detector(never).threshold == 0.5
+    # The CLI's path, one file, no Ray: the result line carries the AHI.
+    (results,) = stage_paths(
+        [str(source)],
+        model=str(asleep_model),
+        out=str(tmp_path / "cli"),
+        site_config=str(dreams_site),
+        events_model=str(never),
+    )
+    assert results["status"] == "ok" and results["ahi"] == 0.0
+
+
+def test_a_recording_the_detector_cannot_read_is_staged_without_ahi(real_data, asleep_model, model_dir, tmp_path):
+    from pipelines.stage import stage_paths
+
+    breathing = _events_model(tmp_path / "breathing", logit=9.0, modalities=("airflow", "thorax", "abdomen"))
+    result = stage_recording(
+        real_data / "SleepEDF_SC4001" / "short_psg.edf",
+        model=asleep_model,
+        events_model=breathing,
+        identities=IDENTITIES,
+    )
+    assert len(result.stages) == 10 and result.summary["ahi"] == {
+        "events_per_hour": None,
+        "reason": "the events model reads airflow, thorax, abdomen; the recording gives eeg, eog",
+    }
+    with pytest.raises(ValueError, match="--events-model: expected a respiratory-event detector"):
+        stage_paths(
+            [str(real_data / "SleepEDF_SC4001")],
+            model=str(asleep_model),
+            out=str(tmp_path / "o"),
+            events_model=str(model_dir),
+        )
+    with pytest.raises(FileNotFoundError, match="--events-model .*not a fine-tuned model"):
+        stage_paths(
+            [str(real_data / "SleepEDF_SC4001")],
+            model=str(asleep_model),
+            out=str(tmp_path / "o"),
+            events_model=str(tmp_path),
+        )

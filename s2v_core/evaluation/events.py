@@ -26,11 +26,19 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from s2v_core.evaluation.tasks import icc, pearson_r, severity_kappa
+from s2v_core.evaluation.tasks import Task, icc, pearson_r, severity_kappa
+from s2v_core.io.events import EVENT_FLAGS
 from s2v_core.modalities import EPOCH_SECONDS
 
 #: Probability above which an epoch counts as holding an event.
 DEFAULT_THRESHOLD = 0.5
+#: The event bits an apnoea-hypopnoea index counts: apnoeas and hypopnoeas.
+AHI_BITS = EVENT_FLAGS["apnea"][1] | EVENT_FLAGS["hypopnea"][1]
+
+
+def counts_ahi(task: Task) -> bool:
+    """Whether ``task`` detects what an AHI counts (apnoea and/or hypopnoea bits, nothing else)."""
+    return bool(task.event_bits) and not task.event_bits & ~AHI_BITS
 
 
 def count_runs(positive: np.ndarray) -> int:

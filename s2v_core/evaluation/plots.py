@@ -146,12 +146,20 @@ def _save(fig, path: str | Path) -> Path:
 
 
 def plot_predicted_hypnogram(
-    stages: np.ndarray, probabilities: np.ndarray, classes: Sequence[str], path: str | Path, *, title: str = ""
+    stages: np.ndarray,
+    probabilities: np.ndarray,
+    classes: Sequence[str],
+    path: str | Path,
+    *,
+    title: str = "",
+    events: np.ndarray | None = None,
 ) -> Path:
     """A predicted hypnogram (one class per 30-s epoch, hours on x) above its class probabilities.
 
     ``stages`` holds class indices into ``classes`` (−1: unscored, left blank);
     ``probabilities`` is ``(epochs, len(classes))``. Wake is drawn at the top.
+    ``events`` (bool per epoch) marks epochs with a detected respiratory event
+    as red ticks on the hypnogram.
     """
     plt = _pyplot()
     stages = np.asarray(stages)
@@ -168,6 +176,10 @@ def plot_predicted_hypnogram(
     top.step(hours, np.append(y, y[-1:]), where="post", lw=1)
     top.set_yticks([height[c] for c in order], [classes[c] for c in order])
     top.set_title(title)
+    if events is not None and np.any(events):
+        at = np.flatnonzero(events)
+        top.plot(hours[at] + 15 / 3600, y[at], "|", color="tab:red", ms=8, label="respiratory event")
+        top.legend(loc="upper right", fontsize=6)
     shown = np.where((stages >= 0)[:, None], probabilities, 0.0)
     bottom.stackplot(hours[:-1], shown.T, labels=list(classes), step="post")
     bottom.set_ylim(0, 1)
