@@ -89,6 +89,7 @@ def make_store(workdir: Path, args: argparse.Namespace) -> str:
             recordings_per_site=args.nights_per_site,
             hours=args.hours,
             seed=args.seed,
+            archetypes=args.archetypes,
         )
         with contextlib.redirect_stdout(sys.stderr):
             ingest(IngestConfig(inputs=[str(cohort.root)], output=str(store), workers=2))
@@ -351,6 +352,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--sites", type=int, default=6, help="synthetic sites (archetypes in turn)")
     parser.add_argument("--nights-per-site", type=int, default=12, help="synthetic nights per site")
     parser.add_argument("--hours", type=float, default=6.0, help="length of each synthetic night")
+    parser.add_argument(
+        "--archetypes",
+        default=None,
+        help="comma-separated site archetypes to cycle through (s2v_core.synth.sites; e.g. shhs_like,mesa_like: "
+        "only NSRR-XML sites, whose nights carry scored events, for an AHI study)",
+    )
     parser.add_argument("--model", default="small")
     parser.add_argument("--pretrain-steps", type=int, default=1000)
     parser.add_argument("--global-batch", type=int, default=32, help="pretraining windows per step")
@@ -366,7 +373,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--modality-dropout", type=float, default=0.3, help="staging arms: P(drop a modality)")
     parser.add_argument("--subsets", default=",".join(SUBSETS), help="sensor subsets the staging arms are scored on")
     parser.add_argument("--night-steps", type=int, default=300, help="whole-night head: steps (one night each)")
-    parser.add_argument("--skip", default="", help="comma-separated parts to leave out: night, ahi, fewshot")
+    parser.add_argument(
+        "--skip",
+        default="",
+        help="comma-separated parts to leave out: staging (and with it night, fewshot, which build on it), "
+        "night, ahi, fewshot",
+    )
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
@@ -381,9 +393,12 @@ def parse_args() -> argparse.Namespace:
         args.workers, args.night_steps = 1, 10
     args.subsets = [s.strip() for s in args.subsets.split(",") if s.strip()]
     args.skip = {s.strip() for s in args.skip.split(",") if s.strip()}
-    unknown = args.skip - {"night", "ahi", "fewshot"}
+    unknown = args.skip - {"staging", "night", "ahi", "fewshot"}
     if unknown:
-        parser.error(f"--skip: expected some of night, ahi, fewshot, found {', '.join(sorted(unknown))}")
+        parser.error(f"--skip: expected some of staging, night, ahi, fewshot, found {', '.join(sorted(unknown))}")
+    if "staging" in args.skip:
+        args.skip |= {"night", "fewshot"}  # both start from the staging arms' models
+    args.archetypes = tuple(a.strip() for a in args.archetypes.split(",") if a.strip()) if args.archetypes else None
     return args
 
 
@@ -407,7 +422,7 @@ def main() -> None:
         pretrained = pretrained_encoder(store, workdir, args)
         scratch = scratch_encoder(pretrained, workdir)
         encoders = {"frozen": pretrained, "lora": pretrained, "full": pretrained, "scratch": scratch}
-        staging, reports = staging_by_subset(encoders, store, workdir, args)
+        staging, reports = (None, {}) if "staging" in args.skip else staging_by_subset(encoders, store, workdir, args)
         night = None if "night" in args.skip else night_context(reports["lora"], args)
         ahi = None if "ahi" in args.skip else ahi_arms(encoders, store, workdir, args)
         shots = None if "fewshot" in args.skip else few_shot(encoders, store, workdir, args, reports)
@@ -419,7 +434,12 @@ def main() -> None:
         "quick": args.quick,
         "cohort": None
         if args.data
-        else {"sites": args.sites, "nights_per_site": args.nights_per_site, "hours": args.hours},
+        else {
+            "sites": args.sites,
+            "nights_per_site": args.nights_per_site,
+            "hours": args.hours,
+            "archetypes": list(args.archetypes) if args.archetypes else "default cycle",
+        },
         "model": args.model,
         "pretrain_steps": args.pretrain_steps,
         "head": args.head,
