@@ -85,6 +85,21 @@ def toy_windows(
     return pa.Table.from_pydict(columns, schema=schema)
 
 
+def _cvd_outcome(ahi: float, seed: int, site: int, recording: int) -> dict[str, float]:
+    """A censored time to a first cardiovascular event whose hazard rises with the AHI.
+
+    Exponential with a daily hazard of ``1e-4 * exp(0.05 * AHI)`` (as in SHHS,
+    where CVD incidence rises with the AHI), censored at 10 years of follow-up:
+    ``cvd_event`` 1.0 if the event came first, ``cvd_days`` the time to it or
+    to censoring. Drawn from a generator of its own so the other outcomes of a
+    seed are unchanged.
+    """
+    rng = np.random.default_rng([seed, site, recording, 1])
+    follow_up = 3650.0
+    time = float(rng.exponential(1.0 / (1e-4 * np.exp(0.05 * ahi))))
+    return {"cvd_event": float(time < follow_up), "cvd_days": min(time, follow_up)}
+
+
 def write_toy_store(
     root: str | Path,
     *,
@@ -104,7 +119,8 @@ def write_toy_store(
     ``manifest.jsonl`` (one ``ok`` line per recording), so readers of the
     store are tested against a root that is not only Parquet files.
 
-    Ages, sexes and outcomes (``ahi``, ``hypertension``) vary per night;
+    Ages, sexes and outcomes (``ahi``, ``hypertension``, and a time-to-event
+    pair ``cvd_event`` / ``cvd_days``, see :func:`_cvd_outcome`) vary per night;
     every third night of a site lacks the last selected modality, so the
     ``present`` mask is exercised. Every night is its own subject; the store's
     ``splits.json`` assigns them explicitly: the last ``test_per_site`` nights
@@ -131,7 +147,7 @@ def write_toy_store(
                 modalities=night_modalities,
                 age=float(rng.uniform(20, 80)),
                 sex=int(rng.integers(0, 2)),
-                outcomes={"ahi": ahi, "hypertension": float(ahi > 15)},
+                outcomes={"ahi": ahi, "hypertension": float(ahi > 15), **_cvd_outcome(ahi, seed, s, r)},
                 scored_events=s < scored_event_sites,
                 rng=rng,
             )

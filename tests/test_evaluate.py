@@ -216,7 +216,9 @@ def test_tasks_of_the_task_table_are_scored_by_their_level_and_kind(setup, tmp_p
 
 def test_bad_inputs_give_one_clear_message(setup, tmp_path, capsys):
     emb = str(setup["emb"])
-    with pytest.raises(ValueError, match=r"no night has outcome 'bmi'; available: age, sex, ahi, hypertension"):
+    with pytest.raises(
+        ValueError, match=r"no night has outcome 'bmi'; available: age, sex, ahi, cvd_days, cvd_event, hypertension"
+    ):
         evaluate(
             EvaluateConfig(
                 embeddings=emb, task="outcome:bmi", report=str(tmp_path / "r.json"), folds=3, log_to_mlflow=False

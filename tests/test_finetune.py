@@ -207,7 +207,7 @@ def test_cli_flags_map_onto_the_config():
 
 @pytest.mark.integration
 def test_finetune_night_level_task_through_ray(ray_local, tmp_path, store):
-    """AHI (an outcome of the store's `outcomes` map): window-level training, per-night scoring."""
+    """AHI and a time-to-event outcome (of the store's `outcomes` map): window-level training, per-night scoring."""
     run_dir = _pretrain_run_dir(tmp_path, store)
     config = FinetuneConfig(
         checkpoint=str(run_dir),
@@ -226,6 +226,13 @@ def test_finetune_night_level_task_through_ray(ray_local, tmp_path, store):
     assert {"mae", "pearson_r", "icc", "severity_kappa"} <= set(report["test"])
     assert report["baseline"]["unit"] == "events/h"
     assert list(report["val"]) == ["mae"] and report["val"]["mae"] > 0  # early stopping watched the val MAE
+    # A time-to-event outcome (event and time columns of the store's outcomes): Cox loss, C-index.
+    survival = finetune(
+        dataclasses.replace(config, output=str(tmp_path / "cvd"), task="survival:cvd_event,cvd_days"), mlflow=False
+    )
+    assert list(survival["val"]) == ["c_index"] and 0.0 <= survival["val"]["c_index"] <= 1.0
+    assert survival["baseline"]["c_index"] == pytest.approx(0.5)  # a constant risk orders no pair
+    assert 0.0 <= survival["test"]["c_index"] <= 1.0 and load_finetuned(survival["model"]).task.kind == "survival"
 
 
 def test_resume_refuses_other_training_options(tmp_path, store):
