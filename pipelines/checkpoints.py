@@ -164,10 +164,20 @@ def checkpoint_problems(
         for name in (CHECKPOINT_STATE_FILE, f"{ENCODER_DIR}/{MODEL_CONFIG_FILE}", f"{ENCODER_DIR}/{WEIGHTS_FILE}")
         if not files.get(name)
     ]
-    if not files.get(f"{ENGINE_DIR}/latest"):
-        problems.append(f"no {ENGINE_DIR}/latest (DeepSpeed's pointer to its state)")
     if ema:
         problems += [f"no {name}" for name in (EMA_FILE, f"{ONLINE_ENCODER_DIR}/{WEIGHTS_FILE}") if not files.get(name)]
+    return problems + engine_problems(files, world_size=world_size, zero_stage=zero_stage)
+
+
+def engine_problems(files: dict[str, int], *, world_size: int | None, zero_stage: int | None) -> list[str]:
+    """What keeps the DeepSpeed state of a checkpoint (``engine/``) from being complete (empty: complete).
+
+    ``files``, ``world_size`` and ``zero_stage`` as in :func:`checkpoint_problems`;
+    ``s2v finetune --deepspeed`` checks its checkpoints' engine state with it too.
+    """
+    problems = []
+    if not files.get(f"{ENGINE_DIR}/latest"):
+        problems.append(f"no {ENGINE_DIR}/latest (DeepSpeed's pointer to its state)")
     if world_size is None:
         return problems + [f"{CHECKPOINT_STATE_FILE} unreadable"]
     engine = f"{ENGINE_DIR}/{ENGINE_TAG}/"

@@ -7,6 +7,7 @@ Launch::
     s2v finetune … --task events                  # epoch-level respiratory-event detector (+ AHI from events)
     s2v finetune … --labelled-windows 128         # few-shot: 128 random train windows carry labels
     s2v finetune … --resume                       # continue the latest checkpoint in RUN_DIR
+    s2v finetune … --workers 2 --deepspeed --zero-stage 2   # inside a DeepSpeed engine (ZeRO), as s2v pretrain
     s2v finetune … --task staging --night-context # + a whole-night transformer over stage 1's epoch features
 
 ``--night-context`` (epoch-level classification tasks: staging, staging4,
@@ -37,14 +38,26 @@ Run dir layout (a local directory)::
 
     RUN_DIR/finetune_config.json   the resolved config
     RUN_DIR/pretrained_encoder/    the encoder fine-tuning started from (what the workers load)
-    RUN_DIR/checkpoints/step_*/    state.json, training.pt (model + optimiser), best/ (best model so far)
+    RUN_DIR/checkpoints/step_*/    state.json, training.pt (model + optimiser), best/ (best model so far);
+                                   with --deepspeed engine/ (every rank's DeepSpeed state) instead of training.pt
+    RUN_DIR/ds_config.json         with --deepspeed: the DeepSpeed config the workers used
     RUN_DIR/model/                 the fine-tuned model (s2v_core.finetuning.load_finetuned; `s2v stage --model`)
     RUN_DIR/report.json            test figures, baseline, protocol
     RUN_DIR/mlflow_run.json        the MLflow run (nested under the pretraining run when it is found)
 
-DeepSpeed is not used: the trainable part of a task model is small (a head,
-LoRA adapters), and full fine-tuning of the encoder sizes this project
-trains fits plain data-parallel workers.
+By default the workers are plain data-parallel (DDP) processes: the trainable
+part of a task model is small (a head, LoRA adapters), and full fine-tuning
+of the encoder sizes this project trains fits them. ``--deepspeed`` trains
+inside a DeepSpeed engine instead, as ``s2v pretrain`` does (shared code in
+:mod:`pipelines.deepspeed_engine`; gloo on CPU workers, nothing compiled),
+for an encoder whose optimiser state or weights want ZeRO partitioning:
+``--zero-stage`` 0-3, by default 2 on GPU workers and 0 on CPU ones. It is
+the same AdamW at the same constant learning rates, in float32 and without
+clipping, so both ways train the same model; frozen weights stay out of the
+optimiser and unchanged. Checkpoints hold every rank's engine state, and
+``RUN_DIR/model`` is written the same way whichever trained it, so ``s2v
+stage``, ``--night-context`` and the report read it unchanged. A resumed
+``--deepspeed`` run keeps its ZeRO stage (and its ``--workers`` at stages 1-3).
 """
 
 from __future__ import annotations
@@ -61,6 +74,7 @@ from typing import Any
 
 import numpy as np
 
+from pipelines.deepspeed_engine import engine_config, resolve_zero_stage, zero_stage_of
 from pipelines.runtime import mlflow_experiment, mlflow_tracking_uri
 from s2v_core.config import from_mapping, to_mapping
 from s2v_core.finetuning import (
@@ -73,7 +87,13 @@ from s2v_core.finetuning import (
 )
 from s2v_core.locations import redact
 from s2v_core.modalities import MODALITY_KEYS, parse_modalities
-from s2v_core.run_layout import CHECKPOINTS_NAME, MLFLOW_RUN_FILE, PRETRAINED_ENCODER_DIR
+from s2v_core.run_layout import (
+    CHECKPOINTS_NAME,
+    DS_CONFIG_FILE,
+    FINETUNE_STATE_FILE,
+    MLFLOW_RUN_FILE,
+    PRETRAINED_ENCODER_DIR,
+)
 from s2v_core.run_layout import FINETUNE_CONFIG_FILE as CONFIG_FILE
 from s2v_core.run_layout import FINETUNE_REPORT_FILE as REPORT_FILE
 from s2v_core.run_layout import FINETUNED_MODEL_DIR as MODEL_DIR
@@ -118,6 +138,11 @@ class FinetuneConfig:
     seed: int = 0  # weights of the head, data order, modality dropout
     transductive: bool = False  # allow an encoder pretrained on the test subjects (or of unknown origin)
     device: str = "auto"  # auto (a GPU per worker when the Ray cluster has them) | cpu | gpu
+    # Train inside a DeepSpeed engine (ZeRO) instead of plain data-parallel workers; the same
+    # AdamW, learning rates and saved model either way.
+    deepspeed: bool = False
+    # With --deepspeed: ZeRO stage 0-3; None = 2 on GPU workers, 0 on CPU ones (as s2v pretrain).
+    zero_stage: int | None = None
     # Stage 2 (epoch-level classification tasks): a transformer over each whole night's stage-1 epoch features.
     night_context: bool = False
     night_steps: int = 300  # stage-2 steps at most (one train night each; early stopping on val nights)
@@ -145,6 +170,7 @@ class PreparedFinetune:
     mlflow: dict | None = None
     on_gpu: bool = False
     train_window_keys: tuple[str, ...] | None = None  # --labelled-windows: the windows training sees
+    ds_config: dict | None = None  # --deepspeed: the DeepSpeed config for the workers' device
 
 
 # -- setup ------------------------------------------------------------------------------------------
@@ -180,6 +206,7 @@ def setup(config: FinetuneConfig, *, resume: bool = False) -> PreparedFinetune:
         if value is not None and not value > 0:
             raise ValueError(f"--{name.replace('_', '-')}: expected a learning rate > 0, found {value}")
     check_night_context(config)
+    check_deepspeed(config)
     if config.labelled_windows < 0:
         raise ValueError(f"--labelled-windows: expected an integer >= 0 (0: all), found {config.labelled_windows}")
     if config.device not in ("auto", "cpu", "gpu"):
@@ -289,6 +316,19 @@ def check_night_context(config: FinetuneConfig) -> None:
         )
 
 
+def check_deepspeed(config: FinetuneConfig) -> None:
+    """``--zero-stage`` is one of 0-3 and only comes with ``--deepspeed``."""
+    if config.zero_stage is None:
+        return
+    if config.zero_stage not in (0, 1, 2, 3):
+        raise ValueError(f"--zero-stage: expected 0, 1, 2 or 3, found {config.zero_stage!r}")
+    if not config.deepspeed:
+        raise ValueError(
+            f"--zero-stage: a DeepSpeed option; expected --deepspeed with it, found --zero-stage "
+            f"{config.zero_stage} without --deepspeed"
+        )
+
+
 def check_protocol(record: dict | None, store_record: dict, *, transductive: bool, checkpoint: str) -> dict:
     """Refuse to report on test subjects the encoder was pretrained on (or may have been), unless transductive."""
     from s2v_core.splits import seen_splits
@@ -347,8 +387,10 @@ def _check_same_run(path: Path, config: FinetuneConfig) -> None:
 
 
 def _check_resume(run_dir: Path, *, resume: bool) -> str | None:
+    from pipelines.finetune_loop import checkpoint_problems
+
     checkpoints = sorted((run_dir / CHECKPOINTS_NAME).glob("step_*")) if run_dir.is_dir() else []
-    complete = [c for c in checkpoints if (c / "state.json").is_file() and (c / "training.pt").is_file()]
+    complete = [c for c in checkpoints if not checkpoint_problems(c)]
     if not resume:
         if checkpoints or (run_dir / MODEL_DIR).exists():
             raise ValueError(
@@ -387,7 +429,11 @@ def start_mlflow_run(prepared: PreparedFinetune) -> PreparedFinetune:
     if parent:
         tags["mlflow.parentRunId"] = parent
     run = client.create_run(experiment_id, run_name=f"finetune-{prepared.spec.task}-{prepared.spec.mode}", tags=tags)
-    for key, value in to_mapping(prepared.config).items():
+    params = to_mapping(prepared.config)
+    if prepared.ds_config is not None:
+        params["zero_stage"] = zero_stage_of(prepared.ds_config)  # the stage used (the default resolved)
+        client.log_dict(run.info.run_id, prepared.ds_config, DS_CONFIG_FILE)
+    for key, value in params.items():
         client.log_param(
             run.info.run_id,
             key,
@@ -421,6 +467,7 @@ def loop_config(prepared: PreparedFinetune) -> dict[str, Any]:
         "resume_from": prepared.resume_from,
         "mlflow": prepared.mlflow,
         "validation": {"files": list(prepared.val_files), "filesystem": prepared.filesystem},
+        "ds_config": prepared.ds_config,
     }
 
 
@@ -485,7 +532,7 @@ def finetune(config: FinetuneConfig, *, resume: bool = False, address: str | Non
     started_ray = not ray.is_initialized()
     init_ray(address, num_cpus=max(os.cpu_count() or 1, config.workers + 1))
     try:
-        prepared = dataclasses.replace(prepared, on_gpu=detect_gpu(config))
+        prepared = with_deepspeed(dataclasses.replace(prepared, on_gpu=detect_gpu(config)))
         if mlflow:
             prepared = start_mlflow_run(prepared)
         result = build_trainer(prepared).fit()
@@ -507,6 +554,58 @@ def detect_gpu(config: FinetuneConfig) -> bool:
     if config.device == "gpu" and gpus < config.workers:
         raise ValueError(f"--device gpu: expected {config.workers} GPUs in the Ray cluster, found {gpus:g}")
     return gpus >= config.workers
+
+
+def deepspeed_config(config: FinetuneConfig, *, on_gpu: bool) -> dict[str, Any]:
+    """The DeepSpeed config of a ``--deepspeed`` run on CPU or GPU workers (``RUN_DIR/ds_config.json``).
+
+    Each worker holds ``batch_size // workers`` windows a step. It trains as the
+    data-parallel path does, so that their figures compare: float32 weights,
+    no gradient clipping and no scheduler (the constant learning rates of
+    :meth:`~s2v_core.finetuning.FineTunedModel.parameter_groups`). bf16 is
+    left out on GPUs too: DeepSpeed would cast the frozen pretrained weights
+    (frozen mode, LoRA's base weights) to bf16, and the saved model would no
+    longer hold the encoder it started from.
+    """
+    return engine_config(
+        micro_batch=config.batch_size // config.workers,
+        grad_accum=1,
+        zero_stage=resolve_zero_stage(config.zero_stage, on_gpu=on_gpu),
+        on_gpu=on_gpu,
+        bf16=False,
+        grad_clip=0.0,
+        workers=config.workers,
+    )
+
+
+def with_deepspeed(prepared: PreparedFinetune) -> PreparedFinetune:
+    """A ``--deepspeed`` run with its DeepSpeed config for its workers' device, written to the run dir.
+
+    A resumed run must be able to load its checkpoint's engine state: the
+    same ZeRO stage, and for stages 1-3 (an optimiser shard per worker) the
+    same ``--workers``; ``ValueError`` naming the option otherwise.
+    """
+    config = prepared.config
+    if not config.deepspeed:
+        return prepared
+    ds_config = deepspeed_config(config, on_gpu=prepared.on_gpu)
+    stage = zero_stage_of(ds_config)
+    if prepared.resume_from is not None:
+        checkpoint = Path(prepared.resume_from)
+        engine = json.loads((checkpoint / FINETUNE_STATE_FILE).read_text(encoding="utf-8")).get("engine") or {}
+        if engine.get("zero_stage") != stage:
+            raise ValueError(
+                f"--resume: expected the ZeRO stage of checkpoint {checkpoint.name} ({engine.get('zero_stage')}), "
+                f"found {stage} (--zero-stage {config.zero_stage if config.zero_stage is not None else 'default'} "
+                f"on {'GPU' if prepared.on_gpu else 'CPU'} workers); resume on the device it trained on (--device)"
+            )
+        if stage >= 1 and engine.get("world_size") != config.workers:
+            raise ValueError(
+                f"--workers: expected {engine.get('world_size')}, the workers that wrote checkpoint "
+                f"{checkpoint.name} (ZeRO-{stage} keeps an optimiser shard per worker), found {config.workers}"
+            )
+    (prepared.run_dir / DS_CONFIG_FILE).write_text(json.dumps(ds_config, indent=2) + "\n", encoding="utf-8")
+    return dataclasses.replace(prepared, ds_config=ds_config)
 
 
 # -- cleanup ----------------------------------------------------------------------------------------
@@ -544,7 +643,7 @@ def baseline_predictions(prepared: PreparedFinetune, target: np.ndarray) -> np.n
 def cleanup(prepared: PreparedFinetune, checkpoint: Path) -> dict:
     """Copy the best model to ``RUN_DIR/model``, score it on test next to the baseline, log to MLflow."""
     from pipelines.finetune_data import event_ahi_report
-    from pipelines.finetune_loop import BEST_DIR, FINETUNE_STATE_FILE, read_store_batches
+    from pipelines.finetune_loop import BEST_DIR, read_store_batches
     from s2v_core.finetuning import predict
 
     state = json.loads((checkpoint / FINETUNE_STATE_FILE).read_text(encoding="utf-8"))
@@ -759,6 +858,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every)
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--device", default=defaults.device, choices=("auto", "cpu", "gpu"), help="worker device")
+    parser.add_argument(
+        "--deepspeed",
+        action="store_true",
+        help="train inside a DeepSpeed engine (ZeRO) instead of plain data-parallel workers; "
+        "the same optimiser and the same saved model",
+    )
+    parser.add_argument(
+        "--zero-stage",
+        type=int,
+        choices=(0, 1, 2, 3),
+        help="with --deepspeed: DeepSpeed ZeRO stage (default: 2 on GPU workers, 0 on CPU workers)",
+    )
     parser.add_argument(
         "--night-context",
         action="store_true",

@@ -19,6 +19,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from pipelines.deepspeed_engine import engine_config, resolve_zero_stage
 from s2v_core.architecture import ModelConfig, resolve_model_config
 from s2v_core.config import from_mapping, load_mapping, to_mapping
 from s2v_core.objective import Objective, ObjectivePreset, load_objective
@@ -279,9 +280,7 @@ def use_bf16(config: PretrainConfig, *, on_gpu: bool) -> bool:
 
 def zero_stage(config: PretrainConfig, *, on_gpu: bool) -> int:
     """The ZeRO stage a run uses: ``config.zero_stage``, or 2 on GPU workers and 0 on CPU ones."""
-    if config.zero_stage is not None:
-        return config.zero_stage
-    return 2 if on_gpu else 0
+    return resolve_zero_stage(config.zero_stage, on_gpu=on_gpu)
 
 
 def deepspeed_config(config: PretrainConfig, *, on_gpu: bool) -> dict[str, Any]:
@@ -299,24 +298,16 @@ def deepspeed_config(config: PretrainConfig, *, on_gpu: bool) -> dict[str, Any]:
     per-worker gradients equals the gradient of the single-process loss on
     the concatenated global batch.
     """
-    bf16 = use_bf16(config, on_gpu=on_gpu)
-    stage = zero_stage(config, on_gpu=on_gpu)
-    zero: dict[str, Any] = {"stage": stage}
-    if stage in (1, 2):
-        # Overlapping reduction with backward needs CUDA streams; keep it on GPUs only.
-        zero.update(overlap_comm=on_gpu, contiguous_gradients=True, reduce_scatter=on_gpu)
-    if stage == 3:
-        zero.update(stage3_gather_16bit_weights_on_model_save=True)
     return {
-        "train_micro_batch_size_per_gpu": config.per_worker_batch,
-        "gradient_accumulation_steps": config.grad_accum,
-        "train_batch_size": config.global_batch * config.grad_accum,
-        "gradient_clipping": float(config.grad_clip),
-        "zero_optimization": zero,
-        "bf16": {"enabled": bf16},
-        "fp16": {"enabled": False},
-        # A client torch optimizer under ZeRO is supported but flagged "untested".
-        "zero_allow_untested_optimizer": True,
+        **engine_config(
+            micro_batch=config.per_worker_batch,
+            grad_accum=config.grad_accum,
+            zero_stage=zero_stage(config, on_gpu=on_gpu),
+            on_gpu=on_gpu,
+            bf16=use_bf16(config, on_gpu=on_gpu),
+            grad_clip=config.grad_clip,
+            workers=config.workers,
+        ),
         "scheduler": {
             "type": "WarmupCosineLR",
             "params": {
@@ -327,6 +318,4 @@ def deepspeed_config(config: PretrainConfig, *, on_gpu: bool) -> dict[str, Any]:
                 "warmup_type": "linear",
             },
         },
-        "steps_per_print": 10**9,  # progress goes to MLflow, not DeepSpeed's stdout
-        "wall_clock_breakdown": False,
     }

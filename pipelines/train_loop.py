@@ -25,6 +25,15 @@ import pyarrow.fs as pafs
 import torch
 
 from pipelines.checkpoints import DataPosition, checkpoint_dir_name, data_position, read_state, write_state
+from pipelines.deepspeed_engine import (
+    full_parameters,
+    initialize,
+    load_engine,
+    plain_state,
+    promote_scalar_parameters,
+    save_engine,
+    zero_stage_of,
+)
 from pipelines.runtime import file_type, start_system_metrics, write_text
 from pipelines.train_config import PretrainConfig, config_to_dict
 from pipelines.validation import HeldOutValidator
@@ -33,7 +42,7 @@ from s2v_core.locations import join, resolve
 from s2v_core.losses import dash_infonce
 from s2v_core.model import ModelConfig, SleepEncoder, batch_to_tensors, save_encoder
 from s2v_core.objective import Objective
-from s2v_core.run_layout import EMA_FILE, ENCODER_DIR, ENGINE_DIR, ENGINE_TAG, ONLINE_ENCODER_DIR, TRAINING_RECORD_FILE
+from s2v_core.run_layout import EMA_FILE, ENCODER_DIR, ONLINE_ENCODER_DIR, TRAINING_RECORD_FILE
 from s2v_core.store import table_to_batch
 
 logger = logging.getLogger(__name__)
@@ -184,24 +193,6 @@ class ContrastiveStep(torch.nn.Module):
         # A computed 0-dim copy: it stays valid after ZeRO-3 re-partitions the parameter.
         scale = self.encoder.logit_scale.float().reshape(()) * 1.0
         return self.encoder.encode(batch, modalities, mask_rate=mask_rate), scale
-
-
-def _promote_scalar_parameters(model: torch.nn.Module) -> None:
-    """Turn 0-dim parameters (``SleepEncoder.logit_scale``) into 1-element ones, in place.
-
-    DeepSpeed 0.19 assumes every parameter has a dimension: it broadcasts
-    parameters as ``uint8`` views at start-up and in ZeRO-3 partitioning, and
-    ZeRO-0 copies reduced gradients back through 1-d buffers; all of them
-    raise for a 0-dim tensor. The loop reads the scale back as a 0-dim view
-    and :func:`_fp32_copy` restores the original shapes when it writes the
-    encoder, so saved encoders are unchanged.
-    """
-    for module in model.modules():
-        for name, param in list(module._parameters.items()):
-            if param is not None and param.ndim == 0:
-                module._parameters[name] = torch.nn.Parameter(
-                    param.detach().reshape(1), requires_grad=param.requires_grad
-                )
 
 
 def _average_stats(stats: dict[str, float], world_size: int, device: torch.device) -> dict[str, float]:
@@ -357,20 +348,6 @@ def _maybe_fail(cfg: Any, step: int, rank: int, world_size: int, run_dir: str) -
     raise RuntimeError(f"injected failure before optimiser step {cfg.fail_at_step} (fail_at_step)")
 
 
-def _skip_shm_comm_build() -> None:
-    """Keep DeepSpeed from JIT-compiling ``deepspeed_shm_comm`` on CPU workers.
-
-    That op only speeds up ``inference_all_reduce`` on one host; training
-    all-reduces through gloo. Building it costs minutes on a fresh machine, and
-    a build killed mid-way leaves a lock file in the torch extensions cache on
-    which every later run waits forever (seen here). DeepSpeed skips ops marked
-    incompatible, so mark it so.
-    """
-    import deepspeed.ops
-
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-
-
 def build_engine(
     model_cfg: ModelConfig, modalities: tuple[str, ...], *, cfg: Any, ds_config: dict[str, Any], on_cpu: bool
 ) -> tuple[Any, Any]:
@@ -380,19 +357,12 @@ def build_engine(
     Every rank starts from the same weights (seeded; DeepSpeed also
     broadcasts rank 0's); the ZeRO stage is ``ds_config``'s.
     """
-    import deepspeed
-
     torch.manual_seed(cfg.seed)
     encoder = SleepEncoder(model_cfg, modalities)
-    _promote_scalar_parameters(encoder)
-    model = ContrastiveStep(encoder, zero_stage=int(ds_config["zero_optimization"]["stage"]))
+    promote_scalar_parameters(encoder)
+    model = ContrastiveStep(encoder, zero_stage=zero_stage_of(ds_config))
     optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas))
-    if on_cpu:
-        _skip_shm_comm_build()
-    engine, _, _, scheduler = deepspeed.initialize(
-        model=model, optimizer=optimizer, config=ds_config, dist_init_required=False
-    )
-    return engine, scheduler
+    return initialize(model, optimizer, ds_config, on_cpu=on_cpu)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -409,7 +379,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     engine, scheduler = build_engine(
         loop.model, modalities, cfg=cfg, ds_config=loop.ds_config, on_cpu=device.type == "cpu"
     )
-    zero_stage = int(loop.ds_config["zero_optimization"]["stage"])  # resolved for the device
+    zero_stage = zero_stage_of(loop.ds_config)  # resolved for the device
     objective = cfg.loss_objective
     encoder = engine.module.encoder
     if world_size > 1 and objective.negatives == "global":
@@ -432,7 +402,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             state = read_state(directory)
-            engine.load_checkpoint(str(Path(directory) / ENGINE_DIR), tag=ENGINE_TAG)
+            load_engine(engine, directory)
             step, position = int(state["step"]), data_position(state)
             if ema is not None:
                 ema.load_state_dict(torch.load(Path(directory) / EMA_FILE, map_location=device, weights_only=True))
@@ -569,9 +539,7 @@ def _save_and_report(
     import torch.distributed as dist
 
     with tempfile.TemporaryDirectory(prefix="s2v-ckpt-") as directory:
-        engine_dir = Path(directory) / ENGINE_DIR
-        (engine_dir / ENGINE_TAG).mkdir(parents=True)
-        engine.save_checkpoint(str(engine_dir), tag=ENGINE_TAG)
+        save_engine(engine, directory)
         if ema is not None:
             _save_encoder(engine, Path(directory) / ONLINE_ENCODER_DIR, rank=rank, zero_stage=zero_stage)
             if rank == 0:
@@ -605,23 +573,14 @@ def _save_and_report(
 
 
 def _save_encoder(engine: Any, directory: Path, *, rank: int, zero_stage: int) -> None:
-    """Rank 0 writes the plain encoder (fp32 weights); ZeRO-3 first gathers the partitions."""
-    module = engine.module.encoder
-    if zero_stage == 3:
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None):
-            if rank == 0:
-                save_encoder(_fp32_copy(module), directory)
-        return
-    if rank == 0:
-        save_encoder(_fp32_copy(module), directory)
+    """Rank 0 writes the plain encoder (fp32 weights); ZeRO-3 first gathers the partitions (all ranks)."""
+    with full_parameters(engine.module, zero_stage=zero_stage):
+        if rank == 0:
+            save_encoder(_fp32_copy(engine.module.encoder), directory)
 
 
 def _fp32_copy(module: SleepEncoder) -> SleepEncoder:
     """A float32 CPU copy of the encoder (bf16 training keeps bf16 weights in the module)."""
     copy = SleepEncoder(module.config, module.modalities)
-    shapes = {k: v.shape for k, v in copy.state_dict().items()}
-    # reshape: undo _promote_scalar_parameters (1-element → 0-dim).
-    copy.load_state_dict({k: v.detach().float().cpu().reshape(shapes[k]) for k, v in module.state_dict().items()})
+    copy.load_state_dict(plain_state(module.state_dict(), copy.state_dict()))
     return copy

@@ -279,7 +279,8 @@ class FineTunedModel(nn.Module):
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.spec.mode != "frozen"):
             for start in range(0, length, chunk):
                 piece = {k: batch[k][:, start : start + chunk] for k in modalities}
-                out = self.encoder.encode({**piece, "present": present}, modalities)
+                # Through the encoder's __call__, not .encode: ZeRO-3 then gathers its own parameters.
+                out = self.encoder({**piece, "present": present}, modalities)
                 parts.append(self.fusion(out.hidden, out.present))
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 

@@ -31,12 +31,14 @@ Fine-tuning run (``s2v finetune --output RUN_DIR``)::
       finetune_config.json        FINETUNE_CONFIG_FILE
       report.json                 FINETUNE_REPORT_FILE
       mlflow_run.json             MLFLOW_RUN_FILE
+      ds_config.json              DS_CONFIG_FILE         with --deepspeed: the DeepSpeed config the workers used
       pretrained_encoder/         PRETRAINED_ENCODER_DIR the encoder it started from
       model/                      FINETUNED_MODEL_DIR    the fine-tuned model (below)
       checkpoints/                CHECKPOINTS_NAME
         step_*/state.json         FINETUNE_STATE_FILE
-        step_*/training.pt        FINETUNE_TRAINING_FILE optimiser, scheduler and RNG state
-        best/                     BEST_DIR               the best checkpoint on val subjects
+        step_*/training.pt        FINETUNE_TRAINING_FILE model and optimiser state (data-parallel workers)
+        step_*/engine/state/      ENGINE_DIR, ENGINE_TAG with --deepspeed instead: every rank's DeepSpeed state
+        step_*/best/              BEST_DIR               the best model so far on val subjects
 
 Fine-tuned model (``FINETUNED_MODEL_DIR``, :func:`s2v_core.finetuning.save_finetuned`)::
 
@@ -62,6 +64,7 @@ from s2v_core.locations import join
 
 # -- pretraining run ---------------------------------------------------------------------------
 PRETRAIN_CONFIG_FILE = "pretrain_config.json"
+#: The DeepSpeed config the workers used (``s2v pretrain``; ``s2v finetune --deepspeed``).
 DS_CONFIG_FILE = "ds_config.json"
 #: Written by ``s2v pretrain`` and ``s2v finetune``: ``{"tracking_uri", "run_id"}`` of the run's
 #: MLflow run (a resumed run continues it; embed and evaluate nest under it).

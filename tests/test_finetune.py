@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from pipelines.finetune import FinetuneConfig, check_protocol, finetune, setup
+from pipelines.finetune import FinetuneConfig, check_protocol, deepspeed_config, finetune, setup, with_deepspeed
 from s2v_core.finetuning import load_finetuned
 from s2v_core.model import SleepEncoder, model_config, save_encoder
 from s2v_core.splits import TRAINING_RECORD_FILE, split_record
@@ -27,11 +27,10 @@ def _pretrain_run_dir(root, store, *, splits=("train",)):
     return root / "pretrain"
 
 
-@pytest.fixture
-def store(tmp_path):
-    # Per site: 3 train, 1 val, 1 test subject (one night each).
+def toy_store(root):
+    """Per site: 3 train, 1 val, 1 test subject (one night each), windows of 4 epochs."""
     return write_toy_store(
-        tmp_path / "store",
+        root / "store",
         sites=2,
         recordings_per_site=5,
         windows_per_recording=4,
@@ -41,6 +40,11 @@ def store(tmp_path):
         val_per_site=1,
         test_per_site=1,
     )
+
+
+@pytest.fixture
+def store(tmp_path):
+    return toy_store(tmp_path)
 
 
 def test_protocol_refuses_encoders_that_saw_the_test_subjects(tmp_path, store):
@@ -184,10 +188,14 @@ def test_cli_flags_map_onto_the_config():
             "--night-context",
             "--night-steps",
             "40",
+            "--deepspeed",
+            "--zero-stage",
+            "3",
         ]
     )
     config = config_from_args(args)
     assert config.night_context and config.night_steps == 40
+    assert config.deepspeed and config.zero_stage == 3
     assert (config.lr, config.head_lr) == (1e-4, 2e-3)
     assert (config.mode, config.head, config.lora_r, config.steps, config.task) == (
         "lora",
@@ -203,6 +211,64 @@ def test_cli_flags_map_onto_the_config():
     )
     with pytest.raises(ValueError, match="--lora-targets"):
         config_from_args(bad)
+    plain = config_from_args(
+        build_parser("finetune").parse_args(["finetune", "--checkpoint", "c", "--data", "d", "--output", "o"])
+    )
+    assert not plain.deepspeed and plain.zero_stage is None
+    with pytest.raises(SystemExit):  # argparse: invalid choice
+        build_parser("finetune").parse_args(
+            ["finetune", "--checkpoint", "c", "--data", "d", "--output", "o", "--zero-stage", "4"]
+        )
+
+
+def test_zero_stage_comes_only_with_deepspeed(tmp_path, store):
+    run_dir = _pretrain_run_dir(tmp_path, store)
+    base = FinetuneConfig(checkpoint=str(run_dir), data=str(store), output=str(tmp_path / "ft"), batch_size=4)
+    with pytest.raises(ValueError, match="--zero-stage: .*expected --deepspeed with it, found --zero-stage 2 without"):
+        setup(dataclasses.replace(base, zero_stage=2))
+    with pytest.raises(ValueError, match="--zero-stage: expected 0, 1, 2 or 3, found 4"):
+        setup(dataclasses.replace(base, deepspeed=True, zero_stage=4))
+    assert setup(dataclasses.replace(base, deepspeed=True, zero_stage=3)).config.zero_stage == 3
+
+
+def test_deepspeed_config_follows_the_device_and_trains_as_the_data_parallel_path():
+    config = FinetuneConfig(workers=2, batch_size=8, deepspeed=True)
+    cpu, gpu = deepspeed_config(config, on_gpu=False), deepspeed_config(config, on_gpu=True)
+    assert cpu["zero_optimization"]["stage"] == 0 and gpu["zero_optimization"]["stage"] == 2  # as s2v pretrain
+    assert deepspeed_config(dataclasses.replace(config, zero_stage=3), on_gpu=True)["zero_optimization"]["stage"] == 3
+    for ds in (cpu, gpu):
+        # DeepSpeed checks train_batch_size == micro batch * accumulation * workers.
+        assert ds["train_micro_batch_size_per_gpu"] == 4 and ds["gradient_accumulation_steps"] == 1
+        assert ds["train_batch_size"] == 8
+        # As the data-parallel path: float32 (frozen weights are never rounded), no clipping, constant LR.
+        assert ds["bf16"]["enabled"] is False and ds["fp16"]["enabled"] is False
+        assert ds["gradient_clipping"] == 0.0
+        assert "scheduler" not in ds and "optimizer" not in ds  # the loop hands its AdamW over
+        json.dumps(ds)  # saved in the run dir and logged to MLflow
+
+
+def test_a_resumed_deepspeed_run_keeps_its_zero_stage_and_workers(tmp_path, store):
+    run_dir = _pretrain_run_dir(tmp_path, store)
+    config = FinetuneConfig(
+        checkpoint=str(run_dir), data=str(store), output=str(tmp_path / "ft"), batch_size=4, workers=2, deepspeed=True
+    )
+    prepared = with_deepspeed(setup(config))
+    assert prepared.ds_config["zero_optimization"]["stage"] == 0  # CPU workers
+    assert json.loads((tmp_path / "ft" / "ds_config.json").read_text()) == prepared.ds_config
+    assert with_deepspeed(setup(dataclasses.replace(config, deepspeed=False), resume=True)).ds_config is None
+
+    checkpoint = tmp_path / "ft" / "checkpoints" / "step_00000002"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "state.json").write_text(json.dumps({"step": 2, "engine": {"zero_stage": 2, "world_size": 2}}))
+    resumed = dataclasses.replace(prepared, resume_from=str(checkpoint))
+    with pytest.raises(
+        ValueError, match=r"--resume: expected the ZeRO stage of checkpoint step_00000002 \(2\), found 0"
+    ):
+        with_deepspeed(resumed)
+    assert with_deepspeed(dataclasses.replace(resumed, on_gpu=True)).ds_config["zero_optimization"]["stage"] == 2
+    fewer = dataclasses.replace(resumed, on_gpu=True, config=dataclasses.replace(config, workers=1))
+    with pytest.raises(ValueError, match="--workers: expected 2, the workers that wrote checkpoint step_00000002"):
+        with_deepspeed(fewer)
 
 
 @pytest.mark.integration
@@ -390,3 +456,72 @@ def test_finetune_night_context_adds_a_night_head_that_stage_uses(ray_local, rea
     )
     assert result.summary["night_context"] is True and len(result.stages) == 60
     assert set(result.summary["modalities"]) <= set(MODALITIES) and result.summary["staged_epochs"] > 0
+
+
+def _deepspeed_lora(root, store, **options) -> FinetuneConfig:
+    """A staging LoRA run on two workers inside a DeepSpeed engine, output in ``root/ft``."""
+    return FinetuneConfig(
+        checkpoint=str(_pretrain_run_dir(root, store)),
+        data=str(store),
+        output=str(root / "ft"),
+        task="staging",
+        mode="lora",
+        batch_size=4,
+        workers=2,
+        checkpoint_every=2,
+        lr=3e-3,
+        deepspeed=True,
+        **options,
+    )
+
+
+def _check_trained_model(output, report):
+    """A finished LoRA run: test figures, RUN_DIR/model loads, and the pretrained base weights are untouched."""
+    assert report["test"]["n_epochs"] == 2 * 4 * 4 and "kappa" in report["test"] and "kappa" in report["baseline"]
+    model = load_finetuned(output / "model")
+    assert model.spec.mode == "lora" and (output / "model" / "adapter.pt").is_file()
+    adapters = torch.load(output / "model" / "adapter.pt", weights_only=True)
+    assert any(float(v.abs().max()) > 0 for k, v in adapters.items() if "lora_B" in k)  # B starts at zero: it trained
+    start = torch.load(output / "pretrained_encoder" / "encoder.pt", weights_only=True)
+    saved = torch.load(output / "model" / "encoder" / "encoder.pt", weights_only=True)
+    assert all(torch.equal(start[k], saved[k]) for k in start)
+
+
+@pytest.mark.integration
+def test_finetune_deepspeed_zero2_lora_on_two_workers_and_resume(ray_local, tmp_path, store, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    output = tmp_path / "ft"
+    config = _deepspeed_lora(tmp_path, store, zero_stage=2, head="temporal", steps=4, eval_every=2)
+    report = finetune(config)
+    assert report["steps"] == 4 and report["best_step"] in (2, 4)
+    _check_trained_model(output, report)
+    assert json.loads((output / "ds_config.json").read_text())["zero_optimization"]["stage"] == 2
+    checkpoint = output / "checkpoints" / "step_00000004"
+    assert json.loads((checkpoint / "state.json").read_text())["engine"] == {"zero_stage": 2, "world_size": 2}
+    engine_files = {p.name for p in (checkpoint / "engine" / "state").iterdir()}
+    assert {f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(2)} <= engine_files  # every rank's shard
+    assert not (checkpoint / "training.pt").exists()
+    client = MlflowClient(tracking_uri=report["mlflow"]["tracking_uri"])
+    run = client.get_run(report["mlflow"]["run_id"])
+    assert run.data.params["deepspeed"] == "True" and run.data.params["zero_stage"] == "2"
+    assert "ds_config.json" in {a.path for a in client.list_artifacts(run.info.run_id)}
+
+    resumed = finetune(dataclasses.replace(config, steps=6), resume=True)
+    assert resumed["steps"] == 6
+    # Resumed at step 4 from the engine state, not restarted: each validation step was logged once.
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "loss")) == [2, 4, 6]
+    _check_trained_model(output, resumed)
+
+
+@pytest.mark.integration
+def test_finetune_deepspeed_zero3_gathers_partitioned_weights_to_score_and_save(ray_local, tmp_path, store):
+    output = tmp_path / "ft"
+    report = finetune(_deepspeed_lora(tmp_path, store, zero_stage=3, steps=2, eval_every=1), mlflow=False)
+    assert report["steps"] == 2 and report["best_step"] in (1, 2) and report["val"]["kappa"] is not None
+    _check_trained_model(output, report)
+    engine_files = {p.name for p in (output / "checkpoints" / "step_00000002" / "engine" / "state").iterdir()}
+    # ZeRO-3 writes each rank's parameter partition along with its optimiser shard.
+    assert {f"zero_pp_rank_{r}_mp_rank_00_model_states.pt" for r in range(2)} <= engine_files
