@@ -80,6 +80,7 @@ from s2v_core.config import from_mapping, to_mapping
 from s2v_core.finetuning import (
     EVENT_THRESHOLD_FROM_KEY,
     EVENT_THRESHOLD_KEY,
+    EVENTS_PER_EPOCH_KEY,
     LORA_TARGETS,
     FinetuneSpec,
     load_finetuned,
@@ -695,6 +696,7 @@ def cleanup(prepared: PreparedFinetune, checkpoint: Path) -> dict:
     if event_ahi is not None:
         extra[EVENT_THRESHOLD_KEY] = event_ahi["threshold"]
         extra[EVENT_THRESHOLD_FROM_KEY] = event_ahi["threshold_from"]
+        extra[EVENTS_PER_EPOCH_KEY] = event_ahi["events_per_epoch"]
     save_finetuned(model, model_dir, extra=extra)
     night = None
     if prepared.config.night_context:

@@ -91,20 +91,24 @@ def event_ahi_report(
     """AHI from detected events vs the scored ``ahi_scored`` on ``files`` (test nights); None if not applicable.
 
     Applies to event tasks that count respiratory events (apnoea and/or
-    hypopnoea bits, nothing else). The detection threshold is chosen on the
-    ``val_files`` nights (:func:`s2v_core.evaluation.events.choose_threshold`),
-    0.5 without them. See :func:`s2v_core.evaluation.events.ahi_agreement`.
+    hypopnoea bits, nothing else). The detection threshold and the events
+    per positive epoch are fitted on the ``val_files`` nights
+    (:func:`s2v_core.evaluation.events.choose_counting`; the scored labels'
+    own rate too); without them each run of epochs above 0.5 counts one
+    event. See :func:`s2v_core.evaluation.events.ahi_agreement`.
     """
-    from s2v_core.evaluation.events import DEFAULT_THRESHOLD, ahi_agreement, choose_threshold, counts_ahi
+    from s2v_core.evaluation.events import EventCounting, ahi_agreement, choose_counting, counts_ahi
 
     if not counts_ahi(spec.task_definition):
         return None
-    threshold = choose_threshold(_nights(model, val_files, filesystem, spec, epochs_per_window)) if val_files else None
+    val_nights = _nights(model, val_files, filesystem, spec, epochs_per_window) if val_files else []
+    counting = choose_counting(val_nights)
     report = ahi_agreement(
         _nights(model, files, filesystem, spec, epochs_per_window),
-        threshold=DEFAULT_THRESHOLD if threshold is None else threshold,
+        counting=counting or EventCounting(),
+        label_counting=choose_counting(val_nights, labels=True),
     )
-    chosen = "val nights (closest AHI, MAE)" if threshold is not None else "default (no val night with ahi_scored)"
+    chosen = "val nights (closest AHI, MAE)" if counting is not None else "default (no val night with ahi_scored)"
     return {"reference": AHI_REFERENCE, "sleep": "scored stages of the store", "threshold_from": chosen, **report}
 
 

@@ -23,7 +23,8 @@ and mask tokens serve only the contrastive objective and always stay frozen.
 A fine-tuned model is a directory (:func:`save_finetuned` / :func:`load_finetuned`)::
 
     finetuned.json       format, task, mode, modalities, head, LoRA settings, metrics; an event
-                         detector also its threshold (``event_threshold``, chosen on val nights)
+                         detector also its counting (``event_threshold``, ``events_per_epoch``,
+                         fitted on val nights)
     encoder/             the base encoder (s2v_core.model.save_encoder; full mode: the tuned one)
     adapter.pt           lora mode: the LoRA weights (peft's adapter state dict)
     task_model.pt        the fusion and head weights
@@ -378,9 +379,11 @@ def _base_state(encoder: SleepEncoder) -> dict[str, Tensor]:
 
 
 #: Keys of ``finetuned.json`` an event detector's directory adds: the probability above which an
-#: epoch holds an event, and where it was chosen (``s2v finetune``: on the val nights).
+#: epoch holds an event, where it was chosen (``s2v finetune``: on the val nights), and the events a
+#: run of positive epochs counts per epoch (s2v_core.evaluation.events.EventCounting).
 EVENT_THRESHOLD_KEY = "event_threshold"
 EVENT_THRESHOLD_FROM_KEY = "event_threshold_from"
+EVENTS_PER_EPOCH_KEY = "events_per_epoch"
 
 
 def save_finetuned(model: FineTunedModel, directory: str | Path, *, extra: Mapping[str, Any] | None = None) -> Path:

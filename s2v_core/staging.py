@@ -24,9 +24,10 @@ window. The summary says which (``"night_context": true/false``).
 
 With an event detector (``events_model=``, ``s2v stage --events-model``: a
 model fine-tuned with ``--task events``), the same decoded recording is
-embedded under it too, and the summary's ``ahi`` counts runs of epochs whose
-event probability exceeds the detector's threshold (chosen on val nights by
-``s2v finetune``) within the *predicted* sleep, per hour of predicted sleep
+embedded under it too, and the summary's ``ahi`` counts the epochs whose
+event probability exceeds the detector's threshold within the *predicted*
+sleep, each run of ``k`` of them as ``max(1, k x events_per_epoch)`` events
+(both fitted on val nights by ``s2v finetune``), per hour of predicted sleep
 (:func:`event_index`), with its AASM severity class.
 
 Privacy: a file name may be a patient's name, so nothing derived from it or
@@ -50,11 +51,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from s2v_core.evaluation.events import DEFAULT_THRESHOLD, count_runs, counts_ahi, index_from_epochs
+from s2v_core.evaluation.events import DEFAULT_THRESHOLD, EventCounting, count_events, counts_ahi
 from s2v_core.evaluation.tasks import AHI_SEVERITY_NAMES, severity_classes
 from s2v_core.finetuning import (
     EVENT_THRESHOLD_FROM_KEY,
     EVENT_THRESHOLD_KEY,
+    EVENTS_PER_EPOCH_KEY,
     FineTunedModel,
     load_finetuned,
     read_description,
@@ -139,16 +141,18 @@ def _night_head(model: FineTunedModel | str | Path, night_head: NightContextHead
 
 @dataclass(frozen=True)
 class EventDetector:
-    """A respiratory-event model (``s2v finetune --task events``) and the probability above which an epoch holds an event.
+    """A respiratory-event model (``s2v finetune --task events``) and how its epochs become an index.
 
-    :func:`load_event_detector` reads the threshold ``s2v finetune`` chose on the
-    val nights (the one whose AHI from detected events came closest to the
-    scored AHI); a detector built by hand uses 0.5 unless told otherwise.
+    :func:`load_event_detector` reads the counting ``s2v finetune`` fitted on
+    the val nights (the threshold and events per positive epoch whose AHI came
+    closest to the scored AHI); a detector built by hand counts each run of
+    epochs above 0.5 as one event unless told otherwise.
     """
 
     model: FineTunedModel
     threshold: float = DEFAULT_THRESHOLD
     threshold_from: str = "default (0.5)"
+    events_per_epoch: float = 0.0
 
     def __post_init__(self) -> None:
         if not counts_ahi(self.model.task):
@@ -156,18 +160,29 @@ class EventDetector:
                 "--events-model: expected a respiratory-event detector (task events, or events:apnea/"
                 f"events:hypopnea), found task {self.model.task.name!r}"
             )
-        if not 0.0 <= self.threshold <= 1.0:
-            raise ValueError(f"--events-model: threshold {self.threshold!r} is not a probability in [0, 1]")
+        try:
+            EventCounting(self.threshold, self.events_per_epoch)
+        except ValueError as error:
+            raise ValueError(f"--events-model: {error}") from None
+
+    @property
+    def counting(self) -> EventCounting:
+        return EventCounting(self.threshold, self.events_per_epoch)
 
 
 def load_event_detector(directory: str | Path) -> EventDetector:
-    """The event detector of a fine-tuned model directory, with the threshold kept in its ``finetuned.json``."""
+    """The event detector of a fine-tuned model directory, with the counting kept in its ``finetuned.json``."""
     description = read_description(directory)
     model = load_finetuned(directory)
     threshold = description.get(EVENT_THRESHOLD_KEY)
     if threshold is None:
         return EventDetector(model)
-    return EventDetector(model, float(threshold), str(description.get(EVENT_THRESHOLD_FROM_KEY, "finetuned.json")))
+    return EventDetector(
+        model,
+        float(threshold),
+        str(description.get(EVENT_THRESHOLD_FROM_KEY, "finetuned.json")),
+        float(description.get(EVENTS_PER_EPOCH_KEY, 0.0)),  # models fine-tuned before it count runs
+    )
 
 
 def _as_detector(detector: EventDetector | str | Path | None) -> EventDetector | None:
@@ -177,22 +192,23 @@ def _as_detector(detector: EventDetector | str | Path | None) -> EventDetector |
 def event_index(
     probability: np.ndarray, stages: np.ndarray, *, detector: EventDetector, modalities: Sequence[str]
 ) -> dict:
-    """The summary's ``ahi``: runs of detected event epochs in predicted sleep per hour of predicted sleep.
+    """The summary's ``ahi``: events detected in predicted sleep per hour of predicted sleep.
 
     ``probability`` is the detector's P(event) per epoch (NaN where it read
     nothing); ``stages`` the staging model's classes (0 wake, −1 unstaged).
-    Counting is :func:`s2v_core.evaluation.events.index_from_epochs`, as in
-    ``s2v finetune``'s report, but over the *predicted* total sleep time.
+    Counting is the detector's :class:`s2v_core.evaluation.events.EventCounting`,
+    as in ``s2v finetune``'s report, but over the *predicted* total sleep time.
     """
     asleep = np.asarray(stages) > 0
     detected = np.nan_to_num(np.asarray(probability, dtype=np.float64), nan=0.0) > detector.threshold
-    index = index_from_epochs(detected, asleep)
+    index = detector.counting.index(probability, asleep)
     return {
         "events_per_hour": index,
-        "events": count_runs(detected & asleep),
+        "events": round(count_events(detected & asleep, events_per_epoch=detector.events_per_epoch), 1),
         "severity": None if index is None else AHI_SEVERITY_NAMES[int(severity_classes(np.array([index]))[0])],
         "event_epochs": int((detected & asleep).sum()),
         "threshold": detector.threshold,
+        "events_per_epoch": detector.events_per_epoch,
         "threshold_from": detector.threshold_from,
         "sleep": "the predicted hypnogram's sleep epochs",
         "task": detector.model.task.name,

@@ -1,4 +1,4 @@
-"""AHI from per-epoch event detections: runs of positive epochs per hour of sleep, against the scored AHI."""
+"""AHI from per-epoch event detections: events in runs of positive epochs per hour of sleep, against the scored AHI."""
 
 from __future__ import annotations
 
@@ -6,7 +6,16 @@ import numpy as np
 import pytest
 import torch
 
-from s2v_core.evaluation.events import NightEvents, ahi_agreement, count_runs, index_from_epochs
+from s2v_core.evaluation.events import (
+    EventCounting,
+    NightEvents,
+    ahi_agreement,
+    choose_counting,
+    count_events,
+    count_runs,
+    index_from_epochs,
+    run_lengths,
+)
 
 
 def test_count_runs_of_consecutive_positive_epochs():
@@ -14,6 +23,20 @@ def test_count_runs_of_consecutive_positive_epochs():
     assert count_runs(np.array([1, 1, 0, 1, 0, 0, 1, 1, 1], dtype=bool)) == 3
     assert count_runs(np.array([0, 0, 0], dtype=bool)) == 0
     assert count_runs(np.ones(5, dtype=bool)) == 1
+    assert run_lengths(np.array([1, 1, 0, 1, 0, 0, 1, 1, 1], dtype=bool)).tolist() == [2, 1, 3]
+    assert run_lengths(np.array([], dtype=bool)).tolist() == []
+
+
+def test_count_events_gives_each_run_at_least_one_event_and_long_runs_their_rate():
+    positive = np.array([1, 0, 0] + [1] * 10 + [0, 1, 1], dtype=bool)  # runs of 1, 10 and 2 epochs
+    assert count_events(positive) == 3.0  # rate 0: one event per run
+    assert count_events(positive, events_per_epoch=0.6) == pytest.approx(1 + 6 + 1.2)
+    assert count_events(positive, events_per_epoch=0.3) == pytest.approx(1 + 3 + 1)  # 2 x 0.3 < 1: one
+    assert count_events(np.zeros(4, bool), events_per_epoch=0.6) == 0.0
+    with pytest.raises(ValueError, match="events_per_epoch: expected a finite number >= 0, found -0.1"):
+        count_events(positive, events_per_epoch=-0.1)
+    with pytest.raises(ValueError, match="event threshold: expected a probability in \\[0, 1\\], found 1.5"):
+        EventCounting(1.5)
 
 
 def test_index_counts_runs_in_sleep_per_hour_of_sleep():
@@ -26,6 +49,8 @@ def test_index_counts_runs_in_sleep_per_hour_of_sleep():
     assert index_from_epochs(positive, np.zeros(120, bool)) is None
     with pytest.raises(ValueError, match="differ in shape"):
         index_from_epochs(positive, asleep[:10])
+    # At 0.5 events per positive epoch the 3-epoch run holds 1.5 events, the 2-epoch runs one each.
+    assert index_from_epochs(positive, asleep, events_per_epoch=0.5) == pytest.approx(3.5 / (100 * 30 / 3600))
 
 
 def _night(probability, scored, reference, sleep=True):
@@ -91,17 +116,33 @@ def test_night_event_predictions_reassemble_nights_in_window_order():
 
 
 def test_threshold_chosen_on_nights_matches_their_scored_ahi():
-    from s2v_core.evaluation.events import choose_threshold
-
     # A detector that ranks well but is timid: event epochs get 0.3, others 0.1.
     timid = [
         _night([0.3, 0.1, 0.3, 0.1], [1, 0, 1, 0], reference=60.0),  # two runs in 1/30 h
         _night([0.3, 0.1, 0.1, 0.1], [1, 0, 0, 0], reference=30.0),
     ]
-    threshold = choose_threshold(timid)
-    assert 0.1 <= threshold < 0.3
-    assert ahi_agreement(timid, threshold=threshold)["detected"]["mae"] == pytest.approx(0.0)
+    counting = choose_counting(timid)
+    assert 0.1 <= counting.threshold < 0.3 and counting.events_per_epoch <= 1.0  # runs of one epoch: rate is moot
+    assert ahi_agreement(timid, counting=counting)["detected"]["mae"] == pytest.approx(0.0)
     assert ahi_agreement(timid)["detected"]["mae"] == pytest.approx(45.0)  # 0.5 detects nothing
-    # Every threshold in [0.3, 0.9) fits these nights alike: the one nearest 0.5 wins.
-    assert choose_threshold([_night([0.9, 0.1, 0.9, 0.1], [1, 0, 1, 0], reference=60.0)]) == pytest.approx(0.5)
-    assert choose_threshold([_night([0.9] * 4, [np.nan] * 4, reference=10.0)]) is None
+    # Every threshold in [0.3, 0.9) and every rate up to 1 fit these nights alike: 0.5 and rate 0 win.
+    assert choose_counting([_night([0.9, 0.1, 0.9, 0.1], [1, 0, 1, 0], reference=60.0)]) == EventCounting(0.5, 0.0)
+    assert choose_counting([_night([0.9] * 4, [np.nan] * 4, reference=10.0)]) is None
+
+
+def test_rate_fitted_on_dense_nights_counts_what_runs_collapse():
+    """Events back to back fill whole stretches of epochs: one run, many events; the fitted rate recovers them."""
+    # 120 sleep epochs (1 h). Severe nights: a run of 80 positive epochs holding 48 events (0.6 per epoch);
+    # a mild night: 6 isolated one-epoch events.
+    severe = _night([0.9] * 80 + [0.1] * 40, [1] * 80 + [0] * 40, reference=48.0)
+    mild = _night(([0.9] + [0.1] * 19) * 6, ([1] + [0] * 19) * 6, reference=6.0)
+    runs = ahi_agreement([severe, mild])
+    assert runs["per_night"] == [[48.0, 1.0, 1.0], [6.0, 6.0, 6.0]]  # one event per run: 1/h for the severe night
+    counting = choose_counting([severe, mild])
+    assert counting == EventCounting(0.5, 0.6)
+    label_counting = choose_counting([severe, mild], labels=True)
+    assert label_counting == EventCounting(0.5, 0.6)
+    fitted = ahi_agreement([severe, mild], counting=counting, label_counting=label_counting)
+    assert fitted["per_night"] == [[48.0, 48.0, 48.0], [6.0, 6.0, 6.0]]
+    assert (fitted["events_per_epoch"], fitted["label_events_per_epoch"]) == (0.6, 0.6)
+    assert fitted["detected"]["mae"] == pytest.approx(0.0)

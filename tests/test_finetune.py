@@ -398,13 +398,14 @@ def test_finetune_event_detector_and_ahi_from_events_through_ray(ray_local, tmp_
     assert ahi["reference"] == "ahi_scored" and ahi["nights"] == 2 and len(ahi["per_night"]) == 2
     assert ahi["threshold_from"].startswith("val nights") and 0.0 < ahi["threshold"] < 1.0
     assert {"pearson_r", "icc", "severity_kappa", "mae"} <= set(ahi["detected"])
-    # Counting runs of the scored labels: never more events than scored epochs (the toy's ahi_scored).
-    assert all(labels <= reference + 1e-6 for reference, _, labels in ahi["per_night"])
-    # The val-chosen threshold travels with the model: `s2v stage --events-model` applies it.
+    # Events per positive epoch fitted on the val nights, for the detector and for the scored labels.
+    assert 0.0 <= ahi["events_per_epoch"] <= 1.5 and 0.0 <= ahi["label_events_per_epoch"] <= 1.5
+    # The val-fitted counting travels with the model: `s2v stage --events-model` applies it.
     from s2v_core.staging import load_event_detector
 
     detector = load_event_detector(report["model"])
     assert (detector.threshold, detector.threshold_from) == (ahi["threshold"], ahi["threshold_from"])
+    assert detector.events_per_epoch == ahi["events_per_epoch"]
 
 
 @pytest.mark.integration

@@ -223,10 +223,12 @@ def asleep_model(tmp_path_factory):
     return save_finetuned(model, tmp_path_factory.mktemp("asleep") / "model")
 
 
-def _events_model(directory, *, logit: float, modalities=(), threshold: float | None = 0.3):
+def _events_model(directory, *, logit: float, modalities=(), threshold: float | None = 0.3, rate: float = 0.0):
     spec = FinetuneSpec(task="events", head="temporal", modalities=tuple(modalities))
     model = _constant(FineTunedModel(_encoder(), spec), [logit])
     extra = {"event_threshold": threshold, "event_threshold_from": "val nights (closest AHI, MAE)"}
+    if rate:
+        extra["events_per_epoch"] = rate
     return save_finetuned(model, directory, extra=extra if threshold is not None else None)
 
 
@@ -240,6 +242,10 @@ def test_event_index_of_a_hand_made_night():
     assert (ahi["events"], ahi["event_epochs"]) == (2, 3)
     assert ahi["events_per_hour"] == pytest.approx(2 / (5 * 30 / 3600))  # 48 events/h of sleep
     assert ahi["severity"] == "severe" and ahi["reason"] is None
+    dense = EventDetector(detector.model, threshold=0.5, events_per_epoch=0.75)  # the 2-epoch run holds 1.5
+    assert event_index(probability, stages, detector=dense, modalities=["airflow"])["events"] == 2.5
+    with pytest.raises(ValueError, match="--events-model: events_per_epoch: expected a finite number >= 0"):
+        EventDetector(detector.model, events_per_epoch=float("nan"))
     awake = event_index(probability, np.zeros(6, int), detector=detector, modalities=["airflow"])
     assert awake["events_per_hour"] is None and awake["severity"] is None
     with pytest.raises(ValueError, match="--events-model: expected a respiratory-event detector.*'staging'"):
@@ -256,6 +262,7 @@ def test_stage_with_an_event_detector_reports_the_ahi(real_data, asleep_model, d
     always = _events_model(tmp_path / "always", logit=9.0)
     detector = load_event_detector(always)
     assert (detector.threshold, detector.threshold_from) == (0.3, "val nights (closest AHI, MAE)")
+    assert detector.events_per_epoch == 0.0  # no rate in finetuned.json (older models): one event per run
     result = stage_recording(
         source,
         model=asleep_model,
@@ -271,6 +278,13 @@ def test_stage_with_an_event_detector_reports_the_ahi(real_data, asleep_model, d
     rows = _rows(result.files["csv"])
     assert list(rows[0])[-1] == "p_event" and float(rows[0]["p_event"]) > 0.99
     assert json.loads(open(result.files["summary"]).read())["ahi"] == ahi
+    # A rate fitted on val nights travels in finetuned.json: the 60-epoch run holds 30 events.
+    dense = load_event_detector(_events_model(tmp_path / "dense", logit=9.0, rate=0.5))
+    assert dense.events_per_epoch == 0.5
+    dense_ahi = stage_recording(
+        source, model=asleep_model, events_model=dense, identities=IDENTITIES, site_config=dreams_site
+    ).summary["ahi"]
+    assert (dense_ahi["events"], dense_ahi["events_per_hour"], dense_ahi["severity"]) == (30.0, 60.0, "severe")
     never = _events_model(tmp_path / "never", logit=-9.0, threshold=None)
     assert load_event_detector(never).threshold == 0.5
     # The CLI's path, one file, no Ray: the result line carries the AHI.

@@ -2,19 +2,26 @@
 
 An event detector (the ``events`` task of :mod:`s2v_core.evaluation.tasks`)
 says, per 30-s epoch, whether a respiratory event (apnoea or hypopnoea)
-overlaps it. An index is counted from those epochs the way a scorer counts
-events: each run of consecutive positive epochs is one event, counted when it
-lies in sleep, divided by the hours of sleep::
+overlaps it. An index is counted from the positive epochs that lie in sleep,
+divided by the hours of sleep. Each run of ``k`` consecutive positive epochs
+counts as ``max(1, k x events_per_epoch)`` events::
 
-    index = runs of positive epochs within sleep epochs / (sleep epochs x 30 s / 3600)   (events/h)
+    index = sum over runs of max(1, k x events_per_epoch) / (sleep epochs x 30 s / 3600)   (events/h)
+
+With ``events_per_epoch = 0`` every run is one event, the way a scorer
+counts isolated events; but at high event rates (an apnoea every 40-60 s)
+events fill whole stretches of epochs and a run count collapses a severe
+night into a few long runs. :func:`choose_counting` fits the threshold and
+``events_per_epoch`` (:class:`EventCounting`) on the validation nights, where
+the scored AHI is known, and the test nights are counted with them.
+:func:`ahi_agreement` reports the same count on the **scored** epoch labels
+(``from_scored_labels``, its own rate fitted on the same nights) so that what
+the 30-s resolution alone loses against the scored AHI is visible beside the
+detector's figures.
 
 Sleep is given per epoch (N1, N2, N3, REM); :func:`night_event_predictions`
 uses the night's scored stages from the store, so the index divides by the
-scored total sleep time. Two events in one or two adjacent epochs count as
-one run, so at high event rates an epoch-level count under-counts: the same
-count on the **scored** epoch labels (:func:`ahi_agreement` reports it as
-``from_scored_labels``) shows how much of the gap to the scored AHI is this
-resolution rather than the detector.
+scored total sleep time.
 
 Pure numpy / torch: no Ray, no MLflow.
 """
@@ -41,15 +48,26 @@ def counts_ahi(task: Task) -> bool:
     return bool(task.event_bits) and not task.event_bits & ~AHI_BITS
 
 
+def run_lengths(positive: np.ndarray) -> np.ndarray:
+    """Lengths of the runs of consecutive true values in a 1-D boolean array (``[1,1,0,1]`` → ``[2, 1]``)."""
+    positive = np.asarray(positive, dtype=bool).ravel()
+    edges = np.diff(np.r_[0, positive.astype(np.int8), 0])
+    return np.flatnonzero(edges == -1) - np.flatnonzero(edges == 1)
+
+
 def count_runs(positive: np.ndarray) -> int:
     """Number of runs of consecutive true values in a 1-D boolean array (``[1,1,0,1]`` → 2)."""
-    positive = np.asarray(positive, dtype=bool).ravel()
-    if positive.size == 0:
-        return 0
-    return int(positive[0]) + int(np.count_nonzero(positive[1:] & ~positive[:-1]))
+    return int(run_lengths(positive).size)
 
 
-def index_from_epochs(positive: np.ndarray, asleep: np.ndarray) -> float | None:
+def count_events(positive: np.ndarray, *, events_per_epoch: float = 0.0) -> float:
+    """Events in per-epoch flags: each run of ``k`` positive epochs counts ``max(1, k x events_per_epoch)``."""
+    if events_per_epoch < 0 or not np.isfinite(events_per_epoch):
+        raise ValueError(f"events_per_epoch: expected a finite number >= 0, found {events_per_epoch!r}")
+    return float(np.maximum(1.0, run_lengths(positive) * events_per_epoch).sum())
+
+
+def index_from_epochs(positive: np.ndarray, asleep: np.ndarray, *, events_per_epoch: float = 0.0) -> float | None:
     """Events per hour of sleep from per-epoch event flags (see the module docstring).
 
     Parameters
@@ -58,6 +76,8 @@ def index_from_epochs(positive: np.ndarray, asleep: np.ndarray) -> float | None:
         Whether an event overlaps each 30-s epoch, in night order.
     asleep : ndarray of bool, ``(epochs,)``
         Whether each epoch is sleep (N1, N2, N3 or REM).
+    events_per_epoch : float
+        Events a run counts per positive epoch, at least one per run; 0 counts runs.
 
     Returns
     -------
@@ -70,7 +90,29 @@ def index_from_epochs(positive: np.ndarray, asleep: np.ndarray) -> float | None:
     hours = asleep.sum() * EPOCH_SECONDS / 3600.0
     if hours == 0:
         return None
-    return count_runs(positive & asleep) / hours
+    return count_events(positive & asleep, events_per_epoch=events_per_epoch) / hours
+
+
+@dataclass(frozen=True)
+class EventCounting:
+    """How per-epoch event probabilities become an index: the threshold and the events per positive epoch.
+
+    The default (0.5, 0) counts each run of epochs above 0.5 as one event.
+    """
+
+    threshold: float = DEFAULT_THRESHOLD
+    events_per_epoch: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ValueError(f"event threshold: expected a probability in [0, 1], found {self.threshold!r}")
+        if not (np.isfinite(self.events_per_epoch) and self.events_per_epoch >= 0):
+            raise ValueError(f"events_per_epoch: expected a finite number >= 0, found {self.events_per_epoch!r}")
+
+    def index(self, probability: np.ndarray, asleep: np.ndarray) -> float | None:
+        """Events/h of sleep from P(event) per epoch (NaN counts as no event)."""
+        positive = np.nan_to_num(np.asarray(probability, dtype=np.float64), nan=0.0) > self.threshold
+        return index_from_epochs(positive, asleep, events_per_epoch=self.events_per_epoch)
 
 
 @dataclass(frozen=True)
@@ -154,60 +196,91 @@ def _agreement(reference: np.ndarray, estimate: np.ndarray) -> dict:
     }
 
 
-def choose_threshold(nights: Iterable[NightEvents], *, candidates: Iterable[float] | None = None) -> float | None:
-    """The detection threshold whose AHI from detected events is closest (MAE) to the scored one on ``nights``.
+def _asleep(night: NightEvents) -> np.ndarray:
+    return (night.stages >= 1) & (night.stages <= 4)
 
-    Meant for the validation nights: a detector trained on a rare positive
-    class (events overlap ~10-20 % of epochs) may rank epochs well (AUROC)
-    and still rarely pass 0.5. ``candidates`` default to 0.05, 0.10 … 0.95;
-    ties go to the threshold nearest 0.5. ``None`` when no night has a
-    reference, scored labels and sleep.
+
+def choose_counting(
+    nights: Iterable[NightEvents],
+    *,
+    labels: bool = False,
+    thresholds: Iterable[float] | None = None,
+    rates: Iterable[float] | None = None,
+) -> EventCounting | None:
+    """The counting whose index is closest (mean absolute error) to the scored one on ``nights``.
+
+    Meant for the validation nights. A detector trained on a rare positive
+    class (events overlap ~10-20 % of epochs) may rank epochs well (AUROC) and
+    still rarely pass 0.5, and a run count under-counts dense events (see the
+    module docstring), so both the threshold and the events per positive epoch
+    are searched: ``thresholds`` default to 0.05, 0.10 … 0.95, ``rates`` to
+    0, 0.05 … 1.5. Ties go to the threshold nearest 0.5, then to the smallest
+    rate. With ``labels`` the nights' scored epoch labels are counted instead
+    of the detector's probabilities (threshold 0.5: they are 0 or 1). ``None``
+    when no night has a reference, scored labels and sleep.
     """
-    grid = np.round(np.arange(0.05, 0.951, 0.05), 2) if candidates is None else np.asarray(list(candidates), float)
-    usable = [
-        night
-        for night in nights
-        if np.isfinite(night.reference)
-        and np.isfinite(night.scored).any()
-        and ((night.stages >= 1) & (night.stages <= 4)).any()
-    ]
+    if labels:
+        grid = np.array([DEFAULT_THRESHOLD])
+    else:
+        grid = np.round(np.arange(0.05, 0.951, 0.05), 2) if thresholds is None else np.asarray(list(thresholds), float)
+    rates = np.round(np.arange(0.0, 1.501, 0.05), 2) if rates is None else np.asarray(list(rates), float)
+    usable = [n for n in nights if np.isfinite(n.reference) and np.isfinite(n.scored).any() and _asleep(n).any()]
     if not usable:
         return None
-    errors = []
-    for threshold in grid:
-        detected = [
-            index_from_epochs(np.nan_to_num(n.probability, nan=0.0) > threshold, (n.stages >= 1) & (n.stages <= 4))
-            for n in usable
-        ]
-        errors.append(np.mean([abs(d - n.reference) for d, n in zip(detected, usable)]))
-    errors = np.asarray(errors)
-    best = np.flatnonzero(errors == errors.min())
-    return float(grid[best[np.argmin(np.abs(grid[best] - DEFAULT_THRESHOLD))]])
+    references = np.array([n.reference for n in usable])
+    hours = np.array([_asleep(n).sum() * EPOCH_SECONDS / 3600.0 for n in usable])
+    errors = np.empty((grid.size, rates.size))
+    for i, threshold in enumerate(grid):
+        counts = np.empty((len(usable), rates.size))
+        for j, night in enumerate(usable):
+            source = night.scored if labels else night.probability
+            lengths = run_lengths((np.nan_to_num(source, nan=0.0) > threshold) & _asleep(night))
+            counts[j] = np.maximum(1.0, lengths[:, None] * rates[None, :]).sum(axis=0)
+        errors[i] = np.abs(counts / hours[:, None] - references[:, None]).mean(axis=0)
+    best = np.argwhere(np.isclose(errors, errors.min(), rtol=0, atol=1e-9))
+    # argwhere is row-major: among the thresholds nearest 0.5, the first row holds the smallest rate.
+    nearest = np.abs(grid[best[:, 0]] - DEFAULT_THRESHOLD)
+    i, j = best[np.flatnonzero(nearest == nearest.min())[0]]
+    return EventCounting(float(grid[i]), float(rates[j]))
 
 
-def ahi_agreement(nights: Iterable[NightEvents], *, threshold: float = DEFAULT_THRESHOLD) -> dict:
+def ahi_agreement(
+    nights: Iterable[NightEvents],
+    *,
+    counting: EventCounting = EventCounting(),
+    label_counting: EventCounting | None = None,
+) -> dict:
     """Per-night AHI from detected events and from the scored epoch labels, against the scored AHI.
 
+    ``counting`` turns the detector's probabilities into an index,
+    ``label_counting`` (default: ``counting``'s rate) the scored labels.
     Nights without a scored reference, without scored labels or without sleep
     are left out. Returns ``nights`` (how many were scored), ``threshold``,
-    ``detected`` and ``from_scored_labels`` (Pearson r, ICC(2,1), severity κ
-    at 5/15/30 events/h, MAE in events/h, each against the reference) and
-    ``per_night``: ``[reference, detected, from scored labels]`` per night,
-    events/h.
+    ``events_per_epoch``, ``label_events_per_epoch``, ``detected`` and
+    ``from_scored_labels`` (Pearson r, ICC(2,1), severity κ at 5/15/30
+    events/h, MAE in events/h, each against the reference) and ``per_night``:
+    ``[reference, detected, from scored labels]`` per night, events/h.
     """
+    if label_counting is None:
+        label_counting = EventCounting(DEFAULT_THRESHOLD, counting.events_per_epoch)
     rows = []
     for night in nights:
-        asleep = (night.stages >= 1) & (night.stages <= 4)
-        labelled = np.isfinite(night.scored)
-        if not np.isfinite(night.reference) or not labelled.any():
+        asleep = _asleep(night)
+        if not np.isfinite(night.reference) or not np.isfinite(night.scored).any():
             continue
-        detected = index_from_epochs(np.nan_to_num(night.probability, nan=0.0) > threshold, asleep)
-        from_labels = index_from_epochs(np.nan_to_num(night.scored, nan=0.0) > 0.5, asleep)
+        detected = counting.index(night.probability, asleep)
+        from_labels = label_counting.index(night.scored, asleep)
         if detected is None or from_labels is None:
             continue
         rows.append((night.reference, detected, from_labels))
     table = np.asarray(rows, dtype=np.float64).reshape(-1, 3)
-    report: dict = {"nights": len(rows), "threshold": threshold, "unit": "events/h"}
+    report: dict = {
+        "nights": len(rows),
+        "threshold": counting.threshold,
+        "events_per_epoch": counting.events_per_epoch,
+        "label_events_per_epoch": label_counting.events_per_epoch,
+        "unit": "events/h",
+    }
     if len(rows) >= 2:
         report["detected"] = _agreement(table[:, 0], table[:, 1])
         report["from_scored_labels"] = _agreement(table[:, 0], table[:, 2])
