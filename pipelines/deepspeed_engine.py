@@ -5,7 +5,8 @@ DeepSpeed optimiser op is ever compiled) inside the process group Ray Train
 started (gloo on CPU workers, NCCL on GPUs). This module holds the parts
 that do not depend on what is trained:
 
-- :func:`resolve_zero_stage` and :func:`engine_config`: the ZeRO stage a run
+- :func:`add_zero_stage_argument`, :func:`resolve_zero_stage` and
+  :func:`engine_config`: the ``--zero-stage`` option, the ZeRO stage a run
   uses and the common part of its DeepSpeed config;
 - :func:`initialize`: the engine, with 0-dim parameters made 1-element and
   the CPU-only op kept from being built;
@@ -17,6 +18,7 @@ that do not depend on what is trained:
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -25,6 +27,16 @@ from typing import Any
 import torch
 
 from s2v_core.run_layout import ENGINE_DIR, ENGINE_TAG
+
+
+def add_zero_stage_argument(parser: argparse.ArgumentParser, *, condition: str = "") -> None:
+    """``--zero-stage {0,1,2,3}``, default None (:func:`resolve_zero_stage` picks); ``condition`` prefixes the help."""
+    parser.add_argument(
+        "--zero-stage",
+        type=int,
+        choices=(0, 1, 2, 3),
+        help=f"{condition}DeepSpeed ZeRO stage (default: 2 on GPU workers, 0 on CPU workers)",
+    )
 
 
 def resolve_zero_stage(requested: int | None, *, on_gpu: bool) -> int:

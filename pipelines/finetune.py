@@ -74,7 +74,7 @@ from typing import Any
 
 import numpy as np
 
-from pipelines.deepspeed_engine import engine_config, resolve_zero_stage, zero_stage_of
+from pipelines.deepspeed_engine import add_zero_stage_argument, engine_config, resolve_zero_stage, zero_stage_of
 from pipelines.runtime import mlflow_experiment, mlflow_tracking_uri
 from s2v_core.config import from_mapping, to_mapping
 from s2v_core.finetuning import (
@@ -866,12 +866,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="train inside a DeepSpeed engine (ZeRO) instead of plain data-parallel workers; "
         "the same optimiser and the same saved model",
     )
-    parser.add_argument(
-        "--zero-stage",
-        type=int,
-        choices=(0, 1, 2, 3),
-        help="with --deepspeed: DeepSpeed ZeRO stage (default: 2 on GPU workers, 0 on CPU workers)",
-    )
+    add_zero_stage_argument(parser, condition="with --deepspeed: ")
     parser.add_argument(
         "--night-context",
         action="store_true",

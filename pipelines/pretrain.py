@@ -52,6 +52,7 @@ from typing import Any
 import pyarrow.fs as pafs
 
 from pipelines.checkpoints import data_position, incomplete_checkpoints, latest_checkpoint, read_state
+from pipelines.deepspeed_engine import add_zero_stage_argument
 from pipelines.runtime import (
     check_mlflow_store,
     file_type,
@@ -599,12 +600,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="comma-separated outcome columns used as DASH history flags: a negative whose known flags "
         "agree with the anchor's weighs more (project DASH: x1.25 all agree, x0.8 all disagree); default none",
     )
-    parser.add_argument(
-        "--zero-stage",
-        type=int,
-        choices=(0, 1, 2, 3),
-        help="DeepSpeed ZeRO stage (default: 2 on GPU workers, 0 on CPU workers)",
-    )
+    add_zero_stage_argument(parser)
     parser.add_argument("--steps", type=int, help=f"optimiser steps (default {defaults.steps})")
     parser.add_argument(
         "--global-batch",
