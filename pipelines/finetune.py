@@ -93,6 +93,7 @@ from s2v_core.run_layout import (
     DS_CONFIG_FILE,
     FINETUNE_STATE_FILE,
     MLFLOW_RUN_FILE,
+    NIGHT_HEAD_FILE,
     PRETRAINED_ENCODER_DIR,
 )
 from s2v_core.run_layout import FINETUNE_CONFIG_FILE as CONFIG_FILE
@@ -276,6 +277,13 @@ def setup(config: FinetuneConfig, *, resume: bool = False) -> PreparedFinetune:
     resolved = dataclasses.replace(config, modalities=spec.modalities)
     if resume_from is not None:
         _check_same_run(run_dir / CONFIG_FILE, resolved)
+    kept_head = run_dir / MODEL_DIR / NIGHT_HEAD_FILE
+    if resume and not config.night_context and kept_head.is_file():
+        # Resuming rebuilds RUN_DIR/model; without --night-context the trained night head would be dropped.
+        raise ValueError(
+            f"--resume: the run in {run_dir} has a whole-night head ({kept_head}); pass --night-context to keep "
+            "it (it is reused while stage 1 is unchanged) or remove the file to go back to stage 1 alone"
+        )
     run_dir.mkdir(parents=True, exist_ok=True)
     # The workers read the pretrained weights from the run dir, whatever form --checkpoint had (an MLflow run …).
     encoder_dir = str(save_encoder(encoder, run_dir / PRETRAINED_ENCODER_DIR))

@@ -448,6 +448,9 @@ def test_finetune_night_context_adds_a_night_head_that_stage_uses(ray_local, rea
     assert "night_context/test/kappa" in metrics.metrics and "test/kappa" in metrics.metrics
     again = finetune(night_config, resume=True)  # nothing missing: the head is kept and scored again
     assert again["night_context"]["reused"] is True and again["night_context"]["test"] == night["test"]
+    with pytest.raises(ValueError, match="--resume: the run in .* has a whole-night head .* pass --night-context"):
+        finetune(config, resume=True)  # would rebuild the model directory without it
+    assert (output / "model" / "night_head.pt").is_file()
     assert not (tmp_path / "mlruns").exists()
 
     site = tmp_path / "dreams.toml"
