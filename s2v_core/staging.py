@@ -406,7 +406,8 @@ def stage_recording(
         )
         if night_head is not None and staged.any():
             # One night, in epoch order; unstaged epochs are left out (as the store leaves out unusable windows).
-            logits[torch.from_numpy(staged)] = night_head.eval()(torch.from_numpy(embedding.features[staged])).to(
+            mask = torch.from_numpy(staged)
+            logits[mask] = night_head.eval()(torch.from_numpy(embedding.features[staged]), logits[mask]).to(
                 logits.dtype
             )
     probabilities = torch.softmax(logits.float(), dim=-1).numpy()
