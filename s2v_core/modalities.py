@@ -30,12 +30,19 @@ class Modality:
     aliases : tuple of str
         Typical channel labels (matched case-insensitively after whitespace
         normalisation). Sites add their own through the site config.
+    plausible : tuple of (low, high)
+        Ranges of raw values, in ``unit``, that a connected sensor of this
+        modality reports; ingest treats a window with most of its samples
+        outside all of them as absent (a disconnected probe reading 0, an
+        AC-coupled channel centred on 0). Empty: any value (signals whose
+        scale depends on the amplifier).
     """
 
     key: str
     store_rate_hz: int
     unit: str
     aliases: tuple[str, ...]
+    plausible: tuple[tuple[float, float], ...] = ()
 
     def __post_init__(self) -> None:
         rate = self.store_rate_hz
@@ -62,8 +69,11 @@ MODALITIES: tuple[Modality, ...] = (
     Modality("emg", 128, "uV", ("Chin1-Chin2", "EMG", "EMG submental", "CHIN")),
     Modality("ecg", 128, "uV", ("ECG", "EKG", "ECG1", "ECG II")),
     # Slow physiological series: heart rate and SpO2 change over seconds.
-    Modality("hr", 4, "bpm", ("H.R.", "HR", "Pulse", "PR")),
-    Modality("spo2", 4, "%", ("SpO2", "SaO2", "SAO2", "Oxygen Saturation")),
+    # Asleep, adults and children stay within 20-250 bpm; SpO2 below 40 % for
+    # most of a window is a probe off the finger, and some oximeters write a
+    # fraction of 1 instead of a percentage.
+    Modality("hr", 4, "bpm", ("H.R.", "HR", "Pulse", "PR"), plausible=((20.0, 250.0),)),
+    Modality("spo2", 4, "%", ("SpO2", "SaO2", "SAO2", "Oxygen Saturation"), plausible=((40.0, 101.0), (0.4, 1.01))),
     # Respiration (0.1-1 Hz) with room for snoring envelopes and flow shape.
     Modality(
         "airflow",

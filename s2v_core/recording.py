@@ -29,7 +29,15 @@ from s2v_core.io.metadata import RecordingMetadata
 from s2v_core.io.site_config import SiteConfig
 from s2v_core.io.stages import stages_for_signal
 from s2v_core.modalities import EPOCH_SECONDS, MODALITY_KEYS, get_modality, match_channel, normalise_label
-from s2v_core.signal import cut_windows, normalise, resample, robust_scale, window_bounds, window_quality
+from s2v_core.signal import (
+    cut_windows,
+    normalise,
+    resample,
+    robust_scale,
+    window_bounds,
+    window_in_range,
+    window_quality,
+)
 from s2v_core.store import UNKNOWN_STAGE, store_schema
 
 logger = logging.getLogger(__name__)
@@ -191,19 +199,31 @@ def _modality_windows(
 ) -> tuple[np.ndarray, np.ndarray] | None:
     """One channel -> ``(float16 windows (n_windows, E * samples_per_epoch), good mask)``.
 
-    Windows with NaN/inf or a flat signal are marked not good (the modality
-    is absent there, with a note); None when no window is good.
+    Windows with NaN/inf, a flat signal or (for modalities with a
+    ``plausible`` range: SpO2, heart rate) mostly implausible values are
+    marked not good (the modality is absent there, with a note); None when
+    no window is good.
     """
     modality = get_modality(key)
     bounds = window_bounds(n_windows, epochs_per_window * EPOCH_SECONDS, channel.sample_rate_hz, values.size)
     values = values[: bounds[-1]]
     bad, flat = window_quality(values, bounds, constant_is_flat=key not in _CONSTANT_PLAUSIBLE)
-    good = ~(bad | flat)
     if bad.any() or flat.any():
         notes.append(
             f"{source}: {key} ({channel.label}): {int(bad.sum())} of {n_windows} windows with "
             f"NaN/inf, {int(flat.sum())} flat; modality absent there"
         )
+    implausible = np.zeros_like(bad)
+    if modality.plausible:
+        implausible = ~window_in_range(values, bounds, modality.plausible) & ~(bad | flat)
+    if implausible.any():
+        expected = " or ".join(f"{low:g}-{high:g}" for low, high in modality.plausible)
+        notes.append(
+            f"{source}: {key} ({channel.label}): {int(implausible.sum())} of {n_windows} windows mostly "
+            f"outside {expected} {modality.unit} (median {float(np.nanmedian(values)):.3g}: a disconnected "
+            f"or AC-coupled channel?); modality absent there"
+        )
+    good = ~(bad | flat | implausible)
     if not good.any():
         return None
     if bad.any():
@@ -345,7 +365,8 @@ def decode_recording(
         reader.close()
     if not present.any():
         raise UnreadableRecording(
-            f"{signal_path}: every usable channel is NaN or flat in every window ({', '.join(usable)})"
+            f"{signal_path}: every usable channel is NaN, flat or implausible in every window "
+            f"({', '.join(f'{key} ({channel.label})' for key, channel in usable.items())})"
         )
     table = _store_table(
         columns,

@@ -7,6 +7,7 @@ float32).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from fractions import Fraction
 
 import numpy as np
@@ -80,6 +81,30 @@ def window_quality(
     constant = (high - low) <= 0
     flat = constant if constant_is_flat else constant & (high <= 0)
     return bad_values, flat & ~bad_values
+
+
+def window_in_range(values: np.ndarray, bounds: np.ndarray, ranges: Sequence[tuple[float, float]]) -> np.ndarray:
+    """Which windows have at least half of their samples inside one of ``ranges`` (inclusive).
+
+    Parameters
+    ----------
+    values : ndarray, shape (n,)
+        One channel at its source rate, in its physical unit.
+    bounds : ndarray of int
+        From :func:`window_bounds`; every window must hold at least one sample.
+    ranges : sequence of (low, high)
+        Plausible values (NaN is never inside).
+
+    Returns
+    -------
+    ndarray of bool, shape (n_windows,)
+    """
+    segment = values[: bounds[-1]]
+    inside = np.zeros(segment.shape, dtype=bool)
+    for low, high in ranges:
+        inside |= (segment >= low) & (segment <= high)
+    counts = np.add.reduceat(inside.astype(np.int64), bounds[:-1])
+    return 2 * counts >= np.diff(bounds)
 
 
 def robust_scale(values: np.ndarray, *, max_samples: int = 200_000) -> tuple[float, float]:

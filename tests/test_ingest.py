@@ -305,7 +305,8 @@ def test_real_recordings_through_the_pipeline(ray_local, real_data, tmp_path):
     manifest = _manifest(out)
     ids = recording_ids(out)
     excerpt = manifest["excerpt3.edf"]
-    assert excerpt["status"] == "ok" and excerpt["windows"] == 12 and len(excerpt["modalities"]) == 9
+    assert excerpt["status"] == "ok" and excerpt["windows"] == 12
+    assert "spo2" not in excerpt["modalities"] and len(excerpt["modalities"]) == 7  # SAO2, PR AC-coupled
     assert excerpt["channels"]["eeg"] == "C3-A1" and excerpt["unknown_channels"] == [
         "event_pneumo",
         "event_pneumo_aut",

@@ -162,7 +162,30 @@ def test_no_known_channel_is_quarantined(tmp_path):
 
 def test_all_flat_is_quarantined(tmp_path):
     signal = write_edf(tmp_path / "r.edf", {"EEG": (100.0, np.zeros(60000))}, file_type="edf")
-    with pytest.raises(UnreadableRecording, match="NaN or flat"):
+    with pytest.raises(UnreadableRecording, match=r"NaN, flat or implausible in every window \(eeg \(EEG\)\)"):
+        decode_recording(str(signal), recording_id="r", site=SITE, epochs_per_window=10)
+
+
+def test_implausible_spo2_and_heart_rate_windows_are_absent(tmp_path):
+    """A probe off the finger (SpO2 0 %) and an AC-coupled pulse channel are not SpO2 and heart rate."""
+    night = _night(1200)
+    spo2 = night["SpO2"][1].copy()
+    spo2[300:600] = np.abs(np.random.default_rng(2).normal(0.0, 1.0, 300))  # window 1: probe off, noise near 0
+    spo2[620:680] = 0.0  # a minute off within window 2: most of the window is still SpO2
+    night["SpO2"] = (1.0, spo2)
+    night["HR"] = (1.0, np.random.default_rng(1).normal(0.0, 0.3, 1200))  # centred on 0
+    signal = write_edf(tmp_path / "r.edf", night, file_type="edf")
+    decoded = decode_recording(str(signal), recording_id="r", site=SITE, epochs_per_window=10)
+    present = table_to_batch(decoded.table, epochs_per_window=10)["present"]
+    assert present[:, MODALITY_KEYS.index("spo2")].tolist() == [True, False, True, True]
+    assert "hr" not in decoded.modalities and "eeg" in decoded.modalities
+    assert any("spo2 (SpO2): 1 of 4 windows mostly outside 40-101" in note for note in decoded.notes)
+    assert any("hr (HR): 4 of 4 windows mostly outside 20-250 bpm" in note for note in decoded.notes)
+
+
+def test_only_implausible_channels_is_quarantined(tmp_path):
+    signal = write_edf(tmp_path / "r.edf", {"SaO2": (1.0, np.linspace(-0.5, 0.5, 600))}, file_type="edf")
+    with pytest.raises(UnreadableRecording, match=r"implausible in every window \(spo2 \(SaO2\)\)"):
         decode_recording(str(signal), recording_id="r", site=SITE, epochs_per_window=10)
 
 
@@ -191,7 +214,9 @@ def test_dreams_excerpt_with_its_five_second_hypnogram(real_data):
         epochs_per_window=10,
     )
     assert decoded.windows == 6  # 30 min
-    assert set(decoded.modalities) == {"eeg", "eog", "emg", "ecg", "hr", "spo2", "airflow", "thorax", "abdomen"}
+    # Its SAO2 and PR are AC-coupled (centred on 0): not SpO2 and heart rate, whatever the site maps.
+    assert set(decoded.modalities) == {"eeg", "eog", "emg", "ecg", "airflow", "thorax", "abdomen"}
+    assert any("spo2 (SAO2): 6 of 6 windows mostly outside" in note for note in decoded.notes)
     stages = table_to_batch(decoded.table, epochs_per_window=10)["stages"].reshape(-1)
     assert len(stages) == 60 and set(np.unique(stages)) <= {0, 1, 2, 3, 4} and 3 in stages
     assert "FP1-A1" in decoded.unknown_channels and "hypnogram" not in decoded.unknown_channels

@@ -5,7 +5,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from s2v_core.signal import CLIP, cut_windows, normalise, resample, robust_scale, window_bounds, window_quality
+from s2v_core.signal import (
+    CLIP,
+    cut_windows,
+    normalise,
+    resample,
+    robust_scale,
+    window_bounds,
+    window_in_range,
+    window_quality,
+)
 
 
 @pytest.mark.parametrize("source_hz, target_hz", [(512, 128), (256, 128), (125, 128), (50, 128), (200, 4), (1, 4)])
@@ -42,6 +51,23 @@ def test_window_quality_finds_nan_and_flat_windows():
     bad, flat = window_quality(values, bounds)
     assert bad.tolist() == [False, True, False, True]
     assert flat.tolist() == [False, False, True, False]
+
+
+def test_window_in_range_needs_half_of_the_samples_inside_one_range():
+    values = np.concatenate(
+        [
+            np.full(10, 96.0),  # percent
+            np.full(10, 0.95),  # a fraction of 1
+            np.r_[np.full(5, 97.0), np.zeros(5)],  # half the window off the finger: kept
+            np.r_[np.full(4, 97.0), np.zeros(6)],  # most of it off: out
+            np.r_[np.full(9, np.nan), 97.0],  # NaN is never inside
+            np.linspace(-0.5, 0.5, 10),  # AC-coupled, centred on 0
+        ]
+    ).astype(np.float32)
+    bounds = window_bounds(6, 10.0, 1.0, values.size)
+    inside = window_in_range(values, bounds, ((40.0, 101.0), (0.4, 1.01)))
+    assert inside.tolist() == [True, True, True, False, False, False]
+    assert window_in_range(values, bounds, ((40.0, 101.0),)).tolist() == [True, False, True, False, False, False]
 
 
 def test_constant_spo2_is_not_flat_unless_disconnected():

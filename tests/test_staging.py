@@ -49,7 +49,8 @@ def test_dreams_excerpt_staged_with_a_site_config(real_data, model_dir, dreams_s
     result = stage_recording(source, model=model_dir, out=tmp_path, identities=IDENTITIES, site_config=dreams_site)
     assert result.name.startswith("rec-") and "excerpt" not in result.name
     assert len(result.stages) == 60  # 30 min of 30-s epochs
-    assert set(result.summary["modalities"]) >= {"eeg", "eog", "emg", "ecg", "spo2"}
+    assert set(result.summary["modalities"]) >= {"eeg", "eog", "emg", "ecg", "airflow"}
+    assert not {"hr", "spo2"} & set(result.summary["modalities"])  # AC-coupled SAO2, PULSE: implausible
     assert result.summary["channels"]["eeg"] == "C3-A1"
     assert np.allclose(result.probabilities.sum(axis=1), 1.0, atol=1e-5)
     rows = _rows(result.files["csv"])
@@ -69,7 +70,9 @@ def test_dreams_excerpt_staged_with_a_site_config(real_data, model_dir, dreams_s
 
 def test_dreams_without_site_config_uses_what_maps(real_data, model_dir):
     result = stage_recording(real_data / "DREAMS_Spindles" / "excerpt3.edf", model=model_dir, identities=IDENTITIES)
-    assert result.summary["modalities"] == ["ecg", "hr", "spo2"]  # the registry aliases alone
+    # The registry aliases alone map ECG, PULSE (hr) and SAO2 (spo2); the last two are AC-coupled
+    # (centred on 0, no bpm or %), so only the ECG is used.
+    assert result.summary["modalities"] == ["ecg"]
     assert len(result.stages) == 60 and (result.stages >= 0).all()
 
 
