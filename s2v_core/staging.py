@@ -276,6 +276,7 @@ def _decode(path: str | Path, *, site_config: SiteConfig | str | Path | None, na
     )
 
 
+@torch.no_grad()  # LoRA and full models enable grad in features(); inference never needs it
 def _embed_decoded(
     decoded, model: FineTunedModel, *, modalities: Sequence[str] | None, name: str, device: str = "cpu"
 ) -> RecordingEmbedding:

@@ -68,6 +68,16 @@ def test_dreams_excerpt_staged_with_a_site_config(real_data, model_dir, dreams_s
         assert b"excerpt" not in path.read_bytes() and b"DREAMS" not in path.read_bytes()
 
 
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_lora_and_full_models_stage(real_data, tmp_path, mode):
+    """Their encoders train (grad on in features()); staging must still read them without gradients."""
+    torch.manual_seed(0)
+    encoder = SleepEncoder(model_config("tiny", width=16, depth=1, heads=2, epochs_per_window=10))
+    model = save_finetuned(FineTunedModel(encoder, FinetuneSpec(task="staging", mode=mode)), tmp_path / "model")
+    result = stage_recording(real_data / "SleepEDF_SC4001" / "short_psg.edf", model=model, identities=IDENTITIES)
+    assert len(result.stages) == 10 and np.isfinite(result.probabilities).all()
+
+
 def test_dreams_without_site_config_uses_what_maps(real_data, model_dir):
     result = stage_recording(real_data / "DREAMS_Spindles" / "excerpt3.edf", model=model_dir, identities=IDENTITIES)
     # The registry aliases alone map ECG, PULSE (hr) and SAO2 (spo2); the last two are AC-coupled
