@@ -379,7 +379,10 @@ def stage_recording(
     ``s2v finetune --task events`` model) adds the AHI from detected events
     to the summary (:func:`event_index`), a ``p_event`` column to the CSV and
     the detected events to the PNG; a recording without the modalities it
-    reads is still staged, its ``ahi`` says why it has no value.
+    reads is still staged, its ``ahi`` says why it has no value. The
+    summary's ``notes`` say what the reader and the channel checks left out
+    (a channel too slow, windows NaN, flat or implausible), the path replaced
+    by ``name``.
     Errors (:class:`~s2v_core.io.base.UnreadableRecording`, ``ValueError``) carry a
     one-line reason naming the recording by ``name``, never by its path.
     """
@@ -433,6 +436,7 @@ def stage_recording(
         "night_context": night_head is not None,
         **sleep_summary(stages, task.classes, staged=staged),
         **({"ahi": ahi} if detector is not None else {}),
+        "notes": [_scrub(note, path, name) for note in decoded.notes],
     }
     files: dict[str, str] = {}
     if out is not None:

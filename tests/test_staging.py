@@ -83,6 +83,9 @@ def test_dreams_without_site_config_uses_what_maps(real_data, model_dir):
     # The registry aliases alone map ECG, PULSE (hr) and SAO2 (spo2); the last two are AC-coupled
     # (centred on 0, no bpm or %), so only the ECG is used.
     assert result.summary["modalities"] == ["ecg"]
+    why = [note for note in result.summary["notes"] if "spo2 (SAO2)" in note]
+    assert len(why) == 1 and why[0].startswith(f"{result.summary['recording']}: ") and "AC-coupled" in why[0]
+    assert not any("excerpt" in note or "DREAMS" in note for note in result.summary["notes"])
     assert len(result.stages) == 60 and (result.stages >= 0).all()
 
 
