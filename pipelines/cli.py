@@ -21,7 +21,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pretrain": ("pipelines.pretrain", "contrastive DASH-InfoNCE pretraining (Ray Train + DeepSpeed)"),
     "embed": ("pipelines.embed", "batch embedding extraction over a store (Ray Data)"),
     "evaluate": ("pipelines.evaluate", "downstream evaluation: staging, outcomes, any-subset robustness"),
-    "finetune": ("pipelines.finetune", "fine-tune a pretrained encoder on a task: frozen, LoRA or full (Ray Train)"),
+    "finetune": (
+        "pipelines.finetune_cli",
+        "fine-tune a pretrained encoder on a task: frozen, LoRA or full (Ray Train)",
+    ),
     "stage": ("pipelines.stage", "stage raw EDF/BDF recordings with a fine-tuned model: hypnogram CSV/PNG + summary"),
     "sweep": ("tune.sweep", "Ray Tune grid over width x modality count and the scaling-law fit"),
     "demo": ("pipelines.demo", "run the whole chain, small, on the embedded defaults"),

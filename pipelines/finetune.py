@@ -29,6 +29,10 @@ subjects unless ``--transductive``; write the config) → :func:`run` (a Ray
 Train ``TorchTrainer`` over :func:`pipelines.finetune_loop.finetune_loop_per_worker`)
 → :func:`cleanup` (copy the best checkpoint's model to ``RUN_DIR/model``,
 score it on the test subjects next to a baseline fitted on train, log to MLflow).
+Beside it: :mod:`pipelines.finetune_cli` (the options), :mod:`pipelines.finetune_checks`
+(protocol, ``--resume``), :mod:`pipelines.finetune_deepspeed`, :mod:`pipelines.finetune_night`
+(stage 2), :mod:`pipelines.finetune_data` (windows, baseline, AHI from events) and
+:mod:`pipelines.finetune_loop` (the workers).
 
 The encoder comes from a pretraining run dir, a checkpoint, an encoder
 directory or an MLflow run (see :mod:`pipelines.model_io`); a run dir's
@@ -62,7 +66,6 @@ stage``, ``--night-context`` and the report read it unchanged. A resumed
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
@@ -74,9 +77,12 @@ from typing import Any
 
 import numpy as np
 
-from pipelines.deepspeed_engine import add_zero_stage_argument, engine_config, resolve_zero_stage, zero_stage_of
+from pipelines.deepspeed_engine import zero_stage_of
+from pipelines.finetune_checks import check_protocol, check_resume, check_same_run
+from pipelines.finetune_deepspeed import check_deepspeed, with_deepspeed
+from pipelines.finetune_night import check_night_context, night_context_stage, previous_night_head
 from pipelines.runtime import mlflow_experiment, mlflow_tracking_uri
-from s2v_core.config import from_mapping, to_mapping
+from s2v_core.config import to_mapping
 from s2v_core.finetuning import (
     EVENT_THRESHOLD_FROM_KEY,
     EVENT_THRESHOLD_KEY,
@@ -87,7 +93,7 @@ from s2v_core.finetuning import (
     save_finetuned,
 )
 from s2v_core.locations import redact
-from s2v_core.modalities import MODALITY_KEYS, parse_modalities
+from s2v_core.modalities import parse_modalities
 from s2v_core.run_layout import (
     CHECKPOINTS_NAME,
     DS_CONFIG_FILE,
@@ -273,10 +279,10 @@ def setup(config: FinetuneConfig, *, resume: bool = False) -> PreparedFinetune:
         checkpoint=config.checkpoint,
     )
     run_dir = Path(config.output).resolve()
-    resume_from = _check_resume(run_dir, resume=resume)
+    resume_from = check_resume(run_dir, resume=resume)
     resolved = dataclasses.replace(config, modalities=spec.modalities)
     if resume_from is not None:
-        _check_same_run(run_dir / CONFIG_FILE, resolved)
+        check_same_run(run_dir / CONFIG_FILE, resolved)
     kept_head = run_dir / MODEL_DIR / NIGHT_HEAD_FILE
     if resume and not config.night_context and kept_head.is_file():
         # Resuming rebuilds RUN_DIR/model; without --night-context the trained night head would be dropped.
@@ -304,110 +310,6 @@ def setup(config: FinetuneConfig, *, resume: bool = False) -> PreparedFinetune:
         resume_from=resume_from,
         train_window_keys=window_keys,
     )
-
-
-def check_night_context(config: FinetuneConfig) -> None:
-    """``--night-context`` needs an epoch-level classification task and whole labelled train nights."""
-    if not config.night_context:
-        return
-    task = config.spec().task_definition
-    if task.level != "epoch" or task.kind != "classification":
-        raise ValueError(
-            f"--night-context: expected an epoch-level classification task (staging, staging4, staging3), "
-            f"found --task {task.name} ({task.level}-level {task.kind})"
-        )
-    if config.night_steps < 1:
-        raise ValueError(f"--night-steps: expected an integer >= 1, found {config.night_steps}")
-    if config.labelled_windows:
-        raise ValueError(
-            f"--night-context: the night head learns from whole labelled train nights; expected no "
-            f"--labelled-windows, found {config.labelled_windows}"
-        )
-
-
-def check_deepspeed(config: FinetuneConfig) -> None:
-    """``--zero-stage`` is one of 0-3 and only comes with ``--deepspeed``."""
-    if config.zero_stage is None:
-        return
-    if config.zero_stage not in (0, 1, 2, 3):
-        raise ValueError(f"--zero-stage: expected 0, 1, 2 or 3, found {config.zero_stage!r}")
-    if not config.deepspeed:
-        raise ValueError(
-            f"--zero-stage: a DeepSpeed option; expected --deepspeed with it, found --zero-stage "
-            f"{config.zero_stage} without --deepspeed"
-        )
-
-
-def check_protocol(record: dict | None, store_record: dict, *, transductive: bool, checkpoint: str) -> dict:
-    """Refuse to report on test subjects the encoder was pretrained on (or may have been), unless transductive."""
-    from s2v_core.splits import seen_splits
-
-    seen = seen_splits(record, store_record)
-    if not transductive:
-        if seen is None:
-            raise ValueError(
-                f"--checkpoint {checkpoint!r}: what pretrained the encoder is unknown (no training "
-                "record beside it), so the test subjects cannot be called unseen; pass "
-                "--transductive to fine-tune and score anyway"
-            )
-        if "test" in seen:
-            raise ValueError(
-                f"--checkpoint {checkpoint!r}: the encoder was pretrained on the {'/'.join(seen)} "
-                "subjects of this store, test included; pass --transductive to score anyway"
-            )
-    return {
-        "mode": "transductive" if transductive else "held-out",
-        "encoder_pretrained_on": "unknown" if seen is None else ("/".join(seen) or "no subject of this store"),
-        "trained_on": "train subjects",
-        "early_stopping_on": "val subjects",
-        "scored": "test subjects",
-    }
-
-
-#: Options a resumed run may change: how long and how it runs, not what it trains.
-#: The night head (stage 2) may be added or retrained on a finished run: stage 1 stays as it is.
-RESUMABLE_CHANGES = (
-    "steps",
-    "patience",
-    "eval_every",
-    "checkpoint_every",
-    "workers",
-    "device",
-    "output",
-    "night_context",
-    "night_steps",
-)
-
-
-def _check_same_run(path: Path, config: FinetuneConfig) -> None:
-    """``--resume`` must continue the same training: only :data:`RESUMABLE_CHANGES` may differ."""
-    if not path.is_file():
-        return
-    previous = json.loads(path.read_text(encoding="utf-8"))
-    current = json.loads(json.dumps(to_mapping(config)))  # tuples as lists, like the file
-    changed = {
-        k: (previous.get(k), v) for k, v in current.items() if k not in RESUMABLE_CHANGES and previous.get(k) != v
-    }
-    if changed:
-        listed = "; ".join(f"{k}: the run has {old!r}, this call {new!r}" for k, (old, new) in sorted(changed.items()))
-        raise ValueError(
-            f"--resume: expected the options of the run in {path.parent}, found different values: {listed}"
-        )
-
-
-def _check_resume(run_dir: Path, *, resume: bool) -> str | None:
-    from pipelines.finetune_loop import checkpoint_problems
-
-    checkpoints = sorted((run_dir / CHECKPOINTS_NAME).glob("step_*")) if run_dir.is_dir() else []
-    complete = [c for c in checkpoints if not checkpoint_problems(c)]
-    if not resume:
-        if checkpoints or (run_dir / MODEL_DIR).exists():
-            raise ValueError(
-                f"--output: expected a new run directory, found a fine-tuning run in {run_dir}; "
-                "pass --resume to continue it or choose another --output"
-            )
-        return None
-    return str(complete[-1]) if complete else None
 
 
 # -- MLflow -----------------------------------------------------------------------------------------
@@ -565,99 +467,16 @@ def detect_gpu(config: FinetuneConfig) -> bool:
     return gpus >= config.workers
 
 
-def deepspeed_config(config: FinetuneConfig, *, on_gpu: bool) -> dict[str, Any]:
-    """The DeepSpeed config of a ``--deepspeed`` run on CPU or GPU workers (``RUN_DIR/ds_config.json``).
-
-    Each worker holds ``batch_size // workers`` windows a step. It trains as the
-    data-parallel path does, so that their figures compare: float32 weights,
-    no gradient clipping and no scheduler (the constant learning rates of
-    :meth:`~s2v_core.finetuning.FineTunedModel.parameter_groups`). bf16 is
-    left out on GPUs too: DeepSpeed would cast the frozen pretrained weights
-    (frozen mode, LoRA's base weights) to bf16, and the saved model would no
-    longer hold the encoder it started from.
-    """
-    return engine_config(
-        micro_batch=config.batch_size // config.workers,
-        grad_accum=1,
-        zero_stage=resolve_zero_stage(config.zero_stage, on_gpu=on_gpu),
-        on_gpu=on_gpu,
-        bf16=False,
-        grad_clip=0.0,
-        workers=config.workers,
-    )
-
-
-def with_deepspeed(prepared: PreparedFinetune) -> PreparedFinetune:
-    """A ``--deepspeed`` run with its DeepSpeed config for its workers' device, written to the run dir.
-
-    A resumed run must be able to load its checkpoint's engine state: the
-    same ZeRO stage, and for stages 1-3 (an optimiser shard per worker) the
-    same ``--workers``; ``ValueError`` naming the option otherwise.
-    """
-    config = prepared.config
-    if not config.deepspeed:
-        return prepared
-    ds_config = deepspeed_config(config, on_gpu=prepared.on_gpu)
-    stage = zero_stage_of(ds_config)
-    if prepared.resume_from is not None:
-        checkpoint = Path(prepared.resume_from)
-        engine = json.loads((checkpoint / FINETUNE_STATE_FILE).read_text(encoding="utf-8")).get("engine") or {}
-        if engine.get("zero_stage") != stage:
-            raise ValueError(
-                f"--resume: expected the ZeRO stage of checkpoint {checkpoint.name} ({engine.get('zero_stage')}), "
-                f"found {stage} (--zero-stage {config.zero_stage if config.zero_stage is not None else 'default'} "
-                f"on {'GPU' if prepared.on_gpu else 'CPU'} workers); resume on the device it trained on (--device)"
-            )
-        if stage >= 1 and engine.get("world_size") != config.workers:
-            raise ValueError(
-                f"--workers: expected {engine.get('world_size')}, the workers that wrote checkpoint "
-                f"{checkpoint.name} (ZeRO-{stage} keeps an optimiser shard per worker), found {config.workers}"
-            )
-    (prepared.run_dir / DS_CONFIG_FILE).write_text(json.dumps(ds_config, indent=2) + "\n", encoding="utf-8")
-    return dataclasses.replace(prepared, ds_config=ds_config)
-
-
 # -- cleanup ----------------------------------------------------------------------------------------
-def baseline_predictions(prepared: PreparedFinetune, target: np.ndarray) -> np.ndarray:
-    """What a model without inputs predicts for ``target``'s rows, fitted on the train subjects.
-
-    Classification: the train subjects' most frequent class; regression: their
-    mean; binary and survival: a constant score (AUROC and C-index 0.5).
-    """
-    from pipelines.finetune_loop import read_store_batches
-    from s2v_core.finetuning import batch_targets
-
-    task = prepared.spec.task_definition
-    if task.kind in ("binary", "survival"):
-        return np.zeros((len(target), 1))
-    values = np.concatenate(
-        [
-            batch_targets(task, b).reshape(-1)
-            for b in read_store_batches(
-                list(prepared.train_files),
-                prepared.filesystem,
-                spec=prepared.spec,
-                epochs_per_window=prepared.epochs_per_window,
-                batch_size=256,
-            )
-        ]
-    )
-    if task.kind == "classification":
-        known = values[values >= 0].astype(np.int64)
-        majority = int(np.bincount(known, minlength=len(task.classes)).argmax()) if known.size else 0
-        return np.eye(len(task.classes))[np.full(len(target), majority)]
-    return np.full((len(target), 1), float(np.nanmean(values)))
-
-
 def cleanup(prepared: PreparedFinetune, checkpoint: Path) -> dict:
     """Copy the best model to ``RUN_DIR/model``, score it on test next to the baseline, log to MLflow."""
-    from pipelines.finetune_data import event_ahi_report
+    from pipelines.finetune_data import baseline_predictions, event_ahi_report
     from pipelines.finetune_loop import BEST_DIR, read_store_batches
     from s2v_core.finetuning import predict
 
     state = json.loads((checkpoint / FINETUNE_STATE_FILE).read_text(encoding="utf-8"))
     model_dir = prepared.run_dir / MODEL_DIR
-    kept_head = _previous_night_head(prepared, model_dir, state)
+    kept_head = previous_night_head(prepared, model_dir, state)
     if model_dir.exists():
         shutil.rmtree(model_dir)
     shutil.copytree(checkpoint / BEST_DIR, model_dir)
@@ -737,204 +556,3 @@ def cleanup(prepared: PreparedFinetune, checkpoint: Path) -> dict:
         client.log_artifact(run_id, str(prepared.run_dir / REPORT_FILE))
         client.set_terminated(run_id, "FINISHED")
     return report
-
-
-# -- stage 2: the whole-night head ----------------------------------------------------------------
-def _night_record(prepared: PreparedFinetune, state: dict) -> dict:
-    """What a kept night head must have been trained with to be reused by a resumed run."""
-    return {
-        "stage1_best_step": state["best_step"],
-        "night_steps": prepared.config.night_steps,
-        "seed": prepared.config.seed,
-    }
-
-
-def _previous_night_head(prepared: PreparedFinetune, model_dir: Path, state: dict):
-    """A night head in ``model_dir`` trained on this stage-1 model with these options (a resumed run), or None."""
-    from s2v_core.finetuning import read_description
-    from s2v_core.night_context import load_night_head
-
-    if not prepared.config.night_context or not model_dir.is_dir():
-        return None
-    try:
-        record = read_description(model_dir).get("night_head") or {}
-        if record.get("trained_with") != _night_record(prepared, state):
-            return None
-        return load_night_head(model_dir), record
-    except (OSError, ValueError, KeyError):  # an unreadable leftover: train it again
-        return None
-
-
-def night_context_stage(
-    prepared: PreparedFinetune, model, model_dir: Path, state: dict, stage1_test: dict, kept=None
-) -> dict:
-    """Stage 2 of ``--night-context``: train (or keep) the night head, save it in ``model_dir``, score it on test.
-
-    Returns the report's ``night_context`` part: the test figures of both stages
-    (``test``), of stage 1 alone (``stage1_alone_test``), the primary figure's
-    gain, the nights per split, the training history and whether the head was reused.
-    """
-    import time
-
-    from pipelines.finetune_data import read_night_features
-    from s2v_core.night_context import fit_night_context, predict_nights, save_night_head
-
-    started = time.monotonic()
-    task = model.task
-    config = prepared.config
-    splits = {"test": prepared.test_files}
-    if kept is None:
-        splits = {"train": prepared.train_files, "val": prepared.val_files, **splits}
-    nights = {
-        split: read_night_features(model, files, prepared.filesystem, batch_size=config.batch_size)
-        for split, files in splits.items()
-    }
-    if kept is None:
-        head, record = fit_night_context(
-            nights,
-            task,
-            heads=model.encoder.config.heads,
-            steps=config.night_steps,
-            patience=config.patience,
-            seed=config.seed,
-        )
-        figures = record.pop("test")
-        history = {**record, "trained_with": _night_record(prepared, state)}
-        reused = False
-    else:
-        head, history = kept[0], {k: v for k, v in kept[1].items() if k not in ("hyperparameters", "test")}
-        figures = task.metrics(*predict_nights(head, nights["test"], task))
-        reused = True
-    save_night_head(head, model_dir, extra={**history, "test": {k: v for k, v in figures.items() if k != "confusion"}})
-    metric = task.primary[0]
-    return {
-        "test": figures,
-        "stage1_alone_test": stage1_test,
-        f"{metric}_gain": round(figures[metric] - stage1_test[metric], 4),
-        **history,
-        "reused": reused,
-        "seconds": round(time.monotonic() - started, 1),
-    }
-
-
-# -- CLI --------------------------------------------------------------------------------------------
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    defaults = FinetuneConfig()
-    parser.add_argument(
-        "--checkpoint",
-        required=True,
-        help="pretrained run dir, checkpoint or encoder directory (the EMA weights when kept)",
-    )
-    parser.add_argument("--data", required=True, help="store written by `s2v ingest` (with splits.json)")
-    parser.add_argument("--output", required=True, help="local run directory")
-    parser.add_argument(
-        "--task",
-        default=defaults.task,
-        help="staging, staging4, staging3, events, arousal, events:KIND[,KIND], age, sex, ahi, ahi:COL, "
-        "outcome:COL, survival:EVENT,TIME",
-    )
-    parser.add_argument("--mode", default=defaults.mode, choices=("frozen", "lora", "full"))
-    parser.add_argument("--head", default=defaults.head, choices=("linear", "mlp", "temporal"))
-    parser.add_argument("--steps", type=int, default=defaults.steps)
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="windows per step")
-    parser.add_argument("--workers", type=int, default=defaults.workers)
-    parser.add_argument("--lr", type=float, default=defaults.lr, help="learning rate of the encoder's trained weights")
-    parser.add_argument(
-        "--head-lr",
-        type=float,
-        default=defaults.head_lr,
-        help="learning rate of the gated fusion and the head (default: --lr); a fresh head next to a "
-        "pretrained encoder in --mode full usually wants a larger one than the encoder",
-    )
-    parser.add_argument("--lora-r", type=int, default=defaults.lora_r)
-    parser.add_argument("--lora-alpha", type=int, default=defaults.lora_alpha)
-    parser.add_argument("--lora-dropout", type=float, default=defaults.lora_dropout)
-    parser.add_argument(
-        "--lora-targets",
-        default=",".join(defaults.lora_targets),
-        help=f"comma-separated subset of {','.join(LORA_TARGETS)}",
-    )
-    parser.add_argument("--train-tokenizers", action="store_true", help="also train the per-modality tokenizers")
-    parser.add_argument("--modality-dropout", type=float, default=defaults.modality_dropout)
-    parser.add_argument("--modalities", help=f"comma-separated subset of {','.join(MODALITY_KEYS)}")
-    parser.add_argument(
-        "--labelled-windows",
-        type=int,
-        default=defaults.labelled_windows,
-        help="few-shot: train on this many random store windows of the train subjects (0: all)",
-    )
-    parser.add_argument("--eval-every", type=int, default=defaults.eval_every)
-    parser.add_argument("--patience", type=int, default=defaults.patience)
-    parser.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every)
-    parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--device", default=defaults.device, choices=("auto", "cpu", "gpu"), help="worker device")
-    parser.add_argument(
-        "--deepspeed",
-        action="store_true",
-        help="train inside a DeepSpeed engine (ZeRO) instead of plain data-parallel workers; "
-        "the same optimiser and the same saved model",
-    )
-    add_zero_stage_argument(parser, condition="with --deepspeed: ")
-    parser.add_argument(
-        "--night-context",
-        action="store_true",
-        help="staging tasks: then train a whole-night transformer over the fine-tuned model's epoch features "
-        "(kept in RUN_DIR/model; `s2v stage` uses it)",
-    )
-    parser.add_argument(
-        "--night-steps",
-        type=int,
-        default=defaults.night_steps,
-        help="--night-context: steps at most (one train night each), early-stopped on the val nights",
-    )
-    parser.add_argument(
-        "--transductive",
-        action="store_true",
-        help="allow an encoder pretrained on the test subjects (or of unknown origin)",
-    )
-    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output")
-    parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a local instance)")
-
-
-def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
-    """Map parsed CLI flags onto a :class:`FinetuneConfig` (wrong values raise naming the option)."""
-    values = {k: v for k, v in vars(args).items() if k in {f.name for f in dataclasses.fields(FinetuneConfig)}}
-    values["lora_targets"] = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
-    values["modalities"] = tuple(parse_modalities(args.modalities, option="--modalities")) if args.modalities else ()
-    config = from_mapping(FinetuneConfig, values, source="s2v finetune options")
-    config.spec()  # ValueError naming --mode/--head/--lora-targets/--task before anything starts
-    return config
-
-
-def run(args: argparse.Namespace) -> int:
-    """CLI entry: ``s2v finetune …`` → :func:`finetune`; prints the test figures as one JSON line."""
-    config = config_from_args(args)
-    report = finetune(config, resume=args.resume, address=args.address)
-    print(
-        json.dumps(
-            {
-                "model": report["model"],
-                "task": report["task"],
-                "mode": report["mode"],
-                "test": {k: v for k, v in report["test"].items() if k not in ("confusion", "per_class_f1")},
-                "baseline": {k: v for k, v in report["baseline"].items() if k not in ("confusion", "per_class_f1")},
-                **(
-                    {"ahi_from_events": {k: v for k, v in report["ahi_from_events"].items() if k != "per_night"}}
-                    if "ahi_from_events" in report
-                    else {}
-                ),
-                **(
-                    {
-                        "night_context": {
-                            k: v
-                            for k, v in report["night_context"]["test"].items()
-                            if k not in ("confusion", "per_class_f1")
-                        }
-                    }
-                    if "night_context" in report
-                    else {}
-                ),
-            }
-        )
-    )
-    return 0

@@ -10,12 +10,14 @@
   AHI from detected events per test night, next to the night's scored
   ``ahi_scored`` (:mod:`s2v_core.evaluation.events`), with the detection
   threshold chosen on the val nights.
+- The report's baseline (:func:`baseline_predictions`) is what a model
+  without inputs predicts, fitted on the train subjects.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -23,6 +25,9 @@ import pyarrow.parquet as pq
 from s2v_core.evaluation.tasks import Task
 from s2v_core.modalities import MODALITY_KEYS
 from s2v_core.store import EVENTS_COLUMN, present_matrix
+
+if TYPE_CHECKING:
+    from pipelines.finetune import PreparedFinetune
 
 #: Outcome an AHI from detected events is compared with (written by ingest from NSRR XML).
 AHI_REFERENCE = "ahi_scored"
@@ -157,3 +162,34 @@ def read_night_features(model, files: Sequence[str], filesystem: Any, *, batch_s
         extra_columns=("window_index",),
     )
     return night_features(model, batches, device=next(model.parameters()).device)
+
+
+def baseline_predictions(prepared: PreparedFinetune, target: np.ndarray) -> np.ndarray:
+    """What a model without inputs predicts for ``target``'s rows, fitted on the train subjects.
+
+    Classification: the train subjects' most frequent class; regression: their
+    mean; binary and survival: a constant score (AUROC and C-index 0.5).
+    """
+    from pipelines.finetune_loop import read_store_batches
+    from s2v_core.finetuning import batch_targets
+
+    task = prepared.spec.task_definition
+    if task.kind in ("binary", "survival"):
+        return np.zeros((len(target), 1))
+    values = np.concatenate(
+        [
+            batch_targets(task, b).reshape(-1)
+            for b in read_store_batches(
+                list(prepared.train_files),
+                prepared.filesystem,
+                spec=prepared.spec,
+                epochs_per_window=prepared.epochs_per_window,
+                batch_size=256,
+            )
+        ]
+    )
+    if task.kind == "classification":
+        known = values[values >= 0].astype(np.int64)
+        majority = int(np.bincount(known, minlength=len(task.classes)).argmax()) if known.size else 0
+        return np.eye(len(task.classes))[np.full(len(target), majority)]
+    return np.full((len(target), 1), float(np.nanmean(values)))

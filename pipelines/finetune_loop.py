@@ -8,7 +8,7 @@ The loop reads only its ``config`` (built by :func:`pipelines.finetune.loop_conf
 ``config["epochs_per_window"]``, ``config["run_dir"]``, ``config["resume_from"]``
 ``config["validation"]``   ``{"files", "filesystem"}``: store files of the ``val`` subjects
 ``config["mlflow"]``       ``{"tracking_uri", "run_id"}`` or ``None``: where rank 0 logs metrics
-``config["ds_config"]``    ``--deepspeed``: the DeepSpeed config (:func:`pipelines.finetune.deepspeed_config`), else ``None``
+``config["ds_config"]``    ``--deepspeed``: the DeepSpeed config (:func:`pipelines.finetune_deepspeed.deepspeed_config`), else ``None``
 
 Data comes from ``ray.train.get_dataset_shard("train")``. Every
 ``eval_every`` steps rank 0 scores the model on the ``val`` subjects with the

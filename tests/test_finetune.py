@@ -8,7 +8,9 @@ import json
 import pytest
 import torch
 
-from pipelines.finetune import FinetuneConfig, check_protocol, deepspeed_config, finetune, setup, with_deepspeed
+from pipelines.finetune import FinetuneConfig, finetune, setup
+from pipelines.finetune_checks import check_protocol
+from pipelines.finetune_deepspeed import deepspeed_config, with_deepspeed
 from s2v_core.finetuning import load_finetuned
 from s2v_core.model import SleepEncoder, model_config, save_encoder
 from s2v_core.splits import TRAINING_RECORD_FILE, split_record
@@ -155,7 +157,7 @@ def test_night_context_only_for_epoch_level_classification(tmp_path, store):
 
 def test_cli_flags_map_onto_the_config():
     from pipelines.cli import build_parser
-    from pipelines.finetune import config_from_args
+    from pipelines.finetune_cli import config_from_args
 
     args = build_parser("finetune").parse_args(
         [

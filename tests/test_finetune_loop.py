@@ -16,7 +16,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from pipelines.finetune import FinetuneConfig, deepspeed_config
+from pipelines.finetune import FinetuneConfig
+from pipelines.finetune_deepspeed import deepspeed_config
 from pipelines.finetune_loop import DeepSpeedTrainer, _model_from, checkpoint_problems
 from s2v_core.config import to_mapping
 from s2v_core.finetuning import FinetuneSpec, batch_targets
@@ -171,7 +172,7 @@ def _deepspeed_checkpoint(directory: Path, *, step: int, zero_stage: int, world_
 
 @pytest.mark.parametrize("zero_stage", [0, 2, 3])
 def test_a_deepspeed_checkpoint_is_complete_only_with_every_ranks_state(tmp_path, zero_stage):
-    from pipelines.finetune import _check_resume
+    from pipelines.finetune_checks import check_resume
 
     checkpoints = tmp_path / "checkpoints"
     complete = _deepspeed_checkpoint(checkpoints / "step_00000002", step=2, zero_stage=zero_stage)
@@ -181,7 +182,7 @@ def test_a_deepspeed_checkpoint_is_complete_only_with_every_ranks_state(tmp_path
     last_shard = sorted((partial / ENGINE_DIR / ENGINE_TAG).iterdir())[-1]
     last_shard.unlink()
     assert checkpoint_problems(partial), last_shard.name
-    assert _check_resume(tmp_path, resume=True) == str(complete)
+    assert check_resume(tmp_path, resume=True) == str(complete)
     (complete / "best" / "finetuned.json").unlink()
     assert checkpoint_problems(complete) == ["no best/finetuned.json"]
 
