@@ -150,7 +150,7 @@ def test_alignment(encoder_dir: str, store: str, args: argparse.Namespace) -> di
 
 def load_signals(emb, store: str) -> dict[str, np.ndarray]:
     """The raw store signals of the embedded windows, float16, one modality column at a time."""
-    from pipelines.evaluate import store_rows
+    from pipelines.evaluate_baselines import store_rows
     from s2v_core.modalities import MODALITY_KEYS
     from s2v_core.store import modality_array
 
