@@ -18,7 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("pipelines.synth", "write a synthetic multi-site PSG cohort (EDF/BDF + hypnograms + metadata)"),
     "ingest": ("pipelines.ingest", "stream recordings into the Parquet store of windowed epochs (Ray Data)"),
     "split": ("pipelines.split", "show or assign the subject-level train/val/test split of a store"),
-    "pretrain": ("pipelines.pretrain", "contrastive DASH-InfoNCE pretraining (Ray Train + DeepSpeed)"),
+    "pretrain": ("pipelines.pretrain_cli", "contrastive DASH-InfoNCE pretraining (Ray Train + DeepSpeed)"),
     "embed": ("pipelines.embed", "batch embedding extraction over a store (Ray Data)"),
     "evaluate": ("pipelines.evaluate", "downstream evaluation: staging, outcomes, any-subset robustness"),
     "finetune": (
@@ -26,7 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "fine-tune a pretrained encoder on a task: frozen, LoRA or full (Ray Train)",
     ),
     "stage": ("pipelines.stage", "stage raw EDF/BDF recordings with a fine-tuned model: hypnogram CSV/PNG + summary"),
-    "sweep": ("tune.sweep", "Ray Tune grid over width x modality count and the scaling-law fit"),
+    "sweep": ("tune.sweep_cli", "Ray Tune grid over width x modality count and the scaling-law fit"),
     "demo": ("pipelines.demo", "run the whole chain, small, on the embedded defaults"),
     "submit": ("pipelines.submit", "run an s2v sub-command on a Ray cluster via `ray job submit` (token auth on)"),
 }

@@ -40,7 +40,7 @@ from s2v_core.run_layout import ENCODER_DIR, MLFLOW_RUN_FILE, MODEL_CONFIG_FILE,
 from s2v_core.splits import read_training_record
 
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
-#: Artifact path of the encoder directory in a pretraining MLflow run (see pipelines.pretrain).
+#: Artifact path of the encoder directory in a pretraining MLflow run (written by pipelines.pretrain_mlflow).
 ENCODER_ARTIFACT = "encoder"
 
 

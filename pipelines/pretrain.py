@@ -10,7 +10,8 @@ The entry point reads ``main(cfg)`` → :func:`setup` (validate inputs, resolve
 the config against the store, prepare the run dir and the MLflow run; no
 worker has started yet) → :func:`run` (a ``TorchTrainer`` over
 :func:`pipelines.train_loop.train_loop_per_worker`) → :func:`cleanup` (log the
-final encoder to MLflow, shut down what we started).
+final encoder to MLflow, shut down what we started). The options are in
+:mod:`pipelines.pretrain_cli`, the MLflow side in :mod:`pipelines.pretrain_mlflow`.
 
 DeepSpeed on CPU workers: the optimiser is ``torch.optim.AdamW`` (so DeepSpeed's
 CPU/fused Adam ops are never compiled), bf16 is off and the process group is
@@ -38,7 +39,6 @@ cannot hold ``mlflow.db`` (SQLite needs a local file), so it needs
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
@@ -52,15 +52,11 @@ from typing import Any
 import pyarrow.fs as pafs
 
 from pipelines.checkpoints import data_position, incomplete_checkpoints, latest_checkpoint, read_state
-from pipelines.deepspeed_engine import add_zero_stage_argument
+from pipelines.pretrain_mlflow import log_final_model, start_mlflow_run
 from pipelines.runtime import (
     check_mlflow_store,
-    file_type,
     local_directory,
-    mlflow_experiment,
-    read_text,
     replace_directory,
-    tracking_uri_scope,
     write_text,
 )
 from pipelines.train_config import (
@@ -69,20 +65,16 @@ from pipelines.train_config import (
     config_from_dict,
     config_to_dict,
     deepspeed_config,
-    load_pretrain_config,
 )
 from pipelines.train_data import StoreSummary, build_dataset, check_batch_fits, inspect_store, store_repeats
-from s2v_core.config import to_mapping
 from s2v_core.locations import absolute, join, redact, redact_values, resolve
 from s2v_core.modalities import parse_modalities
 from s2v_core.model import ModelConfig
-from s2v_core.objective import available_objectives
 from s2v_core.run_layout import (
     CHECKPOINT_STATE_FILE,
     CHECKPOINTS_NAME,
     DS_CONFIG_FILE,
     ENCODER_DIR,
-    MLFLOW_RUN_FILE,
     PRETRAIN_CONFIG_FILE,
     checkpoints_location,
     final_encoder_location,
@@ -91,10 +83,6 @@ from s2v_core.splits import record_use, split_record
 from s2v_core.store import split_files
 
 logger = logging.getLogger(__name__)
-
-#: Artifact path of the final encoder directory and name of the MLflow model in a run.
-MLFLOW_ENCODER_ARTIFACT = "encoder"
-MLFLOW_MODEL_NAME = "model"
 
 
 @dataclass(frozen=True)
@@ -270,95 +258,6 @@ def detect_gpu(config: PretrainConfig) -> bool:
     return gpus >= config.workers
 
 
-# -- MLflow (driver side; rank 0 of the workers logs the per-step metrics) -------------------------
-def start_mlflow_run(prepared: PreparedRun) -> PreparedRun:
-    """Create (or, on resume, continue) the run's MLflow run and log its params and configs."""
-    from mlflow.tracking import MlflowClient
-
-    from pipelines.runtime import mlflow_tracking_uri
-
-    run_file = join(prepared.run_dir, MLFLOW_RUN_FILE)
-    uri = mlflow_tracking_uri(prepared.run_dir)
-    client = MlflowClient(tracking_uri=uri)
-    run_id = None
-    if file_type(run_file) == pafs.FileType.File:
-        recorded = json.loads(read_text(run_file))
-        if recorded.get("tracking_uri") == redact(uri):
-            run_id = recorded["run_id"]
-    if run_id is None:
-        experiment_id = mlflow_experiment(client, uri, prepared.config.mlflow_experiment)
-        run = client.create_run(
-            experiment_id,
-            run_name=posixpath.basename(resolve(prepared.run_dir)[1]),
-            tags={"s2v.command": "pretrain", "s2v.run_dir": redact(prepared.run_dir)},
-        )
-        run_id = run.info.run_id
-        params = _flatten(
-            {
-                "pretrain": config_to_dict(prepared.config),
-                "model": to_mapping(prepared.model_config),
-                "store": {
-                    "windows": prepared.store.windows,
-                    "usable_windows": prepared.store.usable_windows,
-                    "epochs_per_window": prepared.store.epochs_per_window,
-                },
-                "derived": {"per_worker_batch": prepared.config.per_worker_batch, "on_gpu": prepared.on_gpu},
-            }
-        )
-        from mlflow.entities import Param
-
-        items = [Param(k, redact(str(v))[:6000]) for k, v in params.items()]
-        for start in range(0, len(items), 100):
-            client.log_batch(run_id, params=items[start : start + 100])
-        # The same JSON as the run dir's files, logged from memory: the run dir may be a URI.
-        client.log_dict(run_id, prepared.ds_config, DS_CONFIG_FILE)
-        client.log_dict(run_id, redact_values(config_to_dict(prepared.config)), PRETRAIN_CONFIG_FILE)
-        write_text(run_file, json.dumps({"tracking_uri": redact(uri), "run_id": run_id}, indent=2) + "\n")
-    return dataclasses.replace(prepared, mlflow_tracking_uri=uri, mlflow_run_id=run_id)
-
-
-def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in data.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{name}."))
-        else:
-            flat[name] = ",".join(map(str, value)) if isinstance(value, (list, tuple)) else value
-    return flat
-
-
-def log_final_model(prepared: PreparedRun, encoder_dir: str, result_metrics: dict[str, float]) -> None:
-    """Log the final encoder: its directory as artifacts and an ``mlflow.pytorch`` model.
-
-    ``encoder_dir`` is a local directory (MLflow and ``torch.load`` read local files).
-    """
-    import mlflow
-    import torch
-    from mlflow.tracking import MlflowClient
-
-    from s2v_core.model import load_encoder
-
-    client = MlflowClient(tracking_uri=prepared.mlflow_tracking_uri)
-    client.log_artifacts(prepared.mlflow_run_id, encoder_dir, artifact_path=MLFLOW_ENCODER_ARTIFACT)
-    with tracking_uri_scope(prepared.mlflow_tracking_uri), mlflow.start_run(run_id=prepared.mlflow_run_id):
-        mlflow.pytorch.log_model(
-            load_encoder(encoder_dir),
-            name=MLFLOW_MODEL_NAME,
-            # Explicit requirements: skips MLflow's slow import-tracing inference.
-            pip_requirements=["sleep2vec", f"torch=={torch.__version__.split('+')[0]}"],
-            # A pickled SleepEncoder (class from the installed package): its forward takes
-            # a dict of masked tensors, which the traced "pt2" format cannot export.
-            serialization_format="pickle",
-            metadata={
-                "s2v_model_config": to_mapping(prepared.model_config),
-                "s2v_modalities": list(prepared.config.modalities),
-            },
-        )
-        mlflow.set_tag("s2v.final_loss", f"{result_metrics.get('loss', math.nan):.6f}")
-    client.set_terminated(prepared.mlflow_run_id, "FINISHED")
-
-
 # -- run --------------------------------------------------------------------------------------------
 def loop_config(prepared: PreparedRun) -> dict[str, Any]:
     """The ``train_loop_config`` of the ``TorchTrainer``: one :class:`LoopConfig` under ``"loop"``."""
@@ -450,27 +349,6 @@ def _ordered_ingest(data_config: type) -> Any:
     options = data_config.default_ingest_options()
     options.preserve_order = True
     return options
-
-
-def run(args: argparse.Namespace) -> int:
-    """CLI entry: ``s2v pretrain …`` → :func:`pretrain`."""
-    config = config_from_args(args)
-    result = pretrain(config, resume=args.resume, address=args.address)
-    print(
-        json.dumps(
-            redact_values(
-                {
-                    "run_dir": str(result.run_dir),
-                    "checkpoint": str(result.checkpoint),
-                    "encoder": str(result.encoder_dir),
-                    "mlflow_run_id": result.mlflow_run_id,
-                    "steps": result.steps,
-                    "final_loss": result.final_loss,
-                }
-            )
-        )
-    )
-    return 0
 
 
 def pretrain(
@@ -567,94 +445,3 @@ def cleanup(prepared: PreparedRun, checkpoint: str | os.PathLike, *, log_model: 
         final_loss=metrics.get("loss", math.nan),
         metrics=metrics,
     )
-
-
-# -- CLI --------------------------------------------------------------------------------------------
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``s2v pretrain`` (unset flags keep the ``--config`` file's or the default value)."""
-    defaults = PretrainConfig()
-    parser.add_argument("--data", help="store written by `s2v ingest` (a path or a URI, e.g. s3://bucket/store)")
-    parser.add_argument(
-        "--output",
-        help="run directory (checkpoints, configs, final encoder, mlflow.db): "
-        "a path or a URI (then MLFLOW_TRACKING_URI is required)",
-    )
-    parser.add_argument("--config", help="TOML/YAML/JSON file of PretrainConfig fields; flags override it")
-    parser.add_argument("--workers", type=int, help=f"Ray Train workers (default {defaults.workers})")
-    parser.add_argument("--model", help=f"named model size (default {defaults.model})")
-    parser.add_argument(
-        "--objective",
-        help=f"objective preset: {', '.join(available_objectives())} or a preset .toml file "
-        f"(default {defaults.objective}); its [training] table sets the optimiser defaults",
-    )
-    parser.add_argument(
-        "--compile",
-        choices=("auto", "on", "off"),
-        help="torch.compile the encoder's blocks (default auto: on GPU workers only)",
-    )
-    parser.add_argument("--width", type=int, help="override the model width")
-    parser.add_argument("--depth", type=int, help="override the backbone depth")
-    parser.add_argument("--modalities", help="comma-separated subset (default: all in the store)")
-    parser.add_argument(
-        "--history-columns",
-        help="comma-separated outcome columns used as DASH history flags: a negative whose known flags "
-        "agree with the anchor's weighs more (project DASH: x1.25 all agree, x0.8 all disagree); default none",
-    )
-    add_zero_stage_argument(parser)
-    parser.add_argument("--steps", type=int, help=f"optimiser steps (default {defaults.steps})")
-    parser.add_argument(
-        "--global-batch",
-        type=int,
-        help=f"windows sharing negatives across all workers per step (default {defaults.global_batch})",
-    )
-    parser.add_argument("--grad-accum", type=int, help="micro-steps per optimiser step (default 1)")
-    parser.add_argument("--lr", type=float, help=f"peak learning rate (default {defaults.lr})")
-    parser.add_argument("--seed", type=int, help=f"random seed (default {defaults.seed})")
-    parser.add_argument(
-        "--checkpoint-every",
-        type=int,
-        help=f"optimiser steps between checkpoints (default {defaults.checkpoint_every})",
-    )
-    parser.add_argument("--no-dash", action="store_true", help="plain InfoNCE (no DASH weighting)")
-    parser.add_argument(
-        "--train-splits",
-        help="subject splits to pretrain on (default train; see `s2v split`). "
-        "train,val,test uses every night and leaves nothing held out",
-    )
-    parser.add_argument(
-        "--validate-every",
-        type=int,
-        help=f"steps between held-out validations on val subjects, 0 = at the end only "
-        f"(default {defaults.validate_every})",
-    )
-    parser.add_argument("--device", choices=("auto", "cpu", "gpu"), help="worker device (default auto)")
-    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output")
-    parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a local instance)")
-
-
-def config_from_args(args: argparse.Namespace) -> PretrainConfig:
-    """Map parsed CLI flags (and ``--config``) onto a :class:`PretrainConfig`."""
-    overrides = {
-        "data": args.data,
-        "output": args.output,
-        "workers": args.workers,
-        "model": args.model,
-        "objective": args.objective,
-        "compile": args.compile,
-        "width": args.width,
-        "depth": args.depth,
-        "modalities": args.modalities,
-        "history_columns": args.history_columns,
-        "zero_stage": args.zero_stage,
-        "steps": args.steps,
-        "global_batch": args.global_batch,
-        "grad_accum": args.grad_accum,
-        "lr": args.lr,
-        "seed": args.seed,
-        "checkpoint_every": args.checkpoint_every,
-        "device": args.device,
-        "dash": False if args.no_dash else None,
-        "train_splits": args.train_splits,
-        "validate_every": args.validate_every,
-    }
-    return load_pretrain_config(args.config, **overrides)

@@ -170,7 +170,8 @@ def test_mlflow_logging_leaves_the_tracking_uri_of_the_process_alone(store, tmp_
     """Two runs in one process (a sweep, the benchmark) each log into their own store."""
     import os
 
-    from pipelines.pretrain import cleanup, start_mlflow_run
+    from pipelines.pretrain import cleanup
+    from pipelines.pretrain_mlflow import start_mlflow_run
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     run_ids = []
@@ -225,7 +226,7 @@ def test_gpu_workers_rewrite_the_deepspeed_config_without_reading_the_store_agai
 
 def test_history_columns_reach_the_config_from_the_command_line():
     from pipelines.cli import build_parser
-    from pipelines.pretrain import config_from_args
+    from pipelines.pretrain_cli import config_from_args
 
     argv = ["pretrain", "--data", "store", "--output", "run", "--history-columns", "ahi,diabetes"]
     config = config_from_args(build_parser("pretrain").parse_args(argv))

@@ -18,7 +18,8 @@ import torch
 
 from pipelines.checkpoints import list_checkpoints, read_state
 from pipelines.model_io import load_trained_encoder
-from pipelines.pretrain import MLFLOW_MODEL_NAME, pretrain
+from pipelines.pretrain import pretrain
+from pipelines.pretrain_mlflow import MLFLOW_MODEL_NAME
 from pipelines.train_config import PretrainConfig
 from s2v_core.model import batch_to_tensors
 from s2v_core.run_layout import DS_CONFIG_FILE, ENGINE_DIR

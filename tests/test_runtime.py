@@ -93,7 +93,8 @@ def test_an_experiment_keeps_its_artifacts_next_to_its_store_not_in_the_current_
 def test_pretraining_logs_locations_without_their_credentials(tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
 
-    from pipelines.pretrain import setup, start_mlflow_run
+    from pipelines.pretrain import setup
+    from pipelines.pretrain_mlflow import start_mlflow_run
     from pipelines.train_config import PretrainConfig
     from s2v_core.toystore import write_toy_store
 

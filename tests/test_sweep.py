@@ -216,7 +216,7 @@ def test_preregistered_sweep_writes_the_forecast_before_the_held_out_trials_star
 def test_cli_options_map_onto_the_config_and_trials_train_the_paper_objective_on_train(store, tmp_path):
     import argparse
 
-    from tune.sweep import add_arguments, config_from_args
+    from tune.sweep_cli import add_arguments, config_from_args
     from tune.trial import trial_pretrain_config
 
     parser = argparse.ArgumentParser()

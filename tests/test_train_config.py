@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from pipelines import pretrain as pretrain_module
+from pipelines import pretrain_cli
 from pipelines.train_config import (
     PretrainConfig,
     config_differences,
@@ -113,7 +113,7 @@ def test_config_file_maps_strictly_and_flags_override(tmp_path):
 
 def test_cli_flags_map_onto_the_config():
     parser = argparse.ArgumentParser()
-    pretrain_module.add_arguments(parser)
+    pretrain_cli.add_arguments(parser)
     args = parser.parse_args(
         [
             "--data",
@@ -133,10 +133,10 @@ def test_cli_flags_map_onto_the_config():
             "5",
         ]
     )
-    config = pretrain_module.config_from_args(args)
+    config = pretrain_cli.config_from_args(args)
     assert config.modalities == ("eeg", "ecg") and config.dash is False
     assert (config.zero_stage, config.steps, config.per_worker_batch) == (1, 5, 4)
-    assert pretrain_module.config_from_args(parser.parse_args(["--data", "S"])).dash is True
+    assert pretrain_cli.config_from_args(parser.parse_args(["--data", "S"])).dash is True
 
 
 def test_round_trip_and_differences_ignore_runtime_fields():
