@@ -229,7 +229,6 @@ def _event_probabilities(decoded, detector: EventDetector, *, modalities: Sequen
     return probability, embedding.modalities
 
 
-@torch.no_grad()
 def embed_recording(
     path: str | Path,
     *,
